@@ -1,0 +1,3 @@
+from tlpipe.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The model bundle: everything prediction needs, without the training data and without pickle.
+
+``<output>/model/`` holds ``bundle.json`` (backbone name, weight source and checksum, code tap,
+preprocessing, classes, head kind, resolved config, metrics, tlpipe version) and
+``head.safetensors``. Backbone weights are referenced by source and checksum when they are the
+pretrained ones, and embedded as ``backbone.safetensors`` otherwise. Loading rebuilds the backbone
+and refuses weights whose checksum differs from the one the head was trained on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save as safetensors_bytes
+
+from tlpipe import __version__
+from tlpipe.data import Sample, check_image, eval_loader
+from tlpipe.data.images import is_image_name
+from tlpipe.device import resolve_device
+from tlpipe.errors import TlpipeError
+from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes
+from tlpipe.training import PROBABILITY_NOTES, LinearHead
+from tlpipe.utils import atomic_write, read_json, write_json
+
+BUNDLE_FORMAT = 1
+MANIFEST, HEAD_FILE, BACKBONE_FILE = "bundle.json", "head.safetensors", "backbone.safetensors"
+
+
+def save_bundle(
+    path: Path, backbone: Backbone, head: LinearHead, classes: Sequence[str], *, layer: str, layer_relu: bool,
+    config: dict, metrics: dict,
+) -> Path:
+    """Write the bundle to ``path`` (a folder); each file lands atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    embed = backbone.weights.kind == "none"
+    if embed:
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+        atomic_write(path / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
+    atomic_write(path / HEAD_FILE, lambda f: f.write(safetensors_bytes(head.tensors())), mode="wb")
+    write_json(path / MANIFEST, {
+        "format": BUNDLE_FORMAT,
+        "tlpipe_version": __version__,
+        "backbone": {"name": backbone.name, "arch": backbone.arch, "weights": backbone.weights.to_dict(),
+                     "embedded": embed},
+        "codes": {"layer": layer, "relu": layer_relu},
+        "data_config": backbone.data_config,
+        "classes": list(classes),
+        "head": {"kind": head.kind, "probabilities": PROBABILITY_NOTES[head.kind]},
+        "config": config,
+        "metrics": metrics,
+    })
+    return path
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str]
+    probabilities: list[float]
+
+
+class Bundle:
+    """A loaded bundle: ``predict(paths)`` gives top-k labels with probabilities."""
+
+    def __init__(self, path: Path, manifest: dict, backbone: Backbone, head: LinearHead, device: torch.device):
+        self.path, self.manifest, self.backbone, self.head, self.device = path, manifest, backbone, head, device
+        self.classes: list[str] = manifest["classes"]
+        codes = manifest["codes"]
+        self.extractor = CodeExtractor(backbone.model, codes["layer"], codes["relu"])
+
+    def codes(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None) -> np.ndarray:
+        samples = [Sample(Path(p), -1) for p in paths]
+        loader = eval_loader(samples, self.backbone.data_config, batch_size, workers)
+        return extract_codes(self.extractor, loader, self.device, "Predicting")[0]
+
+    def predict_proba(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None) -> np.ndarray:
+        return self.head.predict_proba(self.codes(paths, batch_size, workers))
+
+    def predict(self, paths: Sequence[Path], top_k: int = 1, batch_size: int = 64, workers: int | None = None) -> list[Prediction]:
+        codes = self.codes(paths, batch_size, workers)
+        probs = self.head.predict_proba(codes)
+        # Rank by the logits: the class predicted is exactly the head's argmax, as in validation.
+        order = np.argsort(-self.head.logits(codes), axis=1, kind="stable")[:, :top_k]
+        return [
+            Prediction(str(p), [self.classes[j] for j in row], [float(probs[i, j]) for j in row])
+            for i, (p, row) in enumerate(zip(paths, order))
+        ]
+
+
+def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
+    """Load a bundle folder written by ``tlpipe fit`` (``<output>/model``)."""
+    path = Path(path).expanduser()
+    if (path / "model" / MANIFEST).is_file():
+        path = path / "model"  # the fit's output dir was given
+    if not (path / MANIFEST).is_file():
+        raise TlpipeError(f"{path} is not a tlpipe model bundle (no {MANIFEST}): give the model/ folder a fit wrote")
+    manifest = read_json(path / MANIFEST)
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise TlpipeError(f"{path} has bundle format {manifest.get('format')}; this tlpipe reads format {BUNDLE_FORMAT}")
+    spec = manifest["backbone"]
+    weights = path / BACKBONE_FILE if spec["embedded"] else (
+        spec["weights"]["location"] if spec["weights"]["kind"] == "file" else "auto"
+    )
+    backbone = create_backbone(spec["name"], weights=weights)
+    expected = spec["weights"]["sha256"]
+    if backbone.weights.sha256 != expected:
+        raise TlpipeError(
+            f"bundle {path} was trained on {spec['name']} weights with checksum {expected[:12]}…, but the weights "
+            f"found now ({backbone.weights.kind}: {backbone.weights.location}) have {backbone.weights.sha256[:12]}…: "
+            "install the same weights or refit"
+        )
+    backbone.data_config = manifest["data_config"]
+    head = LinearHead.from_tensors(load_file(str(path / HEAD_FILE)), manifest["head"]["kind"])
+    return Bundle(path, manifest, backbone, head, resolve_device(device))
+
+
+def expand_image_paths(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files and folders (searched recursively) → (usable image paths, [(path, why not)])."""
+    images, problems = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p)
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                problems.append((item, "folder holds no image files"))
+            images.extend(found)
+        elif item.is_file():
+            images.append(item)
+        else:
+            problems.append((item, "no such file or folder"))
+    good = []
+    for path in images:
+        reason = check_image(path)
+        if reason:
+            problems.append((path, reason))
+        else:
+            good.append(path)
+    return good, problems

@@ -1,0 +1,187 @@
+"""The ``tlpipe`` command: thin Typer functions over the Python API (``tlpipe.pipeline`` & co).
+
+Every ``TlpipeError`` becomes one line on stderr and exit code 2; nothing here holds logic that
+the API lacks.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from tlpipe.errors import TlpipeError
+
+app = typer.Typer(
+    help="Transfer-learning AutoML for image classification: from a folder of images to the best "
+    "classifier a pretrained CNN can give, with every choice explained and recorded in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ``TlpipeError`` into one line on stderr and exit code 2."""
+    try:
+        yield
+    except TlpipeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+Recipe = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (default, quick, best) or YAML path.")]
+Backbone = Annotated[Optional[str], typer.Option(help="Backbone: `tlpipe models` lists offline ones; any timm name.")]
+Weights = Annotated[Optional[str], typer.Option(help="auto, none (random init), or a .safetensors/.pt/.pth file.")]
+Layer = Annotated[Optional[str], typer.Option(help="CNN-code tap: penultimate, a feature index (0, -2) or module name.")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: the backbone's).")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+
+
+def _overrides(**flags) -> dict:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@app.command()
+def fit(
+    data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/).")] = None,
+    example: Annotated[Optional[str], typer.Option(help="Fit an embedded example dataset instead: digits.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
+    recipe: Recipe = "default",
+    strategy: Annotated[Optional[str], typer.Option(help="Transfer strategy: linear.")] = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    layer: Layer = None,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of train held out when there is no val/ folder.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split and the classifiers.")] = None,
+    device: Device = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the dataset folder's name).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, else MLflow's default).")] = None,
+) -> None:
+    """Check the data, extract CNN codes, fit the classifier, save the bundle and log the run."""
+    with user_errors():
+        from tlpipe.config import load_config
+        from tlpipe.pipeline import fit as run_fit
+        from tlpipe.report import print_fit_report
+
+        if (data is None) == (example is None):
+            raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
+        config = load_config(recipe, **_overrides(
+            strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
+            batch_size=batch_size, num_workers=workers, val_fraction=val_fraction, seed=seed, device=device,
+        ))
+        if example is not None:
+            from tlpipe.examples import write_example
+            from tlpipe.pipeline import default_output_dir
+
+            output = output or default_output_dir(Path(f"example-{example}"))
+            data = write_example(example, output)
+        result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe)
+        quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
+        print_fit_report(result.summary, result.metrics, quarantined)
+
+
+@app.command()
+def extract(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (as for fit).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .parquet.")] = Path("codes.npz"),
+    recipe: Recipe = "default",
+    backbone: Backbone = None,
+    weights: Weights = None,
+    layer: Layer = None,
+    no_relu: Annotated[bool, typer.Option("--no-relu", help="Do not ReLU earlier-layer taps before pooling.")] = False,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    device: Device = None,
+) -> None:
+    """Write CNN codes (pooled, ReLU'd pretrained features) of every image for a downstream classifier."""
+    with user_errors():
+        from tlpipe.config import load_config
+        from tlpipe.pipeline import extract as run_extract
+
+        config = load_config(recipe, **_overrides(
+            backbone=backbone, weights=weights, layer=layer, layer_relu=False if no_relu else None,
+            image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
+        ))
+        path = run_extract(data, out, config, recipe=recipe)
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 1,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv or json.")] = OutputFormat.table,
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Predict the class of images with a saved bundle: top-k labels with probabilities."""
+    with user_errors():
+        from tlpipe.bundle import expand_image_paths, load_bundle
+        from tlpipe.report import print_predictions
+
+        model = load_bundle(bundle, device)
+        images, problems = expand_image_paths(paths)
+        for path, why in problems:
+            typer.echo(f"skipped {path}: {why}", err=True)
+        if not images:
+            raise TlpipeError("no readable image among the paths given")
+        top_k = min(top_k, len(model.classes))
+        print_predictions(model.predict(images, top_k, batch_size or 64, workers), format.value)
+
+
+@app.command()
+def models() -> None:
+    """List the backbones usable offline right now, and where their weights come from."""
+    with user_errors():
+        from rich.console import Console
+        from rich.table import Table
+
+        from tlpipe.models import DEFAULT_BACKBONE, offline_backbones
+
+        table = Table(title=f"Backbones with reachable weights (default: {DEFAULT_BACKBONE})")
+        for column in ("name", "timm architecture", "weights from"):
+            table.add_column(column)
+        for row in offline_backbones():
+            table.add_row(row["name"], row["arch"], row["source"])
+        Console().print(table)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the one tlpipe fit uses).")] = None,
+) -> None:
+    """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
+    with user_errors():
+        from tlpipe.tracking import resolve_tracking_uri, serve_ui
+
+        typer.echo(f"MLflow UI on http://{host}:{port} for {resolve_tracking_uri(tracking_uri)} (Ctrl+C stops it)")
+        raise typer.Exit(serve_ui(tracking_uri, host, port))
+
+
+def main() -> None:
+    app(prog_name="tlpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Recipes: named YAML presets, overridden by command-line flags, validated before any work starts.
+
+``load_config("quick", batch_size=32)`` reads ``recipes/quick.yaml`` (or a YAML path), applies the
+overrides that are not None, and returns a validated ``FitConfig``. Unknown keys and wrong types
+are one-line ``TlpipeError``s that name the key and the recipe.
+"""
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tlpipe.errors import TlpipeError
+
+RECIPES = resources.files("tlpipe") / "recipes"  # the repo's recipes/, linked into the package
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LinearConfig(_Section):
+    classifiers: list[Literal["logreg", "svm"]] = Field(default=["logreg", "svm"], min_length=1)
+    c_grid: list[float] = Field(default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0], min_length=1)
+    cv_folds: int = Field(default=5, ge=2)
+
+
+class FitConfig(_Section):
+    backbone: str = "efficientnet_lite0"
+    weights: str = "auto"  # "auto", "none", or a path to a weights file
+    strategy: Literal["linear"] = "linear"
+    layer: str | int = "penultimate"  # CNN-code tap: "penultimate", a feature_info index or module name
+    layer_relu: bool = True  # ReLU earlier-layer taps before pooling
+    image_size: int | None = Field(default=None, ge=32)  # None: the backbone's pretrained input size
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int | None = Field(default=None, ge=0)  # None: up to 4, by CPU count
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+    linear: LinearConfig = Field(default_factory=LinearConfig)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_recipe(recipe: str | Path) -> tuple[str, dict[str, Any]]:
+    """Return (recipe name, raw values) for a recipe name or a YAML file path."""
+    path = Path(recipe).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise TlpipeError(f"recipe file not found: {path}")
+        text, name = path.read_text(), str(path)
+    elif str(recipe) in available_recipes():
+        text, name = RECIPES.joinpath(f"{recipe}.yaml").read_text(), str(recipe)
+    else:
+        raise TlpipeError(f"unknown recipe '{recipe}': use one of {', '.join(available_recipes())} or a YAML file path")
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise TlpipeError(f"recipe {name} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise TlpipeError(f"recipe {name} must be a mapping of keys to values, got {type(values).__name__}")
+    return name, values
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: dict, source: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = FitConfig
+        for part in error["loc"][:-1]:
+            section = section.model_fields[part].annotation
+        close = difflib.get_close_matches(str(error["loc"][-1]), section.model_fields, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(section.model_fields)})"
+        return f"unknown key '{key}' in {source}{hint}"
+    return f"'{key}' in {source}: {error['msg']}, got {error['input']!r}"
+
+
+def load_config(recipe: str | Path = "default", **overrides: Any) -> FitConfig:
+    """Validated config from a recipe plus overrides (None values are ignored). Nested sections
+    are overridden with dicts, e.g. ``linear={"cv_folds": 3}``."""
+    name, values = read_recipe(recipe)
+    try:
+        return FitConfig.model_validate(_merge(values, overrides))
+    except ValidationError as exc:
+        raise TlpipeError("; ".join(_describe(e, f"recipe {name}") for e in exc.errors())) from None
+
+
+def config_to_yaml(config: FitConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,140 @@
+"""From a folder to a checked, split ``DatasetSpec`` that the rest of the pipeline trusts.
+
+Every image is decoded once by the check; bad files are quarantined (listed with the reason,
+never touched) and the fit goes on. The dataset folder is only ever read.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+from tlpipe.data.images import check_image
+from tlpipe.data.scan import ScannedFiles, scan_folder
+from tlpipe.errors import TlpipeError
+from tlpipe.progress import progress_bar
+from tlpipe.utils import atomic_write
+
+QUARANTINE_REPORT = "quarantine.csv"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class DatasetSpec:
+    """A checked dataset: classes, samples per split, and what was left out and why."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Sample]]  # "train", "val", and "test" when the folder has one
+    val_from: str  # "folder" (a val/ folder) or "split" (held out from train)
+    quarantined: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(samples) for split, samples in self.splits.items()}
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        counts = Counter(s.label for s in self.splits[split])
+        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def check_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
+    """Decode every file once (threads: Pillow releases the GIL); return the bad ones with why."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, progress_bar("Checking images", len(paths)) as advance:
+        reasons = {}
+        for path, reason in zip(paths, pool.map(check_image, paths)):
+            advance()
+            if reason:
+                reasons[path] = reason
+    return reasons
+
+
+def write_quarantine_report(spec: DatasetSpec, out_dir: Path) -> Path:
+    """``quarantine.csv``: one row per file left out, with the reason (header only when none)."""
+    def write(f):
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        for path, reason in spec.quarantined:
+            writer.writerow([spec.relative(path), reason])
+
+    return atomic_write(out_dir / QUARANTINE_REPORT, write, mode="w", newline="")
+
+
+def prepare_dataset(
+    root: str | Path, val_fraction: float = 0.2, seed: int = 0, report_dir: Path | None = None,
+    hold_out: bool = True,
+) -> DatasetSpec:
+    """Scan, check and split ``root``. Without a val/ folder, a stratified seeded ``val_fraction``
+    of train is held out (unless ``hold_out`` is False). Writes the quarantine report to
+    ``report_dir`` when given, before raising for a class left without images, so the user can
+    see which files failed."""
+    scanned = scan_folder(root)
+    paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps]
+    bad = check_files(paths)
+    spec = DatasetSpec(
+        root=scanned.root,
+        classes=scanned.classes,
+        splits={},
+        val_from="folder" if "val" in scanned.files else "split",
+        quarantined=sorted(bad.items()),
+        skipped=scanned.skipped,
+    )
+    if report_dir is not None:
+        write_quarantine_report(spec, report_dir)
+    spec.splits = _checked_samples(scanned, bad)
+    if hold_out and "val" not in spec.splits:
+        spec.splits["train"], spec.splits["val"] = _stratified_split(spec, val_fraction, seed)
+    return spec
+
+
+def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str]) -> dict[str, list[Sample]]:
+    label_of = {name: i for i, name in enumerate(scanned.classes)}
+    splits = {
+        split: [Sample(p, label_of[c]) for c, paths in per_class.items() for p in paths if p not in bad]
+        for split, per_class in scanned.files.items()
+    }
+    train_counts = Counter(s.label for s in splits["train"])
+    for name in scanned.classes:
+        if train_counts[label_of[name]] == 0:
+            n_bad = sum(1 for p in bad if p.parent.name == name)
+            detail = f"its {n_bad} file(s) failed the check (see {QUARANTINE_REPORT})" if n_bad else "it has no image files"
+            raise TlpipeError(f"class '{name}' has no valid training image: {detail}; add images or remove the folder")
+    return splits
+
+
+def _stratified_split(spec: DatasetSpec, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    samples = spec.splits["train"]
+    counts = Counter(s.label for s in samples)
+    for label, n in sorted(counts.items()):
+        if n < 2:
+            raise TlpipeError(
+                f"class '{spec.classes[label]}' has only {n} valid image: holding out a validation split "
+                "needs at least 2 per class; add images or give a val/ folder"
+            )
+    n_classes = len(counts)
+    n_val = max(n_classes, math.ceil(val_fraction * len(samples)))
+    if len(samples) - n_val < n_classes:
+        raise TlpipeError(
+            f"{len(samples)} images are too few to hold out a validation split for {n_classes} classes: "
+            "add images or give a val/ folder"
+        )
+    train, val = train_test_split(
+        samples, test_size=n_val, stratify=[s.label for s in samples], random_state=seed
+    )
+    key = lambda s: (s.label, str(s.path))  # noqa: E731 - deterministic order for the same seed
+    return sorted(train, key=key), sorted(val, key=key)

@@ -1,0 +1,73 @@
+"""Decoding one image file into an RGB picture, the same way for checking, training and predicting.
+
+Pillow does the work; this module only fixes what users' folders contain in practice: EXIF
+rotation, grey / palette / CMYK / 16-bit / alpha modes, truncated files and decompression bombs.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+# Modes Pillow opens 16- or 32-bit single-channel images in; convert("RGB") would clip them white.
+_WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def is_image_name(path: Path) -> bool:
+    """True for file names with an image extension, in any letter case."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image, upright as its EXIF orientation says.
+
+    ``min_size`` lets JPEG decoding shrink by a power of two while keeping both sides at least
+    that large (Pillow's draft mode): several times faster on large photos, and the later resize
+    happens anyway. Raises ``OSError`` / ``UnidentifiedImageError`` for unreadable or truncated
+    files and ``Image.DecompressionBombError`` for images over Pillow's pixel limit.
+    """
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if min_size is not None and img.format == "JPEG":
+                img.draft("RGB", (min_size, min_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _WIDE_GREY_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        if values.max(initial=0) > 255:  # 16-bit range: scale to 8 bits instead of clipping
+            values = values / 257.0
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels carry arbitrary colour: lay the image on white, as a viewer shows it.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def check_image(path: Path) -> str | None:
+    """Decode ``path`` once; return why it cannot be used, or None when it is a good image."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        load_rgb(path)
+    except UnidentifiedImageError:
+        return "not an image Pillow can read (wrong extension or corrupt header)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"refused as a decompression bomb: {exc}"
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        return f"truncated or corrupt: {reason}"
+    return None

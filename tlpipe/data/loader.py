@@ -1,0 +1,57 @@
+"""Torch datasets and loaders over checked samples, with the backbone's own eval preprocessing."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Sequence
+
+import timm.data
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tlpipe.data.dataset import Sample
+from tlpipe.data.images import load_rgb
+
+
+def eval_transform(data_config: dict) -> Callable:
+    """Resize and centre-crop as the backbone's pretrained config says (timm's own eval transform)."""
+    return timm.data.create_transform(**data_config, is_training=False)
+
+
+def decode_size(data_config: dict) -> int:
+    """Shorter side the eval resize goes to: JPEGs may be decoded down to it, never below."""
+    size = max(data_config["input_size"][1:])
+    return int(math.floor(size / data_config.get("crop_pct", 1.0)))
+
+
+class ImageFiles(Dataset):
+    """(image tensor, label) for each sample, decoded with the same code the check used."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, min_size: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        return self.transform(load_rgb(sample.path, self.min_size)), sample.label
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def eval_loader(samples: Sequence[Sample], data_config: dict, batch_size: int, workers: int | None = None) -> DataLoader:
+    """Ordered, deterministic loader for extraction and prediction."""
+    workers = default_workers() if workers is None else workers
+    dataset = ImageFiles(samples, eval_transform(data_config), decode_size(data_config))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers if len(dataset) > batch_size else 0,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,89 @@
+"""Finding the images of a folder-per-class dataset, with or without train/ val/ test/ above them.
+
+Only reads the folder. Every layout problem is a ``TlpipeError`` naming the folder and the fix.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlpipe.data.images import is_image_name
+from tlpipe.errors import TlpipeError
+
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+LAYOUT_HINT = "expected one subfolder per class (data/cats/*.jpg, data/dogs/*.jpg), optionally under train/ val/ test/"
+
+
+@dataclass
+class ScannedFiles:
+    """Image files per split and class name, before any is decoded."""
+
+    root: Path
+    classes: list[str]
+    files: dict[str, dict[str, list[Path]]]  # split -> class -> image paths, sorted
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (hidden, not an image, ...)
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_images(class_dir: Path, root: Path, skipped: Counter) -> list[Path]:
+    images = []
+    for path in sorted(class_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            skipped["hidden file"] += 1
+        elif is_image_name(path):
+            images.append(path)
+        else:
+            skipped["not an image file"] += 1
+    return images
+
+
+def scan_folder(root: str | Path) -> ScannedFiles:
+    """List the images of ``root`` per split and class; raises ``TlpipeError`` on a bad layout."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise TlpipeError(f"dataset folder not found: {root} ({LAYOUT_HINT})")
+    if not root.is_dir():
+        raise TlpipeError(f"dataset path is not a folder: {root} ({LAYOUT_HINT})")
+    top = _visible_dirs(root)
+    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in top if d.name.lower() in SPLIT_ALIASES}
+    skipped: Counter = Counter()
+    if "train" in split_dirs:
+        others = [d.name for d in top if d.name.lower() not in SPLIT_ALIASES]
+        if others:
+            raise TlpipeError(
+                f"{root} mixes split folders (train/) with other folders ({', '.join(others)}): "
+                "put every class folder under train/, val/ or test/"
+            )
+        roots = split_dirs
+    elif split_dirs:
+        found = ", ".join(f"{d.name}/" for d in split_dirs.values())
+        raise TlpipeError(f"{root} has {found} but no train/ folder: add train/ or remove the split folders")
+    else:
+        roots = {"train": root}
+
+    classes = [d.name for d in _visible_dirs(roots["train"])]
+    if not classes:
+        raise TlpipeError(f"no class folders in {roots['train']}: {LAYOUT_HINT}")
+    if len(classes) < 2:
+        raise TlpipeError(
+            f"only one class folder ({classes[0]}) in {roots['train']}: a classifier needs at least 2 classes"
+        )
+    files: dict[str, dict[str, list[Path]]] = {}
+    for split, split_root in roots.items():
+        split_classes = [d.name for d in _visible_dirs(split_root)]
+        unknown = sorted(set(split_classes) - set(classes))
+        if unknown:
+            raise TlpipeError(
+                f"{split_root} has class folder(s) {', '.join(unknown)} that {roots['train']} lacks: "
+                "every class must have training images"
+            )
+        for loose in (p for p in split_root.iterdir() if p.is_file()):
+            skipped["hidden file" if loose.name.startswith(".") else "file outside a class folder"] += 1
+        files[split] = {c: _class_images(split_root / c, root, skipped) for c in split_classes}
+    return ScannedFiles(root=root, classes=classes, files=files, skipped=skipped)

@@ -1,0 +1,84 @@
+"""CNN codes: what a frozen backbone says about each image, as one vector per image.
+
+The default tap is the penultimate layer exactly as the network ends (``forward_head`` with
+``pre_logits=True``: after the final activation, so non-negative for ReLU nets). An earlier tap
+is any entry of timm's ``feature_info`` (by index or module name), ReLU'd and global-average pooled.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tlpipe.errors import TlpipeError
+from tlpipe.progress import progress_bar
+
+PENULTIMATE = "penultimate"
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """Module names of the taps timm declares for ``model``, earliest first."""
+    return [info["module"] for info in getattr(model, "feature_info", [])]
+
+
+def resolve_layer(model: nn.Module, layer: str | int | None) -> str:
+    """Turn ``layer`` (None/"penultimate", an index into ``feature_info``, or a module name) into a
+    module name, or ``PENULTIMATE``."""
+    if layer is None or layer == PENULTIMATE:
+        return PENULTIMATE
+    names = feature_layers(model)
+    if isinstance(layer, str) and layer.lstrip("-").isdigit():
+        layer = int(layer)
+    if isinstance(layer, int):
+        if -len(names) <= layer < len(names):
+            return names[layer]
+    elif layer in names or layer in dict(model.named_modules()):
+        return layer
+    choices = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+    raise TlpipeError(f"unknown layer '{layer}' for this backbone: use '{PENULTIMATE}' or one of {choices}")
+
+
+class CodeExtractor(nn.Module):
+    """Wraps a backbone so that ``forward(images)`` returns pooled codes from one tap."""
+
+    def __init__(self, model: nn.Module, layer: str | int | None = None, relu: bool = True):
+        super().__init__()
+        self.model = model
+        self.layer = resolve_layer(model, layer)
+        self.relu = relu
+        self._captured: torch.Tensor | None = None
+        if self.layer != PENULTIMATE:
+            model.get_submodule(self.layer).register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        self._captured = output
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(images)
+        if self.layer == PENULTIMATE:
+            return self.model.forward_head(features, pre_logits=True)
+        tapped, self._captured = self._captured, None
+        if self.relu:
+            tapped = F.relu(tapped)
+        return F.adaptive_avg_pool2d(tapped, 1).flatten(1)
+
+
+@torch.inference_mode()
+def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device, description: str = "Extracting") -> tuple[np.ndarray, np.ndarray]:
+    """Run ``extractor`` over ``loader`` in order; return float32 codes and int64 labels."""
+    # channels_last is faster on CUDA and, with oneDNN, on CPU too (about 1.8x for EfficientNet-Lite0).
+    extractor.eval().to(device, memory_format=torch.channels_last)
+    use_cuda = device.type == "cuda"
+    codes, labels = [], []
+    with progress_bar(description, len(loader.dataset)) as advance:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda and torch.cuda.is_bf16_supported()):
+                out = extractor(images)
+            codes.append(out.float().cpu())
+            labels.append(targets)
+            advance(len(targets))
+    features = torch.cat(codes).numpy() if codes else np.zeros((0, 0), np.float32)
+    return features.astype(np.float32, copy=False), torch.cat(labels).numpy().astype(np.int64)

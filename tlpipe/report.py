@@ -1,0 +1,80 @@
+"""What ``tlpipe`` prints: rich tables over the results the API returns (no logic of its own)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[str, str]]) -> None:
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    console.print(f"[bold]Data[/]  {summary['data']}: {len(summary['classes'])} classes; {splits} "
+                  f"(val {'from the val/ folder' if summary['val_from'] == 'folder' else 'held out, stratified'})")
+    if quarantined:
+        console.print(f"[yellow]{len(quarantined)} file(s) quarantined[/] (see quarantine.csv):")
+        for path, why in quarantined[:10]:
+            console.print(f"  {path}: {why}")
+    if summary["skipped"]:
+        console.print("Skipped: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
+    backbone = summary["backbone"]
+    console.print(f"[bold]Backbone[/]  {backbone['name']} ({backbone['arch']}), weights from {backbone['kind']} "
+                  f"{backbone['location']} (sha256 {backbone['sha256'][:12]}…)")
+    console.print(f"[bold]Strategy[/]  {summary['strategy']}: {summary['strategy_reason']}")
+
+    heads = Table(title="Linear heads (C by cross-validation on train)")
+    for column in ("head", "C", "CV accuracy", "val accuracy", ""):
+        heads.add_column(column)
+    for kind, row in summary["head"]["candidates"].items():
+        chosen = "kept" if kind == summary["head"]["chosen"] else ""
+        heads.add_row(kind, f"{row['C']:g}", f"{row['cv_accuracy']:.3f}", f"{row['val_accuracy']:.3f}", chosen)
+    console.print(heads)
+
+    per_class = Table(title=f"Validation: accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(column, justify="right" if column != "class" else "left")
+    for name, m in metrics["per_class"].items():
+        per_class.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(per_class)
+    print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
+    console.print(f"Timings: {times}")
+    console.print(f"[bold green]Bundle[/] {summary['bundle']}   MLflow run {summary['run_id']} ({summary['tracking_uri']})")
+
+
+def print_confusion_matrix(matrix: list[list[int]], classes: Sequence[str]) -> None:
+    table = Table(title="Confusion matrix (rows: true, columns: predicted)")
+    table.add_column("")
+    for name in classes:
+        table.add_column(name, justify="right")
+    for name, row in zip(classes, matrix):
+        table.add_row(name, *map(str, row))
+    console.print(table)
+
+
+def print_predictions(predictions, fmt: str) -> None:
+    """``table`` for people, ``csv`` / ``json`` for scripts (one row per image, ranks 1..k)."""
+    import csv
+    import json
+    import sys
+
+    if fmt == "json":
+        rows = [{"path": p.path, "predictions": [{"label": l, "probability": round(pr, 6)}
+                 for l, pr in zip(p.labels, p.probabilities)]} for p in predictions]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "rank", "label", "probability"])
+        for p in predictions:
+            for rank, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1):
+                writer.writerow([p.path, rank, label, f"{prob:.6f}"])
+    else:
+        table = Table()
+        table.add_column("image")
+        for rank in range(1, len(predictions[0].labels) + 1 if predictions else 1):
+            table.add_column(f"#{rank}")
+        for p in predictions:
+            table.add_row(p.path, *(f"{l} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)))
+        console.print(table)

@@ -1,0 +1,34 @@
+"""Small helpers shared by every stage: atomic writes and JSON."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w", **open_kwargs) -> Path:
+    """Write ``path`` through ``write(file)`` into a temporary sibling, then rename it in place,
+    so a killed process leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return atomic_write(path, lambda f: json.dump(data, f, indent=2, default=str), mode="w")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
