@@ -111,7 +111,7 @@ def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str]) -> dict[str, l
     train_counts = Counter(s.label for s in splits["train"])
     for name in scanned.classes:
         if train_counts[label_of[name]] == 0:
-            n_bad = sum(1 for p in bad if p.parent.name == name)
+            n_bad = sum(1 for p in scanned.files["train"].get(name, []) if p in bad)
             detail = f"its {n_bad} file(s) failed the check (see {QUARANTINE_REPORT})" if n_bad else "it has no image files"
             raise TlpipeError(f"class '{name}' has no valid training image: {detail}; add images or remove the folder")
     return splits

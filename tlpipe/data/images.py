@@ -5,7 +5,6 @@ rotation, grey / palette / CMYK / 16-bit / alpha modes, truncated files and deco
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +29,33 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     happens anyway. Raises ``OSError`` / ``UnidentifiedImageError`` for unreadable or truncated
     files and ``Image.DecompressionBombError`` for images over Pillow's pixel limit.
     """
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if min_size is not None and img.format == "JPEG":
-                img.draft("RGB", (min_size, min_size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+    with Image.open(path) as img:
+        _refuse_bomb(img)
+        if min_size is not None and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def _refuse_bomb(img: Image.Image) -> None:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too. Checked here
+    rather than with ``warnings.catch_warnings``, which is process-global and races across the
+    checker's threads (letting a bomb through and leaking the filter)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = img.width * img.height
+    if limit and pixels > limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be decompression bomb DOS attack."
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _WIDE_GREY_MODES:
         values = np.asarray(img, dtype=np.float64)
-        if values.max(initial=0) > 255:  # 16-bit range: scale to 8 bits instead of clipping
+        # 16-bit range: scale to 8 bits instead of clipping. I;16 modes always (a dark 16-bit image
+        # must not come out brighter than a light one); 32-bit modes when their values say so.
+        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257.0
         return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P":

@@ -65,14 +65,16 @@ def _export(pipeline: Pipeline, kind: str, n_classes: int) -> LinearHead:
     coef, intercept = clf.coef_ / scaler.scale_, clf.intercept_ - (clf.coef_ / scaler.scale_) @ scaler.mean_
     if n_classes == 2:  # one score d for class 1: logits (-d/2, d/2) give softmax == sigmoid(d)
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
-    return LinearHead(coef.astype(np.float32), intercept.astype(np.float32), kind)
+    # liblinear leaves coef_ in Fortran order; safetensors stores C-contiguous tensors only
+    return LinearHead(np.ascontiguousarray(coef, np.float32), np.ascontiguousarray(intercept, np.float32), kind)
 
 
 def _estimator(kind: str, seed: int) -> Pipeline:
     if kind == "logreg":
         clf = LogisticRegression(max_iter=3000, random_state=seed)
     else:
-        clf = LinearSVC(max_iter=20000, random_state=seed)
+        # The dual solver: several times faster than the primal on codes (n_features ~ n_samples).
+        clf = LinearSVC(dual=True, max_iter=5000, random_state=seed)
     return make_pipeline(StandardScaler(), clf)
 
 
@@ -91,7 +93,7 @@ class LinearProbe:
     c_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
     cv_folds: int = 5
     seed: int = 0
-    n_jobs: int | None = None
+    n_jobs: int | None = -1
     candidates_: dict = field(default_factory=dict, init=False)
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "LinearProbe":

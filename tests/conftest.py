@@ -1,0 +1,172 @@
+"""Shared test helpers: small real image files and folders, the integration data, folder snapshots.
+
+Plain functions (``from conftest import make_image, tree_snapshot, shared_dataset``) plus the
+``image_folder`` fixture, which returns a factory for folder-per-class datasets.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# ../shared/data next to the repository: the real datasets integration tests run on.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Well-separated class colours: a linear probe on real CNN features tells them apart easily.
+CLASS_COLORS = [
+    (220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 205, 40), (160, 50, 200),
+    (40, 200, 210), (245, 130, 30), (30, 30, 30), (235, 235, 235), (140, 90, 40),
+]
+
+
+def class_color(index: int) -> tuple[int, int, int]:
+    """A distinct colour for class ``index`` (the fixed list first, then seeded random ones)."""
+    if index < len(CLASS_COLORS):
+        return CLASS_COLORS[index]
+    rng = np.random.default_rng(1000 + index)
+    return tuple(int(v) for v in rng.integers(0, 256, size=3))
+
+
+def make_image(
+    path: str | Path,
+    color: tuple[int, ...] = (128, 128, 128),
+    size: tuple[int, int] = (48, 40),
+    mode: str = "RGB",
+    fmt: str | None = None,
+    noise: int = 0,
+    seed: int | Sequence[int] = 0,
+    **save_kwargs,
+) -> Path:
+    """Write a small real image file with Pillow (parent folders created) and return its path.
+
+    ``color`` is an RGB triple, or a tuple with one value per band of ``mode`` (RGBA with alpha,
+    CMYK, ...), used as is. Otherwise the RGB picture is converted to ``mode`` (L, P, LA, ...).
+    ``noise`` adds seeded uniform noise of that amplitude to each RGB channel. ``fmt`` is the
+    Pillow format name; by default Pillow picks it from the extension (any letter case).
+    ``save_kwargs`` go to ``Image.save`` (``exif=``, ``quality=``, ...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    bands = Image.getmodebands(mode)
+    if mode not in ("RGB", "P", "L", "1") and len(color) == bands and not noise:
+        img = Image.new(mode, size, tuple(color))
+    else:
+        rgb = np.empty((height, width, 3), dtype=np.int16)
+        rgb[...] = np.asarray(color[:3], dtype=np.int16) if len(color) >= 3 else color[0]
+        if noise:
+            rng = np.random.default_rng(seed)
+            rgb += rng.integers(-noise, noise + 1, size=rgb.shape, dtype=np.int16)
+        img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+        if mode == "P":  # an adaptive palette keeps the colours (the default web palette does not)
+            img = img.convert("P", palette=Image.Palette.ADAPTIVE)
+        elif mode != "RGB":
+            img = img.convert(mode)
+    img.save(path, format=fmt, **save_kwargs)
+    return path
+
+
+def _split_counts(classes: Mapping[str, int], split) -> dict[str, dict[str, int]]:
+    """Normalise ``split`` (None, names, or name -> per-class count / {class: count}) to counts."""
+    if split is None:
+        return {"": dict(classes)}
+    if isinstance(split, str):
+        split = [split]
+    if not isinstance(split, Mapping):
+        return {name: dict(classes) for name in split}
+    out = {}
+    for name, counts in split.items():
+        if isinstance(counts, Mapping):
+            out[name] = dict(counts)
+        else:
+            out[name] = {c: int(counts) for c in classes}
+    return out
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Factory ``make_dataset(root, {"cats": 6, "dogs": 6}, split=None, ...) -> root``.
+
+    Writes ``root/<class>/<class>_NNN.jpg`` images, each class a distinct solid colour with a
+    little seeded noise. ``root`` may be relative to ``tmp_path``. ``split`` puts the class
+    folders under split folders: a list of names (``["train", "val"]``: each gets the same
+    counts), or a mapping ``{"train": {...counts...}, "val": 2}`` (an int = that many per class).
+    Colours follow the order of ``classes``, so a class keeps its colour in every split.
+    """
+
+    def make_dataset(
+        root: str | Path,
+        classes: Mapping[str, int] = None,
+        split: Iterable[str] | Mapping[str, int | Mapping[str, int]] | str | None = None,
+        ext: str = ".jpg",
+        size: tuple[int, int] = (48, 40),
+        noise: int = 12,
+        seed: int = 0,
+    ) -> Path:
+        classes = {"cats": 6, "dogs": 6} if classes is None else classes
+        root = Path(root)
+        root = root if root.is_absolute() else tmp_path / root
+        root.mkdir(parents=True, exist_ok=True)
+        index = {name: i for i, name in enumerate(classes)}
+        for split_index, (split_name, counts) in enumerate(_split_counts(classes, split).items()):
+            for name, n in counts.items():
+                i = index.setdefault(name, len(index))
+                for k in range(n):
+                    make_image(
+                        root / split_name / name / f"{name}_{k:03d}{ext}",
+                        color=class_color(i), size=size, noise=noise,
+                        seed=[seed, split_index, i, k],
+                    )
+        return root
+
+    return make_dataset
+
+
+def shared_dataset(name: str) -> Path:
+    """``../shared/data/<name>``, or skip the test when that data is not on this machine."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"dataset {name!r} not found: integration data lives in ../shared/data ({path})")
+    return path
+
+
+def tree_snapshot(root: str | Path) -> dict[str, tuple[int, int, str | None]]:
+    """``{relative path: (size, mtime_ns, sha256)}`` for ``root`` itself ('.') and every file and
+    folder under it, hidden ones included (folders and links: sha256 None, never followed).
+    Equal snapshots before and after a run mean the run never wrote to the folder."""
+    root = Path(root)
+    snapshot = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        digest = None
+        if path.is_file() and not path.is_symlink():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        snapshot[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns, digest)
+    return snapshot
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Every test logs to a throwaway SQLite MLflow store, never to ./mlflow.db of the checkout."""
+    import os
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    """The default offline backbone (real ImageNet weights), loaded once for the session."""
+    from tlpipe.models import create_backbone
+
+    return create_backbone()

@@ -1,0 +1,57 @@
+"""The linear strategy: C by cross-validation, and an exported head that predicts like scikit-learn."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+from tlpipe.training import LinearHead, LinearProbe
+
+
+def codes(n_classes: int, seed: int = 0):
+    X, y = make_classification(240, 40, n_informative=12, n_classes=n_classes, n_clusters_per_class=1,
+                               class_sep=2.0, random_state=seed)
+    X = np.maximum(X, 0).astype(np.float32) * 3 + 1  # non-negative, not standardized: like CNN codes
+    return X[:160], y[:160], X[160:], y[160:]
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_exported_head_predicts_exactly_like_the_fitted_pipeline(n_classes):
+    X, y, X_val, y_val = codes(n_classes)
+    probe = LinearProbe(("logreg", "svm"), c_grid=(0.01, 0.1, 1.0), cv_folds=3).fit(X, y, X_val, y_val)
+    assert set(probe.candidates_) == {"logreg", "svm"}
+    assert probe.head_ is probe.candidates_[probe.chosen_]["head"]
+    for kind, candidate in probe.candidates_.items():
+        head = candidate["head"]
+        assert head.weight.shape == (n_classes, 40)
+        proba = head.predict_proba(X_val)
+        np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+        assert (head.predict(X_val) == proba.argmax(axis=1)).all()
+        assert candidate["val_accuracy"] == pytest.approx((head.predict(X_val) == y_val).mean())
+        assert candidate["val_accuracy"] > 0.8
+
+
+def test_logistic_probabilities_are_the_models_own():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, X_val, y_val = codes(3)
+    probe = LinearProbe(("logreg",), c_grid=(0.1,), cv_folds=3).fit(X, y, X_val, y_val)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000)).fit(X, y)
+    np.testing.assert_allclose(probe.head_.predict_proba(X_val), reference.predict_proba(X_val), atol=1e-4)
+
+
+def test_regularization_is_chosen_by_cross_validation():
+    X, y, X_val, y_val = codes(3)
+    probe = LinearProbe(("logreg",), c_grid=(1e-6, 1.0), cv_folds=3).fit(X, y, X_val, y_val)
+    assert probe.candidates_["logreg"]["C"] == 1.0  # C=1e-6 underfits badly; CV must see it
+
+
+def test_svm_temperature_is_fitted_and_head_round_trips_through_tensors():
+    X, y, X_val, y_val = codes(3)
+    probe = LinearProbe(("svm",), c_grid=(0.1,), cv_folds=3).fit(X, y, X_val, y_val)
+    head = probe.head_
+    assert head.scale > 0 and head.scale != 1.0
+    again = LinearHead.from_tensors(head.tensors(), "svm")
+    np.testing.assert_array_equal(again.predict_proba(X_val), head.predict_proba(X_val))

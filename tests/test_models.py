@@ -1,0 +1,114 @@
+"""Backbones with real weights: where they come from, that they are the right ones, and the codes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.datasets import load_sample_image
+
+from tlpipe.data import Sample, eval_loader, eval_transform
+from tlpipe.errors import TlpipeError
+from tlpipe.models import CodeExtractor, create_backbone, extract_codes, offline_backbones, state_dict_sha256
+
+
+@pytest.mark.parametrize("image, label", [("china.jpg", "palace"), ("flower.jpg", "daisy")])
+def test_default_backbone_has_real_imagenet_weights(backbone, image, label):
+    x = eval_transform(backbone.data_config)(Image.fromarray(load_sample_image(image))).unsqueeze(0)
+    with torch.inference_mode():
+        top = int(backbone.model(x).argmax())
+    assert timm.data.ImageNetInfo().index_to_description(top) == label
+
+
+def test_default_backbone_comes_from_the_offline_package_with_its_own_preprocessing(backbone):
+    assert backbone.weights.kind == "package"
+    assert backbone.weights.sha256 == state_dict_sha256(backbone.model)
+    assert backbone.data_config["mean"] == (0.5, 0.5, 0.5)  # tf_efficientnet_lite0's pretrained cfg
+    assert backbone.data_config["input_size"] == (3, 224, 224)
+    assert backbone.data_config["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_weights_file_loads_the_same_weights(backbone, tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    loaded = create_backbone("efficientnet_lite0", weights=path)
+    assert loaded.weights.kind == "file"
+    assert loaded.weights.sha256 == backbone.weights.sha256
+
+
+def test_weights_of_the_wrong_shape_are_refused_with_the_entry_named(backbone, tmp_path):
+    state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+    state["conv_stem.weight"] = torch.zeros(8, 3, 3, 3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TlpipeError, match="conv_stem.weight") as err:
+        create_backbone("efficientnet_lite0", weights=tmp_path / "bad.safetensors")
+    assert "\n" not in str(err.value)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickled_objects_in_a_torch_file_are_never_loaded(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"conv_stem.weight": NotATensor()}, path)
+    with pytest.raises(TlpipeError, match="cannot read weights"):
+        create_backbone("efficientnet_lite0", weights=path)
+
+
+def test_random_init_only_when_asked_and_recorded(backbone):
+    random = create_backbone("efficientnet_lite0", weights="none")
+    assert random.weights.kind == "none"
+    assert random.weights.sha256 != backbone.weights.sha256
+
+
+def test_unknown_backbone_name_suggests_how_to_find_one():
+    with pytest.raises(TlpipeError, match="tlpipe models"):
+        create_backbone("no_such_net_v9")
+
+
+def test_offline_listing_includes_the_default():
+    names = {row["name"] for row in offline_backbones()}
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= names
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_packages_load_with_every_shape_checked(name):
+    loaded = create_backbone(name)
+    assert loaded.weights.kind == "package" and loaded.arch == f"tf_{name}"
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory):
+    from conftest import class_color, make_image
+
+    root = tmp_path_factory.mktemp("imgs")
+    return [Sample(make_image(root / f"{i}.jpg", class_color(i % 3), size=(64, 48), noise=20, seed=i), i % 3) for i in range(6)]
+
+
+def test_penultimate_codes_are_non_negative_and_deterministic(backbone, few_images):
+    loader = eval_loader(few_images, backbone.data_config, batch_size=4, workers=0)
+    first, labels = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"))
+    second, _ = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"))
+    assert first.shape == (6, 1280) and first.dtype == np.float32
+    assert (first >= 0).all()
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(labels, [s.label for s in few_images])
+
+
+@pytest.mark.parametrize("layer, expected", [(-2, ("blocks.4", 112)), ("blocks.2", ("blocks.2", 40)), ("1", ("blocks.1", 24))])
+def test_earlier_layer_codes_are_pooled_and_relud(backbone, few_images, layer, expected):
+    extractor = CodeExtractor(backbone.model, layer)
+    loader = eval_loader(few_images, backbone.data_config, batch_size=6, workers=0)
+    codes, _ = extract_codes(extractor, loader, torch.device("cpu"))
+    assert (extractor.layer, codes.shape[1]) == expected
+    assert (codes >= 0).all() and codes.max() > 0
+
+
+def test_unknown_layer_lists_the_valid_ones(backbone):
+    with pytest.raises(TlpipeError, match="blocks.4"):
+        CodeExtractor(backbone.model, "blocks.99")
