@@ -1,0 +1,229 @@
+"""The command line end to end on small generated datasets: real backbone, real MLflow store."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tree_snapshot
+from tlpipe.cli import app
+
+runner = CliRunner()
+QUICK = ["--recipe", "quick", "--workers", "0"]
+
+
+def tlpipe(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One fit of a 3-class generated dataset (no val/ folder: held out), shared by the tests below."""
+    from conftest import class_color, make_image
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    for c, name in enumerate(["red", "green", "blue"]):
+        for k in range(10):
+            make_image(root / name / f"{k}.jpg", class_color(c), size=(64, 48), noise=30, seed=[c, k])
+    (root / "notes.txt").write_text("not an image")
+    before = tree_snapshot(root)
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = tlpipe("fit", root, "--output", out, *QUICK)
+    assert result.exit_code == 0, result.output
+    assert tree_snapshot(root) == before  # the dataset folder is never written to
+    return root, out, result
+
+
+def test_fit_writes_summary_bundle_and_reports(fitted):
+    root, out, result = fitted
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "linear" and summary["strategy_reason"]
+    assert summary["splits"] == {"train": 24, "val": 6}
+    assert summary["val_from"] == "split"
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_accuracy"] == summary["metrics"]["val_accuracy"]
+    assert set(summary["timings"]) >= {"check_data", "load_backbone", "extract_codes", "fit_head"}
+    assert Path(summary["bundle"]) == (out / "model").resolve()
+    assert {"bundle.json", "head.safetensors"} <= {p.name for p in (out / "model").iterdir()}
+    assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in out.rglob("*"))
+    assert (out / "quarantine.csv").read_text().strip() == "path,reason"
+    assert "Validation: accuracy" in result.output and "Confusion matrix" in result.output
+
+
+def test_fit_is_an_mlflow_run_with_params_metrics_and_artifacts(fitted, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    _, out, _ = fitted
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "shapes"
+    assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["n_train"] == "24"
+    assert run.data.params["weights_sha256"] == summary["backbone"]["sha256"]
+    assert run.data.metrics["val_accuracy"] == pytest.approx(summary["val_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "classification_report.json", "quarantine.csv", "model", "summary.json"} <= artifacts
+
+
+def test_predict_reproduces_validation_accuracy_exactly(fitted):
+    root, out, _ = fitted
+    summary = json.loads((out / "summary.json").read_text())
+    from tlpipe.data import prepare_dataset
+
+    spec = prepare_dataset(root, 0.2, 0)  # the same seeded split the fit made
+    val = spec.splits["val"]
+    result = tlpipe("predict", out / "model", *[s.path for s in val], "--format", "csv", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    predicted = {r["path"]: r["label"] for r in rows}
+    accuracy = np.mean([predicted[str(s.path)] == spec.classes[s.label] for s in val])
+    assert accuracy == summary["val_accuracy"]
+
+
+def test_predict_top_k_json_on_a_folder(fitted):
+    root, out, _ = fitted
+    result = tlpipe("predict", out / "model", root / "red", "--top-k", "3", "--format", "json", "--workers", "0")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert len(rows) == 10
+    probabilities = [p["probability"] for p in rows[0]["predictions"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+    assert {p["label"] for p in rows[0]["predictions"]} == {"red", "green", "blue"}
+
+
+def test_predict_skips_unreadable_files_with_a_line_each(fitted, tmp_path):
+    _, out, _ = fitted
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    result = tlpipe("predict", out / "model", bad)
+    assert result.exit_code == 2
+    assert "bad.jpg" in result.stderr and "Traceback" not in result.output
+
+
+def test_extract_npz_and_parquet(fitted, tmp_path):
+    root, _, _ = fitted
+    result = tlpipe("extract", root, "--out", tmp_path / "codes.npz", *QUICK)
+    assert result.exit_code == 0, result.output
+    codes = np.load(tmp_path / "codes.npz")  # no allow_pickle: the format needs none
+    assert codes["features"].shape == (30, 1280) and codes["features"].dtype == np.float32
+    assert (codes["features"] >= 0).all()
+    assert list(codes["classes"]) == ["blue", "green", "red"]
+    assert codes["paths"][0].endswith(".jpg") and not codes["paths"][0].startswith("/")
+    assert json.loads(str(codes["meta"]))["layer"] == "penultimate"
+
+    result = tlpipe("extract", root, "--out", tmp_path / "codes.parquet", "--layer", "-2", *QUICK)
+    assert result.exit_code == 0, result.output
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "codes.parquet")
+    assert table.num_rows == 30 and table.schema.field("features").type.list_size == 112
+    assert json.loads(table.schema.metadata[b"tlpipe"])["layer"] == "blocks.4"
+
+
+def test_models_lists_the_offline_default():
+    result = tlpipe("models")
+    assert result.exit_code == 0 and "efficientnet_lite0" in result.stdout
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "not found"),
+    ("file", "not a folder"),
+    ("empty", "no class folders"),
+    ("one_class", "only one class"),
+    ("all_bad", "class 'dogs' has no valid training image"),
+    ("singleton", "at least 2 per class"),
+])
+def test_bad_datasets_give_one_line_and_exit_code_2(tmp_path, image_folder, layout, message):
+    root = tmp_path / "data"
+    if layout == "file":
+        root.write_text("x")
+    elif layout == "empty":
+        root.mkdir()
+    elif layout == "one_class":
+        image_folder(root, {"cats": 3})
+    elif layout == "all_bad":
+        image_folder(root, {"cats": 3})
+        (root / "dogs").mkdir()
+        (root / "dogs" / "a.jpg").write_bytes(b"")
+    elif layout == "singleton":
+        image_folder(root, {"cats": 3, "dogs": 1})
+    result = tlpipe("fit", root, "--output", tmp_path / "out", *QUICK)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_the_installed_command_prints_one_line_not_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tlpipe", "fit", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: dataset folder not found") and result.stderr.count("\n") == 1
+
+
+def test_fit_needs_data_or_example(tmp_path):
+    result = tlpipe("fit")
+    assert result.exit_code == 2 and "--example digits" in result.stderr
+
+
+def test_example_digits_is_written_as_an_image_folder(tmp_path):
+    from tlpipe.examples import write_example
+    from tlpipe.data import scan_folder
+
+    scanned = scan_folder(write_example("digits", tmp_path))
+    assert scanned.classes == [f"digit_{d}" for d in range(10)]
+    assert sum(len(v) for v in scanned.files["train"].values()) == 1797
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def other_addresses() -> set[str]:
+    """This machine's IPv4 addresses outside loopback (from the interfaces, via `hostname -I`)."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout
+    except OSError:
+        out = socket.gethostbyname(socket.gethostname())
+    return {a for a in out.split() if "." in a and not a.startswith("127.")}
+
+
+def test_ui_serves_the_run_history_on_localhost_only(fitted, mlflow_store):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", "--port", str(port)],
+                               env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                time.sleep(1)
+        assert status == 200
+        body = json.dumps({"max_results": 5})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                         data=body.encode(), headers={"Content-Type": "application/json"})
+        names = {e["name"] for e in json.load(urllib.request.urlopen(request, timeout=10))["experiments"]}
+        assert "shapes" in names  # the same store tlpipe fit wrote to
+        for address in other_addresses():  # not reachable on the machine's other interfaces
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=2).close()
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
