@@ -112,3 +112,14 @@ def test_earlier_layer_codes_are_pooled_and_relud(backbone, few_images, layer, e
 def test_unknown_layer_lists_the_valid_ones(backbone):
     with pytest.raises(TlpipeError, match="blocks.4"):
         CodeExtractor(backbone.model, "blocks.99")
+
+
+def test_unreachable_weights_say_what_was_tried_and_never_fall_back_to_random(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty caches, and no hub, on any machine
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TlpipeError, match=r"tried: hub cache \(empty\); hub timm/resnet18") as err:
+        create_backbone("resnet18")
+    assert "--weights none" in str(err.value) and "\n" not in str(err.value)

@@ -16,8 +16,10 @@ import hashlib
 import importlib.resources
 import importlib.util
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -134,6 +136,21 @@ def _hub_cache_file(model: nn.Module) -> Path | None:
     return None
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None. A quick check first, so that an offline
+    machine gets its answer in seconds rather than after the hub client's minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        return f"no connection to {host}: {exc.strerror or exc}"
+    return None
+
+
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = "auto") -> Backbone:
     """Build backbone ``name`` in eval mode with pretrained weights.
 
@@ -178,6 +195,10 @@ def _load_weights(model, name, package, weights, tried) -> WeightSource | None:
         return WeightSource("timm-cache", str(cached), state_dict_sha256(model))
     tried.append("hub cache (empty)")
     hub_id = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url") or model.pretrained_cfg["architecture"]
+    unreachable = _hub_unreachable()
+    if unreachable:
+        tried.append(f"hub {hub_id} ({unreachable})")
+        return None
     try:
         hub_model = timm.create_model(model.pretrained_cfg["architecture"], pretrained=True)
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-file errors all mean "not reachable"
