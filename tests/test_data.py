@@ -320,14 +320,6 @@ def _no_train_folder(tmp_path):
     return root, ["no train/", "val/", "test/", str(root)]
 
 
-def _splits_mixed_with_classes(tmp_path):
-    root = tmp_path / "data"
-    for c in ("cats", "dogs"):
-        make_image(root / "train" / c / "0.jpg")
-    make_image(root / "birds" / "0.jpg")
-    return root, ["birds", "train/"]
-
-
 def _val_class_not_in_train(tmp_path):
     root = tmp_path / "data"
     for c in ("cats", "dogs"):
@@ -341,7 +333,7 @@ def _val_class_not_in_train(tmp_path):
     "build",
     [
         _missing, _a_file, _no_class_folders, _one_class, _all_bad_class, _all_bad_class_nested,
-        _class_without_images, _single_valid_image, _no_train_folder, _splits_mixed_with_classes,
+        _class_without_images, _single_valid_image, _no_train_folder,
         _val_class_not_in_train,
     ],
 )
@@ -432,3 +424,14 @@ def test_dataset_folder_is_never_written_to(image_folder, tmp_path, split):
     assert len(spec.quarantined) == 2
     assert (tmp_path / "out" / QUARANTINE_REPORT).is_file()
     assert tree_snapshot(root) == before
+
+
+def test_folders_beside_the_split_folders_are_left_out_and_reported(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("cats", "dogs"):
+            make_image(root / split / c / "0.jpg")
+    make_image(root / "test_simple" / "cats" / "0.jpg")  # an extra split, as in bloodcells
+    spec = prepare_dataset(root)
+    assert spec.counts() == {"train": 2, "val": 2}
+    assert spec.skipped["folder beside train/ ignored (test_simple/)"] == 1

@@ -54,12 +54,10 @@ def scan_folder(root: str | Path) -> ScannedFiles:
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in top if d.name.lower() in SPLIT_ALIASES}
     skipped: Counter = Counter()
     if "train" in split_dirs:
-        others = [d.name for d in top if d.name.lower() not in SPLIT_ALIASES]
-        if others:
-            raise TlpipeError(
-                f"{root} mixes split folders (train/) with other folders ({', '.join(others)}): "
-                "put every class folder under train/, val/ or test/"
-            )
+        # Beside train/, only val/ and test/ hold images; others (an extra split such as
+        # test_simple/, notes) are left out and reported rather than guessed at.
+        for other in (d for d in top if d.name.lower() not in SPLIT_ALIASES):
+            skipped[f"folder beside train/ ignored ({other.name}/)"] += 1
         roots = split_dirs
     elif split_dirs:
         found = ", ".join(f"{d.name}/" for d in split_dirs.values())
