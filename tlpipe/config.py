@@ -29,6 +29,21 @@ class LinearConfig(_Section):
     cv_folds: int = Field(default=5, ge=2)
 
 
+class AugmentConfig(_Section):
+    """Training-time distortions (the seed notes' list), each sized here; 0 or p=0 turns one off."""
+
+    crop_scale: list[float] = Field(default=[0.35, 1.0], min_length=2, max_length=2)  # RandomResizedCrop area
+    hflip: float = Field(default=0.5, ge=0, le=1)  # probability of a horizontal mirror
+    vflip: float = Field(default=0.0, ge=0, le=1)  # for data without an up (microscopy, aerial)
+    rotate: float = Field(default=15.0, ge=0, le=180)  # degrees, either way
+    shear: float = Field(default=8.0, ge=0, le=45)  # degrees, either way
+    affine_p: float = Field(default=0.5, ge=0, le=1)  # probability of the rotation + shear
+    rgb_shift: int = Field(default=15, ge=0, le=255)  # per-channel shift limit
+    color_jitter: float = Field(default=0.2, ge=0, le=1)  # brightness/contrast/saturation strength
+    color_p: float = Field(default=0.5, ge=0, le=1)  # probability of each colour transform
+    fancy_pca: float = Field(default=0.1, ge=0, le=1)  # PCA colour augmentation alpha (Krizhevsky et al.)
+
+
 class FitConfig(_Section):
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"  # "auto", "none", or a path to a weights file
@@ -42,6 +57,8 @@ class FitConfig(_Section):
     seed: int = 0
     device: str = "auto"
     linear: LinearConfig = Field(default_factory=LinearConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cache_dir: str | None = None  # decoded-image cache; None: <output>/cache
 
 
 def available_recipes() -> list[str]:
