@@ -21,7 +21,7 @@ from tlpipe.data import Sample, check_image, eval_loader
 from tlpipe.data.images import is_image_name
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
-from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes
+from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
 from tlpipe.training import PROBABILITY_NOTES, LinearHead
 from tlpipe.utils import atomic_write, read_json, write_json
 
@@ -31,20 +31,21 @@ MANIFEST, HEAD_FILE, BACKBONE_FILE = "bundle.json", "head.safetensors", "backbon
 
 def save_bundle(
     path: Path, backbone: Backbone, head: LinearHead, classes: Sequence[str], *, layer: str, layer_relu: bool,
-    config: dict, metrics: dict,
+    config: dict, metrics: dict, trained: bool = False,
 ) -> Path:
-    """Write the bundle to ``path`` (a folder); each file lands atomically."""
+    """Write the bundle to ``path`` (a folder); each file lands atomically. The backbone's weights
+    are embedded when no source can give them back: ``trained`` (fine-tuned) or random init."""
     path.mkdir(parents=True, exist_ok=True)
-    embed = backbone.weights.kind == "none"
+    embed = trained or backbone.weights.kind == "none"
     if embed:
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in feature_state_dict(backbone.model).items()}
         atomic_write(path / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
     atomic_write(path / HEAD_FILE, lambda f: f.write(safetensors_bytes(head.tensors())), mode="wb")
     write_json(path / MANIFEST, {
         "format": BUNDLE_FORMAT,
         "tlpipe_version": __version__,
         "backbone": {"name": backbone.name, "arch": backbone.arch, "weights": backbone.weights.to_dict(),
-                     "embedded": embed},
+                     "embedded": embed, "sha256": state_dict_sha256(backbone.model)},
         "codes": {"layer": layer, "relu": layer_relu},
         "data_config": backbone.data_config,
         "classes": list(classes),
@@ -105,7 +106,7 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
         spec["weights"]["location"] if spec["weights"]["kind"] == "file" else "auto"
     )
     backbone = create_backbone(spec["name"], weights=weights)
-    expected = spec["weights"]["sha256"]
+    expected = spec["sha256"]
     if backbone.weights.sha256 != expected:
         raise TlpipeError(
             f"bundle {path} was trained on {spec['name']} weights with checksum {expected[:12]}…, but the weights "

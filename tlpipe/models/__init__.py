@@ -5,6 +5,7 @@ from tlpipe.models.backbones import (
     Backbone,
     WeightSource,
     create_backbone,
+    feature_state_dict,
     offline_backbones,
     state_dict_sha256,
 )
@@ -12,5 +13,5 @@ from tlpipe.models.features import PENULTIMATE, CodeExtractor, extract_codes, fe
 
 __all__ = [
     "DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "PENULTIMATE", "Backbone", "CodeExtractor", "WeightSource",
-    "create_backbone", "extract_codes", "feature_layers", "offline_backbones", "resolve_layer", "state_dict_sha256",
+    "create_backbone", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "resolve_layer", "state_dict_sha256",
 ]

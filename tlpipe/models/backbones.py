@@ -55,10 +55,23 @@ class Backbone:
     data_config: dict  # timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode
 
 
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the ImageNet (or any) classifier: never part of the CNN codes."""
+    prefix = model.pretrained_cfg.get("classifier", "classifier")
+    return {k for k in model.state_dict() if k == prefix or k.startswith(prefix + ".")}
+
+
+def feature_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the classifier: what the codes depend on, and what a bundle embeds."""
+    skip = classifier_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
 def state_dict_sha256(model: nn.Module) -> str:
-    """Checksum of every tensor's name, dtype, shape and bytes: the weights, whatever file held them."""
+    """Checksum of every feature tensor's name, dtype, shape and bytes (the classifier left out: the
+    codes never use it): the weights, whatever file held them."""
     digest = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
+    for key, tensor in feature_state_dict(model).items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -94,8 +107,11 @@ def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor], orig
     """Load ``state`` by name; when the names differ but every entry lines up in order with the
     same shape (a port from another codebase), load in order. Any shape mismatch is an error."""
     target = model.state_dict()
+    features = [k for k in target if k not in classifier_keys(model)]
     if set(state) == set(target):
         pairs = [(k, state[k]) for k in target]
+    elif set(features) <= set(state):  # no classifier, or another one (a fine-tuned bundle): keep the model's
+        pairs = [(k, state[k]) for k in features]
     elif len(state) == len(target):
         pairs = list(zip(target, state.values()))
     else:
@@ -110,7 +126,7 @@ def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor], orig
                 f"weights in {origin} do not fit the model at '{key}': "
                 f"shape {tuple(value.shape)} in the file, {tuple(target[key].shape)} in the model"
             )
-    model.load_state_dict(dict(pairs), strict=True)
+    model.load_state_dict(dict(pairs), strict=len(pairs) == len(target))
 
 
 def _package_weights(package: str) -> Path | None:
