@@ -55,7 +55,7 @@ def test_fit_writes_summary_bundle_and_reports(fitted):
     assert summary["splits"] == {"train": 24, "val": 6}
     assert summary["val_from"] == "split"
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_accuracy"] == summary["metrics"]["val_accuracy"]
-    assert set(summary["timings"]) >= {"check_data", "load_backbone", "extract_codes", "fit_head"}
+    assert set(summary["timings"]) >= {"check_data", "load_backbone", "extract_codes", "train"}
     assert Path(summary["bundle"]) == (out / "model").resolve()
     assert {"bundle.json", "head.safetensors"} <= {p.name for p in (out / "model").iterdir()}
     assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in out.rglob("*"))

@@ -60,7 +60,9 @@ def fit(
     example: Annotated[Optional[str], typer.Option(help="Fit an embedded example dataset instead: digits.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
     recipe: Recipe = "default",
-    strategy: Annotated[Optional[str], typer.Option(help="Transfer strategy: linear.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="linear (codes + linear classifier), partial or full fine-tune.")] = None,
+    unfreeze_stages: Annotated[Optional[int], typer.Option(help="Partial fine-tune: how many last stages train.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (at most; early stopping may end sooner).")] = None,
     backbone: Backbone = None,
     weights: Weights = None,
     layer: Layer = None,
@@ -84,6 +86,7 @@ def fit(
         config = load_config(recipe, **_overrides(
             strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
             batch_size=batch_size, num_workers=workers, val_fraction=val_fraction, seed=seed, device=device,
+            finetune=_overrides(unfreeze_stages=unfreeze_stages, epochs=epochs),
         ))
         if example is not None:
             from tlpipe.examples import write_example

@@ -44,10 +44,25 @@ class AugmentConfig(_Section):
     fancy_pca: float = Field(default=0.1, ge=0, le=1)  # PCA colour augmentation alpha (Krizhevsky et al.)
 
 
+class FinetuneConfig(_Section):
+    """Strategies 2 and 3: partial and full fine-tuning (LP-FT: the head starts from a linear probe)."""
+
+    epochs: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-3, gt=0)  # head learning rate (AdamW)
+    backbone_lr_mult: float = Field(default=0.1, gt=0, le=1)  # backbone LR = lr x this
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    patience: int = Field(default=3, ge=1)  # epochs without a better val accuracy before stopping
+    unfreeze_stages: int = Field(default=2, ge=0)  # partial: how many of the last stages train
+    class_weights: Literal["auto", "on", "off"] = "auto"  # auto: on when largest/smallest class > 3
+    deterministic: bool = False  # torch deterministic algorithms (exact resume; slower on GPU)
+
+
 class FitConfig(_Section):
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"  # "auto", "none", or a path to a weights file
-    strategy: Literal["linear"] = "linear"
+    strategy: Literal["linear", "partial", "full"] = "linear"
     layer: str | int = "penultimate"  # CNN-code tap: "penultimate", a feature_info index or module name
     layer_relu: bool = True  # ReLU earlier-layer taps before pooling
     image_size: int | None = Field(default=None, ge=32)  # None: the backbone's pretrained input size
@@ -57,6 +72,7 @@ class FitConfig(_Section):
     seed: int = 0
     device: str = "auto"
     linear: LinearConfig = Field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     cache_dir: str | None = None  # decoded-image cache; None: <output>/cache
 

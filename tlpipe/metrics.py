@@ -25,13 +25,36 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
     }
 
 
-def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path: Path) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_learning_curves(history: list[dict], path: Path) -> Path:
+    """Train/val loss and val accuracy per epoch."""
+    plt = _pyplot()
+    epochs = range(1, len(history) + 1)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], label="val")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], marker="o")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+    return path
+
+
+def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path: Path) -> Path:
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    plt = _pyplot()
     size = max(4.0, 0.6 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(

@@ -19,11 +19,10 @@ import numpy as np
 from tlpipe import __version__
 from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig, config_to_yaml, load_config
-from tlpipe.data import DatasetSpec, eval_loader, prepare_dataset
-from tlpipe.device import resolve_device
-from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes
-from tlpipe.metrics import classification_metrics, save_confusion_matrix
-from tlpipe.training import LinearProbe
+from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.models import PENULTIMATE, Backbone, create_backbone
+from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
+from tlpipe.training.strategies import dataset_codes, fit_finetune, fit_linear
 from tlpipe.tracking import FitRun
 from tlpipe.utils import atomic_write, write_json
 
@@ -65,12 +64,6 @@ def build_backbone(config: FitConfig) -> Backbone:
     return backbone
 
 
-def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
-    extractor = CodeExtractor(backbone.model, config.layer, config.layer_relu)
-    loader = eval_loader(spec.splits[split], backbone.data_config, config.batch_size, config.num_workers)
-    return extract_codes(extractor, loader, resolve_device(config.device), f"Codes ({split})")
-
-
 def fit(
     data: str | Path,
     config: FitConfig | None = None,
@@ -80,7 +73,7 @@ def fit(
     tracking_uri: str | None = None,
     recipe: str = "default",
 ) -> FitResult:
-    """Fit the best linear classifier on ``data``'s CNN codes; see the module docstring."""
+    """Fit ``config.strategy`` on ``data``; see the module docstring."""
     config = config or load_config(recipe)
     data = Path(data).expanduser()
     out = Path(output) if output else default_output_dir(data)
@@ -89,25 +82,34 @@ def fit(
         spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out)
     atomic_write(out / "config.yaml", lambda f: f.write(config_to_yaml(config)))
     experiment = experiment or re.sub(r"[^\w.-]+", "_", data.resolve().name) or "tlpipe"
+    layer = config.layer if config.strategy == "linear" else PENULTIMATE  # fine-tuning trains the full head path
     with FitRun(experiment, tracking_uri, run_name=out.name) as run:
         with timings.stage("load_backbone"):
             backbone = build_backbone(config)
         run.log_params(_params(config, recipe, backbone, spec))
         with timings.stage("extract_codes"):
-            X_train, y_train = dataset_codes(backbone, spec, "train", config)
-            X_val, y_val = dataset_codes(backbone, spec, "val", config)
-        with timings.stage("fit_head"):
-            probe = LinearProbe(tuple(config.linear.classifiers), tuple(config.linear.c_grid),
-                                config.linear.cv_folds, config.seed).fit(X_train, y_train, X_val, y_val)
-        metrics = classification_metrics(y_val, probe.head_.predict(X_val), spec.classes)
-        metrics["cv_accuracy"] = probe.candidates_[probe.chosen_]["cv_accuracy"]
+            codes = {split: dataset_codes(backbone, spec, split, config, layer) for split in ("train", "val")}
+        with timings.stage("train"):
+            if config.strategy == "linear":
+                trained = fit_linear(backbone, spec, config, codes)
+            else:
+                trained = fit_finetune(backbone, spec, config, out, codes, on_epoch=lambda e, m: run.log_metrics(m, step=e))
+        if trained.backbone_trained:  # validation through the same path prediction takes
+            with timings.stage("evaluate"):
+                codes["val"] = dataset_codes(backbone, spec, "val", config, layer)
+        X_val, y_val = codes["val"]
+        metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
         bundle_path = save_bundle(
-            out / "model", backbone, probe.head_, spec.classes, layer=str(config.layer),
-            layer_relu=config.layer_relu, config=config.model_dump(mode="json"),
-            metrics={"val_accuracy": metrics["val_accuracy"]},
+            out / "model", backbone, trained.head, spec.classes, layer=str(layer), layer_relu=config.layer_relu,
+            config=config.model_dump(mode="json"), metrics={"val_accuracy": metrics["val_accuracy"]},
+            trained=trained.backbone_trained,
         )
         write_json(out / "classification_report.json", metrics)
         save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / "confusion_matrix.png")
+        artifacts = ["confusion_matrix.png", "classification_report.json", "quarantine.csv", "config.yaml"]
+        if trained.history:
+            save_learning_curves(trained.history, out / "learning_curves.png")
+            artifacts.append("learning_curves.png")
         summary = {
             "run_id": run.run_id,
             "tracking_uri": run.tracking_uri,
@@ -115,8 +117,8 @@ def fit(
             "tlpipe_version": __version__,
             "data": str(data.resolve()),
             "strategy": config.strategy,
-            "strategy_reason": "asked for (--strategy linear or the recipe)",
-            "head": {"chosen": probe.chosen_, "candidates": probe.summary()},
+            "strategy_reason": "asked for (--strategy or the recipe)",
+            "head": trained.details,
             "backbone": {"name": backbone.name, "arch": backbone.arch, **backbone.weights.to_dict()},
             "splits": spec.counts(),
             "val_from": spec.val_from,
@@ -129,10 +131,11 @@ def fit(
             "bundle": str(bundle_path.resolve()),
         }
         run.log_metrics({"val_accuracy": metrics["val_accuracy"], "val_macro_f1": metrics["macro_f1"],
-                         "cv_accuracy": metrics["cv_accuracy"],
                          **{f"val_f1_{c}": m["f1"] for c, m in metrics["per_class"].items()},
-                         **{f"seconds_{k}": v for k, v in timings.seconds.items()}})
-        for name in ("confusion_matrix.png", "classification_report.json", "quarantine.csv", "config.yaml"):
+                         **{f"seconds_{k}": v for k, v in timings.seconds.items()}},
+                        step=len(trained.history))
+        run.log_params({f"result_{k}": v for k, v in trained.details.items() if not isinstance(v, dict)})
+        for name in artifacts:
             run.log_artifact(out / name)
         run.log_artifact(bundle_path, "model")
         write_json(out / SUMMARY, summary)
@@ -150,6 +153,7 @@ def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpe
         "batch_size": config.batch_size, "n_classes": len(spec.classes), "val_from": spec.val_from,
         "quarantined": len(spec.quarantined), **{f"n_{split}": n for split, n in counts.items()},
         "linear_classifiers": ",".join(config.linear.classifiers), "linear_cv_folds": config.linear.cv_folds,
+        **({f"finetune_{k}": v for k, v in config.finetune.model_dump().items()} if config.strategy != "linear" else {}),
     }
 
 
@@ -157,7 +161,8 @@ def extract(
     data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default"
 ) -> Path:
     """Write the CNN codes of every valid image of ``data`` (all splits as found) to ``out``:
-    ``.npz`` (see ``tlpipe.codes``) or ``.parquet``. Bad files are listed beside ``out``."""
+    ``.npz`` (see ``tlpipe.codes``) or ``.parquet``. Files that fail the check are left out and
+    listed, with the reason, in the file's metadata."""
     from tlpipe.codes import save_codes
 
     config = config or load_config(recipe)

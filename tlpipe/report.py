@@ -24,13 +24,10 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
                   f"{backbone['location']} (sha256 {backbone['sha256'][:12]}…)")
     console.print(f"[bold]Strategy[/]  {summary['strategy']}: {summary['strategy_reason']}")
 
-    heads = Table(title="Linear heads (C by cross-validation on train)")
-    for column in ("head", "C", "CV accuracy", "val accuracy", ""):
-        heads.add_column(column)
-    for kind, row in summary["head"]["candidates"].items():
-        chosen = "kept" if kind == summary["head"]["chosen"] else ""
-        heads.add_row(kind, f"{row['C']:g}", f"{row['cv_accuracy']:.3f}", f"{row['val_accuracy']:.3f}", chosen)
-    console.print(heads)
+    if "candidates" in summary["head"]:
+        print_linear_heads(summary["head"])
+    else:
+        print_finetune(summary["head"])
 
     per_class = Table(title=f"Validation: accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
     for column in ("class", "precision", "recall", "F1", "support"):
@@ -42,6 +39,26 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
     console.print(f"[bold green]Bundle[/] {summary['bundle']}   MLflow run {summary['run_id']} ({summary['tracking_uri']})")
+
+
+def print_linear_heads(head: dict) -> None:
+    table = Table(title="Linear heads (C by cross-validation on train)")
+    for column in ("head", "C", "CV accuracy", "val accuracy", ""):
+        table.add_column(column)
+    for kind, row in head["candidates"].items():
+        chosen = "kept" if kind == head["chosen"] else ""
+        table.add_row(kind, f"{row['C']:g}", f"{row['cv_accuracy']:.3f}", f"{row['val_accuracy']:.3f}", chosen)
+    console.print(table)
+
+
+def print_finetune(head: dict) -> None:
+    frozen = f", {head['params_frozen']:,} frozen" if head["params_frozen"] else ""
+    resumed = f", resumed after epoch {head['resumed_from_epoch']}" if head["resumed_from_epoch"] else ""
+    console.print(f"Fine-tuned {head['params_trainable']:,} parameters{frozen}; {head['epochs_run']} epochs{resumed}, "
+                  f"best at epoch {head['best_epoch']}; the linear probe it started from: "
+                  f"val accuracy {head['linear_probe_val_accuracy']:.3f}")
+    if head["class_weights"]:
+        console.print("Class-weighted loss (imbalance over 3x): " + ", ".join(f"{w:.2f}" for w in head["class_weights"]))
 
 
 def print_confusion_matrix(matrix: list[list[int]], classes: Sequence[str]) -> None:

@@ -24,6 +24,7 @@ _STEP = {"logreg": "logisticregression", "svm": "linearsvc"}  # make_pipeline's 
 PROBABILITY_NOTES = {
     "logreg": "softmax of the logistic-regression scores (the model's own probabilities)",
     "svm": "softmax of the SVM decision values, with one temperature fitted on out-of-fold train decisions",
+    "finetune": "softmax of the fine-tuned network's own logits",
 }
 
 

@@ -1,0 +1,216 @@
+"""Strategies 2 and 3: partial and full fine-tuning, on plain PyTorch.
+
+``Finetuner(config).fit(model, train_loader, val_loader, ...)`` trains in place and returns self
+with ``history_`` and ``best_`` set. The loop is plain PyTorch (no engine: each part of it is one
+call of torch's own API). Each epoch ends with an atomic checkpoint of everything needed to go
+on exactly: model, optimizer, scheduler, scaler, epoch, best metric, history. Re-running resumes;
+a finished run is not trained again.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from timm.models import group_parameters
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tlpipe.config import FinetuneConfig
+from tlpipe.utils import atomic_write
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def stage_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names per stage, earliest first, the classifier last (timm's ``group_matcher``)."""
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def freeze_stages(model: nn.Module, unfreeze_stages: int | None) -> dict[str, int]:
+    """Freeze all but the last ``unfreeze_stages`` stages and the classifier (None: train all).
+    Returns trainable and frozen parameter counts."""
+    groups = stage_groups(model)
+    n_frozen_groups = 0 if unfreeze_stages is None else max(0, len(groups) - 1 - unfreeze_stages)
+    frozen = {name for group in groups[:n_frozen_groups] for name in group}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+    counts = {"trainable": 0, "frozen": 0}
+    for param in model.parameters():
+        counts["trainable" if param.requires_grad else "frozen"] += param.numel()
+    return counts
+
+
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, except BatchNorm layers whose parameters are frozen stay in eval mode,
+    so their running statistics are not changed by the new data."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def param_groups(model: nn.Module, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: head at ``lr``, backbone at ``lr * backbone_mult``; no decay on biases and norms."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault((id(param) in head, param.ndim <= 1), []).append(param)
+    return [
+        {"params": params, "lr": lr if is_head else lr * backbone_mult, "weight_decay": 0.0 if no_decay else weight_decay,
+         "name": ("head" if is_head else "backbone") + ("_no_decay" if no_decay else "")}
+        for (is_head, no_decay), params in sorted(groups.items())
+    ]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class Precision:
+    """AMP settings for the device: bf16 where supported, else fp16 with a gradient scaler; fp32 on CPU."""
+
+    device: torch.device
+    dtype: torch.dtype | None = field(init=False)
+
+    def __post_init__(self):
+        if self.device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.dtype = None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, precision: Precision) -> dict:
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+        loss += criterion(logits.float(), labels).item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        n += len(labels)
+    return {"val_loss": loss / n, "val_accuracy": correct / n}
+
+
+class Finetuner:
+    """Fine-tunes a timm model whose classifier already matches the classes (LP-FT: initialise it
+    from a linear probe first). ``unfreeze_stages=None`` trains everything (full)."""
+
+    def __init__(self, config: FinetuneConfig, device: torch.device, unfreeze_stages: int | None = None,
+                 class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
+                 on_epoch: Callable[[int, dict], None] | None = None):
+        self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
+        self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
+
+    def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
+        cfg, device = self.config, self.device
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.parameter_counts_ = freeze_stages(model, self.unfreeze_stages)
+        model.to(device, memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
+        steps = cfg.epochs * len(train_loader)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(steps, round(cfg.warmup_epochs * len(train_loader))))
+        precision = Precision(device)
+        weights = self.class_weights.to(device) if self.class_weights is not None else None
+        criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        state = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "stale": 0, "history": [], "done": False}
+        best_path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
+        resumed = self._resume(model, optimizer, scheduler, precision, state)
+
+        while not state["done"]:
+            epoch = state["epoch"] + 1
+            train_loader.sampler.set_epoch(epoch) if hasattr(train_loader.sampler, "set_epoch") else None
+            start = time.perf_counter()
+            train_loss = self._train_epoch(model, train_loader, optimizer, scheduler, criterion, precision)
+            metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision)}
+            seconds = time.perf_counter() - start
+            metrics.update({
+                "epoch_seconds": seconds, "images_per_second": len(train_loader.dataset) / seconds,
+                **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+            })
+            state["epoch"] = epoch
+            state["history"].append(metrics)
+            if metrics["val_accuracy"] > state["best_accuracy"]:
+                state.update(best_accuracy=metrics["val_accuracy"], best_epoch=epoch, stale=0)
+                self.best_state_ = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if best_path:
+                    _save(best_path, {"model": self.best_state_, "epoch": epoch})
+            else:
+                state["stale"] += 1
+            state["done"] = epoch >= cfg.epochs or state["stale"] >= cfg.patience
+            self._checkpoint(model, optimizer, scheduler, precision, state)
+            if self.on_epoch:
+                self.on_epoch(epoch, metrics)
+
+        if best_path and best_path.exists() and not hasattr(self, "best_state_"):
+            self.best_state_ = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(self.best_state_)
+        model.eval()
+        self.history_, self.best_epoch_, self.best_accuracy_ = state["history"], state["best_epoch"], state["best_accuracy"]
+        self.resumed_from_ = resumed
+        return self
+
+    def _train_epoch(self, model, loader, optimizer, scheduler, criterion, precision) -> float:
+        train_mode(model)
+        total, n = 0.0, 0
+        for images, labels in loader:
+            images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            with precision.autocast():
+                loss = criterion(model(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            scheduler.step()
+            total += loss.item() * len(labels)
+            n += len(labels)
+        return total / max(n, 1)
+
+    def _checkpoint(self, model, optimizer, scheduler, precision, state) -> None:
+        if self.checkpoint_dir is None:
+            return
+        _save(self.checkpoint_dir / CHECKPOINT, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": precision.scaler.state_dict(), "state": state, "torch_rng": torch.get_rng_state(),
+        })
+
+    def _resume(self, model, optimizer, scheduler, precision, state) -> int:
+        path = self.checkpoint_dir / CHECKPOINT if self.checkpoint_dir else None
+        if path is None or not path.exists():
+            return 0
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        precision.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.update(saved["state"])
+        return state["epoch"]
+
+
+def _save(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")

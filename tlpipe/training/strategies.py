@@ -1,0 +1,98 @@
+"""Each transfer strategy as one function from (backbone, checked data, config) to a trained head.
+
+All of them end the same way: a ``LinearHead`` on the backbone's penultimate codes (for the
+fine-tuned ones, the network's own new classifier), so prediction and the bundle are one path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tlpipe.config import FitConfig
+from tlpipe.data import DatasetSpec, eval_loader
+from tlpipe.data.loader import decode_size
+from tlpipe.device import resolve_device
+from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes
+from tlpipe.training.finetune import Finetuner
+from tlpipe.training.linear import LinearHead, LinearProbe
+
+
+@dataclass
+class TrainedHead:
+    head: LinearHead
+    details: dict = field(default_factory=dict)  # what the report and the run log show
+    history: list[dict] = field(default_factory=list)  # per-epoch metrics (fine-tuning)
+    backbone_trained: bool = False
+
+
+def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None) -> tuple[np.ndarray, np.ndarray]:
+    """CNN codes of one split through the same decode + eval transform that prediction uses."""
+    extractor = CodeExtractor(backbone.model, config.layer if layer is None else layer, config.layer_relu)
+    loader = eval_loader(spec.splits[split], backbone.data_config, config.batch_size, config.num_workers)
+    return extract_codes(extractor, loader, resolve_device(config.device), f"Codes ({split})")
+
+
+def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe:
+    lin = config.linear
+    return LinearProbe(tuple(classifiers or lin.classifiers), tuple(lin.c_grid), lin.cv_folds, config.seed).fit(X, y, X_val, y_val)
+
+
+def fit_linear(backbone: Backbone, spec: DatasetSpec, config: FitConfig, codes: dict) -> TrainedHead:
+    """Strategy 1: a linear classifier on frozen codes. ``codes`` holds train/val codes (reused)."""
+    probe = linear_probe(config, *codes["train"], *codes["val"])
+    return TrainedHead(probe.head_, {"chosen": probe.chosen_, "candidates": probe.summary()})
+
+
+def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
+    """Inverse-frequency weights when asked, or (auto) when the largest class has over 3x the smallest."""
+    counts = np.array(list(spec.class_counts("train").values()), dtype=np.float64)
+    if mode == "off" or (mode == "auto" and counts.max() <= 3 * counts.min()):
+        return None
+    return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+
+
+def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, codes: dict,
+                 on_epoch: Callable[[int, dict], None] | None = None) -> TrainedHead:
+    """Strategies 2 (partial: ``config.finetune.unfreeze_stages``) and 3 (full), both LP-FT: the new
+    classifier starts as the softmax probe fitted on the frozen codes, then the network trains."""
+    from tlpipe.data.augment import CachedImages, EpochSampler, eval_array_transform, train_transform
+    from tlpipe.data.cache import build_decoded_cache
+
+    model, device, ft = backbone.model, resolve_device(config.device), config.finetune
+    probe = linear_probe(config, *codes["train"], *codes["val"], classifiers=("logreg",))
+    model.reset_classifier(len(spec.classes))
+    with torch.no_grad():
+        model.get_classifier().weight.copy_(torch.from_numpy(probe.head_.weight))
+        model.get_classifier().bias.copy_(torch.from_numpy(probe.head_.bias))
+
+    size = decode_size(backbone.data_config)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
+    arrays = {split: build_decoded_cache(spec.splits[split], size, cache_dir, config.num_workers) for split in ("train", "val")}
+    labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
+    workers = config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
+    common = dict(batch_size=config.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=device.type == "cuda")
+    n_train = len(labels["train"])
+    train_loader = DataLoader(
+        CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
+        sampler=EpochSampler(n_train, config.seed), drop_last=n_train % config.batch_size == 1, **common)
+    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)), **common)
+
+    weights = class_weights(spec, ft.class_weights)
+    unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
+    torch.manual_seed(config.seed)
+    tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch).fit(model, train_loader, val_loader)
+    classifier = model.get_classifier()
+    head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
+    details = {
+        "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
+        "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "resumed_from_epoch": tuner.resumed_from_,
+        "unfreeze_stages": unfreeze, "class_weights": None if weights is None else weights.tolist(),
+        **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
+    }
+    return TrainedHead(head, details, tuner.history_, backbone_trained=True)
