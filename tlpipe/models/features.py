@@ -65,14 +65,14 @@ class CodeExtractor(nn.Module):
         return F.adaptive_avg_pool2d(tapped, 1).flatten(1)
 
 
-@torch.inference_mode()
 def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device, description: str = "Extracting") -> tuple[np.ndarray, np.ndarray]:
     """Run ``extractor`` over ``loader`` in order; return float32 codes and int64 labels."""
     # channels_last is faster on CUDA and, with oneDNN, on CPU too (about 1.8x for EfficientNet-Lite0).
+    # Moved outside inference mode: parameters converted inside it could never train again.
     extractor.eval().to(device, memory_format=torch.channels_last)
     use_cuda = device.type == "cuda"
     codes, labels = [], []
-    with progress_bar(description, len(loader.dataset)) as advance:
+    with torch.inference_mode(), progress_bar(description, len(loader.dataset)) as advance:
         for images, targets in loader:
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda and torch.cuda.is_bf16_supported()):

@@ -70,9 +70,10 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         model.get_classifier().weight.copy_(torch.from_numpy(probe.head_.weight))
         model.get_classifier().bias.copy_(torch.from_numpy(probe.head_.bias))
 
-    size = decode_size(backbone.data_config)
+    size, crop = decode_size(backbone.data_config), max(backbone.data_config["input_size"][1:])
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    arrays = {split: build_decoded_cache(spec.splits[split], size, cache_dir, config.num_workers) for split in ("train", "val")}
+    arrays = {split: build_decoded_cache(spec.splits[split], size, cache_dir, config.num_workers, crop=crop)
+              for split in ("train", "val")}
     labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
     workers = config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
     common = dict(batch_size=config.batch_size, num_workers=workers, persistent_workers=workers > 0,

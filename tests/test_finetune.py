@@ -1,0 +1,93 @@
+"""The fine-tuning engine on the real backbone, tiny inputs: freezing, checkpoints, resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tlpipe.config import FinetuneConfig
+from tlpipe.models import create_backbone
+from tlpipe.training.finetune import CHECKPOINT, Finetuner, freeze_stages, stage_groups
+
+
+def loaders(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(24, 3, 64, 64, generator=g)
+    labels = torch.arange(24) % 3
+    images += labels.view(-1, 1, 1, 1) * 0.5  # learnable
+    data = TensorDataset(images, labels)
+    return DataLoader(data, batch_size=8, shuffle=False), DataLoader(data, batch_size=12)
+
+
+@pytest.fixture
+def model():
+    m = create_backbone().model
+    m.reset_classifier(3)
+    return m
+
+
+def test_partial_fine_tune_leaves_frozen_tensors_and_batchnorm_stats_bitwise_unchanged(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = loaders()
+    Finetuner(FinetuneConfig(epochs=1, lr=1e-2), torch.device("cpu"), unfreeze_stages=2).fit(model, train, val)
+    groups = stage_groups(model)
+    frozen_prefixes = {name.rsplit(".", 1)[0] for group in groups[: len(groups) - 1 - 2] for name in group}
+    after = model.state_dict()
+    frozen = [k for k in after if k.rsplit(".", 1)[0] in frozen_prefixes]
+    trainable = [k for k in after if k not in frozen]
+    assert any("running_mean" in k for k in frozen) and any("running_var" in k for k in frozen)
+    for key in frozen:  # weights, biases, running means/vars and batch counters alike
+        assert torch.equal(before[key], after[key]), key
+    changed = [k for k in trainable if not torch.equal(before[k], after[k])]
+    assert "classifier.weight" in changed and any(k.startswith("blocks.6") for k in changed)
+    assert any(k.startswith("blocks.6") and "running_mean" in k for k in changed)
+
+
+def test_parameter_counts_add_up(model):
+    total = sum(p.numel() for p in model.parameters())
+    counts = freeze_stages(model, 0)
+    assert counts["trainable"] + counts["frozen"] == total and 0 < counts["trainable"] < total
+    assert freeze_stages(model, None) == {"trainable": total, "frozen": 0}
+
+
+def test_finished_run_is_not_trained_again_and_checkpoints_load_without_pickle(model, tmp_path):
+    train, val = loaders()
+    config = FinetuneConfig(epochs=2, lr=1e-3, patience=5)
+    first = Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path).fit(model, train, val)
+    assert len(first.history_) == 2 and first.resumed_from_ == 0
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert saved["state"]["done"] and saved["state"]["epoch"] == 2
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    again = Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path).fit(model, train, val)
+    assert again.resumed_from_ == 2 and again.history_ == first.history_
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(tmp_path):
+    """Interrupt after epoch 1 (as a kill would, between checkpoints), resume, compare to a straight run."""
+    def fresh():
+        m = create_backbone().model
+        m.reset_classifier(3)
+        return m
+
+    config = FinetuneConfig(epochs=3, lr=1e-3, patience=5, deterministic=True)
+    train, val = loaders()
+    torch.manual_seed(0)
+    straight = fresh()
+    Finetuner(config, torch.device("cpu")).fit(straight, train, val)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:
+            raise Interrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(Interrupt):
+        Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path, on_epoch=stop_after_first).fit(fresh(), train, val)
+    resumed = fresh()
+    tuner = Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path).fit(resumed, train, val)
+    assert tuner.resumed_from_ == 1
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
