@@ -12,8 +12,11 @@ Three timings over the same images (the train split as ``tlpipe fit`` checks and
 3. decode+transform: the loader alone, no model, to show where the gap comes from. Its batches
    are the ones the reference runs on.
 
-With ``--repeats N`` each figure is the best of N runs. The whole split is held in memory as
-tensors (about 0.6 MB per image at 224 px): cap it with ``--max-images`` on large datasets.
+They run in the order 3, 2, 1, so the files are in the page cache for all three and the model is
+warm for both 2 and 1. With ``--repeats N`` each figure is the best of N runs. The whole split is
+held in memory as tensors (about 0.6 MB per image at 224 px): cap it with ``--max-images`` on
+large datasets. On a shared machine, another torch job running at the same time can halve any
+figure: compare figures from one quiet run, and trust the ratio more than the raw rates.
 
 Run from the repo root:  python bench/extract_throughput.py [--workers 0] [--max-images 64]
 """
@@ -37,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO_ROOT / "../shared/data/hymenoptera")
+    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared/data/hymenoptera")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: tlpipe's)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the backbone's")
@@ -47,18 +50,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def best_rate(n_images: int, run, repeats: int) -> float:
-    """Images/s of the fastest of ``repeats`` calls of ``run()``."""
+def timed(n_images: int, run, repeats: int):
+    """(images/s of the fastest of ``repeats`` calls of ``run()``, what the last call returned)."""
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        result = run()
         seconds.append(time.perf_counter() - start)
-    return n_images / min(seconds)
-
-
-def decode_batches(loader) -> list[torch.Tensor]:
-    return [images for images, _ in loader]
+    return n_images / min(seconds), result
 
 
 def forward_batches(extractor: CodeExtractor, batches: list[torch.Tensor], device: torch.device) -> None:
@@ -83,21 +82,17 @@ def main() -> None:
     def loader():
         return eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
 
-    batches: list[torch.Tensor] = []
-
-    def decode_only():
-        batches[:] = decode_batches(loader())
-
     n = len(samples)
-    decode_rate = best_rate(n, decode_only, args.repeats)
-    on_device = [b.to(device, memory_format=torch.channels_last) for b in batches]
-    forward_batches(extractor, on_device[:1], device)  # warm-up: oneDNN / cuDNN pick their kernels
-    model_rate = best_rate(n, lambda: forward_batches(extractor, on_device, device), args.repeats)
-    tlpipe_rate = best_rate(n, lambda: extract_codes(extractor, loader(), device), args.repeats)
+    decode_rate, batches = timed(n, lambda: [images for images, _ in loader()], args.repeats)
+    batches = [b.to(device, memory_format=torch.channels_last) for b in batches]
+    forward_batches(extractor, batches[:1], device)  # warm-up: oneDNN / cuDNN pick their kernels
+    model_rate, _ = timed(n, lambda: forward_batches(extractor, batches, device), args.repeats)
+    tlpipe_rate, _ = timed(n, lambda: extract_codes(extractor, loader(), device), args.repeats)
 
     size = backbone.data_config["input_size"]
     print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
           f"cpu count {os.cpu_count()}")
+    print(f"data {args.data.resolve()} (train split)")
     print(f"backbone {backbone.name}, images {n}, batch {config.batch_size}, resolution {size[1]}x{size[2]}, "
           f"workers {loader().num_workers}, repeats {args.repeats}")
     print(f"{'measurement':<28}{'images/s':>10}")
