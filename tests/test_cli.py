@@ -227,3 +227,21 @@ def test_ui_serves_the_run_history_on_localhost_only(fitted, mlflow_store):
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+def test_fine_tuned_bundle_embeds_its_backbone_and_predict_reproduces_val_accuracy(fitted, tmp_path):
+    root, _, _ = fitted
+    out = tmp_path / "ft"
+    result = tlpipe("fit", root, "--strategy", "partial", "--unfreeze-stages", "1", "--epochs", "1",
+                    "--image-size", "64", "--batch-size", "8", "--output", out, *QUICK)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "partial" and summary["head"]["params_frozen"] > 0
+    assert (out / "model" / "backbone.safetensors").exists() and (out / "learning_curves.png").exists()
+    from tlpipe.data import prepare_dataset
+
+    val = prepare_dataset(root, 0.2, 0).splits["val"]
+    result = tlpipe("predict", out / "model", *[s.path for s in val], "--format", "csv", "--workers", "0")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    accuracy = np.mean([row["label"] == Path(row["path"]).parent.name for row in rows])
+    assert accuracy == summary["val_accuracy"]

@@ -91,3 +91,11 @@ def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(tmp_path
     assert tuner.resumed_from_ == 1
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(model, tmp_path):
+    train, val = loaders()
+    config = FinetuneConfig(epochs=1, lr=1e-3)
+    Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path, fingerprint="run A").fit(model, train, val)
+    other = Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path, fingerprint="run B").fit(model, train, val)
+    assert other.resumed_from_ == 0 and len(other.history_) == 1

@@ -119,9 +119,10 @@ class Finetuner:
 
     def __init__(self, config: FinetuneConfig, device: torch.device, unfreeze_stages: int | None = None,
                  class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
-                 on_epoch: Callable[[int, dict], None] | None = None):
+                 on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = ""):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
+        self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
         cfg, device = self.config, self.device
@@ -196,6 +197,7 @@ class Finetuner:
         _save(self.checkpoint_dir / CHECKPOINT, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": precision.scaler.state_dict(), "state": state, "torch_rng": torch.get_rng_state(),
+            "fingerprint": self.fingerprint,
         })
 
     def _resume(self, model, optimizer, scheduler, precision, state) -> int:
@@ -203,6 +205,8 @@ class Finetuner:
         if path is None or not path.exists():
             return 0
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") != self.fingerprint:
+            return 0  # another config or other data: train afresh (the new checkpoint replaces it)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

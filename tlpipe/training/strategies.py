@@ -5,6 +5,8 @@ fine-tuned ones, the network's own new classifier), so prediction and the bundle
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -87,7 +89,10 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     weights = class_weights(spec, ft.class_weights)
     unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
     torch.manual_seed(config.seed)
-    tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch).fit(model, train_loader, val_loader)
+    fingerprint = json.dumps([config.model_dump(mode="json"), backbone.weights.sha256,
+                              [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
+    tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch,
+                      hashlib.sha256(fingerprint.encode()).hexdigest()).fit(model, train_loader, val_loader)
     classifier = model.get_classifier()
     head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
     details = {
