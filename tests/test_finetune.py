@@ -29,7 +29,8 @@ def model():
 def test_partial_fine_tune_leaves_frozen_tensors_and_batchnorm_stats_bitwise_unchanged(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, val = loaders()
-    Finetuner(FinetuneConfig(epochs=1, lr=1e-2), torch.device("cpu"), unfreeze_stages=2).fit(model, train, val)
+    config = FinetuneConfig(epochs=1, lr=1e-2, freeze_bn_stats=False)  # trainable stages update their BN stats
+    Finetuner(config, torch.device("cpu"), unfreeze_stages=2).fit(model, train, val)
     groups = stage_groups(model)
     frozen_prefixes = {name.rsplit(".", 1)[0] for group in groups[: len(groups) - 1 - 2] for name in group}
     after = model.state_dict()
@@ -41,6 +42,14 @@ def test_partial_fine_tune_leaves_frozen_tensors_and_batchnorm_stats_bitwise_unc
     changed = [k for k in trainable if not torch.equal(before[k], after[k])]
     assert "classifier.weight" in changed and any(k.startswith("blocks.6") for k in changed)
     assert any(k.startswith("blocks.6") and "running_mean" in k for k in changed)
+
+
+def test_frozen_batchnorm_statistics_stay_put_everywhere_when_asked(model):
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    train, val = loaders()
+    Finetuner(FinetuneConfig(epochs=1, lr=1e-2, freeze_bn_stats=True), torch.device("cpu")).fit(model, train, val)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    assert not torch.equal(model.state_dict()["blocks.6.0.conv_pw.weight"], create_backbone().model.state_dict()["blocks.6.0.conv_pw.weight"])
 
 
 def test_parameter_counts_add_up(model):

@@ -48,14 +48,17 @@ class FinetuneConfig(_Section):
     """Strategies 2 and 3: partial and full fine-tuning (LP-FT: the head starts from a linear probe)."""
 
     epochs: int = Field(default=8, ge=1)
-    lr: float = Field(default=1e-3, gt=0)  # head learning rate (AdamW)
-    backbone_lr_mult: float = Field(default=0.1, gt=0, le=1)  # backbone LR = lr x this
+    lr: float = Field(default=1e-4, gt=0)  # head learning rate (AdamW); the head starts from the probe
+    backbone_lr_mult: float = Field(default=0.3, gt=0, le=1)  # backbone LR = lr x this
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_epochs: float = Field(default=1.0, ge=0)
-    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     patience: int = Field(default=3, ge=1)  # epochs without a better val accuracy before stopping
     unfreeze_stages: int = Field(default=2, ge=0)  # partial: how many of the last stages train
     class_weights: Literal["auto", "on", "off"] = "auto"  # auto: on when largest/smallest class > 3
+    # Keep every BatchNorm's running statistics: on hymenoptera, updating them from small augmented
+    # batches took the LP-FT start from train loss 0.11 to 0.53 and val accuracy down 3-7 points.
+    freeze_bn_stats: bool = True
     deterministic: bool = False  # torch deterministic algorithms (exact resume; slower on GPU)
 
 

@@ -45,14 +45,15 @@ def freeze_stages(model: nn.Module, unfreeze_stages: int | None) -> dict[str, in
     return counts
 
 
-def train_mode(model: nn.Module) -> None:
-    """``model.train()``, except BatchNorm layers whose parameters are frozen stay in eval mode,
-    so their running statistics are not changed by the new data."""
+def train_mode(model: nn.Module, freeze_bn_stats: bool = False) -> None:
+    """``model.train()``, except BatchNorm layers whose parameters are frozen stay in eval mode, so
+    their running statistics are not changed by the new data; with ``freeze_bn_stats``, every
+    BatchNorm layer does (small batches of a small dataset give noisy statistics)."""
     model.train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if freeze_bn_stats or (params and not any(p.requires_grad for p in params)):
                 module.eval()
 
 
@@ -175,7 +176,7 @@ class Finetuner:
         return self
 
     def _train_epoch(self, model, loader, optimizer, scheduler, criterion, precision) -> float:
-        train_mode(model)
+        train_mode(model, self.config.freeze_bn_stats)
         total, n = 0.0, 0
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
