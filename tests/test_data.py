@@ -269,17 +269,19 @@ def _no_class_folders(tmp_path):
     return root, ["no class folders", str(root)]
 
 
-def _one_class(tmp_path):
+def _three_cats(tmp_path):
     root = tmp_path / "data"
     for k in range(3):
         make_image(root / "cats" / f"{k}.jpg")
-    return root, ["cats", "at least 2 classes"]
+    return root
+
+
+def _one_class(tmp_path):
+    return _three_cats(tmp_path), ["cats", "at least 2 classes"]
 
 
 def _all_bad_class(tmp_path):
-    root = tmp_path / "data"
-    for k in range(3):
-        make_image(root / "cats" / f"{k}.jpg")
+    root = _three_cats(tmp_path)
     (root / "dogs").mkdir()
     (root / "dogs" / "empty.jpg").write_bytes(b"")
     (root / "dogs" / "fake.png").write_text("text")
@@ -295,9 +297,7 @@ def _all_bad_class_nested(tmp_path):
 
 
 def _class_without_images(tmp_path):
-    root = tmp_path / "data"
-    for k in range(3):
-        make_image(root / "cats" / f"{k}.jpg")
+    root = _three_cats(tmp_path)
     (root / "dogs").mkdir()
     (root / "dogs" / "notes.txt").write_text("later")
     return root, ["'dogs'", "no image files"]
