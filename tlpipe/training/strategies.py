@@ -78,8 +78,10 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
               for split in ("train", "val")}
     labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
     workers = config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
+    # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
+    # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
     common = dict(batch_size=config.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=device.type == "cuda")
+                  pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
     n_train = len(labels["train"])
     train_loader = DataLoader(
         CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
