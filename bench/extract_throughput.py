@@ -7,22 +7,24 @@ Three timings over the same images (the train split as ``tlpipe fit`` checks and
    decoded and transformed in DataLoader workers, then the forward pass (worker start included).
 2. model-only (the reference): the same ``CodeExtractor`` over the same batches already in memory,
    on the device and in channels_last as tlpipe moves them, under ``torch.inference_mode`` and the
-   same autocast, after a warm-up batch. No pipeline can beat this with the same model and
+   same autocast, after warm-up. No pipeline can beat this with the same model and
    resolution, so ``ratio tlpipe/model-only`` says how much the data path costs (1.0: nothing).
 3. decode+transform: the loader alone, no model, to show where the gap comes from. Its batches
    are the ones the reference runs on.
 
-They run in the order 3, 2, 1, so the files are in the page cache for all three and the model is
-warm for both 2 and 1. With ``--repeats N`` each figure is the best of N runs. The whole split is
-held in memory as tensors (about 0.6 MB per image at 224 px): cap it with ``--max-images`` on
-large datasets. On a shared machine, another torch job running at the same time can halve any
-figure: compare figures from one quiet run, and trust the ratio more than the raw rates.
+Each round runs 3, 2, 1 in that order, so the files are in the page cache for all three and the
+model is warm (one batch of each shape) for both 2 and 1. With ``--repeats N`` there are N rounds
+and each figure is the best of its N runs. The whole split is held in memory as tensors (about
+0.6 MB per image at 224 px): cap it with ``--max-images`` on large datasets. On a shared machine,
+another torch job running at the same time can halve any figure: use ``--repeats 3`` or more,
+compare figures from one quiet run, and trust the ratio more than the raw rates.
 
 Run from the repo root:  python bench/extract_throughput.py [--workers 0] [--max-images 64]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -45,19 +47,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: tlpipe's)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the backbone's")
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement; the best is kept")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the three measurements; the best of each is kept")
     parser.add_argument("--max-images", type=int, default=None, help="use only the first N train images")
     return parser.parse_args()
 
 
-def timed(n_images: int, run, repeats: int):
-    """(images/s of the fastest of ``repeats`` calls of ``run()``, what the last call returned)."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - start)
-    return n_images / min(seconds), result
+def timed(run):
+    """(seconds ``run()`` took, what it returned)."""
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
 
 
 def forward_batches(extractor: CodeExtractor, batches: list[torch.Tensor], device: torch.device) -> None:
@@ -82,12 +81,20 @@ def main() -> None:
     def loader():
         return eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
 
+    # Rounds of 3, 2, 1 in turn, so that a slow spell of the machine hits all three alike.
+    best = {"decode": math.inf, "model": math.inf, "tlpipe": math.inf}
+    for round_ in range(args.repeats):
+        seconds, batches = timed(lambda: [images for images, _ in loader()])
+        best["decode"] = min(best["decode"], seconds)
+        batches = [b.to(device, memory_format=torch.channels_last) for b in batches]
+        if round_ == 0:  # warm-up, once per batch shape: oneDNN / cuDNN pick kernels per shape
+            forward_batches(extractor, list({b.shape: b for b in batches}.values()), device)
+        seconds, _ = timed(lambda: forward_batches(extractor, batches, device))
+        best["model"] = min(best["model"], seconds)
+        seconds, _ = timed(lambda: extract_codes(extractor, loader(), device))
+        best["tlpipe"] = min(best["tlpipe"], seconds)
     n = len(samples)
-    decode_rate, batches = timed(n, lambda: [images for images, _ in loader()], args.repeats)
-    batches = [b.to(device, memory_format=torch.channels_last) for b in batches]
-    forward_batches(extractor, batches[:1], device)  # warm-up: oneDNN / cuDNN pick their kernels
-    model_rate, _ = timed(n, lambda: forward_batches(extractor, batches, device), args.repeats)
-    tlpipe_rate, _ = timed(n, lambda: extract_codes(extractor, loader(), device), args.repeats)
+    tlpipe_rate, model_rate, decode_rate = (n / best[k] for k in ("tlpipe", "model", "decode"))
 
     size = backbone.data_config["input_size"]
     print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "

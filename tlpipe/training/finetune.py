@@ -144,7 +144,8 @@ class Finetuner:
 
         while not state["done"]:
             epoch = state["epoch"] + 1
-            train_loader.sampler.set_epoch(epoch) if hasattr(train_loader.sampler, "set_epoch") else None
+            if hasattr(train_loader.sampler, "set_epoch"):  # augmentation and order depend on the epoch alone
+                train_loader.sampler.set_epoch(epoch)
             start = time.perf_counter()
             train_loss = self._train_epoch(model, train_loader, optimizer, scheduler, criterion, precision)
             metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision)}

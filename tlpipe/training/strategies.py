@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from tlpipe.config import FitConfig
-from tlpipe.data import DatasetSpec, eval_loader
+from tlpipe.data import (
+    CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, train_transform,
+)
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes
@@ -62,9 +64,6 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
                  on_epoch: Callable[[int, dict], None] | None = None) -> TrainedHead:
     """Strategies 2 (partial: ``config.finetune.unfreeze_stages``) and 3 (full), both LP-FT: the new
     classifier starts as the softmax probe fitted on the frozen codes, then the network trains."""
-    from tlpipe.data.augment import CachedImages, EpochSampler, eval_array_transform, train_transform
-    from tlpipe.data.cache import build_decoded_cache
-
     model, device, ft = backbone.model, resolve_device(config.device), config.finetune
     probe = linear_probe(config, *codes["train"], *codes["val"], classifiers=("logreg",))
     model.reset_classifier(len(spec.classes))
