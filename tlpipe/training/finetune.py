@@ -120,10 +120,13 @@ class Finetuner:
 
     def __init__(self, config: FinetuneConfig, device: torch.device, unfreeze_stages: int | None = None,
                  class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
-                 on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = ""):
+                 on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = "",
+                 micro_batch: int | None = None):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
         self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
+        self.micro_batch = micro_batch  # None: whole batches; set smaller (or halved on CUDA OOM) to accumulate
+        self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
         cfg, device = self.config, self.device
@@ -182,16 +185,34 @@ class Finetuner:
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            with precision.autocast():
-                loss = criterion(model(images).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()
+            loss = self._accumulate(model, images, labels, criterion, precision, optimizer)
             precision.scaler.step(optimizer)
             precision.scaler.update()
             scheduler.step()
-            total += loss.item() * len(labels)
+            total += loss * len(labels)
             n += len(labels)
         return total / max(n, 1)
+
+    def _accumulate(self, model, images, labels, criterion, precision, optimizer) -> float:
+        """Gradients of one batch, in micro-batches of ``micro_batch``. A CUDA out-of-memory halves
+        the micro-batch and redoes the batch: the effective batch (and so the run) is unchanged."""
+        while True:
+            micro = self.micro_batch or len(labels)
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                loss = 0.0
+                for part_images, part_labels in zip(images.split(micro), labels.split(micro)):
+                    with precision.autocast():
+                        part = criterion(model(part_images).float(), part_labels) * (len(part_labels) / len(labels))
+                    precision.scaler.scale(part).backward()
+                    loss += part.item()
+                return loss
+            except torch.cuda.OutOfMemoryError:
+                if micro == 1:
+                    raise
+                self.micro_batch = micro // 2
+                self.oom_events_.append({"batch": len(labels), "micro_batch": self.micro_batch})
+                torch.cuda.empty_cache()
 
     def _checkpoint(self, model, optimizer, scheduler, precision, state) -> None:
         if self.checkpoint_dir is None:

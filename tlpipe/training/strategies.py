@@ -22,7 +22,8 @@ from tlpipe.data import (
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes
-from tlpipe.training.finetune import Finetuner
+from tlpipe.training.finetune import Finetuner, freeze_stages
+from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
 
 
@@ -77,18 +78,21 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
               for split in ("train", "val")}
     labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
     workers = config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
+    unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
+    freeze_stages(model, unfreeze)
+    memory = estimate_memory(model.to(device, memory_format=torch.channels_last), backbone.data_config["input_size"], device)
+    batch_size = memory.largest_batch(available_memory(device), cap=config.batch_size)
     # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
     # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
-    common = dict(batch_size=config.batch_size, num_workers=workers, persistent_workers=workers > 0,
+    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
     n_train = len(labels["train"])
     train_loader = DataLoader(
         CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
-        sampler=EpochSampler(n_train, config.seed), drop_last=n_train % config.batch_size == 1, **common)
+        sampler=EpochSampler(n_train, config.seed), drop_last=n_train % batch_size == 1, **common)
     val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)), **common)
 
     weights = class_weights(spec, ft.class_weights)
-    unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
     torch.manual_seed(config.seed)
     fingerprint = json.dumps([config.model_dump(mode="json"), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
@@ -100,6 +104,8 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
         "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "resumed_from_epoch": tuner.resumed_from_,
         "unfreeze_stages": unfreeze, "class_weights": None if weights is None else weights.tolist(),
+        "batch_size": batch_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
+        "oom_events": tuner.oom_events_,
         **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
     }
     return TrainedHead(head, details, tuner.history_, backbone_trained=True)
