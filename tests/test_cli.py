@@ -54,7 +54,7 @@ def test_fit_writes_summary_bundle_and_reports(fitted):
     assert summary["strategy"] == "linear" and summary["strategy_reason"]
     assert summary["splits"] == {"train": 24, "val": 6}
     assert summary["val_from"] == "split"
-    assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_accuracy"] == summary["metrics"]["val_accuracy"]
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_accuracy"] == summary["metrics"]["accuracy"]
     assert set(summary["timings"]) >= {"check_data", "load_backbone", "extract_codes", "train"}
     assert Path(summary["bundle"]) == (out / "model").resolve()
     assert {"bundle.json", "head.safetensors"} <= {p.name for p in (out / "model").iterdir()}
@@ -245,3 +245,20 @@ def test_fine_tuned_bundle_embeds_its_backbone_and_predict_reproduces_val_accura
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     accuracy = np.mean([row["label"] == Path(row["path"]).parent.name for row in rows])
     assert accuracy == summary["val_accuracy"]
+
+
+def test_evaluate_scores_a_bundle_on_labelled_images_like_the_fit_did(fitted, tmp_path):
+    root, out, _ = fitted
+    summary = json.loads((out / "summary.json").read_text())
+    from tlpipe.data import prepare_dataset
+
+    val = prepare_dataset(root, 0.2, 0).splits["val"]
+    held_out = tmp_path / "val"
+    for sample in val:  # the fit's held-out images, as a labelled folder
+        (held_out / sample.path.parent.name).mkdir(parents=True, exist_ok=True)
+        (held_out / sample.path.parent.name / sample.path.name).write_bytes(sample.path.read_bytes())
+    result = tlpipe("evaluate", out / "model", held_out, "--json", tmp_path / "m.json", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_images"] == len(val) and metrics["accuracy"] == summary["val_accuracy"]
+    assert tlpipe("evaluate", out / "model", held_out, "--split", "test").exit_code == 2

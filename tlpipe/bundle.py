@@ -25,7 +25,7 @@ from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_code
 from tlpipe.training import PROBABILITY_NOTES, LinearHead
 from tlpipe.utils import atomic_write, read_json, write_json
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 MANIFEST, HEAD_FILE, BACKBONE_FILE = "bundle.json", "head.safetensors", "backbone.safetensors"
 
 
@@ -91,6 +91,29 @@ class Bundle:
         ]
 
 
+def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None, batch_size: int = 64,
+                    workers: int | None = None) -> dict:
+    """Metrics of ``bundle`` on one split of a dataset folder: by default test/, else val/, else
+    the whole of a flat class-per-folder. Classes are matched by name, so the folder may hold a
+    subset of the bundle's classes; an unknown class is an error."""
+    from tlpipe.data import prepare_dataset
+    from tlpipe.metrics import classification_metrics
+
+    spec = prepare_dataset(data, hold_out=False)
+    split = split or next(s for s in ("test", "val", "train") if s in spec.splits)
+    if split not in spec.splits:
+        raise TlpipeError(f"{spec.root} has no {split}/ split (found: {', '.join(spec.splits)}): use --split")
+    unknown = sorted(set(spec.classes) - set(bundle.classes))
+    if unknown:
+        raise TlpipeError(f"{spec.root} has class folder(s) {', '.join(unknown)} that the bundle does not know")
+    samples = spec.splits[split]
+    to_bundle = [bundle.classes.index(name) for name in spec.classes]
+    y_true = np.array([to_bundle[s.label] for s in samples])
+    y_pred = bundle.head.predict(bundle.codes([s.path for s in samples], batch_size, workers))
+    metrics = classification_metrics(y_true, y_pred, bundle.classes)
+    return {"split": split, "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
+
+
 def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     """Load a bundle folder written by ``tlpipe fit`` (``<output>/model``)."""
     path = Path(path).expanduser()
@@ -100,7 +123,7 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
         raise TlpipeError(f"{path} is not a tlpipe model bundle (no {MANIFEST}): give the model/ folder a fit wrote")
     manifest = read_json(path / MANIFEST)
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise TlpipeError(f"{path} has bundle format {manifest.get('format')}; this tlpipe reads format {BUNDLE_FORMAT}")
+        raise TlpipeError(f"{path} has bundle format {manifest.get('format')}; this tlpipe reads format {BUNDLE_FORMAT}: refit with this version")
     spec = manifest["backbone"]
     weights = path / BACKBONE_FILE if spec["embedded"] else (
         spec["weights"]["location"] if spec["weights"]["kind"] == "file" else "auto"

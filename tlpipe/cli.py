@@ -152,6 +152,28 @@ def predict(
 
 
 @app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
+    split: Annotated[Optional[str], typer.Option(help="Split to score (default: test/, else val/, else the whole flat folder).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Score a saved bundle on labelled images: accuracy, per-class precision/recall/F1, confusion matrix."""
+    with user_errors():
+        from tlpipe.bundle import evaluate_bundle, load_bundle
+        from tlpipe.report import print_evaluation
+        from tlpipe.utils import write_json
+
+        metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers)
+        if json_out:
+            write_json(json_out, metrics)
+        print_evaluation(metrics)
+
+
+@app.command()
 def models() -> None:
     """List the backbones usable offline right now, and where their weights come from."""
     with user_errors():

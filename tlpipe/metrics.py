@@ -15,7 +15,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
-        "val_accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(np.mean(f1)),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}

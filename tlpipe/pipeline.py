@@ -101,7 +101,7 @@ def fit(
         metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
         bundle_path = save_bundle(
             out / "model", backbone, trained.head, spec.classes, layer=str(layer), layer_relu=config.layer_relu,
-            config=config.model_dump(mode="json"), metrics={"val_accuracy": metrics["val_accuracy"]},
+            config=config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
             trained=trained.backbone_trained,
         )
         write_json(out / "classification_report.json", metrics)
@@ -126,11 +126,11 @@ def fit(
             "quarantined": len(spec.quarantined),
             "skipped": dict(spec.skipped),
             "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
-            "val_accuracy": metrics["val_accuracy"],
+            "val_accuracy": metrics["accuracy"],
             "timings": timings.seconds,
             "bundle": str(bundle_path.resolve()),
         }
-        run.log_metrics({"val_accuracy": metrics["val_accuracy"], "val_macro_f1": metrics["macro_f1"],
+        run.log_metrics({"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
                          **{f"val_f1_{c}": m["f1"] for c, m in metrics["per_class"].items()},
                          **{f"seconds_{k}": v for k, v in timings.seconds.items()}},
                         step=len(trained.history))

@@ -29,16 +29,26 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     else:
         print_finetune(summary["head"])
 
-    per_class = Table(title=f"Validation: accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
-    for column in ("class", "precision", "recall", "F1", "support"):
-        per_class.add_column(column, justify="right" if column != "class" else "left")
-    for name, m in metrics["per_class"].items():
-        per_class.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-    console.print(per_class)
+    print_class_metrics(metrics, "Validation")
     print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
     console.print(f"[bold green]Bundle[/] {summary['bundle']}   MLflow run {summary['run_id']} ({summary['tracking_uri']})")
+
+
+def print_class_metrics(metrics: dict, title: str) -> None:
+    table = Table(title=f"{title}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right" if column != "class" else "left")
+    for name, m in metrics["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(table)
+
+
+def print_evaluation(metrics: dict) -> None:
+    """``tlpipe evaluate``: the same tables as the fit report, for the split scored."""
+    print_class_metrics(metrics, f"{metrics['split']} ({metrics['n_images']} images)")
+    print_confusion_matrix(metrics["confusion_matrix"], list(metrics["per_class"]))
 
 
 def print_linear_heads(head: dict) -> None:
