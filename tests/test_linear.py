@@ -21,7 +21,7 @@ def test_exported_head_predicts_exactly_like_the_fitted_pipeline(n_classes):
     probe = LinearProbe(("logreg", "svm"), c_grid=(0.01, 0.1, 1.0), cv_folds=3).fit(X, y, X_val, y_val)
     assert set(probe.candidates_) == {"logreg", "svm"}
     assert probe.head_ is probe.candidates_[probe.chosen_]["head"]
-    for kind, candidate in probe.candidates_.items():
+    for candidate in probe.candidates_.values():
         head = candidate["head"]
         assert head.weight.shape == (n_classes, 40)
         proba = head.predict_proba(X_val)

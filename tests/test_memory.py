@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from tlpipe.config import FinetuneConfig
 from tlpipe.models import create_backbone

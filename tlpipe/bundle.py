@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 
 from tlpipe import __version__
 from tlpipe.data import Sample, check_image, eval_loader
-from tlpipe.data.images import is_image_name
+from tlpipe.data.scan import image_files
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
@@ -146,8 +146,7 @@ def expand_image_paths(inputs: Sequence[str | Path]) -> tuple[list[Path], list[t
     images, problems = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p)
-                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            found = image_files(item)
             if not found:
                 problems.append((item, "folder holds no image files"))
             images.extend(found)

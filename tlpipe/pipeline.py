@@ -14,8 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from tlpipe import __version__
 from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig, config_to_yaml, load_config

@@ -29,12 +29,15 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_images(class_dir: Path, root: Path, skipped: Counter) -> list[Path]:
+def image_files(folder: Path, skipped: Counter | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); hidden and non-image files are left
+    out and, when ``skipped`` is given, counted there by reason."""
+    skipped = Counter() if skipped is None else skipped
     images = []
-    for path in sorted(class_dir.rglob("*")):
+    for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
             skipped["hidden file"] += 1
         elif is_image_name(path):
             images.append(path)
@@ -83,5 +86,5 @@ def scan_folder(root: str | Path) -> ScannedFiles:
             )
         for loose in (p for p in split_root.iterdir() if p.is_file()):
             skipped["hidden file" if loose.name.startswith(".") else "file outside a class folder"] += 1
-        files[split] = {c: _class_images(split_root / c, root, skipped) for c in split_classes}
+        files[split] = {c: image_files(split_root / c, skipped) for c in split_classes}
     return ScannedFiles(root=root, classes=classes, files=files, skipped=skipped)

@@ -21,7 +21,7 @@ from tlpipe.data import (
 )
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
-from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes
+from tlpipe.models import Backbone, CodeExtractor, extract_codes
 from tlpipe.training.finetune import Finetuner, freeze_stages
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
