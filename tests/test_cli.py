@@ -232,11 +232,13 @@ def test_ui_serves_the_run_history_on_localhost_only(fitted, mlflow_store):
 def test_fine_tuned_bundle_embeds_its_backbone_and_predict_reproduces_val_accuracy(fitted, tmp_path):
     root, _, _ = fitted
     out = tmp_path / "ft"
-    result = tlpipe("fit", root, "--strategy", "partial", "--unfreeze-stages", "1", "--epochs", "1",
+    result = tlpipe("fit", root, "--strategy", "partial", "--unfreeze-stages", "1", "--epochs", "1", "--trials", "2",
                     "--image-size", "64", "--batch-size", "8", "--output", out, *QUICK)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"] == "partial" and summary["head"]["params_frozen"] > 0
+    assert summary["tuning"]["trials"] == 2 and summary["tuning"]["complete"] + summary["tuning"]["pruned"] == 2
+    assert summary["head"]["epochs_run"] == 1  # the best trial's checkpoint, not a second training
     assert (out / "model" / "backbone.safetensors").exists() and (out / "learning_curves.png").exists()
     from tlpipe.data import prepare_dataset
 

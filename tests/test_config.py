@@ -11,7 +11,7 @@ from tlpipe.errors import TlpipeError
 def test_shipped_recipes_validate(name):
     assert name in available_recipes()
     config = load_config(name)
-    assert config.strategy == "linear"
+    assert config.strategy == "auto"
 
 
 def test_flags_override_recipe_values_and_none_keeps_them():

@@ -22,16 +22,18 @@ runner = CliRunner()
 def hymenoptera_fit(tmp_path_factory):
     data = shared_dataset("hymenoptera")
     out = tmp_path_factory.mktemp("hymenoptera") / "out"
-    result = runner.invoke(app, ["fit", str(data), "--strategy", "linear", "--output", str(out)])
+    result = runner.invoke(app, ["fit", str(data), "--output", str(out)])  # --strategy auto, the default
     assert result.exit_code == 0, result.output
     return data, out
 
 
-def test_linear_probe_on_hymenoptera_reaches_the_reference_accuracy(hymenoptera_fit, mlflow_store):
+def test_auto_picks_a_linear_probe_on_hymenoptera_and_reaches_the_reference_accuracy(hymenoptera_fit, mlflow_store):
     from mlflow.tracking import MlflowClient
 
     _, out = hymenoptera_fit
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "linear"  # small data near ImageNet
+    assert summary["auto"]["decision"]["size"] == "small" and summary["auto"]["decision"]["similarity"] == "near"
     assert summary["val_accuracy"] >= 0.94
     assert summary["splits"] == {"train": 245, "val": 153}
     run = MlflowClient(mlflow_store).get_run(summary["run_id"])

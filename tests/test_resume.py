@@ -20,6 +20,7 @@ num_workers: 0
 strategy: full
 linear: {classifiers: [logreg], c_grid: [0.1], cv_folds: 2}
 finetune: {epochs: 3, patience: 5, deterministic: true}
+tuning: {trials: 0}
 """
 
 

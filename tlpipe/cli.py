@@ -74,15 +74,29 @@ def fit(
     device: Device = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the dataset folder's name).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, else MLflow's default).")] = None,
+    trials: Annotated[Optional[int], typer.Option(min=0, help="Optuna trials (default from the recipe; 0: no tuning).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds for the whole study (trials not started wait for a re-run).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers, e.g. postgresql://... (default: SQLite in the output folder).")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")] = None,
+    worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")] = False,
 ) -> None:
-    """Check the data, extract CNN codes, fit the classifier, save the bundle and log the run."""
+    """Check the data, pick a strategy, tune, fit, save the bundle and log the run."""
     with user_errors():
         from tlpipe.config import load_config
-        from tlpipe.pipeline import fit as run_fit
+        from tlpipe.pipeline import TuningOverrides, fit as run_fit
         from tlpipe.report import print_fit_report
 
         if (data is None) == (example is None):
             raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
+        if worker:
+            from tlpipe.pipeline import run_worker
+
+            if not (storage and study_name and output):
+                raise TlpipeError("--worker needs --storage, --study-name and --output (where its trials write)")
+            counts = run_worker(data, storage, study_name, output)
+            typer.echo(f"worker done: study {study_name} has {counts['trials']} trials "
+                       f"({counts['complete']} complete, {counts['pruned']} pruned)")
+            return
         config = load_config(recipe, **_overrides(
             strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
             batch_size=batch_size, num_workers=workers, val_fraction=val_fraction, seed=seed, device=device,
@@ -94,9 +108,41 @@ def fit(
 
             output = output or default_output_dir(Path(f"example-{example}"))
             data = write_example(example, output)
-        result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe)
+        result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe,
+                         tuning=TuningOverrides(trials, timeout, storage, study_name))
+        if result is None:  # a torchrun rank other than 0: rank 0 reports
+            return
         quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
         print_fit_report(result.summary, result.metrics, quarantined)
+
+
+@app.command()
+def inspect(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (as for fit).")],
+    recipe: Recipe = "default",
+    backbone: Backbone = None,
+    weights: Weights = None,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    device: Device = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write everything to this JSON file.")] = None,
+) -> None:
+    """Profile the data and say which strategy fit would choose, and why, without training."""
+    with user_errors():
+        from tlpipe.config import load_config
+        from tlpipe.pipeline import inspect as run_inspect
+        from tlpipe.report import print_inspect_report
+        from tlpipe.utils import write_json
+
+        config = load_config(recipe, **_overrides(
+            backbone=backbone, weights=weights, image_size=image_size, batch_size=batch_size,
+            num_workers=workers, device=device,
+        ))
+        result = run_inspect(data, config, recipe=recipe)
+        print_inspect_report(result)
+        if json_out:
+            write_json(json_out, result)
 
 
 @app.command()

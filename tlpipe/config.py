@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tlpipe.errors import TlpipeError
 
@@ -62,10 +62,45 @@ class FinetuneConfig(_Section):
     deterministic: bool = False  # torch deterministic algorithms (exact resume; slower on GPU)
 
 
+class TuningConfig(_Section):
+    """The Optuna study every fit runs (``tlpipe.tuning``): its size, pruning, storage and search space.
+    Each range is widened, if need be, to hold the recipe's own value: that is trial 0."""
+
+    trials: int | None = Field(default=None, ge=0)  # None: 30 for linear, 8 for partial/full; 0: no tuning
+    timeout: float | None = Field(default=None, gt=0)  # seconds for the whole study; None: no limit
+    pruner: Literal["median", "hyperband", "none"] = "median"  # fine-tuning trials, on val accuracy per epoch
+    storage: str | None = None  # an Optuna RDB URL (postgresql://...); None: sqlite:///<output>/optuna.db
+    study_name: str | None = None  # None: named from the config, so a re-run continues its own study
+    sampler_startup_trials: int = Field(default=5, ge=1)  # TPE: random trials before it models
+    pruner_startup_trials: int = Field(default=2, ge=0)  # trials finished before the pruner acts
+    pruner_warmup_epochs: int = Field(default=1, ge=0)  # epochs of each trial never pruned
+    heartbeat_interval: int = Field(default=60, ge=1)  # seconds; a trial silent for grace_period is
+    grace_period: int = Field(default=120, ge=1)  # failed (its process died) and queued again,
+    max_retry: int = Field(default=3, ge=0)  # at most this many times
+    # Fine-tuning (partial, full); lr, backbone_lr_mult, c: log scale
+    lr_range: list[float] = Field(default=[1e-5, 3e-3], min_length=2, max_length=2)
+    backbone_lr_mult_range: list[float] = Field(default=[0.03, 1.0], min_length=2, max_length=2)
+    weight_decay_range: list[float] = Field(default=[0.0, 0.2], min_length=2, max_length=2)
+    unfreeze_stages_range: list[int] = Field(default=[1, 4], min_length=2, max_length=2)  # partial only
+    # Linear: classifier and C; None: the recipe's linear.classifiers and the span of linear.c_grid
+    classifiers: list[Literal["logreg", "svm"]] | None = Field(default=None, min_length=1)
+    c_range: list[float] | None = Field(default=None, min_length=2, max_length=2)
+
+    @field_validator("lr_range", "backbone_lr_mult_range", "weight_decay_range", "unfreeze_stages_range", "c_range")
+    @classmethod
+    def _span(cls, value: list | None, info: ValidationInfo) -> list | None:
+        log = info.field_name in ("lr_range", "backbone_lr_mult_range", "c_range")
+        if value is not None and (value[0] > value[1] or value[0] < 0 or (log and value[0] <= 0)):
+            raise ValueError(f"must be [low, high] with 0 {'<' if log else '<='} low <= high{' (log scale)' if log else ''}")
+        return value
+
+
 class FitConfig(_Section):
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"  # "auto", "none", or a path to a weights file
-    strategy: Literal["linear", "partial", "full"] = "linear"
+    # auto: chosen from the data's size and its distance from ImageNet (tlpipe.strategy.decision)
+    strategy: Literal["auto", "linear", "partial", "full"] = "auto"
+    candidates: list[str] = Field(default_factory=list)  # backbones for auto to rank by transfer signals
     layer: str | int = "penultimate"  # CNN-code tap: "penultimate", a feature_info index or module name
     layer_relu: bool = True  # ReLU earlier-layer taps before pooling
     image_size: int | None = Field(default=None, ge=32)  # None: the backbone's pretrained input size
@@ -77,6 +112,7 @@ class FitConfig(_Section):
     linear: LinearConfig = Field(default_factory=LinearConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
     cache_dir: str | None = None  # decoded-image cache; None: <output>/cache
 
 

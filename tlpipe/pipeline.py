@@ -3,9 +3,12 @@
 ``fit(data, config)`` checks and splits the data, builds the backbone, extracts CNN codes, fits
 the strategy, saves the bundle, logs the MLflow run and writes ``summary.json``; it returns a
 ``FitResult``. Everything is written under the output folder, never into the dataset folder.
+Under ``torchrun`` every rank runs ``fit``: all of them train, rank 0 alone writes and logs,
+and the others return None.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from contextlib import contextmanager
@@ -20,8 +23,14 @@ from tlpipe.config import FitConfig, config_to_yaml, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.models import PENULTIMATE, Backbone, create_backbone
 from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
+from tlpipe.device import resolve_device
+from tlpipe.strategy.auto import Assessment, assess, rank_backbones
+from tlpipe.strategy.decision import keep_finetune, standard_error
+from tlpipe.strategy.signals import collect_features
+from tlpipe.training.distributed import init_distributed, shutdown
+from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
 from tlpipe.training.strategies import dataset_codes, fit_finetune, fit_linear
-from tlpipe.tracking import FitRun
+from tlpipe.tracking import FitRun, NoRun
 from tlpipe.utils import atomic_write, write_json
 
 SUMMARY = "summary.json"
@@ -70,31 +79,66 @@ def fit(
     experiment: str | None = None,
     tracking_uri: str | None = None,
     recipe: str = "default",
-) -> FitResult:
-    """Fit ``config.strategy`` on ``data``; see the module docstring."""
+    tuning: TuningOverrides | None = None,
+) -> FitResult | None:
+    """Fit ``config.strategy`` on ``data``; see the module docstring. ``tuning`` overrides the
+    recipe's study size and storage for this run (``--trials``, ``--storage``...)."""
     config = config or load_config(recipe)
     data = Path(data).expanduser()
     out = Path(output) if output else default_output_dir(data)
+    context = init_distributed(resolve_device(config.device))
+    if not context.is_main and config.strategy == "linear":
+        shutdown()
+        return None  # nothing to share out: rank 0 fits the linear head alone
     timings = Timings()
     with timings.stage("check_data"):
-        spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out)
-    atomic_write(out / "config.yaml", lambda f: f.write(config_to_yaml(config)))
+        spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out if context.is_main else None)
+    if context.is_main:
+        atomic_write(out / "config.yaml", lambda f: f.write(config_to_yaml(config)))
     experiment = experiment or re.sub(r"[^\w.-]+", "_", data.resolve().name) or "tlpipe"
-    layer = config.layer if config.strategy == "linear" else PENULTIMATE  # fine-tuning trains the full head path
-    with FitRun(experiment, tracking_uri, run_name=out.name) as run:
+    with FitRun(experiment, tracking_uri, run_name=out.name) if context.is_main else NoRun() as run:
         with timings.stage("load_backbone"):
-            backbone = build_backbone(config)
+            backbone, ranking = choose_backbone(config, spec)
+        assessment = None
+        if config.strategy == "auto":
+            with timings.stage("extract_codes"), context.main_first():  # the pass the codes need, with hooks
+                features = {split: collect_features(backbone, spec.splits[split], config) for split in ("train", "val")}
+            with timings.stage("decide"):
+                assessment = assess(features, spec, config)
+            config = assessment.apply(config)
+            if not context.is_main and config.strategy == "linear":
+                shutdown()
+                return None
+        layer = config.layer if config.strategy == "linear" else PENULTIMATE  # fine-tuning trains the full head path
         run.log_params(_params(config, recipe, backbone, spec))
-        with timings.stage("extract_codes"):
-            codes = {split: dataset_codes(backbone, spec, split, config, layer) for split in ("train", "val")}
+        if assessment:
+            run.log_params(_auto_params(assessment, ranking))
+            codes = {split: assessment.codes(split, layer) for split in ("train", "val")}
+        else:
+            with timings.stage("extract_codes"), context.main_first():
+                codes = {split: dataset_codes(backbone, spec, split, config, layer, cache_dir=out / "cache")
+                         for split in ("train", "val")}
+        with timings.stage("tune"):
+            tuned = _tune(config, out, backbone, spec, codes, run, context, tuning)
+        config = tuned.config
         with timings.stage("train"):
             if config.strategy == "linear":
                 trained = fit_linear(backbone, spec, config, codes)
-            else:
-                trained = fit_finetune(backbone, spec, config, out, codes, on_epoch=lambda e, m: run.log_metrics(m, step=e))
+            else:  # in the best trial's folder: its finished checkpoint is resumed, not trained again
+                trained = fit_finetune(backbone, spec, config, tuned.fit_dir or out, codes,
+                                       on_epoch=lambda e, m: run.log_metrics(m, step=e), context=context)
+        if context.enabled:  # training is over: rank 0 goes on alone
+            context.barrier()
+            shutdown()
+            if not context.is_main:
+                return None
         if trained.backbone_trained:  # validation through the same path prediction takes
             with timings.stage("evaluate"):
-                codes["val"] = dataset_codes(backbone, spec, "val", config, layer)
+                frozen_codes, codes["val"] = dict(codes), dataset_codes(backbone, spec, "val", config, layer)
+            if assessment and not _finetune_pays(trained, codes["val"], frozen_codes, assessment, spec, config):
+                backbone, codes = build_backbone(config), frozen_codes  # the pretrained weights, unchanged
+                trained = fit_linear(backbone, spec, config, codes)
+                config = config.model_copy(update={"strategy": "linear"})
         X_val, y_val = codes["val"]
         metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
         bundle_path = save_bundle(
@@ -105,6 +149,9 @@ def fit(
         write_json(out / "classification_report.json", metrics)
         save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / "confusion_matrix.png")
         artifacts = ["confusion_matrix.png", "classification_report.json", "quarantine.csv", "config.yaml"]
+        if assessment:
+            write_json(out / "strategy.json", {**assessment.to_dict(), "backbone_ranking": ranking})
+            artifacts.append("strategy.json")
         if trained.history:
             save_learning_curves(trained.history, out / "learning_curves.png")
             artifacts.append("learning_curves.png")
@@ -115,7 +162,9 @@ def fit(
             "tlpipe_version": __version__,
             "data": str(data.resolve()),
             "strategy": config.strategy,
-            "strategy_reason": "asked for (--strategy or the recipe)",
+            "strategy_reason": assessment.decision.explanation if assessment else "asked for (--strategy or the recipe)",
+            **({"auto": assessment.to_dict()} if assessment else {}),
+            **({"backbone_ranking": ranking} if ranking else {}),
             "head": trained.details,
             "backbone": {"name": backbone.name, "arch": backbone.arch, **backbone.weights.to_dict()},
             "splits": spec.counts(),
@@ -125,6 +174,7 @@ def fit(
             "skipped": dict(spec.skipped),
             "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
             "val_accuracy": metrics["accuracy"],
+            "tuning": tuned.summary,
             "timings": timings.seconds,
             "bundle": str(bundle_path.resolve()),
         }
@@ -152,6 +202,98 @@ def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpe
         "quarantined": len(spec.quarantined), **{f"n_{split}": n for split, n in counts.items()},
         "linear_classifiers": ",".join(config.linear.classifiers), "linear_cv_folds": config.linear.cv_folds,
         **({f"finetune_{k}": v for k, v in config.finetune.model_dump().items()} if config.strategy != "linear" else {}),
+    }
+
+
+@dataclass
+class TuningOverrides:
+    """This run's Optuna settings over the recipe's: None keeps the recipe's value."""
+
+    trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+
+
+def _tune(config, out, backbone, spec, codes, run, context, overrides: TuningOverrides | None) -> Tuned:
+    """The study over the strategy's hyperparameters (``tlpipe.tuning``); off under torchrun, where
+    every rank would run its own study: tune first, then train the best config with DDP."""
+    overrides = overrides or TuningOverrides()
+    if context.enabled:
+        return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
+    objective = linear_objective(codes) if config.strategy == "linear" else finetune_objective(backbone, spec, out, codes)
+    return tune(config, out, objective, parent=run, **dataclasses.asdict(overrides))
+
+
+def run_worker(data: str | Path, storage: str, study_name: str, output: str | Path) -> dict:
+    """A tuning worker: joins the study a lead ``fit`` opened on a shared ``storage``, runs queued
+    trials until none is left, and returns the study's counts. The lead alone fits the final model."""
+    study, config = join_study(storage, study_name)
+    out = Path(output)
+    config = config.model_copy(update={"cache_dir": str(out.resolve() / "cache")})  # this machine's own cache
+    spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
+    backbone = build_backbone(config)
+    layer = config.layer if config.strategy == "linear" else PENULTIMATE
+    codes = {split: dataset_codes(backbone, spec, split, config, layer) for split in ("train", "val")}
+    objective = linear_objective(codes) if config.strategy == "linear" else finetune_objective(backbone, spec, out, codes)
+    run_study(study, objective, config, worker=True)
+    return study_summary(study)
+
+
+def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, list[dict]]:
+    """The recipe's backbone, or with ``candidates`` under auto the one the transfer signals rank
+    best; returns it with the ranking (empty when there was nothing to rank)."""
+    if config.strategy != "auto" or len(config.candidates) < 2:
+        return build_backbone(config), []
+    build = lambda name: build_backbone(config.model_copy(update={"backbone": name}))  # noqa: E731
+    ranking = rank_backbones(config.candidates, spec, config, build)
+    return build(ranking[0]["backbone"]), ranking
+
+
+def _finetune_pays(trained, val_codes, frozen_codes, assessment, spec, config) -> bool:
+    """The auto guard: the fine-tune's val accuracy must beat the linear probe's by more than the
+    probe's standard error; the decision records the outcome either way."""
+    linear = fit_linear(None, spec, config, frozen_codes)
+    X_val, y_val = frozen_codes["val"]
+    linear_accuracy = float((linear.head.predict(X_val) == y_val).mean())
+    finetune_accuracy = float((trained.head.predict(val_codes[0]) == val_codes[1]).mean())
+    pays = keep_finetune(finetune_accuracy, linear_accuracy, len(y_val))
+    assessment.decision.reasons.append(
+        f"Guard: the fine-tune scored {finetune_accuracy:.3f} on validation against {linear_accuracy:.3f} for the "
+        f"linear probe (standard error {standard_error(linear_accuracy, len(y_val)):.3f}): "
+        + ("the fine-tune is kept." if pays else "not clearly better, so the linear classifier stands."))
+    return pays
+
+
+def _auto_params(assessment: Assessment, ranking: list[dict]) -> dict:
+    decision, signals = assessment.decision, assessment.signals
+    return {
+        "auto_strategy": decision.strategy, "auto_layer": decision.layer, "auto_size": decision.size,
+        "auto_similarity": decision.similarity, "auto_domain_gap": round(signals.domain_gap, 4),
+        "auto_probe_accuracy": round(signals.penultimate["probe_accuracy"], 4), "auto_best_stage": signals.best_stage,
+        "auto_estimated_fit_seconds": assessment.estimate.get("fit_seconds"),
+        **({"backbone_ranking": ",".join(r["backbone"] for r in ranking)} if ranking else {}),
+    }
+
+
+def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> dict:
+    """What ``tlpipe fit --strategy auto`` would see and do, without training or writing anything:
+    the data profile (counts, sizes, greyscale, duplicates, leakage), the transfer signals, the
+    decision with its reasons, and the fit's estimated time (and memory, for a fine-tune)."""
+    from tlpipe.data.profile import profile_dataset
+    from tlpipe.strategy.auto import estimate_training_memory
+
+    config = config or load_config(recipe)
+    spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
+    profile = profile_dataset(spec)
+    backbone, ranking = choose_backbone(config.model_copy(update={"strategy": "auto"}), spec)
+    assessment = assess({"train": collect_features(backbone, spec.splits["train"], config)}, spec, config)
+    if assessment.decision.strategy != "linear":
+        assessment.estimate.update(estimate_training_memory(backbone, config))
+    return {
+        "data": str(spec.root), "classes": spec.classes, "splits": spec.counts(), "val_from": spec.val_from,
+        "quarantined": [(spec.relative(path), why) for path, why in spec.quarantined],
+        "profile": profile.to_dict(), "backbone": backbone.name, "backbone_ranking": ranking, **assessment.to_dict(),
     }
 
 

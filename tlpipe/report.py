@@ -29,11 +29,25 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     else:
         print_finetune(summary["head"])
 
+    print_tuning(summary.get("tuning") or {})
     print_class_metrics(metrics, "Validation")
     print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
     console.print(f"[bold green]Bundle[/] {summary['bundle']}   MLflow run {summary['run_id']} ({summary['tracking_uri']})")
+
+
+def print_tuning(tuning: dict) -> None:
+    if not tuning.get("trials"):
+        console.print(f"Tuning: off{' (' + tuning['skipped'] + ')' if 'skipped' in tuning else ''}")
+        return
+    line = (f"[bold]Tuning[/]  {tuning['trials']} Optuna trials ({tuning['complete']} complete, "
+            f"{tuning['pruned']} pruned, {tuning['fail']} failed)")
+    if "best_trial" in tuning:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuning["best_params"].items())
+        default = f" against {tuning['default_value']:.4f} for the recipe's own (trial 0)" if "default_value" in tuning else ""
+        line += f"; best trial {tuning['best_trial']}: val accuracy {tuning['best_value']:.4f}{default}; {params}"
+    console.print(line)
 
 
 def print_class_metrics(metrics: dict, title: str) -> None:
@@ -67,6 +81,8 @@ def print_finetune(head: dict) -> None:
     console.print(f"Fine-tuned {head['params_trainable']:,} parameters{frozen}; {head['epochs_run']} epochs{resumed}, "
                   f"best at epoch {head['best_epoch']}; the linear probe it started from: "
                   f"val accuracy {head['linear_probe_val_accuracy']:.3f}")
+    if head.get("world_size", 1) > 1:
+        console.print(f"Distributed: {head['world_size']} processes (DDP), batch {head['batch_size']} each")
     if head["class_weights"]:
         console.print("Class-weighted loss (imbalance over 3x): " + ", ".join(f"{w:.2f}" for w in head["class_weights"]))
 
@@ -105,3 +121,48 @@ def print_predictions(predictions, fmt: str) -> None:
         for p in predictions:
             table.add_row(p.path, *(f"{l} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)))
         console.print(table)
+
+
+def print_inspect_report(result: dict) -> None:
+    """``tlpipe inspect``: profile, signals, decision and estimate."""
+    profile, signals, decision = result["profile"], result["signals"], result["decision"]
+    splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
+    console.print(f"[bold]Data[/]  {result['data']}: {len(result['classes'])} classes; {splits}")
+    table = Table(title="Images per class")
+    table.add_column("class")
+    for split in profile["images_per_class"]:
+        table.add_column(split, justify="right")
+    for name in result["classes"]:
+        table.add_row(name, *(str(counts.get(name, 0)) for counts in profile["images_per_class"].values()))
+    console.print(table)
+    sizes = profile["image_sizes"]
+    console.print(f"Imbalance (largest/smallest class): {profile['imbalance_ratio']:.2f}; greyscale "
+                  f"{100 * profile['greyscale_share']:.1f}%; sizes {sizes['width']['min']}-{sizes['width']['max']} x "
+                  f"{sizes['height']['min']}-{sizes['height']['max']} px (median {sizes['width']['median']} x "
+                  f"{sizes['height']['median']}), {100 * sizes['small_share']:.0f}% under 224 px on the short side")
+    duplicates = len(profile["exact_duplicates"]), len(profile["near_duplicates"]), len(profile["leakage"])
+    style = "yellow" if any(duplicates) else "green"
+    console.print(f"[{style}]Duplicates: {duplicates[0]} exact group(s), {duplicates[1]} near group(s); "
+                  f"{duplicates[2]} pair(s) shared across splits (leakage)[/]")
+    for pair in profile["leakage"][:10]:
+        console.print(f"  {pair['splits']} {pair['kind']}: {pair['a']} ~ {pair['b']}")
+    if result["quarantined"]:
+        console.print(f"[yellow]{len(result['quarantined'])} file(s) fail the check[/] and would be quarantined")
+    for row in result.get("backbone_ranking") or []:
+        console.print(f"  candidate {row['backbone']}: probe {row['probe_accuracy']:.3f}, LogME {row['logme']:.3f}")
+
+    table = Table(title=f"Transfer signals ({result['backbone']}, {signals['folds']}-fold CV on train)")
+    for column in ("features", "probe acc.", "± s.e.", "kNN acc.", "LogME", "BN gap"):
+        table.add_column(column, justify="left" if column == "features" else "right")
+    for row in [*signals["stages"], {"name": "penultimate", **signals["penultimate"]}]:
+        best = " (best stage)" if row["name"] == signals["best_stage"] else ""
+        table.add_row(row["name"] + best, f"{row['probe_accuracy']:.3f}", f"{row['probe_sem']:.3f}",
+                      f"{row['knn_accuracy']:.3f}", f"{row['logme']:.3f}", f"{row['bn_gap']:.3f}")
+    console.print(table)
+    layer = f" on {decision['layer']}" if decision["strategy"] == "linear" else ""
+    console.print(f"[bold]Decision[/]  {decision['strategy']}{layer} ({decision['size']} data, "
+                  f"{'far from' if decision['similarity'] == 'far' else 'near'} ImageNet). {decision['explanation']}")
+    estimate = result["estimate"]
+    memory = f"; {estimate['memory_gb']} GB per batch of {estimate['batch_size']}" if "memory_gb" in estimate else ""
+    console.print(f"[bold]Estimate[/]  fit about {estimate['fit_seconds']:.0f} s at "
+                  f"{estimate['forward_images_per_second']} images/s forward{memory}")

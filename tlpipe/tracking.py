@@ -47,6 +47,8 @@ class FitRun:
     def __enter__(self) -> "FitRun":
         from mlflow.tracking import MlflowClient
 
+        if self.run_id is not None:  # made by child() or attach(): already started
+            return self
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.tracking_uri)
@@ -57,11 +59,50 @@ class FitRun:
             experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
+        self.experiment_id = experiment_id
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
+        self.end("FINISHED" if exc_type is None else "FAILED")
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+    def child(self, run_name: str, tags: dict[str, str] | None = None) -> "FitRun":
+        """A nested run under this one, started now in the same experiment and store: tagged
+        ``mlflow.parentRunId`` as ``mlflow.start_run(nested=True)`` tags it, but with no active-run
+        state, so any thread or process can make one. End it with ``end()`` or a ``with`` block."""
+        run = FitRun(self.experiment, self.tracking_uri, run_name)
+        run.client, run.experiment_id = self.client, self.experiment_id
+        tags = {"mlflow.parentRunId": self.run_id, **(tags or {})}
+        run.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        return run
+
+    @classmethod
+    def attach(cls, run_id: str, tracking_uri: str) -> "FitRun":
+        """A handle on a run another process started (a tuning worker logs its trials under the
+        lead's run); it is neither started nor ended here."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        info = client.get_run(run_id).info
+        run = cls(client.get_experiment(info.experiment_id).name, tracking_uri, info.run_name)
+        run.client, run.run_id, run.experiment_id = client, run_id, info.experiment_id
+        return run
+
+    def log_batch(self, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                  tags: dict[str, Any] | None = None, step: int = 0) -> None:
+        """Params, metrics and tags in one call to the store."""
+        import time
+
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
+                              metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                              tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -81,6 +122,24 @@ class FitRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class NoRun:
+    """Stands in for ``FitRun`` on the ranks other than 0 of a torchrun fit: they log nothing."""
+
+    run_id = tracking_uri = None
+
+    def __enter__(self) -> "NoRun":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
 
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:

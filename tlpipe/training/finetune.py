@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,9 +18,11 @@ from typing import Callable
 import torch
 from timm.models import group_parameters
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from tlpipe.config import FinetuneConfig
+from tlpipe.training.distributed import DistContext
 from tlpipe.utils import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -100,7 +103,9 @@ class Precision:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, precision: Precision) -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, precision: Precision,
+             context: DistContext = DistContext()) -> dict:
+    """Validation loss and accuracy; under DDP each rank scores its share and the sums are shared."""
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for images, labels in loader:
@@ -111,21 +116,24 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         loss += criterion(logits.float(), labels).item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         n += len(labels)
+    loss, correct, n = context.all_sum([loss, correct, n])
     return {"val_loss": loss / n, "val_accuracy": correct / n}
 
 
 class Finetuner:
     """Fine-tunes a timm model whose classifier already matches the classes (LP-FT: initialise it
-    from a linear probe first). ``unfreeze_stages=None`` trains everything (full)."""
+    from a linear probe first). ``unfreeze_stages=None`` trains everything (full). Under DDP
+    (``context``) every rank calls ``fit`` with its share of the data; rank 0 alone checkpoints."""
 
     def __init__(self, config: FinetuneConfig, device: torch.device, unfreeze_stages: int | None = None,
                  class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = "",
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, context: DistContext = DistContext()):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
         self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
         self.micro_batch = micro_batch  # None: whole batches; set smaller (or halved on CUDA OOM) to accumulate
+        self.context = context
         self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
@@ -134,6 +142,9 @@ class Finetuner:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.parameter_counts_ = freeze_stages(model, self.unfreeze_stages)
         model.to(device, memory_format=torch.channels_last)
+        # DDP averages gradients across ranks; it also broadcasts rank 0's weights at the start.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if self.context.enabled else model
         optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
         steps = cfg.epochs * len(train_loader)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -150,8 +161,8 @@ class Finetuner:
             if hasattr(train_loader.sampler, "set_epoch"):  # augmentation and order depend on the epoch alone
                 train_loader.sampler.set_epoch(epoch)
             start = time.perf_counter()
-            train_loss = self._train_epoch(model, train_loader, optimizer, scheduler, criterion, precision)
-            metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision)}
+            train_loss = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
+            metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision, self.context)}
             seconds = time.perf_counter() - start
             metrics.update({
                 "epoch_seconds": seconds, "images_per_second": len(train_loader.dataset) / seconds,
@@ -162,13 +173,13 @@ class Finetuner:
             if metrics["val_accuracy"] > state["best_accuracy"]:
                 state.update(best_accuracy=metrics["val_accuracy"], best_epoch=epoch, stale=0)
                 self.best_state_ = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if best_path:
+                if best_path and self.context.is_main:
                     _save(best_path, {"model": self.best_state_, "epoch": epoch})
             else:
                 state["stale"] += 1
             state["done"] = epoch >= cfg.epochs or state["stale"] >= cfg.patience
             self._checkpoint(model, optimizer, scheduler, precision, state)
-            if self.on_epoch:
+            if self.on_epoch and self.context.is_main:
                 self.on_epoch(epoch, metrics)
 
         if best_path and best_path.exists() and not hasattr(self, "best_state_"):
@@ -179,32 +190,38 @@ class Finetuner:
         self.resumed_from_ = resumed
         return self
 
-    def _train_epoch(self, model, loader, optimizer, scheduler, criterion, precision) -> float:
+    def _train_epoch(self, model, net, loader, optimizer, scheduler, criterion, precision) -> float:
+        """One pass over ``loader``; ``net`` is ``model`` itself, or its DDP wrapper."""
         train_mode(model, self.config.freeze_bn_stats)
         total, n = 0.0, 0
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            loss = self._accumulate(model, images, labels, criterion, precision, optimizer)
+            loss = self._accumulate(net, images, labels, criterion, precision, optimizer)
             precision.scaler.step(optimizer)
             precision.scaler.update()
             scheduler.step()
             total += loss * len(labels)
             n += len(labels)
+        total, n = self.context.all_sum([total, n])
         return total / max(n, 1)
 
-    def _accumulate(self, model, images, labels, criterion, precision, optimizer) -> float:
+    def _accumulate(self, net, images, labels, criterion, precision, optimizer) -> float:
         """Gradients of one batch, in micro-batches of ``micro_batch``. A CUDA out-of-memory halves
-        the micro-batch and redoes the batch: the effective batch (and so the run) is unchanged."""
+        the micro-batch and redoes the batch: the effective batch (and so the run) is unchanged.
+        Under DDP, gradients are synchronised once, on the last micro-batch."""
         while True:
             micro = self.micro_batch or len(labels)
             try:
                 optimizer.zero_grad(set_to_none=True)
                 loss = 0.0
-                for part_images, part_labels in zip(images.split(micro), labels.split(micro)):
-                    with precision.autocast():
-                        part = criterion(model(part_images).float(), part_labels) * (len(part_labels) / len(labels))
-                    precision.scaler.scale(part).backward()
+                parts = list(zip(images.split(micro), labels.split(micro)))
+                for i, (part_images, part_labels) in enumerate(parts):
+                    last = i == len(parts) - 1
+                    with nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync():
+                        with precision.autocast():
+                            part = criterion(net(part_images).float(), part_labels) * (len(part_labels) / len(labels))
+                        precision.scaler.scale(part).backward()
                     loss += part.item()
                 return loss
             except torch.cuda.OutOfMemoryError:
@@ -215,7 +232,7 @@ class Finetuner:
                 torch.cuda.empty_cache()
 
     def _checkpoint(self, model, optimizer, scheduler, precision, state) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.context.is_main:
             return
         _save(self.checkpoint_dir / CHECKPOINT, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,16 +16,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from tlpipe import __version__
 from tlpipe.config import FitConfig
 from tlpipe.data import (
     CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, train_transform,
 )
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
-from tlpipe.models import Backbone, CodeExtractor, extract_codes
+from tlpipe.models import Backbone, CodeExtractor, extract_codes, resolve_layer, state_dict_sha256
+from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.finetune import Finetuner, freeze_stages
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
+from tlpipe.utils import atomic_write
 
 
 @dataclass
@@ -35,11 +39,58 @@ class TrainedHead:
     backbone_trained: bool = False
 
 
-def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None) -> tuple[np.ndarray, np.ndarray]:
-    """CNN codes of one split through the same decode + eval transform that prediction uses."""
-    extractor = CodeExtractor(backbone.model, config.layer if layer is None else layer, config.layer_relu)
+def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,
+                  cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CNN codes of one split through the same decode + eval transform that prediction uses.
+
+    With a cache folder (``config.cache_dir``, else ``cache_dir``: the caller's ``<output>/cache``)
+    the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key a sha256 of all they depend
+    on (see ``codes_cache_key``), so a second fit on the same data does not extract again. The key
+    holds the checksum of the model's current weights: a fine-tuned backbone never reads the
+    pretrained backbone's codes."""
+    layer = config.layer if layer is None else layer
+    device = resolve_device(config.device)
+    folder = Path(config.cache_dir) if config.cache_dir else cache_dir
+    path = None
+    if folder is not None:
+        key = codes_cache_key(backbone, spec.splits[split], layer, config.layer_relu, device)
+        path = Path(folder) / "codes" / f"{split}-{key}.npz"
+        cached = _read_cached_codes(path, key, len(spec.splits[split]))
+        if cached is not None:
+            return cached
+    extractor = CodeExtractor(backbone.model, layer, config.layer_relu)
     loader = eval_loader(spec.splits[split], backbone.data_config, config.batch_size, config.num_workers)
-    return extract_codes(extractor, loader, resolve_device(config.device), f"Codes ({split})")
+    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
+    if path is not None:
+        atomic_write(path, lambda f: np.savez(f, features=features, labels=labels, key=np.array(key)), mode="wb")
+    return features, labels
+
+
+def codes_cache_key(backbone: Backbone, samples, layer, layer_relu: bool, device: torch.device) -> str:
+    """sha256 of what a split's codes depend on: backbone name, pretrained weights checksum and the
+    checksum of the weights as they are now (fine-tuning changes them), resolved tap, ReLU,
+    preprocessing, device type (CUDA extracts in bf16), and each file's path, size, mtime and label."""
+    files = []
+    for sample in samples:
+        st = Path(sample.path).stat()
+        files.append([str(sample.path), st.st_size, st.st_mtime_ns, int(sample.label)])
+    key = json.dumps({
+        "tlpipe": __version__, "backbone": backbone.name, "weights_sha256": backbone.weights.sha256,
+        "state_sha256": state_dict_sha256(backbone.model), "layer": resolve_layer(backbone.model, layer),
+        "layer_relu": layer_relu, "data_config": backbone.data_config, "device": device.type, "files": files,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _read_cached_codes(path: Path, key: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (features, labels), or None when missing or unreadable (it is then written anew)."""
+    try:
+        with np.load(path) as saved:
+            if str(saved["key"]) != key or len(saved["features"]) != n or len(saved["labels"]) != n:
+                return None
+            return saved["features"].astype(np.float32, copy=False), saved["labels"].astype(np.int64, copy=False)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe:
@@ -62,10 +113,12 @@ def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
 
 
 def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, codes: dict,
-                 on_epoch: Callable[[int, dict], None] | None = None) -> TrainedHead:
+                 on_epoch: Callable[[int, dict], None] | None = None, context: DistContext = DistContext()) -> TrainedHead:
     """Strategies 2 (partial: ``config.finetune.unfreeze_stages``) and 3 (full), both LP-FT: the new
-    classifier starts as the softmax probe fitted on the frozen codes, then the network trains."""
-    model, device, ft = backbone.model, resolve_device(config.device), config.finetune
+    classifier starts as the softmax probe fitted on the frozen codes, then the network trains.
+    Under torchrun (``context``), each rank trains on its share; rank 0 writes the checkpoints."""
+    model, ft = backbone.model, config.finetune
+    device = rank_device(resolve_device(config.device), context)
     probe = linear_probe(config, *codes["train"], *codes["val"], classifiers=("logreg",))
     model.reset_classifier(len(spec.classes))
     with torch.no_grad():
@@ -74,37 +127,40 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
 
     size, crop = decode_size(backbone.data_config), max(backbone.data_config["input_size"][1:])
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    arrays = {split: build_decoded_cache(spec.splits[split], size, cache_dir, config.num_workers, crop=crop)
-              for split in ("train", "val")}
+    with context.main_first():  # one rank decodes, the others then open the same files
+        arrays = {split: build_decoded_cache(spec.splits[split], size, cache_dir, config.num_workers, crop=crop)
+                  for split in ("train", "val")}
     labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
     workers = config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
     unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
     freeze_stages(model, unfreeze)
     memory = estimate_memory(model.to(device, memory_format=torch.channels_last), backbone.data_config["input_size"], device)
-    batch_size = memory.largest_batch(available_memory(device), cap=config.batch_size)
+    batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
     # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
     # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
     common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
-    n_train = len(labels["train"])
+    sampler = EpochSampler(len(labels["train"]), config.seed, num_replicas=context.world_size, rank=context.rank)
     train_loader = DataLoader(
         CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
-        sampler=EpochSampler(n_train, config.seed), drop_last=n_train % batch_size == 1, **common)
-    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)), **common)
+        sampler=sampler, drop_last=len(sampler) % batch_size == 1, **common)  # no lone-image batch for BatchNorm
+    val_share = range(context.rank, len(labels["val"]), context.world_size)  # each val image scored once
+    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)),
+                            sampler=val_share, **common)
 
     weights = class_weights(spec, ft.class_weights)
     torch.manual_seed(config.seed)
     fingerprint = json.dumps([config.model_dump(mode="json"), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
     tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch,
-                      hashlib.sha256(fingerprint.encode()).hexdigest()).fit(model, train_loader, val_loader)
+                      hashlib.sha256(fingerprint.encode()).hexdigest(), context=context).fit(model, train_loader, val_loader)
     classifier = model.get_classifier()
     head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
     details = {
         "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
         "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "resumed_from_epoch": tuner.resumed_from_,
         "unfreeze_stages": unfreeze, "class_weights": None if weights is None else weights.tolist(),
-        "batch_size": batch_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
+        "batch_size": batch_size, "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
         "oom_events": tuner.oom_events_,
         **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
     }

@@ -1,0 +1,145 @@
+"""Transfer signals: one hooked forward pass (shapes, codes identical to the pipeline's, BatchNorm
+moments) and the scores computed from it (probe, LogME, BatchNorm gap), on small generated images."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from conftest import class_color, make_image
+from sklearn.datasets import load_sample_images
+
+from tlpipe.config import load_config
+from tlpipe.data import Sample, eval_loader
+from tlpipe.errors import TlpipeError
+from tlpipe.models import PENULTIMATE, CodeExtractor, extract_codes, feature_layers
+from tlpipe.strategy import FeatureSet, collect_features, compute_signals, logme
+from tlpipe.strategy.signals import batchnorm_stages, stratified_subset
+
+CONFIG = load_config("default", batch_size=8, num_workers=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def colour_samples(tmp_path_factory) -> list[Sample]:
+    """Three classes of noisy solid colours, 6 images each: separable for any ImageNet network."""
+    root = tmp_path_factory.mktemp("colours")
+    return [
+        Sample(make_image(root / f"{c}_{k}.jpg", class_color(c), noise=12, seed=[c, k]), c)
+        for c in range(3) for k in range(6)
+    ]
+
+
+@pytest.fixture(scope="module")
+def colour_features(backbone, colour_samples) -> FeatureSet:
+    return collect_features(backbone, colour_samples, CONFIG)
+
+
+def test_one_pass_gives_every_stage_the_head_and_the_batchnorm_moments(backbone, colour_features):
+    model, fs = backbone.model, colour_features
+    stages = feature_layers(model)
+    assert fs.codes.shape == (18, model.num_features) and fs.codes.dtype == np.float32
+    assert list(fs.stages) == stages
+    assert [x.shape for x in fs.stages.values()] == [(18, info["num_chs"]) for info in model.feature_info]
+    assert fs.imagenet_logits.shape == (18, 1000)
+    assert fs.labels.tolist() == [c for c in range(3) for _ in range(6)] and fs.indices.tolist() == list(range(18))
+    assert list(fs.bn_stats) == [*stages, PENULTIMATE]
+    layers = [layer for layers in fs.bn_stats.values() for layer in layers]
+    assert len(layers) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(layer.mean.shape == layer.var.shape == layer.running_var.shape for layer in layers)
+
+
+def test_codes_are_exactly_what_the_pipeline_extracts(backbone, colour_samples, colour_features):
+    few = colour_samples[::3]  # every class, fewer passes
+    loader = eval_loader(few, backbone.data_config, batch_size=8, workers=0)
+    codes, labels = extract_codes(CodeExtractor(backbone.model, PENULTIMATE), loader, torch.device("cpu"))
+    np.testing.assert_allclose(colour_features.codes[::3], codes, rtol=1e-5, atol=1e-6)
+    assert colour_features.labels[::3].tolist() == labels.tolist()
+    stage = feature_layers(backbone.model)[2]
+    pooled, _ = extract_codes(CodeExtractor(backbone.model, stage), loader, torch.device("cpu"))
+    np.testing.assert_allclose(colour_features.stages[stage][::3], pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_moments_are_over_every_pixel_of_every_image(backbone, colour_samples, colour_features):
+    loader = eval_loader(colour_samples, backbone.data_config, batch_size=18, workers=0)
+    images = torch.cat([x for x, _ in loader])
+    with torch.inference_mode():  # the stem BatchNorm's input is the stem convolution's output
+        stem = backbone.model.conv_stem(images.to(memory_format=torch.channels_last)).double()
+    first = colour_features.bn_stats[feature_layers(backbone.model)[0]][0]
+    assert first.layer == "bn1"
+    np.testing.assert_allclose(first.mean, stem.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(first.var, stem.var((0, 2, 3), unbiased=False).numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_batchnorm_layers_belong_to_the_stage_that_runs_them(backbone):
+    owner = batchnorm_stages(backbone.model, feature_layers(backbone.model))
+    assert owner["bn1"] == "blocks.0"  # the stem
+    assert owner["blocks.3.0.bn1"] == owner["blocks.4.2.bn3"] == "blocks.4"
+    assert owner["blocks.6.0.bn3"] == "blocks.6"
+    assert owner["bn2"] == PENULTIMATE  # after the last stage: conv_head's
+
+
+def test_separable_classes_score_high_and_the_report_is_json(colour_features):
+    signals = compute_signals(colour_features)
+    assert signals.folds == 5
+    assert signals.penultimate["probe_accuracy"] >= 0.9 and signals.penultimate["knn_accuracy"] >= 0.9
+    assert signals.best_stage in colour_features.stages
+    assert max(s["probe_accuracy"] for s in signals.stages) >= 0.9
+    assert 0 < signals.imagenet_confidence["mean_max_prob"] <= 1
+    assert 0 <= signals.imagenet_confidence["mean_entropy"] <= np.log(1000)
+    assert signals.domain_gap > 0 and all(s["bn_gap"] > 0 for s in signals.stages)
+    assert json.loads(json.dumps(signals.to_dict()))["best_stage"] == signals.best_stage
+
+
+def _natural_and_flat(root) -> tuple[list[Sample], list[Sample]]:
+    natural, flat = [], []
+    for i, photo in enumerate(load_sample_images().images):  # two 427 x 640 photos, 3 crops each
+        for k in range(3):
+            y, x = 40 + 120 * (k // 2), 60 + 250 * (k % 2)
+            crop = photo[y:y + 200, x:x + 220]
+            path = root / f"natural_{i}_{k}.jpg"
+            Image.fromarray(crop).save(path)
+            natural.append(Sample(path, i))
+            flat.append(Sample(make_image(root / f"flat_{i}_{k}.png", class_color(3 * i + k), size=(64, 64)), i))
+    return natural, flat
+
+
+def test_flat_images_are_further_from_imagenet_than_photos(backbone, tmp_path):
+    natural, flat = _natural_and_flat(tmp_path)
+    gap = {name: compute_signals(collect_features(backbone, s, CONFIG)) for name, s in [("natural", natural), ("flat", flat)]}
+    assert gap["flat"].domain_gap > 2 * gap["natural"].domain_gap
+    assert gap["flat"].stages[-1]["bn_gap"] > gap["natural"].stages[-1]["bn_gap"]
+
+
+def test_logme_ranks_informative_features_above_random_ones():
+    rng = np.random.default_rng(0)
+    for n, d in [(120, 32), (60, 200)]:  # more samples than features, and fewer (rank-deficient)
+        y = np.arange(n) % 3
+        informative = rng.normal(size=(n, d)) + 1.5 * rng.normal(size=(3, d))[y]
+        noise = rng.normal(size=(n, d))
+        assert logme(informative, y) > logme(noise, y) + 0.1
+        # evidence maximisation absorbs a global scale of the features (alpha rescales)
+        assert logme(100 * informative, y) == pytest.approx(logme(informative, y), rel=1e-6)
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_max_images_keeps_class_proportions_and_no_hook_stays(backbone, colour_samples):
+    labels = np.array([0] * 20 + [1] * 10)
+    rows = stratified_subset(labels, 12, seed=0)
+    assert len(rows) == 12 and np.bincount(labels[rows]).tolist() == [8, 4]
+    assert rows.tolist() == sorted(rows) and stratified_subset(labels, None, 0).tolist() == list(range(30))
+    before = _hooks(backbone.model)
+    fs = collect_features(backbone, colour_samples, CONFIG, max_images=6)
+    assert _hooks(backbone.model) == before
+    assert np.bincount(fs.labels).tolist() == [2, 2, 2]
+    assert fs.labels.tolist() == [colour_samples[i].label for i in fs.indices]
+
+
+def test_a_class_with_one_image_is_refused():
+    fs = FeatureSet(np.ones((3, 4), np.float32), {}, None, {}, np.array([0, 0, 1]), np.arange(3), 0.0)
+    with pytest.raises(TlpipeError, match="2 images"):
+        compute_signals(fs)

@@ -1,0 +1,115 @@
+"""``--strategy auto``: measure the data against the backbone, decide, and say what the fit will cost.
+
+``assess(features, spec, config)`` takes the frozen backbone's one pass over the splits
+(``collect_features``: hooks keep every stage's features, so the codes the linear strategy needs
+come out of the same pass), computes the transfer signals on the train split, decides, and
+estimates the fit's time from the measured forward speed. ``rank_backbones`` does the same for several candidates and
+orders them by cross-validated probe accuracy (LogME breaks ties).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tlpipe.config import FitConfig
+from tlpipe.data import DatasetSpec
+from tlpipe.models import PENULTIMATE, Backbone
+from tlpipe.strategy.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
+from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals, stratified_subset
+
+MAX_SIGNAL_IMAGES = 2000  # the probes' cost grows with the images; their verdict stops changing well before this
+TRAIN_STEP_COST = 3.0  # a training step costs about 3 forward passes (forward + backward, AdamW)
+
+
+@dataclass
+class Assessment:
+    features: dict[str, FeatureSet]  # per split assessed
+    signals: Signals
+    decision: Decision
+    estimate: dict = field(default_factory=dict)
+
+    def apply(self, config: FitConfig) -> FitConfig:
+        """``config`` with the decided strategy, code tap and unfrozen stages."""
+        finetune = config.finetune
+        if self.decision.unfreeze_stages is not None:
+            finetune = finetune.model_copy(update={"unfreeze_stages": self.decision.unfreeze_stages})
+        layer = self.decision.layer if self.decision.strategy == "linear" else config.layer
+        return config.model_copy(update={"strategy": self.decision.strategy, "layer": layer, "finetune": finetune})
+
+    def codes(self, split: str, layer: str | int) -> tuple[np.ndarray, np.ndarray]:
+        """The codes of ``split`` at ``layer`` (penultimate or a stage), from the assessment's pass."""
+        features = self.features[split]
+        return (features.codes if layer == PENULTIMATE else features.stages[layer]), features.labels
+
+    def to_dict(self) -> dict:
+        return {"decision": self.decision.to_dict(), "signals": self.signals.to_dict(), "estimate": self.estimate}
+
+
+def images_per_class(spec: DatasetSpec) -> int:
+    """Training images of the smallest class: what decides whether fine-tuning can pay off."""
+    return min(spec.class_counts("train").values())
+
+
+def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig,
+           thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Assessment:
+    """Signals from the train features (``collect_features``), the decision, and the fit's estimated cost."""
+    signals = compute_signals(_subset(features["train"], MAX_SIGNAL_IMAGES, config.seed), seed=config.seed)
+    decision = decide(signals, images_per_class(spec), thresholds)
+    return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features["train"]))
+
+
+def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
+    """At most ``max_images`` rows, stratified (the signals only; the codes keep every image)."""
+    if len(features.labels) <= max_images:
+        return features
+    rows = stratified_subset(features.labels, max_images, seed)
+    return FeatureSet(
+        codes=features.codes[rows], stages={k: v[rows] for k, v in features.stages.items()},
+        imagenet_logits=None if features.imagenet_logits is None else features.imagenet_logits[rows],
+        bn_stats=features.bn_stats, labels=features.labels[rows], indices=features.indices[rows], seconds=features.seconds,
+    )
+
+
+def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, train: FeatureSet) -> dict:
+    """Seconds the fit will take, from the forward speed just measured on the train split; for a
+    fine-tune, also the memory of one training batch (parameters, gradients, AdamW state, activations)."""
+    per_image = train.seconds / max(len(train.labels), 1)
+    counts = spec.counts()
+    n_train, n_val = counts["train"], counts.get("val", 0)
+    seconds = (n_train + n_val) * per_image  # codes for the probe (and the linear strategy)
+    estimate = {"forward_images_per_second": round(1 / per_image, 1) if per_image else None}
+    if decision.strategy != "linear":
+        epochs = config.finetune.epochs
+        seconds += epochs * (n_train * TRAIN_STEP_COST + n_val) * per_image + n_val * per_image
+        estimate["epochs"] = epochs
+    estimate["fit_seconds"] = round(seconds, 1)
+    return estimate
+
+
+def estimate_training_memory(backbone: Backbone, config: FitConfig) -> dict:
+    """Bytes one fine-tuning batch of the recipe's size needs (one probe step on the device)."""
+    from tlpipe.device import resolve_device
+    from tlpipe.training.memory import available_memory, estimate_memory
+
+    device = resolve_device(config.device)
+    memory = estimate_memory(backbone.model.to(device), backbone.data_config["input_size"], device)
+    batch = memory.largest_batch(available_memory(device), cap=config.batch_size)
+    return {"batch_size": batch, "memory_gb": round(memory.for_batch(batch) / 2**30, 2),
+            "available_gb": round(available_memory(device) / 2**30, 1)}
+
+
+def rank_backbones(candidates: list[str], spec: DatasetSpec, config: FitConfig, build) -> list[dict]:
+    """Each candidate's signals on (up to ``MAX_SIGNAL_IMAGES`` of) the train split, best first.
+    ``build(name)`` returns the Backbone; the ranking is by probe accuracy, then LogME."""
+    ranking = []
+    for name in candidates:
+        start = time.perf_counter()
+        backbone = build(name)
+        features = collect_features(backbone, spec.splits["train"], config, max_images=MAX_SIGNAL_IMAGES)
+        signals = compute_signals(features, seed=config.seed)
+        ranking.append({"backbone": name, "probe_accuracy": signals.penultimate["probe_accuracy"],
+                        "probe_sem": signals.penultimate["probe_sem"], "logme": signals.penultimate["logme"],
+                        "domain_gap": signals.domain_gap, "seconds": round(time.perf_counter() - start, 1)})
+    return sorted(ranking, key=lambda r: (-r["probe_accuracy"], -r["logme"]))

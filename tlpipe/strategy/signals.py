@@ -1,0 +1,246 @@
+"""Cheap signals of how well a frozen ImageNet network transfers to the user's data.
+
+The choice between a linear classifier on the last or an earlier stage, partial and full fine-tuning
+depends on how far the data is from ImageNet and how much of the task the frozen features already
+solve. Both can be read from the one forward pass the linear strategy needs anyway for its codes:
+hooks collect every stage's pooled features and the inputs of every BatchNorm layer alongside the
+penultimate codes and the ImageNet logits (``collect_features``); ``compute_signals`` then scores
+them in seconds (cross-validated probes, kNN, LogME, BatchNorm-statistics gaps, ImageNet confidence).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from tlpipe.config import FitConfig
+from tlpipe.data import Sample, eval_loader
+from tlpipe.device import resolve_device
+from tlpipe.errors import TlpipeError
+from tlpipe.models import PENULTIMATE, Backbone, extract_codes, feature_layers
+from tlpipe.strategy.logme import logme
+
+PROBE_C = 0.1  # fixed: the probe ranks stages and datasets, it is not the final classifier
+KNN_K = 10
+MAX_FOLDS = 5
+_CHUNK = 2**20  # elements squared at a time on the CPU (4 MB: in cache, and few enough ops per batch)
+
+
+@dataclass
+class BatchNormStats:
+    """One BatchNorm layer: per-channel mean/variance of its inputs over the data, and its own."""
+
+    layer: str
+    mean: np.ndarray
+    var: np.ndarray
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    eps: float
+
+    def gap(self) -> float:
+        """Mean over channels of KL(N(mean, var + eps) || N(running_mean, running_var + eps)), in nats:
+        ``1/2 [log(q / p) + (p + (mean - running_mean)^2) / q - 1]`` with ``p``, ``q`` the two variances
+        (``eps`` as the layer adds it, so a channel that never varies gives a large, finite gap)."""
+        p, q = self.var + self.eps, self.running_var + self.eps
+        return float(np.mean(0.5 * (np.log(q / p) + (p + (self.mean - self.running_mean) ** 2) / q - 1)))
+
+
+@dataclass
+class FeatureSet:
+    """What one forward pass of the frozen backbone yields for a list of images."""
+
+    codes: np.ndarray  # (N, D) penultimate codes, as CodeExtractor(model, "penultimate") gives them
+    stages: dict[str, np.ndarray]  # feature_info module -> (N, C) pooled features, as CodeExtractor(model, module) gives
+    imagenet_logits: np.ndarray | None  # (N, 1000), None when the classifier is not the pretrained ImageNet one
+    bn_stats: dict[str, list[BatchNormStats]]  # stage (or "penultimate": layers after the last stage) -> its BN layers
+    labels: np.ndarray  # (N,) int64
+    indices: np.ndarray  # rows of the given samples these are, in order (all unless max_images)
+    seconds: float  # the forward pass
+
+
+class _Moments:
+    """Forward pre-hook: per-channel count, sum and sum of squares of a BatchNorm layer's input over
+    every pixel of every image, totalled in float64 (``var = E[x^2] - E[x]^2`` is then off by about
+    1e-7 E[x^2], far below the ``eps`` the layer adds). On the CPU the squares are taken in chunks:
+    whole activation maps made the pass 2.3x slower (fresh memory for each square), and small chunks
+    mean thousands of tiny multi-threaded ops per batch."""
+
+    def __init__(self) -> None:
+        self.count, self.sum, self.sum_sq = 0, 0.0, 0.0
+
+    def __call__(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        channels = inputs[0].shape[1]
+        rows = inputs[0].movedim(1, -1).reshape(-1, channels).float()  # a view for channels_last float32
+        step = len(rows) if rows.is_cuda else max(1, _CHUNK // channels)
+        squares = torch.stack([torch.mul(chunk, chunk).sum(0) for chunk in rows.split(step)])
+        self.sum = self.sum + rows.sum(0).double()
+        self.sum_sq = self.sum_sq + squares.double().sum(0)
+        self.count += len(rows)
+
+    def stats(self, name: str, bn: nn.BatchNorm2d) -> BatchNormStats:
+        mean, second = (self.sum / self.count).cpu().numpy(), (self.sum_sq / self.count).cpu().numpy()
+        return BatchNormStats(
+            name, mean, np.maximum(second - mean**2, 0.0),
+            bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy(), float(bn.eps),
+        )
+
+
+class _Taps(nn.Module):
+    """``forward(images)``: [penultimate codes | ImageNet logits | each stage pooled], one row per image."""
+
+    def __init__(self, model: nn.Module, stages: list[str], relu: bool, logits: bool):
+        super().__init__()
+        self.model, self.stages, self.relu, self.logits = model, stages, relu, logits
+        self.captured: dict[str, torch.Tensor] = {}
+        self.widths: list[int] = []  # of the parts, for splitting the rows again
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(images)
+        parts = [self.model.forward_head(features, pre_logits=True)]
+        if self.logits:
+            parts.append(self.model.forward_head(features))
+        for name in self.stages:
+            tapped = self.captured.pop(name)
+            parts.append(F.adaptive_avg_pool2d(F.relu(tapped) if self.relu else tapped, 1).flatten(1))
+        self.widths = [p.shape[1] for p in parts]
+        return torch.cat([p.float() for p in parts], 1)
+
+
+def batchnorm_stages(model: nn.Module, stages: list[str]) -> dict[str, str]:
+    """BatchNorm2d layer -> the stage whose forward runs it: the first stage module that ends at or
+    after the layer in module order (so the stem goes to the first stage, ``blocks.3`` to ``blocks.4``
+    when the stages are ``blocks.2`` and ``blocks.4``); layers after the last stage -> "penultimate".
+    Module order is forward order in timm's CNNs."""
+    names = [name for name, _ in model.named_modules()]
+    ends = [max(i for i, n in enumerate(names) if n == s or n.startswith(s + ".")) for s in stages]
+    return {
+        name: next((s for s, end in zip(stages, ends) if i <= end), PENULTIMATE)
+        for i, (name, module) in enumerate(model.named_modules()) if isinstance(module, nn.BatchNorm2d)
+    }
+
+
+def has_imagenet_head(backbone: Backbone) -> bool:
+    """The classifier is the pretrained 1000-class one (not random, not replaced)."""
+    model = backbone.model
+    return backbone.weights.kind != "none" and getattr(model, "num_classes", None) == model.pretrained_cfg.get("num_classes") == 1000
+
+
+def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
+    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept."""
+    if max_images is None or max_images >= len(labels):
+        return np.arange(len(labels))
+    order, rank = np.random.default_rng(seed).permutation(len(labels)), np.empty(len(labels))
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
+    return np.sort(np.argsort(rank, kind="stable")[:max_images])
+
+
+def collect_features(backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None) -> FeatureSet:
+    """One pass of the frozen backbone over ``samples`` (the pipeline's eval preprocessing, device
+    and batch size) that keeps everything the signals need."""
+    start = time.perf_counter()
+    model, stages = backbone.model, feature_layers(backbone.model)
+    indices = stratified_subset(np.array([s.label for s in samples]), max_images, config.seed)
+    taps = _Taps(model, stages, config.layer_relu, has_imagenet_head(backbone))
+    bn_stage = batchnorm_stages(model, stages)
+    moments = {name: _Moments() for name in bn_stage}
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in moments.items()]
+    for name in stages:
+        handles.append(model.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: taps.captured.__setitem__(name, output)))
+    try:
+        loader = eval_loader([samples[i] for i in indices], backbone.data_config, config.batch_size, config.num_workers)
+        out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals")
+    finally:
+        for handle in handles:
+            handle.remove()
+    parts = np.split(out, np.cumsum(taps.widths)[:-1], axis=1)
+    bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}
+    for name, acc in moments.items():
+        bn_stats[bn_stage[name]].append(acc.stats(name, model.get_submodule(name)))
+    return FeatureSet(
+        codes=parts[0], stages=dict(zip(stages, parts[1 + taps.logits:])),
+        imagenet_logits=parts[1] if taps.logits else None, bn_stats=bn_stats, labels=labels,
+        indices=indices, seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class Signals:
+    """Per stage and for the penultimate codes: ``probe_accuracy`` (mean over folds, with ``probe_std``
+    and ``probe_sem``), ``knn_accuracy``, ``logme``, ``bn_gap`` (NaN without BatchNorm), ``dim``."""
+
+    stages: list[dict]
+    best_stage: str  # highest probe accuracy, ties to kNN accuracy
+    penultimate: dict
+    imagenet_confidence: dict  # mean_max_prob, mean_entropy (nats); empty without the ImageNet head
+    domain_gap: float  # mean BN gap over all BatchNorm layers of the network
+    folds: int
+    seconds: float  # compute_signals itself (the forward pass is FeatureSet.seconds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scores(X: np.ndarray, y: np.ndarray, cv: list, neighbours: int) -> dict:
+    """Cross-validated linear probe and cosine kNN on standardised features, plus LogME on the raw ones."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=1000))
+    knn = make_pipeline(StandardScaler(), KNeighborsClassifier(neighbours, weights="distance", metric="cosine"))
+    probe_acc = cross_val_score(probe, X, y, cv=cv)
+    return {
+        "probe_accuracy": float(probe_acc.mean()), "probe_std": float(probe_acc.std()),
+        "probe_sem": float(probe_acc.std(ddof=1) / np.sqrt(len(probe_acc))),
+        "knn_accuracy": float(cross_val_score(knn, X, y, cv=cv).mean()), "logme": logme(X, y), "dim": int(X.shape[1]),
+    }
+
+
+def _bn_gap(layers: list[BatchNormStats]) -> float:
+    return float(np.mean([layer.gap() for layer in layers])) if layers else float("nan")
+
+
+def compute_signals(features: FeatureSet, seed: int = 0) -> Signals:
+    """Score every stage and the penultimate codes; see ``Signals``. BLAS runs on one thread: on
+    matrices this small, more threads spent longer waiting for each other (6x on hymenoptera)."""
+    with threadpool_limits(1):
+        return _compute_signals(features, seed)
+
+
+def _compute_signals(features: FeatureSet, seed: int) -> Signals:
+    start = time.perf_counter()
+    y = features.labels
+    folds = min(MAX_FOLDS, int(np.bincount(y)[np.unique(y)].min()))
+    if folds < 2:
+        raise TlpipeError("transfer signals need at least 2 images in every class")
+    cv = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))  # the same folds for all
+    neighbours = min(KNN_K, min(len(train) for train, _ in cv))
+    stages = [
+        {"name": name, **_scores(X, y, cv, neighbours), "bn_gap": _bn_gap(features.bn_stats.get(name, []))}
+        for name, X in features.stages.items()
+    ]
+    penultimate = {**_scores(features.codes, y, cv, neighbours), "bn_gap": _bn_gap(features.bn_stats.get(PENULTIMATE, []))}
+    confidence = {}
+    if features.imagenet_logits is not None:
+        p = softmax(features.imagenet_logits.astype(np.float64), axis=1)
+        confidence = {
+            "mean_max_prob": float(p.max(1).mean()),
+            "mean_entropy": float(-(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean()),
+        }
+    all_layers = [layer for layers in features.bn_stats.values() for layer in layers]
+    return Signals(
+        stages=stages,
+        best_stage=max(stages, key=lambda s: (s["probe_accuracy"], s["knn_accuracy"]))["name"] if stages else PENULTIMATE,
+        penultimate=penultimate, imagenet_confidence=confidence, domain_gap=_bn_gap(all_layers),
+        folds=folds, seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,241 @@
+"""Running a study: the lead queues the trials it lacks, every process runs queued ones, each trial
+reports its epochs to the pruner and logs to its own nested MLflow run. ``tune`` is the lead's whole part."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from tlpipe.config import FitConfig
+from tlpipe.tracking import FitRun
+from tlpipe.tuning.results import log_study
+from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
+from tlpipe.tuning.storage import (
+    _CONFIG, _LEAD_RUN, _SLOT, _WORKER, PRUNED_REASON, _QueueEmpty, _quiet, open_study, storage_url, trial_dir,
+)
+
+STATE_TAG = "optuna_state"  # tag on each trial's MLflow run: COMPLETE, PRUNED or FAILED
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED"}
+
+Objective = Callable[[optuna.Trial, FitConfig, "EpochReporter"], float]
+
+
+def _count(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def queue_trials(study: optuna.Study, trials: int, defaults: dict[str, Any] | None = None) -> int:
+    """Queue the trials the study lacks: ``trials`` - finished (complete or pruned) - those already
+    queued or running. A new study's first trial gets ``defaults`` (the recipe's own configuration);
+    the others are drawn by the sampler when they start. Returns how many were queued."""
+    pending = _count(study, *_FINISHED, TrialState.WAITING, TrialState.RUNNING)
+    missing = trials - pending
+    if missing <= 0:
+        return 0
+    fresh = not study.get_trials(deepcopy=False)
+    for i in range(missing):
+        study.enqueue_trial(defaults if fresh and i == 0 and defaults else {}, user_attrs={_SLOT: True})
+    return missing
+
+
+def _requeue_dead(study: optuna.Study, max_retry: int) -> None:
+    """Trials left RUNNING in a study that only this process uses belong to a killed run: fail them
+    and queue them again now (the heartbeat would, after its grace period)."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, study.get_trials(deepcopy=True)[trial.number])
+
+
+class EpochReporter:
+    """``on_epoch(epoch, metrics)`` for one trial (``fit_finetune``'s callback): logs the epoch's
+    metrics to the trial's MLflow run, reports ``metrics[metric]`` to Optuna and raises
+    ``optuna.TrialPruned``, which stops the training, when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, run: Any = None, metric: str = "val_accuracy"):
+        self.trial, self.run, self.metric = trial, run, metric
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log_metrics(metrics, step=epoch)
+        value = float(metrics[self.metric])
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            reason = f"{type(self.trial.study.pruner).__name__} at epoch {epoch}: {self.metric} {value:.4f}"
+            self.trial.set_user_attr(PRUNED_REASON, reason)
+            raise optuna.TrialPruned(reason)
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _TrialRun:
+    """A trial's nested MLflow run, started when first needed: at its first epoch's metrics, else at
+    its end, so a millisecond linear trial costs three calls to the store (create, log, end)."""
+
+    def __init__(self, parent: FitRun, trial: optuna.Trial):
+        self.parent, self.trial, self.run = parent, trial, None
+        self.tags = {"optuna_study": trial.study.study_name, "optuna_trial": str(trial.number)}
+
+    def _start(self, tags: dict[str, str] | None = None) -> FitRun:
+        if self.run is None:
+            self.run = self.parent.child(f"trial-{self.trial.number}", {**self.tags, **(tags or {})})
+        return self.run
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if self.run is None:
+            self._start().log_batch(params=self.trial.params, metrics=metrics, step=step)
+        else:
+            self.run.log_metrics(metrics, step=step)
+
+    def finish(self, state: str, value: float | None, reason: str | None) -> None:
+        tags = {STATE_TAG: state, **({PRUNED_REASON: reason} if reason else {})}
+        metrics = {"objective": value} if value is not None else {}
+        if self.run is None:
+            self._start(tags).log_batch(params=self.trial.params, metrics=metrics)
+        else:
+            self.run.log_batch(metrics=metrics, tags=tags)
+        self.run.end(_MLFLOW_STATUS[state])
+
+
+def _trial_function(study: optuna.Study, objective: Objective, config: FitConfig,
+                    parent: FitRun | None) -> Callable[[optuna.Trial], float]:
+    def run_trial(trial: optuna.Trial) -> float:
+        if not trial.user_attrs.get(_SLOT):  # only if Optuna ever bypassed _QueueStorage
+            study.stop()
+            trial.set_user_attr(PRUNED_REASON, "not a queued trial: the study has all it asked for")
+            raise optuna.TrialPruned("not a queued trial")
+        trial.set_user_attr(_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        trial_config = suggest_config(trial, config)
+        run = _TrialRun(parent, trial) if parent is not None else None
+        state, value, reason = "FAILED", None, None
+        try:
+            value = float(objective(trial, trial_config, EpochReporter(trial, run)))
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state, reason = "PRUNED", trial.user_attrs.get(PRUNED_REASON)
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+            state, reason = "PRUNED", f"CUDA out of memory: {detail}"
+            trial.set_user_attr(PRUNED_REASON, reason)
+            _free_cuda()
+            raise optuna.TrialPruned(reason) from None
+        finally:
+            if run is not None:
+                run.finish(state, value, reason)
+
+    return run_trial
+
+
+def _lead_run(study: optuna.Study) -> FitRun | None:
+    lead = study.user_attrs.get(_LEAD_RUN)
+    if not lead:
+        return None
+    try:
+        return FitRun.attach(lead["run_id"], lead["tracking_uri"])
+    except Exception as exc:  # noqa: BLE001 - the trials still count without their MLflow runs
+        warnings.warn(f"trials are not tracked: the lead's MLflow run cannot be reached ({exc})", stacklevel=2)
+        return None
+
+
+def prepare_study(study: optuna.Study, config: FitConfig, *, trials: int | None = None,
+                  objective: Objective | None = None, defaults: dict[str, Any] | None = None,
+                  parent: FitRun | None = None, requeue_running: bool = False) -> int:
+    """The lead's part before trials run: record the config (and the MLflow run to nest trials
+    under) in the study for workers, and queue the trials still missing. A new study's trial 0 is
+    ``defaults``, else ``objective.default_params(config)`` when the objective has one, else
+    ``default_params(config)``. ``requeue_running``: the storage is this process's alone, so trials
+    left running were killed with it: queue them again now. Returns how many trials were queued."""
+    with _quiet():
+        stored = config.model_copy(update={"tuning": config.tuning.model_copy(update={"storage": None})})
+        study.set_user_attr(_CONFIG, stored.model_dump(mode="json"))
+        if parent is not None and getattr(parent, "run_id", None) is not None:
+            study.set_user_attr(_LEAD_RUN, {"run_id": parent.run_id, "tracking_uri": parent.tracking_uri})
+        if requeue_running:
+            _requeue_dead(study, config.tuning.max_retry)
+        if defaults is None and not study.get_trials(deepcopy=False):
+            defaults = getattr(objective, "default_params", default_params)(config)
+        return queue_trials(study, requested_trials(config, trials), defaults)
+
+
+def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, trials: int | None = None,
+              timeout: float | None = None, parent: FitRun | None = None, worker: bool = False,
+              requeue_running: bool = False, defaults: dict[str, Any] | None = None) -> optuna.Study:
+    """Run the study's queued trials through ``objective(trial, trial_config, on_epoch)``, which
+    returns the trial's val accuracy (a fine-tuning objective passes ``on_epoch`` to ``fit_finetune``).
+
+    The lead (``worker=False``) first runs ``prepare_study``, then runs queued trials until none is
+    left, then waits for other processes' trials to end (queuing and running again any whose process
+    died). A worker runs queued trials until none is left, nesting its MLflow runs under the lead's
+    unless given ``parent``. ``timeout`` (seconds; default the recipe's) stops starting trials: those
+    still queued wait for the next run."""
+    if parent is not None and getattr(parent, "run_id", None) is None:
+        parent = None  # a stand-in run that logs nothing
+    if worker:
+        parent = parent or _lead_run(study)
+    else:
+        prepare_study(study, config, trials=trials, objective=objective, defaults=defaults, parent=parent,
+                      requeue_running=requeue_running)
+    timeout = timeout if timeout is not None else config.tuning.timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    function = _trial_function(study, objective, config, parent)
+    with _quiet():
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                # gc after each trial frees a fine-tuning trial's GPU memory; it would cost more than a linear trial
+                study.optimize(function, timeout=remaining, gc_after_trial=config.strategy != "linear")
+                break  # the timeout: optimize never ends by itself otherwise
+            except _QueueEmpty:
+                pass
+            if worker or not _count(study, TrialState.RUNNING):
+                break
+            time.sleep(min(5, config.tuning.heartbeat_interval))  # other processes' trials still running
+            optuna.storages.fail_stale_trials(study)  # a dead one is queued again, and run here
+    return study
+
+
+@dataclass
+class Tuned:
+    """What ``tune`` hands the lead: the config to fit the final model with, and the study."""
+
+    config: FitConfig  # the best trial's config; the recipe's own when tuning is off or nothing completed
+    study: optuna.Study | None = None
+    summary: dict = field(default_factory=dict)
+    fit_dir: Path | None = None  # fine-tuning: the best trial's folder; fit_finetune there resumes its finished checkpoint
+
+
+def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: FitRun | None = None,
+         trials: int | None = None, timeout: float | None = None, storage: str | None = None,
+         study_name: str | None = None) -> Tuned:
+    """Open (or continue) the fit's study, run it, log it, and return the best config.
+    ``trials``/``timeout``/``storage``/``study_name`` override the recipe's ``tuning`` values."""
+    if requested_trials(config, trials) == 0:
+        return Tuned(config, summary={"trials": 0})
+    if config.strategy != "linear" and not config.cache_dir:  # one decoded-image cache for every trial
+        config = config.model_copy(update={"cache_dir": str(Path(output_dir).resolve() / "cache")})
+    url = storage_url(output_dir, storage or config.tuning.storage)
+    study = open_study(config, output_dir, storage=url, study_name=study_name)
+    run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent,
+              requeue_running=url.startswith("sqlite:"))  # SQLite is one process's (pitfall: "database is locked")
+    summary = log_study(study, parent, output_dir)
+    best = best_config(study, config)
+    fit_dir = None
+    if config.strategy != "linear" and "best_trial" in summary:
+        fit_dir = trial_dir(output_dir, study.best_trial)
+    return Tuned(best, study, summary, fit_dir)
