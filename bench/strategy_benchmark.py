@@ -9,14 +9,15 @@ dataset's own val/ folder, always whole, so every size is scored on the same ima
 - the val accuracy of each strategy under the same small budget: ``linear`` (softmax/SVM with C
   chosen by cross-validation on the penultimate codes), ``linear_stage`` (the same on the earlier
   stage the signals rank best), ``partial`` (last 2 stages + head) and ``full`` (LP-FT), both
-  fine-tunes at the recipe's defaults for ``--epochs`` epochs with early stopping;
+  fine-tunes for ``--epochs`` epochs with early stopping, at the two learning-rate settings of
+  ``FINETUNE_BUDGET`` (the better one counts);
 - the standard error of the linear probe's val accuracy, which the fine-tuning guard uses.
 
 Rows are appended to ``bench/results/strategy_benchmark.jsonl`` as they finish; a re-run skips
 the rows already there, so a killed benchmark resumes. ``bench/strategy_regret.py`` reads it.
 
 Run from the repo root:  python bench/strategy_benchmark.py [--sizes 5 20 50 0] [--epochs 5]
-(size 0 means all images). About 20 minutes on 2 CPU cores at 160 px.
+(size 0 means all images). About 40 minutes on 2 quiet CPU cores at 160 px.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 RESULTS = REPO_ROOT / "bench" / "results" / "strategy_benchmark.jsonl"
 DATASETS = ["hymenoptera", "bloodcells", "dtd10", "rsscn7"]
+# The fine-tunes' small tuning budget: two (head LR, backbone multiplier) settings, the better kept.
+# The linear strategies get theirs from cross-validating C over the recipe's grid.
+FINETUNE_BUDGET = [(1e-4, 0.3), (1e-3, 0.5)]
 
 
 def subsample(samples: list, per_class: int, seed: int) -> list:
@@ -63,7 +67,6 @@ def run_row(dataset: str, per_class: int, args) -> dict:
            "n_classes": len(spec.classes), "image_size": args.image_size, "epochs": args.epochs, "seed": args.seed}
 
     backbone = build_backbone(config)
-    start = time.perf_counter()
     features = {split: collect_features(backbone, sub.splits[split], config) for split in ("train", "val")}
     signals = compute_signals(features["train"], seed=args.seed)
     row["signals"] = signals.to_dict()
@@ -81,12 +84,18 @@ def run_row(dataset: str, per_class: int, args) -> dict:
         accuracy[name], seconds[name] = probe.candidates_[probe.chosen_]["val_accuracy"], time.perf_counter() - t
     row["linear_se"] = standard_error(accuracy["linear"], row["n_val"])
 
+    row["finetune_runs"] = {}
     for strategy in ("partial", "full"):
         t = time.perf_counter()
-        ft_config = config.model_copy(update={"strategy": strategy, "cache_dir": str(args.cache / dataset)})
-        with tempfile.TemporaryDirectory() as out:
-            trained = fit_finetune(build_backbone(ft_config), sub, ft_config, Path(out), codes)
-        accuracy[strategy] = max(h["val_accuracy"] for h in trained.history)  # the best epoch is the one kept
+        for lr, mult in FINETUNE_BUDGET:
+            finetune = config.finetune.model_copy(update={"lr": lr, "backbone_lr_mult": mult})
+            ft_config = config.model_copy(update={"strategy": strategy, "finetune": finetune,
+                                                  "cache_dir": str(args.cache / dataset)})
+            with tempfile.TemporaryDirectory() as out:
+                trained = fit_finetune(build_backbone(ft_config), sub, ft_config, Path(out), codes)
+            # the best epoch is the one a fit keeps
+            row["finetune_runs"][f"{strategy}_lr{lr:g}_x{mult:g}"] = max(h["val_accuracy"] for h in trained.history)
+        accuracy[strategy] = max(v for k, v in row["finetune_runs"].items() if k.startswith(strategy))
         seconds[strategy] = time.perf_counter() - t
     row["accuracy"] = accuracy
     return row
@@ -96,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[5, 20, 50, 0], help="images per class; 0: all")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "tlpipe-bench-cache")

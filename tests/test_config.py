@@ -7,7 +7,7 @@ from tlpipe.config import available_recipes, config_to_yaml, load_config
 from tlpipe.errors import TlpipeError
 
 
-@pytest.mark.parametrize("name", ["default", "quick", "best"])
+@pytest.mark.parametrize("name", ["default", "quick", "best", "far"])
 def test_shipped_recipes_validate(name):
     assert name in available_recipes()
     config = load_config(name)

@@ -76,3 +76,16 @@ def test_fit_auto_logs_the_decision_to_mlflow(image_folder, tmp_path, mlflow_sto
     run = client.get_run(summary["run_id"])
     assert run.data.params["auto_strategy"] == "linear" and float(run.data.params["auto_domain_gap"]) > 0
     assert "strategy.json" in [a.path for a in client.list_artifacts(summary["run_id"])]
+
+
+def test_candidate_backbones_are_ranked_by_their_signals_and_the_best_is_kept(image_folder):
+    from tlpipe.config import load_config
+    from tlpipe.pipeline import inspect
+
+    root = image_folder("data", {"cats": 6, "dogs": 6}, split={"train": 6, "val": 2})
+    config = load_config("quick", num_workers=0, candidates=["efficientnet_lite0", "efficientnet_lite1"])
+    result = inspect(root, config)
+    ranking = result["backbone_ranking"]
+    assert {r["backbone"] for r in ranking} == {"efficientnet_lite0", "efficientnet_lite1"}
+    keys = [(-r["probe_accuracy"], -r["logme"]) for r in ranking]
+    assert keys == sorted(keys) and result["backbone"] == ranking[0]["backbone"]

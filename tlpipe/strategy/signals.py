@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import softmax
+from scipy.special import entr, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -23,6 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from tlpipe.config import FitConfig
 from tlpipe.data import Sample, eval_loader
@@ -34,7 +36,7 @@ from tlpipe.strategy.logme import logme
 PROBE_C = 0.1  # fixed: the probe ranks stages and datasets, it is not the final classifier
 KNN_K = 10
 MAX_FOLDS = 5
-_CHUNK = 2**20  # elements squared at a time on the CPU (4 MB: in cache, and few enough ops per batch)
+_CHUNK = 2**24  # elements squared at a time (64 MB of scratch): few ops per batch, bounded memory
 
 
 @dataclass
@@ -61,7 +63,7 @@ class FeatureSet:
     """What one forward pass of the frozen backbone yields for a list of images."""
 
     codes: np.ndarray  # (N, D) penultimate codes, as CodeExtractor(model, "penultimate") gives them
-    stages: dict[str, np.ndarray]  # feature_info module -> (N, C) pooled features, as CodeExtractor(model, module) gives
+    stages: dict[str, np.ndarray]  # feature_info module -> (N, C), as CodeExtractor(model, module, layer_relu) gives
     imagenet_logits: np.ndarray | None  # (N, 1000), None when the classifier is not the pretrained ImageNet one
     bn_stats: dict[str, list[BatchNormStats]]  # stage (or "penultimate": layers after the last stage) -> its BN layers
     labels: np.ndarray  # (N,) int64
@@ -69,31 +71,45 @@ class FeatureSet:
     seconds: float  # the forward pass
 
 
-class _Moments:
-    """Forward pre-hook: per-channel count, sum and sum of squares of a BatchNorm layer's input over
-    every pixel of every image, totalled in float64 (``var = E[x^2] - E[x]^2`` is then off by about
-    1e-7 E[x^2], far below the ``eps`` the layer adds). On the CPU the squares are taken in chunks:
-    whole activation maps made the pass 2.3x slower (fresh memory for each square), and small chunks
-    mean thousands of tiny multi-threaded ops per batch."""
+class _BatchNormMoments:
+    """Forward pre-hooks that total, per BatchNorm layer and channel, the count, sum and sum of squares
+    of the layer's input over every pixel of every image, in float64 (``var = E[x^2] - E[x]^2`` is then
+    off by about 1e-7 E[x^2], far below the ``eps`` the layer adds). The squares go through one reused
+    buffer of at most ``_CHUNK`` elements: fresh memory for every square cost a third more CPU time,
+    and small chunks mean many small multi-threaded ops, each waiting for a core on a busy machine."""
 
-    def __init__(self) -> None:
-        self.count, self.sum, self.sum_sq = 0, 0.0, 0.0
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.layers: dict[str, nn.BatchNorm2d] = {name: model.get_submodule(name) for name in names}
+        self.totals = {name: [0, 0.0, 0.0] for name in names}
+        self.scratch = torch.empty(0)
 
-    def __call__(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+    def register(self) -> list[RemovableHandle]:
+        return [bn.register_forward_pre_hook(partial(self._add, name)) for name, bn in self.layers.items()]
+
+    def _add(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         channels = inputs[0].shape[1]
         rows = inputs[0].movedim(1, -1).reshape(-1, channels).float()  # a view for channels_last float32
-        step = len(rows) if rows.is_cuda else max(1, _CHUNK // channels)
-        squares = torch.stack([torch.mul(chunk, chunk).sum(0) for chunk in rows.split(step)])
-        self.sum = self.sum + rows.sum(0).double()
-        self.sum_sq = self.sum_sq + squares.double().sum(0)
-        self.count += len(rows)
+        step = max(1, _CHUNK // channels)
+        if self.scratch.numel() < min(len(rows), step) * channels or self.scratch.device != rows.device:
+            self.scratch = torch.empty(min(len(rows), step) * channels, device=rows.device)
+        squares = [torch.mul(c, c, out=self.scratch[:c.numel()].view(c.shape)).sum(0) for c in rows.split(step)]
+        total = self.totals[name]
+        total[0] += len(rows)
+        total[1] = total[1] + rows.sum(0).double()
+        total[2] = total[2] + torch.stack(squares).double().sum(0)
 
-    def stats(self, name: str, bn: nn.BatchNorm2d) -> BatchNormStats:
-        mean, second = (self.sum / self.count).cpu().numpy(), (self.sum_sq / self.count).cpu().numpy()
-        return BatchNormStats(
-            name, mean, np.maximum(second - mean**2, 0.0),
-            bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy(), float(bn.eps),
-        )
+    def stats(self) -> dict[str, BatchNormStats]:
+        """Per layer that ran: its input's moments next to its running ones."""
+        out = {}
+        for name, (count, total, total_sq) in self.totals.items():
+            if count:
+                mean, second = (total / count).cpu().numpy(), (total_sq / count).cpu().numpy()
+                bn = self.layers[name]
+                out[name] = BatchNormStats(
+                    name, mean, np.maximum(second - mean**2, 0.0),
+                    bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy(), float(bn.eps),
+                )
+        return out
 
 
 class _Taps(nn.Module):
@@ -104,6 +120,12 @@ class _Taps(nn.Module):
         self.model, self.stages, self.relu, self.logits = model, stages, relu, logits
         self.captured: dict[str, torch.Tensor] = {}
         self.widths: list[int] = []  # of the parts, for splitting the rows again
+
+    def register(self) -> list[RemovableHandle]:
+        return [self.model.get_submodule(n).register_forward_hook(partial(self._capture, n)) for n in self.stages]
+
+    def _capture(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.captured[name] = output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(images)
@@ -131,9 +153,11 @@ def batchnorm_stages(model: nn.Module, stages: list[str]) -> dict[str, str]:
 
 
 def has_imagenet_head(backbone: Backbone) -> bool:
-    """The classifier is the pretrained 1000-class one (not random, not replaced)."""
+    """The classifier is the pretrained 1000-class one (not random, not replaced). A weights file
+    without a classifier leaves a random one that this cannot tell apart."""
     model = backbone.model
-    return backbone.weights.kind != "none" and getattr(model, "num_classes", None) == model.pretrained_cfg.get("num_classes") == 1000
+    classes = getattr(model, "num_classes", None)
+    return backbone.weights.kind != "none" and classes == model.pretrained_cfg.get("num_classes") == 1000
 
 
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
@@ -155,11 +179,8 @@ def collect_features(backbone: Backbone, samples: list[Sample], config: FitConfi
     indices = stratified_subset(np.array([s.label for s in samples]), max_images, config.seed)
     taps = _Taps(model, stages, config.layer_relu, has_imagenet_head(backbone))
     bn_stage = batchnorm_stages(model, stages)
-    moments = {name: _Moments() for name in bn_stage}
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in moments.items()]
-    for name in stages:
-        handles.append(model.get_submodule(name).register_forward_hook(
-            lambda module, inputs, output, name=name: taps.captured.__setitem__(name, output)))
+    moments = _BatchNormMoments(model, list(bn_stage))
+    handles = taps.register() + moments.register()
     try:
         loader = eval_loader([samples[i] for i in indices], backbone.data_config, config.batch_size, config.num_workers)
         out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals")
@@ -168,8 +189,8 @@ def collect_features(backbone: Backbone, samples: list[Sample], config: FitConfi
             handle.remove()
     parts = np.split(out, np.cumsum(taps.widths)[:-1], axis=1)
     bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}
-    for name, acc in moments.items():
-        bn_stats[bn_stage[name]].append(acc.stats(name, model.get_submodule(name)))
+    for name, layer in moments.stats().items():
+        bn_stats[bn_stage[name]].append(layer)
     return FeatureSet(
         codes=parts[0], stages=dict(zip(stages, parts[1 + taps.logits:])),
         imagenet_logits=parts[1] if taps.logits else None, bn_stats=bn_stats, labels=labels,
@@ -179,14 +200,18 @@ def collect_features(backbone: Backbone, samples: list[Sample], config: FitConfi
 
 @dataclass
 class Signals:
-    """Per stage and for the penultimate codes: ``probe_accuracy`` (mean over folds, with ``probe_std``
-    and ``probe_sem``), ``knn_accuracy``, ``logme``, ``bn_gap`` (NaN without BatchNorm), ``dim``."""
+    """How well the frozen network fits the data. Each entry of ``stages`` (feature_info order) and
+    ``penultimate`` holds ``probe_accuracy``: logistic regression (C = ``PROBE_C``) on standardised
+    features, mean over stratified folds (``probe_std``, ``probe_sem`` over the folds); ``knn_accuracy``:
+    distance-weighted cosine kNN on standardised features, same folds; ``logme`` on the raw features;
+    ``bn_gap``: mean of ``BatchNormStats.gap`` over that level's BatchNorm layers (NaN without any);
+    ``dim``."""
 
     stages: list[dict]
     best_stage: str  # highest probe accuracy, ties to kNN accuracy
     penultimate: dict
     imagenet_confidence: dict  # mean_max_prob, mean_entropy (nats); empty without the ImageNet head
-    domain_gap: float  # mean BN gap over all BatchNorm layers of the network
+    domain_gap: float  # mean bn_gap over the stages and the penultimate level: each depth counts once
     folds: int
     seconds: float  # compute_signals itself (the forward pass is FeatureSet.seconds)
 
@@ -235,12 +260,15 @@ def _compute_signals(features: FeatureSet, seed: int) -> Signals:
         p = softmax(features.imagenet_logits.astype(np.float64), axis=1)
         confidence = {
             "mean_max_prob": float(p.max(1).mean()),
-            "mean_entropy": float(-(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean()),
+            "mean_entropy": float(entr(p).sum(1).mean()),
         }
-    all_layers = [layer for layers in features.bn_stats.values() for layer in layers]
+    # Each depth counts once, whatever number of blocks the architecture puts in it: low-level
+    # shifts (colour, texture: microscopy, aerial views) and high-level ones both move the summary.
+    levels = [s["bn_gap"] for s in [*stages, penultimate] if not np.isnan(s["bn_gap"])]
     return Signals(
         stages=stages,
         best_stage=max(stages, key=lambda s: (s["probe_accuracy"], s["knn_accuracy"]))["name"] if stages else PENULTIMATE,
-        penultimate=penultimate, imagenet_confidence=confidence, domain_gap=_bn_gap(all_layers),
+        penultimate=penultimate, imagenet_confidence=confidence,
+        domain_gap=float(np.mean(levels)) if levels else float("nan"),
         folds=folds, seconds=time.perf_counter() - start,
     )
