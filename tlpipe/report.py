@@ -22,6 +22,9 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     backbone = summary["backbone"]
     console.print(f"[bold]Backbone[/]  {backbone['name']} ({backbone['arch']}), weights from {backbone['kind']} "
                   f"{backbone['location']} (sha256 {backbone['sha256'][:12]}…)")
+    if summary.get("backbone_ranking"):
+        console.print("Candidates by transfer signals: " + "; ".join(
+            f"{r['backbone']} probe {r['probe_accuracy']:.3f}, LogME {r['logme']:.2f}" for r in summary["backbone_ranking"]))
     console.print(f"[bold]Strategy[/]  {summary['strategy']}: {summary['strategy_reason']}")
 
     if "candidates" in summary["head"]:

@@ -74,9 +74,10 @@ class FeatureSet:
 class _BatchNormMoments:
     """Forward pre-hooks that total, per BatchNorm layer and channel, the count, sum and sum of squares
     of the layer's input over every pixel of every image, in float64 (``var = E[x^2] - E[x]^2`` is then
-    off by about 1e-7 E[x^2], far below the ``eps`` the layer adds). The squares go through one reused
-    buffer of at most ``_CHUNK`` elements: fresh memory for every square cost a third more CPU time,
-    and small chunks mean many small multi-threaded ops, each waiting for a core on a busy machine."""
+    off by about 1e-7 E[x^2], far below the ``eps`` the layer adds). The squares go into one reused
+    buffer of at most ``_CHUNK`` elements: into fresh memory they took 3x as long (page faults), and
+    cache-sized chunks meant so many small multi-threaded ops that the pass ran 2.5x slower on a busy
+    2-core machine. About half of what the BatchNorm layers themselves cost remains."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         self.layers: dict[str, nn.BatchNorm2d] = {name: model.get_submodule(name) for name in names}
@@ -171,7 +172,9 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> 
     return np.sort(np.argsort(rank, kind="stable")[:max_images])
 
 
-def collect_features(backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None) -> FeatureSet:
+def collect_features(
+    backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None
+) -> FeatureSet:
     """One pass of the frozen backbone over ``samples`` (the pipeline's eval preprocessing, device
     and batch size) that keeps everything the signals need."""
     start = time.perf_counter()
@@ -237,7 +240,7 @@ def _bn_gap(layers: list[BatchNormStats]) -> float:
 
 def compute_signals(features: FeatureSet, seed: int = 0) -> Signals:
     """Score every stage and the penultimate codes; see ``Signals``. BLAS runs on one thread: on
-    matrices this small, more threads spent longer waiting for each other (6x on hymenoptera)."""
+    matrices this small, two threads on a busy 2-core machine made it 6x slower (hymenoptera)."""
     with threadpool_limits(1):
         return _compute_signals(features, seed)
 
@@ -250,11 +253,12 @@ def _compute_signals(features: FeatureSet, seed: int) -> Signals:
         raise TlpipeError("transfer signals need at least 2 images in every class")
     cv = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))  # the same folds for all
     neighbours = min(KNN_K, min(len(train) for train, _ in cv))
+    gaps = {name: _bn_gap(layers) for name, layers in features.bn_stats.items()}
     stages = [
-        {"name": name, **_scores(X, y, cv, neighbours), "bn_gap": _bn_gap(features.bn_stats.get(name, []))}
+        {"name": name, **_scores(X, y, cv, neighbours), "bn_gap": gaps.get(name, float("nan"))}
         for name, X in features.stages.items()
     ]
-    penultimate = {**_scores(features.codes, y, cv, neighbours), "bn_gap": _bn_gap(features.bn_stats.get(PENULTIMATE, []))}
+    penultimate = {**_scores(features.codes, y, cv, neighbours), "bn_gap": gaps.get(PENULTIMATE, float("nan"))}
     confidence = {}
     if features.imagenet_logits is not None:
         p = softmax(features.imagenet_logits.astype(np.float64), axis=1)
@@ -265,9 +269,10 @@ def _compute_signals(features: FeatureSet, seed: int) -> Signals:
     # Each depth counts once, whatever number of blocks the architecture puts in it: low-level
     # shifts (colour, texture: microscopy, aerial views) and high-level ones both move the summary.
     levels = [s["bn_gap"] for s in [*stages, penultimate] if not np.isnan(s["bn_gap"])]
+    best = max(stages, key=lambda s: (s["probe_accuracy"], s["knn_accuracy"]))["name"] if stages else PENULTIMATE
     return Signals(
         stages=stages,
-        best_stage=max(stages, key=lambda s: (s["probe_accuracy"], s["knn_accuracy"]))["name"] if stages else PENULTIMATE,
+        best_stage=best,
         penultimate=penultimate, imagenet_confidence=confidence,
         domain_gap=float(np.mean(levels)) if levels else float("nan"),
         folds=folds, seconds=time.perf_counter() - start,
