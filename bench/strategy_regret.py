@@ -12,8 +12,9 @@ of the strategy the policy picks, in accuracy points. Policies:
 - ``auto``: ``tlpipe.strategy.decision.decide`` on the row's signals, with the fine-tuning guard
   (``keep_finetune``: a fine-tune must beat the linear probe by more than its standard error).
 
-Calibration: the two thresholds of ``Thresholds`` (images per class for "large", BatchNorm gap
-for "far") are chosen on a grid to minimise mean regret, then worst regret. ``auto (fitted)``
+Calibration: the thresholds of ``Thresholds`` (images per class for "large"; BatchNorm gap and
+ImageNet-head confidence for "far") are chosen on a grid (midpoints between observed values) to
+minimise mean regret, then worst regret. ``auto (fitted)``
 uses the thresholds fitted on all rows; ``auto (LODO)`` fits them on the other datasets and scores
 the held-out one, an honest estimate for a dataset the thresholds never saw.
 
@@ -59,17 +60,24 @@ def regrets(rows: list[dict], pick) -> np.ndarray:
 def calibrate(rows: list[dict]) -> Thresholds:
     """Thresholds with the lowest (mean, worst) regret of ``auto`` over ``rows``."""
     sizes = sorted({r["per_class_min"] for r in rows}) + [10**9]
-    gaps = sorted({r["signals"]["domain_gap"] for r in rows})
-    gap_grid = [0.0] + [(a + b) / 2 for a, b in zip(gaps, gaps[1:])] + [gaps[-1] + 1]
+    gap_grid = _midpoints(r["signals"]["domain_gap"] for r in rows)
+    confidence_grid = _midpoints(r["signals"]["imagenet_confidence"]["mean_max_prob"] for r in rows)
     best, best_key = DEFAULT_THRESHOLDS, (np.inf, np.inf)
     for large in sizes:
         for gap in gap_grid:
-            candidate = Thresholds(large_per_class=large, far_gap=round(gap, 4))
-            r = regrets(rows, lambda row: auto_accuracy(row, candidate)[0])
-            key = (round(r.mean(), 6), r.max())
-            if key < best_key:
-                best, best_key = candidate, key
+            for confidence in [0.0] + confidence_grid[1:]:  # 0: the confidence plays no part
+                candidate = Thresholds(large_per_class=large, far_gap=round(gap, 4), far_confidence=round(confidence, 4))
+                r = regrets(rows, lambda row: auto_accuracy(row, candidate)[0])
+                key = (round(r.mean(), 6), r.max())
+                if key < best_key:
+                    best, best_key = candidate, key
     return best
+
+
+def _midpoints(values) -> list[float]:
+    """Thresholds between consecutive observed values, plus one below and one above them all."""
+    v = sorted(set(values))
+    return [v[0] - 1e-3] + [(a + b) / 2 for a, b in zip(v, v[1:])] + [v[-1] + 1]
 
 
 def main() -> None:
@@ -82,13 +90,13 @@ def main() -> None:
     fitted = calibrate(rows)
     lodo = {}
     for dataset in sorted({r["dataset"] for r in rows}):
-        thresholds = calibrate([r for r in rows if r["dataset"] != dataset])
-        lodo[dataset] = thresholds
+        others = [r for r in rows if r["dataset"] != dataset]
+        lodo[dataset] = calibrate(others) if others else DEFAULT_THRESHOLDS
     policies = {
         "always linear": lambda r: "linear",
         "always full": lambda r: "full",
         "2x2 rule": plain_rule,
-        f"auto (default {DEFAULT_THRESHOLDS.large_per_class}/class, gap {DEFAULT_THRESHOLDS.far_gap})":
+        "auto (shipped thresholds)":
             lambda r: auto_accuracy(r, DEFAULT_THRESHOLDS)[0],
         "auto (fitted)": lambda r: auto_accuracy(r, fitted)[0],
         "auto (LODO)": lambda r: auto_accuracy(r, lodo[r["dataset"]])[0],
@@ -99,9 +107,9 @@ def main() -> None:
         chosen = auto_accuracy(r, fitted)[0]
         print(f"{r['dataset']:12s} {r['per_class_min']:7d} {r['signals']['domain_gap']:6.3f}  "
               + " ".join(f"{v:12.3f}" for v in r["accuracy"].values()) + f"   {chosen}")
-    print(f"\nfitted thresholds: large at {fitted.large_per_class} images/class, far above gap {fitted.far_gap}")
+    print(f"\nfitted thresholds: {fitted}")
     for dataset, t in lodo.items():
-        print(f"  without {dataset:12s}: large at {t.large_per_class}, far above {t.far_gap}")
+        print(f"  without {dataset:12s}: {t}")
     print(f"\n{'policy':42s} {'mean regret':>11s} {'worst':>7s}  (accuracy points, {len(rows)} rows)")
     for name, pick in policies.items():
         r = regrets(rows, pick)

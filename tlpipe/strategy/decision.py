@@ -2,9 +2,11 @@
 
 The notes' rule of thumb crosses dataset size (small/large) with similarity to ImageNet
 (similar/different). Here both axes are numbers: size is the images per class of the smallest
-class; distance is the BatchNorm domain gap of the frozen network on the data (how far the data's
-activation statistics are from the ones stored in the pretrained network, ``Signals.domain_gap``).
-The two thresholds are calibrated on ``bench/strategy_benchmark.py`` (see ``bench/STRATEGY.md``).
+class; the data is far from ImageNet when the BatchNorm domain gap of the frozen network is large
+(the data's activation statistics against the ones stored in the pretrained network: colour and
+texture shifts, ``Signals.domain_gap``) or when the ImageNet head is unsure what it sees (mean top
+probability: the content is unlike ImageNet's, as for textures whose pixel statistics are ordinary).
+The thresholds are calibrated on ``bench/strategy_benchmark.py`` (see ``bench/STRATEGY.md``).
 
 - small, near: a linear classifier on the last stage (the codes already separate the classes);
 - small, far: a linear classifier, on the earlier stage the probes rank best when it beats the
@@ -30,6 +32,7 @@ class Thresholds:
 
     large_per_class: int = 100  # smallest class at or above this: enough data to fine-tune
     far_gap: float = 0.5  # BatchNorm domain gap (nats) above this: far from ImageNet
+    far_confidence: float = 0.0  # ImageNet head's mean top probability below this: far too
     partial_stages: int = 2  # stages a partial fine-tune trains, with the head
 
 
@@ -60,14 +63,15 @@ def _stage_probe(signals: Signals, name: str) -> dict:
 def decide(signals: Signals, images_per_class: int, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Decision:
     """The strategy for data with ``images_per_class`` in its smallest class and these signals."""
     large = images_per_class >= thresholds.large_per_class
-    far = signals.domain_gap > thresholds.far_gap
+    confidence = signals.imagenet_confidence.get("mean_max_prob", 1.0)
+    far = signals.domain_gap > thresholds.far_gap or confidence < thresholds.far_confidence
     last = signals.penultimate
     reasons = [
         f"The smallest class has {images_per_class} training images ({'at least' if large else 'under'} "
         f"{thresholds.large_per_class}: {'large' if large else 'small'} for fine-tuning).",
-        f"The BatchNorm domain gap is {signals.domain_gap:.2f} nats ({'above' if far else 'at most'} "
-        f"{thresholds.far_gap:.2f}: {'far from' if far else 'near'} ImageNet); the ImageNet head's mean top "
-        f"probability is {signals.imagenet_confidence.get('mean_max_prob', float('nan')):.2f}.",
+        f"The BatchNorm domain gap is {signals.domain_gap:.3f} nats (far above {thresholds.far_gap:.3f}) and the "
+        f"ImageNet head's mean top probability {confidence:.2f} (far below {thresholds.far_confidence:.2f}): "
+        f"{'far from' if far else 'near'} ImageNet.",
         f"A linear probe on the last features scores {last['probe_accuracy']:.3f} "
         f"(± {last['probe_sem']:.3f}) in {signals.folds}-fold cross-validation.",
     ]
