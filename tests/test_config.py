@@ -46,7 +46,7 @@ def test_recipe_mistakes_are_one_line_naming_the_key(tmp_path, text, message):
 
 
 def test_unknown_recipe_lists_the_shipped_ones():
-    with pytest.raises(TlpipeError, match="default, quick"):
+    with pytest.raises(TlpipeError, match="best, default, far, quick"):
         load_config("fastest")
 
 

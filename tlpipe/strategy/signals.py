@@ -173,16 +173,18 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> 
 
 
 def collect_features(
-    backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None
+    backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None,
+    batchnorm: bool = True,
 ) -> FeatureSet:
     """One pass of the frozen backbone over ``samples`` (the pipeline's eval preprocessing, device
-    and batch size) that keeps everything the signals need."""
+    and batch size) that keeps everything the signals need. ``batchnorm=False`` skips the BatchNorm
+    statistics (most of the hooks' cost) where no signal is computed, e.g. on the val split."""
     start = time.perf_counter()
     model, stages = backbone.model, feature_layers(backbone.model)
     indices = stratified_subset(np.array([s.label for s in samples]), max_images, config.seed)
     taps = _Taps(model, stages, config.layer_relu, has_imagenet_head(backbone))
     bn_stage = batchnorm_stages(model, stages)
-    moments = _BatchNormMoments(model, list(bn_stage))
+    moments = _BatchNormMoments(model, list(bn_stage) if batchnorm else [])
     handles = taps.register() + moments.register()
     try:
         loader = eval_loader([samples[i] for i in indices], backbone.data_config, config.batch_size, config.num_workers)
