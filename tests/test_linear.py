@@ -34,11 +34,11 @@ def test_exported_head_predicts_exactly_like_the_fitted_pipeline(n_classes):
 def test_logistic_probabilities_are_the_models_own():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from tlpipe.training.linear import ShrunkScaler
 
     X, y, X_val, y_val = codes(3)
     probe = LinearProbe(("logreg",), c_grid=(0.1,), cv_folds=3).fit(X, y, X_val, y_val)
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000)).fit(X, y)
+    reference = make_pipeline(ShrunkScaler(), LogisticRegression(C=0.1, max_iter=3000)).fit(X, y)
     np.testing.assert_allclose(probe.head_.predict_proba(X_val), reference.predict_proba(X_val), atol=1e-4)
 
 
@@ -55,3 +55,17 @@ def test_svm_temperature_is_fitted_and_head_round_trips_through_tensors():
     assert head.scale > 0 and head.scale != 1.0
     again = LinearHead.from_tensors(head.tensors(), "svm")
     np.testing.assert_array_equal(again.predict_proba(X_val), head.predict_proba(X_val))
+
+
+def test_the_scaler_trusts_per_feature_variances_only_as_far_as_the_images_allow():
+    from sklearn.preprocessing import StandardScaler
+
+    from tlpipe.training.linear import ShrunkScaler
+
+    rng = np.random.default_rng(0)
+    many = rng.normal(size=(100_000, 3)) * [0.5, 1.0, 2.0]
+    few = rng.normal(size=(6, 3)) * [0.01, 1.0, 2.0]
+    np.testing.assert_allclose(ShrunkScaler().fit(many).scale_, StandardScaler().fit(many).scale_, rtol=1e-2)
+    shrunk, plain = ShrunkScaler().fit(few).scale_, StandardScaler().fit(few).scale_
+    assert shrunk[0] > 10 * plain[0]  # a feature that barely varied in 6 codes is not blown up
+    assert shrunk.max() / shrunk.min() < plain.max() / plain.min()

@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 
 from tlpipe.config import FitConfig
+from tlpipe.training.linear import ShrunkScaler
 from tlpipe.tuning.storage import trial_dir
 from tlpipe.tuning.study import EpochReporter, _free_cuda
 
@@ -19,19 +20,18 @@ class LinearObjective:
     """Linear trials on cached codes: the trial's classifier with its C, fitted on standardized train
     codes and scored on val, in milliseconds.
 
-    The codes are standardized once and projected once onto the span of the train codes (an SVD):
+    The codes are standardized once (``ShrunkScaler``, as in ``fit_linear``) and projected once onto the span of the train codes (an SVD):
     an L2-penalised linear model's weights lie in that span, so the fit is the same with
     min(n, d) features instead of d. Each fit runs on one BLAS thread: on small matrices more threads
     cost more than they give (30x slower on 2 busy cores)."""
 
     def __init__(self, codes: dict[str, tuple[np.ndarray, np.ndarray]]):
-        from sklearn.preprocessing import StandardScaler
         from threadpoolctl import ThreadpoolController
 
         self.codes, self.threads = codes, ThreadpoolController()
         (X, self.y), (X_val, self.y_val) = codes["train"], codes["val"]
         with self.threads.limit(limits=1):
-            scaler = StandardScaler().fit(X)
+            scaler = ShrunkScaler().fit(X)  # as fit_linear standardises
             X, X_val = scaler.transform(X), scaler.transform(X_val)
             if X.shape[0] < X.shape[1]:
                 _, s, vt = np.linalg.svd(X, full_matrices=False)
