@@ -8,7 +8,6 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from conftest import class_color, make_image
 
 RECIPE = """
 image_size: 64
@@ -21,11 +20,8 @@ tuning: {trials: 0}
 """
 
 
-def test_two_process_ddp_fit_completes_and_rank_0_alone_writes(tmp_path):
-    data = tmp_path / "data"
-    for c, name in enumerate(["red", "green", "blue"]):
-        for k in range(8):
-            make_image(data / name / f"{k}.jpg", class_color(c), size=(64, 48), noise=40, seed=[c, k])
+def test_two_process_ddp_fit_completes_and_rank_0_alone_writes(tmp_path, image_folder):
+    data = image_folder("data", {"red": 8, "green": 8, "blue": 8}, size=(64, 48), noise=40)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
