@@ -114,7 +114,7 @@ def main() -> None:
 
         def epoch(number: int) -> float:
             loader.sampler.set_epoch(number)
-            return timed(lambda: tuner._train_epoch(model, loader, optimizer, scheduler, criterion, precision))[0]
+            return timed(lambda: tuner._train_epoch(model, model, loader, optimizer, scheduler, criterion, precision))[0]
         return epoch
 
     def loader_only(loader: DataLoader) -> float:  # after the epochs above: workers already running
