@@ -110,7 +110,7 @@ def fit(
             if not context.is_main and config.strategy == "linear":
                 shutdown()
                 return None
-        layer = config.layer if config.strategy == "linear" else PENULTIMATE  # fine-tuning trains the full head path
+        layer = code_layer(config)
         run.log_params(_params(config, recipe, backbone, spec))
         if assessment:
             run.log_params(_auto_params(assessment, ranking))
@@ -124,7 +124,7 @@ def fit(
         config = tuned.config
         with timings.stage("train"):
             if config.strategy == "linear":
-                trained = fit_linear(backbone, spec, config, codes)
+                trained = fit_linear(config, codes)
             else:  # in the best trial's folder: its finished checkpoint is resumed, not trained again
                 trained = fit_finetune(backbone, spec, config, tuned.fit_dir or out, codes,
                                        on_epoch=lambda e, m: run.log_metrics(m, step=e), context=context)
@@ -138,7 +138,7 @@ def fit(
                 frozen_codes, codes["val"] = dict(codes), dataset_codes(backbone, spec, "val", config, layer)
             if assessment and not _finetune_pays(trained, codes["val"], frozen_codes, assessment, spec, config):
                 backbone, codes = build_backbone(config), frozen_codes  # the pretrained weights, unchanged
-                trained = fit_linear(backbone, spec, config, codes)
+                trained = fit_linear(config, codes)
                 config = config.model_copy(update={"strategy": "linear"})
         X_val, y_val = codes["val"]
         metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
@@ -206,6 +206,16 @@ def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpe
     }
 
 
+def code_layer(config: FitConfig) -> str | int:
+    """The tap the strategy's codes come from: fine-tuning trains the full head path."""
+    return config.layer if config.strategy == "linear" else PENULTIMATE
+
+
+def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: dict):
+    """The Optuna objective of the (resolved) strategy: linear trials on codes, or fine-tunes."""
+    return linear_objective(codes) if config.strategy == "linear" else finetune_objective(backbone, spec, out, codes)
+
+
 @dataclass
 class TuningOverrides:
     """This run's Optuna settings over the recipe's: None keeps the recipe's value."""
@@ -222,8 +232,7 @@ def _tune(config, out, backbone, spec, codes, run, context, overrides: TuningOve
     overrides = overrides or TuningOverrides()
     if context.enabled:
         return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    objective = linear_objective(codes) if config.strategy == "linear" else finetune_objective(backbone, spec, out, codes)
-    return tune(config, out, objective, parent=run, **dataclasses.asdict(overrides))
+    return tune(config, out, strategy_objective(config, backbone, spec, out, codes), parent=run, **dataclasses.asdict(overrides))
 
 
 def run_worker(data: str | Path, storage: str, study_name: str, output: str | Path) -> dict:
@@ -234,10 +243,9 @@ def run_worker(data: str | Path, storage: str, study_name: str, output: str | Pa
     config = config.model_copy(update={"cache_dir": str(out.resolve() / "cache")})  # this machine's own cache
     spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
     backbone = build_backbone(config)
-    layer = config.layer if config.strategy == "linear" else PENULTIMATE
+    layer = code_layer(config)
     codes = {split: dataset_codes(backbone, spec, split, config, layer) for split in ("train", "val")}
-    objective = linear_objective(codes) if config.strategy == "linear" else finetune_objective(backbone, spec, out, codes)
-    run_study(study, objective, config, worker=True)
+    run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
     return study_summary(study)
 
 
@@ -254,7 +262,7 @@ def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, lis
 def _finetune_pays(trained, val_codes, frozen_codes, assessment, spec, config) -> bool:
     """The auto guard: the fine-tune's val accuracy must beat the linear probe's by more than the
     probe's standard error; the decision records the outcome either way."""
-    linear = fit_linear(None, spec, config, frozen_codes)
+    linear = fit_linear(config, frozen_codes)
     X_val, y_val = frozen_codes["val"]
     linear_accuracy = float((linear.head.predict(X_val) == y_val).mean())
     finetune_accuracy = float((trained.head.predict(val_codes[0]) == val_codes[1]).mean())

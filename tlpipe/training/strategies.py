@@ -98,7 +98,7 @@ def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> Lin
     return LinearProbe(tuple(classifiers or lin.classifiers), tuple(lin.c_grid), lin.cv_folds, config.seed).fit(X, y, X_val, y_val)
 
 
-def fit_linear(backbone: Backbone, spec: DatasetSpec, config: FitConfig, codes: dict) -> TrainedHead:
+def fit_linear(config: FitConfig, codes: dict) -> TrainedHead:
     """Strategy 1: a linear classifier on frozen codes. ``codes`` holds train/val codes (reused)."""
     probe = linear_probe(config, *codes["train"], *codes["val"])
     return TrainedHead(probe.head_, {"chosen": probe.chosen_, "candidates": probe.summary()})
