@@ -168,3 +168,30 @@ def test_a_class_with_one_image_is_refused():
     fs = FeatureSet(np.ones((3, 4), np.float32), {}, None, {}, np.array([0, 0, 1]), np.arange(3), 0.0)
     with pytest.raises(TlpipeError, match="2 images"):
         compute_signals(fs)
+
+
+def test_a_second_pass_reads_the_cache_and_a_touched_file_misses_it(small, colour_samples, colour_features, tmp_path):
+    calls = []
+    first_stage = small.model.get_submodule(feature_layers(small.model)[0])
+    handle = first_stage.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = collect_features(small, colour_samples, CONFIG, cache=tmp_path)
+        assert len(calls) > 0 and len(list((tmp_path / "signals").glob("*.npz"))) == 1
+        calls.clear()
+        again = collect_features(small, colour_samples, CONFIG, cache=tmp_path)
+        assert not calls  # no forward pass at all
+        for field in ("codes", "labels", "indices", "imagenet_logits"):
+            np.testing.assert_array_equal(getattr(again, field), getattr(first, field))
+        assert again.stages.keys() == first.stages.keys()
+        assert all(np.array_equal(again.stages[k], first.stages[k]) for k in first.stages)
+        assert {k: [b.layer for b in v] for k, v in again.bn_stats.items()} == \
+            {k: [b.layer for b in v] for k, v in first.bn_stats.items()}
+        scores = [{k: v for k, v in compute_signals(f, seed=0).to_dict().items() if k != "seconds"} for f in (again, first)]
+        assert scores[0] == scores[1]
+        assert not list(tmp_path.rglob("*.tmp"))
+
+        Image.open(colour_samples[0].path).save(colour_samples[0].path, quality=50)  # new bytes and mtime
+        collect_features(small, colour_samples, CONFIG, cache=tmp_path)
+        assert len(calls) > 0 and len(list((tmp_path / "signals").glob("*.npz"))) == 2
+    finally:
+        handle.remove()

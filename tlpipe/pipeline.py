@@ -102,7 +102,8 @@ def fit(
         assessment = None
         if config.strategy == "auto":
             with timings.stage("extract_codes"), context.main_first():  # the pass the codes need, with hooks
-                features = {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train")
+                features = {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train",
+                                                    cache=Path(config.cache_dir or out / "cache"))
                             for split in ("train", "val")}
             with timings.stage("decide"):
                 assessment = assess(features, spec, config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tlpipe.codes import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
 from tlpipe.data import Sample, eval_loader
 from tlpipe.device import resolve_device
@@ -174,14 +176,24 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> 
 
 def collect_features(
     backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None,
-    batchnorm: bool = True,
+    batchnorm: bool = True, cache: Path | None = None,
 ) -> FeatureSet:
     """One pass of the frozen backbone over ``samples`` (the pipeline's eval preprocessing, device
     and batch size) that keeps everything the signals need. ``batchnorm=False`` skips the BatchNorm
-    statistics (most of the hooks' cost) where no signal is computed, e.g. on the val split."""
+    statistics (most of the hooks' cost) where no signal is computed, e.g. on the val split.
+    ``cache``: a folder where the result is kept (``<cache>/signals/<key>.npz``, the key as the codes
+    cache's), so a second fit on the same data does not run the pass again."""
     start = time.perf_counter()
     model, stages = backbone.model, feature_layers(backbone.model)
     indices = stratified_subset(np.array([s.label for s in samples]), max_images, config.seed)
+    path = key = None
+    if cache is not None:
+        key = cache_key(backbone, [samples[i] for i in indices], resolve_device(config.device).type,
+                        signals=stages, layer_relu=config.layer_relu, batchnorm=batchnorm)
+        path = Path(cache) / "signals" / f"{key}.npz"
+        saved = load_cached(path, key)
+        if saved is not None:
+            return _from_arrays(saved, stages)
     taps = _Taps(model, stages, config.layer_relu, has_imagenet_head(backbone))
     bn_stage = batchnorm_stages(model, stages)
     moments = _BatchNormMoments(model, list(bn_stage) if batchnorm else [])
@@ -196,10 +208,45 @@ def collect_features(
     bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}
     for name, layer in moments.stats().items():
         bn_stats[bn_stage[name]].append(layer)
-    return FeatureSet(
+    features = FeatureSet(
         codes=parts[0], stages=dict(zip(stages, parts[1 + taps.logits:])),
         imagenet_logits=parts[1] if taps.logits else None, bn_stats=bn_stats, labels=labels,
         indices=indices, seconds=time.perf_counter() - start,
+    )
+    if path is not None:
+        save_cached(path, key, _to_arrays(features))
+    return features
+
+
+_BN_FIELDS = ("mean", "var", "running_mean", "running_var")
+
+
+def _to_arrays(features: FeatureSet) -> dict[str, np.ndarray]:
+    """``features`` as named arrays for ``np.savez`` (no pickle): stage ``s`` as ``stage|s``, each
+    BatchNorm layer's moments as ``bn|<level>|<layer>|<field>``, in order."""
+    arrays = {"codes": features.codes, "labels": features.labels, "indices": features.indices,
+              "seconds": np.array(features.seconds)}
+    arrays.update({f"stage|{name}": x for name, x in features.stages.items()})
+    if features.imagenet_logits is not None:
+        arrays["imagenet_logits"] = features.imagenet_logits
+    for level, layers in features.bn_stats.items():
+        for bn in layers:
+            arrays.update({f"bn|{level}|{bn.layer}|{f}": getattr(bn, f) for f in _BN_FIELDS})
+            arrays[f"bn|{level}|{bn.layer}|eps"] = np.array(bn.eps)
+    return arrays
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], stages: list[str]) -> FeatureSet:
+    bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}
+    for name in arrays:
+        if name.startswith("bn|") and name.endswith("|eps"):
+            _, level, layer, _ = name.split("|")
+            prefix = f"bn|{level}|{layer}|"
+            bn_stats[level].append(BatchNormStats(layer, *(arrays[prefix + f] for f in _BN_FIELDS), float(arrays[name])))
+    return FeatureSet(
+        codes=arrays["codes"], stages={name: arrays[f"stage|{name}"] for name in stages},
+        imagenet_logits=arrays.get("imagenet_logits"), bn_stats=bn_stats, labels=arrays["labels"],
+        indices=arrays["indices"], seconds=float(arrays["seconds"]),
     )
 
 

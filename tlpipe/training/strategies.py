@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,19 +15,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tlpipe import __version__
+from tlpipe.codes import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
 from tlpipe.data import (
     CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, train_transform,
 )
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
-from tlpipe.models import Backbone, CodeExtractor, extract_codes, resolve_layer, state_dict_sha256
+from tlpipe.models import Backbone, CodeExtractor, extract_codes, resolve_layer
 from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.finetune import Finetuner, freeze_stages
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
-from tlpipe.utils import atomic_write
 
 
 @dataclass
@@ -45,52 +43,27 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
 
     With a cache folder (``config.cache_dir``, else ``cache_dir``: the caller's ``<output>/cache``)
     the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key a sha256 of all they depend
-    on (see ``codes_cache_key``), so a second fit on the same data does not extract again. The key
+    on (see ``tlpipe.codes.cache_key``), so a second fit on the same data does not extract again. The key
     holds the checksum of the model's current weights: a fine-tuned backbone never reads the
     pretrained backbone's codes."""
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     folder = Path(config.cache_dir) if config.cache_dir else cache_dir
-    path = None
+    samples = spec.splits[split]
+    path = key = None
     if folder is not None:
-        key = codes_cache_key(backbone, spec.splits[split], layer, config.layer_relu, device)
+        key = cache_key(backbone, samples, device.type, layer=resolve_layer(backbone.model, layer),
+                        layer_relu=config.layer_relu)
         path = Path(folder) / "codes" / f"{split}-{key}.npz"
-        cached = _read_cached_codes(path, key, len(spec.splits[split]))
-        if cached is not None:
-            return cached
+        cached = load_cached(path, key)
+        if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples):
+            return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
     extractor = CodeExtractor(backbone.model, layer, config.layer_relu)
-    loader = eval_loader(spec.splits[split], backbone.data_config, config.batch_size, config.num_workers)
+    loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
     features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
     if path is not None:
-        atomic_write(path, lambda f: np.savez(f, features=features, labels=labels, key=np.array(key)), mode="wb")
+        save_cached(path, key, {"features": features, "labels": labels})
     return features, labels
-
-
-def codes_cache_key(backbone: Backbone, samples, layer, layer_relu: bool, device: torch.device) -> str:
-    """sha256 of what a split's codes depend on: backbone name, pretrained weights checksum and the
-    checksum of the weights as they are now (fine-tuning changes them), resolved tap, ReLU,
-    preprocessing, device type (CUDA extracts in bf16), and each file's path, size, mtime and label."""
-    files = []
-    for sample in samples:
-        st = Path(sample.path).stat()
-        files.append([str(sample.path), st.st_size, st.st_mtime_ns, int(sample.label)])
-    key = json.dumps({
-        "tlpipe": __version__, "backbone": backbone.name, "weights_sha256": backbone.weights.sha256,
-        "state_sha256": state_dict_sha256(backbone.model), "layer": resolve_layer(backbone.model, layer),
-        "layer_relu": layer_relu, "data_config": backbone.data_config, "device": device.type, "files": files,
-    }, sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _read_cached_codes(path: Path, key: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached (features, labels), or None when missing or unreadable (it is then written anew)."""
-    try:
-        with np.load(path) as saved:
-            if str(saved["key"]) != key or len(saved["features"]) != n or len(saved["labels"]) != n:
-                return None
-            return saved["features"].astype(np.float32, copy=False), saved["labels"].astype(np.int64, copy=False)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
 
 
 def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe:
