@@ -5,14 +5,16 @@ each dataset x size row, a policy's regret is the best strategy's val accuracy m
 of the strategy the policy picks, in accuracy points. Policies:
 
 - ``always linear``: the linear classifier on the last stage;
+- ``always linear, tap on val``: the better on val of the last stage and the best earlier stage;
 - ``always full``: full fine-tuning (LP-FT);
 - ``2x2 rule``: the notes' rule as written, with the similarity a person would give (the data
   README: hymenoptera near ImageNet, the others far) and "large" from 100 images per class:
   small+near linear, small+far linear on an earlier stage, large (near or far) full fine-tune;
-- ``auto``: ``tlpipe.strategy.decision.decide`` on the row's signals, with the fine-tuning guard
-  (``keep_finetune``: a fine-tune must beat the linear probe by more than its standard error).
+- ``auto``: what ``tlpipe fit`` does: ``tlpipe.strategy.decision.decide`` on the row's signals; a
+  linear decision keeps the better tap on val; a fine-tune decision is kept only if it beats that
+  linear classifier by more than its standard error on val (``keep_finetune``, the guard).
 
-Calibration: the thresholds of ``Thresholds`` (images per class for "large"; BatchNorm gap and
+Calibration: the thresholds of ``AutoConfig`` (images per class for "large"; BatchNorm gap and
 ImageNet-head confidence for "far") are chosen on a grid (midpoints between observed values) to
 minimise mean regret, then worst regret. ``auto (fitted)``
 uses the thresholds fitted on all rows; ``auto (LODO)`` fits them on the other datasets and scores
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.strategy.decision import DEFAULT_THRESHOLDS, Thresholds, decide, keep_finetune
+from tlpipe.config import AutoConfig
+from tlpipe.strategy.decision import DEFAULT_THRESHOLDS, decide, keep_finetune
 from tlpipe.strategy.signals import Signals
 
 RESULTS = Path(__file__).resolve().parent / "results" / "strategy_benchmark.jsonl"
@@ -36,14 +39,23 @@ NEAR_IMAGENET = {"hymenoptera"}  # the data README's own words: "near-ImageNet p
 PLAIN_RULE_LARGE = 100
 
 
-def auto_accuracy(row: dict, thresholds: Thresholds) -> tuple[str, float]:
+LINEAR_TAPS = ("linear", "linear_stage")  # the taps a linear fit compares on val (tlpipe.pipeline)
+
+
+def best_linear(row: dict) -> str:
+    """The linear tap a fit keeps: the better on val of the last stage and the best earlier stage."""
+    return max(LINEAR_TAPS, key=lambda name: (row["accuracy"][name], name == "linear"))
+
+
+def auto_accuracy(row: dict, thresholds: AutoConfig) -> tuple[str, float]:
+    """What ``tlpipe fit`` does: decide on the row's signals; a linear decision fits both taps and
+    keeps the better on val; a fine-tune stands only if it beats that linear classifier by more than
+    its standard error on val (``keep_finetune``)."""
     signals = Signals(**row["signals"])
     decision = decide(signals, row["per_class_min"], thresholds)
-    acc = row["accuracy"]
-    if decision.strategy == "linear":
-        name = "linear" if decision.layer == "penultimate" else "linear_stage"
-    else:
-        name = decision.strategy if keep_finetune(acc[decision.strategy], acc["linear"], row["n_val"]) else "linear"
+    acc, name = row["accuracy"], best_linear(row)
+    if decision.strategy != "linear" and keep_finetune(acc[decision.strategy], acc[name], row["n_val"]):
+        name = decision.strategy
     return name, acc[name]
 
 
@@ -57,8 +69,8 @@ def regrets(rows: list[dict], pick) -> np.ndarray:
     return np.array([100 * (max(r["accuracy"].values()) - r["accuracy"][pick(r)]) for r in rows])
 
 
-def calibrate(rows: list[dict]) -> Thresholds:
-    """Thresholds with the lowest (mean, worst) regret of ``auto`` over ``rows``."""
+def calibrate(rows: list[dict]) -> AutoConfig:
+    """AutoConfig with the lowest (mean, worst) regret of ``auto`` over ``rows``."""
     sizes = sorted({r["per_class_min"] for r in rows}) + [10**9]
     gap_grid = _midpoints(r["signals"]["domain_gap"] for r in rows)
     confidence_grid = _midpoints(r["signals"]["imagenet_confidence"]["mean_max_prob"] for r in rows)
@@ -66,7 +78,7 @@ def calibrate(rows: list[dict]) -> Thresholds:
     for large in sizes:
         for gap in gap_grid:
             for confidence in [0.0] + confidence_grid[1:]:  # 0: the confidence plays no part
-                candidate = Thresholds(large_per_class=large, far_gap=round(gap, 4), far_confidence=round(confidence, 4))
+                candidate = AutoConfig(large_per_class=large, far_gap=round(gap, 4), far_confidence=min(1.0, round(confidence, 4)))
                 r = regrets(rows, lambda row: auto_accuracy(row, candidate)[0])
                 key = (round(r.mean(), 6), r.max())
                 if key < best_key:
@@ -75,7 +87,7 @@ def calibrate(rows: list[dict]) -> Thresholds:
 
 
 def _midpoints(values) -> list[float]:
-    """Thresholds between consecutive observed values, plus one below and one above them all."""
+    """AutoConfig between consecutive observed values, plus one below and one above them all."""
     v = sorted(set(values))
     return [v[0] - 1e-3] + [(a + b) / 2 for a, b in zip(v, v[1:])] + [v[-1] + 1]
 
@@ -94,6 +106,7 @@ def main() -> None:
         lodo[dataset] = calibrate(others) if others else DEFAULT_THRESHOLDS
     policies = {
         "always linear": lambda r: "linear",
+        "always linear, tap on val": best_linear,
         "always full": lambda r: "full",
         "2x2 rule": plain_rule,
         "auto (shipped thresholds)":

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import tree_snapshot
 from tlpipe.cli import app
-from tlpipe.strategy.decision import Thresholds, decide, keep_finetune, standard_error
-from tlpipe.strategy.signals import Signals
+from tlpipe.config import load_config
+from tlpipe.bundle import load_bundle
+from tlpipe.pipeline import _best_linear, fit
+from tlpipe.strategy.auto import Assessment
+from tlpipe.config import AutoConfig
+from tlpipe.strategy.decision import decide, keep_finetune, standard_error
+from tlpipe.strategy.signals import FeatureSet, Signals
 
-THRESHOLDS = Thresholds(large_per_class=100, far_gap=0.5)
+THRESHOLDS = AutoConfig(large_per_class=100, far_gap=0.5)
 
 
 def signals(gap: float, last: float = 0.80, stage: float = 0.80, sem: float = 0.01) -> Signals:
@@ -35,10 +41,33 @@ def test_the_two_by_two_rule_on_measured_size_and_gap(per_class, gap, strategy):
     assert str(per_class) in decision.explanation and f"{gap:.2f}" in decision.explanation
 
 
-def test_an_earlier_stage_is_used_for_far_small_data_only_when_it_probes_clearly_better():
-    assert decide(signals(0.9, last=0.70, stage=0.80), 20, THRESHOLDS).layer == "blocks.4"
-    assert decide(signals(0.9, last=0.79, stage=0.80), 20, THRESHOLDS).layer == "penultimate"  # within noise
-    assert decide(signals(0.2, last=0.70, stage=0.80), 20, THRESHOLDS).layer == "penultimate"  # near ImageNet
+def test_small_data_gets_a_linear_classifier_on_the_tap_that_does_better_on_validation():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 30)
+    informative = np.eye(3)[y] * 3 + rng.normal(size=(90, 3))  # separates the classes
+    noise = rng.normal(size=(90, 16))  # does not
+
+    def assessment(last: np.ndarray, stage: np.ndarray) -> Assessment:
+        features = {split: FeatureSet(codes=last[rows], stages={"blocks.4": stage[rows]}, imagenet_logits=None,
+                                      bn_stats={}, labels=y[rows], indices=rows, seconds=0.0)
+                    for split, rows in (("train", np.arange(0, 90, 2)), ("val", np.arange(1, 90, 2)))}
+        sig = signals(0.9, last=0.4, stage=0.9)
+        return Assessment(features, sig, decide(sig, 15, THRESHOLDS))
+
+    far_small = assessment(last=noise, stage=informative)
+    assert far_small.decision.strategy == "linear" and "blocks.4" in far_small.decision.explanation
+    config = load_config("quick", strategy="auto")
+    trained, codes, accuracy = _best_linear(far_small, config)
+    assert far_small.decision.layer == "blocks.4" and accuracy > 0.9 and codes["val"][0].shape == (45, 3)
+    assert far_small.apply(config).layer == "blocks.4"
+    assert "blocks.4" in far_small.decision.reasons[-1] and "kept" in far_small.decision.reasons[-1]
+
+    near = assessment(last=informative, stage=noise)
+    _best_linear(near, config)
+    assert near.decision.layer == "penultimate" and near.apply(config).layer == "penultimate"
+    same = assessment(last=informative, stage=informative)
+    _best_linear(same, config)
+    assert same.decision.layer == "penultimate"  # a tie keeps the last features
 
 
 def test_the_guard_keeps_a_fine_tune_only_beyond_the_probe_noise():
@@ -89,3 +118,19 @@ def test_candidate_backbones_are_ranked_by_their_signals_and_the_best_is_kept(im
     assert {r["backbone"] for r in ranking} == {"efficientnet_lite0", "efficientnet_lite1"}
     keys = [(-r["probe_accuracy"], -r["logme"]) for r in ranking]
     assert keys == sorted(keys) and result["backbone"] == ranking[0]["backbone"]
+
+
+def test_a_fine_tune_that_does_not_beat_the_linear_classifier_gives_way_to_it(image_folder, tmp_path, mlflow_store):
+    """auto picks full fine-tuning (thresholds from the recipe's ``auto:``); on solid colours the
+    linear classifier is already perfect on val, so the guard keeps it, with the pretrained weights."""
+    root = image_folder("data", {"red": 6, "green": 6}, split={"train": 6, "val": 4})
+    config = load_config("quick", image_size=64, num_workers=0, auto={"large_per_class": 2, "far_gap": 0.0},
+                         finetune={"epochs": 1}, tuning={"trials": 0})
+    result = fit(root, config, output=tmp_path / "run", experiment="guard-test")
+    decision = result.summary["auto"]["decision"]
+    assert decision["strategy"] == "full" and decision["size"] == "large"
+    assert result.summary["strategy"] == "linear" and "the linear classifier stands" in result.summary["strategy_reason"]
+    bundle = load_bundle(result.bundle_path, device="cpu")
+    assert bundle.manifest["codes"]["layer"] == str(decision["layer"]) and not bundle.manifest["backbone"]["embedded"]
+    predicted = [p.labels[0] for p in bundle.predict([s.path for s in result.spec.splits["val"]])]
+    assert predicted == [result.spec.classes[s.label] for s in result.spec.splits["val"]]

@@ -62,6 +62,16 @@ class FinetuneConfig(_Section):
     deterministic: bool = False  # torch deterministic algorithms (exact resume; slower on GPU)
 
 
+class AutoConfig(_Section):
+    """Where ``strategy: auto`` draws its lines (``tlpipe.strategy.decision``); the defaults are
+    calibrated by bench/strategy_regret.py on bench/strategy_benchmark.py (see bench/STRATEGY.md)."""
+
+    large_per_class: int = Field(default=150, ge=1)  # smallest class at or above this: enough data to fine-tune
+    far_gap: float = Field(default=0.085, ge=0)  # BatchNorm domain gap (nats) above this: far from ImageNet
+    far_confidence: float = Field(default=0.5, ge=0, le=1)  # ImageNet head's mean top probability below this: far too
+    partial_stages: int = Field(default=2, ge=1)  # stages a partial fine-tune trains, with the head
+
+
 class TuningConfig(_Section):
     """The Optuna study every fit runs (``tlpipe.tuning``): its size, pruning, storage and search space.
     Each range is widened, if need be, to hold the recipe's own value: that is trial 0."""
@@ -113,6 +123,7 @@ class FitConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
     cache_dir: str | None = None  # decoded-image cache; None: <output>/cache
 
 

@@ -29,7 +29,7 @@ from tlpipe.strategy.decision import keep_finetune, standard_error
 from tlpipe.strategy.signals import collect_features
 from tlpipe.training.distributed import init_distributed, shutdown
 from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
-from tlpipe.training.strategies import dataset_codes, fit_finetune, fit_linear
+from tlpipe.training.strategies import TrainedHead, dataset_codes, fit_finetune, fit_linear
 from tlpipe.tracking import FitRun, NoRun
 from tlpipe.utils import atomic_write, write_json
 
@@ -107,6 +107,8 @@ def fit(
                             for split in ("train", "val")}
             with timings.stage("decide"):
                 assessment = assess(features, spec, config)
+                if assessment.decision.strategy == "linear":
+                    _best_linear(assessment, config)  # the tap
             config = assessment.apply(config)
             if not context.is_main and config.strategy == "linear":
                 shutdown()
@@ -136,11 +138,13 @@ def fit(
                 return None
         if trained.backbone_trained:  # validation through the same path prediction takes
             with timings.stage("evaluate"):
-                frozen_codes, codes["val"] = dict(codes), dataset_codes(backbone, spec, "val", config, layer)
-            if assessment and not _finetune_pays(trained, codes["val"], frozen_codes, assessment, spec, config):
-                backbone, codes = build_backbone(config), frozen_codes  # the pretrained weights, unchanged
-                trained = fit_linear(config, codes)
-                config = config.model_copy(update={"strategy": "linear"})
+                codes["val"] = dataset_codes(backbone, spec, "val", config, layer)
+            if assessment:
+                linear, linear_codes, linear_accuracy = _best_linear(assessment, config)
+                if not _finetune_pays(trained, codes["val"], linear_accuracy, assessment):
+                    backbone, codes, trained = build_backbone(config), linear_codes, linear  # the pretrained weights
+                    layer = assessment.decision.layer
+                    config = config.model_copy(update={"strategy": "linear", "layer": layer})
         X_val, y_val = codes["val"]
         metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
         bundle_path = save_bundle(
@@ -260,17 +264,32 @@ def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, lis
     return build(ranking[0]["backbone"]), ranking
 
 
-def _finetune_pays(trained, val_codes, frozen_codes, assessment, spec, config) -> bool:
-    """The auto guard: the fine-tune's val accuracy must beat the linear probe's by more than the
-    probe's standard error; the decision records the outcome either way."""
-    linear = fit_linear(config, frozen_codes)
-    X_val, y_val = frozen_codes["val"]
-    linear_accuracy = float((linear.head.predict(X_val) == y_val).mean())
-    finetune_accuracy = float((trained.head.predict(val_codes[0]) == val_codes[1]).mean())
+def _best_linear(assessment: Assessment, config: FitConfig) -> tuple[TrainedHead, dict, float]:
+    """A linear classifier on each of the assessment's taps (its one pass holds their codes); the
+    better on validation becomes the decision's tap, and is returned with its codes and val accuracy."""
+    fits = {}
+    for tap in assessment.linear_taps():
+        codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
+        trained = fit_linear(config, codes)
+        fits[tap] = (trained, codes, trained.details["candidates"][trained.details["chosen"]]["val_accuracy"])
+    tap = max(fits, key=lambda t: fits[t][2])  # the last features first: they win a tie
+    assessment.decision.layer = tap
+    name = lambda t: "the last features" if t == PENULTIMATE else t  # noqa: E731
+    assessment.decision.reasons.append(
+        "Linear classifiers on validation: " + ", ".join(f"{name(t)} {fits[t][2]:.3f}" for t in fits)
+        + f"; {name(tap)} kept.")
+    return fits[tap]
+
+
+def _finetune_pays(trained: TrainedHead, val_codes: tuple, linear_accuracy: float, assessment: Assessment) -> bool:
+    """The auto guard: the fine-tune's val accuracy must beat the best linear classifier's by more
+    than its standard error; the decision records the outcome either way."""
+    X_val, y_val = val_codes
+    finetune_accuracy = float((trained.head.predict(X_val) == y_val).mean())
     pays = keep_finetune(finetune_accuracy, linear_accuracy, len(y_val))
     assessment.decision.reasons.append(
         f"Guard: the fine-tune scored {finetune_accuracy:.3f} on validation against {linear_accuracy:.3f} for the "
-        f"linear probe (standard error {standard_error(linear_accuracy, len(y_val)):.3f}): "
+        f"linear classifier (standard error {standard_error(linear_accuracy, len(y_val)):.3f}): "
         + ("the fine-tune is kept." if pays else "not clearly better, so the linear classifier stands."))
     return pays
 

@@ -16,7 +16,7 @@ import numpy as np
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.models import PENULTIMATE, Backbone
-from tlpipe.strategy.decision import DEFAULT_THRESHOLDS, Decision, Thresholds, decide
+from tlpipe.strategy.decision import Decision, decide
 from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals, stratified_subset
 
 MAX_SIGNAL_IMAGES = 2000  # the probes' cost grows with the images; their verdict stops changing well before this
@@ -38,6 +38,12 @@ class Assessment:
         layer = self.decision.layer if self.decision.strategy == "linear" else config.layer
         return config.model_copy(update={"strategy": self.decision.strategy, "layer": layer, "finetune": finetune})
 
+    def linear_taps(self) -> list[str]:
+        """The taps a linear classifier is fitted on and compared by val accuracy: the last features,
+        then the earlier stage the probes rank best (the first wins ties)."""
+        best = self.signals.best_stage
+        return [PENULTIMATE] + ([best] if best != PENULTIMATE and best in self.features["train"].stages else [])
+
     def codes(self, split: str, layer: str | int) -> tuple[np.ndarray, np.ndarray]:
         """The codes of ``split`` at ``layer`` (penultimate or a stage), from the assessment's pass."""
         features = self.features[split]
@@ -52,11 +58,10 @@ def images_per_class(spec: DatasetSpec) -> int:
     return min(spec.class_counts("train").values())
 
 
-def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig,
-           thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Assessment:
+def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig) -> Assessment:
     """Signals from the train features (``collect_features``), the decision, and the fit's estimated cost."""
     signals = compute_signals(_subset(features["train"], MAX_SIGNAL_IMAGES, config.seed), seed=config.seed)
-    decision = decide(signals, images_per_class(spec), thresholds)
+    decision = decide(signals, images_per_class(spec), config.auto)
     return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features["train"]))
 
 

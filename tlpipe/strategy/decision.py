@@ -9,12 +9,13 @@ probability: the content is unlike ImageNet's, as for textures whose pixel stati
 The thresholds are calibrated on ``bench/strategy_benchmark.py`` (see ``bench/STRATEGY.md``).
 
 - small, near: a linear classifier on the last stage (the codes already separate the classes);
-- small, far: a linear classifier, on the earlier stage the probes rank best when it beats the
-  last one by more than the probe's standard error (earlier features are more generic);
+- small (near or far): a linear classifier; the fit compares, on validation, the last features with
+  those of the earlier stage the probes rank best (more generic: they win on far data) and keeps
+  the better (``tlpipe.pipeline``), a choice the benchmark found worth 5 points of regret;
 - large, near: partial fine-tune of the last stages, the rest frozen;
 - large, far: full fine-tune (LP-FT).
 
-A fine-tuning choice is kept only if it beats the linear probe by more than the probe's standard
+A fine-tuning choice is kept only if it beats that linear classifier by more than its standard
 error on validation (``keep_finetune``); otherwise the linear classifier stands.
 """
 from __future__ import annotations
@@ -22,30 +23,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from tlpipe.config import AutoConfig
 from tlpipe.models import PENULTIMATE
 from tlpipe.strategy.signals import Signals
 
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Where "small" ends and "far" begins; defaults calibrated by ``bench/strategy_regret.py``."""
-
-    # Set from bench/STRATEGY.md: hymenoptera (121 a class, linear best) stays small, bloodcells
-    # (200 a class, full fine-tune 0.88 against 0.61 linear) is large; the two "far" cuts sit between
-    # hymenoptera (gap 0.05-0.08, confidence 0.72) and the microscopy, aerial and texture sets.
-    large_per_class: int = 150  # smallest class at or above this: enough data to fine-tune
-    far_gap: float = 0.085  # BatchNorm domain gap (nats) above this: far from ImageNet
-    far_confidence: float = 0.5  # ImageNet head's mean top probability below this: far too
-    partial_stages: int = 2  # stages a partial fine-tune trains, with the head
-
-
-DEFAULT_THRESHOLDS = Thresholds()
+DEFAULT_THRESHOLDS = AutoConfig()
 
 
 @dataclass
 class Decision:
     strategy: str  # linear, partial or full
-    layer: str | int = PENULTIMATE  # linear: the code tap
+    layer: str | int = PENULTIMATE  # linear: the code tap, set by the fit's comparison on validation
     unfreeze_stages: int | None = None  # partial: stages trained
     size: str = ""  # small or large
     similarity: str = ""  # near or far
@@ -63,7 +51,7 @@ def _stage_probe(signals: Signals, name: str) -> dict:
     return next(s for s in signals.stages if s["name"] == name)
 
 
-def decide(signals: Signals, images_per_class: int, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Decision:
+def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEFAULT_THRESHOLDS) -> Decision:
     """The strategy for data with ``images_per_class`` in its smallest class and these signals."""
     large = images_per_class >= thresholds.large_per_class
     confidence = signals.imagenet_confidence.get("mean_max_prob", 1.0)
@@ -85,17 +73,13 @@ def decide(signals: Signals, images_per_class: int, thresholds: Thresholds = DEF
     elif large:
         decision.strategy, decision.unfreeze_stages = "partial", thresholds.partial_stages
         reasons.append(f"Plenty of data near ImageNet: fine-tune the last {thresholds.partial_stages} stages and the head.")
-    elif far and signals.best_stage != PENULTIMATE:
-        best = _stage_probe(signals, signals.best_stage)
-        if best["probe_accuracy"] > last["probe_accuracy"] + max(last["probe_sem"], best["probe_sem"]):
-            decision.layer = signals.best_stage
-            reasons.append(f"Little data far from ImageNet, and the earlier stage {signals.best_stage} probes better "
-                           f"({best['probe_accuracy']:.3f}): a linear classifier on its more generic features.")
-        else:
-            reasons.append("Little data far from ImageNet, but no earlier stage probes clearly better: "
-                           "a linear classifier on the last features.")
     else:
-        reasons.append("Little data near ImageNet: a linear classifier on the frozen codes, which already fit the task.")
+        earlier = ""
+        if signals.best_stage != PENULTIMATE:
+            earlier = (f", or those of {signals.best_stage} (probe {_stage_probe(signals, signals.best_stage)['probe_accuracy']:.3f}; "
+                       "earlier features are more generic) if they do better on validation")
+        reasons.append(f"Little data {'far from' if far else 'near'} ImageNet: a linear classifier on the frozen "
+                       f"network's last features{earlier}.")
     decision.reasons = reasons
     return decision
 
