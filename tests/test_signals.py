@@ -19,6 +19,7 @@ from tlpipe.data import Sample, eval_loader
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes, feature_layers
 from tlpipe.strategy import FeatureSet, collect_features, compute_signals, logme
+from tlpipe.strategy import signals as signals_module
 from tlpipe.strategy.signals import batchnorm_stages, stratified_subset
 
 CONFIG = load_config("default", batch_size=8, num_workers=0, device="cpu")
@@ -70,7 +71,7 @@ def test_codes_are_exactly_what_the_pipeline_extracts(small, colour_samples, col
     np.testing.assert_allclose(colour_features.stages[stage][::5], pooled, rtol=1e-5, atol=1e-6)
 
 
-def test_batchnorm_moments_are_over_every_pixel_of_every_image(small, colour_samples, colour_features):
+def test_batchnorm_moments_are_over_every_pixel_of_the_images(small, colour_samples, colour_features):
     loader = eval_loader(colour_samples, small.data_config, batch_size=15, workers=0)
     images = torch.cat([x for x, _ in loader])
     with torch.inference_mode():  # the stem BatchNorm's input is the stem convolution's output
@@ -79,6 +80,22 @@ def test_batchnorm_moments_are_over_every_pixel_of_every_image(small, colour_sam
     assert first.layer == "bn1"
     np.testing.assert_allclose(first.mean, stem.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(first.var, stem.var((0, 2, 3), unbiased=False).numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_batchnorm_moments_come_from_a_stratified_sample_and_rows_keep_their_order(
+        small, colour_samples, colour_features, monkeypatch):
+    monkeypatch.setattr(signals_module, "BATCHNORM_IMAGES", 6)
+    sampled = collect_features(small, colour_samples, CONFIG)
+    np.testing.assert_allclose(sampled.codes, colour_features.codes, rtol=1e-5, atol=1e-6)  # rows in the given order
+    assert sampled.labels.tolist() == colour_features.labels.tolist()
+    rows = stratified_subset(colour_features.labels, 6, CONFIG.seed)
+    assert np.bincount(colour_features.labels[rows]).tolist() == [2, 2, 2]
+    loader = eval_loader([colour_samples[i] for i in rows], small.data_config, batch_size=6, workers=0)
+    images = torch.cat([x for x, _ in loader])
+    with torch.inference_mode():
+        stem = small.model.conv_stem(images.to(memory_format=torch.channels_last)).double()
+    first = sampled.bn_stats[feature_layers(small.model)[0]][0]
+    np.testing.assert_allclose(first.mean, stem.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_batchnorm_layers_belong_to_the_stage_that_runs_them(backbone):

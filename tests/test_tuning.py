@@ -86,8 +86,9 @@ def test_a_rerun_continues_the_study_to_the_requested_count(tmp_path):
     config = partial_config()
     first = tuning.tune(config, tmp_path, curve_objective, trials=3).study
     assert len(first.trials) == 3
-    second = tuning.tune(config, tmp_path, curve_objective, trials=5).study
-    assert second.study_name == first.study_name
+    tuned = tuning.tune(config, tmp_path, curve_objective, trials=5)
+    second = tuned.study
+    assert second.study_name == first.study_name and tuned.summary["finished_before"] == 3
     assert [t.number for t in second.trials] == [0, 1, 2, 3, 4]
     assert all(t.state in FINISHED for t in second.trials)
     assert second.trials[0].params == tuning.default_params(config)  # trial 0 queued once, not per run
@@ -126,6 +127,7 @@ def test_a_killed_fit_resumes_its_study_and_reruns_the_killed_trial(tmp_path):
     tuned = tuning.tune(config, tmp_path, curve_objective)
     trials = tuned.study.trials
     assert sum(t.state in FINISHED for t in trials) == 4
+    assert tuned.summary["finished_before"] == 2  # trials 0 and 1 ran before the kill: the report says so
     assert trials[2].state == TrialState.FAIL  # the killed one, failed when the study reopened ...
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
     assert len(retry) == 1 and retry[0].state in FINISHED and retry[0].params == trials[2].params  # ... and run again

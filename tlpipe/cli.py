@@ -5,6 +5,7 @@ the API lacks.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -22,6 +23,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _library_logs(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show Optuna's and MLflow's own log lines.")] = False,
+) -> None:
+    """tlpipe's report says what the study and the store did; their INFO lines (one per trial) would bury it."""
+    if verbose or ctx.invoked_subcommand == "ui":  # the UI server's own lines stay
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    if ctx.invoked_subcommand == "fit":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def fit(
     with FitRun(experiment, tracking_uri, run_name=out.name) if context.is_main else NoRun() as run:
         with timings.stage("load_backbone"):
             backbone, ranking = choose_backbone(config, spec)
-        assessment = None
+        assessment, probe = None, None
         if config.strategy == "auto":
             with timings.stage("extract_codes"), context.main_first():  # the pass the codes need, with hooks
                 features = {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train",
@@ -108,7 +108,7 @@ def fit(
             with timings.stage("decide"):
                 assessment = assess(features, spec, config)
                 if assessment.decision.strategy == "linear":
-                    _best_linear(assessment, config)  # the tap
+                    probe = _best_linear(assessment, config)[0].details  # the tap; its classifier and C are trial 0
             config = assessment.apply(config)
             if not context.is_main and config.strategy == "linear":
                 shutdown()
@@ -123,7 +123,8 @@ def fit(
                 codes = {split: dataset_codes(backbone, spec, split, config, layer, cache_dir=out / "cache")
                          for split in ("train", "val")}
         with timings.stage("tune"):
-            tuned = _tune(config, out, backbone, spec, codes, run, context, tuning)
+            defaults = {"classifier": probe["chosen"], "C": probe["candidates"][probe["chosen"]]["C"]} if probe else None
+            tuned = _tune(config, out, strategy_objective(config, backbone, spec, out, codes, defaults), run, context, tuning)
         config = tuned.config
         with timings.stage("train"):
             if config.strategy == "linear":
@@ -216,9 +217,13 @@ def code_layer(config: FitConfig) -> str | int:
     return config.layer if config.strategy == "linear" else PENULTIMATE
 
 
-def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: dict):
-    """The Optuna objective of the (resolved) strategy: linear trials on codes, or fine-tunes."""
-    return linear_objective(codes) if config.strategy == "linear" else finetune_objective(backbone, spec, out, codes)
+def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: dict,
+                       linear_defaults: dict | None = None):
+    """The Optuna objective of the (resolved) strategy: linear trials on codes (trial 0
+    ``linear_defaults`` when known), or fine-tunes."""
+    if config.strategy == "linear":
+        return linear_objective(codes, linear_defaults)
+    return finetune_objective(backbone, spec, out, codes)
 
 
 @dataclass
@@ -231,13 +236,13 @@ class TuningOverrides:
     study_name: str | None = None
 
 
-def _tune(config, out, backbone, spec, codes, run, context, overrides: TuningOverrides | None) -> Tuned:
+def _tune(config, out, objective, run, context, overrides: TuningOverrides | None) -> Tuned:
     """The study over the strategy's hyperparameters (``tlpipe.tuning``); off under torchrun, where
     every rank would run its own study: tune first, then train the best config with DDP."""
     overrides = overrides or TuningOverrides()
     if context.enabled:
         return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    return tune(config, out, strategy_objective(config, backbone, spec, out, codes), parent=run, **dataclasses.asdict(overrides))
+    return tune(config, out, objective, parent=run, **dataclasses.asdict(overrides))
 
 
 def run_worker(data: str | Path, storage: str, study_name: str, output: str | Path) -> dict:

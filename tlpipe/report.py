@@ -46,6 +46,8 @@ def print_tuning(tuning: dict) -> None:
         return
     line = (f"[bold]Tuning[/]  {tuning['trials']} Optuna trials ({tuning['complete']} complete, "
             f"{tuning['pruned']} pruned, {tuning['fail']} failed)")
+    if tuning.get("finished_before"):
+        line += f", continuing a study that had {tuning['finished_before']} finished"
     if "best_trial" in tuning:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuning["best_params"].items())
         default = f" against {tuning['default_value']:.4f} for the recipe's own (trial 0)" if "default_value" in tuning else ""

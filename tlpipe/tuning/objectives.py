@@ -25,10 +25,10 @@ class LinearObjective:
     min(n, d) features instead of d. Each fit runs on one BLAS thread: on small matrices more threads
     cost more than they give (30x slower on 2 busy cores)."""
 
-    def __init__(self, codes: dict[str, tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: dict[str, Any] | None = None):
         from threadpoolctl import ThreadpoolController
 
-        self.codes, self.threads = codes, ThreadpoolController()
+        self.codes, self.defaults, self.threads = codes, defaults, ThreadpoolController()
         (X, self.y), (X_val, self.y_val) = codes["train"], codes["val"]
         with self.threads.limit(limits=1):
             scaler = ShrunkScaler().fit(X)  # as fit_linear standardises
@@ -41,8 +41,11 @@ class LinearObjective:
 
     def default_params(self, config: FitConfig) -> dict[str, Any]:
         """Trial 0: the classifier and C that ``fit_linear`` (cross-validation over the recipe's
-        grid, then the better on val) picks untuned."""
+        grid, then the better on val) picks untuned; ``defaults`` when the caller already knows them."""
         from tlpipe.training.linear import LinearProbe
+
+        if self.defaults:
+            return dict(self.defaults)
 
         lin = config.linear
         with self.threads.limit(limits=1):
@@ -81,8 +84,8 @@ class FinetuneObjective:
             _free_cuda()
 
 
-def linear_objective(codes: dict[str, tuple[np.ndarray, np.ndarray]]) -> LinearObjective:
-    return LinearObjective(codes)
+def linear_objective(codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: dict[str, Any] | None = None) -> LinearObjective:
+    return LinearObjective(codes, defaults)
 
 
 def finetune_objective(backbone, spec, output_dir: Path, codes: dict) -> FinetuneObjective:

@@ -231,9 +231,10 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
         config = config.model_copy(update={"cache_dir": str(Path(output_dir).resolve() / "cache")})
     url = storage_url(output_dir, storage or config.tuning.storage)
     study = open_study(config, output_dir, storage=url, study_name=study_name)
+    before = _count(study, *_FINISHED)  # trials an earlier run of this study finished: it continues
     run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent,
               requeue_running=url.startswith("sqlite:"))  # SQLite is one process's (pitfall: "database is locked")
-    summary = log_study(study, parent, output_dir)
+    summary = {**log_study(study, parent, output_dir), "finished_before": before}
     best = best_config(study, config)
     fit_dir = None
     if config.strategy != "linear" and "best_trial" in summary:
