@@ -109,6 +109,16 @@ def test_earlier_layer_codes_are_pooled_and_relud(backbone, few_images, layer, e
     assert (codes >= 0).all() and codes.max() > 0
 
 
+def test_taps_joined_by_plus_give_their_codes_side_by_side(backbone, few_images):
+    loader = eval_loader(few_images, backbone.data_config, batch_size=6, workers=0)
+    joined = CodeExtractor(backbone.model, "penultimate + -2 + blocks.4")  # the repeated tap counts once
+    assert joined.layer == "penultimate+blocks.4"
+    codes, _ = extract_codes(joined, loader, torch.device("cpu"))
+    last, _ = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"))
+    stage, _ = extract_codes(CodeExtractor(backbone.model, "blocks.4"), loader, torch.device("cpu"))
+    np.testing.assert_allclose(codes, np.hstack([last, stage]), rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_layer_lists_the_valid_ones(backbone):
     with pytest.raises(TlpipeError, match="blocks.4"):
         CodeExtractor(backbone.model, "blocks.99")

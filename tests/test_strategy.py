@@ -134,3 +134,16 @@ def test_a_fine_tune_that_does_not_beat_the_linear_classifier_gives_way_to_it(im
     assert bundle.manifest["codes"]["layer"] == str(decision["layer"]) and not bundle.manifest["backbone"]["embedded"]
     predicted = [p.labels[0] for p in bundle.predict([s.path for s in result.spec.splits["val"]])]
     assert predicted == [result.spec.classes[s.label] for s in result.spec.splits["val"]]
+
+
+def test_a_bundle_on_concatenated_taps_predicts_what_the_fit_scored(image_folder, tmp_path, mlflow_store):
+    root = image_folder("data", {"red": 6, "green": 6, "blue": 6}, split={"train": 6, "val": 3})
+    config = load_config("quick", image_size=64, num_workers=0, strategy="linear", layer="penultimate+-2",
+                         tuning={"trials": 0})
+    result = fit(root, config, output=tmp_path / "run", experiment="concat-test")
+    bundle = load_bundle(result.bundle_path, device="cpu")
+    assert bundle.manifest["codes"]["layer"] == "penultimate+blocks.4"
+    val = result.spec.splits["val"]
+    predicted = [p.labels[0] for p in bundle.predict([s.path for s in val])]
+    accuracy = sum(p == result.spec.classes[s.label] for p, s in zip(predicted, val)) / len(val)
+    assert accuracy == result.summary["val_accuracy"]

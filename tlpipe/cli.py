@@ -59,7 +59,7 @@ class OutputFormat(str, Enum):
 Recipe = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (default, quick, best) or YAML path.")]
 Backbone = Annotated[Optional[str], typer.Option(help="Backbone: `tlpipe models` lists offline ones; any timm name.")]
 Weights = Annotated[Optional[str], typer.Option(help="auto, none (random init), or a .safetensors/.pt/.pth file.")]
-Layer = Annotated[Optional[str], typer.Option(help="CNN-code tap: penultimate, a feature index (0, -2) or module name.")]
+Layer = Annotated[Optional[str], typer.Option(help="CNN-code tap: penultimate, a feature index (0, -2) or module name; several joined by + are concatenated.")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: the backbone's).")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]

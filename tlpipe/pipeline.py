@@ -21,7 +21,7 @@ from tlpipe import __version__
 from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig, config_to_yaml, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset
-from tlpipe.models import PENULTIMATE, Backbone, create_backbone
+from tlpipe.models import PENULTIMATE, Backbone, create_backbone, resolve_layer
 from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
 from tlpipe.device import resolve_device
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
@@ -149,7 +149,7 @@ def fit(
         X_val, y_val = codes["val"]
         metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
         bundle_path = save_bundle(
-            out / "model", backbone, trained.head, spec.classes, layer=str(layer), layer_relu=config.layer_relu,
+            out / "model", backbone, trained.head, spec.classes, layer=resolve_layer(backbone.model, layer), layer_relu=config.layer_relu,
             config=config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
             trained=trained.backbone_trained,
         )

@@ -2,9 +2,12 @@
 
 The default tap is the penultimate layer exactly as the network ends (``forward_head`` with
 ``pre_logits=True``: after the final activation, so non-negative for ReLU nets). An earlier tap
-is any entry of timm's ``feature_info`` (by index or module name), ReLU'd and global-average pooled.
+is any entry of timm's ``feature_info`` (by index or module name), ReLU'd and global-average pooled;
+taps joined by "+" give their codes side by side (``"penultimate+blocks.4"``).
 """
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,8 +27,10 @@ def feature_layers(model: nn.Module) -> list[str]:
 
 
 def resolve_layer(model: nn.Module, layer: str | int | None) -> str:
-    """Turn ``layer`` (None/"penultimate", an index into ``feature_info``, or a module name) into a
-    module name, or ``PENULTIMATE``."""
+    """Turn ``layer`` (None/"penultimate", an index into ``feature_info``, or a module name; or several
+    joined by "+", whose codes are concatenated) into module names joined by "+", or ``PENULTIMATE``."""
+    if isinstance(layer, str) and "+" in layer:
+        return "+".join(dict.fromkeys(resolve_layer(model, part.strip()) for part in layer.split("+")))
     if layer is None or layer == PENULTIMATE:
         return PENULTIMATE
     names = feature_layers(model)
@@ -37,32 +42,39 @@ def resolve_layer(model: nn.Module, layer: str | int | None) -> str:
     elif layer in names or layer in dict(model.named_modules()):
         return layer
     choices = ", ".join(f"{i}={n}" for i, n in enumerate(names))
-    raise TlpipeError(f"unknown layer '{layer}' for this backbone: use '{PENULTIMATE}' or one of {choices}")
+    raise TlpipeError(f"unknown layer '{layer}' for this backbone: use '{PENULTIMATE}' or one of {choices} "
+                      f"(several joined by '+' concatenate their codes)")
 
 
 class CodeExtractor(nn.Module):
-    """Wraps a backbone so that ``forward(images)`` returns pooled codes from one tap."""
+    """Wraps a backbone so that ``forward(images)`` returns pooled codes from one tap, or from several
+    (``"penultimate+blocks.4"``) side by side, in the order given, from the same pass."""
 
     def __init__(self, model: nn.Module, layer: str | int | None = None, relu: bool = True):
         super().__init__()
         self.model = model
         self.layer = resolve_layer(model, layer)
         self.relu = relu
-        self._captured: torch.Tensor | None = None
-        if self.layer != PENULTIMATE:
-            model.get_submodule(self.layer).register_forward_hook(self._capture)
+        self._captured: dict[str, torch.Tensor] = {}
+        for name in self.layer.split("+"):
+            if name != PENULTIMATE:
+                model.get_submodule(name).register_forward_hook(partial(self._capture, name))
 
-    def _capture(self, module, inputs, output) -> None:
-        self._captured = output
+    def _capture(self, name: str, module, inputs, output) -> None:
+        self._captured[name] = output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(images)
-        if self.layer == PENULTIMATE:
-            return self.model.forward_head(features, pre_logits=True)
-        tapped, self._captured = self._captured, None
-        if self.relu:
-            tapped = F.relu(tapped)
-        return F.adaptive_avg_pool2d(tapped, 1).flatten(1)
+        parts = []
+        for name in self.layer.split("+"):
+            if name == PENULTIMATE:
+                parts.append(self.model.forward_head(features, pre_logits=True))
+                continue
+            tapped = self._captured.pop(name)
+            if self.relu:
+                tapped = F.relu(tapped)
+            parts.append(F.adaptive_avg_pool2d(tapped, 1).flatten(1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device, description: str = "Extracting") -> tuple[np.ndarray, np.ndarray]:

@@ -40,14 +40,18 @@ class Assessment:
 
     def linear_taps(self) -> list[str]:
         """The taps a linear classifier is fitted on and compared by val accuracy: the last features,
-        then the earlier stage the probes rank best (the first wins ties)."""
+        the earlier stage the probes rank best, and the two side by side (the first wins ties)."""
         best = self.signals.best_stage
-        return [PENULTIMATE] + ([best] if best != PENULTIMATE and best in self.features["train"].stages else [])
+        if best == PENULTIMATE or best not in self.features["train"].stages:
+            return [PENULTIMATE]
+        return [PENULTIMATE, best, f"{PENULTIMATE}+{best}"]
 
     def codes(self, split: str, layer: str | int) -> tuple[np.ndarray, np.ndarray]:
-        """The codes of ``split`` at ``layer`` (penultimate or a stage), from the assessment's pass."""
+        """The codes of ``split`` at ``layer`` (penultimate, a stage, or several joined by "+"), from
+        the assessment's pass."""
         features = self.features[split]
-        return (features.codes if layer == PENULTIMATE else features.stages[layer]), features.labels
+        parts = [features.codes if name == PENULTIMATE else features.stages[name] for name in str(layer).split("+")]
+        return (np.hstack(parts) if len(parts) > 1 else parts[0]), features.labels
 
     def to_dict(self) -> dict:
         return {"decision": self.decision.to_dict(), "signals": self.signals.to_dict(), "estimate": self.estimate}
