@@ -49,47 +49,52 @@ def best_linear(row: dict) -> str:
     return max(taps, key=lambda name: (row["accuracy"][name], -taps.index(name)))
 
 
-def auto_accuracy(row: dict, thresholds: AutoConfig) -> tuple[str, float]:
-    """What ``tlpipe fit`` does: decide on the row's signals; a linear decision fits both taps and
-    keeps the better on val; a fine-tune stands only if it beats that linear classifier by more than
-    its standard error on val (``keep_finetune``)."""
-    signals = Signals(**row["signals"])
-    decision = decide(signals, row["per_class_min"], thresholds)
+def auto_choice(row: dict, thresholds: AutoConfig) -> tuple[str, bool]:
+    """What ``tlpipe fit`` ends with, and whether it trained a fine-tune to get there: decide on the
+    row's signals; a linear decision fits the taps and keeps the best on val; a fine-tune stands only
+    if it beats that linear classifier by more than its standard error on val (``keep_finetune``)."""
+    decision = decide(Signals(**row["signals"]), row["per_class_min"], thresholds)
     acc, name = row["accuracy"], best_linear(row)
-    if decision.strategy != "linear" and keep_finetune(acc[decision.strategy], acc[name], row["n_val"]):
-        name = decision.strategy
-    return name, acc[name]
+    if decision.strategy == "linear":
+        return name, False
+    return (decision.strategy if keep_finetune(acc[decision.strategy], acc[name], row["n_val"]) else name), True
 
 
-def plain_rule(row: dict) -> str:
+def plain_rule(row: dict) -> tuple[str, bool]:
     if row["per_class_min"] >= PLAIN_RULE_LARGE:
-        return "full"
-    return "linear" if row["dataset"] in NEAR_IMAGENET else "linear_stage"
+        return "full", True
+    return ("linear" if row["dataset"] in NEAR_IMAGENET else "linear_stage"), False
 
 
-def regrets(rows: list[dict], pick) -> np.ndarray:
-    return np.array([100 * (max(r["accuracy"].values()) - r["accuracy"][pick(r)]) for r in rows])
+def regrets(rows: list[dict], pick) -> tuple[np.ndarray, int]:
+    """Per row, the best accuracy minus that of ``pick(row)``'s choice, in points; and how many rows
+    the policy fine-tuned on (its cost: a fine-tune takes minutes where a linear fit takes seconds)."""
+    chosen = [pick(r) for r in rows]
+    points = np.array([100 * (max(r["accuracy"].values()) - r["accuracy"][name]) for r, (name, _) in zip(rows, chosen)])
+    return points, sum(finetuned for _, finetuned in chosen)
 
 
 def calibrate(rows: list[dict]) -> AutoConfig:
-    """AutoConfig with the lowest (mean, worst) regret of ``auto`` over ``rows``."""
+    """The thresholds with the lowest mean regret of ``auto`` over ``rows``, then the lowest worst
+    regret, then the fewest fine-tunes (among equals, the cheaper)."""
     sizes = sorted({r["per_class_min"] for r in rows}) + [10**9]
     gap_grid = _midpoints(r["signals"]["domain_gap"] for r in rows)
     confidence_grid = _midpoints(r["signals"]["imagenet_confidence"]["mean_max_prob"] for r in rows)
-    best, best_key = DEFAULT_THRESHOLDS, (np.inf, np.inf)
+    best, best_key = DEFAULT_THRESHOLDS, (np.inf, np.inf, np.inf)
     for large in sizes:
         for gap in gap_grid:
             for confidence in [0.0] + confidence_grid[1:]:  # 0: the confidence plays no part
-                candidate = AutoConfig(large_per_class=large, far_gap=round(gap, 4), far_confidence=min(1.0, round(confidence, 4)))
-                r = regrets(rows, lambda row: auto_accuracy(row, candidate)[0])
-                key = (round(r.mean(), 6), r.max())
+                candidate = AutoConfig(large_per_class=large, far_gap=round(gap, 4),
+                                       far_confidence=min(1.0, round(confidence, 4)))
+                r, finetunes = regrets(rows, lambda row, c=candidate: auto_choice(row, c))
+                key = (round(r.mean(), 6), round(r.max(), 6), finetunes)
                 if key < best_key:
                     best, best_key = candidate, key
     return best
 
 
 def _midpoints(values) -> list[float]:
-    """AutoConfig between consecutive observed values, plus one below and one above them all."""
+    """Thresholds between consecutive observed values, plus one below and one above them all."""
     v = sorted(set(values))
     return [v[0] - 1e-3] + [(a + b) / 2 for a, b in zip(v, v[1:])] + [v[-1] + 1]
 
@@ -107,28 +112,28 @@ def main() -> None:
         others = [r for r in rows if r["dataset"] != dataset]
         lodo[dataset] = calibrate(others) if others else DEFAULT_THRESHOLDS
     policies = {
-        "always linear": lambda r: "linear",
-        "always linear, tap on val": best_linear,
-        "always full": lambda r: "full",
+        "always linear": lambda r: ("linear", False),
+        "always linear, tap on val": lambda r: (best_linear(r), False),
+        "always full": lambda r: ("full", True),
         "2x2 rule": plain_rule,
-        "auto (shipped thresholds)":
-            lambda r: auto_accuracy(r, DEFAULT_THRESHOLDS)[0],
-        "auto (fitted)": lambda r: auto_accuracy(r, fitted)[0],
-        "auto (LODO)": lambda r: auto_accuracy(r, lodo[r["dataset"]])[0],
+        "auto (shipped thresholds)": lambda r: auto_choice(r, DEFAULT_THRESHOLDS),
+        "auto (fitted)": lambda r: auto_choice(r, fitted),
+        "auto (LODO)": lambda r: auto_choice(r, lodo[r["dataset"]]),
     }
-    print(f"{'dataset':12s} {'n/class':>7s} {'gap':>6s}  " + " ".join(f"{k:>12s}" for k in rows[0]["accuracy"])
-          + "   auto(fitted)")
+    print(f"{'dataset':12s} {'n/class':>7s} {'gap':>6s} {'conf':>5s} " + " ".join(f"{k:>13s}" for k in rows[0]["accuracy"])
+          + "   auto (shipped)")
     for r in rows:
-        chosen = auto_accuracy(r, fitted)[0]
-        print(f"{r['dataset']:12s} {r['per_class_min']:7d} {r['signals']['domain_gap']:6.3f}  "
-              + " ".join(f"{v:12.3f}" for v in r["accuracy"].values()) + f"   {chosen}")
-    print(f"\nfitted thresholds: {fitted}")
+        chosen, finetuned = auto_choice(r, DEFAULT_THRESHOLDS)
+        print(f"{r['dataset']:12s} {r['per_class_min']:7d} {r['signals']['domain_gap']:6.3f} "
+              f"{r['signals']['imagenet_confidence']['mean_max_prob']:5.2f} "
+              + " ".join(f"{v:13.3f}" for v in r["accuracy"].values()) + f"   {chosen}{' (fine-tuned)' * finetuned}")
+    print(f"\nshipped thresholds: {DEFAULT_THRESHOLDS!r}\nfitted thresholds:  {fitted!r}")
     for dataset, t in lodo.items():
-        print(f"  without {dataset:12s}: {t}")
-    print(f"\n{'policy':42s} {'mean regret':>11s} {'worst':>7s}  (accuracy points, {len(rows)} rows)")
+        print(f"  without {dataset:12s}: {t!r}")
+    print(f"\n{'policy':30s} {'mean regret':>11s} {'worst':>7s} {'fine-tunes':>11s}  (accuracy points; {len(rows)} rows)")
     for name, pick in policies.items():
-        r = regrets(rows, pick)
-        print(f"{name:42s} {r.mean():11.2f} {r.max():7.2f}")
+        r, finetunes = regrets(rows, pick)
+        print(f"{name:30s} {r.mean():11.2f} {r.max():7.2f} {finetunes:11d}")
 
 
 if __name__ == "__main__":
