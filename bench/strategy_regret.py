@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.config import AutoConfig
+from tlpipe.config import AutoConfig, load_config
 from tlpipe.strategy.decision import DEFAULT_THRESHOLDS, decide, keep_finetune
 from tlpipe.strategy.signals import Signals
 
+RECIPES = {name: load_config(name).auto for name in ("default", "best")}  # the thresholds shipped
 RESULTS = Path(__file__).resolve().parent / "results" / "strategy_benchmark.jsonl"
 NEAR_IMAGENET = {"hymenoptera"}  # the data README's own words: "near-ImageNet photos"
 PLAIN_RULE_LARGE = 100
@@ -116,18 +117,21 @@ def main() -> None:
         "always linear, tap on val": lambda r: (best_linear(r), False),
         "always full": lambda r: ("full", True),
         "2x2 rule": plain_rule,
-        "auto (shipped thresholds)": lambda r: auto_choice(r, DEFAULT_THRESHOLDS),
+        "auto (default recipe)": lambda r: auto_choice(r, RECIPES["default"]),
+        "auto (best recipe)": lambda r: auto_choice(r, RECIPES["best"]),
         "auto (fitted)": lambda r: auto_choice(r, fitted),
         "auto (LODO)": lambda r: auto_choice(r, lodo[r["dataset"]]),
     }
     print(f"{'dataset':12s} {'n/class':>7s} {'gap':>6s} {'conf':>5s} " + " ".join(f"{k:>13s}" for k in rows[0]["accuracy"])
-          + "   auto (shipped)")
+          + "   auto (default recipe)")
     for r in rows:
-        chosen, finetuned = auto_choice(r, DEFAULT_THRESHOLDS)
+        chosen, finetuned = auto_choice(r, RECIPES["default"])
         print(f"{r['dataset']:12s} {r['per_class_min']:7d} {r['signals']['domain_gap']:6.3f} "
               f"{r['signals']['imagenet_confidence']['mean_max_prob']:5.2f} "
               + " ".join(f"{v:13.3f}" for v in r["accuracy"].values()) + f"   {chosen}{' (fine-tuned)' * finetuned}")
-    print(f"\nshipped thresholds: {DEFAULT_THRESHOLDS!r}\nfitted thresholds:  {fitted!r}")
+    for name, thresholds in RECIPES.items():
+        print(f"\n{name} recipe: {thresholds!r}", end="")
+    print(f"\nfitted:         {fitted!r}")
     for dataset, t in lodo.items():
         print(f"  without {dataset:12s}: {t!r}")
     print(f"\n{'policy':30s} {'mean regret':>11s} {'worst':>7s} {'fine-tunes':>11s}  (accuracy points; {len(rows)} rows)")
