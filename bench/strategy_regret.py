@@ -50,11 +50,11 @@ def best_linear(row: dict) -> str:
     return max(taps, key=lambda name: (row["accuracy"][name], -taps.index(name)))
 
 
-def auto_choice(row: dict, thresholds: AutoConfig) -> tuple[str, bool]:
+def auto_choice(row: dict, thresholds: AutoConfig, gpu: bool = False) -> tuple[str, bool]:
     """What ``tlpipe fit`` ends with, and whether it trained a fine-tune to get there: decide on the
     row's signals; a linear decision fits the taps and keeps the best on val; a fine-tune stands only
     if it beats that linear classifier by more than its standard error on val (``keep_finetune``)."""
-    decision = decide(Signals(**row["signals"]), row["per_class_min"], thresholds)
+    decision = decide(Signals(**row["signals"]), row["per_class_min"], thresholds, gpu)
     acc, name = row["accuracy"], best_linear(row)
     if decision.strategy == "linear":
         return name, False
@@ -117,13 +117,14 @@ def main() -> None:
         "always linear, tap on val": lambda r: (best_linear(r), False),
         "always full": lambda r: ("full", True),
         "2x2 rule": plain_rule,
-        "auto (default recipe)": lambda r: auto_choice(r, RECIPES["default"]),
+        "auto (default recipe, CPU)": lambda r: auto_choice(r, RECIPES["default"]),
+        "auto (default recipe, GPU)": lambda r: auto_choice(r, RECIPES["default"], gpu=True),
         "auto (best recipe)": lambda r: auto_choice(r, RECIPES["best"]),
         "auto (fitted)": lambda r: auto_choice(r, fitted),
         "auto (LODO)": lambda r: auto_choice(r, lodo[r["dataset"]]),
     }
     print(f"{'dataset':12s} {'n/class':>7s} {'gap':>6s} {'conf':>5s} " + " ".join(f"{k:>13s}" for k in rows[0]["accuracy"])
-          + "   auto (default recipe)")
+          + "   auto (default recipe, CPU)")
     for r in rows:
         chosen, finetuned = auto_choice(r, RECIPES["default"])
         print(f"{r['dataset']:12s} {r['per_class_min']:7d} {r['signals']['domain_gap']:6.3f} "

@@ -41,6 +41,15 @@ def test_the_two_by_two_rule_on_measured_size_and_gap(per_class, gap, strategy):
     assert str(per_class) in decision.explanation and f"{gap:.2f}" in decision.explanation
 
 
+def test_on_a_gpu_fine_tuning_is_tried_from_fewer_images():
+    thresholds = AutoConfig(large_per_class=150, large_per_class_gpu=5, far_gap=0.5)
+    assert decide(signals(0.9), 20, thresholds).strategy == "linear"  # on a CPU, 20 a class is small
+    on_gpu = decide(signals(0.9), 20, thresholds, gpu=True)
+    assert on_gpu.strategy == "full" and on_gpu.size == "large" and "on a GPU" in on_gpu.explanation
+    assert decide(signals(0.2), 20, thresholds, gpu=True).strategy == "partial"
+    assert decide(signals(0.9), 4, thresholds, gpu=True).strategy == "linear"
+
+
 def test_small_data_gets_a_linear_classifier_on_the_tap_that_does_better_on_validation():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 30)

@@ -15,6 +15,7 @@ import numpy as np
 
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
+from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone
 from tlpipe.strategy.decision import Decision, decide
 from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals, stratified_subset
@@ -65,7 +66,7 @@ def images_per_class(spec: DatasetSpec) -> int:
 def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig) -> Assessment:
     """Signals from the train features (``collect_features``), the decision, and the fit's estimated cost."""
     signals = compute_signals(_subset(features["train"], MAX_SIGNAL_IMAGES, config.seed), seed=config.seed)
-    decision = decide(signals, images_per_class(spec), config.auto)
+    decision = decide(signals, images_per_class(spec), config.auto, gpu=resolve_device(config.device).type != "cpu")
     return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features["train"]))
 
 
@@ -99,7 +100,6 @@ def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, train
 
 def estimate_training_memory(backbone: Backbone, config: FitConfig) -> dict:
     """Bytes one fine-tuning batch of the recipe's size needs (one probe step on the device)."""
-    from tlpipe.device import resolve_device
     from tlpipe.training.memory import available_memory, estimate_memory
 
     device = resolve_device(config.device)

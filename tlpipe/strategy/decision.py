@@ -53,15 +53,18 @@ def _stage_probe(signals: Signals, name: str) -> dict:
     return next(s for s in signals.stages if s["name"] == name)
 
 
-def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEFAULT_THRESHOLDS) -> Decision:
-    """The strategy for data with ``images_per_class`` in its smallest class and these signals."""
-    large = images_per_class >= thresholds.large_per_class
+def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEFAULT_THRESHOLDS,
+           gpu: bool = False) -> Decision:
+    """The strategy for data with ``images_per_class`` in its smallest class and these signals;
+    ``gpu``: training runs on a GPU, where fine-tuning is cheap enough to try on less data."""
+    cut = thresholds.large_per_class_gpu if gpu else thresholds.large_per_class
+    large = images_per_class >= cut
     confidence = signals.imagenet_confidence.get("mean_max_prob", 1.0)
     far = signals.domain_gap > thresholds.far_gap or confidence < thresholds.far_confidence
     last = signals.penultimate
     reasons = [
         f"The smallest class has {images_per_class} training images ({'at least' if large else 'under'} "
-        f"{thresholds.large_per_class}: {'large' if large else 'small'} for fine-tuning).",
+        f"{cut}{' on a GPU' if gpu else ' on a CPU'}: {'large' if large else 'small'} for fine-tuning).",
         f"The BatchNorm domain gap is {signals.domain_gap:.3f} nats (far above {thresholds.far_gap:.3f}) and the "
         f"ImageNet head's mean top probability {confidence:.2f} (far below {thresholds.far_confidence:.2f}): "
         f"{'far from' if far else 'near'} ImageNet.",
