@@ -74,13 +74,12 @@ def run_row(dataset: str, per_class: int, args) -> dict:
 
     codes = {split: (f.codes, f.labels) for split, f in features.items()}
     accuracy, seconds = {}, row["seconds"]
-    earlier = max(signals.stages, key=lambda s: s["probe_accuracy"])["name"]  # the best stage before the last
-    row["concat_stage"] = earlier
+    row["concat_stage"] = signals.best_stage  # the product's concatenated tap (Assessment.linear_taps)
     for name, X, X_val in [
         ("linear", features["train"].codes, features["val"].codes),
         ("linear_stage", features["train"].stages.get(signals.best_stage, features["train"].codes),
          features["val"].stages.get(signals.best_stage, features["val"].codes)),
-        ("linear_concat", *(np.hstack([f.codes, f.stages[earlier]]) for f in (features["train"], features["val"]))),
+        ("linear_concat", *(np.hstack([f.codes, f.stages[signals.best_stage]]) for f in (features["train"], features["val"]))),
     ]:
         t = time.perf_counter()
         probe = linear_probe(config, X, features["train"].labels, X_val, features["val"].labels)

@@ -107,7 +107,7 @@ def fit(
                             for split in ("train", "val")}
             with timings.stage("decide"):
                 assessment = assess(features, spec, config)
-                if assessment.decision.strategy == "linear":
+                if assessment.decision.strategy == "linear" and context.is_main:  # the other ranks stop here
                     probe = _best_linear(assessment, config)[0].details  # the tap; its classifier and C are trial 0
             config = assessment.apply(config)
             if not context.is_main and config.strategy == "linear":
