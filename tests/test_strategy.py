@@ -41,13 +41,23 @@ def test_the_two_by_two_rule_on_measured_size_and_gap(per_class, gap, strategy):
     assert str(per_class) in decision.explanation and f"{gap:.2f}" in decision.explanation
 
 
-def test_on_a_gpu_fine_tuning_is_tried_from_fewer_images():
-    thresholds = AutoConfig(large_per_class=150, large_per_class_gpu=5, far_gap=0.5)
-    assert decide(signals(0.9), 20, thresholds).strategy == "linear"  # on a CPU, 20 a class is small
-    on_gpu = decide(signals(0.9), 20, thresholds, gpu=True)
-    assert on_gpu.strategy == "full" and on_gpu.size == "large" and "on a GPU" in on_gpu.explanation
-    assert decide(signals(0.2), 20, thresholds, gpu=True).strategy == "partial"
-    assert decide(signals(0.9), 4, thresholds, gpu=True).strategy == "linear"
+def test_small_data_is_fine_tuned_where_a_study_fits_the_time_budget():
+    thresholds = AutoConfig(large_per_class=150, far_large_per_class=50, finetune_minutes=30, far_gap=0.5)
+    assert decide(signals(0.9), 20, thresholds).strategy == "linear"  # cost unknown: the size cuts alone
+    assert decide(signals(0.9), 20, thresholds, finetune_minutes=45).strategy == "linear"  # over the budget
+    cheap = decide(signals(0.9), 20, thresholds, finetune_minutes=12.5)
+    assert cheap.strategy == "full" and cheap.size == "small" and cheap.finetune_minutes == 12.5
+    assert "at most 12.5 min" in cheap.explanation and "within the 30-min budget" in cheap.explanation
+    assert decide(signals(0.2), 20, thresholds, finetune_minutes=12.5).strategy == "partial"  # near: partial
+    never = thresholds.model_copy(update={"finetune_minutes": 0.0})
+    assert decide(signals(0.9), 20, never, finetune_minutes=0.5).strategy == "linear"  # 0: cost first
+
+
+def test_far_data_counts_as_large_from_fewer_images():
+    thresholds = AutoConfig(large_per_class=150, far_large_per_class=50, far_gap=0.5)
+    assert decide(signals(0.9), 60, thresholds).strategy == "full"  # far: large from 50
+    assert decide(signals(0.2), 60, thresholds).strategy == "linear"  # near: small under 150
+    assert "under 150" in decide(signals(0.2), 60, thresholds).explanation
 
 
 def test_small_data_gets_a_linear_classifier_on_the_tap_that_does_better_on_validation():
@@ -98,6 +108,8 @@ def test_inspect_prints_profile_signals_and_decision_and_writes_nothing(image_fo
     assert report["decision"]["strategy"] == "linear"  # 8 images per class is small data
     assert report["profile"]["images_per_class"]["train"] == {"birds": 8, "cats": 8, "dogs": 8}
     assert len(report["signals"]["stages"]) == 5 and report["estimate"]["fit_seconds"] > 0
+    assert report["estimate"]["finetune_study_minutes"] == report["decision"]["finetune_minutes"] >= 0
+    assert "a fine-tuning study: at most" in result.output
     assert tree_snapshot(root) == before
 
 
@@ -132,14 +144,17 @@ def test_candidate_backbones_are_ranked_by_their_signals_and_the_best_is_kept(im
 
 
 def test_a_fine_tune_that_does_not_beat_the_linear_classifier_gives_way_to_it(image_folder, tmp_path, mlflow_store):
-    """auto picks full fine-tuning (thresholds from the recipe's ``auto:``); on solid colours the
-    linear classifier is already perfect on val, so the guard keeps it, with the pretrained weights."""
+    """auto picks full fine-tuning (small data, but a study fits the recipe's time budget, and
+    ``far_gap: 0`` makes it far); on solid colours the linear classifier is already perfect on val,
+    so the guard keeps it, with the pretrained weights."""
     root = image_folder("data", {"red": 6, "green": 6}, split={"train": 6, "val": 4})
-    config = load_config("quick", image_size=64, num_workers=0, auto={"large_per_class": 2, "far_gap": 0.0},
+    config = load_config("quick", image_size=64, num_workers=0, auto={"finetune_minutes": 30.0, "far_gap": 0.0},
                          finetune={"epochs": 1}, tuning={"trials": 0})
     result = fit(root, config, output=tmp_path / "run", experiment="guard-test")
-    decision = result.summary["auto"]["decision"]
-    assert decision["strategy"] == "full" and decision["size"] == "large"
+    decision, estimate = result.summary["auto"]["decision"], result.summary["auto"]["estimate"]
+    assert decision["strategy"] == "full" and decision["size"] == "small"
+    assert 0 <= decision["finetune_minutes"] == estimate["finetune_study_minutes"] <= 30
+    assert "within the 30-min budget" in decision["explanation"]
     assert result.summary["strategy"] == "linear" and "the linear classifier stands" in result.summary["strategy_reason"]
     bundle = load_bundle(result.bundle_path, device="cpu")
     assert bundle.manifest["codes"]["layer"] == str(decision["layer"]) and not bundle.manifest["backbone"]["embedded"]

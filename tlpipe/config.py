@@ -66,11 +66,14 @@ class AutoConfig(_Section):
     """Where ``strategy: auto`` draws its lines (``tlpipe.strategy.decision``); the defaults are
     calibrated by bench/strategy_regret.py on bench/strategy_benchmark.py (see bench/STRATEGY.md)."""
 
-    # Smallest class at or above this: fine-tune (the guard then keeps the linear classifier if that
-    # does not pay). On a CPU a fine-tuning study of small data takes tens of minutes: cost first.
-    # On a GPU it takes minutes: accuracy first, the benchmark's optimum (bench/STRATEGY.md).
+    # Fine-tune (the guard then keeps the linear classifier if that does not pay) when the smallest
+    # class has at least large_per_class images, or far_large_per_class for data far from ImageNet,
+    # whatever it costs; below that, when a fine-tuning study's worst case (every trial, every epoch)
+    # fits in finetune_minutes at the forward speed measured on this device: on a GPU nearly always,
+    # on a CPU for small data. 0: never below the size cuts (cost first). See bench/STRATEGY.md.
     large_per_class: int = Field(default=150, ge=1)
-    large_per_class_gpu: int = Field(default=5, ge=1)  # the same cut where training runs on CUDA or MPS
+    far_large_per_class: int = Field(default=50, ge=1)
+    finetune_minutes: float = Field(default=30.0, ge=0)
     far_gap: float = Field(default=0.085, ge=0)  # BatchNorm domain gap (nats) above this: far from ImageNet
     far_confidence: float = Field(default=0.5, ge=0, le=1)  # ImageNet head's mean top probability below this: far too
     partial_stages: int = Field(default=2, ge=1)  # stages a partial fine-tune trains, with the head

@@ -106,7 +106,7 @@ def fit(
                                                     cache=Path(config.cache_dir or out / "cache"))
                             for split in ("train", "val")}
             with timings.stage("decide"):
-                assessment = assess(features, spec, config)
+                assessment = assess(features, spec, config, tuning.trials if tuning else None)
                 if assessment.decision.strategy == "linear" and context.is_main:  # the other ranks stop here
                     probe = _best_linear(assessment, config)[0].details  # the tap; its classifier and C are trial 0
             config = assessment.apply(config)
@@ -306,6 +306,7 @@ def _auto_params(assessment: Assessment, ranking: list[dict]) -> dict:
         "auto_similarity": decision.similarity, "auto_domain_gap": round(signals.domain_gap, 4),
         "auto_probe_accuracy": round(signals.penultimate["probe_accuracy"], 4), "auto_best_stage": signals.best_stage,
         "auto_estimated_fit_seconds": assessment.estimate.get("fit_seconds"),
+        "auto_finetune_study_minutes": decision.finetune_minutes,
         **({"backbone_ranking": ",".join(r["backbone"] for r in ranking)} if ranking else {}),
     }
 

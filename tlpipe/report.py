@@ -169,5 +169,6 @@ def print_inspect_report(result: dict) -> None:
                   f"{'far from' if decision['similarity'] == 'far' else 'near'} ImageNet). {decision['explanation']}")
     estimate = result["estimate"]
     memory = f"; {estimate['memory_gb']} GB per batch of {estimate['batch_size']}" if "memory_gb" in estimate else ""
-    console.print(f"[bold]Estimate[/]  fit about {estimate['fit_seconds']:.0f} s at "
-                  f"{estimate['forward_images_per_second']} images/s forward{memory}")
+    console.print(f"[bold]Estimate[/]  fit at most {estimate['fit_seconds']:.0f} s at "
+                  f"{estimate['forward_images_per_second']} images/s forward (a fine-tuning study: at most "
+                  f"{estimate['finetune_study_minutes']:g} min){memory}")

@@ -19,6 +19,7 @@ from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone
 from tlpipe.strategy.decision import Decision, decide
 from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals, stratified_subset
+from tlpipe.tuning.space import requested_trials
 
 MAX_SIGNAL_IMAGES = 2000  # the probes' cost grows with the images; their verdict stops changing well before this
 TRAIN_STEP_COST = 3.0  # a training step costs about 3 forward passes (forward + backward, AdamW)
@@ -63,11 +64,13 @@ def images_per_class(spec: DatasetSpec) -> int:
     return min(spec.class_counts("train").values())
 
 
-def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig) -> Assessment:
-    """Signals from the train features (``collect_features``), the decision, and the fit's estimated cost."""
+def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig, trials: int | None = None) -> Assessment:
+    """Signals from the train features (``collect_features``), the decision, and the fit's estimated
+    cost; ``trials``: the run's study size where it overrides the recipe's (``--trials``)."""
     signals = compute_signals(_subset(features["train"], MAX_SIGNAL_IMAGES, config.seed), seed=config.seed)
-    decision = decide(signals, images_per_class(spec), config.auto, gpu=resolve_device(config.device).type != "cpu")
-    return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features["train"]))
+    study = finetune_study_seconds(spec, config, features["train"], trials)
+    decision = decide(signals, images_per_class(spec), config.auto, finetune_minutes=round(study / 60, 1))
+    return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features["train"], study))
 
 
 def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
@@ -82,18 +85,35 @@ def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
     )
 
 
-def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, train: FeatureSet) -> dict:
-    """Seconds the fit will take, from the forward speed just measured on the train split; for a
-    fine-tune, also the memory of one training batch (parameters, gradients, AdamW state, activations)."""
-    per_image = train.seconds / max(len(train.labels), 1)
+def _seconds_per_image(train: FeatureSet) -> float:
+    """The forward pass's time per train image, as just measured on this device."""
+    return train.seconds / max(len(train.labels), 1)
+
+
+def study_seconds(seconds_per_image: float, n_train: int, n_val: int, epochs: int, trials: int) -> float:
+    """Worst case of a fine-tuning study: every trial trains every epoch and validates after each
+    (pruning and early stopping only shorten it); one training when tuning is off."""
+    return max(trials, 1) * epochs * (n_train * TRAIN_STEP_COST + n_val) * seconds_per_image
+
+
+def finetune_study_seconds(spec: DatasetSpec, config: FitConfig, train: FeatureSet, trials: int | None = None) -> float:
+    """``study_seconds`` for this data and recipe at the forward speed measured on ``train``."""
     counts = spec.counts()
-    n_train, n_val = counts["train"], counts.get("val", 0)
-    seconds = (n_train + n_val) * per_image  # codes for the probe (and the linear strategy)
-    estimate = {"forward_images_per_second": round(1 / per_image, 1) if per_image else None}
+    trials = requested_trials(config.model_copy(update={"strategy": "full"}), trials)
+    return study_seconds(_seconds_per_image(train), counts["train"], counts.get("val", 0), config.finetune.epochs, trials)
+
+
+def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, train: FeatureSet, study: float) -> dict:
+    """Seconds the fit will take at most, from the forward speed just measured on the train split:
+    the codes, and for a fine-tune the study's worst case ``study``."""
+    per_image = _seconds_per_image(train)
+    counts = spec.counts()
+    seconds = (counts["train"] + counts.get("val", 0)) * per_image  # codes for the probe (and the linear strategy)
+    estimate = {"forward_images_per_second": round(1 / per_image, 1) if per_image else None,
+                "finetune_study_minutes": round(study / 60, 1)}
     if decision.strategy != "linear":
-        epochs = config.finetune.epochs
-        seconds += epochs * (n_train * TRAIN_STEP_COST + n_val) * per_image + n_val * per_image
-        estimate["epochs"] = epochs
+        seconds += study
+        estimate["epochs"] = config.finetune.epochs
     estimate["fit_seconds"] = round(seconds, 1)
     return estimate
 

@@ -1,0 +1,58 @@
+"""What a fine-tuning study of each benchmark row would cost ``tlpipe fit`` here: the number
+``--strategy auto`` weighs against the recipe's ``auto.finetune_minutes``.
+
+For each row of ``bench/results/strategy_benchmark.jsonl`` (the same seeded train subsample and the
+whole val split), the default recipe's frozen forward pass over the train images, exactly as the
+fit runs it (``collect_features``, the recipe's image size, batch size and workers), and from its
+measured speed the worst case of the recipe's fine-tuning study (``finetune_study_seconds``: every
+trial, every epoch). Written to ``bench/results/study_cost.jsonl``; ``bench/strategy_regret.py``
+reads it to score the default recipe as it decides on this machine.
+
+Run from the repo root:  python bench/study_cost.py   (about 4 minutes on 2 quiet CPU cores)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from strategy_benchmark import RESULTS, SHARED_DATA, subsample
+from tlpipe.config import load_config
+from tlpipe.data import prepare_dataset
+from tlpipe.device import resolve_device
+from tlpipe.pipeline import build_backbone
+from tlpipe.strategy.auto import finetune_study_seconds
+from tlpipe.strategy.signals import collect_features
+
+STUDY_COST = RESULTS.with_name("study_cost.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=STUDY_COST)
+    args = parser.parse_args()
+    config = load_config(args.recipe)
+    backbone = build_backbone(config)
+    lines = []
+    for line in args.results.read_text().splitlines():
+        row = json.loads(line)
+        spec = prepare_dataset(SHARED_DATA / row["dataset"], config.val_fraction, row["seed"], report_dir=None)
+        train = subsample(spec.splits["train"], row["per_class"], row["seed"])
+        sub = dataclasses.replace(spec, splits={"train": train, "val": spec.splits["val"]})
+        features = collect_features(backbone, train, config)
+        minutes = finetune_study_seconds(sub, config, features) / 60
+        cost = {"dataset": row["dataset"], "per_class": row["per_class"], "n_train": len(train),
+                "n_val": len(sub.splits["val"]), "recipe": args.recipe, "device": str(resolve_device(config.device)),
+                "forward_images_per_second": round(len(train) / features.seconds, 2),
+                "finetune_study_minutes": round(minutes, 1)}
+        lines.append(json.dumps(cost))
+        print(f"{row['dataset']:12s} {row['per_class']:4d}/class n={len(train):4d}: "
+              f"{cost['forward_images_per_second']:6.1f} images/s, study at most {minutes:6.1f} min", flush=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
