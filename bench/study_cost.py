@@ -2,13 +2,13 @@
 ``--strategy auto`` weighs against the recipe's ``auto.finetune_minutes``.
 
 For each row of ``bench/results/strategy_benchmark.jsonl`` (the same seeded train subsample and the
-whole val split), the default recipe's frozen forward pass over the train images, exactly as the
-fit runs it (``collect_features``, the recipe's image size, batch size and workers), and from its
+whole val split), the default recipe's frozen forward pass over both splits, exactly as the fit
+runs it (``collect_features``, the recipe's image size, batch size and workers), and from its
 measured speed the worst case of the recipe's fine-tuning study (``finetune_study_seconds``: every
 trial, every epoch). Written to ``bench/results/study_cost.jsonl``; ``bench/strategy_regret.py``
 reads it to score the default recipe as it decides on this machine.
 
-Run from the repo root:  python bench/study_cost.py   (about 4 minutes on 2 quiet CPU cores)
+Run from the repo root:  python bench/study_cost.py   (about 8 minutes on 2 quiet CPU cores)
 """
 from __future__ import annotations
 
@@ -42,11 +42,13 @@ def main() -> None:
         spec = prepare_dataset(SHARED_DATA / row["dataset"], config.val_fraction, row["seed"], report_dir=None)
         train = subsample(spec.splits["train"], row["per_class"], row["seed"])
         sub = dataclasses.replace(spec, splits={"train": train, "val": spec.splits["val"]})
-        features = collect_features(backbone, train, config)
+        features = {split: collect_features(backbone, sub.splits[split], config, batchnorm=split == "train")
+                    for split in ("train", "val")}  # the fit's pass: its speed over both splits
         minutes = finetune_study_seconds(sub, config, features) / 60
+        seconds = sum(f.seconds for f in features.values())
         cost = {"dataset": row["dataset"], "per_class": row["per_class"], "n_train": len(train),
                 "n_val": len(sub.splits["val"]), "recipe": args.recipe, "device": str(resolve_device(config.device)),
-                "forward_images_per_second": round(len(train) / features.seconds, 2),
+                "forward_images_per_second": round((len(train) + len(sub.splits["val"])) / seconds, 2),
                 "finetune_study_minutes": round(minutes, 1)}
         lines.append(json.dumps(cost))
         print(f"{row['dataset']:12s} {row['per_class']:4d}/class n={len(train):4d}: "

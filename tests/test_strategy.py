@@ -60,6 +60,22 @@ def test_far_data_counts_as_large_from_fewer_images():
     assert "under 150" in decide(signals(0.2), 60, thresholds).explanation
 
 
+def test_the_study_estimate_is_every_trial_and_epoch_at_the_measured_speed(image_folder):
+    from tlpipe.data import prepare_dataset
+    from tlpipe.strategy.auto import finetune_study_seconds
+
+    spec = prepare_dataset(image_folder("data", {"a": 6, "b": 6}, split={"train": 6, "val": 3}), 0.2, 0, report_dir=None)
+    features = {split: FeatureSet(codes=np.zeros((n, 4)), stages={}, imagenet_logits=None, bn_stats={},
+                                  labels=np.zeros(n, int), indices=np.arange(n), seconds=0.5 * n)
+                for split, n in (("train", 12), ("val", 6))}  # 0.5 s an image over both splits
+    epoch = (12 * 3 + 6) * 0.5  # a training step costs 3 forward passes; then val
+    config = load_config("default")  # 8 trials of up to 8 epochs
+    assert finetune_study_seconds(spec, config, features) == 8 * 8 * epoch
+    assert finetune_study_seconds(spec, config, features, trials=2) == 2 * 8 * epoch  # --trials
+    untuned = load_config("default", tuning={"trials": 0}, finetune={"epochs": 3})
+    assert finetune_study_seconds(spec, untuned, features) == 3 * epoch  # one training
+
+
 def test_small_data_gets_a_linear_classifier_on_the_tap_that_does_better_on_validation():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 30)
@@ -149,9 +165,12 @@ def test_a_fine_tune_that_does_not_beat_the_linear_classifier_gives_way_to_it(im
     so the guard keeps it, with the pretrained weights."""
     root = image_folder("data", {"red": 6, "green": 6}, split={"train": 6, "val": 4})
     config = load_config("quick", image_size=64, num_workers=0, auto={"finetune_minutes": 30.0, "far_gap": 0.0},
-                         finetune={"epochs": 1}, tuning={"trials": 0})
+                         finetune={"epochs": 1}, tuning={"trials": 2})
     result = fit(root, config, output=tmp_path / "run", experiment="guard-test")
     decision, estimate = result.summary["auto"]["decision"], result.summary["auto"]["estimate"]
+    baseline = json.loads((tmp_path / "run" / "linear_baseline" / "tuning" / "tuning.json").read_text())
+    assert baseline["complete"] == 2  # the linear classifier it falls back to is tuned as a linear fit's
+    assert result.summary["head"]["chosen"] == baseline["best_params"]["classifier"]
     assert decision["strategy"] == "full" and decision["size"] == "small"
     assert 0 <= decision["finetune_minutes"] == estimate["finetune_study_minutes"] <= 30
     assert "within the 30-min budget" in decision["explanation"]

@@ -73,7 +73,7 @@ class AutoConfig(_Section):
     # on a CPU for small data. 0: never below the size cuts (cost first). See bench/STRATEGY.md.
     large_per_class: int = Field(default=150, ge=1)
     far_large_per_class: int = Field(default=50, ge=1)
-    finetune_minutes: float = Field(default=30.0, ge=0)
+    finetune_minutes: float = Field(default=25.0, ge=0)
     far_gap: float = Field(default=0.085, ge=0)  # BatchNorm domain gap (nats) above this: far from ImageNet
     far_confidence: float = Field(default=0.5, ge=0, le=1)  # ImageNet head's mean top probability below this: far too
     partial_stages: int = Field(default=2, ge=1)  # stages a partial fine-tune trains, with the head

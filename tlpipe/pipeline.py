@@ -141,11 +141,11 @@ def fit(
             with timings.stage("evaluate"):
                 codes["val"] = dataset_codes(backbone, spec, "val", config, layer)
             if assessment:
-                linear, linear_codes, linear_accuracy = _best_linear(assessment, config)
-                if not _finetune_pays(trained, codes["val"], linear_accuracy, assessment):
+                with timings.stage("linear_baseline"):
+                    linear, linear_codes, linear_config = _linear_baseline(assessment, config, out)
+                if not _finetune_pays(trained, codes["val"], linear, linear_codes["val"], assessment):
                     backbone, codes, trained = build_backbone(config), linear_codes, linear  # the pretrained weights
-                    layer = assessment.decision.layer
-                    config = config.model_copy(update={"strategy": "linear", "layer": layer})
+                    layer, config = linear_config.layer, linear_config
         X_val, y_val = codes["val"]
         metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
         bundle_path = save_bundle(
@@ -286,11 +286,28 @@ def _best_linear(assessment: Assessment, config: FitConfig) -> tuple[TrainedHead
     return fits[tap]
 
 
-def _finetune_pays(trained: TrainedHead, val_codes: tuple, linear_accuracy: float, assessment: Assessment) -> bool:
-    """The auto guard: the fine-tune's val accuracy must beat the best linear classifier's by more
-    than its standard error; the decision records the outcome either way."""
+def _linear_baseline(assessment: Assessment, config: FitConfig, out: Path) -> tuple[TrainedHead, dict, FitConfig]:
+    """The linear classifier a fine-tune must beat, and the fit's result if it does not: the best
+    tap on validation, its classifier and C tuned as a linear fit tunes them (a study of its own in
+    ``<out>/linear_baseline``), so falling back loses nothing against ``--strategy linear``."""
+    probe, codes, _ = _best_linear(assessment, config)
+    linear_config = config.model_copy(update={"strategy": "linear", "layer": assessment.decision.layer})
+    defaults = {"classifier": probe.details["chosen"], "C": probe.details["candidates"][probe.details["chosen"]]["C"]}
+    tuned = tune(linear_config, out / "linear_baseline", linear_objective(codes, defaults))
+    return fit_linear(tuned.config, codes), codes, tuned.config
+
+
+def _val_accuracy(trained: TrainedHead, val_codes: tuple) -> float:
     X_val, y_val = val_codes
-    finetune_accuracy = float((trained.head.predict(X_val) == y_val).mean())
+    return float((trained.head.predict(X_val) == y_val).mean())
+
+
+def _finetune_pays(trained: TrainedHead, val_codes: tuple, linear: TrainedHead, linear_val_codes: tuple,
+                   assessment: Assessment) -> bool:
+    """The auto guard: the fine-tune's val accuracy must beat the tuned linear classifier's by more
+    than its standard error; the decision records the outcome either way."""
+    finetune_accuracy, linear_accuracy = _val_accuracy(trained, val_codes), _val_accuracy(linear, linear_val_codes)
+    y_val = val_codes[1]
     pays = keep_finetune(finetune_accuracy, linear_accuracy, len(y_val))
     assessment.decision.reasons.append(
         f"Guard: the fine-tune scored {finetune_accuracy:.3f} on validation against {linear_accuracy:.3f} for the "
@@ -322,7 +339,9 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
     spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
     profile = profile_dataset(spec)
     backbone, ranking = choose_backbone(config.model_copy(update={"strategy": "auto"}), spec)
-    assessment = assess({"train": collect_features(backbone, spec.splits["train"], config)}, spec, config)
+    features = {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train")
+                for split in ("train", "val")}  # as the fit does: the decision weighs the speed of both
+    assessment = assess(features, spec, config)
     if assessment.decision.strategy != "linear":
         assessment.estimate.update(estimate_training_memory(backbone, config))
     return {

@@ -68,9 +68,9 @@ def assess(features: dict[str, FeatureSet], spec: DatasetSpec, config: FitConfig
     """Signals from the train features (``collect_features``), the decision, and the fit's estimated
     cost; ``trials``: the run's study size where it overrides the recipe's (``--trials``)."""
     signals = compute_signals(_subset(features["train"], MAX_SIGNAL_IMAGES, config.seed), seed=config.seed)
-    study = finetune_study_seconds(spec, config, features["train"], trials)
+    study = finetune_study_seconds(spec, config, features, trials)
     decision = decide(signals, images_per_class(spec), config.auto, finetune_minutes=round(study / 60, 1))
-    return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features["train"], study))
+    return Assessment(features, signals, decision, estimate_fit(spec, config, decision, features, study))
 
 
 def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
@@ -85,9 +85,10 @@ def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
     )
 
 
-def _seconds_per_image(train: FeatureSet) -> float:
-    """The forward pass's time per train image, as just measured on this device."""
-    return train.seconds / max(len(train.labels), 1)
+def _seconds_per_image(features: dict[str, FeatureSet]) -> float:
+    """The forward pass's time per image, as just measured on this device over every split passed
+    (on a few images, the pass's start-up would dominate the train split's own figure)."""
+    return sum(f.seconds for f in features.values()) / max(sum(len(f.labels) for f in features.values()), 1)
 
 
 def study_seconds(seconds_per_image: float, n_train: int, n_val: int, epochs: int, trials: int) -> float:
@@ -96,17 +97,19 @@ def study_seconds(seconds_per_image: float, n_train: int, n_val: int, epochs: in
     return max(trials, 1) * epochs * (n_train * TRAIN_STEP_COST + n_val) * seconds_per_image
 
 
-def finetune_study_seconds(spec: DatasetSpec, config: FitConfig, train: FeatureSet, trials: int | None = None) -> float:
-    """``study_seconds`` for this data and recipe at the forward speed measured on ``train``."""
+def finetune_study_seconds(spec: DatasetSpec, config: FitConfig, features: dict[str, FeatureSet],
+                           trials: int | None = None) -> float:
+    """``study_seconds`` for this data and recipe at the forward speed measured on ``features``."""
     counts = spec.counts()
     trials = requested_trials(config.model_copy(update={"strategy": "full"}), trials)
-    return study_seconds(_seconds_per_image(train), counts["train"], counts.get("val", 0), config.finetune.epochs, trials)
+    return study_seconds(_seconds_per_image(features), counts["train"], counts.get("val", 0), config.finetune.epochs, trials)
 
 
-def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, train: FeatureSet, study: float) -> dict:
-    """Seconds the fit will take at most, from the forward speed just measured on the train split:
-    the codes, and for a fine-tune the study's worst case ``study``."""
-    per_image = _seconds_per_image(train)
+def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, features: dict[str, FeatureSet],
+                 study: float) -> dict:
+    """Seconds the fit will take at most, from the forward speed just measured: the codes, and for
+    a fine-tune the study's worst case ``study``."""
+    per_image = _seconds_per_image(features)
     counts = spec.counts()
     seconds = (counts["train"] + counts.get("val", 0)) * per_image  # codes for the probe (and the linear strategy)
     estimate = {"forward_images_per_second": round(1 / per_image, 1) if per_image else None,
