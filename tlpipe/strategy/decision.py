@@ -82,13 +82,13 @@ def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEF
     decision = Decision("linear", size="large" if large else "small", similarity="far" if far else "near",
                         finetune_minutes=finetune_minutes)
     if large or affordable:
-        why = "Plenty of data" if large else "Fine-tuning is affordable here, and on little data it often pays"
+        why = "Plenty of data" if large else "Little data, but a fine-tuning study is affordable here and often pays"
         if far:
-            decision.strategy = "full"
-            reasons.append(f"{why} far from ImageNet: fine-tune the whole network (LP-FT).")
+            decision.strategy, action = "full", "fine-tune the whole network (LP-FT)"
         else:
             decision.strategy, decision.unfreeze_stages = "partial", thresholds.partial_stages
-            reasons.append(f"{why} near ImageNet: fine-tune the last {thresholds.partial_stages} stages and the head.")
+            action = f"fine-tune the last {thresholds.partial_stages} stages and the head"
+        reasons.append(f"{why}, {'far from' if far else 'near'} ImageNet: {action}.")
     else:
         earlier = ""
         if signals.best_stage != PENULTIMATE:
