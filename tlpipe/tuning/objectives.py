@@ -49,7 +49,7 @@ class LinearObjective:
 
         lin = config.linear
         with self.threads.limit(limits=1):
-            probe = LinearProbe(tuple(lin.classifiers), tuple(lin.c_grid), lin.cv_folds, config.seed, n_jobs=None)
+            probe = LinearProbe(tuple(lin.classifiers), tuple(lin.c_grid), lin.cv_folds, config.seed)
             probe.fit(*self.codes["train"], *self.codes["val"])
         return {"classifier": probe.chosen_, "C": probe.candidates_[probe.chosen_]["C"]}
 
