@@ -291,3 +291,25 @@ def test_codes_cache_hit_skips_extraction_and_new_weights_miss(tmp_path, image_f
 
     strategies.dataset_codes(net, spec, "val", config)  # no cache folder named: nothing cached
     assert len(calls) == 4 and not list((cache / "codes").glob("val-*"))
+
+
+def test_a_terminal_sees_the_study_progress_trial_by_trial(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from tlpipe import progress
+
+    screen = io.StringIO()
+    monkeypatch.setattr(progress, "console", Console(file=screen, force_terminal=True, width=100))
+    codes = synthetic_codes(n_train=60, n_val=30, dim=50)
+    config = load_config("default", strategy="linear", tuning={"trials": 4}, linear={"c_grid": [0.01, 0.1], "cv_folds": 3})
+    tuning.tune(config, tmp_path, tuning.linear_objective(codes))
+    assert "Tuning (linear): trials" in screen.getvalue() and "4/4" in screen.getvalue()
+    progress.announce("Strategy full: small data, far from ImageNet")
+    assert "Strategy full: small data" in screen.getvalue()
+    piped = io.StringIO()  # a pipe or a CI log: nothing but the report at the end
+    monkeypatch.setattr(progress, "console", Console(file=piped))
+    progress.announce("Strategy full")
+    tuning.tune(config.model_copy(update={"seed": 1}), tmp_path / "again", tuning.linear_objective(codes))
+    assert piped.getvalue() == ""

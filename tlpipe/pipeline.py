@@ -24,8 +24,9 @@ from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.models import PENULTIMATE, Backbone, create_backbone, resolve_layer
 from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
 from tlpipe.device import resolve_device
+from tlpipe.progress import announce
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
-from tlpipe.strategy.decision import keep_finetune, standard_error
+from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
 from tlpipe.strategy.signals import collect_features
 from tlpipe.training.distributed import init_distributed, shutdown
 from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
@@ -110,6 +111,8 @@ def fit(
                 if assessment.decision.strategy == "linear" and context.is_main:  # the other ranks stop here
                     probe = _best_linear(assessment, config)[0].details  # the tap; its classifier and C are trial 0
             config = assessment.apply(config)
+            if context.is_main:
+                announce(_decision_line(assessment.decision, config))
             if not context.is_main and config.strategy == "linear":
                 shutdown()
                 return None
@@ -314,6 +317,15 @@ def _finetune_pays(trained: TrainedHead, val_codes: tuple, linear: TrainedHead, 
         f"linear classifier (standard error {standard_error(linear_accuracy, len(y_val)):.3f}): "
         + ("the fine-tune is kept." if pays else "not clearly better, so the linear classifier stands."))
     return pays
+
+
+def _decision_line(decision: Decision, config: FitConfig) -> str:
+    """What auto chose, said before the study starts (the report at the end has the reasons)."""
+    tap = f" on {decision.layer}" if decision.strategy == "linear" else ""
+    study = "" if decision.finetune_minutes is None else (
+        f"; a fine-tuning study here: at most {decision.finetune_minutes:g} min (budget {config.auto.finetune_minutes:g})")
+    return (f"[bold]Strategy[/] {decision.strategy}{tap}: {decision.size} data, "
+            f"{'far from' if decision.similarity == 'far' else 'near'} ImageNet{study}")
 
 
 def _auto_params(assessment: Assessment, ranking: list[dict]) -> dict:

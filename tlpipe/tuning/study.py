@@ -15,6 +15,7 @@ import torch
 from optuna.trial import TrialState
 
 from tlpipe.config import FitConfig
+from tlpipe.progress import progress_bar
 from tlpipe.tracking import FitRun
 from tlpipe.tuning.results import log_study
 from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
@@ -192,14 +193,16 @@ def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, t
     timeout = timeout if timeout is not None else config.tuning.timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     function = _trial_function(study, objective, config, parent)
-    with _quiet():
+    total, finished = len(study.get_trials(deepcopy=False)), _count(study, *_FINISHED)
+    with _quiet(), progress_bar(f"Tuning ({config.strategy}): trials", total, finished) as advance:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
             try:
                 # gc after each trial frees a fine-tuning trial's GPU memory; it would cost more than a linear trial
-                study.optimize(function, timeout=remaining, gc_after_trial=config.strategy != "linear")
+                study.optimize(function, timeout=remaining, gc_after_trial=config.strategy != "linear",
+                               callbacks=[lambda *_: advance()])
                 break  # the timeout: optimize never ends by itself otherwise
             except _QueueEmpty:
                 pass
