@@ -3,7 +3,7 @@
 
 For each row of ``bench/results/strategy_benchmark.jsonl`` (the same seeded train subsample and the
 whole val split), the default recipe's frozen forward pass over both splits, exactly as the fit
-runs it (``collect_features``, the recipe's image size, batch size and workers), and from its
+runs it (``collect_splits``, the recipe's image size, batch size and workers), and from its
 measured speed the worst case of the recipe's fine-tuning study (``finetune_study_seconds``: every
 trial, every epoch). Written to ``bench/results/study_cost.jsonl``; ``bench/strategy_regret.py``
 reads it to score the default recipe as it decides on this machine.
@@ -23,7 +23,7 @@ from tlpipe.data import prepare_dataset
 from tlpipe.device import resolve_device
 from tlpipe.pipeline import build_backbone
 from tlpipe.strategy.auto import finetune_study_seconds
-from tlpipe.strategy.signals import collect_features
+from tlpipe.strategy.signals import collect_splits
 
 STUDY_COST = RESULTS.with_name("study_cost.jsonl")
 
@@ -42,8 +42,7 @@ def main() -> None:
         spec = prepare_dataset(SHARED_DATA / row["dataset"], config.val_fraction, row["seed"], report_dir=None)
         train = subsample(spec.splits["train"], row["per_class"], row["seed"])
         sub = dataclasses.replace(spec, splits={"train": train, "val": spec.splits["val"]})
-        features = {split: collect_features(backbone, sub.splits[split], config, batchnorm=split == "train")
-                    for split in ("train", "val")}  # the fit's pass: its speed over both splits
+        features = collect_splits(backbone, sub, config)  # the fit's pass: its speed over both splits
         minutes = finetune_study_seconds(sub, config, features) / 60
         seconds = sum(f.seconds for f in features.values())
         cost = {"dataset": row["dataset"], "per_class": row["per_class"], "n_train": len(train),

@@ -27,7 +27,7 @@ from tlpipe.device import resolve_device
 from tlpipe.progress import announce
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
 from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
-from tlpipe.strategy.signals import collect_features
+from tlpipe.strategy.signals import collect_splits
 from tlpipe.training.distributed import init_distributed, shutdown
 from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
 from tlpipe.training.strategies import TrainedHead, dataset_codes, fit_finetune, fit_linear
@@ -103,9 +103,7 @@ def fit(
         assessment, probe = None, None
         if config.strategy == "auto":
             with timings.stage("extract_codes"), context.main_first():  # the pass the codes need, with hooks
-                features = {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train",
-                                                    cache=Path(config.cache_dir or out / "cache"))
-                            for split in ("train", "val")}
+                features = collect_splits(backbone, spec, config, cache=Path(config.cache_dir or out / "cache"))
             with timings.stage("decide"):
                 assessment = assess(features, spec, config, tuning.trials if tuning else None)
                 if assessment.decision.strategy == "linear" and context.is_main:  # the other ranks stop here
@@ -126,7 +124,7 @@ def fit(
                 codes = {split: dataset_codes(backbone, spec, split, config, layer, cache_dir=out / "cache")
                          for split in ("train", "val")}
         with timings.stage("tune"):
-            defaults = {"classifier": probe["chosen"], "C": probe["candidates"][probe["chosen"]]["C"]} if probe else None
+            defaults = _chosen_params(probe) if probe else None
             tuned = _tune(config, out, strategy_objective(config, backbone, spec, out, codes, defaults), run, context, tuning)
         config = tuned.config
         with timings.stage("train"):
@@ -289,14 +287,18 @@ def _best_linear(assessment: Assessment, config: FitConfig) -> tuple[TrainedHead
     return fits[tap]
 
 
+def _chosen_params(details: dict) -> dict:
+    """A fitted linear head's classifier and C as trial params: trial 0 of a linear study."""
+    return {"classifier": details["chosen"], "C": details["candidates"][details["chosen"]]["C"]}
+
+
 def _linear_baseline(assessment: Assessment, config: FitConfig, out: Path) -> tuple[TrainedHead, dict, FitConfig]:
     """The linear classifier a fine-tune must beat, and the fit's result if it does not: the best
     tap on validation, its classifier and C tuned as a linear fit tunes them (a study of its own in
     ``<out>/linear_baseline``), so falling back loses nothing against ``--strategy linear``."""
     probe, codes, _ = _best_linear(assessment, config)
     linear_config = config.model_copy(update={"strategy": "linear", "layer": assessment.decision.layer})
-    defaults = {"classifier": probe.details["chosen"], "C": probe.details["candidates"][probe.details["chosen"]]["C"]}
-    tuned = tune(linear_config, out / "linear_baseline", linear_objective(codes, defaults))
+    tuned = tune(linear_config, out / "linear_baseline", linear_objective(codes, _chosen_params(probe.details)))
     return fit_linear(tuned.config, codes), codes, tuned.config
 
 
@@ -321,11 +323,9 @@ def _finetune_pays(trained: TrainedHead, val_codes: tuple, linear: TrainedHead, 
 
 def _decision_line(decision: Decision, config: FitConfig) -> str:
     """What auto chose, said before the study starts (the report at the end has the reasons)."""
-    tap = f" on {decision.layer}" if decision.strategy == "linear" else ""
     study = "" if decision.finetune_minutes is None else (
         f"; a fine-tuning study here: at most {decision.finetune_minutes:g} min (budget {config.auto.finetune_minutes:g})")
-    return (f"[bold]Strategy[/] {decision.strategy}{tap}: {decision.size} data, "
-            f"{'far from' if decision.similarity == 'far' else 'near'} ImageNet{study}")
+    return f"[bold]Strategy[/] {decision.headline}{study}"
 
 
 def _auto_params(assessment: Assessment, ranking: list[dict]) -> dict:
@@ -351,9 +351,7 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
     spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
     profile = profile_dataset(spec)
     backbone, ranking = choose_backbone(config.model_copy(update={"strategy": "auto"}), spec)
-    features = {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train")
-                for split in ("train", "val")}  # as the fit does: the decision weighs the speed of both
-    assessment = assess(features, spec, config)
+    assessment = assess(collect_splits(backbone, spec, config), spec, config)  # the fit's pass: it decides alike
     if assessment.decision.strategy != "linear":
         assessment.estimate.update(estimate_training_memory(backbone, config))
     return {

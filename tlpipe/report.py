@@ -164,9 +164,7 @@ def print_inspect_report(result: dict) -> None:
         table.add_row(row["name"] + best, f"{row['probe_accuracy']:.3f}", f"{row['probe_sem']:.3f}",
                       f"{row['knn_accuracy']:.3f}", f"{row['logme']:.3f}", f"{row['bn_gap']:.3f}")
     console.print(table)
-    layer = f" on {decision['layer']}" if decision["strategy"] == "linear" else ""
-    console.print(f"[bold]Decision[/]  {decision['strategy']}{layer} ({decision['size']} data, "
-                  f"{'far from' if decision['similarity'] == 'far' else 'near'} ImageNet). {decision['explanation']}")
+    console.print(f"[bold]Decision[/]  {decision['headline']}. {decision['explanation']}")
     estimate = result["estimate"]
     memory = f"; {estimate['memory_gb']} GB per batch of {estimate['batch_size']}" if "memory_gb" in estimate else ""
     console.print(f"[bold]Estimate[/]  fit at most {estimate['fit_seconds']:.0f} s at "

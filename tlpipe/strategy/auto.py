@@ -113,7 +113,7 @@ def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, featu
     counts = spec.counts()
     seconds = (counts["train"] + counts.get("val", 0)) * per_image  # codes for the probe (and the linear strategy)
     estimate = {"forward_images_per_second": round(1 / per_image, 1) if per_image else None,
-                "finetune_study_minutes": round(study / 60, 1)}
+                "finetune_study_minutes": decision.finetune_minutes}
     if decision.strategy != "linear":
         seconds += study
         estimate["epochs"] = config.finetune.epochs

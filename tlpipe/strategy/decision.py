@@ -48,8 +48,14 @@ class Decision:
     def explanation(self) -> str:
         return " ".join(self.reasons)
 
+    @property
+    def headline(self) -> str:
+        """The choice in a few words: ``linear on blocks.6 (small data, far from ImageNet)``."""
+        tap = f" on {self.layer}" if self.strategy == "linear" else ""
+        return f"{self.strategy}{tap} ({self.size} data, {'far from' if self.similarity == 'far' else 'near'} ImageNet)"
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "explanation": self.explanation}
+        return {**asdict(self), "explanation": self.explanation, "headline": self.headline}
 
 
 def _stage_probe(signals: Signals, name: str) -> dict:

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tlpipe.codes import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
-from tlpipe.data import Sample, eval_loader
+from tlpipe.data import DatasetSpec, Sample, eval_loader
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, extract_codes, feature_layers
@@ -181,6 +181,13 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> 
         members = order[labels[order] == c]
         rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
     return np.sort(np.argsort(rank, kind="stable")[:max_images])
+
+
+def collect_splits(backbone: Backbone, spec: DatasetSpec, config: FitConfig, cache: Path | None = None) -> dict[str, FeatureSet]:
+    """The one hooked pass ``--strategy auto`` makes over train and val (``collect_features``;
+    BatchNorm moments on train only: no signal is computed on val)."""
+    return {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train", cache=cache)
+            for split in ("train", "val")}
 
 
 def collect_features(
