@@ -35,7 +35,7 @@ from tlpipe.config import load_config
 from tlpipe.data import eval_loader, prepare_dataset
 from tlpipe.device import resolve_device
 from tlpipe.models import CodeExtractor, extract_codes
-from tlpipe.pipeline import build_backbone
+from tlpipe.models import build_backbone
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

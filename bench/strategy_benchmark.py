@@ -32,7 +32,7 @@ import numpy as np
 
 from tlpipe.config import load_config
 from tlpipe.data import prepare_dataset
-from tlpipe.pipeline import build_backbone
+from tlpipe.models import build_backbone
 from tlpipe.strategy.decision import standard_error
 from tlpipe.strategy.signals import collect_features, compute_signals
 from tlpipe.training.strategies import fit_finetune, linear_probe

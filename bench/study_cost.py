@@ -21,7 +21,7 @@ from strategy_benchmark import RESULTS, SHARED_DATA, subsample
 from tlpipe.config import load_config
 from tlpipe.data import prepare_dataset
 from tlpipe.device import resolve_device
-from tlpipe.pipeline import build_backbone
+from tlpipe.models import build_backbone
 from tlpipe.strategy.auto import finetune_study_seconds
 from tlpipe.strategy.signals import collect_splits
 

@@ -45,7 +45,8 @@ from tlpipe.data import CachedImages, EpochSampler, build_decoded_cache, prepare
 from tlpipe.data.cache import decode_square
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
-from tlpipe.pipeline import build_backbone
+from tlpipe.models import build_backbone
+from tlpipe.utils import default_workers
 from tlpipe.training.finetune import Finetuner, Precision, freeze_stages, param_groups, warmup_cosine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,7 @@ def main() -> None:
     model = backbone.model
     model.reset_classifier(len(spec.classes))
     size, crop = decode_size(backbone.data_config), max(backbone.data_config["input_size"][1:])
-    n, workers = len(samples), config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
+    n, workers = len(samples), default_workers(config.num_workers)
 
     def train_loader(images) -> DataLoader:  # fit_finetune's, over either pixel source
         return DataLoader(

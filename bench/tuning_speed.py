@@ -27,10 +27,9 @@ import numpy as np
 
 from tlpipe.config import load_config
 from tlpipe.data import prepare_dataset
-from tlpipe.pipeline import build_backbone
+from tlpipe.models import build_backbone, dataset_codes
 from tlpipe.tracking import FitRun
-from tlpipe.training.linear import _estimator
-from tlpipe.training.strategies import dataset_codes
+from tlpipe.training.linear import linear_estimator
 from tlpipe.tuning import linear_objective, tune
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,10 +50,10 @@ def main() -> None:
         tmp = Path(tmp)
         rows: dict[str, float] = {}
         start = time.perf_counter()
-        codes = {split: dataset_codes(backbone, spec, split, config, cache_dir=tmp / "cache") for split in ("train", "val")}
+        codes = {split: dataset_codes(backbone, spec, split, config, cache=tmp / "cache") for split in ("train", "val")}
         rows["codes (extracted)"] = time.perf_counter() - start
         start = time.perf_counter()
-        codes = {split: dataset_codes(backbone, spec, split, config, cache_dir=tmp / "cache") for split in ("train", "val")}
+        codes = {split: dataset_codes(backbone, spec, split, config, cache=tmp / "cache") for split in ("train", "val")}
         rows["codes again (cache)"] = time.perf_counter() - start
         (X, y), (X_val, y_val) = codes["train"], codes["val"]
         print(f"{args.data.name}: train {X.shape}, val {X_val.shape}")
@@ -62,7 +61,7 @@ def main() -> None:
         start = time.perf_counter()
         grid = config.linear.c_grid
         for i in range(args.trials):
-            model = _estimator("logreg", config.seed).set_params(logisticregression__C=grid[i % len(grid)]).fit(X, y)
+            model = linear_estimator("logreg", grid[i % len(grid)], config.seed).fit(X, y)
             float(np.mean(model.predict(X_val) == y_val))
         reference = rows["reference: plain fits"] = time.perf_counter() - start
 

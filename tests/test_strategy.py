@@ -13,10 +13,11 @@ from conftest import tree_snapshot
 from tlpipe.cli import app
 from tlpipe.config import load_config
 from tlpipe.bundle import load_bundle
-from tlpipe.pipeline import _best_linear, fit
+from tlpipe.pipeline import fit
 from tlpipe.strategy.auto import Assessment
 from tlpipe.config import AutoConfig
 from tlpipe.strategy.decision import decide, keep_finetune, standard_error
+from tlpipe.strategy.policy import choose_tap, guard
 from tlpipe.strategy.signals import FeatureSet, Signals
 
 THRESHOLDS = AutoConfig(large_per_class=100, far_gap=0.5)
@@ -92,16 +93,15 @@ def test_small_data_gets_a_linear_classifier_on_the_tap_that_does_better_on_vali
     far_small = assessment(last=noise, stage=informative)
     assert far_small.decision.strategy == "linear" and "blocks.4" in far_small.decision.explanation
     config = load_config("quick", strategy="auto")
-    trained, codes, accuracy = _best_linear(far_small, config)
-    assert far_small.decision.layer == "blocks.4" and accuracy > 0.9 and codes["val"][0].shape == (45, 3)
-    assert far_small.apply(config).layer == "blocks.4"
-    assert "blocks.4" in far_small.decision.reasons[-1] and "kept" in far_small.decision.reasons[-1]
+    chosen, best = choose_tap(far_small, config)
+    assert chosen.decision.layer == "blocks.4" and best.val_accuracy > 0.9 and best.codes["val"][0].shape == (45, 3)
+    assert chosen.apply(config).layer == "blocks.4" and best.config.layer == "blocks.4"
+    assert "blocks.4" in chosen.decision.reasons[-1] and "kept" in chosen.decision.reasons[-1]
+    assert far_small.decision.layer == "penultimate" and len(far_small.decision.reasons) == len(chosen.decision.reasons) - 1
 
-    near = assessment(last=informative, stage=noise)
-    _best_linear(near, config)
+    near, _ = choose_tap(assessment(last=informative, stage=noise), config)
     assert near.decision.layer == "penultimate" and near.apply(config).layer == "penultimate"
-    same = assessment(last=informative, stage=informative)
-    _best_linear(same, config)
+    same, _ = choose_tap(assessment(last=informative, stage=informative), config)
     assert same.decision.layer == "penultimate"  # a tie keeps the last features
 
 
@@ -111,6 +111,13 @@ def test_the_guard_keeps_a_fine_tune_only_beyond_the_probe_noise():
     assert keep_finetune(0.90 + 2 * se, 0.90, 400)
     assert not keep_finetune(0.90 + 0.5 * se, 0.90, 400)
     assert not keep_finetune(0.85, 0.90, 400)
+    full = decide(signals(0.9), 150, THRESHOLDS).with_reason("tap", layer="blocks.4")
+    kept = guard(full, 0.90 + 2 * se, 0.90, 400)
+    assert kept.strategy == "full" and kept.tap == "penultimate" and "the fine-tune is kept" in kept.reasons[-1]
+    fallen = guard(full, 0.90, 0.90, 400)
+    assert fallen.strategy == "linear" and fallen.tap == "blocks.4" and "linear classifier stands" in fallen.reasons[-1]
+    assert fallen.fallback_from == "full" and kept.fallback_from is None
+    assert full.strategy == "full" and len(full.reasons) == len(kept.reasons) - 1  # a new Decision each step
 
 
 def test_inspect_prints_profile_signals_and_decision_and_writes_nothing(image_folder, tmp_path):
@@ -171,7 +178,7 @@ def test_a_fine_tune_that_does_not_beat_the_linear_classifier_gives_way_to_it(im
     baseline = json.loads((tmp_path / "run" / "linear_baseline" / "tuning" / "tuning.json").read_text())
     assert baseline["complete"] == 2  # the linear classifier it falls back to is tuned as a linear fit's
     assert result.summary["head"]["chosen"] == baseline["best_params"]["classifier"]
-    assert decision["strategy"] == "full" and decision["size"] == "small"
+    assert decision["fallback_from"] == "full" and decision["strategy"] == "linear" and decision["size"] == "small"
     assert 0 <= decision["finetune_minutes"] == estimate["finetune_study_minutes"] <= 30
     assert "within the 30-min budget" in decision["explanation"]
     assert result.summary["strategy"] == "linear" and "the linear classifier stands" in result.summary["strategy_reason"]
@@ -192,3 +199,71 @@ def test_a_bundle_on_concatenated_taps_predicts_what_the_fit_scored(image_folder
     predicted = [p.labels[0] for p in bundle.predict([s.path for s in val])]
     accuracy = sum(p == result.spec.classes[s.label] for p, s in zip(predicted, val)) / len(val)
     assert accuracy == result.summary["val_accuracy"]
+
+
+def _with_confidence(sig: Signals, confidence: float | None) -> Signals:
+    import dataclasses
+
+    return dataclasses.replace(sig, imagenet_confidence={} if confidence is None else {"mean_max_prob": confidence})
+
+
+@pytest.mark.parametrize("gap, confidence, far, gap_words, confidence_words", [
+    (0.053, 0.72, False, "0.053 nats (at or below 0.085: near)", "0.72 (at or above 0.5: near)"),
+    (0.300, 0.72, True, "0.300 nats (above 0.085: far)", "0.72 (at or above 0.5: near)"),
+    (0.053, 0.31, True, "0.053 nats (at or below 0.085: near)", "0.31 (below 0.5: far)"),
+    (0.085, 0.50, False, "0.085 nats (at or below 0.085: near)", "0.50 (at or above 0.5: near)"),  # on the cut: near
+])
+def test_the_distance_reason_says_what_the_numbers_say(gap, confidence, far, gap_words, confidence_words):
+    thresholds = AutoConfig(far_gap=0.085, far_confidence=0.5)
+    decision = decide(_with_confidence(signals(gap), confidence), 20, thresholds)
+    assert decision.similarity == ("far" if far else "near")
+    assert gap_words in decision.explanation and confidence_words in decision.explanation
+    assert ("far from ImageNet." if far else "near ImageNet.") in decision.reasons[1]
+
+
+def test_without_an_imagenet_head_the_gap_alone_decides_and_the_reason_says_so():
+    thresholds = AutoConfig(far_gap=0.085)
+    near = decide(_with_confidence(signals(0.05), None), 20, thresholds)
+    far = decide(_with_confidence(signals(0.2), None), 20, thresholds)
+    assert (near.similarity, far.similarity) == ("near", "far")
+    assert "no pretrained ImageNet head" in near.reasons[1] and "near ImageNet" in near.reasons[1]
+    assert "(above 0.085: far)" in far.reasons[1]
+
+
+@pytest.mark.parametrize("per_class, words", [(149, "under 150"), (150, "at least 150"), (151, "at least 150")])
+def test_the_size_reason_is_computed_from_the_count_and_its_cut(per_class, words):
+    decision = decide(signals(0.05), per_class, AutoConfig(large_per_class=150, far_gap=0.085))
+    assert f"{per_class} training images ({words}: {'small' if per_class < 150 else 'large'}" in decision.explanation
+    assert decision.size == ("small" if per_class < 150 else "large")
+
+
+def _pretrained_sha256(name: str) -> str:
+    from tlpipe.models import create_backbone
+
+    return create_backbone(name).weights.sha256
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_best_recipe_fit_saves_the_ranked_winner_with_or_without_a_guard_fallback(fallback, image_folder, tmp_path,
+                                                                                       mlflow_store):
+    """``recipes/best.yaml`` ranks its candidates; the recipe's own ``backbone`` (lite2) is left out
+    of them here, so a bundle built from the recipe's name instead of the winner's would show it.
+    With a fallback: auto fine-tunes (best fine-tunes from 5 images a class), the guard keeps the
+    linear classifier on solid colours, and the bundle holds the winner's pretrained weights; the
+    fine-tuning study (what a worker joins) was run on the winner too. Without: a linear decision."""
+    from tlpipe.tuning import join_study, storage_url
+
+    per_class = 6 if fallback else 4
+    root = image_folder("data", {"red": per_class, "green": per_class}, split={"train": per_class, "val": 3})
+    config = load_config("best", image_size=64, num_workers=0, candidates=["efficientnet_lite0", "efficientnet_lite1"],
+                         auto={"finetune_minutes": 30.0 if fallback else 0.0}, finetune={"epochs": 1}, tuning={"trials": 1})
+    result = fit(root, config, output=tmp_path / "run", experiment="best-test")
+    winner = result.summary["backbone_ranking"][0]["backbone"]
+    bundle = load_bundle(result.bundle_path, device="cpu")
+    assert bundle.manifest["backbone"]["name"] == result.summary["backbone"]["name"] == winner
+    assert bundle.manifest["backbone"]["weights"]["sha256"] == _pretrained_sha256(winner) != _pretrained_sha256("efficientnet_lite2")
+    assert result.summary["strategy"] == "linear"
+    assert (result.summary["auto"]["decision"]["fallback_from"] == "full") == fallback
+    if fallback:
+        _, study_config = join_study(storage_url(tmp_path / "run"), result.summary["tuning"]["study"])
+        assert study_config.backbone == winner and study_config.strategy == "full"

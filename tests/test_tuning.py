@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from tlpipe import tuning
 from tlpipe.config import load_config
+from tlpipe.models import dataset_codes
 from tlpipe.tracking import FitRun
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -232,12 +233,12 @@ def test_linear_trial0_is_the_untuned_fit_and_trials_match_fit_linear(tmp_path):
     tuned = tuning.tune(config, tmp_path, objective)
     study = tuned.study
     assert study.trials[0].params == default
-    # the same model, fitted in the span of the codes: the same predictions but for rounding
-    assert study.trials[0].value == pytest.approx(untuned.candidates_[untuned.chosen_]["val_accuracy"], abs=1.5 / 60)
+    # a trial fits and scores with fit_linear's own code: the same accuracy, to the bit
+    assert study.trials[0].value == untuned.candidates_[untuned.chosen_]["val_accuracy"]
     assert study.best_value >= study.trials[0].value
     refit = _fit_linear(tuned.config, codes)  # what the lead fits from the best trial
     assert (refit.chosen_, refit.candidates_[refit.chosen_]["C"]) == (study.best_params["classifier"], study.best_params["C"])
-    assert refit.candidates_[refit.chosen_]["val_accuracy"] == pytest.approx(study.best_value, abs=1.5 / 60)
+    assert refit.candidates_[refit.chosen_]["val_accuracy"] == study.best_value
 
 
 def test_fifty_linear_trials_on_cached_codes(tmp_path, capsys):
@@ -261,35 +262,35 @@ def test_codes_cache_hit_skips_extraction_and_new_weights_miss(tmp_path, image_f
     import dataclasses
 
     from tlpipe.data import prepare_dataset
-    from tlpipe.training import strategies
+    from tlpipe.models import features
 
     calls = []
-    real = strategies.extract_codes
-    monkeypatch.setattr(strategies, "extract_codes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = features.extract_codes
+    monkeypatch.setattr(features, "extract_codes", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = prepare_dataset(image_folder("data", {"cats": 2, "dogs": 2}, split=["train", "val"]), seed=0, report_dir=None)
     config = load_config("quick", batch_size=4, num_workers=0)
     net = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model), data_config=dict(backbone.data_config))
     net.data_config["input_size"] = (3, 32, 32)
     cache = tmp_path / "cache"
 
-    first = strategies.dataset_codes(net, spec, "train", config, cache_dir=cache)
+    first = dataset_codes(net, spec, "train", config, cache=cache)
     (path,) = (cache / "codes").glob("train-*.npz")
     mtime = path.stat().st_mtime_ns
-    second = strategies.dataset_codes(net, spec, "train", config, cache_dir=cache)
+    second = dataset_codes(net, spec, "train", config, cache=cache)
     assert len(calls) == 1 and path.stat().st_mtime_ns == mtime  # read back, not extracted nor written again
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
 
     with torch.no_grad():  # fine-tuning changes the weights but not backbone.weights.sha256
         next(net.model.parameters()).add_(0.01)
-    strategies.dataset_codes(net, spec, "train", config, cache_dir=cache)
+    dataset_codes(net, spec, "train", config, cache=cache)
     assert len(calls) == 2
 
     os.utime(spec.splits["train"][0].path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a file changed
-    strategies.dataset_codes(net, spec, "train", config, cache_dir=cache)
+    dataset_codes(net, spec, "train", config, cache=cache)
     assert len(calls) == 3 and len(list((cache / "codes").glob("train-*.npz"))) == 3
 
-    strategies.dataset_codes(net, spec, "val", config)  # no cache folder named: nothing cached
+    dataset_codes(net, spec, "val", config)  # no cache folder named: nothing cached
     assert len(calls) == 4 and not list((cache / "codes").glob("val-*"))
 
 

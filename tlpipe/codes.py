@@ -8,16 +8,11 @@
 ``.parquet``: columns ``path``, ``split``, ``label``, ``class``, ``features`` (fixed-size list of
   float32); the same ``meta`` JSON in the schema metadata under ``b"tlpipe"``.
 Rows are sorted by split, class, then path, so the same data gives the same file.
-
-The cache of codes between fits (``cache_key``, ``load_cached``, ``save_cached``) is plain ``.npz``
-too: a fit's ``<output>/cache/codes/<split>-<key>.npz``, the key a sha256 of all the arrays depend on.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +21,7 @@ from tlpipe import __version__
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.errors import TlpipeError
-from tlpipe.models import Backbone, resolve_layer, state_dict_sha256
+from tlpipe.models import Backbone, resolve_layer
 from tlpipe.utils import atomic_write
 
 FORMATS = (".npz", ".parquet")
@@ -60,37 +55,3 @@ def save_codes(out: Path, spec: DatasetSpec, parts: dict[str, tuple[np.ndarray, 
         "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
     }).replace_schema_metadata({b"tlpipe": meta.encode()})
     return atomic_write(out, lambda f: pq.write_table(table, f), mode="wb")
-
-
-def cache_key(backbone: Backbone, samples, device_type: str, **what) -> str:
-    """sha256 of what codes computed from ``samples`` depend on: backbone name, pretrained weights
-    checksum and the checksum of the weights as they are now (fine-tuning changes them),
-    preprocessing, device type (CUDA extracts in bf16), each file's path, size, mtime and label, and
-    ``what`` was computed (tap, ReLU...)."""
-    files = []
-    for sample in samples:
-        st = Path(sample.path).stat()
-        files.append([str(sample.path), st.st_size, st.st_mtime_ns, int(sample.label)])
-    key = json.dumps({
-        "tlpipe": __version__, "backbone": backbone.name, "weights_sha256": backbone.weights.sha256,
-        "state_sha256": state_dict_sha256(backbone.model), "data_config": backbone.data_config,
-        "device": device_type, "files": files, **what,
-    }, sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def load_cached(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays ``save_cached`` wrote under ``key``, or None when missing, stale or unreadable (the
-    caller then computes and writes them anew)."""
-    try:
-        with np.load(path) as saved:
-            if str(saved["key"]) != key:
-                return None
-            return {name: saved[name] for name in saved.files if name != "key"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-
-
-def save_cached(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-    """``arrays`` to ``path`` with ``key``, atomically (a killed fit leaves no half-written cache)."""
-    atomic_write(path, lambda f: np.savez(f, key=np.array(key), **arrays), mode="wb")

@@ -1,10 +1,17 @@
-"""The Python API behind ``tlpipe fit`` and ``tlpipe extract``: each stage in order, timed.
+"""The Python API behind ``tlpipe fit``, ``inspect``, ``extract`` and tuning workers.
 
-``fit(data, config)`` checks and splits the data, builds the backbone, extracts CNN codes, fits
-the strategy, saves the bundle, logs the MLflow run and writes ``summary.json``; it returns a
-``FitResult``. Everything is written under the output folder, never into the dataset folder.
-Under ``torchrun`` every rank runs ``fit``: all of them train, rank 0 alone writes and logs,
-and the others return None.
+``fit(data, config)`` runs the stages in order, each timed:
+
+1. ``prepare``: check and split the data, build the backbone (with ``candidates``, the one the
+   transfer signals rank best; it travels on in ``config.backbone``);
+2. ``choose``: the codes, and under ``strategy: auto`` the policy (``tlpipe.strategy.policy``);
+3. ``train``: the Optuna study, then the final model from its best trial;
+4. ``check``: a fine-tune is scored through the prediction path and, under auto, must beat the
+   tuned linear classifier (the guard), else that classifier is the model;
+5. ``record`` (``tlpipe.outputs``): bundle, reports, MLflow run, ``summary.json``.
+
+Everything is written under the output folder, never into the dataset folder. Under ``torchrun``
+every rank runs ``fit``: all of them train, rank 0 alone writes and logs, and the others return None.
 """
 from __future__ import annotations
 
@@ -17,24 +24,27 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-from tlpipe import __version__
-from tlpipe.bundle import save_bundle
+from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig, config_to_yaml, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset
-from tlpipe.models import PENULTIMATE, Backbone, create_backbone, resolve_layer
-from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
 from tlpipe.device import resolve_device
-from tlpipe.progress import announce
+from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
+from tlpipe.outputs import SUMMARY, FitResult, FittedModel, record
+from tlpipe.progress import announce, quiet_libraries
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
-from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
+from tlpipe.strategy.decision import Decision
+from tlpipe.strategy.policy import LinearFit, choose_tap, guard, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
-from tlpipe.training.distributed import init_distributed, shutdown
-from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
-from tlpipe.training.strategies import TrainedHead, dataset_codes, fit_finetune, fit_linear
 from tlpipe.tracking import FitRun, NoRun
-from tlpipe.utils import atomic_write, write_json
+from tlpipe.training.distributed import DistContext, distributed
+from tlpipe.training.linear import accuracy
+from tlpipe.training.strategies import fit_finetune, fit_linear
+from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
+from tlpipe.utils import atomic_write
 
-SUMMARY = "summary.json"
+__all__ = ["SUMMARY", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
+
+Codes = dict[str, tuple]
 
 
 @dataclass
@@ -51,152 +61,180 @@ class Timings:
 
 
 @dataclass
-class FitResult:
-    output_dir: Path
-    bundle_path: Path
-    run_id: str
-    summary: dict
+class TuningOverrides:
+    """This run's Optuna settings over the recipe's: None keeps the recipe's value."""
+
+    trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+
+
+@dataclass
+class Prepared:
+    """The checked data and the backbone, with the config every later stage reads."""
+
+    data: Path
+    out: Path
     spec: DatasetSpec
-    metrics: dict
+    config: FitConfig  # backbone: the one built (the ranked winner); cache_dir: resolved
+    backbone: Backbone
+    ranking: list[dict]
+    recipe: str  # its name, for the run's params
+
+
+@dataclass
+class Choice:
+    """The strategy to train, and the codes it starts from."""
+
+    config: FitConfig  # strategy and tap resolved
+    codes: Codes  # train/val codes at the strategy's tap (a fine-tune's LP-FT probe: the last features)
+    assessment: Assessment | None = None  # auto only
+    linear: LinearFit | None = None  # auto: the chosen tap's classifier (trial 0 of a linear study, the guard's baseline)
 
 
 def default_output_dir(data: Path) -> Path:
     return Path("runs") / f"{data.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def build_backbone(config: FitConfig) -> Backbone:
-    """The backbone the config names, with its data config at the recipe's image size."""
-    backbone = create_backbone(config.backbone, weights=config.weights)
-    if config.image_size:
-        backbone.data_config["input_size"] = (3, config.image_size, config.image_size)
-    return backbone
-
-
-def fit(
-    data: str | Path,
-    config: FitConfig | None = None,
-    *,
-    output: str | Path | None = None,
-    experiment: str | None = None,
-    tracking_uri: str | None = None,
-    recipe: str = "default",
-    tuning: TuningOverrides | None = None,
-) -> FitResult | None:
-    """Fit ``config.strategy`` on ``data``; see the module docstring. ``tuning`` overrides the
-    recipe's study size and storage for this run (``--trials``, ``--storage``...)."""
+def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path | None = None,
+        experiment: str | None = None, tracking_uri: str | None = None, recipe: str = "default",
+        tuning: TuningOverrides | None = None, verbose: bool = False) -> FitResult | None:
+    """Fit ``data`` with ``config`` (else the ``recipe``'s), stage by stage; see the module docstring.
+    ``tuning`` overrides the recipe's study size and storage for this run (``--trials``,
+    ``--storage``...); ``verbose`` lets Optuna's and MLflow's INFO lines through."""
     config = config or load_config(recipe)
     data = Path(data).expanduser()
     out = Path(output) if output else default_output_dir(data)
-    context = init_distributed(resolve_device(config.device))
-    if not context.is_main and config.strategy == "linear":
-        shutdown()
-        return None  # nothing to share out: rank 0 fits the linear head alone
-    timings = Timings()
+    tuning = tuning or TuningOverrides()
+    with quiet_libraries(not verbose), distributed(resolve_device(config.device)) as ranks:
+        ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
+        timings = Timings()
+        prepared = prepare(data, config, out, ranks, timings, recipe)
+        with _open_run(prepared, experiment, tracking_uri, ranks) as run:
+            choice = choose(prepared, ranks, timings, tuning.trials)
+            ranks.main_alone(when=choice.config.strategy == "linear")
+            model = train(prepared, choice, run, ranks, timings, tuning)
+            ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
+            model = check(prepared, choice, model, timings)
+            return record(out, data, prepared.spec, model, run, timings.seconds, choice.assessment, prepared.ranking)
+    return None
+
+
+def prepare(data: Path, config: FitConfig, out: Path, ranks: DistContext, timings: Timings,
+            recipe: str = "default") -> Prepared:
+    """Check and split the data (quarantine report under ``out``) and build the backbone."""
     with timings.stage("check_data"):
-        spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out if context.is_main else None)
-    if context.is_main:
+        spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out if ranks.is_main else None)
+    with timings.stage("load_backbone"):
+        backbone, ranking = choose_backbone(config, spec)
+    config = config.model_copy(update={"backbone": backbone.name,  # one cache for the fit, its trials and the guard
+                                       "cache_dir": str(cache_root(config.cache_dir, out).resolve())})
+    if ranks.is_main:
         atomic_write(out / "config.yaml", lambda f: f.write(config_to_yaml(config)))
-    experiment = experiment or re.sub(r"[^\w.-]+", "_", data.resolve().name) or "tlpipe"
-    with FitRun(experiment, tracking_uri, run_name=out.name) if context.is_main else NoRun() as run:
-        with timings.stage("load_backbone"):
-            backbone, ranking = choose_backbone(config, spec)
-        assessment, probe = None, None
-        if config.strategy == "auto":
-            with timings.stage("extract_codes"), context.main_first():  # the pass the codes need, with hooks
-                features = collect_splits(backbone, spec, config, cache=Path(config.cache_dir or out / "cache"))
-            with timings.stage("decide"):
-                assessment = assess(features, spec, config, tuning.trials if tuning else None)
-                if assessment.decision.strategy == "linear" and context.is_main:  # the other ranks stop here
-                    probe = _best_linear(assessment, config)[0].details  # the tap; its classifier and C are trial 0
-            config = assessment.apply(config)
-            if context.is_main:
-                announce(_decision_line(assessment.decision, config))
-            if not context.is_main and config.strategy == "linear":
-                shutdown()
-                return None
-        layer = code_layer(config)
-        run.log_params(_params(config, recipe, backbone, spec))
-        if assessment:
-            run.log_params(_auto_params(assessment, ranking))
-            codes = {split: assessment.codes(split, layer) for split in ("train", "val")}
+    return Prepared(data, out, spec, config, backbone, ranking, recipe)
+
+
+def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, list[dict]]:
+    """The recipe's backbone, or with ``candidates`` under auto the one the transfer signals rank
+    best; returns it with the ranking (empty when there was nothing to rank)."""
+    if config.strategy != "auto" or len(config.candidates) < 2:
+        return build_backbone(config), []
+    build = lambda name: build_backbone(config.model_copy(update={"backbone": name}))  # noqa: E731
+    ranking = rank_backbones(config.candidates, spec, config, build)
+    return build(ranking[0]["backbone"]), ranking
+
+
+def _open_run(prepared: Prepared, experiment: str | None, tracking_uri: str | None, ranks: DistContext) -> FitRun:
+    """The fit's MLflow run (rank 0), in an experiment named after the dataset folder by default."""
+    if not ranks.is_main:
+        return NoRun()
+    experiment = experiment or re.sub(r"[^\w.-]+", "_", prepared.data.resolve().name) or "tlpipe"
+    return FitRun(experiment, tracking_uri, run_name=prepared.out.name)
+
+
+def choose(prepared: Prepared, ranks: DistContext, timings: Timings, trials: int | None = None) -> Choice:
+    """The codes of the strategy asked for; under auto, the policy's strategy and tap, from one
+    hooked pass that yields both the codes and the signals."""
+    config, spec, backbone = prepared.config, prepared.spec, prepared.backbone
+    cache = Path(config.cache_dir)
+    if config.strategy != "auto":
+        tap = config.layer if config.strategy == "linear" else PENULTIMATE
+        with timings.stage("extract_codes"), ranks.main_first():
+            codes = {split: dataset_codes(backbone, spec, split, config, tap, cache=cache) for split in ("train", "val")}
+        return Choice(config, codes)
+    with timings.stage("extract_codes"), ranks.main_first():
+        features = collect_splits(backbone, spec, config, cache=cache)
+    linear = None
+    with timings.stage("decide"):
+        assessment = assess(features, spec, config, trials)
+        if ranks.is_main:  # the tap is rank 0's business: the others only fine-tune
+            assessment, linear = choose_tap(assessment, config)
+    config = assessment.apply(config)
+    if ranks.is_main:
+        announce(_decision_line(assessment.decision, config))
+    codes = {split: assessment.codes(split, config.layer) for split in ("train", "val")}
+    return Choice(config, codes, assessment, linear)
+
+
+def train(prepared: Prepared, choice: Choice, run: FitRun, ranks: DistContext, timings: Timings,
+          overrides: TuningOverrides) -> FittedModel:
+    """The study over the strategy's hyperparameters, then the final model from its best trial (a
+    fine-tune resumes that trial's finished checkpoint instead of training again)."""
+    config, spec, backbone = choice.config, prepared.spec, prepared.backbone
+    run.log_params(_params(config, prepared.recipe, backbone, spec))
+    if choice.assessment:
+        run.log_params(_auto_params(choice.assessment, prepared.ranking))
+    with timings.stage("tune"):
+        trial0 = choice.linear.trained.linear_params() if choice.linear and config.strategy == "linear" else None
+        objective = strategy_objective(config, backbone, spec, prepared.out, choice.codes, trial0)
+        tuned = _tune(config, prepared.out, objective, run, ranks, overrides)
+    config = tuned.config
+    with timings.stage("train"):
+        if config.strategy == "linear":
+            trained = fit_linear(config, choice.codes)
         else:
-            with timings.stage("extract_codes"), context.main_first():
-                codes = {split: dataset_codes(backbone, spec, split, config, layer, cache_dir=out / "cache")
-                         for split in ("train", "val")}
-        with timings.stage("tune"):
-            defaults = _chosen_params(probe) if probe else None
-            tuned = _tune(config, out, strategy_objective(config, backbone, spec, out, codes, defaults), run, context, tuning)
-        config = tuned.config
-        with timings.stage("train"):
-            if config.strategy == "linear":
-                trained = fit_linear(config, codes)
-            else:  # in the best trial's folder: its finished checkpoint is resumed, not trained again
-                trained = fit_finetune(backbone, spec, config, tuned.fit_dir or out, codes,
-                                       on_epoch=lambda e, m: run.log_metrics(m, step=e), context=context)
-        if context.enabled:  # training is over: rank 0 goes on alone
-            context.barrier()
-            shutdown()
-            if not context.is_main:
-                return None
-        if trained.backbone_trained:  # validation through the same path prediction takes
-            with timings.stage("evaluate"):
-                codes["val"] = dataset_codes(backbone, spec, "val", config, layer)
-            if assessment:
-                with timings.stage("linear_baseline"):
-                    linear, linear_codes, linear_config = _linear_baseline(assessment, config, out)
-                if not _finetune_pays(trained, codes["val"], linear, linear_codes["val"], assessment):
-                    backbone, codes, trained = build_backbone(config), linear_codes, linear  # the pretrained weights
-                    layer, config = linear_config.layer, linear_config
-        X_val, y_val = codes["val"]
-        metrics = classification_metrics(y_val, trained.head.predict(X_val), spec.classes)
-        bundle_path = save_bundle(
-            out / "model", backbone, trained.head, spec.classes, layer=resolve_layer(backbone.model, layer), layer_relu=config.layer_relu,
-            config=config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
-            trained=trained.backbone_trained,
-        )
-        write_json(out / "classification_report.json", metrics)
-        save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / "confusion_matrix.png")
-        artifacts = ["confusion_matrix.png", "classification_report.json", "quarantine.csv", "config.yaml"]
-        if assessment:
-            write_json(out / "strategy.json", {**assessment.to_dict(), "backbone_ranking": ranking})
-            artifacts.append("strategy.json")
-        if trained.history:
-            save_learning_curves(trained.history, out / "learning_curves.png")
-            artifacts.append("learning_curves.png")
-        summary = {
-            "run_id": run.run_id,
-            "tracking_uri": run.tracking_uri,
-            "experiment": experiment,
-            "tlpipe_version": __version__,
-            "data": str(data.resolve()),
-            "strategy": config.strategy,
-            "strategy_reason": assessment.decision.explanation if assessment else "asked for (--strategy or the recipe)",
-            **({"auto": assessment.to_dict()} if assessment else {}),
-            **({"backbone_ranking": ranking} if ranking else {}),
-            "head": trained.details,
-            "backbone": {"name": backbone.name, "arch": backbone.arch, **backbone.weights.to_dict()},
-            "splits": spec.counts(),
-            "val_from": spec.val_from,
-            "classes": spec.classes,
-            "quarantined": len(spec.quarantined),
-            "skipped": dict(spec.skipped),
-            "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
-            "val_accuracy": metrics["accuracy"],
-            "tuning": tuned.summary,
-            "timings": timings.seconds,
-            "bundle": str(bundle_path.resolve()),
-        }
-        run.log_metrics({"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
-                         **{f"val_f1_{c}": m["f1"] for c, m in metrics["per_class"].items()},
-                         **{f"seconds_{k}": v for k, v in timings.seconds.items()}},
-                        step=len(trained.history))
-        run.log_params({f"result_{k}": v for k, v in trained.details.items() if not isinstance(v, dict)})
-        for name in artifacts:
-            run.log_artifact(out / name)
-        run.log_artifact(bundle_path, "model")
-        write_json(out / SUMMARY, summary)
-        run.log_artifact(out / SUMMARY)
-    return FitResult(out, bundle_path, run.run_id, summary, spec, metrics)
+            trained = fit_finetune(backbone, spec, config, tuned.fit_dir or prepared.out, choice.codes,
+                                   on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks)
+    decision = choice.assessment.decision if choice.assessment else None
+    return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
+
+
+def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings) -> FittedModel:
+    """A fine-tune scored on val through the path prediction takes; under auto, the guard: kept
+    only if it beats the tuned linear classifier on the decision's tap, else that classifier (on
+    the pretrained weights of the same backbone) is the model."""
+    if not model.trained.backbone_trained:
+        return model
+    with timings.stage("evaluate"):
+        val = dataset_codes(model.backbone, prepared.spec, "val", model.config, PENULTIMATE)
+    model = dataclasses.replace(model, val_codes=val)
+    if choice.linear is None:
+        return model
+    with timings.stage("linear_baseline"):
+        baseline = tuned_baseline(choice.linear, prepared.out)
+    decision = guard(model.decision, accuracy(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
+    if decision.strategy != "linear":
+        return dataclasses.replace(model, decision=decision)
+    return FittedModel(baseline.config, build_backbone(baseline.config), baseline.trained, baseline.codes["val"],
+                       model.tuning, decision)
+
+
+def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: Codes,
+                       linear_defaults: dict | None = None):
+    """The Optuna objective of the (resolved) strategy: linear trials on codes (trial 0
+    ``linear_defaults`` when known), or fine-tunes."""
+    if config.strategy == "linear":
+        return linear_objective(codes, linear_defaults)
+    return finetune_objective(backbone, spec, out, codes)
+
+
+def _tune(config: FitConfig, out: Path, objective, run: FitRun, ranks: DistContext, overrides: TuningOverrides) -> Tuned:
+    """The study (``tlpipe.tuning``); off under torchrun, where every rank would run its own study:
+    tune first, then train the best config with DDP."""
+    if ranks.enabled:
+        return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
+    return tune(config, out, objective, parent=run, **dataclasses.asdict(overrides))
 
 
 def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpec) -> dict:
@@ -211,114 +249,6 @@ def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpe
         "linear_classifiers": ",".join(config.linear.classifiers), "linear_cv_folds": config.linear.cv_folds,
         **({f"finetune_{k}": v for k, v in config.finetune.model_dump().items()} if config.strategy != "linear" else {}),
     }
-
-
-def code_layer(config: FitConfig) -> str | int:
-    """The tap the strategy's codes come from: fine-tuning trains the full head path."""
-    return config.layer if config.strategy == "linear" else PENULTIMATE
-
-
-def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: dict,
-                       linear_defaults: dict | None = None):
-    """The Optuna objective of the (resolved) strategy: linear trials on codes (trial 0
-    ``linear_defaults`` when known), or fine-tunes."""
-    if config.strategy == "linear":
-        return linear_objective(codes, linear_defaults)
-    return finetune_objective(backbone, spec, out, codes)
-
-
-@dataclass
-class TuningOverrides:
-    """This run's Optuna settings over the recipe's: None keeps the recipe's value."""
-
-    trials: int | None = None
-    timeout: float | None = None
-    storage: str | None = None
-    study_name: str | None = None
-
-
-def _tune(config, out, objective, run, context, overrides: TuningOverrides | None) -> Tuned:
-    """The study over the strategy's hyperparameters (``tlpipe.tuning``); off under torchrun, where
-    every rank would run its own study: tune first, then train the best config with DDP."""
-    overrides = overrides or TuningOverrides()
-    if context.enabled:
-        return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    return tune(config, out, objective, parent=run, **dataclasses.asdict(overrides))
-
-
-def run_worker(data: str | Path, storage: str, study_name: str, output: str | Path) -> dict:
-    """A tuning worker: joins the study a lead ``fit`` opened on a shared ``storage``, runs queued
-    trials until none is left, and returns the study's counts. The lead alone fits the final model."""
-    study, config = join_study(storage, study_name)
-    out = Path(output)
-    config = config.model_copy(update={"cache_dir": str(out.resolve() / "cache")})  # this machine's own cache
-    spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
-    backbone = build_backbone(config)
-    layer = code_layer(config)
-    codes = {split: dataset_codes(backbone, spec, split, config, layer) for split in ("train", "val")}
-    run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
-    return study_summary(study)
-
-
-def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, list[dict]]:
-    """The recipe's backbone, or with ``candidates`` under auto the one the transfer signals rank
-    best; returns it with the ranking (empty when there was nothing to rank)."""
-    if config.strategy != "auto" or len(config.candidates) < 2:
-        return build_backbone(config), []
-    build = lambda name: build_backbone(config.model_copy(update={"backbone": name}))  # noqa: E731
-    ranking = rank_backbones(config.candidates, spec, config, build)
-    return build(ranking[0]["backbone"]), ranking
-
-
-def _best_linear(assessment: Assessment, config: FitConfig) -> tuple[TrainedHead, dict, float]:
-    """A linear classifier on each of the assessment's taps (its one pass holds their codes); the
-    better on validation becomes the decision's tap, and is returned with its codes and val accuracy."""
-    fits = {}
-    for tap in assessment.linear_taps():
-        codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
-        trained = fit_linear(config, codes)
-        fits[tap] = (trained, codes, trained.details["candidates"][trained.details["chosen"]]["val_accuracy"])
-    tap = max(fits, key=lambda t: fits[t][2])  # the last features first: they win a tie
-    assessment.decision.layer = tap
-    name = lambda t: "the last features" if t == PENULTIMATE else t  # noqa: E731
-    assessment.decision.reasons.append(
-        "Linear classifiers on validation: " + ", ".join(f"{name(t)} {fits[t][2]:.3f}" for t in fits)
-        + f"; {name(tap)} kept.")
-    return fits[tap]
-
-
-def _chosen_params(details: dict) -> dict:
-    """A fitted linear head's classifier and C as trial params: trial 0 of a linear study."""
-    return {"classifier": details["chosen"], "C": details["candidates"][details["chosen"]]["C"]}
-
-
-def _linear_baseline(assessment: Assessment, config: FitConfig, out: Path) -> tuple[TrainedHead, dict, FitConfig]:
-    """The linear classifier a fine-tune must beat, and the fit's result if it does not: the best
-    tap on validation, its classifier and C tuned as a linear fit tunes them (a study of its own in
-    ``<out>/linear_baseline``), so falling back loses nothing against ``--strategy linear``."""
-    probe, codes, _ = _best_linear(assessment, config)
-    linear_config = config.model_copy(update={"strategy": "linear", "layer": assessment.decision.layer})
-    tuned = tune(linear_config, out / "linear_baseline", linear_objective(codes, _chosen_params(probe.details)))
-    return fit_linear(tuned.config, codes), codes, tuned.config
-
-
-def _val_accuracy(trained: TrainedHead, val_codes: tuple) -> float:
-    X_val, y_val = val_codes
-    return float((trained.head.predict(X_val) == y_val).mean())
-
-
-def _finetune_pays(trained: TrainedHead, val_codes: tuple, linear: TrainedHead, linear_val_codes: tuple,
-                   assessment: Assessment) -> bool:
-    """The auto guard: the fine-tune's val accuracy must beat the tuned linear classifier's by more
-    than its standard error; the decision records the outcome either way."""
-    finetune_accuracy, linear_accuracy = _val_accuracy(trained, val_codes), _val_accuracy(linear, linear_val_codes)
-    y_val = val_codes[1]
-    pays = keep_finetune(finetune_accuracy, linear_accuracy, len(y_val))
-    assessment.decision.reasons.append(
-        f"Guard: the fine-tune scored {finetune_accuracy:.3f} on validation against {linear_accuracy:.3f} for the "
-        f"linear classifier (standard error {standard_error(linear_accuracy, len(y_val)):.3f}): "
-        + ("the fine-tune is kept." if pays else "not clearly better, so the linear classifier stands."))
-    return pays
 
 
 def _decision_line(decision: Decision, config: FitConfig) -> str:
@@ -340,38 +270,54 @@ def _auto_params(assessment: Assessment, ranking: list[dict]) -> dict:
     }
 
 
+def run_worker(data: str | Path, storage: str, study_name: str, output: str | Path) -> dict:
+    """A tuning worker: joins the study a lead ``fit`` opened on a shared ``storage``, runs queued
+    trials until none is left, and returns the study's counts. The lead alone fits the final model.
+    The study holds the lead's resolved config: its backbone (the ranked winner), strategy and tap."""
+    study, config = join_study(storage, study_name)
+    out = Path(output)
+    config = config.model_copy(update={"cache_dir": str(cache_root(None, out).resolve())})  # this machine's own cache
+    spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
+    backbone = build_backbone(config)
+    tap = config.layer if config.strategy == "linear" else PENULTIMATE
+    codes = {split: dataset_codes(backbone, spec, split, config, tap, cache=Path(config.cache_dir)) for split in ("train", "val")}
+    run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
+    return study_summary(study)
+
+
 def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> dict:
     """What ``tlpipe fit --strategy auto`` would see and do, without training or writing anything:
     the data profile (counts, sizes, greyscale, duplicates, leakage), the transfer signals, the
-    decision with its reasons, and the fit's estimated time (and memory, for a fine-tune)."""
+    decision with its reasons and tap (the same policy steps as the fit's, the guard aside), and
+    the fit's estimated time (and memory, for a fine-tune)."""
     from tlpipe.data.profile import profile_dataset
     from tlpipe.strategy.auto import estimate_training_memory
 
-    config = config or load_config(recipe)
+    config = (config or load_config(recipe)).model_copy(update={"strategy": "auto"})
     spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
     profile = profile_dataset(spec)
-    backbone, ranking = choose_backbone(config.model_copy(update={"strategy": "auto"}), spec)
-    assessment = assess(collect_splits(backbone, spec, config), spec, config)  # the fit's pass: it decides alike
-    if assessment.decision.strategy != "linear":
-        assessment.estimate.update(estimate_training_memory(backbone, config))
+    backbone, ranking = choose_backbone(config, spec)
+    config = config.model_copy(update={"backbone": backbone.name})
+    assessment, _ = choose_tap(assess(collect_splits(backbone, spec, config), spec, config), config)
+    decision, result = assessment.decision, assessment.to_dict()
+    if decision.strategy != "linear":
+        result["estimate"] = {**assessment.estimate, **estimate_training_memory(backbone, config)}
     return {
         "data": str(spec.root), "classes": spec.classes, "splits": spec.counts(), "val_from": spec.val_from,
         "quarantined": [(spec.relative(path), why) for path, why in spec.quarantined],
-        "profile": profile.to_dict(), "backbone": backbone.name, "backbone_ranking": ranking, **assessment.to_dict(),
+        "profile": profile.to_dict(), "backbone": backbone.name, "backbone_ranking": ranking,
+        "strategy": decision.strategy, "layer": decision.tap, **result,
     }
 
 
-def extract(
-    data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default"
-) -> Path:
+def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> Path:
     """Write the CNN codes of every valid image of ``data`` (all splits as found) to ``out``:
     ``.npz`` (see ``tlpipe.codes``) or ``.parquet``. Files that fail the check are left out and
     listed, with the reason, in the file's metadata."""
     from tlpipe.codes import save_codes
 
     config = config or load_config(recipe)
-    out = Path(out)
     spec = prepare_dataset(data, seed=config.seed, hold_out=False, report_dir=None)
     backbone = build_backbone(config)
     parts = {split: dataset_codes(backbone, spec, split, config) for split in spec.splits}
-    return save_codes(out, spec, parts, backbone, config)
+    return save_codes(Path(out), spec, parts, backbone, config)

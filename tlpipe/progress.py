@@ -1,7 +1,9 @@
-"""Rich progress bars and announcements that stay quiet when the output is not a terminal (CI
-logs, pipes: the report at the end says it all there)."""
+"""What a fit says while it runs: rich progress bars and announcements that stay quiet when the
+output is not a terminal (CI logs, pipes: the report at the end says it all there), and the
+libraries' own INFO lines (Optuna: one per trial; MLflow's store) kept out of the way."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -31,3 +33,25 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[C
     ) as progress:
         task = progress.add_task(description, total=total, completed=completed)
         yield lambda n=1: progress.advance(task, n)
+
+
+@contextmanager
+def quiet_libraries(quiet: bool = True) -> Iterator[None]:
+    """Optuna's and MLflow's loggers at WARNING for the block (their levels are restored after):
+    the fit's report says what the study and the store did."""
+    if not quiet:
+        yield
+        return
+    import optuna
+
+    verbosity, loggers = optuna.logging.get_verbosity(), [logging.getLogger(n) for n in ("mlflow", "alembic")]
+    levels = [logger.level for logger in loggers]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

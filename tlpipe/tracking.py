@@ -136,10 +136,12 @@ class FitRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
-class NoRun:
-    """Stands in for ``FitRun`` on the ranks other than 0 of a torchrun fit: they log nothing."""
+class NoRun(FitRun):
+    """Stands in for ``FitRun`` on the ranks other than 0 of a torchrun fit: the same calls, and
+    nothing logged, so the stages call a run without asking which rank they are on."""
 
-    run_id = tracking_uri = None
+    def __init__(self) -> None:
+        self.experiment = self.run_name = self.tracking_uri = self.run_id = None
 
     def __enter__(self) -> "NoRun":
         return self
@@ -147,10 +149,22 @@ class NoRun:
     def __exit__(self, *exc_info) -> None:
         pass
 
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def child(self, run_name: str, tags: dict[str, str] | None = None) -> "NoRun":
+        return NoRun()
+
+    def log_batch(self, params=None, metrics=None, tags=None, step: int = 0) -> None:
+        pass
+
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by every stage: atomic writes and JSON."""
+"""Small helpers shared by every stage: atomic writes, JSON, and the default worker count."""
 from __future__ import annotations
 
 import json
@@ -32,3 +32,12 @@ def write_json(path: Path, data: Any) -> Path:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def default_workers(requested: int | None = None) -> int:
+    """DataLoader processes or decoding threads: ``requested`` when the user names a count, else
+    one per core this process may use, at most 4 (more only add start-up time and memory)."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores)

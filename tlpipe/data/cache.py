@@ -6,8 +6,6 @@ square to the backbone's input gives the same pixels as decoding the file again.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +14,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from tlpipe.cache import cache_key
 from tlpipe.data.dataset import Sample
 from tlpipe.data.images import load_rgb
 from tlpipe.progress import progress_bar
+from tlpipe.utils import default_workers
 
 CACHE_FORMAT = 1  # bump when the stored pixels change for the same files
 
@@ -31,12 +31,7 @@ def centre_offset(excess: int) -> int:
 def cache_path(samples: Sequence[Sample], size: int, cache_dir: Path, crop: int | None = None) -> Path:
     """The cache file for these samples: keyed by their paths, sizes and modification times, so an
     edited, replaced or reordered file set gets a new file instead of stale pixels."""
-    files = []
-    for sample in samples:
-        st = os.stat(sample.path)
-        files.append((str(sample.path), st.st_size, st.st_mtime_ns))
-    key = json.dumps({"format": CACHE_FORMAT, "size": size, "crop": crop, "files": files})
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    digest = cache_key(samples, format=CACHE_FORMAT, size=size, crop=crop)[:24]
     return Path(cache_dir) / f"decoded-{size}-{digest}.npy"
 
 
@@ -80,7 +75,7 @@ def build_decoded_cache(
     tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3))
-        workers = workers or min(8, os.cpu_count() or 1)
+        workers = max(1, default_workers(workers))
         paths = [sample.path for sample in samples]
         pool = ThreadPoolExecutor(workers)
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from tlpipe.data.images import check_image
 from tlpipe.data.scan import ScannedFiles, scan_folder
 from tlpipe.errors import TlpipeError
 from tlpipe.progress import progress_bar
-from tlpipe.utils import atomic_write
+from tlpipe.utils import atomic_write, default_workers
 
 QUARANTINE_REPORT = "quarantine.csv"
 
@@ -54,7 +53,7 @@ class DatasetSpec:
 
 def check_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
     """Decode every file once (threads: Pillow releases the GIL); return the bad ones with why."""
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = max(1, default_workers(workers))
     with ThreadPoolExecutor(workers) as pool, progress_bar("Checking images", len(paths)) as advance:
         reasons = {}
         for path, reason in zip(paths, pool.map(check_image, paths)):

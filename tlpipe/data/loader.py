@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Sequence
 
 import timm.data
@@ -11,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tlpipe.data.dataset import Sample
 from tlpipe.data.images import load_rgb
+from tlpipe.utils import default_workers
 
 
 def eval_transform(data_config: dict) -> Callable:
@@ -40,13 +40,9 @@ class ImageFiles(Dataset):
         return self.transform(load_rgb(sample.path, self.min_size)), sample.label
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
 def eval_loader(samples: Sequence[Sample], data_config: dict, batch_size: int, workers: int | None = None) -> DataLoader:
     """Ordered, deterministic loader for extraction and prediction."""
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(workers)
     dataset = ImageFiles(samples, eval_transform(data_config), decode_size(data_config))
     return DataLoader(
         dataset,

@@ -8,7 +8,6 @@ image decoded small, so it takes seconds, and the dataset folder is only read.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from PIL import Image
 from tlpipe.data.dataset import DatasetSpec
 from tlpipe.data.images import load_rgb
 from tlpipe.progress import progress_bar
+from tlpipe.utils import default_workers
 
 # Near duplicates: a 256-bit pHash (hash_size 16) proposes pairs, a pixel check confirms them.
 # Measured on the four shared datasets: JPEG re-saves (quality 30) and resizes (x0.5, x0.9) move a
@@ -143,7 +143,7 @@ def profile_dataset(
     ``near_threshold``: largest pHash Hamming distance, of 256 bits, between near duplicates."""
     started = time.perf_counter()
     entries = [(split, s.path) for split, samples in spec.splits.items() for s in samples]
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = max(1, default_workers(workers))
     with ThreadPoolExecutor(workers) as pool, progress_bar("Profiling images", len(entries)) as advance:
         facts = []
         for fact in pool.map(_image_facts, [p for _, p in entries]):

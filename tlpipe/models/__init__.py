@@ -1,17 +1,21 @@
-"""Backbones (weights and their preprocessing) and the CNN codes they produce."""
+"""Models stage: backbones (weights and their preprocessing, ``backbones``) and the CNN codes they
+produce for a dataset split, cached between fits (``features``)."""
 from tlpipe.models.backbones import (
     DEFAULT_BACKBONE,
     OFFLINE_BACKBONES,
     Backbone,
     WeightSource,
+    build_backbone,
     create_backbone,
     feature_state_dict,
     offline_backbones,
     state_dict_sha256,
 )
-from tlpipe.models.features import PENULTIMATE, CodeExtractor, extract_codes, feature_layers, resolve_layer
+from tlpipe.models.features import (
+    PENULTIMATE, CodeExtractor, dataset_codes, extract_codes, feature_layers, pool_tap, resolve_layer,
+)
 
 __all__ = [
     "DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "PENULTIMATE", "Backbone", "CodeExtractor", "WeightSource",
-    "create_backbone", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "resolve_layer", "state_dict_sha256",
+    "build_backbone", "create_backbone", "dataset_codes", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "pool_tap", "resolve_layer", "state_dict_sha256",
 ]

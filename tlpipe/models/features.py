@@ -8,6 +8,8 @@ taps joined by "+" give their codes side by side (``"penultimate+blocks.4"``).
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,8 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tlpipe.cache import cache_key, load_cached, save_cached
+from tlpipe.data import DatasetSpec, eval_loader
+from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tlpipe.config import FitConfig
+    from tlpipe.models.backbones import Backbone
 
 PENULTIMATE = "penultimate"
 
@@ -46,6 +55,11 @@ def resolve_layer(model: nn.Module, layer: str | int | None) -> str:
                       f"(several joined by '+' concatenate their codes)")
 
 
+def pool_tap(tapped: torch.Tensor, relu: bool) -> torch.Tensor:
+    """An earlier stage's feature map as a code: ReLU'd (when asked) and global-average pooled."""
+    return F.adaptive_avg_pool2d(F.relu(tapped) if relu else tapped, 1).flatten(1)
+
+
 class CodeExtractor(nn.Module):
     """Wraps a backbone so that ``forward(images)`` returns pooled codes from one tap, or from several
     (``"penultimate+blocks.4"``) side by side, in the order given, from the same pass."""
@@ -70,10 +84,7 @@ class CodeExtractor(nn.Module):
             if name == PENULTIMATE:
                 parts.append(self.model.forward_head(features, pre_logits=True))
                 continue
-            tapped = self._captured.pop(name)
-            if self.relu:
-                tapped = F.relu(tapped)
-            parts.append(F.adaptive_avg_pool2d(tapped, 1).flatten(1))
+            parts.append(pool_tap(self._captured.pop(name), self.relu))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -94,3 +105,29 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
             advance(len(targets))
     features = torch.cat(codes).numpy() if codes else np.zeros((0, 0), np.float32)
     return features.astype(np.float32, copy=False), torch.cat(labels).numpy().astype(np.int64)
+
+
+def dataset_codes(backbone: "Backbone", spec: DatasetSpec, split: str, config: "FitConfig", layer=None,
+                  cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CNN codes of one split through the same decode + eval transform that prediction uses.
+
+    With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key
+    holding the files and the model's current weights (``tlpipe.cache``), so a second fit on the
+    same data does not extract again and a fine-tuned backbone never reads the pretrained one's codes."""
+    layer = config.layer if layer is None else layer
+    device = resolve_device(config.device)
+    samples = spec.splits[split]
+    path = key = None
+    if cache is not None:
+        key = cache_key(samples, **backbone.cache_identity(), device=device.type,
+                        layer=resolve_layer(backbone.model, layer), layer_relu=config.layer_relu)
+        path = Path(cache) / "codes" / f"{split}-{key}.npz"
+        cached = load_cached(path, key)
+        if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples):
+            return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
+    extractor = CodeExtractor(backbone.model, layer, config.layer_relu)
+    loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
+    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
+    if path is not None:
+        save_cached(path, key, {"features": features, "labels": labels})
+    return features, labels

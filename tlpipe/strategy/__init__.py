@@ -1,5 +1,15 @@
-"""Choosing a transfer strategy: cheap signals of how well the frozen backbone fits the data."""
+"""Strategy stage: which transfer strategy suits the data, measured rather than guessed.
+
+``signals`` (one hooked forward pass: every stage's codes, BatchNorm moments, ImageNet logits; the
+probes, kNN, LogME and domain gap computed from it) -> ``auto.assess`` (signals, study cost) ->
+``decision.decide`` (the 2x2 rule on measured size, distance and cost) -> ``policy.choose_tap``
+(the linear tap on validation) -> ``policy.guard`` (after a fine-tune: keep it only if it beats
+the tuned linear classifier). Each step returns a new ``Decision``; ``fit`` and ``inspect`` call
+the same functions.
+"""
+from tlpipe.strategy.decision import Decision, decide
 from tlpipe.strategy.logme import logme
 from tlpipe.strategy.signals import BatchNormStats, FeatureSet, Signals, collect_features, collect_splits, compute_signals
 
-__all__ = ["BatchNormStats", "FeatureSet", "Signals", "collect_features", "collect_splits", "compute_signals", "logme"]
+__all__ = ["BatchNormStats", "Decision", "FeatureSet", "Signals", "collect_features", "collect_splits", "compute_signals",
+           "decide", "logme"]

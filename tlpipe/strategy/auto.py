@@ -33,12 +33,11 @@ class Assessment:
     estimate: dict = field(default_factory=dict)
 
     def apply(self, config: FitConfig) -> FitConfig:
-        """``config`` with the decided strategy, code tap and unfrozen stages."""
+        """``config`` with the decided strategy, code tap and unfrozen stages: what the later stages fit."""
         finetune = config.finetune
         if self.decision.unfreeze_stages is not None:
             finetune = finetune.model_copy(update={"unfreeze_stages": self.decision.unfreeze_stages})
-        layer = self.decision.layer if self.decision.strategy == "linear" else config.layer
-        return config.model_copy(update={"strategy": self.decision.strategy, "layer": layer, "finetune": finetune})
+        return config.model_copy(update={"strategy": self.decision.strategy, "layer": self.decision.tap, "finetune": finetune})
 
     def linear_taps(self) -> list[str]:
         """The taps a linear classifier is fitted on and compared by val accuracy: the last features,

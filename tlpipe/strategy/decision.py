@@ -25,7 +25,7 @@ error on validation (``keep_finetune``); otherwise the linear classifier stands.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 from tlpipe.config import AutoConfig
 from tlpipe.models import PENULTIMATE
@@ -34,19 +34,28 @@ from tlpipe.strategy.signals import Signals
 DEFAULT_THRESHOLDS = AutoConfig()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
+    """What auto chose and why. Each later step of the policy (``tlpipe.strategy.policy``) returns
+    a new one with its own reason added, so the reasons read in the order the choices were made."""
+
     strategy: str  # linear, partial or full
-    layer: str | int = PENULTIMATE  # linear: the code tap, set by the fit's comparison on validation
+    layer: str | int = PENULTIMATE  # the linear tap, chosen on validation (``policy.choose_tap``)
     unfreeze_stages: int | None = None  # partial: stages trained
     size: str = ""  # small or large
     similarity: str = ""  # near or far
     finetune_minutes: float | None = None  # worst case of a fine-tuning study on this device
-    reasons: list[str] = field(default_factory=list)
+    fallback_from: str | None = None  # the fine-tune (partial, full) the guard replaced by this linear classifier
+    reasons: tuple[str, ...] = ()
 
     @property
     def explanation(self) -> str:
         return " ".join(self.reasons)
+
+    @property
+    def tap(self) -> str | int:
+        """The tap the model's codes come from: a fine-tune trains the full head path."""
+        return self.layer if self.strategy == "linear" else PENULTIMATE
 
     @property
     def headline(self) -> str:
@@ -54,12 +63,36 @@ class Decision:
         tap = f" on {self.layer}" if self.strategy == "linear" else ""
         return f"{self.strategy}{tap} ({self.size} data, {'far from' if self.similarity == 'far' else 'near'} ImageNet)"
 
+    def with_reason(self, reason: str, **changes) -> "Decision":
+        """A copy with ``changes`` and ``reason`` added to the reasons."""
+        return replace(self, **changes, reasons=(*self.reasons, reason))
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "explanation": self.explanation, "headline": self.headline}
+        return {**asdict(self), "reasons": list(self.reasons), "explanation": self.explanation, "headline": self.headline}
 
 
 def _stage_probe(signals: Signals, name: str) -> dict:
     return next(s for s in signals.stages if s["name"] == name)
+
+
+def _side(value: float, threshold: float, far_above: bool) -> str:
+    """``value`` against its cut, in words computed from the two: "above 0.085: far"."""
+    above = value > threshold
+    far = above if far_above else value < threshold
+    words = ("above" if above else "at or below") if far_above else ("below" if far else "at or above")
+    return f"{words} {threshold:.3g}: {'far' if far else 'near'}"
+
+
+def distance_reason(signals: Signals, thresholds: AutoConfig) -> tuple[bool, str]:
+    """Far from ImageNet by the BatchNorm gap or the ImageNet head's confidence, and why in words."""
+    gap_far = signals.domain_gap > thresholds.far_gap
+    gap = f"The BatchNorm domain gap is {signals.domain_gap:.3f} nats ({_side(signals.domain_gap, thresholds.far_gap, True)})"
+    if "mean_max_prob" not in signals.imagenet_confidence:
+        return gap_far, f"{gap}; there is no pretrained ImageNet head to ask: {'far from' if gap_far else 'near'} ImageNet."
+    confidence = signals.imagenet_confidence["mean_max_prob"]
+    far = gap_far or confidence < thresholds.far_confidence
+    return far, (f"{gap} and the ImageNet head's mean top probability {confidence:.2f} "
+                 f"({_side(confidence, thresholds.far_confidence, False)}): {'far from' if far else 'near'} ImageNet.")
 
 
 def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEFAULT_THRESHOLDS,
@@ -67,8 +100,7 @@ def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEF
     """The strategy for data with ``images_per_class`` in its smallest class and these signals;
     ``finetune_minutes``: the worst case of a fine-tuning study on this device (None: unknown, so
     only the size cuts decide)."""
-    confidence = signals.imagenet_confidence.get("mean_max_prob", 1.0)
-    far = signals.domain_gap > thresholds.far_gap or confidence < thresholds.far_confidence
+    far, distance = distance_reason(signals, thresholds)
     cut = thresholds.far_large_per_class if far else thresholds.large_per_class
     large = images_per_class >= cut
     affordable = finetune_minutes is not None and finetune_minutes <= thresholds.finetune_minutes
@@ -76,34 +108,31 @@ def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEF
     reasons = [
         f"The smallest class has {images_per_class} training images ({'at least' if large else 'under'} {cut}"
         f"{' for data far from ImageNet' if far else ''}: {'large' if large else 'small'} for fine-tuning).",
-        f"The BatchNorm domain gap is {signals.domain_gap:.3f} nats (far above {thresholds.far_gap:.3f}) and the "
-        f"ImageNet head's mean top probability {confidence:.2f} (far below {thresholds.far_confidence:.2f}): "
-        f"{'far from' if far else 'near'} ImageNet.",
+        distance,
         f"A linear probe on the last features scores {last['probe_accuracy']:.3f} "
         f"(± {last['probe_sem']:.3f}) in {signals.folds}-fold cross-validation.",
     ]
     if finetune_minutes is not None:
         reasons.append(f"A fine-tuning study here takes at most {finetune_minutes:.1f} min "
                        f"({'within' if affordable else 'over'} the {thresholds.finetune_minutes:g}-min budget).")
-    decision = Decision("linear", size="large" if large else "small", similarity="far" if far else "near",
-                        finetune_minutes=finetune_minutes)
+    strategy, unfreeze = "linear", None
+    where = "far from" if far else "near"
     if large or affordable:
         why = "Plenty of data" if large else "Little data, but a fine-tuning study is affordable here and often pays"
         if far:
-            decision.strategy, action = "full", "fine-tune the whole network (LP-FT)"
+            strategy, action = "full", "fine-tune the whole network (LP-FT)"
         else:
-            decision.strategy, decision.unfreeze_stages = "partial", thresholds.partial_stages
+            strategy, unfreeze = "partial", thresholds.partial_stages
             action = f"fine-tune the last {thresholds.partial_stages} stages and the head"
-        reasons.append(f"{why}, {'far from' if far else 'near'} ImageNet: {action}.")
+        reasons.append(f"{why}, {where} ImageNet: {action}.")
     else:
         earlier = ""
         if signals.best_stage != PENULTIMATE:
             earlier = (f", or those of {signals.best_stage} (probe {_stage_probe(signals, signals.best_stage)['probe_accuracy']:.3f}; "
                        "earlier features are more generic) if they do better on validation")
-        reasons.append(f"Little data {'far from' if far else 'near'} ImageNet: a linear classifier on the frozen "
-                       f"network's last features{earlier}.")
-    decision.reasons = reasons
-    return decision
+        reasons.append(f"Little data {where} ImageNet: a linear classifier on the frozen network's last features{earlier}.")
+    return Decision(strategy, unfreeze_stages=unfreeze, size="large" if large else "small",
+                    similarity="far" if far else "near", finetune_minutes=finetune_minutes, reasons=tuple(reasons))
 
 
 def standard_error(accuracy: float, n: int) -> float:

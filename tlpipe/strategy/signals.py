@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.special import entr, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -27,12 +26,12 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tlpipe.codes import cache_key, load_cached, save_cached
+from tlpipe.cache import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec, Sample, eval_loader
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
-from tlpipe.models import PENULTIMATE, Backbone, extract_codes, feature_layers
+from tlpipe.models import PENULTIMATE, Backbone, extract_codes, feature_layers, pool_tap
 from tlpipe.strategy.logme import logme
 
 PROBE_C = 0.1  # fixed: the probe ranks stages and datasets, it is not the final classifier
@@ -145,8 +144,7 @@ class _Taps(nn.Module):
         if self.logits:
             parts.append(self.model.forward_head(features))
         for name in self.stages:
-            tapped = self.captured.pop(name)
-            parts.append(F.adaptive_avg_pool2d(F.relu(tapped) if self.relu else tapped, 1).flatten(1))
+            parts.append(pool_tap(self.captured.pop(name), self.relu))
         self.widths = [p.shape[1] for p in parts]
         return torch.cat([p.float() for p in parts], 1)
 
@@ -204,7 +202,7 @@ def collect_features(
     indices = stratified_subset(np.array([s.label for s in samples]), max_images, config.seed)
     path = key = None
     if cache is not None:
-        key = cache_key(backbone, [samples[i] for i in indices], resolve_device(config.device).type,
+        key = cache_key([samples[i] for i in indices], **backbone.cache_identity(), device=resolve_device(config.device).type,
                         signals=stages, layer_relu=config.layer_relu, batchnorm=batchnorm and BATCHNORM_IMAGES)
         path = Path(cache) / "signals" / f"{key}.npz"
         saved = load_cached(path, key)

@@ -52,6 +52,16 @@ class DistContext:
         dist.all_reduce(tensor, op)
         return tensor.tolist()
 
+    def main_alone(self, when: bool = True, wait: bool = False) -> None:
+        """From here on (``when``), rank 0 goes on alone: the other ranks leave the ``distributed``
+        block (after a barrier with rank 0 when ``wait``). Nothing happens in a single process."""
+        if not (self.enabled and when):
+            return
+        if wait:
+            self.barrier()
+        if not self.is_main:
+            raise _RankDone
+
     @contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. to build a shared cache), then the others."""
@@ -60,6 +70,24 @@ class DistContext:
         yield
         if self.is_main:
             self.barrier()
+
+
+class _RankDone(Exception):
+    """A rank other than 0 whose part of the fit is over (``DistContext.main_alone``)."""
+
+
+@contextmanager
+def distributed(device: torch.device) -> Iterator[DistContext]:
+    """The fit's process group for the block (``init_distributed``), left at its end; a rank other
+    than 0 that ``main_alone`` sends away leaves the block here, quietly, and the caller then
+    returns None: the one place where the ranks part."""
+    context = init_distributed(device)
+    try:
+        yield context
+    except _RankDone:
+        pass
+    finally:
+        shutdown()
 
 
 def _collective_device() -> torch.device:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from timm.models import group_parameters
@@ -26,6 +26,21 @@ from tlpipe.training.distributed import DistContext
 from tlpipe.utils import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms for the block only: the switch is process-wide, and the
+    caller's code after a fit should run as it did before."""
+    if not enabled:
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def stage_groups(model: nn.Module) -> list[list[str]]:
@@ -137,9 +152,11 @@ class Finetuner:
         self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
+        with deterministic_algorithms(self.config.deterministic):
+            return self._fit(model, train_loader, val_loader)
+
+    def _fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
         cfg, device = self.config, self.device
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         self.parameter_counts_ = freeze_stages(model, self.unfreeze_stages)
         model.to(device, memory_format=torch.channels_last)
         # DDP averages gradients across ranks; it also broadcasts rank 0's weights at the start.

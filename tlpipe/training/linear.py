@@ -80,23 +80,36 @@ class ShrunkScaler(StandardScaler):
         return self
 
 
-def _export(pipeline: Pipeline, kind: str, n_classes: int) -> LinearHead:
-    """Fold the scaler into the classifier: W((x - mu) / sigma) + b = (W / sigma) x + (b - W mu / sigma)."""
+def linear_estimator(kind: str, C: float, seed: int = 0) -> Pipeline:
+    """Classifier ``kind`` (logreg, svm) at ``C`` on shrunk-standardised codes: the one factory behind
+    ``LinearProbe``'s cross-validation and final fit and every linear tuning trial, so a trial's
+    val accuracy is the final fit's, to the bit."""
+    if kind == "logreg":
+        clf = LogisticRegression(C=C, max_iter=3000, random_state=seed)
+    else:
+        # The dual solver: several times faster than the primal on codes (n_features ~ n_samples).
+        clf = LinearSVC(C=C, dual=True, max_iter=5000, random_state=seed)
+    return make_pipeline(ShrunkScaler(), clf)
+
+
+def export_head(pipeline: Pipeline, kind: str) -> LinearHead:
+    """A fitted ``linear_estimator`` as a ``LinearHead``, the scaler folded into the weights:
+    W((x - mu) / sigma) + b = (W / sigma) x + (b - W mu / sigma)."""
     scaler, clf = pipeline[0], pipeline[-1]
     coef, intercept = clf.coef_ / scaler.scale_, clf.intercept_ - (clf.coef_ / scaler.scale_) @ scaler.mean_
-    if n_classes == 2:  # one score d for class 1: logits (-d/2, d/2) give softmax == sigmoid(d)
+    if len(coef) == 1:  # two classes, one score d for class 1: logits (-d/2, d/2) give softmax == sigmoid(d)
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     # liblinear leaves coef_ in Fortran order; safetensors stores C-contiguous tensors only
     return LinearHead(np.ascontiguousarray(coef, np.float32), np.ascontiguousarray(intercept, np.float32), kind)
 
 
-def _estimator(kind: str, seed: int) -> Pipeline:
-    if kind == "logreg":
-        clf = LogisticRegression(max_iter=3000, random_state=seed)
-    else:
-        # The dual solver: several times faster than the primal on codes (n_features ~ n_samples).
-        clf = LinearSVC(dual=True, max_iter=5000, random_state=seed)
-    return make_pipeline(ShrunkScaler(), clf)
+def fit_head(kind: str, C: float, X: np.ndarray, y: np.ndarray, seed: int = 0) -> LinearHead:
+    """``linear_estimator(kind, C)`` fitted on the codes ``X``, labels ``y``, as a ``LinearHead``."""
+    return export_head(linear_estimator(kind, C, seed).fit(X, y), kind)
+
+
+def accuracy(head: LinearHead, X: np.ndarray, y: np.ndarray) -> float:
+    return float((head.predict(X) == y).mean())
 
 
 def _fit_temperature(decisions: np.ndarray, y: np.ndarray) -> float:
@@ -121,25 +134,19 @@ class LinearProbe:
     candidates_: dict = field(default_factory=dict, init=False)
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "LinearProbe":
-        n_classes = int(max(y.max(), y_val.max()) + 1)
         folds = max(2, min(self.cv_folds, int(np.bincount(y).min())))
         cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
         self.candidates_ = {}
         for kind in self.classifiers:
-            search = GridSearchCV(
-                _estimator(kind, self.seed), {f"{_STEP[kind]}__C": list(self.c_grid)},
-                cv=cv, n_jobs=self.n_jobs,
-            ).fit(X, y)
-            head = _export(search.best_estimator_, kind, n_classes)
+            search = GridSearchCV(linear_estimator(kind, self.c_grid[0], self.seed), {f"{_STEP[kind]}__C": list(self.c_grid)},
+                                  cv=cv, n_jobs=self.n_jobs, refit=False).fit(X, y)
+            C = float(search.best_params_[f"{_STEP[kind]}__C"])
+            head = fit_head(kind, C, X, y, self.seed)
             if kind == "svm":
-                decisions = cross_val_predict(search.best_estimator_, X, y, cv=cv, method="decision_function")
+                decisions = cross_val_predict(linear_estimator(kind, C, self.seed), X, y, cv=cv, method="decision_function")
                 head.scale = _fit_temperature(decisions, y)
-            self.candidates_[kind] = {
-                "C": float(search.best_params_[f"{_STEP[kind]}__C"]),
-                "cv_accuracy": float(search.best_score_),
-                "val_accuracy": float((head.predict(X_val) == y_val).mean()),
-                "head": head,
-            }
+            self.candidates_[kind] = {"C": C, "cv_accuracy": float(search.best_score_),
+                                      "val_accuracy": accuracy(head, X_val, y_val), "head": head}
         # Better on validation wins; on a tie the one with native probabilities (logreg, listed first).
         self.chosen_ = max(self.candidates_, key=lambda k: self.candidates_[k]["val_accuracy"])
         self.head_ = self.candidates_[self.chosen_]["head"]

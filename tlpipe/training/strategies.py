@@ -1,4 +1,5 @@
-"""Each transfer strategy as one function from (backbone, checked data, config) to a trained head.
+"""Training stage: each transfer strategy as one function from (backbone, checked data, config, codes)
+to a trained head.
 
 All of them end the same way: a ``LinearHead`` on the backbone's penultimate codes (for the
 fine-tuned ones, the network's own new classifier), so prediction and the bundle are one path.
@@ -15,18 +16,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tlpipe.codes import cache_key, load_cached, save_cached
+from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig
 from tlpipe.data import (
     CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, train_transform,
 )
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
-from tlpipe.models import Backbone, CodeExtractor, extract_codes, resolve_layer
+from tlpipe.models import Backbone
 from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.finetune import Finetuner, freeze_stages
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
+from tlpipe.utils import default_workers
 
 
 @dataclass
@@ -36,34 +38,13 @@ class TrainedHead:
     history: list[dict] = field(default_factory=list)  # per-epoch metrics (fine-tuning)
     backbone_trained: bool = False
 
+    def linear_params(self) -> dict:
+        """A linear head's classifier and C as trial params: trial 0 of a study that tunes it."""
+        return {"classifier": self.details["chosen"], "C": self.details["candidates"][self.details["chosen"]]["C"]}
 
-def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,
-                  cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """CNN codes of one split through the same decode + eval transform that prediction uses.
-
-    With a cache folder (``config.cache_dir``, else ``cache_dir``: the caller's ``<output>/cache``)
-    the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key a sha256 of all they depend
-    on (see ``tlpipe.codes.cache_key``), so a second fit on the same data does not extract again. The key
-    holds the checksum of the model's current weights: a fine-tuned backbone never reads the
-    pretrained backbone's codes."""
-    layer = config.layer if layer is None else layer
-    device = resolve_device(config.device)
-    folder = Path(config.cache_dir) if config.cache_dir else cache_dir
-    samples = spec.splits[split]
-    path = key = None
-    if folder is not None:
-        key = cache_key(backbone, samples, device.type, layer=resolve_layer(backbone.model, layer),
-                        layer_relu=config.layer_relu)
-        path = Path(folder) / "codes" / f"{split}-{key}.npz"
-        cached = load_cached(path, key)
-        if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples):
-            return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
-    extractor = CodeExtractor(backbone.model, layer, config.layer_relu)
-    loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
-    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
-    if path is not None:
-        save_cached(path, key, {"features": features, "labels": labels})
-    return features, labels
+    def val_accuracy(self) -> float:
+        """A linear head's val accuracy, as ``fit_linear`` measured it."""
+        return self.details["candidates"][self.details["chosen"]]["val_accuracy"]
 
 
 def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe:
@@ -93,43 +74,23 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     model, ft = backbone.model, config.finetune
     device = rank_device(resolve_device(config.device), context)
     probe = linear_probe(config, *codes["train"], *codes["val"], classifiers=("logreg",))
-    model.reset_classifier(len(spec.classes))
-    with torch.no_grad():
-        model.get_classifier().weight.copy_(torch.from_numpy(probe.head_.weight))
-        model.get_classifier().bias.copy_(torch.from_numpy(probe.head_.bias))
-
-    size, crop = decode_size(backbone.data_config), max(backbone.data_config["input_size"][1:])
-    cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    with context.main_first():  # one rank decodes, the others then open the same files
-        arrays = {split: build_decoded_cache(spec.splits[split], size, cache_dir, config.num_workers, crop=crop)
-                  for split in ("train", "val")}
-    labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
-    workers = config.num_workers if config.num_workers is not None else min(4, torch.get_num_threads())
+    _start_from_probe(model, probe.head_)
     unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
     freeze_stages(model, unfreeze)
     memory = estimate_memory(model.to(device, memory_format=torch.channels_last), backbone.data_config["input_size"], device)
     batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
-    # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
-    # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
-    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
-    sampler = EpochSampler(len(labels["train"]), config.seed, num_replicas=context.world_size, rank=context.rank)
-    train_loader = DataLoader(
-        CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
-        sampler=sampler, drop_last=len(sampler) % batch_size == 1, **common)  # no lone-image batch for BatchNorm
-    val_share = range(context.rank, len(labels["val"]), context.world_size)  # each val image scored once
-    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)),
-                            sampler=val_share, **common)
-
+    train_loader, val_loader = _loaders(backbone, spec, config, out, batch_size, device, context)
     weights = class_weights(spec, ft.class_weights)
-    torch.manual_seed(config.seed)
     fingerprint = json.dumps([config.model_dump(mode="json"), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
-    try:
-        tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch,
-                          hashlib.sha256(fingerprint.encode()).hexdigest(), context=context).fit(model, train_loader, val_loader)
-    finally:
-        _stop_workers(train_loader, val_loader)
+    # Seeded on a fork of the global RNG: the run is reproducible and the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(config.seed)
+        try:
+            tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch,
+                              hashlib.sha256(fingerprint.encode()).hexdigest(), context=context).fit(model, train_loader, val_loader)
+        finally:
+            _stop_workers(train_loader, val_loader)
     classifier = model.get_classifier()
     head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
     details = {
@@ -141,6 +102,37 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
     }
     return TrainedHead(head, details, tuner.history_, backbone_trained=True)
+
+
+def _start_from_probe(model: torch.nn.Module, head: LinearHead) -> None:
+    """LP-FT: a new classifier for the classes, starting as the linear probe's weights."""
+    model.reset_classifier(len(head.bias))
+    with torch.no_grad():
+        model.get_classifier().weight.copy_(torch.from_numpy(head.weight))
+        model.get_classifier().bias.copy_(torch.from_numpy(head.bias))
+
+
+def _loaders(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, batch_size: int,
+             device: torch.device, context: DistContext) -> tuple[DataLoader, DataLoader]:
+    """Train (augmented, this rank's share of each epoch) and val loaders over the decoded-image cache."""
+    size, crop = decode_size(backbone.data_config), max(backbone.data_config["input_size"][1:])
+    with context.main_first():  # one rank decodes, the others then open the same files
+        arrays = {split: build_decoded_cache(spec.splits[split], size, cache_root(config.cache_dir, out),
+                                             config.num_workers, crop=crop) for split in ("train", "val")}
+    labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
+    workers = default_workers(config.num_workers)
+    # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
+    # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
+    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
+    sampler = EpochSampler(len(labels["train"]), config.seed, num_replicas=context.world_size, rank=context.rank)
+    train_loader = DataLoader(
+        CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
+        sampler=sampler, drop_last=len(sampler) % batch_size == 1, **common)  # no lone-image batch for BatchNorm
+    val_share = range(context.rank, len(labels["val"]), context.world_size)  # each val image scored once
+    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)),
+                            sampler=val_share, **common)
+    return train_loader, val_loader
 
 
 def _stop_workers(*loaders: DataLoader) -> None:

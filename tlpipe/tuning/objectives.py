@@ -11,55 +11,38 @@ import numpy as np
 import optuna
 
 from tlpipe.config import FitConfig
-from tlpipe.training.linear import ShrunkScaler
 from tlpipe.tuning.storage import trial_dir
 from tlpipe.tuning.study import EpochReporter, _free_cuda
 
 
 class LinearObjective:
-    """Linear trials on cached codes: the trial's classifier with its C, fitted on standardized train
-    codes and scored on val, in milliseconds.
-
-    The codes are standardized once (``ShrunkScaler``, as in ``fit_linear``) and projected once onto the span of the train codes (an SVD):
-    an L2-penalised linear model's weights lie in that span, so the fit is the same with
-    min(n, d) features instead of d. Each fit runs on one BLAS thread: on small matrices more threads
-    cost more than they give (30x slower on 2 busy cores)."""
+    """Linear trials on cached codes: the trial's classifier at its C, fitted and scored on val by
+    the same code as ``fit_linear``'s final fit (``tlpipe.training.linear.fit_head``), so the best
+    trial's accuracy is the saved model's, to the bit. Each fit runs on one BLAS thread: on
+    matrices this small, more threads cost more than they give (30x slower on 2 busy cores)."""
 
     def __init__(self, codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: dict[str, Any] | None = None):
         from threadpoolctl import ThreadpoolController
 
         self.codes, self.defaults, self.threads = codes, defaults, ThreadpoolController()
-        (X, self.y), (X_val, self.y_val) = codes["train"], codes["val"]
-        with self.threads.limit(limits=1):
-            scaler = ShrunkScaler().fit(X)  # as fit_linear standardises
-            X, X_val = scaler.transform(X), scaler.transform(X_val)
-            if X.shape[0] < X.shape[1]:
-                _, s, vt = np.linalg.svd(X, full_matrices=False)
-                basis = vt[s > s[0] * 1e-6].T if len(s) and s[0] > 0 else vt.T
-                X, X_val = X @ basis, X_val @ basis
-        self.X, self.X_val = X, X_val
 
     def default_params(self, config: FitConfig) -> dict[str, Any]:
         """Trial 0: the classifier and C that ``fit_linear`` (cross-validation over the recipe's
         grid, then the better on val) picks untuned; ``defaults`` when the caller already knows them."""
-        from tlpipe.training.linear import LinearProbe
+        from tlpipe.training.strategies import fit_linear
 
         if self.defaults:
             return dict(self.defaults)
-
-        lin = config.linear
         with self.threads.limit(limits=1):
-            probe = LinearProbe(tuple(lin.classifiers), tuple(lin.c_grid), lin.cv_folds, config.seed)
-            probe.fit(*self.codes["train"], *self.codes["val"])
-        return {"classifier": probe.chosen_, "C": probe.candidates_[probe.chosen_]["C"]}
+            return fit_linear(config, self.codes).linear_params()
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
-        from tlpipe.training.linear import _estimator
+        from tlpipe.training.linear import accuracy, fit_head
 
-        kind, c = config.linear.classifiers[0], config.linear.c_grid[0]
+        (X, y), (X_val, y_val) = self.codes["train"], self.codes["val"]
         with self.threads.limit(limits=1):
-            model = _estimator(kind, config.seed)[-1].set_params(C=c).fit(self.X, self.y)  # fit_linear's own settings
-            return float((model.predict(self.X_val) == self.y_val).mean())
+            head = fit_head(config.linear.classifiers[0], config.linear.c_grid[0], X, y, config.seed)
+            return accuracy(head, X_val, y_val)
 
 
 class FinetuneObjective:

@@ -75,7 +75,7 @@ def log_study(study: optuna.Study, parent: FitRun | None, output_dir: Path) -> d
     if skipped:
         summary["plots_skipped"] = skipped
     write_json(folder / "tuning.json", summary)
-    if parent is not None and getattr(parent, "run_id", None) is not None:
+    if parent is not None:
         parent.log_params({"tuning_study": study.study_name,
                            **{f"tuning_best_{k}": v for k, v in summary.get("best_params", {}).items()}})
         parent.log_metrics({f"tuning_{k}": summary[k] for k in

@@ -163,7 +163,7 @@ def prepare_study(study: optuna.Study, config: FitConfig, *, trials: int | None 
     with _quiet():
         stored = config.model_copy(update={"tuning": config.tuning.model_copy(update={"storage": None})})
         study.set_user_attr(_CONFIG, stored.model_dump(mode="json"))
-        if parent is not None and getattr(parent, "run_id", None) is not None:
+        if parent is not None:
             study.set_user_attr(_LEAD_RUN, {"run_id": parent.run_id, "tracking_uri": parent.tracking_uri})
         if requeue_running:
             _requeue_dead(study, config.tuning.max_retry)
@@ -183,8 +183,6 @@ def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, t
     died). A worker runs queued trials until none is left, nesting its MLflow runs under the lead's
     unless given ``parent``. ``timeout`` (seconds; default the recipe's) stops starting trials: those
     still queued wait for the next run."""
-    if parent is not None and getattr(parent, "run_id", None) is None:
-        parent = None  # a stand-in run that logs nothing
     if worker:
         parent = parent or _lead_run(study)
     else:
@@ -230,8 +228,6 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
     ``trials``/``timeout``/``storage``/``study_name`` override the recipe's ``tuning`` values."""
     if requested_trials(config, trials) == 0:
         return Tuned(config, summary={"trials": 0})
-    if config.strategy != "linear" and not config.cache_dir:  # one decoded-image cache for every trial
-        config = config.model_copy(update={"cache_dir": str(Path(output_dir).resolve() / "cache")})
     url = storage_url(output_dir, storage or config.tuning.storage)
     study = open_study(config, output_dir, storage=url, study_name=study_name)
     before = _count(study, *_FINISHED)  # trials an earlier run of this study finished: it continues

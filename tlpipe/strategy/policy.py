@@ -1,0 +1,83 @@
+"""The auto policy, step by step, each step a function that returns a new ``Decision``:
+
+1. ``decide`` (``decision.py``): size, distance and cost, measured by ``assess`` (``auto.py``);
+2. ``choose_tap``: a linear classifier on the last features, on the earlier stage the probes rank
+   best and on both side by side, the best on validation kept (ties to the last features). It runs
+   whatever the decision: it is the linear strategy's model, and the baseline a fine-tune must beat;
+3. ``guard``: after a fine-tune, keep it only if it beats that linear classifier, tuned as a linear
+   fit tunes it (``tuned_baseline``), by more than its standard error on validation.
+
+``tlpipe fit`` runs all three; ``tlpipe inspect`` runs the first two, so both name the same
+strategy and tap (the guard needs the fine-tune itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from tlpipe.config import FitConfig
+from tlpipe.models import PENULTIMATE
+from tlpipe.strategy.auto import Assessment
+from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
+from tlpipe.training.linear import accuracy
+from tlpipe.training.strategies import TrainedHead, fit_linear
+
+Codes = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class LinearFit:
+    """A linear classifier on one tap, with the codes it was fitted on (train, val)."""
+
+    tap: str
+    trained: TrainedHead
+    codes: Codes
+    config: FitConfig  # the config that fits it again: strategy linear, this tap, its classifier and C
+
+    @property
+    def val_accuracy(self) -> float:
+        return accuracy(self.trained.head, *self.codes["val"])
+
+
+def _tap_name(tap: str) -> str:
+    return "the last features" if tap == PENULTIMATE else tap
+
+
+def choose_tap(assessment: Assessment, config: FitConfig) -> tuple[Assessment, LinearFit]:
+    """Fit a linear classifier on each of ``assessment.linear_taps()`` (their codes all come from
+    the assessment's one pass) and return the assessment whose decision holds the best tap on
+    validation, with that classifier."""
+    fits = {}
+    for tap in assessment.linear_taps():
+        codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
+        tap_config = config.model_copy(update={"strategy": "linear", "layer": tap})
+        fits[tap] = LinearFit(tap, fit_linear(tap_config, codes), codes, tap_config)
+    best = max(fits.values(), key=lambda fit: fit.trained.val_accuracy())  # the first (last features) wins a tie
+    reason = ("Linear classifiers on validation: "
+              + ", ".join(f"{_tap_name(t)} {f.trained.val_accuracy():.3f}" for t, f in fits.items())
+              + f"; {_tap_name(best.tap)} kept.")
+    return replace(assessment, decision=assessment.decision.with_reason(reason, layer=best.tap)), best
+
+
+def tuned_baseline(fit: LinearFit, out: Path) -> LinearFit:
+    """``fit``'s classifier and C tuned as a linear fit tunes them (a study of its own in
+    ``<out>/linear_baseline``, trial 0 ``fit``'s own), so falling back loses nothing against
+    ``--strategy linear``."""
+    from tlpipe.tuning import linear_objective, tune
+
+    tuned = tune(fit.config, Path(out) / "linear_baseline", linear_objective(fit.codes, fit.trained.linear_params()))
+    return LinearFit(fit.tap, fit_linear(tuned.config, fit.codes), fit.codes, tuned.config)
+
+
+def guard(decision: Decision, finetune_accuracy: float, baseline_accuracy: float, n_val: int) -> Decision:
+    """The decision after the fine-tune: kept when it beats the linear baseline by more than the
+    baseline's standard error on ``n_val`` images, else linear on the decision's tap."""
+    pays = keep_finetune(finetune_accuracy, baseline_accuracy, n_val)
+    reason = (f"Guard: the fine-tune scored {finetune_accuracy:.3f} on validation against {baseline_accuracy:.3f} for "
+              f"the linear classifier (standard error {standard_error(baseline_accuracy, n_val):.3f}): "
+              + ("the fine-tune is kept." if pays else "not clearly better, so the linear classifier stands."))
+    if pays:
+        return decision.with_reason(reason)
+    return decision.with_reason(reason, strategy="linear", unfreeze_stages=None, fallback_from=decision.strategy)
