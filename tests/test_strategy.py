@@ -52,6 +52,7 @@ def test_small_data_is_fine_tuned_where_a_study_fits_the_time_budget():
     assert decide(signals(0.2), 20, thresholds, finetune_minutes=12.5).strategy == "partial"  # near: partial
     never = thresholds.model_copy(update={"finetune_minutes": 0.0})
     assert decide(signals(0.9), 20, never, finetune_minutes=0.5).strategy == "linear"  # 0: cost first
+    assert decide(signals(0.9), 20, never, finetune_minutes=0.0).strategy == "linear"  # even for a study of seconds
 
 
 def test_far_data_counts_as_large_from_fewer_images():
@@ -256,7 +257,8 @@ def test_a_best_recipe_fit_saves_the_ranked_winner_with_or_without_a_guard_fallb
     per_class = 6 if fallback else 4
     root = image_folder("data", {"red": per_class, "green": per_class}, split={"train": per_class, "val": 3})
     config = load_config("best", image_size=64, num_workers=0, candidates=["efficientnet_lite0", "efficientnet_lite1"],
-                         auto={"finetune_minutes": 30.0 if fallback else 0.0}, finetune={"epochs": 1}, tuning={"trials": 1})
+                         auto={"finetune_minutes": 30.0 if fallback else 0.0}, finetune={"epochs": 1}, tuning={"trials": 1},
+                         linear={"c_grid": [0.01, 0.1], "cv_folds": 2})  # the best recipe's grid costs minutes here
     result = fit(root, config, output=tmp_path / "run", experiment="best-test")
     winner = result.summary["backbone_ranking"][0]["backbone"]
     bundle = load_bundle(result.bundle_path, device="cpu")

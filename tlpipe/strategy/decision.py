@@ -103,7 +103,8 @@ def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEF
     far, distance = distance_reason(signals, thresholds)
     cut = thresholds.far_large_per_class if far else thresholds.large_per_class
     large = images_per_class >= cut
-    affordable = finetune_minutes is not None and finetune_minutes <= thresholds.finetune_minutes
+    # a budget of 0 means cost first: never fine-tune below the size cuts, however quick the study
+    affordable = finetune_minutes is not None and 0 < thresholds.finetune_minutes and finetune_minutes <= thresholds.finetune_minutes
     last = signals.penultimate
     reasons = [
         f"The smallest class has {images_per_class} training images ({'at least' if large else 'under'} {cut}"
