@@ -107,12 +107,21 @@ def test_predict_top_k_json_on_a_folder(fitted):
 
 
 def test_predict_skips_unreadable_files_with_a_line_each(fitted, tmp_path):
-    _, out, _ = fitted
+    root, out, _ = fitted
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    result = tlpipe("predict", out / "model", bad)
+    good = [root / "red" / "0.jpg", root / "green" / "1.jpg", root / "blue" / "2.jpg"]
+    result = tlpipe("predict", out / "model", good[0], bad, *good[1:], "--format", "csv", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    (line,) = result.stderr.splitlines()  # one line for the bad file, none for the good ones
+    assert line.startswith(f"skipped {bad}: ") and len(line) > len(f"skipped {bad}: ")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["path"] for row in rows] == [str(p) for p in good]  # every good image predicted, in order
+
+    result = tlpipe("predict", out / "model", bad)  # nothing left to predict: an error
     assert result.exit_code == 2
-    assert "bad.jpg" in result.stderr and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == "error: no readable image among the paths given"
+    assert "Traceback" not in result.output
 
 
 def test_extract_npz_and_parquet(fitted, tmp_path):
@@ -133,6 +142,22 @@ def test_extract_npz_and_parquet(fitted, tmp_path):
     table = pq.read_table(tmp_path / "codes.parquet")
     assert table.num_rows == 30 and table.schema.field("features").type.list_size == 112
     assert json.loads(table.schema.metadata[b"tlpipe"])["layer"] == "blocks.4"
+
+
+def test_extract_no_relu_leaves_earlier_layer_codes_signed_and_penultimate_unchanged(fitted, tmp_path):
+    root, _, _ = fitted
+    both = ["--layer", "penultimate+-2", "--image-size", "64", *QUICK]  # 1280 penultimate + 112 of blocks.4
+    assert tlpipe("extract", root, "--out", tmp_path / "relu.npz", *both).exit_code == 0
+    result = tlpipe("extract", root, "--out", tmp_path / "raw.npz", "--no-relu", *both)
+    assert result.exit_code == 0, result.output
+    relu, raw = np.load(tmp_path / "relu.npz"), np.load(tmp_path / "raw.npz")
+    assert relu["features"].shape == raw["features"].shape == (30, 1280 + 112)
+    np.testing.assert_allclose(raw["features"][:, :1280], relu["features"][:, :1280], rtol=0, atol=1e-6)
+    early_relu, early_raw = relu["features"][:, 1280:], raw["features"][:, 1280:]
+    assert (early_relu >= 0).all() and (early_raw < 0).any()
+    assert (early_relu >= early_raw - 1e-5).all()  # the mean of max(x, 0) is never below the mean of x
+    assert json.loads(str(relu["meta"]))["layer_relu"] is True
+    assert json.loads(str(raw["meta"]))["layer_relu"] is False
 
 
 def test_models_lists_the_offline_default():
@@ -263,4 +288,8 @@ def test_evaluate_scores_a_bundle_on_labelled_images_like_the_fit_did(fitted, tm
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n_images"] == len(val) and metrics["accuracy"] == summary["val_accuracy"]
-    assert tlpipe("evaluate", out / "model", held_out, "--split", "test").exit_code == 2
+    # a flat folder is scored whole, and never called the train split
+    assert metrics["split"] == "all images" and metrics["data"] == str(held_out)
+    assert f"Scored all {len(val)} images of {held_out} " in result.stdout and "All images: accuracy" in result.stdout
+    result = tlpipe("evaluate", out / "model", held_out, "--split", "test")
+    assert result.exit_code == 2 and "drop --split" in result.stderr and result.stderr.count("\n") == 1

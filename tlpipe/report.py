@@ -66,6 +66,8 @@ def print_tuning(tuning: dict) -> None:
         return
     line = (f"[bold]Tuning[/]  {tuning['trials']} Optuna trials ({tuning['complete']} complete, "
             f"{tuning['pruned']} pruned, {tuning['fail']} failed)")
+    if tuning.get("waiting"):  # --timeout ran out before they started
+        line += f", {tuning['waiting']} still queued (a re-run of this fit, or tlpipe fit --worker, runs them)"
     if tuning.get("finished_before"):
         line += f", continuing a study that had {tuning['finished_before']} finished"
     if "best_trial" in tuning:
@@ -89,7 +91,9 @@ def print_evaluation(metrics: dict) -> None:
     from tlpipe.bundle import WHOLE_FOLDER
 
     split, n, data = metrics["split"], metrics["n_images"], metrics["data"]
-    print_class_metrics(metrics, f"All {n} images of {data}" if split == WHOLE_FOLDER else f"{split}/ of {data} ({n} images)")
+    scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if split == WHOLE_FOLDER else f"{n} images of {data}/{split}"
+    console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
+    print_class_metrics(metrics, "All images" if split == WHOLE_FOLDER else f"{split}/")
     print_confusion_matrix(metrics["confusion_matrix"], list(metrics["per_class"]))
 
 
