@@ -151,13 +151,13 @@ def fit(
 
 def _worker(data: Optional[Path], storage: Optional[str], study_name: Optional[str], output: Optional[Path]) -> None:
     """``fit --worker``: trials only, on the lead's study; the lead alone fits the final model."""
-    from tlpipe.pipeline import run_worker
-
     if data is None:  # --example: the worker cannot know which folder the lead wrote the example to
         raise TlpipeError("--worker needs the dataset folder the lead fit used (for --example digits: "
                           "<lead output>/example-digits): tlpipe fit DATA --worker --storage ... --study-name ...")
     if not (storage and study_name and output):
         raise TlpipeError("--worker needs --storage, --study-name and --output (where its trials write)")
+    from tlpipe.pipeline import run_worker
+
     counts = run_worker(data, storage, study_name, output)
     typer.echo(f"worker done: study {study_name} has {counts['trials']} trials "
                f"({counts['complete']} complete, {counts['pruned']} pruned)")
@@ -248,7 +248,7 @@ def predict(
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
-    split: Annotated[Optional[str], typer.Option(help="Split to score (default: test/, else val/, else the whole flat folder).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
     batch_size: BatchSize = 64,
     workers: Workers = None,

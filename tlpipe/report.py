@@ -91,9 +91,10 @@ def print_evaluation(metrics: dict) -> None:
     from tlpipe.bundle import WHOLE_FOLDER
 
     split, n, data = metrics["split"], metrics["n_images"], metrics["data"]
-    scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if split == WHOLE_FOLDER else f"{n} images of {data}/{split}"
+    whole = split == WHOLE_FOLDER
+    scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if whole else f"the {split} split of {data} ({n} images)"
     console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
-    print_class_metrics(metrics, "All images" if split == WHOLE_FOLDER else f"{split}/")
+    print_class_metrics(metrics, "All images" if whole else f"{split}/")
     print_confusion_matrix(metrics["confusion_matrix"], list(metrics["per_class"]))
 
 
