@@ -5,6 +5,8 @@ import csv
 import io
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,12 +109,21 @@ def test_predict_top_k_json_on_a_folder(fitted):
 
 
 def test_predict_skips_unreadable_files_with_a_line_each(fitted, tmp_path):
-    _, out, _ = fitted
+    root, out, _ = fitted
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    result = tlpipe("predict", out / "model", bad)
+    good = [root / "red" / "0.jpg", root / "green" / "1.jpg", root / "blue" / "2.jpg"]
+    result = tlpipe("predict", out / "model", good[0], bad, *good[1:], "--format", "csv", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    (line,) = result.stderr.splitlines()  # one line for the bad file, none for the good ones
+    assert line.startswith(f"skipped {bad}: ") and len(line) > len(f"skipped {bad}: ")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["path"] for row in rows] == [str(p) for p in good]  # every good image predicted, in order
+
+    result = tlpipe("predict", out / "model", bad)  # nothing left to predict: an error
     assert result.exit_code == 2
-    assert "bad.jpg" in result.stderr and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == "error: no readable image among the paths given"
+    assert "Traceback" not in result.output
 
 
 def test_extract_npz_and_parquet(fitted, tmp_path):
@@ -133,6 +144,22 @@ def test_extract_npz_and_parquet(fitted, tmp_path):
     table = pq.read_table(tmp_path / "codes.parquet")
     assert table.num_rows == 30 and table.schema.field("features").type.list_size == 112
     assert json.loads(table.schema.metadata[b"tlpipe"])["layer"] == "blocks.4"
+
+
+def test_extract_no_relu_leaves_earlier_layer_codes_signed_and_penultimate_unchanged(fitted, tmp_path):
+    root, _, _ = fitted
+    both = ["--layer", "penultimate+-2", "--image-size", "64", *QUICK]  # 1280 penultimate + 112 of blocks.4
+    assert tlpipe("extract", root, "--out", tmp_path / "relu.npz", *both).exit_code == 0
+    result = tlpipe("extract", root, "--out", tmp_path / "raw.npz", "--no-relu", *both)
+    assert result.exit_code == 0, result.output
+    relu, raw = np.load(tmp_path / "relu.npz"), np.load(tmp_path / "raw.npz")
+    assert relu["features"].shape == raw["features"].shape == (30, 1280 + 112)
+    np.testing.assert_allclose(raw["features"][:, :1280], relu["features"][:, :1280], rtol=0, atol=1e-6)
+    early_relu, early_raw = relu["features"][:, 1280:], raw["features"][:, 1280:]
+    assert (early_relu >= 0).all() and (early_raw < 0).any()
+    assert (early_relu >= early_raw - 1e-5).all()  # the mean of max(x, 0) is never below the mean of x
+    assert json.loads(str(relu["meta"]))["layer_relu"] is True
+    assert json.loads(str(raw["meta"]))["layer_relu"] is False
 
 
 def test_models_lists_the_offline_default():
@@ -263,4 +290,120 @@ def test_evaluate_scores_a_bundle_on_labelled_images_like_the_fit_did(fitted, tm
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n_images"] == len(val) and metrics["accuracy"] == summary["val_accuracy"]
-    assert tlpipe("evaluate", out / "model", held_out, "--split", "test").exit_code == 2
+    # a flat folder is scored whole, and never called the train split
+    assert metrics["split"] == "all images" and metrics["data"] == str(held_out)
+    assert f"Scored all {len(val)} images of {held_out} " in result.stdout and "All images: accuracy" in result.stdout
+    result = tlpipe("evaluate", out / "model", held_out, "--split", "test")
+    assert result.exit_code == 2 and "drop --split" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_fit_report_ends_with_the_commands_to_run_next(fitted):
+    _, out, result = fitted
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    bundle = str((out / "model").resolve())
+    commands = [shlex.split(line, comments=True) for line in lines[lines.index("Next") + 1:]]
+    assert commands == [["tlpipe", "predict", bundle, "IMAGES..."], ["tlpipe", "evaluate", bundle, "LABELLED_FOLDER"],
+                        ["tlpipe", "ui"]]  # the run's store is the default one: ui needs no --tracking-uri
+
+
+def test_next_commands_survive_spaces_quotes_and_unicode_in_paths(fitted, capsys, mlflow_store):
+    from tlpipe.report import print_next_steps
+
+    _, out, _ = fitted
+    summary = json.loads((out / "summary.json").read_text())
+    odd = "/tmp/my runs/naïve 'cats' & $dogs"
+    summary.update(bundle=f"{odd}/model", data=f"{odd}/data", splits={"train": 24, "val": 6, "test": 6},
+                   tracking_uri=f"sqlite:///{odd}/mlflow.db")
+    capsys.readouterr()
+    print_next_steps(summary)
+    lines = capsys.readouterr().out.splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines[lines.index("Next") + 1:]]
+    assert commands[0][:3] == ["tlpipe", "predict", f"{odd}/model"]
+    assert commands[1] == ["tlpipe", "evaluate", f"{odd}/model", f"{odd}/data"]  # scores its test/ split
+    assert commands[2] == ["tlpipe", "ui", "--tracking-uri", f"sqlite:///{odd}/mlflow.db"]  # not the default store
+
+
+@pytest.fixture
+def bundle_copy(fitted, tmp_path):
+    """The fitted bundle, copied to be damaged."""
+    copy = tmp_path / "model"
+    shutil.copytree(fitted[1] / "model", copy)
+    return copy
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    edit(manifest)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+
+
+def _nudge_first_float_tensor(file: Path) -> None:
+    """A still valid safetensors file with one weight changed: it would load and predict otherwise."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[key] = tensors[key] + 0.01
+    save_file(tensors, str(file))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("head", "head.safetensors does not match the checksum bundle.json records"),
+    ("missing_head", "head.safetensors is missing"),
+    ("pretrained_checksum", "bundle.json records efficientnet_lite0 weights with checksum 000000000000"),
+    ("newer_format", "bundle.json has bundle format 99 (written by tlpipe 9.0.0)"),
+    ("not_json", "bundle.json is not valid JSON"),
+    ("not_a_bundle", "is not a tlpipe model bundle (no bundle.json)"),
+])
+def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(bundle_copy, fitted, damage, message):
+    root = fitted[0]
+    if damage == "head":
+        _nudge_first_float_tensor(bundle_copy / "head.safetensors")
+    elif damage == "missing_head":
+        (bundle_copy / "head.safetensors").unlink()
+    elif damage == "pretrained_checksum":
+        _edit_manifest(bundle_copy, lambda m: m["backbone"].update(sha256="0" * 64))
+    elif damage == "newer_format":
+        _edit_manifest(bundle_copy, lambda m: m.update(format=99, tlpipe_version="9.0.0"))
+    elif damage == "not_json":
+        (bundle_copy / "bundle.json").write_text('{"format": 2, ')
+    elif damage == "not_a_bundle":
+        (bundle_copy / "bundle.json").unlink()
+    result = tlpipe("predict", bundle_copy, root / "red" / "0.jpg", "--device", "cpu")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and message in result.stderr and str(bundle_copy) in result.stderr
+
+
+def test_an_altered_embedded_backbone_is_refused(fitted, tmp_path):
+    from safetensors.torch import load_file
+
+    from tlpipe.bundle import BACKBONE_FILE, load_bundle, save_bundle
+    from tlpipe.errors import TlpipeError
+
+    loaded = load_bundle(fitted[1] / "model", "cpu")
+    manifest = loaded.manifest  # saved again as a fine-tuned bundle is: the backbone's weights embedded
+    path = save_bundle(tmp_path / "embedded", loaded.backbone, loaded.head, loaded.classes, layer=manifest["codes"]["layer"],
+                       layer_relu=manifest["codes"]["relu"], config=manifest["config"], metrics=manifest["metrics"], trained=True)
+    assert load_file(str(path / BACKBONE_FILE)) and load_bundle(path, "cpu").classes == loaded.classes  # as saved: fine
+    _nudge_first_float_tensor(path / BACKBONE_FILE)
+    with pytest.raises(TlpipeError, match=f"{path / BACKBONE_FILE} holds weights with checksum .* the bundle was altered"):
+        load_bundle(path, "cpu")
+
+
+def test_a_worker_runs_the_trials_the_lead_left_queued_when_its_timeout_ran_out(fitted, tmp_path):
+    import optuna
+
+    root, _, _ = fitted
+    storage, cheap = f"sqlite:///{tmp_path / 'study.db'}", ["--image-size", "64", *QUICK]
+    shared = ["--storage", storage, "--study-name", "s1"]
+    lead = tlpipe("fit", root, "--strategy", "linear", "--trials", "4", "--timeout", "0.001", *shared, "-o", tmp_path / "lead", *cheap)
+    assert lead.exit_code == 0, lead.output
+    tuning = json.loads((tmp_path / "lead" / "summary.json").read_text())["tuning"]
+    assert tuning["trials"] == 4 and tuning["complete"] <= 1 and tuning["waiting"] == 4 - tuning["complete"]
+    assert "still queued" in lead.stdout  # the report says trials are left for a re-run or a worker
+
+    worker = tlpipe("fit", root, "--worker", *shared, "-o", tmp_path / "w1")
+    assert worker.exit_code == 0, worker.output
+    assert worker.stdout.strip() == "worker done: study s1 has 4 trials (4 complete, 0 pruned)"
+    study = optuna.load_study(study_name="s1", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4  # exactly the 4 asked for

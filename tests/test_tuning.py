@@ -146,10 +146,20 @@ def test_poor_trials_are_pruned_with_the_reason(tmp_path):
     assert all(len(t.intermediate_values) == 4 for t in study.trials if t.state == TrialState.COMPLETE)
 
 
-def test_hyperband_pruner_runs(tmp_path):
-    study = tuning.tune(partial_config(pruner="hyperband"), tmp_path, curve_objective).study
+def test_hyperband_pruner_stops_poor_trials_early(tmp_path):
+    # a learning-rate range reaching far from the curve's best: most trials are poor, and Hyperband's
+    # rungs (1 and 3 of the 4 epochs trained) must stop some of them
+    config = load_config("default", strategy="partial", finetune={"epochs": 4},
+                         tuning={"trials": 8, "pruner": "hyperband", "lr_range": [1e-9, 1.0]})
+    study = tuning.tune(config, tmp_path, curve_objective).study
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
-    assert len(study.trials) == 6 and all(t.state in FINISHED for t in study.trials)
+    assert len(study.trials) == 8 and all(t.state in FINISHED for t in study.trials)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, "the Hyperband pruner never stopped a trial"
+    for trial in pruned:
+        assert trial.user_attrs[tuning.PRUNED_REASON].startswith("HyperbandPruner at epoch ")
+        assert len(trial.intermediate_values) < 4  # stopped before the last epoch: the time it saves
+    assert all(len(t.intermediate_values) == 4 for t in study.trials if t.state == TrialState.COMPLETE)
 
 
 def test_cuda_out_of_memory_prunes_the_trial_and_the_study_goes_on(tmp_path):
@@ -251,10 +261,14 @@ def test_fifty_linear_trials_on_cached_codes(tmp_path, capsys):
     with FitRun("tuning-timing", run_name="fifty") as parent:
         tuned = tuning.tune(config, tmp_path, objective, parent=parent)
     seconds = time.perf_counter() - start
-    assert tuned.summary["complete"] == 50
+    trials = tuned.study.trials
+    assert tuned.summary["complete"] == 50 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert tuned.summary["best_value"] == max(t.value for t in trials) >= trials[0].value  # never worse than the recipe
+    children = _children(parent)  # every trial on record in MLflow as a finished nested run
+    assert sorted(children) == sorted(f"trial-{i}" for i in range(50))
+    assert all(run.info.status == "FINISHED" and run.data.tags[tuning.STATE_TAG] == "COMPLETE" for run in children.values())
     with capsys.disabled():
-        print(f"\n50-trial linear study on 400x1280 codes: {seconds:.1f} s wall, "
-              f"{len(_children(parent))} nested runs")
+        print(f"\n50-trial linear study on 400x1280 codes: {seconds:.1f} s wall, {len(children)} nested runs")
 
 
 def test_codes_cache_hit_skips_extraction_and_new_weights_miss(tmp_path, image_folder, backbone, monkeypatch):

@@ -4,21 +4,23 @@
 preprocessing, classes, head kind, resolved config, metrics, tlpipe version) and
 ``head.safetensors``. Backbone weights are referenced by source and checksum when they are the
 pretrained ones, and embedded as ``backbone.safetensors`` otherwise. Loading rebuilds the backbone
-and refuses weights whose checksum differs from the one the head was trained on.
+and refuses weights whose checksum differs from the one the head was trained on, and a head file
+whose sha256 differs from the one recorded.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
 from tlpipe import __version__
 from tlpipe.data import Sample, check_image, eval_loader
-from tlpipe.data.scan import image_files
+from tlpipe.data.scan import SPLIT_ALIASES, image_files
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
@@ -40,7 +42,8 @@ def save_bundle(
     if embed:
         state = {k: v.detach().cpu().contiguous() for k, v in feature_state_dict(backbone.model).items()}
         atomic_write(path / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
-    atomic_write(path / HEAD_FILE, lambda f: f.write(safetensors_bytes(head.tensors())), mode="wb")
+    head_bytes = safetensors_bytes(head.tensors())
+    atomic_write(path / HEAD_FILE, lambda f: f.write(head_bytes), mode="wb")
     write_json(path / MANIFEST, {
         "format": BUNDLE_FORMAT,
         "tlpipe_version": __version__,
@@ -49,7 +52,8 @@ def save_bundle(
         "codes": {"layer": layer, "relu": layer_relu},
         "data_config": backbone.data_config,
         "classes": list(classes),
-        "head": {"kind": head.kind, "probabilities": PROBABILITY_NOTES[head.kind]},
+        "head": {"kind": head.kind, "probabilities": PROBABILITY_NOTES[head.kind],
+                 "sha256": hashlib.sha256(head_bytes).hexdigest()},
         "config": config,
         "metrics": metrics,
     })
@@ -91,16 +95,29 @@ class Bundle:
         ]
 
 
+WHOLE_FOLDER = "all images"  # the split evaluate reports for a flat folder (no train/ val/ test/)
+
+
+def _is_flat(root: Path) -> bool:
+    """Class folders right under ``root``: ``scan_folder`` files them all as "train", but none of
+    them was necessarily trained on, so the report must not call them that."""
+    return not any(d.is_dir() and d.name.lower() in SPLIT_ALIASES for d in root.iterdir())
+
+
 def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None, batch_size: int = 64,
                     workers: int | None = None) -> dict:
     """Metrics of ``bundle`` on one split of a dataset folder: by default test/, else val/, else
-    the whole of a flat class-per-folder. Classes are matched by name, so the folder may hold a
-    subset of the bundle's classes; an unknown class is an error."""
+    the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched by name, so
+    the folder may hold a subset of the bundle's classes; an unknown class is an error."""
     from tlpipe.data import prepare_dataset
     from tlpipe.metrics import classification_metrics
 
     spec = prepare_dataset(data, hold_out=False)
-    split = split or next(s for s in ("test", "val", "train") if s in spec.splits)
+    if _is_flat(spec.root):
+        if split is not None:
+            raise TlpipeError(f"{spec.root} has no train/ val/ test/ folders: drop --split to score all of its images")
+        spec.splits = {WHOLE_FOLDER: spec.splits["train"]}
+    split = split or next(s for s in ("test", "val", "train", WHOLE_FOLDER) if s in spec.splits)
     if split not in spec.splits:
         raise TlpipeError(f"{spec.root} has no {split}/ split (found: {', '.join(spec.splits)}): use --split")
     unknown = sorted(set(spec.classes) - set(bundle.classes))
@@ -111,34 +128,69 @@ def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None
     y_true = np.array([to_bundle[s.label] for s in samples])
     y_pred = bundle.head.predict(bundle.codes([s.path for s in samples], batch_size, workers))
     metrics = classification_metrics(y_true, y_pred, bundle.classes)
-    return {"split": split, "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
+    return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
 
 
 def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
-    """Load a bundle folder written by ``tlpipe fit`` (``<output>/model``)."""
+    """Load a bundle folder written by ``tlpipe fit`` (``<output>/model``). A bundle whose files
+    differ from what its bundle.json records is refused: it would predict, but not as validated."""
     path = Path(path).expanduser()
     if (path / "model" / MANIFEST).is_file():
         path = path / "model"  # the fit's output dir was given
+    manifest = _read_manifest(path)
+    backbone = _load_backbone(path, manifest["backbone"])
+    backbone.data_config = manifest["data_config"]
+    head = LinearHead.from_tensors(_read_head(path, manifest["head"]), manifest["head"]["kind"])
+    return Bundle(path, manifest, backbone, head, resolve_device(device))
+
+
+def _read_manifest(path: Path) -> dict:
     if not (path / MANIFEST).is_file():
         raise TlpipeError(f"{path} is not a tlpipe model bundle (no {MANIFEST}): give the model/ folder a fit wrote")
-    manifest = read_json(path / MANIFEST)
+    try:
+        manifest = read_json(path / MANIFEST)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TlpipeError(f"{path / MANIFEST} is not valid JSON ({exc}): copy the bundle again or refit") from None
+    manifest = manifest if isinstance(manifest, dict) else {}
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise TlpipeError(f"{path} has bundle format {manifest.get('format')}; this tlpipe reads format {BUNDLE_FORMAT}: refit with this version")
-    spec = manifest["backbone"]
+        raise TlpipeError(f"{path / MANIFEST} has bundle format {manifest.get('format')} (written by tlpipe "
+                          f"{manifest.get('tlpipe_version', '?')}); this tlpipe {__version__} reads format {BUNDLE_FORMAT}: "
+                          "use the tlpipe version that wrote it, or refit with this one")
+    return manifest
+
+
+def _load_backbone(path: Path, spec: dict) -> Backbone:
+    """The backbone the head was trained on, checked against the checksum the bundle records."""
     weights = path / BACKBONE_FILE if spec["embedded"] else (
         spec["weights"]["location"] if spec["weights"]["kind"] == "file" else "auto"
     )
     backbone = create_backbone(spec["name"], weights=weights)
-    expected = spec["sha256"]
-    if backbone.weights.sha256 != expected:
+    expected, found = spec["sha256"], backbone.weights.sha256
+    if found != expected and spec["embedded"]:
+        raise TlpipeError(f"{path / BACKBONE_FILE} holds weights with checksum {found[:12]}…, not the {expected[:12]}… "
+                          f"{MANIFEST} records: the bundle was altered or damaged; copy it again or refit")
+    if found != expected:
         raise TlpipeError(
-            f"bundle {path} was trained on {spec['name']} weights with checksum {expected[:12]}…, but the weights "
-            f"found now ({backbone.weights.kind}: {backbone.weights.location}) have {backbone.weights.sha256[:12]}…: "
-            "install the same weights or refit"
+            f"{path / MANIFEST} records {spec['name']} weights with checksum {expected[:12]}…, but the weights found "
+            f"now ({backbone.weights.kind}: {backbone.weights.location}) have {found[:12]}…: install the same weights or refit"
         )
-    backbone.data_config = manifest["data_config"]
-    head = LinearHead.from_tensors(load_file(str(path / HEAD_FILE)), manifest["head"]["kind"])
-    return Bundle(path, manifest, backbone, head, resolve_device(device))
+    return backbone
+
+
+def _read_head(path: Path, spec: dict) -> dict[str, torch.Tensor]:
+    """The head's tensors, its file checked against the checksum bundle.json records (bundles saved
+    before the checksum was recorded have none: still read, as before)."""
+    file = path / HEAD_FILE
+    if not file.is_file():
+        raise TlpipeError(f"{file} is missing: copy the whole bundle folder again or refit")
+    data = file.read_bytes()
+    if "sha256" in spec and hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        raise TlpipeError(f"{file} does not match the checksum {MANIFEST} records: the bundle was altered or "
+                          "damaged; copy it again or refit")
+    try:
+        return safetensors_load(data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the same damaged file
+        raise TlpipeError(f"{file} is not a readable safetensors file ({exc}): copy the bundle again or refit") from None
 
 
 def expand_image_paths(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

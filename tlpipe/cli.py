@@ -6,6 +6,7 @@ the API lacks.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -14,7 +15,9 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 
+from tlpipe.config import StrategyName, available_recipes
 from tlpipe.errors import TlpipeError
+from tlpipe.examples import ExampleName
 
 app = typer.Typer(
     help="Transfer-learning AutoML for image classification: from a folder of images to the best "
@@ -56,14 +59,33 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
-Recipe = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (default, quick, best) or YAML path.")]
+DEVICE_FORMS = "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N (GPU number N) or mps"
+WEIGHTS_FORMS = "auto (the backbone's pretrained weights), none (random init) or the path of a .safetensors/.pt/.pth file"
+
+
+def _device(value: Optional[str]) -> Optional[str]:
+    """A device torch cannot name fails here, before any data is read, with the forms it takes."""
+    if value is None or re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return value
+    raise typer.BadParameter(f"'{value}' is not a device: use {DEVICE_FORMS}")
+
+
+def _weights(value: Optional[str]) -> Optional[str]:
+    """A typo in auto/none would otherwise be read as a file name and fail only after the data check."""
+    if value is None or value in ("auto", "none") or Path(value).expanduser().is_file():
+        return value
+    raise typer.BadParameter(f"'{value}' is neither auto, none nor an existing file: use {WEIGHTS_FORMS}")
+
+
+Recipe = Annotated[str, typer.Option(
+    "--recipe", "-r", help=f"Recipe: {', '.join(available_recipes())}, or the path of a YAML file (see recipes/).")]
 Backbone = Annotated[Optional[str], typer.Option(help="Backbone: `tlpipe models` lists offline ones; any timm name.")]
-Weights = Annotated[Optional[str], typer.Option(help="auto, none (random init), or a .safetensors/.pt/.pth file.")]
+Weights = Annotated[Optional[str], typer.Option(callback=_weights, help=f"Backbone weights: {WEIGHTS_FORMS}.")]
 Layer = Annotated[Optional[str], typer.Option(help="CNN-code tap: penultimate, a feature index (0, -2) or module name; several joined by + are concatenated.")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: the backbone's).")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]
-Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Device = Annotated[Optional[str], typer.Option(callback=_device, help=f"Device: {DEVICE_FORMS}.")]
 
 
 def _overrides(**flags) -> dict:
@@ -73,10 +95,12 @@ def _overrides(**flags) -> dict:
 @app.command()
 def fit(
     data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/).")] = None,
-    example: Annotated[Optional[str], typer.Option(help="Fit an embedded example dataset instead: digits.")] = None,
+    example: Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
     recipe: Recipe = "default",
-    strategy: Annotated[Optional[str], typer.Option(help="linear (codes + linear classifier), partial or full fine-tune.")] = None,
+    strategy: Annotated[Optional[StrategyName], typer.Option(
+        help="auto (chosen from the data's size and distance from ImageNet), linear (CNN codes + linear "
+        "classifier), partial or full fine-tune (default: the recipe's).")] = None,
     unfreeze_stages: Annotated[Optional[int], typer.Option(help="Partial fine-tune: how many last stages train.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (at most; early stopping may end sooner).")] = None,
     backbone: Backbone = None,
@@ -105,14 +129,7 @@ def fit(
         if (data is None) == (example is None):
             raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
         if worker:
-            from tlpipe.pipeline import run_worker
-
-            if not (storage and study_name and output):
-                raise TlpipeError("--worker needs --storage, --study-name and --output (where its trials write)")
-            counts = run_worker(data, storage, study_name, output)
-            typer.echo(f"worker done: study {study_name} has {counts['trials']} trials "
-                       f"({counts['complete']} complete, {counts['pruned']} pruned)")
-            return
+            return _worker(data, storage, study_name, output)
         config = load_config(recipe, **_overrides(
             strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
             batch_size=batch_size, num_workers=workers, val_fraction=val_fraction, seed=seed, device=device,
@@ -130,6 +147,20 @@ def fit(
             return
         quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
         print_fit_report(result.summary, result.metrics, quarantined)
+
+
+def _worker(data: Optional[Path], storage: Optional[str], study_name: Optional[str], output: Optional[Path]) -> None:
+    """``fit --worker``: trials only, on the lead's study; the lead alone fits the final model."""
+    if data is None:  # --example: the worker cannot know which folder the lead wrote the example to
+        raise TlpipeError("--worker needs the dataset folder the lead fit used (for --example digits: "
+                          "<lead output>/example-digits): tlpipe fit DATA --worker --storage ... --study-name ...")
+    if not (storage and study_name and output):
+        raise TlpipeError("--worker needs --storage, --study-name and --output (where its trials write)")
+    from tlpipe.pipeline import run_worker
+
+    counts = run_worker(data, storage, study_name, output)
+    typer.echo(f"worker done: study {study_name} has {counts['trials']} trials "
+               f"({counts['complete']} complete, {counts['pruned']} pruned)")
 
 
 @app.command()
@@ -196,7 +227,7 @@ def predict(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv or json.")] = OutputFormat.table,
     batch_size: BatchSize = 64,
     workers: Workers = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Predict the class of images with a saved bundle: top-k labels with probabilities."""
     with user_errors():
@@ -217,11 +248,11 @@ def predict(
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
-    split: Annotated[Optional[str], typer.Option(help="Split to score (default: test/, else val/, else the whole flat folder).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
     batch_size: BatchSize = 64,
     workers: Workers = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Score a saved bundle on labelled images: accuracy, per-class precision/recall/F1, confusion matrix."""
     with user_errors():

@@ -112,11 +112,14 @@ class TuningConfig(_Section):
         return value
 
 
+StrategyName = Literal["auto", "linear", "partial", "full"]  # the CLI's --strategy choices too
+
+
 class FitConfig(_Section):
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"  # "auto", "none", or a path to a weights file
     # auto: chosen from the data's size and its distance from ImageNet (tlpipe.strategy.decision)
-    strategy: Literal["auto", "linear", "partial", "full"] = "auto"
+    strategy: StrategyName = "auto"
     candidates: list[str] = Field(default_factory=list)  # backbones for auto to rank by transfer signals
     layer: str | int = "penultimate"  # CNN-code tap: "penultimate", a feature_info index or module name
     layer_relu: bool = True  # ReLU earlier-layer taps before pooling

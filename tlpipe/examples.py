@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
+from typing import Literal, get_args
 
 from tlpipe.errors import TlpipeError
 
-EXAMPLES = ("digits",)
+ExampleName = Literal["digits"]  # the CLI's --example choices
+EXAMPLES = get_args(ExampleName)
 
 
 def write_example(name: str, folder: Path) -> Path:
     """Write example ``name`` as a folder-per-class image dataset under ``folder``; return it."""
     if name != "digits":
         raise TlpipeError(f"unknown example '{name}': use one of {', '.join(EXAMPLES)}")
+    import numpy as np  # here, not at the top: the CLI imports this module for --help
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # 1,797 8x8 greyscale digits bundled with scikit-learn

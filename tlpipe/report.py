@@ -1,9 +1,11 @@
 """What ``tlpipe`` prints: rich tables over the results the API returns (no logic of its own)."""
 from __future__ import annotations
 
+import shlex
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -11,7 +13,7 @@ console = Console()
 
 def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[str, str]]) -> None:
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
-    console.print(f"[bold]Data[/]  {summary['data']}: {len(summary['classes'])} classes; {splits} "
+    console.print(f"[bold]Data[/]  {escape(summary['data'])}: {len(summary['classes'])} classes; {splits} "
                   f"(val {'from the val/ folder' if summary['val_from'] == 'folder' else 'held out, stratified'})")
     if quarantined:
         console.print(f"[yellow]{len(quarantined)} file(s) quarantined[/] (see quarantine.csv):")
@@ -37,7 +39,25 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
-    console.print(f"[bold green]Bundle[/] {summary['bundle']}   MLflow run {summary['run_id']} ({summary['tracking_uri']})")
+    console.print(f"[bold green]Bundle[/] {escape(summary['bundle'])}   MLflow run {summary['run_id']} "
+                  f"({escape(summary['tracking_uri'])})")
+    print_next_steps(summary)
+
+
+def print_next_steps(summary: dict) -> None:
+    """The commands to run next, with this fit's paths quoted for a POSIX shell, so they can be pasted
+    as they are (class or folder names may hold spaces, quotes or non-ASCII letters)."""
+    from tlpipe.tracking import resolve_tracking_uri
+
+    bundle, data = shlex.quote(summary["bundle"]), shlex.quote(summary["data"])
+    labelled = data if "test" in summary["splits"] else "LABELLED_FOLDER"  # evaluate scores a test/ first
+    store = summary["tracking_uri"]
+    ui = "tlpipe ui" + ("" if store == resolve_tracking_uri() else f" --tracking-uri {shlex.quote(store)}")
+    console.print("[bold]Next[/]")
+    for command, what in [(f"tlpipe predict {bundle} IMAGES...", "labels for new images (files or folders)"),
+                          (f"tlpipe evaluate {bundle} {labelled}", "scores on labelled images the fit never saw"),
+                          (ui, "this run and its trials in the MLflow UI")]:
+        console.print(f"  {command}  # {what}", markup=False, highlight=False, soft_wrap=True)
 
 
 def print_tuning(tuning: dict) -> None:
@@ -46,6 +66,8 @@ def print_tuning(tuning: dict) -> None:
         return
     line = (f"[bold]Tuning[/]  {tuning['trials']} Optuna trials ({tuning['complete']} complete, "
             f"{tuning['pruned']} pruned, {tuning['fail']} failed)")
+    if tuning.get("waiting"):  # --timeout ran out before they started
+        line += f", {tuning['waiting']} still queued (a re-run of this fit, or tlpipe fit --worker, runs them)"
     if tuning.get("finished_before"):
         line += f", continuing a study that had {tuning['finished_before']} finished"
     if "best_trial" in tuning:
@@ -66,7 +88,13 @@ def print_class_metrics(metrics: dict, title: str) -> None:
 
 def print_evaluation(metrics: dict) -> None:
     """``tlpipe evaluate``: the same tables as the fit report, for the split scored."""
-    print_class_metrics(metrics, f"{metrics['split']} ({metrics['n_images']} images)")
+    from tlpipe.bundle import WHOLE_FOLDER
+
+    split, n, data = metrics["split"], metrics["n_images"], metrics["data"]
+    whole = split == WHOLE_FOLDER
+    scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if whole else f"the {split} split of {data} ({n} images)"
+    console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
+    print_class_metrics(metrics, "All images" if whole else f"{split}/")
     print_confusion_matrix(metrics["confusion_matrix"], list(metrics["per_class"]))
 
 

@@ -1,0 +1,74 @@
+"""The command line's choices and misuse (no fit needed), and ``fit --example digits`` end to end."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from typer.testing import CliRunner
+
+from tlpipe.cli import app
+from tlpipe.config import available_recipes
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "200"}  # help and error panels unwrapped, so a choice is never split across lines
+
+
+def tlpipe(*args, env=None):
+    result = runner.invoke(app, [str(a) for a in args], env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_fit_help_lists_the_strategies_recipes_and_device_forms():
+    result = tlpipe("fit", "--help", env=WIDE)
+    assert result.exit_code == 0
+    assert "auto|linear|partial|full" in result.stdout and "auto (chosen from" in result.stdout
+    assert all(name in result.stdout for name in available_recipes()) and "YAML" in result.stdout
+    assert "cuda:N" in result.stdout and "none (random init)" in result.stdout and "<digits>" in result.stdout
+
+
+@pytest.mark.parametrize("args, flag, hint", [
+    (["fit", "data", "--strategy", "linaer"], "--strategy", "'auto', 'linear', 'partial', 'full'"),
+    (["fit", "data", "--device", "gpu"], "--device", "cuda:N"),
+    (["predict", "model", "a.jpg", "--device", "cuda:one"], "--device", "cuda:N"),
+    (["fit", "data", "--weights", "imagenet"], "--weights", "none (random init)"),
+    (["fit", "--example", "digit"], "--example", "'digits'"),
+])
+def test_a_typo_in_a_choice_names_the_flag_and_what_it_accepts(args, flag, hint):
+    result = tlpipe(*args, env=WIDE)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{flag}'" in result.stderr and hint in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--example", "digits", "--worker", "--storage", "sqlite:///s.db", "--study-name", "s", "-o", "w"],
+     "--worker needs the dataset folder the lead fit used"),
+    (["data", "--worker", "--study-name", "s", "-o", "w"], "--worker needs --storage, --study-name and --output"),
+])
+def test_worker_misuse_is_one_line(args, message):
+    result = tlpipe("fit", *args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_example_digits_fits_and_predicts_end_to_end(tmp_path):
+    """All 1,797 digits: --layer -2 (112-wide codes) and 64 px keep it about 10 s on a CPU."""
+    out = tmp_path / "digits run"  # a space: the report's commands must still paste as they are
+    result = tlpipe("fit", "--example", "digits", "--strategy", "linear", "--trials", "0", "--image-size", "64",
+                    "--layer", "-2", "--output", out, "--recipe", "quick", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"] == [f"digit_{d}" for d in range(10)] and sum(summary["splits"].values()) == 1797
+    assert summary["val_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert (out / "model" / "bundle.json").is_file()
+
+    image = sorted((out / "example-digits" / "digit_3").glob("*.png"))[0]
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    predict = shlex.split(next(line for line in lines if line.startswith("tlpipe predict ")), comments=True)
+    assert predict[:3] == ["tlpipe", "predict", str((out / "model").resolve())] and predict[3] == "IMAGES..."
+    result = tlpipe(*predict[1:3], image, "--format", "json", "--workers", "0")  # the report's command, pasted
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["path"] == str(image) and row["predictions"][0]["label"] in summary["classes"]
