@@ -147,7 +147,10 @@ def test_fit_auto_logs_the_decision_to_mlflow(image_folder, tmp_path, mlflow_sto
     assert summary["strategy"] == "linear" and "training images" in summary["strategy_reason"]
     assert "Linear classifiers on validation" in summary["strategy_reason"]  # the taps compared, and the scores
     manifest = json.loads((out / "model" / "bundle.json").read_text())
-    assert manifest["codes"]["layer"] == summary["auto"]["decision"]["layer"]  # the bundle uses the tap that won
+    assert manifest["codes"]["layer"] == summary["auto"]["decision"]["layer"] == summary["layer"]  # the tap that won
+    inspected = CliRunner().invoke(app, ["inspect", str(root), "--recipe", "quick", "--workers", "0", "--json", str(tmp_path / "i.json")])
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert (report["strategy"], report["layer"]) == (summary["strategy"], summary["layer"]), inspected.output
     client = MlflowClient(mlflow_store)
     run = client.get_run(summary["run_id"])
     assert run.data.params["auto_strategy"] == "linear" and float(run.data.params["auto_domain_gap"]) > 0
@@ -269,3 +272,27 @@ def test_a_best_recipe_fit_saves_the_ranked_winner_with_or_without_a_guard_fallb
     if fallback:
         _, study_config = join_study(storage_url(tmp_path / "run"), result.summary["tuning"]["study"])
         assert study_config.backbone == winner and study_config.strategy == "full"
+
+
+def test_the_python_api_is_as_quiet_as_the_cli_unless_asked(image_folder, tmp_path, mlflow_store):
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    root = image_folder("data", {"red": 4, "green": 4}, split={"train": 4, "val": 2})
+    config = load_config("quick", image_size=64, num_workers=0, strategy="linear", tuning={"trials": 2})
+    lines = Lines()
+    logging.getLogger("optuna").addHandler(lines)
+    try:
+        fit(root, config, output=tmp_path / "quiet", experiment="quiet-test")
+        assert not [m for m in lines.messages if "Trial 0 finished" in m]
+        fit(root, config, output=tmp_path / "verbose", experiment="quiet-test", verbose=True)
+        assert [m for m in lines.messages if "Trial 0 finished" in m]
+    finally:
+        logging.getLogger("optuna").removeHandler(lines)

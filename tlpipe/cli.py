@@ -33,14 +33,13 @@ def _library_logs(
     ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show Optuna's and MLflow's own log lines.")] = False,
 ) -> None:
-    """tlpipe's report says what the study and the store did; their INFO lines (one per trial) would bury it."""
+    """tlpipe's report says what the study and the store did; their INFO lines (one per trial) would
+    bury it. The API quiets them during a fit (``fit(verbose=...)``); the store's start-up lines are
+    read from the environment when mlflow is imported."""
+    ctx.obj = {"verbose": verbose}
     if verbose or ctx.invoked_subcommand == "ui":  # the UI server's own lines stay
         return
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-    if ctx.invoked_subcommand == "fit":
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 @contextmanager
@@ -94,6 +93,7 @@ def _overrides(**flags) -> dict:
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/).")] = None,
     example: Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
@@ -142,7 +142,7 @@ def fit(
             output = output or default_output_dir(Path(f"example-{example}"))
             data = write_example(example, output)
         result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe,
-                         tuning=TuningOverrides(trials, timeout, storage, study_name))
+                         tuning=TuningOverrides(trials, timeout, storage, study_name), verbose=(ctx.obj or {}).get("verbose", False))
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return
         quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]

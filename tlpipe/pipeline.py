@@ -28,6 +28,7 @@ from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig, config_to_yaml, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.device import resolve_device
+from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
 from tlpipe.outputs import SUMMARY, FitResult, FittedModel, record
 from tlpipe.progress import announce, quiet_libraries
@@ -274,6 +275,8 @@ def run_worker(data: str | Path, storage: str, study_name: str, output: str | Pa
     """A tuning worker: joins the study a lead ``fit`` opened on a shared ``storage``, runs queued
     trials until none is left, and returns the study's counts. The lead alone fits the final model.
     The study holds the lead's resolved config: its backbone (the ranked winner), strategy and tap."""
+    if data is None:
+        raise TlpipeError("a tuning worker needs the dataset folder the lead fit used")
     study, config = join_study(storage, study_name)
     out = Path(output)
     config = config.model_copy(update={"cache_dir": str(cache_root(None, out).resolve())})  # this machine's own cache
@@ -281,7 +284,8 @@ def run_worker(data: str | Path, storage: str, study_name: str, output: str | Pa
     backbone = build_backbone(config)
     tap = config.layer if config.strategy == "linear" else PENULTIMATE
     codes = {split: dataset_codes(backbone, spec, split, config, tap, cache=Path(config.cache_dir)) for split in ("train", "val")}
-    run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
+    with quiet_libraries():
+        run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
     return study_summary(study)
 
 
