@@ -76,3 +76,20 @@ def test_dirty_copy_quarantines_exactly_the_three_bad_files(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["splits"]["train"] == 245 + 3  # cmyk, 16-bit and rotated images were kept
     assert tree_snapshot(data) == before
+
+
+def test_inspect_names_the_strategy_and_tap_that_fit_uses_on_rsscn7(tmp_path):
+    """rsscn7 (aerial scenes, far from ImageNet) is where an earlier stage's codes win: ``inspect``
+    runs the fit's policy steps (decide, then the tap on validation), so it names what the fit
+    saves. The quick recipe is cost first (linear below 150 images a class on any device), so the
+    test's cost does not depend on the machine's speed."""
+    data = shared_dataset("rsscn7")
+    report_path, out = tmp_path / "inspect.json", tmp_path / "out"
+    inspected = runner.invoke(app, ["inspect", str(data), "--recipe", "quick", "--json", str(report_path)])
+    assert inspected.exit_code == 0, inspected.output
+    fitted = runner.invoke(app, ["fit", str(data), "--recipe", "quick", "--trials", "0", "--output", str(out)])
+    assert fitted.exit_code == 0, fitted.output
+    report, summary = json.loads(report_path.read_text()), json.loads((out / "summary.json").read_text())
+    assert (report["strategy"], report["layer"]) == (summary["strategy"], summary["layer"])
+    assert summary["layer"] != "penultimate"  # an earlier stage does better on validation here
+    assert json.loads((out / "model" / "bundle.json").read_text())["codes"]["layer"] == summary["layer"]
