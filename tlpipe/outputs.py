@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tlpipe import __version__
 from tlpipe.bundle import save_bundle
+from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
 from tlpipe.models import Backbone, resolve_layer
@@ -19,7 +20,6 @@ from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.tracking import FitRun
 from tlpipe.training.strategies import TrainedHead
-from tlpipe.config import FitConfig
 from tlpipe.utils import write_json
 
 SUMMARY = "summary.json"

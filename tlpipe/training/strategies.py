@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig
 from tlpipe.data import (
-    CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, train_transform,
+    CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, train_transform,
 )
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
