@@ -52,14 +52,14 @@ def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: Fi
     """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``."""
     X_val, y_val = model.val_codes
     metrics = classification_metrics(y_val, model.trained.head.predict(X_val), spec.classes)
+    layer = resolve_layer(model.backbone.model, model.config.layer)
     bundle = save_bundle(
-        out / "model", model.backbone, model.trained.head, spec.classes,
-        layer=resolve_layer(model.backbone.model, model.config.layer), layer_relu=model.config.layer_relu,
+        out / "model", model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
         trained=model.trained.backbone_trained,
     )
     artifacts = _write_reports(out, spec, model, metrics, assessment, ranking)
-    summary = _summary(data, spec, model, run, metrics, timings, bundle, assessment, ranking)
+    summary = _summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking)
     _log_run(run, out, model, metrics, timings, artifacts, bundle)
     write_json(out / SUMMARY, summary)
     run.log_artifact(out / SUMMARY)
@@ -86,13 +86,13 @@ def _auto(assessment: Assessment, decision: Decision | None) -> dict:
     return {**assessment.to_dict(), "decision": (decision or assessment.decision).to_dict()}
 
 
-def _summary(data: Path, spec: DatasetSpec, model: FittedModel, run: FitRun, metrics: dict, timings: dict,
-             bundle: Path, assessment: Assessment | None, ranking: list[dict] | None) -> dict:
+def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run: FitRun, metrics: dict,
+             timings: dict, bundle: Path, assessment: Assessment | None, ranking: list[dict] | None) -> dict:
     backbone, decision = model.backbone, model.decision
     return {
         "run_id": run.run_id, "tracking_uri": run.tracking_uri, "experiment": run.experiment,
         "tlpipe_version": __version__, "data": str(data.resolve()),
-        "strategy": model.config.strategy, "layer": resolve_layer(backbone.model, model.config.layer),
+        "strategy": model.config.strategy, "layer": layer,
         "strategy_reason": decision.explanation if decision else "asked for (--strategy or the recipe)",
         **({"auto": _auto(assessment, decision)} if assessment else {}),
         **({"backbone_ranking": ranking} if ranking else {}),

@@ -160,9 +160,9 @@ def choose(prepared: Prepared, ranks: DistContext, timings: Timings, trials: int
     config, spec, backbone = prepared.config, prepared.spec, prepared.backbone
     cache = Path(config.cache_dir)
     if config.strategy != "auto":
-        tap = config.layer if config.strategy == "linear" else PENULTIMATE
         with timings.stage("extract_codes"), ranks.main_first():
-            codes = {split: dataset_codes(backbone, spec, split, config, tap, cache=cache) for split in ("train", "val")}
+            codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache)
+                     for split in ("train", "val")}
         return Choice(config, codes)
     with timings.stage("extract_codes"), ranks.main_first():
         features = collect_splits(backbone, spec, config, cache=cache)
@@ -219,6 +219,12 @@ def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timin
         return dataclasses.replace(model, decision=decision)
     return FittedModel(baseline.config, build_backbone(baseline.config), baseline.trained, baseline.codes["val"],
                        model.tuning, decision)
+
+
+def code_tap(config: FitConfig) -> str | int:
+    """The tap a resolved strategy's codes come from: a fine-tune trains the full head path, so its
+    LP-FT probe is on the last features."""
+    return config.layer if config.strategy == "linear" else PENULTIMATE
 
 
 def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: Codes,
@@ -282,8 +288,8 @@ def run_worker(data: str | Path, storage: str, study_name: str, output: str | Pa
     config = config.model_copy(update={"cache_dir": str(cache_root(None, out).resolve())})  # this machine's own cache
     spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
     backbone = build_backbone(config)
-    tap = config.layer if config.strategy == "linear" else PENULTIMATE
-    codes = {split: dataset_codes(backbone, spec, split, config, tap, cache=Path(config.cache_dir)) for split in ("train", "val")}
+    codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=Path(config.cache_dir))
+             for split in ("train", "val")}
     with quiet_libraries():
         run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
     return study_summary(study)

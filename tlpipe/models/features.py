@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,14 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tlpipe.cache import cache_key, load_cached, save_cached
+from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec, eval_loader
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
+from tlpipe.models.backbones import Backbone
 from tlpipe.progress import progress_bar
-
-if TYPE_CHECKING:
-    from tlpipe.config import FitConfig
-    from tlpipe.models.backbones import Backbone
 
 PENULTIMATE = "penultimate"
 
@@ -107,7 +104,7 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
     return features.astype(np.float32, copy=False), torch.cat(labels).numpy().astype(np.int64)
 
 
-def dataset_codes(backbone: "Backbone", spec: DatasetSpec, split: str, config: "FitConfig", layer=None,
+def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,
                   cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CNN codes of one split through the same decode + eval transform that prediction uses.
 

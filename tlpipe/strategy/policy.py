@@ -21,7 +21,6 @@ from tlpipe.config import FitConfig
 from tlpipe.models import PENULTIMATE
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
-from tlpipe.training.linear import accuracy
 from tlpipe.training.strategies import TrainedHead, fit_linear
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -38,7 +37,7 @@ class LinearFit:
 
     @property
     def val_accuracy(self) -> float:
-        return accuracy(self.trained.head, *self.codes["val"])
+        return self.trained.val_accuracy()
 
 
 def _tap_name(tap: str) -> str:
@@ -54,9 +53,9 @@ def choose_tap(assessment: Assessment, config: FitConfig) -> tuple[Assessment, L
         codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
         tap_config = config.model_copy(update={"strategy": "linear", "layer": tap})
         fits[tap] = LinearFit(tap, fit_linear(tap_config, codes), codes, tap_config)
-    best = max(fits.values(), key=lambda fit: fit.trained.val_accuracy())  # the first (last features) wins a tie
+    best = max(fits.values(), key=lambda fit: fit.val_accuracy)  # the first (last features) wins a tie
     reason = ("Linear classifiers on validation: "
-              + ", ".join(f"{_tap_name(t)} {f.trained.val_accuracy():.3f}" for t, f in fits.items())
+              + ", ".join(f"{_tap_name(t)} {f.val_accuracy:.3f}" for t, f in fits.items())
               + f"; {_tap_name(best.tap)} kept.")
     return replace(assessment, decision=assessment.decision.with_reason(reason, layer=best.tap)), best
 

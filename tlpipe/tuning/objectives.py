@@ -55,8 +55,11 @@ class FinetuneObjective:
         self.backbone, self.spec, self.output_dir, self.codes = backbone, spec, Path(output_dir), codes
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
+        from tlpipe.cache import cache_root
         from tlpipe.training.strategies import fit_finetune
 
+        # every trial reads the one decoded-image cache of the study's folder, not one of its own
+        config = config.model_copy(update={"cache_dir": str(cache_root(config.cache_dir, self.output_dir).resolve())})
         backbone = dataclasses.replace(self.backbone, model=copy.deepcopy(self.backbone.model),
                                        data_config=copy.deepcopy(self.backbone.data_config))
         try:
