@@ -85,6 +85,8 @@ ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (defaul
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]
 Device = Annotated[Optional[str], typer.Option(callback=_device, help=f"Device: {DEVICE_FORMS}.")]
+TimeLimit = Annotated[Optional[str], typer.Option(
+    help="Time for the whole fit: 90s, 10m, 1.5h, 2h15m, or none (default: the recipe's budget, 30m for default).")]
 
 
 def _overrides(**flags) -> dict:
@@ -119,10 +121,12 @@ def fit(
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers, e.g. postgresql://... (default: SQLite in the output folder).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")] = None,
     worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")] = False,
+    time_limit: TimeLimit = None,
 ) -> None:
-    """Check the data, pick a strategy, tune, fit, save the bundle and log the run."""
+    """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
         from tlpipe.config import load_config
+        from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
         from tlpipe.report import print_fit_report
 
@@ -133,7 +137,7 @@ def fit(
         config = load_config(recipe, **_overrides(
             strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
             batch_size=batch_size, num_workers=workers, val_fraction=val_fraction, seed=seed, device=device,
-            finetune=_overrides(unfreeze_stages=unfreeze_stages, epochs=epochs),
+            finetune=_overrides(unfreeze_stages=unfreeze_stages, epochs=epochs), budget=time_limit,
         ))
         if example is not None:
             from tlpipe.examples import write_example
@@ -141,8 +145,14 @@ def fit(
 
             output = output or default_output_dir(Path(f"example-{example}"))
             data = write_example(example, output)
-        result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe,
-                         tuning=TuningOverrides(trials, timeout, storage, study_name), verbose=(ctx.obj or {}).get("verbose", False))
+        try:
+            result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe,
+                             tuning=TuningOverrides(trials, timeout, storage, study_name),
+                             verbose=(ctx.obj or {}).get("verbose", False))
+        except FitCut as cut:
+            saved = f"the best model so far is in {cut.result.bundle_path}" if cut.result else "no model was saved yet"
+            typer.echo(f"tlpipe: fit {cut.reason}: {saved}; run the same command again to continue", err=True)
+            raise typer.Exit(cut.exit_code) from None
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return
         quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]

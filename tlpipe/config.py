@@ -48,8 +48,10 @@ class FinetuneConfig(_Section):
     """Strategies 2 and 3: partial and full fine-tuning (LP-FT: the head starts from a linear probe)."""
 
     epochs: int = Field(default=8, ge=1)
+    # Unset, both come from the decision (tlpipe.strategy.plan: far and large data 1e-3 x 0.5, else 1e-4 x 0.3)
     lr: float = Field(default=1e-4, gt=0)  # head learning rate (AdamW); the head starts from the probe
     backbone_lr_mult: float = Field(default=0.3, gt=0, le=1)  # backbone LR = lr x this
+    image_size: int | None = Field(default=None, ge=32)  # training resolution; None: the plan's (auto) or the fit's
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_epochs: float = Field(default=1.0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
@@ -73,7 +75,7 @@ class AutoConfig(_Section):
     # on a CPU for small data. 0: never below the size cuts (cost first). See bench/STRATEGY.md.
     large_per_class: int = Field(default=150, ge=1)
     far_large_per_class: int = Field(default=50, ge=1)
-    finetune_minutes: float = Field(default=25.0, ge=0)
+    finetune_minutes: float = Field(default=12.0, ge=0)
     far_gap: float = Field(default=0.085, ge=0)  # BatchNorm domain gap (nats) above this: far from ImageNet
     far_confidence: float = Field(default=0.5, ge=0, le=1)  # ImageNet head's mean top probability below this: far too
     partial_stages: int = Field(default=2, ge=1)  # stages a partial fine-tune trains, with the head
@@ -135,6 +137,19 @@ class FitConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     auto: AutoConfig = Field(default_factory=AutoConfig)
     cache_dir: str | None = None  # decoded-image cache; None: <output>/cache
+    # The whole fit's time limit: 90s, 10m, 1.5h, 2h15m, or none (tlpipe.budget)
+    budget: str | float | None = None
+
+    @field_validator("budget")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        from tlpipe.budget import parse_duration
+
+        try:
+            parse_duration(value)
+        except TlpipeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 def available_recipes() -> list[str]:

@@ -4,13 +4,20 @@ Under ``<output>``: the bundle (``model/``), ``classification_report.json``, ``c
 ``learning_curves.png`` (fine-tunes), ``strategy.json`` (auto), and ``summary.json`` last, so a
 summary on disk means the rest is there. The same go to the fit's MLflow run, with the params
 and metrics a reader compares runs by.
+
+A fit records twice when it fine-tunes: first its linear classifier (``status: provisional``),
+then the final model, whose bundle replaces the first in two renames that no signal splits;
+after SIGTERM or Ctrl+C the summary says ``status: cut`` beside the best model saved by then.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tlpipe import __version__
+from tlpipe.budget import signals_held
 from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
@@ -23,6 +30,8 @@ from tlpipe.training.strategies import TrainedHead
 from tlpipe.utils import write_json
 
 SUMMARY = "summary.json"
+BUNDLE = "model"
+STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
 
 
 @dataclass
@@ -48,22 +57,61 @@ class FittedModel:
 
 
 def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
-           assessment: Assessment | None = None, ranking: list[dict] | None = None) -> FitResult:
-    """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``."""
+           assessment: Assessment | None = None, ranking: list[dict] | None = None, *, status: str = "complete",
+           cut: str | None = None, plan: dict | None = None, budget: dict | None = None) -> FitResult:
+    """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``.
+    ``status``: complete, provisional (a fine-tune still to come: nothing but the status is logged),
+    or cut (``cut``: why; the run is then tagged, and its params left as they were)."""
     X_val, y_val = model.val_codes
     metrics = classification_metrics(y_val, model.trained.head.predict(X_val), spec.classes)
     layer = resolve_layer(model.backbone.model, model.config.layer)
-    bundle = save_bundle(
-        out / "model", model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
-        config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
-        trained=model.trained.backbone_trained,
-    )
+    bundle = out / BUNDLE
+    if status != "cut":  # a cut keeps the bundle already saved
+        _replace_folder(bundle, lambda path: save_bundle(
+            path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
+            config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
+            trained=model.trained.backbone_trained))
     artifacts = _write_reports(out, spec, model, metrics, assessment, ranking)
-    summary = _summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking)
-    _log_run(run, out, model, metrics, timings, artifacts, bundle)
+    summary = {"status": status, **({"cut": cut} if cut else {}),
+               **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
+               **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {})}
+    run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
+    if status == "complete":
+        _log_run(run, out, model, metrics, timings, artifacts, bundle)
+    elif status == "cut":
+        run.log_artifact(bundle, "model")
     write_json(out / SUMMARY, summary)
     run.log_artifact(out / SUMMARY)
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
+
+
+def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> None:
+    """The summary of a fit cut before it had any model to save."""
+    run.log_batch(tags={STATUS_TAG: "cut", "tlpipe_cut": reason})
+    write_json(out / SUMMARY, {"status": "cut", "cut": reason, "bundle": None, "run_id": run.run_id,
+                               "tracking_uri": run.tracking_uri, "timings": timings, "tlpipe_version": __version__})
+    run.log_artifact(out / SUMMARY)
+
+
+def _replace_folder(target: Path, write) -> None:
+    """``write(folder)`` into a staging folder, then swap it for ``target`` in two renames that
+    SIGTERM and Ctrl+C wait for: ``target`` is always the old folder whole or the new one whole."""
+    staging, old = target.with_name(f".{target.name}.staging"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    with signals_held():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_bundle(out: Path) -> None:
+    """Put back the bundle a fit killed (SIGKILL) between ``_replace_folder``'s two renames left aside."""
+    target, old = Path(out) / BUNDLE, Path(out) / f".{BUNDLE}.old"
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
 
 
 def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: dict,

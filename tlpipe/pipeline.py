@@ -5,17 +5,24 @@
 1. ``prepare``: check and split the data, build the backbone (with ``candidates``, the one the
    transfer signals rank best; it travels on in ``config.backbone``);
 2. ``choose``: the codes, and under ``strategy: auto`` the policy (``tlpipe.strategy.policy``);
-3. ``train``: the Optuna study, then the final model from its best trial;
-4. ``check``: a fine-tune is scored through the prediction path and, under auto, must beat the
-   tuned linear classifier (the guard), else that classifier is the model;
-5. ``record`` (``tlpipe.outputs``): bundle, reports, MLflow run, ``summary.json``.
+   before a fine-tune, its linear classifier is saved as a complete bundle (anytime: a fit
+   stopped from here on leaves a model that predicts);
+3. ``plan`` (``tlpipe.strategy.plan``): from speeds measured here, the resolution, epochs, trials
+   and pruner that fit the time budget (``budget:``, ``--time-limit``), saved to ``plan.json``;
+4. ``train``: the Optuna study, then the final model from its best trial;
+5. ``check``: a fine-tune is scored through the prediction path (at its training resolution and
+   the native one, the better kept) and, under auto, must beat the tuned linear classifier (the
+   guard), else that classifier is the model;
+6. ``record`` (``tlpipe.outputs``): bundle, reports, MLflow run, ``summary.json``.
 
-Everything is written under the output folder, never into the dataset folder. Under ``torchrun``
-every rank runs ``fit``: all of them train, rank 0 alone writes and logs, and the others return None.
+Everything is written under the output folder, never into the dataset folder. SIGTERM or Ctrl+C
+raise ``FitCut`` after the summary says what was cut. Under ``torchrun`` every rank runs ``fit``:
+all of them train, rank 0 alone writes and logs, and the others return None.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from contextlib import contextmanager
@@ -24,28 +31,36 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-from tlpipe.cache import cache_root
+from tlpipe.budget import Budget, FitCut, parse_duration, stop_on_signals
+from tlpipe.cache import cache_key, cache_root
 from tlpipe.config import FitConfig, config_to_yaml, load_config
-from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.data import DatasetSpec, prepare_dataset, shorter_side
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
-from tlpipe.outputs import SUMMARY, FitResult, FittedModel, record
+from tlpipe.outputs import SUMMARY, FitResult, FittedModel, record, restore_bundle, write_cut_summary
 from tlpipe.progress import announce, quiet_libraries
-from tlpipe.strategy.auto import Assessment, assess, rank_backbones
+from tlpipe.strategy.auto import Assessment, assess, images_per_class, rank_backbones
 from tlpipe.strategy.decision import Decision
+from tlpipe.strategy.plan import (
+    RECORD_SECONDS, Plan, apply_plan, decision_hyperparameters, make_plan, train_sizes,
+)
 from tlpipe.strategy.policy import LinearFit, choose_tap, guard, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
 from tlpipe.tracking import FitRun, NoRun
 from tlpipe.training.distributed import DistContext, distributed
 from tlpipe.training.linear import accuracy
+from tlpipe.training.speed import measure_speed
 from tlpipe.training.strategies import fit_finetune, fit_linear
-from tlpipe.tuning import Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, tune
-from tlpipe.utils import atomic_write
+from tlpipe.tuning import (
+    Tuned, finetune_objective, join_study, linear_objective, requested_trials, run_study, study_summary, tune,
+)
+from tlpipe.utils import atomic_write, read_json
 
-__all__ = ["SUMMARY", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
+__all__ = ["SUMMARY", "FitCut", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
 
 Codes = dict[str, tuple]
+PLAN = "plan.json"
 
 
 @dataclass
@@ -91,7 +106,8 @@ class Choice:
     config: FitConfig  # strategy and tap resolved
     codes: Codes  # train/val codes at the strategy's tap (a fine-tune's LP-FT probe: the last features)
     assessment: Assessment | None = None  # auto only
-    linear: LinearFit | None = None  # auto: the chosen tap's classifier (trial 0 of a linear study, the guard's baseline)
+    linear: LinearFit | None = None  # the chosen tap's classifier (trial 0 of a linear study, the guard's baseline,
+    #                                  the model saved first before a fine-tune)
 
 
 def default_output_dir(data: Path) -> Path:
@@ -101,30 +117,80 @@ def default_output_dir(data: Path) -> Path:
 def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path | None = None,
         experiment: str | None = None, tracking_uri: str | None = None, recipe: str = "default",
         tuning: TuningOverrides | None = None, verbose: bool = False) -> FitResult | None:
-    """Fit ``data`` with ``config`` (else the ``recipe``'s), stage by stage; see the module docstring.
-    ``tuning`` overrides the recipe's study size and storage for this run (``--trials``,
-    ``--storage``...); ``verbose`` lets Optuna's and MLflow's INFO lines through."""
+    """Fit ``data`` with ``config`` (else the ``recipe``'s), stage by stage, within ``config.budget``;
+    see the module docstring. ``tuning`` overrides the recipe's study size and storage for this run
+    (``--trials``, ``--storage``...); ``verbose`` lets Optuna's and MLflow's INFO lines through.
+    Raises ``FitCut`` on SIGTERM or Ctrl+C, its ``result`` the best model recorded by then."""
     config = config or load_config(recipe)
+    budget = Budget(parse_duration(config.budget))
     data = Path(data).expanduser()
     out = Path(output) if output else default_output_dir(data)
     tuning = tuning or TuningOverrides()
-    with quiet_libraries(not verbose), distributed(resolve_device(config.device)) as ranks:
+    with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
         ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
         timings = Timings()
         prepared = prepare(data, config, out, ranks, timings, recipe)
         with _open_run(prepared, experiment, tracking_uri, ranks) as run:
-            choice = choose(prepared, ranks, timings, tuning.trials)
-            ranks.main_alone(when=choice.config.strategy == "linear")
-            model = train(prepared, choice, run, ranks, timings, tuning)
-            ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
-            model = check(prepared, choice, model, timings)
-            return record(out, data, prepared.spec, model, run, timings.seconds, choice.assessment, prepared.ranking)
+            saved = Saved(prepared, run, timings, budget, ranks.is_main)
+            try:
+                choice = choose(prepared, ranks, timings, tuning.trials)
+                ranks.main_alone(when=choice.config.strategy == "linear")
+                saved.first(choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
+                choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
+                model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
+                ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
+                return saved.final(check(prepared, choice, model, timings), plan)
+            except FitCut as cut:
+                cut.result = saved.cut(cut.reason)
+                raise
     return None
+
+
+@dataclass
+class Saved:
+    """What the fit has recorded so far (rank 0): the linear model saved before a fine-tune, and
+    the final model; after a cut, the summary says so, beside the best model saved by then."""
+
+    prepared: Prepared
+    run: FitRun
+    timings: Timings
+    budget: Budget
+    enabled: bool
+    choice: Choice | None = None
+    model: FittedModel | None = None
+
+    def _record(self, model: FittedModel, **status) -> FitResult:
+        p, choice = self.prepared, self.choice
+        return record(p.out, p.data, p.spec, model, self.run, self.timings.seconds, choice.assessment,
+                      p.ranking, budget=self.budget.to_dict(), **status)
+
+    def first(self, choice: Choice) -> None:
+        self.choice = choice
+        if self.enabled and choice.config.strategy != "linear" and choice.linear is not None:
+            linear = choice.linear
+            decision = choice.assessment.decision if choice.assessment else None
+            self.model = FittedModel(linear.config, self.prepared.backbone, linear.trained, linear.codes["val"], {}, decision)
+            self._record(self.model, status="provisional")
+            announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
+                     f"{self.prepared.out / 'model'}")
+
+    def final(self, model: FittedModel, plan: Plan) -> FitResult | None:
+        return self._record(model, plan=plan.to_dict()) if self.enabled else None
+
+    def cut(self, reason: str) -> FitResult | None:
+        if not self.enabled:
+            return None
+        if self.model is None:
+            write_cut_summary(self.prepared.out, reason, self.timings.seconds, self.run)
+            return None
+        return self._record(self.model, status="cut", cut=reason)
 
 
 def prepare(data: Path, config: FitConfig, out: Path, ranks: DistContext, timings: Timings,
             recipe: str = "default") -> Prepared:
     """Check and split the data (quarantine report under ``out``) and build the backbone."""
+    if ranks.is_main:
+        restore_bundle(out)  # a fit killed while it replaced its bundle
     with timings.stage("check_data"):
         spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out if ranks.is_main else None)
     with timings.stage("load_backbone"):
@@ -163,7 +229,12 @@ def choose(prepared: Prepared, ranks: DistContext, timings: Timings, trials: int
         with timings.stage("extract_codes"), ranks.main_first():
             codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache)
                      for split in ("train", "val")}
-        return Choice(config, codes)
+        if config.strategy == "linear" or not ranks.is_main:
+            return Choice(config, codes)
+        with timings.stage("linear_first"):  # the model a fine-tune stopped early leaves
+            linear_config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
+            linear = LinearFit(PENULTIMATE, fit_linear(linear_config, codes), codes, linear_config)
+        return Choice(config, codes, linear=linear)
     with timings.stage("extract_codes"), ranks.main_first():
         features = collect_splits(backbone, spec, config, cache=cache)
     linear = None
@@ -178,47 +249,127 @@ def choose(prepared: Prepared, ranks: DistContext, timings: Timings, trials: int
     return Choice(config, codes, assessment, linear)
 
 
-def train(prepared: Prepared, choice: Choice, run: FitRun, ranks: DistContext, timings: Timings,
-          overrides: TuningOverrides) -> FittedModel:
-    """The study over the strategy's hyperparameters, then the final model from its best trial (a
-    fine-tune resumes that trial's finished checkpoint instead of training again)."""
+def plan_training(prepared: Prepared, choice: Choice, budget: Budget, timings: Timings, ranks: DistContext,
+                  trials: int | None = None) -> tuple[Choice, Plan]:
+    """A fine-tune's plan within what the budget leaves (``tlpipe.strategy.plan``), saved to
+    ``plan.json``; a re-run of the same fit continues the plan it saved. When no fine-tune fits, the
+    linear classifier already saved is the model."""
+    config = choice.config
+    if config.strategy == "linear":
+        return choice, Plan("linear")
+    with timings.stage("plan"):
+        plan = _saved_or_new_plan(prepared, config, budget, trials)
+    if ranks.is_main:
+        announce(f"[bold]Plan[/] {plan.line}")
+        for note in plan.notes:
+            announce(f"[yellow]Note[/] {note}")
+    if plan.strategy == "linear":
+        decision = choice.assessment.decision.with_reason(
+            f"Plan: {plan.notes[-1]}.", strategy="linear", unfreeze_stages=None, fallback_from=config.strategy,
+        ) if choice.assessment else None
+        linear = choice.linear
+        assessment = dataclasses.replace(choice.assessment, decision=decision) if decision else None
+        return Choice(linear.config, linear.codes, assessment, linear), plan
+    decision = choice.assessment.decision if choice.assessment else None
+    rates = decision_hyperparameters(decision, images_per_class(prepared.spec), config)
+    return dataclasses.replace(choice, config=apply_plan(config, plan, rates)), plan
+
+
+def _saved_or_new_plan(prepared: Prepared, config: FitConfig, budget: Budget, trials: int | None) -> Plan:
+    """The plan ``plan.json`` holds for this very fit (config and data), else a new one from speeds
+    measured now (written there)."""
+    spec, backbone, path = prepared.spec, prepared.backbone, prepared.out / PLAN
+    key = cache_key(spec.splits["train"] + spec.splits.get("val", []), config=config.model_dump(mode="json", exclude={"budget"}),
+                    trials=trials)
+    saved = read_json(path) if path.exists() else None
+    if saved and saved.get("key") == key:
+        return Plan.from_dict(saved["plan"])
+    native = backbone.data_config["input_size"][-1]
+    side = shorter_side([s.path for s in spec.splits["train"][:: max(1, len(spec.splits["train"]) // 100)]])
+    unfreeze = config.finetune.unfreeze_stages if config.strategy == "partial" else None
+    speeds = measure_speed(backbone.model, train_sizes(native, side)[0], resolve_device(config.device), unfreeze)
+    n_val = spec.counts().get("val", 0)
+    reserve = RECORD_SECONDS + 2 * n_val / speeds["eval_images_per_second"] * (native / speeds["size"]) ** 2
+    plan = make_plan(config, spec, speeds, native, side, budget.left(), requested_trials(config, trials), reserve)
+    atomic_write(path, lambda f: json.dump({"key": key, "plan": plan.to_dict()}, f, indent=2))
+    return plan
+
+
+def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: DistContext, timings: Timings,
+          overrides: TuningOverrides, budget: Budget) -> FittedModel:
+    """The study over the strategy's hyperparameters as planned, then the final model from its best
+    trial (a fine-tune resumes that trial's finished checkpoint instead of training again); no
+    trial or epoch starts that the budget cannot hold."""
     config, spec, backbone = choice.config, prepared.spec, prepared.backbone
     run.log_params(_params(config, prepared.recipe, backbone, spec))
     if choice.assessment:
         run.log_params(_auto_params(choice.assessment, prepared.ranking))
+    if plan.strategy != "linear":
+        run.log_params({f"plan_{k}": v for k, v in plan.to_dict().items() if not isinstance(v, (dict, list, tuple))})
+    deadline = budget.deadline(reserve=plan.seconds.get("reserve", 0.0))
     with timings.stage("tune"):
         trial0 = choice.linear.trained.linear_params() if choice.linear and config.strategy == "linear" else None
-        objective = strategy_objective(config, backbone, spec, prepared.out, choice.codes, trial0)
-        tuned = _tune(config, prepared.out, objective, run, ranks, overrides)
+        objective = strategy_objective(config, backbone, spec, prepared.out, choice.codes, trial0, deadline)
+        overrides = dataclasses.replace(overrides, trials=plan.trials) if plan.strategy != "linear" else overrides
+        tuned = _tune(config, prepared.out, objective, run, ranks, overrides, budget, plan)
     config = tuned.config
+    decision = choice.assessment.decision if choice.assessment else None
+    if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
+        return _no_trial_finished(choice, tuned, decision)
     with timings.stage("train"):
         if config.strategy == "linear":
             trained = fit_linear(config, choice.codes)
         else:
             trained = fit_finetune(backbone, spec, config, tuned.fit_dir or prepared.out, choice.codes,
-                                   on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks)
-    decision = choice.assessment.decision if choice.assessment else None
+                                   on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks, deadline=deadline)
     return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 
+def _no_trial_finished(choice: Choice, tuned: Tuned, decision: Decision | None) -> FittedModel:
+    """The budget ran out before any fine-tuning trial finished: the linear classifier stands."""
+    linear = choice.linear
+    if decision is not None:
+        decision = decision.with_reason("Budget: no fine-tuning trial finished in the time limit; the linear "
+                                        "classifier stands.", strategy="linear", unfreeze_stages=None,
+                                        fallback_from=decision.strategy)
+    return FittedModel(linear.config, build_backbone(linear.config), linear.trained, linear.codes["val"], tuned.summary, decision)
+
+
 def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings) -> FittedModel:
-    """A fine-tune scored on val through the path prediction takes; under auto, the guard: kept
+    """A fine-tune scored on val through the path prediction takes, at its training resolution and
+    at the native one (the better kept: "train small, test large"); under auto, the guard: kept
     only if it beats the tuned linear classifier on the decision's tap, else that classifier (on
     the pretrained weights of the same backbone) is the model."""
     if not model.trained.backbone_trained:
         return model
     with timings.stage("evaluate"):
-        val = dataset_codes(model.backbone, prepared.spec, "val", model.config, PENULTIMATE)
-    model = dataclasses.replace(model, val_codes=val)
-    if choice.linear is None:
+        model = _best_resolution(prepared, model)
+    if choice.assessment is None:
         return model
     with timings.stage("linear_baseline"):
         baseline = tuned_baseline(choice.linear, prepared.out)
+    val = model.val_codes
     decision = guard(model.decision, accuracy(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
     if decision.strategy != "linear":
         return dataclasses.replace(model, decision=decision)
     return FittedModel(baseline.config, build_backbone(baseline.config), baseline.trained, baseline.codes["val"],
                        model.tuning, decision)
+
+
+def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
+    """The fine-tuned model at the resolution that scores best on val, of its training one and the
+    backbone's native one (a tie keeps the training one: cheaper to predict)."""
+    backbone, native = model.backbone, model.backbone.data_config
+    sizes = list(dict.fromkeys([model.config.finetune.image_size or native["input_size"][-1], native["input_size"][-1]]))
+    scored = []
+    for size in sizes:
+        sized = dataclasses.replace(backbone, data_config={**native, "input_size": (3, size, size)})
+        val = dataset_codes(sized, prepared.spec, "val", model.config, PENULTIMATE)
+        scored.append((accuracy(model.trained.head, *val), -sizes.index(size), sized, val))
+    score, _, sized, val = max(scored, key=lambda s: s[:2])
+    details = {**model.trained.details, "val_accuracy_by_size": {str(s): round(a, 4) for (a, *_), s in zip(scored, sizes)},
+               "eval_image_size": sized.data_config["input_size"][-1]}
+    return dataclasses.replace(model, backbone=sized, val_codes=val, trained=dataclasses.replace(model.trained, details=details))
 
 
 def code_tap(config: FitConfig) -> str | int:
@@ -228,20 +379,25 @@ def code_tap(config: FitConfig) -> str | int:
 
 
 def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: Codes,
-                       linear_defaults: dict | None = None):
+                       linear_defaults: dict | None = None, deadline: float | None = None):
     """The Optuna objective of the (resolved) strategy: linear trials on codes (trial 0
-    ``linear_defaults`` when known), or fine-tunes."""
+    ``linear_defaults`` when known), or fine-tunes that stop at an epoch boundary by ``deadline``."""
     if config.strategy == "linear":
         return linear_objective(codes, linear_defaults)
-    return finetune_objective(backbone, spec, out, codes)
+    return finetune_objective(backbone, spec, out, codes, deadline)
 
 
-def _tune(config: FitConfig, out: Path, objective, run: FitRun, ranks: DistContext, overrides: TuningOverrides) -> Tuned:
-    """The study (``tlpipe.tuning``); off under torchrun, where every rank would run its own study:
-    tune first, then train the best config with DDP."""
+def _tune(config: FitConfig, out: Path, objective, run: FitRun, ranks: DistContext, overrides: TuningOverrides,
+          budget: Budget, plan: Plan) -> Tuned:
+    """The study (``tlpipe.tuning``) within the budget, less the plan's reserve for scoring and
+    recording; off under torchrun, where every rank would run its own study: tune first, then
+    train the best config with DDP."""
     if ranks.enabled:
         return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    return tune(config, out, objective, parent=run, **dataclasses.asdict(overrides))
+    timeout = budget.left() - plan.seconds.get("reserve", 0.0)
+    timeout = min(timeout, overrides.timeout) if overrides.timeout is not None else timeout
+    settings = {**dataclasses.asdict(overrides), "timeout": None if timeout == float("inf") else max(timeout, 0.0)}
+    return tune(config, out, objective, parent=run, trial_seconds=plan.seconds.get("trial"), **settings)
 
 
 def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpec) -> dict:

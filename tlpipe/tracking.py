@@ -76,7 +76,12 @@ class FitRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end("FINISHED" if exc_type is None else "FAILED")
+        """FINISHED; FAILED on an error; KILLED when stopped from outside (Ctrl+C, SIGTERM: the
+        BaseExceptions that are not errors)."""
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("FAILED" if issubclass(exc_type, Exception) else "KILLED")
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, FAILED or KILLED."""

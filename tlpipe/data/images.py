@@ -21,6 +21,15 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def shorter_side(paths: list[Path]) -> int:
+    """The median shorter side of ``paths`` (checked files), read from their headers alone."""
+    sides = []
+    for path in paths:
+        with Image.open(path) as img:
+            sides.append(min(img.size))
+    return int(np.median(sides)) if sides else 0
+
+
 def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     """Decode ``path`` fully into an 8-bit RGB image, upright as its EXIF orientation says.
 

@@ -4,7 +4,8 @@
 with ``history_`` and ``best_`` set. The loop is plain PyTorch (no engine: each part of it is one
 call of torch's own API). Each epoch ends with an atomic checkpoint of everything needed to go
 on exactly: model, optimizer, scheduler, scaler, epoch, best metric, history. Re-running resumes;
-a finished run is not trained again.
+a finished run is not trained again. With a ``deadline`` (``time.monotonic()``), no epoch starts that
+the last one's duration says would end after it: the run ends there, its best epoch kept.
 """
 from __future__ import annotations
 
@@ -143,12 +144,12 @@ class Finetuner:
     def __init__(self, config: FinetuneConfig, device: torch.device, unfreeze_stages: int | None = None,
                  class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = "",
-                 micro_batch: int | None = None, context: DistContext = DistContext()):
+                 micro_batch: int | None = None, context: DistContext = DistContext(), deadline: float | None = None):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
         self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
         self.micro_batch = micro_batch  # None: whole batches; set smaller (or halved on CUDA OOM) to accumulate
-        self.context = context
+        self.context, self.deadline = context, deadline
         self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
@@ -173,7 +174,7 @@ class Finetuner:
         best_path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
         resumed = self._resume(model, optimizer, scheduler, precision, state)
 
-        while not state["done"]:
+        while not state["done"] and not self._out_of_time(state):
             epoch = state["epoch"] + 1
             if hasattr(train_loader.sampler, "set_epoch"):  # augmentation and order depend on the epoch alone
                 train_loader.sampler.set_epoch(epoch)
@@ -199,6 +200,7 @@ class Finetuner:
             if self.on_epoch and self.context.is_main:
                 self.on_epoch(epoch, metrics)
 
+        self.cut_ = not state["done"]  # stopped by the deadline: the best epoch so far is the model
         if best_path and best_path.exists() and not hasattr(self, "best_state_"):
             self.best_state_ = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
         model.load_state_dict(self.best_state_)
@@ -206,6 +208,14 @@ class Finetuner:
         self.history_, self.best_epoch_, self.best_accuracy_ = state["history"], state["best_epoch"], state["best_accuracy"]
         self.resumed_from_ = resumed
         return self
+
+    def _out_of_time(self, state: dict) -> bool:
+        """True when the next epoch, as long as the last one, would end after the deadline (the
+        first epoch always runs: a fine-tune with no epoch has no model). Agreed across ranks."""
+        if self.deadline is None or not state["history"]:
+            return False
+        late = time.monotonic() + state["history"][-1]["epoch_seconds"] > self.deadline
+        return bool(self.context.all_sum([float(late)])[0])
 
     def _train_epoch(self, model, net, loader, optimizer, scheduler, criterion, precision) -> float:
         """One pass over ``loader``; ``net`` is ``model`` itself, or its DDP wrapper."""

@@ -67,19 +67,22 @@ def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
 
 
 def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, codes: dict,
-                 on_epoch: Callable[[int, dict], None] | None = None, context: DistContext = DistContext()) -> TrainedHead:
+                 on_epoch: Callable[[int, dict], None] | None = None, context: DistContext = DistContext(),
+                 deadline: float | None = None) -> TrainedHead:
     """Strategies 2 (partial: ``config.finetune.unfreeze_stages``) and 3 (full), both LP-FT: the new
-    classifier starts as the softmax probe fitted on the frozen codes, then the network trains.
-    Under torchrun (``context``), each rank trains on its share; rank 0 writes the checkpoints."""
+    classifier starts as the softmax probe fitted on the frozen codes, then the network trains, at
+    ``config.finetune.image_size`` when set. Under torchrun (``context``), each rank trains on its
+    share; rank 0 writes the checkpoints. ``deadline``: no epoch starts that would end after it."""
     model, ft = backbone.model, config.finetune
     device = rank_device(resolve_device(config.device), context)
     probe = linear_probe(config, *codes["train"], *codes["val"], classifiers=("logreg",))
     _start_from_probe(model, probe.head_)
     unfreeze = ft.unfreeze_stages if config.strategy == "partial" else None
     freeze_stages(model, unfreeze)
-    memory = estimate_memory(model.to(device, memory_format=torch.channels_last), backbone.data_config["input_size"], device)
+    data_config = training_data_config(backbone, config)
+    memory = estimate_memory(model.to(device, memory_format=torch.channels_last), data_config["input_size"], device)
     batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
-    train_loader, val_loader = _loaders(backbone, spec, config, out, batch_size, device, context)
+    train_loader, val_loader = _loaders(data_config, spec, config, out, batch_size, device, context)
     weights = class_weights(spec, ft.class_weights)
     fingerprint = json.dumps([config.model_dump(mode="json"), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
@@ -88,7 +91,8 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         torch.manual_seed(config.seed)
         try:
             tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch,
-                              hashlib.sha256(fingerprint.encode()).hexdigest(), context=context).fit(model, train_loader, val_loader)
+                              hashlib.sha256(fingerprint.encode()).hexdigest(), context=context,
+                              deadline=deadline).fit(model, train_loader, val_loader)
         finally:
             _stop_workers(train_loader, val_loader)
     classifier = model.get_classifier()
@@ -96,6 +100,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     details = {
         "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
         "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "resumed_from_epoch": tuner.resumed_from_,
+        "image_size": data_config["input_size"][-1], "cut_by_deadline": tuner.cut_,
         "unfreeze_stages": unfreeze, "class_weights": None if weights is None else weights.tolist(),
         "batch_size": batch_size, "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
         "oom_events": tuner.oom_events_,
@@ -112,10 +117,16 @@ def _start_from_probe(model: torch.nn.Module, head: LinearHead) -> None:
         model.get_classifier().bias.copy_(torch.from_numpy(head.bias))
 
 
-def _loaders(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, batch_size: int,
+def training_data_config(backbone: Backbone, config: FitConfig) -> dict:
+    """The backbone's preprocessing at the fine-tune's resolution (``finetune.image_size``)."""
+    size = config.finetune.image_size
+    return {**backbone.data_config, "input_size": (3, size, size)} if size else dict(backbone.data_config)
+
+
+def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path, batch_size: int,
              device: torch.device, context: DistContext) -> tuple[DataLoader, DataLoader]:
     """Train (augmented, this rank's share of each epoch) and val loaders over the decoded-image cache."""
-    size, crop = decode_size(backbone.data_config), max(backbone.data_config["input_size"][1:])
+    size, crop = decode_size(data_config), max(data_config["input_size"][1:])
     with context.main_first():  # one rank decodes, the others then open the same files
         arrays = {split: build_decoded_cache(spec.splits[split], size, cache_root(config.cache_dir, out),
                                              config.num_workers, crop=crop) for split in ("train", "val")}
@@ -127,10 +138,10 @@ def _loaders(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path
                   pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
     sampler = EpochSampler(len(labels["train"]), config.seed, num_replicas=context.world_size, rank=context.rank)
     train_loader = DataLoader(
-        CachedImages(arrays["train"], labels["train"], train_transform(backbone.data_config, config.augment)),
+        CachedImages(arrays["train"], labels["train"], train_transform(data_config, config.augment)),
         sampler=sampler, drop_last=len(sampler) % batch_size == 1, **common)  # no lone-image batch for BatchNorm
     val_share = range(context.rank, len(labels["val"]), context.world_size)  # each val image scored once
-    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(backbone.data_config)),
+    val_loader = DataLoader(CachedImages(arrays["val"], labels["val"], eval_array_transform(data_config)),
                             sampler=val_share, **common)
     return train_loader, val_loader
 

@@ -49,10 +49,12 @@ class FinetuneObjective:
     """Fine-tuning trials: each trains a fresh copy of the pretrained backbone with ``fit_finetune``
     in ``<output>/trials/<n>`` (its checkpoints, so trials never resume each other), reporting each
     epoch to the pruner. Its value is the best epoch's val accuracy. ``codes``: the pretrained
-    backbone's train/val codes (the LP-FT probe), shared by every trial."""
+    backbone's train/val codes (the LP-FT probe), shared by every trial. ``deadline``
+    (``time.monotonic()``): a trial that would overrun it stops at an epoch boundary, its best epoch kept."""
 
-    def __init__(self, backbone, spec, output_dir: Path, codes: dict):
+    def __init__(self, backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None):
         self.backbone, self.spec, self.output_dir, self.codes = backbone, spec, Path(output_dir), codes
+        self.deadline = deadline
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
         from tlpipe.cache import cache_root
@@ -63,7 +65,8 @@ class FinetuneObjective:
         backbone = dataclasses.replace(self.backbone, model=copy.deepcopy(self.backbone.model),
                                        data_config=copy.deepcopy(self.backbone.data_config))
         try:
-            trained = fit_finetune(backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes, on_epoch=on_epoch)
+            trained = fit_finetune(backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes,
+                                   on_epoch=on_epoch, deadline=self.deadline)
             return max(epoch["val_accuracy"] for epoch in trained.history)
         finally:
             del backbone
@@ -74,5 +77,5 @@ def linear_objective(codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: 
     return LinearObjective(codes, defaults)
 
 
-def finetune_objective(backbone, spec, output_dir: Path, codes: dict) -> FinetuneObjective:
-    return FinetuneObjective(backbone, spec, output_dir, codes)
+def finetune_objective(backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None) -> FinetuneObjective:
+    return FinetuneObjective(backbone, spec, output_dir, codes, deadline)

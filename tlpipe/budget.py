@@ -1,0 +1,122 @@
+"""The fit's time budget: ``--time-limit`` parsed, one clock every stage reads, and clean stops.
+
+``Budget(parse_duration("10m"))`` starts the clock when the fit starts; ``left()`` is what every
+later stage plans with (the study's timeout, whether a trial may start, whether an epoch may run).
+The budget is kept by not starting work that cannot finish, never by killing work half-done.
+
+``stop_on_signals()`` turns SIGTERM and Ctrl+C (SIGINT) into ``FitCut`` raised in the main thread,
+so a stopped fit unwinds through its ``finally`` blocks and records the best model it has.
+"""
+from __future__ import annotations
+
+import math
+import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from tlpipe.errors import TlpipeError
+
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+NO_LIMIT = ("none", "off", "inf")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds in ``text``: ``90s``, ``10m``, ``1.5h``, ``2h15m``, a bare number of seconds; None
+    for ``none`` (no limit). Raises ``TlpipeError`` with the accepted forms otherwise."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in NO_LIMIT):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        compact = str(text).strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d*)?", compact):
+            seconds = float(compact)
+        elif compact and _PART.sub("", compact) == "":
+            seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in _PART.findall(compact))
+        else:
+            raise TlpipeError(f"time limit '{text}' is not a duration: use e.g. 90s, 10m, 1.5h, 2h15m or none")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TlpipeError(f"time limit '{text}' must be more than 0 seconds (or none for no limit)")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as a ``--time-limit`` value, rounded up: 90 -> 1m30s, 7800 -> 2h10m."""
+    seconds = math.ceil(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
+@dataclass
+class Budget:
+    """The fit's clock: ``limit`` seconds (None: no limit) from ``started`` (``time.monotonic``)."""
+
+    limit: float | None
+    started: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        """Seconds left; infinite without a limit."""
+        return math.inf if self.limit is None else self.limit - self.elapsed()
+
+    def deadline(self, reserve: float = 0.0) -> float | None:
+        """The ``time.monotonic()`` by which work must end to leave ``reserve`` seconds; None: no limit."""
+        return None if self.limit is None else self.started + self.limit - reserve
+
+    def to_dict(self) -> dict:
+        return {"limit_seconds": self.limit, "elapsed_seconds": round(self.elapsed(), 1)}
+
+
+class FitCut(BaseException):
+    """The fit was stopped from outside (SIGTERM, Ctrl+C). A BaseException, like KeyboardInterrupt,
+    so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason, self.exit_code = reason, exit_code
+        self.result = None  # the FitResult recorded before the cut went on, when there is one
+
+
+_SIGNALS = {signal.SIGTERM: ("stopped by SIGTERM", 143), signal.SIGINT: ("interrupted (Ctrl+C)", 130)}
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``FitCut`` in the main thread for the block (elsewhere: nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def cut(signum, frame):
+        raise FitCut(*_SIGNALS[signum])
+
+    previous = {signum: signal.signal(signum, cut) for signum in _SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block ends: a few renames that must happen together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, list(_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, list(_SIGNALS))
