@@ -49,10 +49,12 @@ def test_a_killed_fine_tune_resumes_to_the_same_weights_as_an_unbroken_run(tmp_p
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)  # mid-epoch 2: epoch 1's checkpoint is on disk
     process.wait()
-    assert not (killed / "summary.json").exists()
+    provisional = json.loads((killed / "summary.json").read_text())  # anytime: the linear model came first
+    assert provisional["status"] == "provisional" and provisional["strategy"] == "linear"
 
     subprocess.run(fit_command(data, killed, recipe), check=True, env=env, capture_output=True, timeout=600)
     summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "complete"
     assert summary["head"]["resumed_from_epoch"] >= 1 and summary["head"]["epochs_run"] == 3
     for name in ("backbone.safetensors", "head.safetensors"):
         expected, got = load_file(str(unbroken / "model" / name)), load_file(str(killed / "model" / name))

@@ -49,7 +49,8 @@ def format_duration(seconds: float) -> str:
     seconds = math.ceil(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    if hours:
+    if hours:  # to the minute, up
+        minutes += secs > 0
         return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
     if minutes:
         return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
@@ -85,6 +86,7 @@ class FitCut(BaseException):
     def __init__(self, reason: str, exit_code: int):
         super().__init__(reason)
         self.reason, self.exit_code = reason, exit_code
+        self.output = None  # the fit's output folder: a re-run with it continues the fit
         self.result = None  # the FitResult recorded before the cut went on, when there is one
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -151,7 +152,8 @@ def fit(
                              verbose=(ctx.obj or {}).get("verbose", False))
         except FitCut as cut:
             saved = f"the best model so far is in {cut.result.bundle_path}" if cut.result else "no model was saved yet"
-            typer.echo(f"tlpipe: fit {cut.reason}: {saved}; run the same command again to continue", err=True)
+            typer.echo(f"tlpipe: fit {cut.reason}: {saved}; to continue, run the same command with "
+                       f"--output {shlex.quote(str(cut.output))}", err=True)
             raise typer.Exit(cut.exit_code) from None
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return
@@ -184,8 +186,10 @@ def inspect(
     workers: Workers = None,
     device: Device = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write everything to this JSON file.")] = None,
+    time_limit: TimeLimit = None,
 ) -> None:
-    """Profile the data and say which strategy fit would choose, and why, without training."""
+    """Profile the data and say which strategy fit would choose, and why, and its plan within
+    --time-limit, without training."""
     with user_errors():
         from tlpipe.config import load_config
         from tlpipe.pipeline import inspect as run_inspect
@@ -194,7 +198,7 @@ def inspect(
 
         config = load_config(recipe, **_overrides(
             backbone=backbone, weights=weights, image_size=image_size, batch_size=batch_size,
-            num_workers=workers, device=device,
+            num_workers=workers, device=device, budget=time_limit,
         ))
         result = run_inspect(data, config, recipe=recipe)
         print_inspect_report(result)

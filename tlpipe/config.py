@@ -72,7 +72,8 @@ class AutoConfig(_Section):
     # class has at least large_per_class images, or far_large_per_class for data far from ImageNet,
     # whatever it costs; below that, when a fine-tuning study's worst case (every trial, every epoch)
     # fits in finetune_minutes at the forward speed measured on this device: on a GPU nearly always,
-    # on a CPU for small data. 0: never below the size cuts (cost first). See bench/STRATEGY.md.
+    # on a CPU for small data. 0: never below the size cuts (cost first). See bench/STRATEGY.md: 12 is
+    # its calibrated 25 at the forward speed this CPU measures now (46 images/s, 22 when calibrated).
     large_per_class: int = Field(default=150, ge=1)
     far_large_per_class: int = Field(default=50, ge=1)
     finetune_minutes: float = Field(default=12.0, ge=0)

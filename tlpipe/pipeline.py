@@ -141,7 +141,7 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
                 ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
                 return saved.final(check(prepared, choice, model, timings), plan)
             except FitCut as cut:
-                cut.result = saved.cut(cut.reason)
+                cut.output, cut.result = out, saved.cut(cut.reason)
                 raise
     return None
 
@@ -278,21 +278,26 @@ def plan_training(prepared: Prepared, choice: Choice, budget: Budget, timings: T
 def _saved_or_new_plan(prepared: Prepared, config: FitConfig, budget: Budget, trials: int | None) -> Plan:
     """The plan ``plan.json`` holds for this very fit (config and data), else a new one from speeds
     measured now (written there)."""
-    spec, backbone, path = prepared.spec, prepared.backbone, prepared.out / PLAN
+    spec, path = prepared.spec, prepared.out / PLAN
     key = cache_key(spec.splits["train"] + spec.splits.get("val", []), config=config.model_dump(mode="json", exclude={"budget"}),
                     trials=trials)
     saved = read_json(path) if path.exists() else None
     if saved and saved.get("key") == key:
         return Plan.from_dict(saved["plan"])
+    plan = new_plan(spec, prepared.backbone, config, budget.left(), trials)
+    atomic_write(path, lambda f: json.dump({"key": key, "plan": plan.to_dict()}, f, indent=2))
+    return plan
+
+
+def new_plan(spec: DatasetSpec, backbone: Backbone, config: FitConfig, left: float, trials: int | None) -> Plan:
+    """A fine-tune's plan for ``left`` seconds, from train and eval steps timed on this device now."""
     native = backbone.data_config["input_size"][-1]
     side = shorter_side([s.path for s in spec.splits["train"][:: max(1, len(spec.splits["train"]) // 100)]])
     unfreeze = config.finetune.unfreeze_stages if config.strategy == "partial" else None
     speeds = measure_speed(backbone.model, train_sizes(native, side)[0], resolve_device(config.device), unfreeze)
     n_val = spec.counts().get("val", 0)
     reserve = RECORD_SECONDS + 2 * n_val / speeds["eval_images_per_second"] * (native / speeds["size"]) ** 2
-    plan = make_plan(config, spec, speeds, native, side, budget.left(), requested_trials(config, trials), reserve)
-    atomic_write(path, lambda f: json.dump({"key": key, "plan": plan.to_dict()}, f, indent=2))
-    return plan
+    return make_plan(config, spec, speeds, native, side, left, requested_trials(config, trials), reserve)
 
 
 def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: DistContext, timings: Timings,
@@ -454,12 +459,14 @@ def run_worker(data: str | Path, storage: str, study_name: str, output: str | Pa
 def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> dict:
     """What ``tlpipe fit --strategy auto`` would see and do, without training or writing anything:
     the data profile (counts, sizes, greyscale, duplicates, leakage), the transfer signals, the
-    decision with its reasons and tap (the same policy steps as the fit's, the guard aside), and
-    the fit's estimated time (and memory, for a fine-tune)."""
+    decision with its reasons and tap (the same policy steps as the fit's, the guard aside), the
+    fit's estimated time (and memory, for a fine-tune) and, for a fine-tune, the plan the fit would
+    make within ``config.budget`` (the time inspect has taken counting as the fit's first stages)."""
     from tlpipe.data.profile import profile_dataset
     from tlpipe.strategy.auto import estimate_training_memory
 
     config = (config or load_config(recipe)).model_copy(update={"strategy": "auto"})
+    budget = Budget(parse_duration(config.budget))
     spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
     profile = profile_dataset(spec)
     backbone, ranking = choose_backbone(config, spec)
@@ -468,6 +475,7 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
     decision, result = assessment.decision, assessment.to_dict()
     if decision.strategy != "linear":
         result["estimate"] = {**assessment.estimate, **estimate_training_memory(backbone, config)}
+        result["plan"] = new_plan(spec, backbone, assessment.apply(config), budget.left(), None).to_dict()
     return {
         "data": str(spec.root), "classes": spec.classes, "splits": spec.counts(), "val_from": spec.val_from,
         "quarantined": [(spec.relative(path), why) for path, why in spec.quarantined],

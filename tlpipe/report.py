@@ -39,9 +39,22 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
+    print_budget(summary)
     console.print(f"[bold green]Bundle[/] {escape(summary['bundle'])}   MLflow run {summary['run_id']} "
                   f"({escape(summary['tracking_uri'])})")
     print_next_steps(summary)
+
+
+def print_budget(summary: dict) -> None:
+    """The time limit against the wall time, and what the plan had to leave out."""
+    from tlpipe.budget import format_duration
+
+    budget, plan = summary.get("budget") or {}, summary.get("plan") or {}
+    if budget.get("limit_seconds"):
+        console.print(f"[bold]Budget[/]  {format_duration(budget['elapsed_seconds'])} of "
+                      f"{format_duration(budget['limit_seconds'])}")
+    for note in plan.get("notes", []):
+        console.print(f"[yellow]Note[/] {escape(note)}")
 
 
 def print_next_steps(summary: dict) -> None:
@@ -198,3 +211,10 @@ def print_inspect_report(result: dict) -> None:
     console.print(f"[bold]Estimate[/]  fit at most {estimate['fit_seconds']:.0f} s at "
                   f"{estimate['forward_images_per_second']} images/s forward (a fine-tuning study: at most "
                   f"{estimate['finetune_study_minutes']:g} min){memory}")
+    if "plan" in result:
+        from tlpipe.strategy.plan import Plan
+
+        plan = Plan.from_dict(result["plan"])
+        console.print(f"[bold]Plan[/]  {escape(plan.line)}")
+        for note in plan.notes:
+            console.print(f"[yellow]Note[/] {escape(note)}")

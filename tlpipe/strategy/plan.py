@@ -63,9 +63,9 @@ class Plan:
 def train_sizes(native: int, side: int) -> list[int]:
     """Resolutions to train at, largest first: the native one (or the smallest that holds the
     images' own detail, when they are smaller), then the smaller standard ones."""
-    useful = [s for s in SIZES if s < native]
-    top = native if not side or side * UPSCALE >= native else next((s for s in useful if side * UPSCALE >= s), min(SIZES))
-    return [top] + [s for s in useful if s < top]
+    candidates = [native] + [s for s in SIZES if s < native]
+    top = native if not side else max((s for s in candidates if s <= side * UPSCALE), default=candidates[-1])
+    return [s for s in candidates if s <= top]
 
 
 def decision_hyperparameters(decision: Decision | None, per_class: int, config: FitConfig) -> dict:
@@ -105,12 +105,16 @@ def make_plan(config: FitConfig, spec: DatasetSpec, speeds: dict, native: int, s
         notes.append(f"no fine-tune fits the {format_duration(max(left, 0))} left (one epoch at {sizes[-1]} px: "
                      f"about {format_duration(per_epoch[sizes[-1]])}); the linear classifier stands")
         return Plan("linear", speeds=speeds, deserved=need, notes=tuple(notes),
-                    seconds={"left": round(left, 1), "epoch": round(per_epoch[sizes[-1]], 1)})
+                    seconds={"left": _finite(left), "epoch": round(per_epoch[sizes[-1]], 1)})
     pruner = config.tuning.pruner if runs >= 3 else "none"  # the pruner needs finished trials to compare with
     study = max(runs, 1) * epochs * per_epoch[size]
     return Plan(config.strategy, size, tuple(dict.fromkeys([size, native])), epochs, runs, pruner,
                 {"epoch": round(per_epoch[size], 1), "trial": round(epochs * per_epoch[size], 1), "study": round(study, 1),
-                 "reserve": round(reserve, 1), "left": round(left, 1)}, speeds, need, tuple(notes))
+                 "reserve": round(reserve, 1), "left": _finite(left)}, speeds, need, tuple(notes))
+
+
+def _finite(seconds: float) -> float | None:
+    return round(seconds, 1) if math.isfinite(seconds) else None  # JSON has no infinity
 
 
 def _fit_in(sizes: list[int], per_epoch: dict, available: float, trials: int, epochs: int):
@@ -119,7 +123,7 @@ def _fit_in(sizes: list[int], per_epoch: dict, available: float, trials: int, ep
     wanted = min(max(trials, 1), 2)
     for need in (wanted, 1):
         for size in sizes:
-            runs = int(available // (epochs * per_epoch[size]))
+            runs = max(trials, 1) if math.isinf(available) else int(available // (epochs * per_epoch[size]))
             if runs >= need:
                 return size, (min(runs, trials) if trials else 0), epochs
     fewer = int(available // per_epoch[sizes[-1]])

@@ -1,0 +1,174 @@
+"""The time budget: --time-limit as users write it, the plan it leads to, epochs and trials that
+stop before it, and a fit stopped by SIGTERM that leaves a model that predicts and says it was cut."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import class_color, make_image
+from tlpipe.budget import format_duration, parse_duration
+from tlpipe.config import load_config
+from tlpipe.data import DatasetSpec, Sample
+from tlpipe.errors import TlpipeError
+from tlpipe.strategy.plan import make_plan, train_sizes
+
+SPEEDS = {"size": 224, "batch": 16, "reps": 3, "train_images_per_second": 10.0, "eval_images_per_second": 40.0}
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("10m", 600), ("1.5h", 5400), ("2h15m", 8100), ("45", 45), ("1m 30s", 90), (120, 120),
+])
+def test_time_limits_parse_as_users_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", [None, "none", "None", "off"])
+def test_none_lifts_the_time_limit(text):
+    assert parse_duration(text) is None
+
+
+@pytest.mark.parametrize("text", ["10 minutes", "m", "-5m", "0s", "1h-5m"])
+def test_a_time_limit_that_is_not_a_duration_is_one_clear_error(text):
+    with pytest.raises(TlpipeError, match="time limit"):
+        parse_duration(text)
+
+
+def test_durations_print_as_time_limits_a_user_can_pass_back():
+    assert [format_duration(s) for s in (45, 90, 600, 7800, 7200.2)] == ["45s", "1m30s", "10m", "2h10m", "2h01m"]
+    assert parse_duration(format_duration(7800)) == 7800
+
+
+def test_the_default_recipe_has_a_budget_and_the_cli_refuses_a_bad_one(tmp_path):
+    assert parse_duration(load_config("default").budget) == 30 * 60
+    result = subprocess.run([sys.executable, "-m", "tlpipe", "fit", str(tmp_path), "--time-limit", "ten minutes"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "time limit 'ten minutes' is not a duration" in lines[0], result.stderr
+
+
+def _spec(n_train: int, n_val: int) -> DatasetSpec:
+    splits = {"train": [Sample(Path(f"t{i}.jpg"), i % 2) for i in range(n_train)],
+              "val": [Sample(Path(f"v{i}.jpg"), i % 2) for i in range(n_val)]}
+    return DatasetSpec(Path("."), ["a", "b"], splits, "folder")
+
+
+def test_small_images_train_at_a_small_resolution_and_large_ones_at_the_native_one():
+    assert train_sizes(224, 32) == [128]  # a 32 px source gains nothing from 224 px
+    assert train_sizes(224, 150) == [160, 128]
+    assert train_sizes(224, 400) == [224, 192, 160, 128]
+    assert train_sizes(64, 48) == [64]  # never above the fit's own resolution
+
+
+def test_the_plan_trains_smaller_when_the_native_resolution_does_not_fit():
+    config = load_config("default").model_copy(update={"strategy": "full"})
+    spec = _spec(800, 400)  # an epoch at 224 px: 80 s train + 10 s val
+    roomy = make_plan(config, spec, SPEEDS, 224, 400, left=7200, trials=8, reserve=30)
+    assert (roomy.train_size, roomy.trials, roomy.epochs) == (224, 8, 8) and roomy.deserved["fits"]
+    assert roomy.pruner == "median" and roomy.eval_sizes == (224,)
+    tight = make_plan(config, spec, SPEEDS, 224, 400, left=600, trials=8, reserve=30)
+    assert tight.train_size < 224 and tight.trials >= 1 and tight.eval_sizes == (tight.train_size, 224)
+    assert tight.seconds["study"] <= (600 - 30)  # planned within what is left
+    assert not tight.deserved["fits"] and "--time-limit" in tight.notes[0]
+    assert parse_duration(tight.deserved["time_limit"]) >= roomy.seconds["study"]
+    assert tight.pruner == "none"  # too few trials for the pruner to compare
+
+
+def test_when_no_fine_tune_fits_the_plan_keeps_the_linear_classifier():
+    config = load_config("default").model_copy(update={"strategy": "full"})
+    plan = make_plan(config, _spec(800, 400), SPEEDS, 224, 400, left=60, trials=8, reserve=30)
+    assert plan.strategy == "linear" and "linear classifier stands" in plan.notes[-1]
+
+
+def test_a_fine_tune_past_its_deadline_stops_at_an_epoch_boundary_with_its_best_epoch(tmp_path, image_folder, backbone):
+    import copy
+    import dataclasses
+
+    from tlpipe.data import prepare_dataset
+    from tlpipe.models import dataset_codes
+    from tlpipe.training.strategies import fit_finetune
+
+    data = image_folder("data", {"red": 8, "blue": 8}, size=(64, 64))
+    config = load_config("default", strategy="full", image_size=64, batch_size=8, num_workers=0,
+                         finetune={"epochs": 6, "patience": 6})
+    spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=None)
+    model = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model), data_config={**backbone.data_config, "input_size": (3, 64, 64)})
+    codes = {s: dataset_codes(model, spec, s, config) for s in ("train", "val")}
+    trained = fit_finetune(model, spec, config, tmp_path / "out", codes, deadline=time.monotonic())
+    assert trained.details["epochs_run"] == 1 and trained.details["cut_by_deadline"]
+    assert trained.details["best_epoch"] == 1
+
+
+RECIPE = """
+image_size: 96
+batch_size: 8
+num_workers: 0
+strategy: full
+linear: {classifiers: [logreg], c_grid: [0.1], cv_folds: 2}
+finetune: {epochs: 40, patience: 40}
+tuning: {trials: 3}
+"""
+
+
+def _data(root: Path) -> Path:
+    for c, name in enumerate(["red", "green", "blue"]):
+        for k in range(12):
+            make_image(root / name / f"{k}.jpg", class_color(c), size=(96, 96), noise=40, seed=[c, k])
+    return root
+
+
+def _fit(data: Path, out: Path, recipe: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "tlpipe", "fit", str(data), "--recipe", str(recipe), "--output", str(out),
+            "--tracking-uri", f"sqlite:///{out.parent / 'mlflow.db'}", *flags]
+
+
+def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    out, limit = tmp_path / "out", 60
+    start = time.monotonic()
+    subprocess.run(_fit(_data(tmp_path / "data"), out, recipe, "--time-limit", f"{limit}s"), check=True,
+                   capture_output=True, timeout=600)
+    wall = time.monotonic() - start
+    summary = json.loads((out / "summary.json").read_text())
+    assert wall <= limit * 1.1 + 15, wall  # 15 s: Python, torch and timm start before the clock does
+    assert summary["status"] == "complete" and summary["budget"]["limit_seconds"] == limit
+    plan = json.loads((out / "plan.json").read_text())["plan"]
+    assert plan["epochs"] * plan["trials"] < 40 * 3 and not plan["deserved"]["fits"]
+    assert summary["plan"] == plan
+
+
+def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_that_says_so(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(_fit(data, out, recipe, "--time-limit", "none"), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "summary.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the linear classifier, saved before the fine-tune
+    time.sleep(random.uniform(0.5, 8.0))  # any moment of the fine-tune that follows
+    assert process.poll() is None, "the fit ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "cut" and summary["cut"] == "stopped by SIGTERM"
+    assert not (out / ".model.staging").exists()
+    predicted = subprocess.run([sys.executable, "-m", "tlpipe", "predict", str(out / "model"), str(data / "red" / "0.jpg"),
+                                "--format", "json"], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(predicted.stdout)[0]["predictions"][0]["label"] == "red"
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["tlpipe_status"] == "cut"
