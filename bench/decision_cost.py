@@ -12,7 +12,13 @@ start-up, the data folder's check and the backbone load are in both. The share o
 ``(auto - reference) / auto``; issue 4 asks for at most 15% on hymenoptera. Figures are the best of
 ``--rounds`` rounds (another job on the machine can double any one of them).
 
+``--all`` instead runs one auto fit on each dataset of ../shared/data and on the digits example
+(``--example digits``, as the README runs it) and prints, per dataset, the ``decide`` stage's
+seconds (summary.json's timings), the fit's wall seconds and the decision's share of them (issue
+12 asks for at most 15%). ``--output DIR`` keeps each fit's folder (and its caches) under DIR.
+
 Run from the repo root:  python bench/decision_cost.py [--data ../shared/data/hymenoptera] [--rounds 2]
+                         python bench/decision_cost.py --all [--recipe quick] [--output /tmp/decide]
 """
 from __future__ import annotations
 
@@ -25,18 +31,37 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared/data"
+DATASETS = ("hymenoptera", "bloodcells", "dtd10", "rsscn7")
 
 
-def timed_fit(data: Path, recipe: str, *flags: str) -> tuple[float, dict]:
-    """Seconds of one ``tlpipe fit`` command, and its summary.json."""
+def timed_fit(data: Path | None, recipe: str, *flags: str, keep: Path | None = None) -> tuple[float, dict]:
+    """Seconds of one ``tlpipe fit`` command (on ``data``, or on what ``flags`` name, such as
+    ``--example digits``), and its summary.json; ``keep``: the output folder to leave behind."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out"
-        command = [sys.executable, "-m", "tlpipe", "fit", str(data), "--recipe", recipe, "--output", str(out),
-                   "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--experiment", "decision-cost", *flags]
+        out = keep or Path(tmp) / "out"
+        command = [sys.executable, "-m", "tlpipe", "fit", *([str(data)] if data else []), "--recipe", recipe,
+                   "--output", str(out), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--experiment", "decision-cost",
+                   *flags]
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
         return seconds, json.loads((out / "summary.json").read_text())
+
+
+def decision_shares(recipe: str, output: Path | None) -> None:
+    """One auto fit per dataset of ``SHARED_DATA`` and on the digits example: decide s, wall s, share."""
+    runs = [(name, SHARED_DATA / name, ()) for name in DATASETS if (SHARED_DATA / name).is_dir()]
+    runs.append(("digits", None, ("--example", "digits")))
+    print(f"recipe {recipe}\n\n{'dataset':12s} {'decide s':>9s} {'fit s':>8s} {'share':>7s}  strategy / tap, val_accuracy")
+    for name, data, flags in runs:
+        keep = output / name if output else None
+        if keep and keep.exists():
+            raise SystemExit(f"{keep} exists: pass another --output, or remove it for a cold run")
+        seconds, summary = timed_fit(data, recipe, *flags, keep=keep)
+        decide = summary["timings"].get("decide", 0.0)
+        print(f"{name:12s} {decide:9.1f} {seconds:8.1f} {100 * decide / seconds:6.1f}%  "
+              f"{summary['strategy']} / {summary['layer']}, {summary['val_accuracy']:.4f}", flush=True)
 
 
 def main() -> None:
@@ -44,7 +69,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared/data/hymenoptera")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--all", action="store_true", help="the decision's share on every shared dataset and digits")
+    parser.add_argument("--output", type=Path, help="with --all: keep each fit's folder under this one")
     args = parser.parse_args()
+    if args.all:
+        return decision_shares(args.recipe, args.output)
     if not args.data.is_dir():
         raise SystemExit(f"no dataset at {args.data}: pass --data FOLDER (one subfolder per class)")
 

@@ -69,3 +69,37 @@ def test_the_scaler_trusts_per_feature_variances_only_as_far_as_the_images_allow
     shrunk, plain = ShrunkScaler().fit(few).scale_, StandardScaler().fit(few).scale_
     assert shrunk[0] > 10 * plain[0]  # a feature that barely varied in 6 codes is not blown up
     assert shrunk.max() / shrunk.min() < plain.max() / plain.min()
+
+
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_the_regularization_path_chooses_as_the_plain_grid_search(kind):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from tlpipe.training.linear import cv_path, linear_estimator
+
+    X, y, _, _ = codes(4)
+    grid, cv = (1e-3, 1e-2, 0.1, 1.0), StratifiedKFold(3, shuffle=True, random_state=0)
+    scores, decisions = cv_path(kind, X, y, cv, grid)
+    step = {"logreg": "logisticregression", "svm": "linearsvc"}[kind]
+    plain = GridSearchCV(linear_estimator(kind, grid[0]), {f"{step}__C": list(grid)}, cv=cv, refit=False).fit(X, y)
+    np.testing.assert_allclose(scores, plain.cv_results_["mean_test_score"], atol=0.02)
+    assert grid[int(np.argmax(scores))] == plain.best_params_[f"{step}__C"]
+    assert set(decisions) == (set(grid) if kind == "svm" else set())
+
+
+def test_the_decision_reads_its_cross_validation_from_the_cache(tmp_path, monkeypatch):
+    from tlpipe.config import load_config
+    from tlpipe.strategy import policy
+
+    X, y, X_val, y_val = codes(3)
+    config = load_config("quick", cache_dir=str(tmp_path), device="cpu")
+    calls = []
+    fit = policy.fit_linear
+    monkeypatch.setattr(policy, "fit_linear", lambda *args: calls.append(1) or fit(*args))
+    first = policy.cached_fit_linear(config, {"train": (X, y), "val": (X_val, y_val)})
+    again = policy.cached_fit_linear(config, {"train": (X, y), "val": (X_val, y_val)})
+    assert len(calls) == 1 and len(list((tmp_path / "decision").glob("*.npz"))) == 1
+    assert again.details == first.details and again.head.kind == first.head.kind
+    np.testing.assert_array_equal(again.head.predict_proba(X_val), first.head.predict_proba(X_val))
+    policy.cached_fit_linear(config, {"train": (X + 1, y), "val": (X_val, y_val)})  # other codes: computed anew
+    assert len(calls) == 2

@@ -12,15 +12,19 @@ strategy and tap (the guard needs the fine-tune itself).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from tlpipe.cache import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
 from tlpipe.models import PENULTIMATE
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
+from tlpipe.training.linear import LinearHead
 from tlpipe.training.strategies import TrainedHead, fit_linear
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -52,12 +56,35 @@ def choose_tap(assessment: Assessment, config: FitConfig) -> tuple[Assessment, L
     for tap in assessment.linear_taps():
         codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
         tap_config = config.model_copy(update={"strategy": "linear", "layer": tap})
-        fits[tap] = LinearFit(tap, fit_linear(tap_config, codes), codes, tap_config)
+        fits[tap] = LinearFit(tap, cached_fit_linear(tap_config, codes), codes, tap_config)
     best = max(fits.values(), key=lambda fit: fit.val_accuracy)  # the first (last features) wins a tie
     reason = ("Linear classifiers on validation: "
               + ", ".join(f"{_tap_name(t)} {f.val_accuracy:.3f}" for t, f in fits.items())
               + f"; {_tap_name(best.tap)} kept.")
     return replace(assessment, decision=assessment.decision.with_reason(reason, layer=best.tap)), best
+
+
+def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
+    """``fit_linear(config, codes)``, kept under ``<cache_dir>/decision/<key>.npz`` (the head's arrays
+    and its details as JSON), so a re-run on the same codes skips the cross-validation. The key
+    hashes the codes themselves and the linear settings: codes from edited images or another
+    backbone are other bytes, so no stale entry is read."""
+    if not config.cache_dir:
+        return fit_linear(config, codes)
+    digest = hashlib.sha256()
+    for X, y in (codes["train"], codes["val"]):
+        digest.update(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(y).tobytes())
+    key = cache_key([], codes=digest.hexdigest(), linear=config.linear.model_dump(mode="json"), seed=config.seed)
+    path = Path(config.cache_dir) / "decision" / f"{key}.npz"
+    saved = load_cached(path, key)
+    if saved is not None:
+        details = json.loads(str(saved["details"]))
+        head = LinearHead(saved["weight"], saved["bias"], details["chosen"], float(saved["scale"]))
+        return TrainedHead(head, details)
+    trained = fit_linear(config, codes)
+    save_cached(path, key, {"weight": trained.head.weight, "bias": trained.head.bias, "scale": np.array(trained.head.scale),
+                            "details": np.array(json.dumps(trained.details))})
+    return trained
 
 
 def tuned_baseline(fit: LinearFit, out: Path) -> LinearFit:
