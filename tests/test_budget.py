@@ -172,3 +172,26 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
     assert run.info.status == "KILLED" and run.data.tags["tlpipe_status"] == "cut"
+
+
+def test_no_trial_starts_that_the_time_left_cannot_finish(tmp_path):
+    """Trials queued, but estimated (then measured) longer than what is left: they wait for a re-run,
+    which finishes them, instead of overrunning the limit."""
+    from optuna.trial import TrialState
+
+    from tlpipe import tuning
+
+    def one_second(trial, config, on_epoch):
+        time.sleep(1.0)
+        return config.finetune.lr
+
+    def states(tuned):
+        return [t.state for t in tuned.study.trials]
+
+    config = load_config("default", strategy="full", tuning={"trials": 3})
+    estimated_too_long = tuning.tune(config, tmp_path, one_second, timeout=5, trial_seconds=6)
+    assert states(estimated_too_long) == [TrialState.WAITING] * 3
+    measured_too_long = tuning.tune(config, tmp_path, one_second, timeout=1.5, trial_seconds=0.1)
+    assert states(measured_too_long).count(TrialState.COMPLETE) == 1  # after it, 0.5 s left: less than a trial
+    finished = tuning.tune(config, tmp_path, one_second, timeout=30, trial_seconds=1.0)
+    assert states(finished) == [TrialState.COMPLETE] * 3

@@ -48,7 +48,7 @@ class FinetuneConfig(_Section):
     """Strategies 2 and 3: partial and full fine-tuning (LP-FT: the head starts from a linear probe)."""
 
     epochs: int = Field(default=8, ge=1)
-    # Unset, both come from the decision (tlpipe.strategy.plan: far and large data 1e-3 x 0.5, else 1e-4 x 0.3)
+    # Unset, both come from the decision (tlpipe.strategy.plan: far data 1e-3 x 0.5, near 1e-4 x 0.3)
     lr: float = Field(default=1e-4, gt=0)  # head learning rate (AdamW); the head starts from the probe
     backbone_lr_mult: float = Field(default=0.3, gt=0, le=1)  # backbone LR = lr x this
     image_size: int | None = Field(default=None, ge=32)  # training resolution; None: the plan's (auto) or the fit's

@@ -40,7 +40,7 @@ from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
 from tlpipe.outputs import SUMMARY, FitResult, FittedModel, record, restore_bundle, write_cut_summary
 from tlpipe.progress import announce, quiet_libraries
-from tlpipe.strategy.auto import Assessment, assess, images_per_class, rank_backbones
+from tlpipe.strategy.auto import Assessment, assess, rank_backbones
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import (
     RECORD_SECONDS, Plan, apply_plan, decision_hyperparameters, make_plan, train_sizes,
@@ -271,7 +271,7 @@ def plan_training(prepared: Prepared, choice: Choice, budget: Budget, timings: T
         assessment = dataclasses.replace(choice.assessment, decision=decision) if decision else None
         return Choice(linear.config, linear.codes, assessment, linear), plan
     decision = choice.assessment.decision if choice.assessment else None
-    rates = decision_hyperparameters(decision, images_per_class(prepared.spec), config)
+    rates = decision_hyperparameters(decision, config)
     return dataclasses.replace(choice, config=apply_plan(config, plan, rates)), plan
 
 

@@ -68,15 +68,13 @@ def train_sizes(native: int, side: int) -> list[int]:
     return [s for s in candidates if s <= top]
 
 
-def decision_hyperparameters(decision: Decision | None, per_class: int, config: FitConfig) -> dict:
-    """Trial 0's learning rates from the decision, where the recipe does not set them: far data with
-    enough images to move the features (``auto.far_large_per_class`` a class) 1e-3 x 0.5, else
-    1e-4 x 0.3. Calibrated on bench/results/strategy_benchmark.jsonl (bench/BUDGET.md)."""
-    ft = config.finetune
-    if decision is None or {"lr", "backbone_lr_mult"} & ft.model_fields_set:
+def decision_hyperparameters(decision: Decision | None, config: FitConfig) -> dict:
+    """Trial 0's learning rates from the decision, where the recipe does not set them: data far from
+    ImageNet, whose features must move further, 1e-3 x 0.5; near data 1e-4 x 0.3. Calibrated on
+    bench/results/strategy_benchmark.jsonl (bench/BUDGET.md)."""
+    if decision is None or {"lr", "backbone_lr_mult"} & config.finetune.model_fields_set:
         return {}
-    far_and_large = decision.similarity == "far" and per_class >= config.auto.far_large_per_class
-    return {"lr": 1e-3, "backbone_lr_mult": 0.5} if far_and_large else {"lr": 1e-4, "backbone_lr_mult": 0.3}
+    return {"lr": 1e-3, "backbone_lr_mult": 0.5} if decision.similarity == "far" else {"lr": 1e-4, "backbone_lr_mult": 0.3}
 
 
 def epoch_seconds(speeds: dict, size: int, n_train: int, n_val: int) -> float:
