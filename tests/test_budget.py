@@ -71,10 +71,10 @@ def test_small_images_train_at_a_small_resolution_and_large_ones_at_the_native_o
 def test_the_plan_trains_smaller_when_the_native_resolution_does_not_fit():
     config = load_config("default").model_copy(update={"strategy": "full"})
     spec = _spec(800, 400)  # an epoch at 224 px: 80 s train + 10 s val
-    roomy = make_plan(config, spec, SPEEDS, 224, 400, left=7200, trials=8, reserve=30)
+    roomy = make_plan(config, spec, SPEEDS, train_sizes(224, 400), 224, left=7200, trials=8, reserve=30)
     assert (roomy.train_size, roomy.trials, roomy.epochs) == (224, 8, 8) and roomy.deserved["fits"]
     assert roomy.pruner == "median" and roomy.eval_sizes == (224,)
-    tight = make_plan(config, spec, SPEEDS, 224, 400, left=600, trials=8, reserve=30)
+    tight = make_plan(config, spec, SPEEDS, train_sizes(224, 400), 224, left=600, trials=8, reserve=30)
     assert tight.train_size < 224 and tight.trials >= 1 and tight.eval_sizes == (tight.train_size, 224)
     assert tight.seconds["study"] <= (600 - 30)  # planned within what is left
     assert not tight.deserved["fits"] and "--time-limit" in tight.notes[0]
@@ -84,7 +84,7 @@ def test_the_plan_trains_smaller_when_the_native_resolution_does_not_fit():
 
 def test_when_no_fine_tune_fits_the_plan_keeps_the_linear_classifier():
     config = load_config("default").model_copy(update={"strategy": "full"})
-    plan = make_plan(config, _spec(800, 400), SPEEDS, 224, 400, left=60, trials=8, reserve=30)
+    plan = make_plan(config, _spec(800, 400), SPEEDS, train_sizes(224, 400), 224, left=60, trials=8, reserve=30)
     assert plan.strategy == "linear" and "linear classifier stands" in plan.notes[-1]
 
 
@@ -195,3 +195,16 @@ def test_no_trial_starts_that_the_time_left_cannot_finish(tmp_path):
     assert states(measured_too_long).count(TrialState.COMPLETE) == 1  # after it, 0.5 s left: less than a trial
     finished = tuning.tune(config, tmp_path, one_second, timeout=30, trial_seconds=1.0)
     assert states(finished) == [TrialState.COMPLETE] * 3
+
+
+def test_a_signal_while_a_record_is_written_waits_for_it_to_end():
+    from tlpipe.budget import FitCut, signals_held, stop_on_signals
+
+    written = []
+    with pytest.raises(FitCut, match="SIGTERM") as cut, stop_on_signals():
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            written.append("the whole record")
+        written.append("not reached")
+    assert written == ["the whole record"] and cut.value.exit_code == 143

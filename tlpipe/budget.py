@@ -10,6 +10,7 @@ so a stopped fit unwinds through its ``finally`` blocks and records the best mod
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 import threading
@@ -71,6 +72,10 @@ class Budget:
         """Seconds left; infinite without a limit."""
         return math.inf if self.limit is None else self.limit - self.elapsed()
 
+    def timeout(self, reserve: float = 0.0) -> float | None:
+        """Seconds for work that must leave ``reserve`` seconds; None: no limit."""
+        return None if self.limit is None else max(self.left() - reserve, 0.0)
+
     def deadline(self, reserve: float = 0.0) -> float | None:
         """The ``time.monotonic()`` by which work must end to leave ``reserve`` seconds; None: no limit."""
         return None if self.limit is None else self.started + self.limit - reserve
@@ -93,17 +98,32 @@ class FitCut(BaseException):
 _SIGNALS = {signal.SIGTERM: ("stopped by SIGTERM", 143), signal.SIGINT: ("interrupted (Ctrl+C)", 130)}
 
 
+class _Stops:
+    """The signal handler's state: while ``held`` (``signals_held``), a signal is kept in ``pending``
+    and raised when the hold ends."""
+
+    held = 0
+    pending: int | None = None
+    owner: int | None = None  # the pid that installed the handler: forked DataLoader workers inherit it
+
+
+def _cut(signum, frame) -> None:
+    if os.getpid() != _Stops.owner:  # a forked worker: stop as Python would, its parent handles the cut
+        raise KeyboardInterrupt
+    if _Stops.held:
+        _Stops.pending = signum
+        return
+    raise FitCut(*_SIGNALS[signum])
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGINT raise ``FitCut`` in the main thread for the block (elsewhere: nothing)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def cut(signum, frame):
-        raise FitCut(*_SIGNALS[signum])
-
-    previous = {signum: signal.signal(signum, cut) for signum in _SIGNALS}
+    _Stops.owner = os.getpid()
+    previous = {signum: signal.signal(signum, _cut) for signum in _SIGNALS}
     try:
         yield
     finally:
@@ -113,12 +133,12 @@ def stop_on_signals() -> Iterator[None]:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT wait until the block ends: a few renames that must happen together."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, list(_SIGNALS))
+    """SIGTERM and Ctrl+C wait for the block to end (writing a bundle, a summary), then cut."""
+    _Stops.held += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, list(_SIGNALS))
+        _Stops.held -= 1
+    if not _Stops.held and _Stops.pending is not None:
+        signum, _Stops.pending = _Stops.pending, None
+        raise FitCut(*_SIGNALS[signum])

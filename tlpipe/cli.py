@@ -151,14 +151,19 @@ def fit(
                              tuning=TuningOverrides(trials, timeout, storage, study_name),
                              verbose=(ctx.obj or {}).get("verbose", False))
         except FitCut as cut:
-            saved = f"the best model so far is in {cut.result.bundle_path}" if cut.result else "no model was saved yet"
-            typer.echo(f"tlpipe: fit {cut.reason}: {saved}; to continue, run the same command with "
-                       f"--output {shlex.quote(str(cut.output))}", err=True)
-            raise typer.Exit(cut.exit_code) from None
+            _exit_cut(cut)
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return
         quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
         print_fit_report(result.summary, result.metrics, quarantined)
+
+
+def _exit_cut(cut) -> None:
+    """A fit stopped by SIGTERM or Ctrl+C: one line on what it left and how to go on, and the signal's exit code."""
+    saved = f"the best model so far is in {cut.result.bundle_path}" if cut.result else "no model was saved yet"
+    typer.echo(f"tlpipe: fit {cut.reason}: {saved}; to continue, run the same command with "
+               f"--output {shlex.quote(str(cut.output))}", err=True)
+    raise typer.Exit(cut.exit_code) from None
 
 
 def _worker(data: Optional[Path], storage: Optional[str], study_name: Optional[str], output: Optional[Path]) -> None:

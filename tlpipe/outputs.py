@@ -27,7 +27,7 @@ from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.tracking import FitRun
 from tlpipe.training.strategies import TrainedHead
-from tlpipe.utils import write_json
+from tlpipe.utils import read_json, write_json
 
 SUMMARY = "summary.json"
 BUNDLE = "model"
@@ -60,8 +60,14 @@ def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: Fi
            assessment: Assessment | None = None, ranking: list[dict] | None = None, *, status: str = "complete",
            cut: str | None = None, plan: dict | None = None, budget: dict | None = None) -> FitResult:
     """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``.
-    ``status``: complete, provisional (a fine-tune still to come: nothing but the status is logged),
-    or cut (``cut``: why; the run is then tagged, and its params left as they were)."""
+    ``status``: complete, provisional (a fine-tune still to come: the status and summary are
+    logged, no params or metrics), or cut (``cut``: why; the run is tagged, its params left as
+    they were). SIGTERM and Ctrl+C wait until the record is whole."""
+    with signals_held():
+        return _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget)
+
+
+def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget) -> FitResult:
     X_val, y_val = model.val_codes
     metrics = classification_metrics(y_val, model.trained.head.predict(X_val), spec.classes)
     layer = resolve_layer(model.backbone.model, model.config.layer)
@@ -78,19 +84,33 @@ def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: Fi
     run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
     if status == "complete":
         _log_run(run, out, model, metrics, timings, artifacts, bundle)
-    elif status == "cut":
+    elif status == "cut" and bundle.exists():
         run.log_artifact(bundle, "model")
     write_json(out / SUMMARY, summary)
     run.log_artifact(out / SUMMARY)
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
 
 
-def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> None:
-    """The summary of a fit cut before it had any model to save."""
-    run.log_batch(tags={STATUS_TAG: "cut", "tlpipe_cut": reason})
-    write_json(out / SUMMARY, {"status": "cut", "cut": reason, "bundle": None, "run_id": run.run_id,
-                               "tracking_uri": run.tracking_uri, "timings": timings, "tlpipe_version": __version__})
-    run.log_artifact(out / SUMMARY)
+def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> Path | None:
+    """The summary of a fit cut before this run saved a model: the bundle an earlier run of the
+    same fit left, if any. Returns that bundle."""
+    bundle = out / BUNDLE if (out / BUNDLE).is_dir() else None
+    with signals_held():
+        run.log_batch(tags={STATUS_TAG: "cut", "tlpipe_cut": reason})
+        write_json(out / SUMMARY, {"status": "cut", "cut": reason, "bundle": bundle and str(bundle.resolve()),
+                                   "run_id": run.run_id, "tracking_uri": run.tracking_uri, "timings": timings,
+                                   "tlpipe_version": __version__})
+        run.log_artifact(out / SUMMARY)
+    return bundle
+
+
+def previous_status(out: Path) -> str | None:
+    """The status an earlier run of this fit left in ``summary.json`` (None: no summary)."""
+    path = Path(out) / SUMMARY
+    try:
+        return read_json(path).get("status", "complete") if path.exists() else None
+    except ValueError:  # a summary is written atomically; a foreign file is not ours to trust
+        return None
 
 
 def _replace_folder(target: Path, write) -> None:

@@ -38,7 +38,9 @@ from tlpipe.data import DatasetSpec, prepare_dataset, shorter_side
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
-from tlpipe.outputs import SUMMARY, FitResult, FittedModel, record, restore_bundle, write_cut_summary
+from tlpipe.outputs import (
+    SUMMARY, FitResult, FittedModel, previous_status, record, restore_bundle, write_cut_summary,
+)
 from tlpipe.progress import announce, quiet_libraries
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
 from tlpipe.strategy.decision import Decision
@@ -126,23 +128,27 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
     data = Path(data).expanduser()
     out = Path(output) if output else default_output_dir(data)
     tuning = tuning or TuningOverrides()
-    with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
-        ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
-        timings = Timings()
-        prepared = prepare(data, config, out, ranks, timings, recipe)
-        with _open_run(prepared, experiment, tracking_uri, ranks) as run:
-            saved = Saved(prepared, run, timings, budget, ranks.is_main)
-            try:
-                choice = choose(prepared, ranks, timings, tuning.trials)
-                ranks.main_alone(when=choice.config.strategy == "linear")
-                saved.first(choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
-                choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
-                model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
-                ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
-                return saved.final(check(prepared, choice, model, timings), plan)
-            except FitCut as cut:
-                cut.output, cut.result = out, saved.cut(cut.reason)
-                raise
+    try:
+        with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
+            ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
+            timings = Timings()
+            prepared = prepare(data, config, out, ranks, timings, recipe)
+            with _open_run(prepared, experiment, tracking_uri, ranks) as run:
+                saved = Saved(prepared, run, timings, budget, ranks.is_main)
+                try:
+                    choice = choose(prepared, ranks, timings, budget, tuning.trials)
+                    ranks.main_alone(when=choice.config.strategy == "linear")
+                    saved.first(choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
+                    choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
+                    model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
+                    ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
+                    return saved.final(check(prepared, choice, model, timings), plan)
+                except FitCut as cut:
+                    cut.result = saved.cut(cut.reason)
+                    raise
+    except FitCut as cut:
+        cut.output = out
+        raise
     return None
 
 
@@ -157,7 +163,8 @@ class Saved:
     budget: Budget
     enabled: bool
     choice: Choice | None = None
-    model: FittedModel | None = None
+    model: FittedModel | None = None  # the model in the bundle, once this run saved one
+    result: FitResult | None = None  # the final record, once written
 
     def _record(self, model: FittedModel, **status) -> FitResult:
         p, choice = self.prepared, self.choice
@@ -165,24 +172,32 @@ class Saved:
                       p.ranking, budget=self.budget.to_dict(), **status)
 
     def first(self, choice: Choice) -> None:
+        """Before a fine-tune, its linear classifier as a complete bundle, unless an earlier run of
+        this fit left a complete one (a re-run to add trials: that model stays until a better one)."""
         self.choice = choice
-        if self.enabled and choice.config.strategy != "linear" and choice.linear is not None:
-            linear = choice.linear
-            decision = choice.assessment.decision if choice.assessment else None
-            self.model = FittedModel(linear.config, self.prepared.backbone, linear.trained, linear.codes["val"], {}, decision)
-            self._record(self.model, status="provisional")
-            announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
-                     f"{self.prepared.out / 'model'}")
+        if not self.enabled or choice.config.strategy == "linear" or choice.linear is None:
+            return
+        if previous_status(self.prepared.out) == "complete":
+            return
+        linear = choice.linear
+        decision = choice.assessment.decision if choice.assessment else None
+        self.model = FittedModel(linear.config, self.prepared.backbone, linear.trained, linear.codes["val"], {}, decision)
+        self._record(self.model, status="provisional")  # a cut waits until it is whole (outputs.record)
+        announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
+                 f"{self.prepared.out / 'model'}")
 
     def final(self, model: FittedModel, plan: Plan) -> FitResult | None:
-        return self._record(model, plan=plan.to_dict()) if self.enabled else None
+        if self.enabled:
+            self.result = self._record(model, plan=plan.to_dict())
+        return self.result
 
     def cut(self, reason: str) -> FitResult | None:
-        if not self.enabled:
-            return None
+        """The summary after SIGTERM or Ctrl+C; a fit whose final record was written stays complete."""
+        if not self.enabled or self.result is not None:
+            return self.result
         if self.model is None:
-            write_cut_summary(self.prepared.out, reason, self.timings.seconds, self.run)
-            return None
+            bundle = write_cut_summary(self.prepared.out, reason, self.timings.seconds, self.run)
+            return bundle and FitResult(self.prepared.out, bundle, self.run.run_id, {}, self.prepared.spec, {})
         return self._record(self.model, status="cut", cut=reason)
 
 
@@ -220,9 +235,10 @@ def _open_run(prepared: Prepared, experiment: str | None, tracking_uri: str | No
     return FitRun(experiment, tracking_uri, run_name=prepared.out.name)
 
 
-def choose(prepared: Prepared, ranks: DistContext, timings: Timings, trials: int | None = None) -> Choice:
+def choose(prepared: Prepared, ranks: DistContext, timings: Timings, budget: Budget, trials: int | None = None) -> Choice:
     """The codes of the strategy asked for; under auto, the policy's strategy and tap, from one
-    hooked pass that yields both the codes and the signals."""
+    hooked pass that yields both the codes and the signals. Before a fine-tune (rank 0): the linear
+    classifier saved first, tuned under auto as the guard's baseline."""
     config, spec, backbone = prepared.config, prepared.spec, prepared.backbone
     cache = Path(config.cache_dir)
     if config.strategy != "auto":
@@ -246,6 +262,9 @@ def choose(prepared: Prepared, ranks: DistContext, timings: Timings, trials: int
     if ranks.is_main:
         announce(_decision_line(assessment.decision, config))
     codes = {split: assessment.codes(split, config.layer) for split in ("train", "val")}
+    if linear is not None and config.strategy != "linear":
+        with timings.stage("linear_baseline"):
+            linear = tuned_baseline(linear, prepared.out, budget.timeout())
     return Choice(config, codes, assessment, linear)
 
 
@@ -257,13 +276,14 @@ def plan_training(prepared: Prepared, choice: Choice, budget: Budget, timings: T
     config = choice.config
     if config.strategy == "linear":
         return choice, Plan("linear")
-    with timings.stage("plan"):
-        plan = _saved_or_new_plan(prepared, config, budget, trials)
+    with timings.stage("plan"):  # rank 0 plans, every rank trains that plan
+        plan = ranks.broadcast(_saved_or_new_plan(prepared, config, budget, trials) if ranks.is_main else None)
     if ranks.is_main:
         announce(f"[bold]Plan[/] {plan.line}")
         for note in plan.notes:
             announce(f"[yellow]Note[/] {note}")
     if plan.strategy == "linear":
+        ranks.main_alone()  # the linear classifier is rank 0's alone
         decision = choice.assessment.decision.with_reason(
             f"Plan: {plan.notes[-1]}.", strategy="linear", unfreeze_stages=None, fallback_from=config.strategy,
         ) if choice.assessment else None
@@ -292,12 +312,17 @@ def _saved_or_new_plan(prepared: Prepared, config: FitConfig, budget: Budget, tr
 def new_plan(spec: DatasetSpec, backbone: Backbone, config: FitConfig, left: float, trials: int | None) -> Plan:
     """A fine-tune's plan for ``left`` seconds, from train and eval steps timed on this device now."""
     native = backbone.data_config["input_size"][-1]
-    side = shorter_side([s.path for s in spec.splits["train"][:: max(1, len(spec.splits["train"]) // 100)]])
+    if "image_size" in config.finetune.model_fields_set and config.finetune.image_size:
+        sizes = [config.finetune.image_size]  # the recipe's own
+    elif backbone.model.pretrained_cfg.get("fixed_input_size"):
+        sizes = [native]  # a ViT's position embeddings, say, hold one size only
+    else:
+        sizes = train_sizes(native, shorter_side([s.path for s in spec.splits["train"][:: max(1, len(spec.splits["train"]) // 100)]]))
     unfreeze = config.finetune.unfreeze_stages if config.strategy == "partial" else None
-    speeds = measure_speed(backbone.model, train_sizes(native, side)[0], resolve_device(config.device), unfreeze)
+    speeds = measure_speed(backbone.model, sizes[0], resolve_device(config.device), unfreeze)
     n_val = spec.counts().get("val", 0)
     reserve = RECORD_SECONDS + 2 * n_val / speeds["eval_images_per_second"] * (native / speeds["size"]) ** 2
-    return make_plan(config, spec, speeds, native, side, left, requested_trials(config, trials), reserve)
+    return make_plan(config, spec, speeds, sizes, native, left, requested_trials(config, trials), reserve)
 
 
 def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: DistContext, timings: Timings,
@@ -351,9 +376,7 @@ def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timin
         model = _best_resolution(prepared, model)
     if choice.assessment is None:
         return model
-    with timings.stage("linear_baseline"):
-        baseline = tuned_baseline(choice.linear, prepared.out)
-    val = model.val_codes
+    baseline, val = choice.linear, model.val_codes
     decision = guard(model.decision, accuracy(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
     if decision.strategy != "linear":
         return dataclasses.replace(model, decision=decision)
@@ -399,9 +422,9 @@ def _tune(config: FitConfig, out: Path, objective, run: FitRun, ranks: DistConte
     train the best config with DDP."""
     if ranks.enabled:
         return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    timeout = budget.left() - plan.seconds.get("reserve", 0.0)
-    timeout = min(timeout, overrides.timeout) if overrides.timeout is not None else timeout
-    settings = {**dataclasses.asdict(overrides), "timeout": None if timeout == float("inf") else max(timeout, 0.0)}
+    limits = [budget.timeout(plan.seconds.get("reserve", RECORD_SECONDS)), overrides.timeout, config.tuning.timeout]
+    timeout = min((t for t in limits if t is not None), default=None)  # the budget's, the run's and the recipe's
+    settings = {**dataclasses.asdict(overrides), "timeout": timeout}
     return tune(config, out, objective, parent=run, trial_seconds=plan.seconds.get("trial"), **settings)
 
 

@@ -54,12 +54,16 @@ class DatasetSpec:
 def check_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
     """Decode every file once (threads: Pillow releases the GIL); return the bad ones with why."""
     workers = max(1, default_workers(workers))
-    with ThreadPoolExecutor(workers) as pool, progress_bar("Checking images", len(paths)) as advance:
-        reasons = {}
-        for path, reason in zip(paths, pool.map(check_image, paths)):
-            advance()
-            if reason:
-                reasons[path] = reason
+    pool = ThreadPoolExecutor(workers)
+    try:
+        with progress_bar("Checking images", len(paths)) as advance:
+            reasons = {}
+            for path, reason in zip(paths, pool.map(check_image, paths)):
+                advance()
+                if reason:
+                    reasons[path] = reason
+    finally:  # a stopped fit (Ctrl+C, SIGTERM) does not wait for the files not yet checked
+        pool.shutdown(cancel_futures=True)
     return reasons
 
 

@@ -22,7 +22,7 @@ from tlpipe.strategy.decision import Decision
 SIZES = (224, 192, 160, 128)  # training resolutions tried below the native one, largest first
 MIN_EPOCHS = 3  # fewer than this is not worth a fine-tune: the linear model stands
 SAFETY = 0.85  # plan with this share of what is left: speeds measured in seconds drift over minutes
-RECORD_SECONDS = 20.0  # the guard's linear study, the bundle and the reports, on a CPU
+RECORD_SECONDS = 20.0  # the final fit's set-up, the bundle, the reports and the MLflow run, on a CPU
 UPSCALE = 1.15  # a source side this much below a resolution gains nothing from it
 
 
@@ -83,13 +83,13 @@ def epoch_seconds(speeds: dict, size: int, n_train: int, n_val: int) -> float:
     return scale * (n_train / speeds["train_images_per_second"] + n_val / speeds["eval_images_per_second"])
 
 
-def make_plan(config: FitConfig, spec: DatasetSpec, speeds: dict, native: int, side: int, left: float,
+def make_plan(config: FitConfig, spec: DatasetSpec, speeds: dict, sizes: list[int], native: int, left: float,
               trials: int, reserve: float) -> Plan:
     """The plan for ``config.strategy`` (partial or full) in ``left`` seconds, ``reserve`` of them
-    kept for scoring and recording; ``trials``: the study the recipe asks for."""
+    kept for scoring and recording, training at one of ``sizes`` (largest first; ``train_sizes``);
+    ``trials``: the study the recipe asks for."""
     counts = spec.counts()
     n_train, n_val, epochs = counts["train"], counts.get("val", 0), config.finetune.epochs
-    sizes = train_sizes(native, side)
     per_epoch = {s: epoch_seconds(speeds, s, n_train, n_val) for s in sizes}
     available = (left - reserve) * SAFETY
     deserved = max(trials, 1) * epochs * epoch_seconds(speeds, native, n_train, n_val)

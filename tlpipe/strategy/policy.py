@@ -87,13 +87,14 @@ def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
     return trained
 
 
-def tuned_baseline(fit: LinearFit, out: Path) -> LinearFit:
+def tuned_baseline(fit: LinearFit, out: Path, timeout: float | None = None) -> LinearFit:
     """``fit``'s classifier and C tuned as a linear fit tunes them (a study of its own in
-    ``<out>/linear_baseline``, trial 0 ``fit``'s own), so falling back loses nothing against
-    ``--strategy linear``."""
+    ``<out>/linear_baseline``, trial 0 ``fit``'s own, for at most ``timeout`` seconds), so falling
+    back loses nothing against ``--strategy linear``."""
     from tlpipe.tuning import linear_objective, tune
 
-    tuned = tune(fit.config, Path(out) / "linear_baseline", linear_objective(fit.codes, fit.trained.linear_params()))
+    objective = linear_objective(fit.codes, fit.trained.linear_params())
+    tuned = tune(fit.config, Path(out) / "linear_baseline", objective, timeout=timeout)
     return LinearFit(fit.tap, fit_linear(tuned.config, fit.codes), fit.codes, tuned.config)
 
 

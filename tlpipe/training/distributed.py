@@ -42,6 +42,14 @@ class DistContext:
         """Element-wise sum of ``values`` over all ranks."""
         return self._all_reduce(values, dist.ReduceOp.SUM) if self.enabled else values
 
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object the ranks made themselves)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_min(self, value: int) -> int:
         """The smallest ``value`` of all ranks (e.g. the batch size that fits every GPU)."""
         return int(self._all_reduce([value], dist.ReduceOp.MIN)[0]) if self.enabled else value

@@ -58,5 +58,8 @@ def measure_speed(model: nn.Module, size: int, device: torch.device, unfreeze_st
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels: CUDA and MPS run asynchronously."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -84,7 +84,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
     train_loader, val_loader = _loaders(data_config, spec, config, out, batch_size, device, context)
     weights = class_weights(spec, ft.class_weights)
-    fingerprint = json.dumps([config.model_dump(mode="json"), backbone.weights.sha256,
+    fingerprint = json.dumps([config.model_dump(mode="json", exclude={"budget"}), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
     # Seeded on a fork of the global RNG: the run is reproducible and the caller's RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):

@@ -115,7 +115,7 @@ def default_study_name(config: FitConfig) -> str:
     """``tlpipe-<strategy>-<hash>`` of everything that changes what a trial measures, so re-running
     the same fit continues its study and a changed recipe starts a new one."""
     values = config.model_dump(mode="json")
-    for key in ("num_workers", "cache_dir", "device"):
+    for key in ("num_workers", "cache_dir", "device", "budget"):  # budget: a re-run given more time continues
         values.pop(key, None)
     keep = {k: v for k, v in values.pop("tuning").items() if k.endswith("_range") or k in ("classifiers", "pruner")}
     digest = hashlib.sha256(json.dumps([values, keep], sort_keys=True).encode()).hexdigest()[:12]

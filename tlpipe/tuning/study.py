@@ -25,7 +25,7 @@ from tlpipe.tuning.storage import (
 
 STATE_TAG = "optuna_state"  # tag on each trial's MLflow run: COMPLETE, PRUNED or FAILED
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-_MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED"}
+_MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED", "KILLED": "KILLED"}
 
 Objective = Callable[[optuna.Trial, FitConfig, "EpochReporter"], float]
 
@@ -134,6 +134,10 @@ def _trial_function(study: optuna.Study, objective: Objective, config: FitConfig
             trial.set_user_attr(PRUNED_REASON, reason)
             _free_cuda()
             raise optuna.TrialPruned(reason) from None
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # stopped from outside: SIGTERM, Ctrl+C
+                state = "KILLED"
+            raise
         finally:
             if run is not None:
                 run.finish(state, value, reason)
