@@ -37,7 +37,7 @@ class LinearFit:
     tap: str
     trained: TrainedHead
     codes: Codes
-    config: FitConfig  # the config that fits it again: strategy linear, this tap, its classifier and C
+    config: FitConfig  # strategy linear on this tap: the recipe's classifiers and C grid, or (tuned) its own
 
     @property
     def val_accuracy(self) -> float:
@@ -51,12 +51,16 @@ def _tap_name(tap: str) -> str:
 def choose_tap(assessment: Assessment, config: FitConfig) -> tuple[Assessment, LinearFit]:
     """Fit a linear classifier on each of ``assessment.linear_taps()`` (their codes all come from
     the assessment's one pass) and return the assessment whose decision holds the best tap on
-    validation, with that classifier."""
+    validation, with that classifier. The taps are compared with the recipe's first classifier
+    alone (C by cross-validation): the study that follows tunes classifier and C on the tap kept,
+    so fitting every classifier on every tap would only double the decision's cost."""
     fits = {}
+    compare = config.linear.model_copy(update={"classifiers": config.linear.classifiers[:1]})
     for tap in assessment.linear_taps():
         codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
         tap_config = config.model_copy(update={"strategy": "linear", "layer": tap})
-        fits[tap] = LinearFit(tap, cached_fit_linear(tap_config, codes), codes, tap_config)
+        trained = cached_fit_linear(tap_config.model_copy(update={"linear": compare}), codes)
+        fits[tap] = LinearFit(tap, trained, codes, tap_config)
     best = max(fits.values(), key=lambda fit: fit.val_accuracy)  # the first (last features) wins a tie
     reason = ("Linear classifiers on validation: "
               + ", ".join(f"{_tap_name(t)} {f.val_accuracy:.3f}" for t, f in fits.items())
