@@ -148,7 +148,7 @@ def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
 
 def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_that_says_so(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(RECIPE.replace("epochs: 40, patience: 40", "epochs: 8, patience: 8").replace("trials: 3", "trials: 2"))
     data, out = _data(tmp_path / "data"), tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(_fit(data, out, recipe, "--time-limit", "none"), env=env,
@@ -172,6 +172,12 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
     assert run.info.status == "KILLED" and run.data.tags["tlpipe_status"] == "cut"
+
+    plan = (out / "plan.json").read_text() if (out / "plan.json").exists() else None
+    subprocess.run(_fit(data, out, recipe, "--time-limit", "none"), check=True, capture_output=True, timeout=600)
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["status"] == "complete" and resumed["plan"]["trials"] == 2
+    assert plan is None or (out / "plan.json").read_text() == plan  # the re-run continued the saved plan
 
 
 def test_no_trial_starts_that_the_time_left_cannot_finish(tmp_path):
