@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
@@ -55,6 +56,11 @@ def print_budget(summary: dict) -> None:
                       f"{format_duration(budget['limit_seconds'])}")
     for note in plan.get("notes", []):
         console.print(f"[yellow]Note[/] {escape(note)}")
+    waiting = (summary.get("tuning") or {}).get("waiting", 0)
+    if waiting:
+        console.print(f"[yellow]Note[/] {waiting} planned trial{'s' if waiting > 1 else ''} did not fit the time left: "
+                      f"the same command with --output {shlex.quote(str(Path(summary['bundle']).parent))} runs "
+                      f"{'them' if waiting > 1 else 'it'} (give it more time with --time-limit)")
 
 
 def print_next_steps(summary: dict) -> None:
