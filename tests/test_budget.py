@@ -88,7 +88,7 @@ def test_when_no_fine_tune_fits_the_plan_keeps_the_linear_classifier():
     assert plan.strategy == "linear" and "linear classifier stands" in plan.notes[-1]
 
 
-def test_a_fine_tune_past_its_deadline_stops_at_an_epoch_boundary_with_its_best_epoch(tmp_path, image_folder, backbone):
+def _small_fine_tune(tmp_path, image_folder, backbone, epochs: int, **kwargs):
     import copy
     import dataclasses
 
@@ -96,15 +96,34 @@ def test_a_fine_tune_past_its_deadline_stops_at_an_epoch_boundary_with_its_best_
     from tlpipe.models import dataset_codes
     from tlpipe.training.strategies import fit_finetune
 
-    data = image_folder("data", {"red": 8, "blue": 8}, size=(64, 64))
-    config = load_config("default", strategy="full", image_size=64, batch_size=8, num_workers=0,
-                         finetune={"epochs": 6, "patience": 6})
+    data = image_folder("data", {"red": 12, "blue": 12}, size=(64, 64))
+    config = load_config("default", strategy="full", image_size=64, batch_size=8, num_workers=0, val_fraction=0.5,
+                         finetune={"epochs": epochs, "patience": epochs})
     spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=None)
     model = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model), data_config={**backbone.data_config, "input_size": (3, 64, 64)})
     codes = {s: dataset_codes(model, spec, s, config) for s in ("train", "val")}
-    trained = fit_finetune(model, spec, config, tmp_path / "out", codes, deadline=time.monotonic())
+    return spec, model, config, fit_finetune(model, spec, config, tmp_path / "out", codes, **kwargs)
+
+
+def test_a_fine_tune_past_its_deadline_stops_at_an_epoch_boundary_with_its_best_epoch(tmp_path, image_folder, backbone):
+    *_, trained = _small_fine_tune(tmp_path, image_folder, backbone, 6, deadline=time.monotonic())
     assert trained.details["epochs_run"] == 1 and trained.details["cut_by_deadline"]
     assert trained.details["best_epoch"] == 1
+
+
+def test_epochs_of_a_large_val_split_are_scored_on_a_fixed_subset_and_the_trial_on_all_of_it(
+        tmp_path, image_folder, backbone, monkeypatch):
+    from tlpipe.training import strategies
+
+    monkeypatch.setattr(strategies, "EPOCH_VAL_IMAGES", 6)  # a "large" val split of 12 images
+    from tlpipe.models import PENULTIMATE, dataset_codes
+    from tlpipe.training.linear import accuracy
+
+    spec, tuned, config, trained = _small_fine_tune(tmp_path, image_folder, backbone, 2)
+    assert len(spec.splits["val"]) == 12 and trained.details["epoch_val_images"] == 6
+    assert all(round(epoch["val_accuracy"] * 6) == pytest.approx(epoch["val_accuracy"] * 6) for epoch in trained.history)
+    whole = accuracy(trained.head, *dataset_codes(tuned, spec, "val", config, PENULTIMATE))  # the prediction path, all 12
+    assert trained.details["val_accuracy"] == pytest.approx(whole)
 
 
 RECIPE = """

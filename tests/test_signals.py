@@ -20,7 +20,8 @@ from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes, feature_layers
 from tlpipe.strategy import FeatureSet, collect_features, compute_signals, logme
 from tlpipe.strategy import signals as signals_module
-from tlpipe.strategy.signals import batchnorm_stages, stratified_subset
+from tlpipe.data import stratified_subset
+from tlpipe.strategy.signals import batchnorm_stages
 
 CONFIG = load_config("default", batch_size=8, num_workers=0, device="cpu")
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from sklearn.model_selection import train_test_split
 
 from tlpipe.data.images import check_image
@@ -49,6 +50,17 @@ class DatasetSpec:
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+
+def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
+    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept."""
+    if max_images is None or max_images >= len(labels):
+        return np.arange(len(labels))
+    order, rank = np.random.default_rng(seed).permutation(len(labels)), np.empty(len(labels))
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
+    return np.sort(np.argsort(rank, kind="stable")[:max_images])
 
 
 def check_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tlpipe.config import FitConfig
-from tlpipe.data import DatasetSpec
+from tlpipe.data import DatasetSpec, stratified_subset
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone
 from tlpipe.strategy.decision import Decision, decide
-from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals, stratified_subset
+from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals
 from tlpipe.tuning.space import requested_trials
 
 MAX_SIGNAL_IMAGES = 2000  # the probes' cost grows with the images; their verdict stops changing well before this

@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tlpipe.cache import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
-from tlpipe.data import DatasetSpec, Sample, eval_loader
+from tlpipe.data import DatasetSpec, Sample, eval_loader, stratified_subset
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, extract_codes, feature_layers, pool_tap
@@ -168,17 +168,6 @@ def has_imagenet_head(backbone: Backbone) -> bool:
     model = backbone.model
     classes = getattr(model, "num_classes", None)
     return backbone.weights.kind != "none" and classes == model.pretrained_cfg.get("num_classes") == 1000
-
-
-def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
-    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept."""
-    if max_images is None or max_images >= len(labels):
-        return np.arange(len(labels))
-    order, rank = np.random.default_rng(seed).permutation(len(labels)), np.empty(len(labels))
-    for c in np.unique(labels):
-        members = order[labels[order] == c]
-        rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
-    return np.sort(np.argsort(rank, kind="stable")[:max_images])
 
 
 def collect_splits(backbone: Backbone, spec: DatasetSpec, config: FitConfig, cache: Path | None = None) -> dict[str, FeatureSet]:

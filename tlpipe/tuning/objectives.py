@@ -48,7 +48,7 @@ class LinearObjective:
 class FinetuneObjective:
     """Fine-tuning trials: each trains a fresh copy of the pretrained backbone with ``fit_finetune``
     in ``<output>/trials/<n>`` (its checkpoints, so trials never resume each other), reporting each
-    epoch to the pruner. Its value is the best epoch's val accuracy. ``codes``: the pretrained
+    epoch to the pruner. Its value is the best epoch's val accuracy (on the whole val split). ``codes``: the pretrained
     backbone's train/val codes (the LP-FT probe), shared by every trial. ``deadline``
     (``time.monotonic()``): a trial that would overrun it stops at an epoch boundary, its best epoch kept."""
 
@@ -67,7 +67,7 @@ class FinetuneObjective:
         try:
             trained = fit_finetune(backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes,
                                    on_epoch=on_epoch, deadline=self.deadline)
-            return max(epoch["val_accuracy"] for epoch in trained.history)
+            return trained.details["val_accuracy"]  # the best epoch's, on the whole val split
         finally:
             del backbone
             _free_cuda()
