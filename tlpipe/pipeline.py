@@ -22,7 +22,6 @@ all of them train, rank 0 alone writes and logs, and the others return None.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import (
     RECORD_SECONDS, Plan, apply_plan, decision_hyperparameters, make_plan, train_sizes,
 )
-from tlpipe.strategy.policy import LinearFit, choose_tap, guard, tuned_baseline
+from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, guard, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
 from tlpipe.tracking import FitRun, NoRun
 from tlpipe.training.distributed import DistContext, distributed
@@ -57,7 +56,7 @@ from tlpipe.training.strategies import fit_finetune, fit_linear
 from tlpipe.tuning import (
     Tuned, finetune_objective, join_study, linear_objective, requested_trials, run_study, study_summary, tune,
 )
-from tlpipe.utils import atomic_write, read_json
+from tlpipe.utils import atomic_write, read_json, write_json
 
 __all__ = ["SUMMARY", "FitCut", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
 
@@ -249,7 +248,7 @@ def choose(prepared: Prepared, ranks: DistContext, timings: Timings, budget: Bud
             return Choice(config, codes)
         with timings.stage("linear_first"):  # the model a fine-tune stopped early leaves
             linear_config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
-            linear = LinearFit(PENULTIMATE, fit_linear(linear_config, codes), codes, linear_config)
+            linear = LinearFit(PENULTIMATE, cached_fit_linear(linear_config, codes), codes, linear_config)
         return Choice(config, codes, linear=linear)
     with timings.stage("extract_codes"), ranks.main_first():
         features = collect_splits(backbone, spec, config, cache=cache)
@@ -284,11 +283,9 @@ def plan_training(prepared: Prepared, choice: Choice, budget: Budget, timings: T
             announce(f"[yellow]Note[/] {note}")
     if plan.strategy == "linear":
         ranks.main_alone()  # the linear classifier is rank 0's alone
-        decision = choice.assessment.decision.with_reason(
-            f"Plan: {plan.notes[-1]}.", strategy="linear", unfreeze_stages=None, fallback_from=config.strategy,
-        ) if choice.assessment else None
+        assessment = choice.assessment and dataclasses.replace(
+            choice.assessment, decision=choice.assessment.decision.fall_back(f"Plan: {plan.notes[-1]}."))
         linear = choice.linear
-        assessment = dataclasses.replace(choice.assessment, decision=decision) if decision else None
         return Choice(linear.config, linear.codes, assessment, linear), plan
     decision = choice.assessment.decision if choice.assessment else None
     rates = decision_hyperparameters(decision, config)
@@ -305,7 +302,7 @@ def _saved_or_new_plan(prepared: Prepared, config: FitConfig, budget: Budget, tr
     if saved and saved.get("key") == key:
         return Plan.from_dict(saved["plan"])
     plan = new_plan(spec, prepared.backbone, config, budget.left(), trials)
-    atomic_write(path, lambda f: json.dump({"key": key, "plan": plan.to_dict()}, f, indent=2))
+    write_json(path, {"key": key, "plan": plan.to_dict()})
     return plan
 
 
@@ -336,7 +333,7 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
         run.log_params(_auto_params(choice.assessment, prepared.ranking))
     if plan.strategy != "linear":
         run.log_params({f"plan_{k}": v for k, v in plan.to_dict().items() if not isinstance(v, (dict, list, tuple))})
-    deadline = budget.deadline(reserve=plan.seconds.get("reserve", 0.0))
+    deadline = budget.deadline(reserve=plan.reserve)
     with timings.stage("tune"):
         trial0 = choice.linear.trained.linear_params() if choice.linear and config.strategy == "linear" else None
         objective = strategy_objective(config, backbone, spec, prepared.out, choice.codes, trial0, deadline)
@@ -345,7 +342,7 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
-        return _no_trial_finished(choice, tuned, decision)
+        return _no_trial_finished(choice, backbone, tuned, decision)
     with timings.stage("train"):
         if config.strategy == "linear":
             trained = fit_linear(config, choice.codes)
@@ -355,14 +352,14 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
     return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 
-def _no_trial_finished(choice: Choice, tuned: Tuned, decision: Decision | None) -> FittedModel:
-    """The budget ran out before any fine-tuning trial finished: the linear classifier stands."""
+def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned, decision: Decision | None) -> FittedModel:
+    """The budget ran out before any fine-tuning trial finished: the linear classifier stands, on
+    ``backbone`` as it was built (every trial trained a copy)."""
     linear = choice.linear
     if decision is not None:
-        decision = decision.with_reason("Budget: no fine-tuning trial finished in the time limit; the linear "
-                                        "classifier stands.", strategy="linear", unfreeze_stages=None,
-                                        fallback_from=decision.strategy)
-    return FittedModel(linear.config, build_backbone(linear.config), linear.trained, linear.codes["val"], tuned.summary, decision)
+        decision = decision.fall_back("Budget: no fine-tuning trial finished in the time limit; the linear "
+                                      "classifier stands.")
+    return FittedModel(linear.config, backbone, linear.trained, linear.codes["val"], tuned.summary, decision)
 
 
 def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings) -> FittedModel:
@@ -389,14 +386,15 @@ def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
     backbone's native one (a tie keeps the training one: cheaper to predict)."""
     backbone, native = model.backbone, model.backbone.data_config
     sizes = list(dict.fromkeys([model.config.finetune.image_size or native["input_size"][-1], native["input_size"][-1]]))
-    scored = []
+    scored = {}
     for size in sizes:
         sized = dataclasses.replace(backbone, data_config={**native, "input_size": (3, size, size)})
         val = dataset_codes(sized, prepared.spec, "val", model.config, PENULTIMATE)
-        scored.append((accuracy(model.trained.head, *val), -sizes.index(size), sized, val))
-    score, _, sized, val = max(scored, key=lambda s: s[:2])
-    details = {**model.trained.details, "val_accuracy_by_size": {str(s): round(a, 4) for (a, *_), s in zip(scored, sizes)},
-               "eval_image_size": sized.data_config["input_size"][-1]}
+        scored[size] = (accuracy(model.trained.head, *val), sized, val)
+    best = max(sizes, key=lambda size: scored[size][0])  # the first, the training size, wins a tie
+    _, sized, val = scored[best]
+    details = {**model.trained.details, "val_accuracy_by_size": {str(s): round(a, 4) for s, (a, *_) in scored.items()},
+               "eval_image_size": best}
     return dataclasses.replace(model, backbone=sized, val_codes=val, trained=dataclasses.replace(model.trained, details=details))
 
 
@@ -422,7 +420,7 @@ def _tune(config: FitConfig, out: Path, objective, run: FitRun, ranks: DistConte
     train the best config with DDP."""
     if ranks.enabled:
         return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    limits = [budget.timeout(plan.seconds.get("reserve", RECORD_SECONDS)), overrides.timeout, config.tuning.timeout]
+    limits = [budget.timeout(plan.reserve), overrides.timeout, config.tuning.timeout]
     timeout = min((t for t in limits if t is not None), default=None)  # the budget's, the run's and the recipe's
     settings = {**dataclasses.asdict(overrides), "timeout": timeout}
     return tune(config, out, objective, parent=run, trial_seconds=plan.seconds.get("trial"), **settings)

@@ -67,6 +67,10 @@ class Decision:
         """A copy with ``changes`` and ``reason`` added to the reasons."""
         return replace(self, **changes, reasons=(*self.reasons, reason))
 
+    def fall_back(self, reason: str) -> "Decision":
+        """Linear on the decision's tap after all (the guard, the plan, the budget), saying why."""
+        return self.with_reason(reason, strategy="linear", unfreeze_stages=None, fallback_from=self.strategy)
+
     def to_dict(self) -> dict:
         return {**asdict(self), "reasons": list(self.reasons), "explanation": self.explanation, "headline": self.headline}
 

@@ -47,6 +47,11 @@ class Plan:
         return cls(**{**values, "eval_sizes": tuple(values["eval_sizes"]), "notes": tuple(values["notes"])})
 
     @property
+    def reserve(self) -> float:
+        """Seconds the study leaves for the final fit, scoring and recording."""
+        return self.seconds.get("reserve", RECORD_SECONDS)
+
+    @property
     def line(self) -> str:
         """The plan in one sentence, printed before training."""
         if self.strategy == "linear":

@@ -111,4 +111,4 @@ def guard(decision: Decision, finetune_accuracy: float, baseline_accuracy: float
               + ("the fine-tune is kept." if pays else "not clearly better, so the linear classifier stands."))
     if pays:
         return decision.with_reason(reason)
-    return decision.with_reason(reason, strategy="linear", unfreeze_stages=None, fallback_from=decision.strategy)
+    return decision.fall_back(reason)

@@ -18,13 +18,10 @@ from tlpipe.tuning.study import EpochReporter, _free_cuda
 class LinearObjective:
     """Linear trials on cached codes: the trial's classifier at its C, fitted and scored on val by
     the same code as ``fit_linear``'s final fit (``tlpipe.training.linear.fit_head``), so the best
-    trial's accuracy is the saved model's, to the bit. Each fit runs on one BLAS thread: on
-    matrices this small, more threads cost more than they give (30x slower on 2 busy cores)."""
+    trial's accuracy is the saved model's, to the bit (on one BLAS thread, as ``fit_head`` runs)."""
 
     def __init__(self, codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: dict[str, Any] | None = None):
-        from threadpoolctl import ThreadpoolController
-
-        self.codes, self.defaults, self.threads = codes, defaults, ThreadpoolController()
+        self.codes, self.defaults = codes, defaults
 
     def default_params(self, config: FitConfig) -> dict[str, Any]:
         """Trial 0: the classifier and C that ``fit_linear`` (cross-validation over the recipe's
@@ -33,16 +30,14 @@ class LinearObjective:
 
         if self.defaults:
             return dict(self.defaults)
-        with self.threads.limit(limits=1):
-            return fit_linear(config, self.codes).linear_params()
+        return fit_linear(config, self.codes).linear_params()
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
         from tlpipe.training.linear import accuracy, fit_head
 
         (X, y), (X_val, y_val) = self.codes["train"], self.codes["val"]
-        with self.threads.limit(limits=1):
-            head = fit_head(config.linear.classifiers[0], config.linear.c_grid[0], X, y, config.seed)
-            return accuracy(head, X_val, y_val)
+        head = fit_head(config.linear.classifiers[0], config.linear.c_grid[0], X, y, config.seed)
+        return accuracy(head, X_val, y_val)
 
 
 class FinetuneObjective:
