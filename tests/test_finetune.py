@@ -108,3 +108,59 @@ def test_a_checkpoint_of_another_run_is_not_resumed(model, tmp_path):
     Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path, fingerprint="run A").fit(model, train, val)
     other = Finetuner(config, torch.device("cpu"), checkpoint_dir=tmp_path, fingerprint="run B").fit(model, train, val)
     assert other.resumed_from_ == 0 and len(other.history_) == 1
+
+
+def _partial_fit(backbone, root, out, augment):
+    import copy
+    import dataclasses
+
+    from tlpipe.config import load_config
+    from tlpipe.data import prepare_dataset
+    from tlpipe.models import PENULTIMATE, dataset_codes
+    from tlpipe.training.strategies import fit_finetune
+
+    config = load_config("default", strategy="partial", image_size=64, num_workers=0, batch_size=8,
+                         finetune={"epochs": 2, "unfreeze_stages": 2, "lr": 1e-2}, augment=augment)
+    spec = prepare_dataset(root)
+    fresh = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model), data_config=copy.deepcopy(backbone.data_config))
+    fresh.data_config["input_size"] = (3, 64, 64)
+    codes = {split: dataset_codes(fresh, spec, split, config, PENULTIMATE) for split in ("train", "val")}
+    return fit_finetune(fresh, spec, config, out, codes)
+
+
+OFF = {"crop_scale": [1.0, 1.0], "hflip": 0, "affine_p": 0, "color_p": 0}
+
+
+@pytest.mark.parametrize("augment, reused", [({}, ["val"]), (OFF, ["train", "val"])])
+def test_partial_fine_tune_runs_its_frozen_stages_once_with_the_same_result(backbone, image_folder, tmp_path, monkeypatch,
+                                                                           augment, reused):
+    """Val's frozen-stage outputs (and train's, augmentation off) are computed once and reused: the
+    epochs' losses and accuracies are those of the plain path, which runs every image through every stage."""
+    from tlpipe.training import frozen
+
+    root = image_folder("d", {"a": 10, "b": 10, "c": 10}, split={"train": 10, "val": 4})
+    cached = _partial_fit(backbone, root, tmp_path / "cached", augment)
+    assert cached.details["frozen_outputs_reused"] == reused
+    monkeypatch.setattr(frozen.FrozenPrefix, "find", classmethod(lambda cls, *args: None))
+    plain = _partial_fit(backbone, root, tmp_path / "plain", augment)
+    assert plain.details["frozen_outputs_reused"] == []
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert [e[key] for e in cached.history] == pytest.approx([e[key] for e in plain.history], rel=1e-4, abs=1e-5), key
+    assert cached.head.weight == pytest.approx(plain.head.weight, abs=1e-4)
+
+
+def test_frozen_prefix_is_proven_on_the_model_and_left_intact(model):
+    from tlpipe.training.frozen import FrozenPrefix
+
+    freeze_stages(model, 2)
+    prefix = FrozenPrefix.find(model, (3, 64, 64), torch.device("cpu"))
+    assert [name for _, name in prefix.slots] == ["conv_stem", "bn1", "0", "1", "2", "3", "4"]
+    images = torch.randn(3, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+        with prefix.skipped():
+            assert torch.allclose(model(prefix.run(images)), expected, atol=1e-5)
+        assert torch.equal(model(images), expected)  # every module back in place
+    freeze_stages(model, None)  # nothing frozen: nothing to reuse
+    assert FrozenPrefix.find(model, (3, 64, 64), torch.device("cpu")) is None

@@ -43,6 +43,12 @@ class AugmentConfig(_Section):
     color_p: float = Field(default=0.5, ge=0, le=1)  # probability of each colour transform
     fancy_pca: float = Field(default=0.1, ge=0, le=1)  # PCA colour augmentation alpha (Krizhevsky et al.)
 
+    @property
+    def off(self) -> bool:
+        """No distortion at all: training sees each image as evaluation does."""
+        return (tuple(self.crop_scale) == (1.0, 1.0) and self.hflip == self.vflip == 0
+                and (self.affine_p == 0 or self.rotate == self.shear == 0) and (self.color_p == 0 or self.rgb_shift == self.color_jitter == self.fancy_pca == 0))
+
 
 class FinetuneConfig(_Section):
     """Strategies 2 and 3: partial and full fine-tuning (LP-FT: the head starts from a linear probe)."""

@@ -34,7 +34,11 @@ def _normalize(data_config: dict) -> list:
 
 def train_transform(data_config: dict, aug: AugmentConfig) -> A.Compose:
     """Random crop to the backbone's input, then the configured flips, affine and colour changes
-    (each left out when its size or probability is 0). HWC uint8 in, CHW float32 tensor out."""
+    (each left out when its size or probability is 0). HWC uint8 in, CHW float32 tensor out. With
+    augmentation off, the eval transform: deterministic, so a partial fine-tune's frozen stages
+    run once on train too."""
+    if aug.off:
+        return eval_array_transform(data_config)
     height, width = data_config["input_size"][1:]
     interpolation = _CV2_INTERPOLATION.get(data_config.get("interpolation"), cv2.INTER_CUBIC)
     steps = [A.RandomResizedCrop(size=(height, width), scale=tuple(aug.crop_scale), interpolation=interpolation)]

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from tlpipe.config import FinetuneConfig
 from tlpipe.training.distributed import DistContext
+from tlpipe.training.frozen import FrozenPrefix
 from tlpipe.utils import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -144,12 +145,14 @@ class Finetuner:
     def __init__(self, config: FinetuneConfig, device: torch.device, unfreeze_stages: int | None = None,
                  class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = "",
-                 micro_batch: int | None = None, context: DistContext = DistContext(), deadline: float | None = None):
+                 micro_batch: int | None = None, context: DistContext = DistContext(), deadline: float | None = None,
+                 frozen: FrozenPrefix | None = None):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
         self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
         self.micro_batch = micro_batch  # None: whole batches; set smaller (or halved on CUDA OOM) to accumulate
         self.context, self.deadline = context, deadline
+        self.frozen = frozen  # a loader of its cached outputs runs the model from there
         self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
@@ -179,8 +182,10 @@ class Finetuner:
             if hasattr(train_loader.sampler, "set_epoch"):  # augmentation and order depend on the epoch alone
                 train_loader.sampler.set_epoch(epoch)
             start = time.perf_counter()
-            train_loss = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
-            metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision, self.context)}
+            with self._feeding(train_loader):
+                train_loss = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
+            with self._feeding(val_loader):
+                metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision, self.context)}
             seconds = time.perf_counter() - start
             metrics.update({
                 "epoch_seconds": seconds, "images_per_second": len(train_loader.dataset) / seconds,
@@ -208,6 +213,9 @@ class Finetuner:
         self.history_, self.best_epoch_, self.best_accuracy_ = state["history"], state["best_epoch"], state["best_accuracy"]
         self.resumed_from_ = resumed
         return self
+
+    def _feeding(self, loader: DataLoader):
+        return self.frozen.feeding(loader) if self.frozen else nullcontext()
 
     def _out_of_time(self, state: dict) -> bool:
         """True when the next epoch, as long as the last one, would end after the deadline (the

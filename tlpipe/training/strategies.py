@@ -26,6 +26,7 @@ from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import Backbone
 from tlpipe.training.distributed import DistContext, rank_device
+from tlpipe.training.frozen import FrozenPrefix
 from tlpipe.training.finetune import Finetuner, Precision, evaluate, freeze_stages
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
@@ -85,7 +86,10 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     data_config = training_data_config(backbone, config)
     memory = estimate_memory(model.to(device, memory_format=torch.channels_last), data_config["input_size"], device)
     batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
-    train_loader, val_loader, whole_val = _loaders(data_config, spec, config, out, batch_size, device, context)
+    loaders = _loaders(data_config, spec, config, out, batch_size, device, context)
+    train_loader, val_loader, whole_val = loaders
+    frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader) \
+        if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     fingerprint = json.dumps([config.model_dump(mode="json", exclude={"budget"}), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
@@ -95,25 +99,41 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         try:
             tuner = Finetuner(ft, device, unfreeze, weights, out / "checkpoints", on_epoch,
                               hashlib.sha256(fingerprint.encode()).hexdigest(), context=context,
-                              deadline=deadline).fit(model, train_loader, val_loader)
+                              deadline=deadline, frozen=frozen).fit(model, train_loader, val_loader)
             # epochs were scored (and pruned) on a subset of a large val split; the trial's figure is the whole split's
             val_accuracy = tuner.best_accuracy_ if whole_val is None else evaluate(
                 model, whole_val, nn.CrossEntropyLoss(), device, Precision(device), context)["val_accuracy"]
         finally:
-            _stop_workers(train_loader, val_loader)
+            _stop_workers(*loaders[:2])
     classifier = model.get_classifier()
     head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
     details = {
         "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
         "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "resumed_from_epoch": tuner.resumed_from_,
         "image_size": data_config["input_size"][-1], "cut_by_deadline": tuner.cut_, "val_accuracy": val_accuracy,
-        "epoch_val_images": len(val_loader.sampler) * context.world_size,
+        "epoch_val_images": len(loaders[1].sampler) * context.world_size,
+        "frozen_outputs_reused": [name for name, used, built in (("train", train_loader, loaders[0]), ("val", val_loader, loaders[1]))
+                                  if used is not built],  # the splits whose frozen-stage outputs were computed once
         "unfreeze_stages": unfreeze, "class_weights": None if weights is None else weights.tolist(),
         "batch_size": batch_size, "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
         "oom_events": tuner.oom_events_,
         **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
     }
     return TrainedHead(head, details, tuner.history_, backbone_trained=True)
+
+
+def _reuse_frozen(model: nn.Module, data_config: dict, device: torch.device, config: FitConfig,
+                  train_loader: DataLoader, val_loader: DataLoader) -> tuple[FrozenPrefix | None, DataLoader, DataLoader]:
+    """A partial fine-tune's frozen stages, run once: val's loader (and train's, with augmentation
+    off) replaced by one of their outputs, where the model allows it and the host's RAM holds them."""
+    frozen = FrozenPrefix.find(model, data_config["input_size"], device)
+    if frozen is None:
+        return None, train_loader, val_loader
+    precision = Precision(device)
+    val_loader = frozen.cached_loader(val_loader, device, precision) or val_loader
+    if config.augment.off:
+        train_loader = frozen.cached_loader(train_loader, device, precision) or train_loader
+    return frozen, train_loader, val_loader
 
 
 def _start_from_probe(model: torch.nn.Module, head: LinearHead) -> None:
