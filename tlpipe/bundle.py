@@ -10,12 +10,14 @@ whose sha256 differs from the one recorded.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
 from tlpipe import __version__
@@ -58,6 +60,83 @@ def save_bundle(
         "metrics": metrics,
     })
     return path
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # strict: "2" is not 2, "true" is not true
+
+
+class _Weights(_Part):
+    kind: Literal["file", "package", "timm-cache", "timm-hub", "none"]
+    location: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _BackboneEntry(_Part):
+    name: str = Field(min_length=1)
+    arch: str = Field(min_length=1)
+    weights: _Weights
+    embedded: bool
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _Codes(_Part):
+    layer: str = Field(min_length=1)
+    relu: bool
+
+
+class _DataConfig(_Part):
+    model_config = ConfigDict(extra="allow", strict=False)  # JSON has no tuples: lists stand for them
+    input_size: tuple[Literal[3], int, int]
+    interpolation: Literal["bilinear", "bicubic", "nearest"]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = Field(gt=0, le=1)
+    crop_mode: Literal["center", "squash", "border"] = "center"
+
+    @field_validator("input_size")
+    @classmethod
+    def _side(cls, size):
+        if not all(16 <= side <= 4096 for side in size[1:]):
+            raise ValueError(f"image sides {size[1:]} outside 16..4096")
+        return size
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std):
+        if not all(math.isfinite(v) and v > 0 for v in std):
+            raise ValueError("every std must be a positive number")
+        return std
+
+
+class _HeadEntry(_Part):
+    kind: Literal["logreg", "svm", "finetune"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(_Part):
+    """``bundle.json``, checked field by field before anything is built from it."""
+
+    format: int
+    tlpipe_version: str
+    backbone: _BackboneEntry
+    codes: _Codes
+    data_config: _DataConfig
+    classes: list[str] = Field(min_length=2)
+    head: _HeadEntry
+    config: dict
+    metrics: dict
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes):
+        if len(set(classes)) != len(classes) or not all(classes):
+            raise ValueError("class names must be distinct and non-empty")
+        return classes
+
+
+def invalid(path: Path, what: str) -> TlpipeError:
+    return TlpipeError(f"{path} is not a valid tlpipe bundle: {what}; refit or restore it")
 
 
 @dataclass
@@ -140,8 +219,20 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     manifest = _read_manifest(path)
     backbone = _load_backbone(path, manifest["backbone"])
     backbone.data_config = manifest["data_config"]
-    head = LinearHead.from_tensors(_read_head(path, manifest["head"]), manifest["head"]["kind"])
-    return Bundle(path, manifest, backbone, head, resolve_device(device))
+    head = LinearHead.from_tensors(_read_head(path, manifest["head"], len(manifest["classes"])), manifest["head"]["kind"])
+    bundle = Bundle(path, manifest, backbone, head, resolve_device(device))
+    _check_code_width(bundle)
+    return bundle
+
+
+def _check_code_width(bundle: Bundle) -> None:
+    """The head's input width against the width of the codes the backbone gives at its tap."""
+    size = bundle.backbone.data_config["input_size"]
+    with torch.no_grad():
+        width = bundle.extractor(torch.zeros(1, *size)).shape[1]
+    if bundle.head.weight.shape[1] != width:
+        raise invalid(bundle.path, f"{HEAD_FILE} takes codes of {bundle.head.weight.shape[1]} values, "
+                                   f"{bundle.manifest['backbone']['name']} at {bundle.manifest['codes']['layer']} gives {width}")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -150,20 +241,28 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = read_json(path / MANIFEST)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise TlpipeError(f"{path / MANIFEST} is not valid JSON ({exc}): copy the bundle again or refit") from None
-    manifest = manifest if isinstance(manifest, dict) else {}
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise TlpipeError(f"{path / MANIFEST} has bundle format {manifest.get('format')} (written by tlpipe "
+        raise TlpipeError(f"{path / MANIFEST} is not valid JSON ({str(exc).splitlines()[0][:120]}): copy the bundle again or refit") from None
+    if not isinstance(manifest, dict):
+        raise invalid(path, f"{MANIFEST} holds a JSON {type(manifest).__name__}, not an object")
+    found = manifest.get("format")
+    if isinstance(found, int) and not isinstance(found, bool) and found != BUNDLE_FORMAT:
+        raise TlpipeError(f"{path / MANIFEST} has bundle format {found} (written by tlpipe "
                           f"{manifest.get('tlpipe_version', '?')}); this tlpipe {__version__} reads format {BUNDLE_FORMAT}: "
                           "use the tlpipe version that wrote it, or refit with this one")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "bundle.json"
+        raise invalid(path, f"{MANIFEST} {where}: {first['msg']}") from None
     return manifest
 
 
 def _load_backbone(path: Path, spec: dict) -> Backbone:
     """The backbone the head was trained on, checked against the checksum the bundle records."""
     weights = path / BACKBONE_FILE if spec["embedded"] else (
-        spec["weights"]["location"] if spec["weights"]["kind"] == "file" else "auto"
-    )
+        path / Path(spec["weights"]["location"]).expanduser() if spec["weights"]["kind"] == "file" else "auto"
+    )  # a relative location is the bundle's own (path / an absolute path is that path)
     backbone = create_backbone(spec["name"], weights=weights)
     expected, found = spec["sha256"], backbone.weights.sha256
     if found != expected and spec["embedded"]:
@@ -177,20 +276,31 @@ def _load_backbone(path: Path, spec: dict) -> Backbone:
     return backbone
 
 
-def _read_head(path: Path, spec: dict) -> dict[str, torch.Tensor]:
-    """The head's tensors, its file checked against the checksum bundle.json records (bundles saved
-    before the checksum was recorded have none: still read, as before)."""
+def _read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]:
+    """The head's tensors, its file checked against the checksum bundle.json records, their shapes
+    against the classes."""
     file = path / HEAD_FILE
     if not file.is_file():
         raise TlpipeError(f"{file} is missing: copy the whole bundle folder again or refit")
     data = file.read_bytes()
-    if "sha256" in spec and hashlib.sha256(data).hexdigest() != spec["sha256"]:
+    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
         raise TlpipeError(f"{file} does not match the checksum {MANIFEST} records: the bundle was altered or "
                           "damaged; copy it again or refit")
     try:
-        return safetensors_load(data)
+        tensors = safetensors_load(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same damaged file
         raise TlpipeError(f"{file} is not a readable safetensors file ({exc}): copy the bundle again or refit") from None
+    expected = {"weight": (n_classes, None), "bias": (n_classes,), "scale": (1,)}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise invalid(path, f"{HEAD_FILE} has no '{name}' tensor")
+        found = tuple(tensors[name].shape)
+        if len(found) != len(shape) or any(e not in (None, f) for e, f in zip(shape, found)):
+            raise invalid(path, f"{HEAD_FILE} '{name}' has shape {found}, where {n_classes} classes need "
+                                f"{tuple('any' if e is None else e for e in shape)}")
+    if not (torch.isfinite(tensors["weight"]).all() and torch.isfinite(tensors["bias"]).all() and tensors["scale"][0] > 0):
+        raise invalid(path, f"{HEAD_FILE} holds values that are not finite, or a temperature that is not positive")
+    return tensors
 
 
 def expand_image_paths(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

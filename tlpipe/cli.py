@@ -123,6 +123,7 @@ def fit(
     study_name: Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")] = None,
     worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")] = False,
     time_limit: TimeLimit = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the fit of other data or another config in --output.")] = False,
 ) -> None:
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
@@ -149,7 +150,7 @@ def fit(
         try:
             result = run_fit(data, config, output=output, experiment=experiment, tracking_uri=tracking_uri, recipe=recipe,
                              tuning=TuningOverrides(trials, timeout, storage, study_name),
-                             verbose=(ctx.obj or {}).get("verbose", False))
+                             verbose=(ctx.obj or {}).get("verbose", False), overwrite=overwrite)
         except FitCut as cut:
             _exit_cut(cut)
         if result is None:  # a torchrun rank other than 0: rank 0 reports

@@ -55,10 +55,11 @@ def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _pyplot()
-    size = max(4.0, 0.6 * len(classes) + 2)
+    many = len(classes) > 30  # counts in every cell and a label per class stop being legible (and cost minutes)
+    size = min(20.0, max(4.0, 0.6 * len(classes) + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(
-        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=None if many else list(classes)).plot(
+        ax=ax, cmap="Blues", colorbar=many, xticks_rotation=45, include_values=not many
     )
     ax.set_title("Validation confusion matrix")
     fig.tight_layout()

@@ -11,16 +11,24 @@ after SIGTERM or Ctrl+C the summary says ``status: cut`` beside the best model s
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
 
 from tlpipe import __version__
 from tlpipe.budget import signals_held
 from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
+from tlpipe.errors import TlpipeError
 from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
 from tlpipe.models import Backbone, resolve_layer
 from tlpipe.strategy.auto import Assessment
@@ -32,6 +40,8 @@ from tlpipe.utils import read_json, write_json
 SUMMARY = "summary.json"
 BUNDLE = "model"
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
+OWNER = ".tlpipe-fit.json"  # whose folder this is: the fit's data and config key, its process, its MLflow run
+LOCK = ".tlpipe.lock"  # held while a fit writes here; the OS releases it when the process dies
 
 
 @dataclass
@@ -167,7 +177,7 @@ def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run:
         "head": model.trained.details,
         "backbone": {"name": backbone.name, "arch": backbone.arch, **backbone.weights.to_dict()},
         "splits": spec.counts(), "val_from": spec.val_from, "classes": spec.classes,
-        "quarantined": len(spec.quarantined), "skipped": dict(spec.skipped),
+        "quarantined": len(spec.quarantined), "skipped": dict(spec.skipped), "data_notes": spec.notes,
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         "val_accuracy": metrics["accuracy"],
         "tuning": model.tuning, "timings": timings, "bundle": str(bundle.resolve()),
@@ -186,3 +196,92 @@ def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings:
     for name in artifacts:
         run.log_artifact(out / name)
     run.log_artifact(bundle, "model")
+
+
+@contextmanager
+def claim_output(out: Path, data: Path, config: FitConfig, overwrite: bool = False) -> Iterator[None]:
+    """One writer per output folder: a lock held for the whole fit, and the folder's owner record.
+    A fit of other data or another config refuses a folder another fit finished or left, unless
+    ``overwrite`` (its files are then removed, the content-keyed caches kept); the same fit again
+    resumes. Temporary files a killed fit left are swept."""
+    _check_output_path(Path(out), Path(data))
+    lock = FileLock(out / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        other = _owner(out)
+        raise TlpipeError(f"{out} is in use by another tlpipe fit (pid {other.get('pid', '?')}, started "
+                          f"{other.get('started', '?')}): wait for it to end, or give another --output") from None
+    try:
+        owner, key = _owner(out), fit_key(data, config)
+        if owner.get("key", key) != key:
+            if not overwrite:
+                raise TlpipeError(f"{out} holds a fit of {owner.get('data')} with another config or other data: "
+                                  "add --overwrite to replace it, or give another --output")
+            _clear(out)
+            owner = {}
+        sweep_temporary(out)
+        write_json(out / OWNER, {**owner, "key": key, "data": str(Path(data).resolve()), "pid": os.getpid(),
+                                 "started": datetime.now().isoformat(timespec="seconds")})
+        yield
+    finally:
+        lock.release()
+
+
+def fit_key(data: Path, config: FitConfig) -> str:
+    """What makes two fits the same fit: the data folder and the config (the time budget aside:
+    a re-run with more time continues the same fit)."""
+    what = {"data": str(Path(data).resolve()), "config": config.model_dump(mode="json", exclude={"budget"})}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def recorded_run(out: Path, tracking_uri: str) -> str | None:
+    """The MLflow run an earlier run of this fit logged to, in the same store (None: none)."""
+    owner = _owner(out)
+    return owner.get("run_id") if owner.get("tracking_uri") == tracking_uri else None
+
+
+def keep_run(out: Path, run: FitRun) -> None:
+    """Remember the fit's MLflow run, so a re-run after a kill continues it rather than opening another."""
+    write_json(out / OWNER, {**_owner(out), "run_id": run.run_id, "tracking_uri": run.tracking_uri})
+
+
+def sweep_temporary(out: Path) -> None:
+    """Remove what a killed fit left half-written: ``atomic_write``'s temporary files, a staging bundle."""
+    for path in Path(out).rglob(".*.tmp*"):
+        if path.is_file() and "cache" not in path.relative_to(out).parts[:1]:
+            path.unlink(missing_ok=True)
+    shutil.rmtree(Path(out) / f".{BUNDLE}.staging", ignore_errors=True)
+
+
+def _owner(out: Path) -> dict:
+    try:
+        owner = read_json(Path(out) / OWNER)
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _check_output_path(out: Path, data: Path) -> None:
+    """One line for an output folder tlpipe cannot or must not write: inside the dataset (the next
+    run would take it for a class), a file, or not writable."""
+    if out.resolve().is_relative_to(data.resolve()):
+        raise TlpipeError(f"output folder {out} is inside the dataset folder {data}: tlpipe never writes there "
+                          "(the next fit would take it for a class); give an --output outside it")
+    if out.exists() and not out.is_dir():
+        raise TlpipeError(f"output path {out} is a file, not a folder: give another --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".{LOCK}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise TlpipeError(f"cannot write to the output folder {out} ({exc.strerror or exc}): give a writable --output") from None
+
+
+def _clear(out: Path) -> None:
+    """Everything of the fit in ``out`` but the lock and the caches (keyed by content, valid for any fit)."""
+    for path in Path(out).iterdir():
+        if path.name in (LOCK, "cache"):
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,8 @@ from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
 from tlpipe.outputs import (
-    SUMMARY, FitResult, FittedModel, previous_status, record, restore_bundle, write_cut_summary,
+    SUMMARY, FitResult, FittedModel, claim_output, keep_run, previous_status, record, recorded_run, restore_bundle,
+    write_cut_summary,
 )
 from tlpipe.progress import announce, quiet_libraries
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
@@ -67,14 +68,16 @@ PLAN = "plan.json"
 @dataclass
 class Timings:
     seconds: dict[str, float] = field(default_factory=dict)
+    current: str | None = None  # the stage running now: what a cut names
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, outer, self.current = time.perf_counter(), self.current, name
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
+            self.current = outer
 
 
 @dataclass
@@ -117,11 +120,12 @@ def default_output_dir(data: Path) -> Path:
 
 def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path | None = None,
         experiment: str | None = None, tracking_uri: str | None = None, recipe: str = "default",
-        tuning: TuningOverrides | None = None, verbose: bool = False) -> FitResult | None:
+        tuning: TuningOverrides | None = None, verbose: bool = False, overwrite: bool = False) -> FitResult | None:
     """Fit ``data`` with ``config`` (else the ``recipe``'s), stage by stage, within ``config.budget``;
     see the module docstring. ``tuning`` overrides the recipe's study size and storage for this run
     (``--trials``, ``--storage``...); ``verbose`` lets Optuna's and MLflow's INFO lines through.
-    Raises ``FitCut`` on SIGTERM or Ctrl+C, its ``result`` the best model recorded by then."""
+    Raises ``FitCut`` on SIGTERM or Ctrl+C, its ``result`` the best model recorded by then. The
+    output folder is this fit's alone while it runs; ``overwrite`` lets it replace another fit's."""
     config = config or load_config(recipe)
     budget = Budget(parse_duration(config.budget))
     data = Path(data).expanduser()
@@ -131,24 +135,31 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
         with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
             ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
             timings = Timings()
-            prepared = prepare(data, config, out, ranks, timings, recipe)
-            with _open_run(prepared, experiment, tracking_uri, ranks) as run:
-                saved = Saved(prepared, run, timings, budget, ranks.is_main)
-                try:
-                    choice = choose(prepared, ranks, timings, budget, tuning.trials)
-                    ranks.main_alone(when=choice.config.strategy == "linear")
-                    saved.first(choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
-                    choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
-                    model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
-                    ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
-                    return saved.final(check(prepared, choice, model, timings), plan)
-                except FitCut as cut:
-                    cut.result = saved.cut(cut.reason)
-                    raise
+            with claim_output(out, data, config, overwrite) if ranks.is_main else nullcontext():
+                return _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget)
     except FitCut as cut:
         cut.output = out
         raise
-    return None
+
+
+def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget) -> FitResult | None:
+    """``fit``'s stages, in the output folder it holds."""
+    prepared = prepare(data, config, out, ranks, timings, recipe)
+    with _open_run(prepared, experiment, tracking_uri, ranks) as run:
+        if ranks.is_main:
+            keep_run(out, run)
+        saved = Saved(prepared, run, timings, budget, ranks.is_main)
+        try:
+            choice = choose(prepared, ranks, timings, budget, tuning.trials)
+            ranks.main_alone(when=choice.config.strategy == "linear")
+            saved.first(choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
+            choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
+            model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
+            ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
+            return saved.final(check(prepared, choice, model, timings), plan)
+        except FitCut as cut:
+            cut.result = saved.cut(cut.reason)
+            raise
 
 
 @dataclass
@@ -194,6 +205,7 @@ class Saved:
         """The summary after SIGTERM or Ctrl+C; a fit whose final record was written stays complete."""
         if not self.enabled or self.result is not None:
             return self.result
+        self.run.log_batch(tags={"tlpipe_stage": self.timings.current or "between stages"})
         if self.model is None:
             bundle = write_cut_summary(self.prepared.out, reason, self.timings.seconds, self.run)
             return bundle and FitResult(self.prepared.out, bundle, self.run.run_id, {}, self.prepared.spec, {})
@@ -231,7 +243,9 @@ def _open_run(prepared: Prepared, experiment: str | None, tracking_uri: str | No
     if not ranks.is_main:
         return NoRun()
     experiment = experiment or re.sub(r"[^\w.-]+", "_", prepared.data.resolve().name) or "tlpipe"
-    return FitRun(experiment, tracking_uri, run_name=prepared.out.name)
+    run = FitRun(experiment, tracking_uri, run_name=prepared.out.name)
+    run.resume_id = recorded_run(prepared.out, run.tracking_uri)  # a killed run of this fit: continued
+    return run
 
 
 def choose(prepared: Prepared, ranks: DistContext, timings: Timings, budget: Budget, trials: int | None = None) -> Choice:

@@ -19,9 +19,11 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     if quarantined:
         console.print(f"[yellow]{len(quarantined)} file(s) quarantined[/] (see quarantine.csv):")
         for path, why in quarantined[:10]:
-            console.print(f"  {path}: {why}")
+            console.print(f"  {escape(path)}: {escape(why)}")
     if summary["skipped"]:
         console.print("Skipped: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
+    for note in summary.get("data_notes", []):
+        console.print(f"[yellow]Note[/] {escape(note)}")
     backbone = summary["backbone"]
     console.print(f"[bold]Backbone[/]  {backbone['name']} ({backbone['arch']}), weights from {backbone['kind']} "
                   f"{backbone['location']} (sha256 {backbone['sha256'][:12]}…)")
@@ -101,7 +103,7 @@ def print_class_metrics(metrics: dict, title: str) -> None:
     for column in ("class", "precision", "recall", "F1", "support"):
         table.add_column(column, justify="right" if column != "class" else "left")
     for name, m in metrics["per_class"].items():
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console.print(table)
 
 
@@ -140,12 +142,15 @@ def print_finetune(head: dict) -> None:
 
 
 def print_confusion_matrix(matrix: list[list[int]], classes: Sequence[str]) -> None:
+    if len(classes) > 20:  # wider than a terminal: the PNG holds it
+        console.print(f"Confusion matrix: {len(classes)} classes, see confusion_matrix.png")
+        return
     table = Table(title="Confusion matrix (rows: true, columns: predicted)")
     table.add_column("")
     for name in classes:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for name, row in zip(classes, matrix):
-        table.add_row(name, *map(str, row))
+        table.add_row(escape(name), *map(str, row))
     console.print(table)
 
 
@@ -171,7 +176,7 @@ def print_predictions(predictions, fmt: str) -> None:
         for rank in range(1, len(predictions[0].labels) + 1 if predictions else 1):
             table.add_column(f"#{rank}")
         for p in predictions:
-            table.add_row(p.path, *(f"{l} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)))
+            table.add_row(escape(p.path), *(f"{escape(l)} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)))
         console.print(table)
 
 
@@ -185,7 +190,7 @@ def print_inspect_report(result: dict) -> None:
     for split in profile["images_per_class"]:
         table.add_column(split, justify="right")
     for name in result["classes"]:
-        table.add_row(name, *(str(counts.get(name, 0)) for counts in profile["images_per_class"].values()))
+        table.add_row(escape(name), *(str(counts.get(name, 0)) for counts in profile["images_per_class"].values()))
     console.print(table)
     sizes = profile["image_sizes"]
     console.print(f"Imbalance (largest/smallest class): {profile['imbalance_ratio']:.2f}; greyscale "

@@ -7,12 +7,17 @@ beside the database file, so a store is one self-contained folder.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import posixpath
+import re
 import subprocess
 import sys
-from contextlib import closing
+import tempfile
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tlpipe.errors import TlpipeError
 
@@ -46,6 +51,36 @@ def _write_ahead_log(db: Path) -> None:
         connection.execute("PRAGMA journal_mode=WAL")
 
 
+_MLFLOW_KEY = re.compile(r"[\w.\- /]{1,250}")  # MLflow's rule for metric, param and tag keys (no colon: Windows)
+KEY_MAP = "mlflow_keys.json"  # the run artifact that maps each renamed key back to the real name
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as an MLflow key: itself when MLflow accepts it, else with each refused character as
+    ``_`` and 8 hex digits of the real name's hash (two names never share a key). Class names are
+    data: ``val_f1_bees (apis)`` becomes ``val_f1_bees _apis_-4c1f2a9b``."""
+    if _MLFLOW_KEY.fullmatch(name) and posixpath.normpath(name) == name and not name.startswith(("/", "..")):
+        return name
+    clean = re.sub(r"[^\w.\- ]", "_", name)[:200]
+    return f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Creating or migrating a SQLite store, one process at a time (a lock file beside the database):
+    fits started together on a new store would otherwise race MLflow's migrations and leave the
+    store half-migrated for every later fit."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        yield
+
+
 class FitRun:
     """A context manager around one MLflow run; ends FINISHED, or FAILED if the fit raised."""
 
@@ -53,27 +88,50 @@ class FitRun:
         self.experiment, self.run_name = experiment, run_name
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.run_id: str | None = None
+        self.resume_id: str | None = None  # an earlier run of the same fit to continue, when set before entering
+        self.renamed: dict[str, str] = {}  # MLflow key -> real name, for keys mlflow_key changed
+        self.renamed_logged = 0
 
     def __enter__(self) -> "FitRun":
-        from mlflow.tracking import MlflowClient
-
         if self.run_id is not None:  # made by child() or attach(): already started
             return self
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        with _store_lock(self.tracking_uri):
+            self.experiment_id = self._experiment_id()
+        if self.resume_id and self._continue(self.resume_id):
+            return self
+        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
+        return self
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, made (with the store's tables, on first use) when missing."""
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(self.tracking_uri)
-        found = self.client.get_experiment_by_name(self.experiment)  # also creates the store's tables
+        found = self.client.get_experiment_by_name(self.experiment)  # also creates or migrates the store's tables
         if self.tracking_uri.startswith("sqlite:///"):
             _write_ahead_log(Path(self.tracking_uri.removeprefix("sqlite:///")))
-        if found is None:
-            root = _artifact_root(self.tracking_uri)
-            location = f"{root}/{self.experiment}" if root else None
-            experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
-        else:
-            experiment_id = found.experiment_id
-        self.experiment_id = experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
-        return self
+        if found is not None:
+            return found.experiment_id
+        root = _artifact_root(self.tracking_uri)
+        return self.client.create_experiment(self.experiment, artifact_location=f"{root}/{self.experiment}" if root else None)
+
+    def _continue(self, run_id: str) -> bool:
+        """Go on logging to ``run_id`` (an earlier, killed run of the same fit), RUNNING again; its
+        trials' runs that a kill left RUNNING end KILLED. False when the run is gone from the store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            info = self.client.get_run(run_id).info
+        except MlflowException:
+            return False
+        if info.experiment_id != self.experiment_id or info.lifecycle_stage != "active":
+            return False
+        ghosts = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+        for ghost in ghosts:
+            self.client.set_terminated(ghost.info.run_id, "KILLED")
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        return True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """FINISHED; FAILED on an error; KILLED when stopped from outside (Ctrl+C, SIGTERM: the
@@ -117,22 +175,33 @@ class FitRun:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
-                              metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-                              tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()])
+        self.client.log_batch(self.run_id, params=[Param(self._key(k), str(v)[:6000]) for k, v in (params or {}).items()],
+                              metrics=[Metric(self._key(k), float(v), now, step) for k, v in (metrics or {}).items()],
+                              tags=[RunTag(self._key(k), str(v)[:5000]) for k, v in (tags or {}).items()])
+        self._log_key_map()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.log_batch(params=params)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        import time
+        self.log_batch(metrics=metrics, step=step)
 
-        from mlflow.entities import Metric
+    def _key(self, name: str) -> str:
+        """``mlflow_key(name)``, each renamed key kept with its real name for ``mlflow_keys.json``."""
+        key = mlflow_key(name)
+        if key != name:
+            self.renamed[key] = name
+        return key
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    def _log_key_map(self) -> None:
+        """The run's ``mlflow_keys.json`` (renamed key -> real name), logged again when it grew."""
+        if len(self.renamed) == self.renamed_logged:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / KEY_MAP
+            path.write_text(json.dumps(self.renamed, ensure_ascii=False, indent=1), encoding="utf-8")
+            self.client.log_artifact(self.run_id, str(path))
+        self.renamed_logged = len(self.renamed)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():

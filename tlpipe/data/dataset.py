@@ -40,6 +40,7 @@ class DatasetSpec:
     val_from: str  # "folder" (a val/ folder) or "split" (held out from train)
     quarantined: list[tuple[Path, str]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the data (one line each)
 
     def counts(self) -> dict[str, int]:
         return {split: len(samples) for split, samples in self.splits.items()}
@@ -114,6 +115,11 @@ def prepare_dataset(
     spec.splits = _checked_samples(scanned, bad)
     if hold_out and "val" not in spec.splits:
         spec.splits["train"], spec.splits["val"] = _stratified_split(spec, val_fraction, seed)
+    if spec.val_from == "folder":
+        missing = [name for name, n in spec.class_counts("val").items() if n == 0]
+        if missing:
+            spec.notes.append(f"class(es) {', '.join(repr(m) for m in missing)} have no image in val/: their validation "
+                              "figures are missing and model choices ignore them; add images to val/<class>")
     return spec
 
 

@@ -4,6 +4,8 @@ Only reads the folder. Every layout problem is a ``TlpipeError`` naming the fold
 """
 from __future__ import annotations
 
+import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,21 +31,53 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def image_files(folder: Path, skipped: Counter | None = None) -> list[Path]:
+def image_files(folder: Path, skipped: Counter | None = None, root: Path | None = None) -> list[Path]:
     """Image files under ``folder`` (recursively, sorted); hidden and non-image files are left
-    out and, when ``skipped`` is given, counted there by reason."""
+    out and, when ``skipped`` is given, counted there by reason. Symbolic links are followed while
+    they stay inside ``root`` (the dataset; default ``folder``); links that leave it, loop back or
+    lead nowhere are skipped and counted."""
     skipped = Counter() if skipped is None else skipped
-    images = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
+    root = Path(root or folder).resolve()
+    images, walked = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here, real = Path(dirpath), Path(dirpath).resolve()
+        reason = _link_problem(real, root, walked)
+        if reason:
+            skipped[reason] += 1
+            dirnames.clear()
             continue
-        if any(part.startswith(".") for part in path.relative_to(folder).parts):
-            skipped["hidden file"] += 1
-        elif is_image_name(path):
-            images.append(path)
-        else:
-            skipped["not an image file"] += 1
-    return images
+        walked.add(real)
+        for path in (here / name for name in filenames):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                skipped["hidden file"] += 1
+            elif not path.exists():
+                skipped["broken symbolic link"] += 1
+            elif not path.resolve().is_relative_to(root):
+                skipped["symbolic link leaving the dataset"] += 1
+            elif is_image_name(path):
+                images.append(path)
+            else:
+                skipped["not an image file"] += 1
+    return sorted(images)
+
+
+def _link_problem(real: Path, root: Path, walked: set[Path]) -> str | None:
+    """Why a folder reached through a link is not walked: outside the dataset, or already walked
+    (or one of its own parents): a loop."""
+    if not real.is_relative_to(root):
+        return "symbolic link leaving the dataset"
+    if real in walked or any(real in done.parents for done in walked):
+        return "symbolic link loop"
+    return None
+
+
+def _check_name(folder: Path) -> None:
+    """Class names are data, any Unicode; a control character (a newline...) or bytes that are not
+    text cannot be shown or stored faithfully: one line naming the folder."""
+    bad = [ch for ch in folder.name if unicodedata.category(ch) in ("Cc", "Cs")]
+    if bad:
+        raise TlpipeError(f"folder name {folder.name!r} in {folder.parent} has a control character or bytes that are "
+                          "not text: rename the folder (letters, digits, spaces, punctuation and emoji all work)")
 
 
 def scan_folder(root: str | Path) -> ScannedFiles:
@@ -86,5 +120,7 @@ def scan_folder(root: str | Path) -> ScannedFiles:
             )
         for loose in (p for p in split_root.iterdir() if p.is_file()):
             skipped["hidden file" if loose.name.startswith(".") else "file outside a class folder"] += 1
-        files[split] = {c: image_files(split_root / c, skipped) for c in split_classes}
+        for folder in _visible_dirs(split_root):
+            _check_name(folder)
+        files[split] = {c: image_files(split_root / c, skipped, root) for c in split_classes}
     return ScannedFiles(root=root, classes=classes, files=files, skipped=skipped)

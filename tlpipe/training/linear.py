@@ -186,26 +186,41 @@ class LinearProbe:
     candidates_: dict = field(default_factory=dict, init=False)
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "LinearProbe":
-        """C by ``cv_path`` per classifier, then each fitted on all of train at its C. BLAS on one
-        thread: on these small matrices two threads on a busy 2-core machine made each L-BFGS fit
-        up to 50x slower (digits codes, 1437 x 1280: 14 s against 0.26 s)."""
-        folds = max(2, min(self.cv_folds, int(np.bincount(y).min())))
-        cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+        """C by ``cv_path`` per classifier, then each fitted on all of train at its C. The folds
+        adapt to the smallest class (at most ``cv_folds``, at least 2); a class with a single train
+        image leaves no cross-validation: C is then chosen on validation (``cv_note_`` says so).
+        BLAS on one thread: on these small matrices two threads on a busy 2-core machine made each
+        L-BFGS fit up to 50x slower (digits codes, 1437 x 1280: 14 s against 0.26 s)."""
+        smallest = int(np.bincount(y)[np.unique(y)].min())
+        folds = min(self.cv_folds, smallest)
+        self.cv_note_ = None if folds >= 2 else (
+            f"a class has {smallest} train image: no cross-validation, C chosen on validation ({len(y_val)} images)")
         self.candidates_ = {}
         with threadpool_limits(1):
             for kind in self.classifiers:
-                scores, decisions = cv_path(kind, X, y, cv, self.c_grid, self.seed, self.n_jobs)
+                if folds >= 2:
+                    cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+                    scores, decisions = cv_path(kind, X, y, cv, self.c_grid, self.seed, self.n_jobs)
+                else:
+                    scores, decisions = self._val_path(kind, X, y, X_val, y_val)
                 best = int(np.argmax(scores))  # the first of equal scores, as GridSearchCV ranks them
                 C = float(self.c_grid[best])
                 head = fit_head(kind, C, X, y, self.seed)
                 if kind == "svm":
-                    head.scale = _fit_temperature(decisions[C], y)
+                    head.scale = _fit_temperature(decisions[C], y if folds >= 2 else y_val)
                 self.candidates_[kind] = {"C": C, "cv_accuracy": float(scores[best]),
                                           "val_accuracy": accuracy(head, X_val, y_val), "head": head}
         # Better on validation wins; on a tie the one with native probabilities (logreg, listed first).
         self.chosen_ = max(self.candidates_, key=lambda k: self.candidates_[k]["val_accuracy"])
         self.head_ = self.candidates_[self.chosen_]["head"]
         return self
+
+    def _val_path(self, kind: str, X, y, X_val, y_val) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+        """``cv_path``'s figures with validation in place of the folds: val accuracy at each C, and
+        the SVM's val decision values (for the temperature)."""
+        heads = {C: fit_head(kind, C, X, y, self.seed) for C in self.c_grid}
+        return (np.array([accuracy(heads[C], X_val, y_val) for C in self.c_grid]),
+                {C: head.logits(X_val) for C, head in heads.items()} if kind == "svm" else {})
 
     def summary(self) -> dict:
         """Per classifier: chosen C, CV and validation accuracy (no arrays)."""

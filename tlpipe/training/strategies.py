@@ -59,7 +59,8 @@ def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> Lin
 def fit_linear(config: FitConfig, codes: dict) -> TrainedHead:
     """Strategy 1: a linear classifier on frozen codes. ``codes`` holds train/val codes (reused)."""
     probe = linear_probe(config, *codes["train"], *codes["val"])
-    return TrainedHead(probe.head_, {"chosen": probe.chosen_, "candidates": probe.summary()})
+    details = {"chosen": probe.chosen_, "candidates": probe.summary(), **({"cv_note": probe.cv_note_} if probe.cv_note_ else {})}
+    return TrainedHead(probe.head_, details)
 
 
 def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
