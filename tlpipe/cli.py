@@ -311,9 +311,11 @@ def ui(
 ) -> None:
     """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
     with user_errors():
-        from tlpipe.tracking import resolve_tracking_uri, serve_ui
+        from tlpipe.tracking import check_port_free, resolve_tracking_uri, runs_page, serve_ui
 
-        typer.echo(f"MLflow UI on http://{host}:{port} for {resolve_tracking_uri(tracking_uri)} (Ctrl+C stops it)")
+        check_port_free(host, port)
+        typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {resolve_tracking_uri(tracking_uri)} "
+                   "(Ctrl+C stops it)")
         raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 

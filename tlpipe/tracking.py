@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,8 +171,6 @@ class FitRun:
     def log_batch(self, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
                   tags: dict[str, Any] | None = None, step: int = 0) -> None:
         """Params, metrics and tags in one call to the store."""
-        import time
-
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
@@ -243,17 +242,68 @@ class NoRun(FitRun):
 
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The MLflow UI server command line on the same store ``tlpipe fit`` writes to."""
+    """The MLflow UI server command line on the same store ``tlpipe fit`` writes to: one worker
+    process (one person browsing; MLflow starts four by default)."""
     uri = resolve_tracking_uri(tracking_uri)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
+
+
+def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
+    """The UI address of the runs of the experiment logged to last (MLflow 3 opens on pages where no
+    runs show); the UI's front page when the store has none."""
+    from mlflow.tracking import MlflowClient
+
+    base = f"http://{host}:{port}"
+    with _store_lock(resolve_tracking_uri(tracking_uri)):
+        found = MlflowClient(resolve_tracking_uri(tracking_uri)).search_experiments(
+            order_by=["last_update_time DESC"], max_results=1)
+    return f"{base}/#/experiments/{found[0].experiment_id}/runs" if found else base
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear line before anything starts when another process holds the port."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TlpipeError(f"cannot serve on {host}:{port} ({exc.strerror or exc}): "
+                              "another server holds it; stop it or give --port") from None
 
 
 def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run the MLflow UI in the foreground until interrupted; return its exit code."""
-    command = ui_command(tracking_uri, host, port)
+    """Run the MLflow UI until interrupted; return its exit code. The server and its workers run in
+    a process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM or any exit."""
+    import signal
+
+    check_port_free(host, port)
     try:
-        return subprocess.call(command, env=os.environ.copy())
-    except KeyboardInterrupt:
-        return 0
+        server = subprocess.Popen(ui_command(tracking_uri, host, port), env=os.environ.copy(), start_new_session=True)
     except OSError as exc:
         raise TlpipeError(f"cannot start the MLflow UI ({exc}): is mlflow installed in this environment?") from None
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group; SIGKILL to whatever of it is still there after ``grace`` seconds."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader, so only live members keep the group
+            os.killpg(process.pid, 0)
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone

@@ -1,0 +1,226 @@
+"""Faults and hostile input: each gets success or one clear line (exit 2), never a traceback.
+
+Tiny generated datasets, the linear strategy and no tuning keep each fit to seconds; the MLflow
+store, the lock files and the processes are real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import class_color, make_image
+from tlpipe.cli import app
+
+runner = CliRunner()
+FAST = ["--strategy", "linear", "--trials", "0", "--workers", "0", "--device", "cpu"]
+
+
+def tlpipe(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def one_line(result, *fragments: str) -> None:
+    """Exit 2 and a single stderr line holding every fragment."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def dataset(root: Path, classes, per_class: int = 6, split: dict | None = None) -> Path:
+    for c, name in enumerate(classes):
+        for split_name, n in (split or {"": per_class}).items():
+            for k in range(n):
+                make_image(root / split_name / name / f"{k}.jpg", class_color(c), size=(40, 32), noise=20, seed=[c, k, len(split_name)])
+    return root
+
+
+ODD = ["bees (apis)", "fourmis été 🐜", "[bold]red"]
+
+
+def test_any_class_name_trains_logs_and_predicts_under_its_real_name(tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    root = dataset(tmp_path / "odd", ODD)
+    result = tlpipe("fit", root, "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "[bold]red" in result.stdout  # printed as data, not as terminal markup
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["classes"] == sorted(ODD) and set(summary["metrics"]["per_class"]) == set(ODD)
+    bundle = json.loads((tmp_path / "out" / "model" / "bundle.json").read_text())
+    assert bundle["classes"] == sorted(ODD)
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(summary["run_id"])
+    keys = {k for k in run.data.metrics if k.startswith("val_f1_")}
+    assert len(keys) == 3 and "val_f1_bees (apis)" not in keys
+    mapping = json.loads(Path(client.download_artifacts(run.info.run_id, "mlflow_keys.json", str(tmp_path))).read_text())
+    assert {mapping[k] for k in keys} == {f"val_f1_{name}" for name in ODD}
+    predicted = tlpipe("predict", tmp_path / "out" / "model", root / "fourmis été 🐜" / "0.jpg", "--format", "json")
+    assert json.loads(predicted.stdout)[0]["predictions"][0]["label"] == "fourmis été 🐜"
+
+
+def test_a_control_character_in_a_class_folder_is_one_line_naming_it(tmp_path):
+    root = dataset(tmp_path / "d", ["cats", "dogs\nnew"])
+    one_line(tlpipe("fit", root, "-o", tmp_path / "out", *FAST), "'dogs\\nnew'", "rename the folder")
+
+
+def test_mlflow_keys_are_collision_free_and_accepted():
+    from tlpipe.tracking import mlflow_key
+
+    assert mlflow_key("val_f1_cats") == "val_f1_cats"
+    names = ["a (b)", "a [b]", "a/../b", "/abs", "x" * 300, "été", "🐜", "🐝"]
+    keys = [mlflow_key(n) for n in names]
+    assert len(set(keys)) == len(keys) and keys[names.index("été")] == "été"
+    from mlflow.utils.validation import _validate_metric_name
+
+    for key in keys:
+        _validate_metric_name(key)
+
+
+FIT_CODE = textwrap.dedent("""
+    import sys
+    from tlpipe.tracking import FitRun
+    with FitRun("race", sys.argv[1]) as run:
+        run.log_metrics({"val_accuracy": 1.0})
+""")
+
+
+def test_fits_started_together_on_a_new_sqlite_store_all_succeed(tmp_path):
+    """The store's creation and migration, raced by four processes, five times: every one succeeds."""
+    for attempt in range(5):
+        uri = f"sqlite:///{tmp_path / f'store{attempt}' / 'mlflow.db'}"
+        processes = [subprocess.Popen([sys.executable, "-c", FIT_CODE, uri], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=180)[1] for p in processes]
+        assert [p.returncode for p in processes] == [0] * 4, errors
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+HOLD_CODE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from tlpipe.config import load_config
+    from tlpipe.outputs import claim_output
+    config = load_config("default", strategy="linear", num_workers=0, device="cpu")  # what FAST asks for
+    with claim_output(Path(sys.argv[1]), Path(sys.argv[2]), config):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_busy_output_folder_names_the_fit_holding_it(tmp_path):
+    root = dataset(tmp_path / "d", ["cats", "dogs"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CODE, str(tmp_path / "out"), str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        one_line(tlpipe("fit", root, "-o", tmp_path / "out", *FAST), "is in use by another tlpipe fit", f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert tlpipe("fit", root, "-o", tmp_path / "out", *FAST).exit_code == 0  # the dead holder's lock is gone with it
+
+
+def test_a_finished_folder_of_other_data_is_refused_unless_overwrite(tmp_path):
+    first, second = dataset(tmp_path / "a", ["cats", "dogs"]), dataset(tmp_path / "b", ["red", "green"])
+    out = tmp_path / "out"
+    assert tlpipe("fit", first, "-o", out, *FAST).exit_code == 0
+    assert tlpipe("fit", first, "-o", out, *FAST).exit_code == 0  # the same fit again: fine
+    one_line(tlpipe("fit", second, "-o", out, *FAST), "holds a fit of", "--overwrite")
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["cats", "dogs"]  # untouched
+    assert tlpipe("fit", second, "-o", out, *FAST, "--overwrite").exit_code == 0
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["green", "red"]
+
+
+@pytest.mark.parametrize("where", ["inside_dataset", "a_file", "unwritable"])
+def test_output_paths_that_cannot_be_used_are_one_line(tmp_path, where):
+    root = dataset(tmp_path / "d", ["cats", "dogs"])
+    out = {"inside_dataset": root / "out", "a_file": tmp_path / "file.txt", "unwritable": Path("/proc/tlpipe-out")}[where]
+    if where == "a_file":
+        out.write_text("mine")
+    message = {"inside_dataset": "is inside the dataset folder", "a_file": "is a file, not a folder",
+               "unwritable": "cannot write to the output folder"}[where]
+    one_line(tlpipe("fit", root, "-o", out, *FAST), message)
+    assert not (root / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders: covered by /proc above")
+def test_a_read_only_output_folder_is_one_line(tmp_path):
+    root = dataset(tmp_path / "d", ["cats", "dogs"])
+    out = tmp_path / "ro"
+    out.mkdir(mode=0o555)
+    one_line(tlpipe("fit", root, "-o", out, *FAST), "cannot write to the output folder")
+
+
+def test_one_train_image_per_class_fits_without_cross_validation(tmp_path):
+    root = dataset(tmp_path / "d", [f"class {i}" for i in range(40)], per_class=2)
+    result = tlpipe("fit", root, "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["splits"] == {"train": 40, "val": 40} and "no cross-validation" in summary["head"]["cv_note"]
+
+
+def test_a_class_missing_from_val_is_named_and_the_fit_goes_on(tmp_path):
+    root = dataset(tmp_path / "d", ["ants", "bees", "wasps"], split={"train": 6, "val": 2})
+    for image in (root / "val" / "wasps").iterdir():
+        image.unlink()
+    (root / "val" / "wasps").rmdir()
+    for image in list((root / "train" / "wasps").iterdir())[1:]:
+        image.unlink()  # one train image: no cross-validation either
+    result = tlpipe("fit", root, "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "'wasps' have no image in val/" in result.stdout
+
+
+def test_symlinks_inside_are_followed_and_links_out_or_looping_are_counted(tmp_path):
+    from tlpipe.data import prepare_dataset
+
+    root = dataset(tmp_path / "d", ["cats", "dogs"])
+    outside = make_image(tmp_path / "elsewhere" / "x.jpg", (0, 0, 0))
+    (root / "cats" / "outside.jpg").symlink_to(outside)
+    (root / "cats" / "loop").symlink_to(root / "cats")
+    (root / "cats" / "up").symlink_to(root)
+    (root / "dogs" / "more").symlink_to(tmp_path / "elsewhere")
+    (root / "dogs" / "alias.jpg").symlink_to(root / "dogs" / "0.jpg")
+    spec = prepare_dataset(root, hold_out=False)
+    assert spec.class_counts() == {"cats": 6, "dogs": 7}
+    assert spec.skipped == {"symbolic link leaving the dataset": 2, "symbolic link loop": 2}
+
+
+def test_sigkill_then_the_same_command_leaves_no_running_run(tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    root = dataset(tmp_path / "d", ["cats", "dogs", "birds"], per_class=12)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tlpipe", "fit", str(root), "-o", str(out), "--strategy", "partial", "--epochs", "3",
+               "--trials", "0", "--workers", "0", "--image-size", "64", "--device", "cpu"]
+    fit = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob("checkpoints/*.pt")):
+        time.sleep(0.2)
+    fit.send_signal(signal.SIGKILL)
+    fit.wait()
+    run_id = json.loads((out / ".tlpipe-fit.json").read_text())["run_id"]
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(run_id).info.status == "RUNNING"  # a ghost, until the fit runs again
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
+    experiment = client.get_run(run_id).info.experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert not list(out.rglob(".*.tmp"))
