@@ -224,3 +224,135 @@ def test_sigkill_then_the_same_command_leaves_no_running_run(tmp_path, mlflow_st
     experiment = client.get_run(run_id).info.experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     assert not list(out.rglob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    root = dataset(tmp_path_factory.mktemp("data") / "pets", ["cats", "dogs"])
+    out = tmp_path_factory.mktemp("fit") / "out"
+    assert tlpipe("fit", root, "-o", out, *FAST).exit_code == 0
+    return root, out / "model"
+
+
+def _manifest(bundle: Path, edit=None) -> dict:
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    if edit:
+        edit(manifest)
+        (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _head(bundle: Path, data: bytes) -> None:
+    """A new head file, its checksum recorded: the checksum cannot be what catches it."""
+    import hashlib
+
+    (bundle / "head.safetensors").write_bytes(data)
+    _manifest(bundle, lambda m: m["head"].update(sha256=hashlib.sha256(data).hexdigest()))
+
+
+def _head_tensors(bundle: Path, edit) -> None:
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(bundle / "head.safetensors"))
+    edit(tensors)
+    _head(bundle, save(tensors))
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(os.environ.get('TMPDIR', '/tmp')) / 'tlpipe-pwned'}",))
+
+
+TAMPERING = {
+    "empty manifest": (lambda b: (b / "bundle.json").write_text(""), "bundle.json is not valid JSON"),
+    "non-UTF-8 manifest": (lambda b: (b / "bundle.json").write_bytes(b"\xff\xfe{"), "bundle.json is not valid JSON"),
+    "a JSON list": (lambda b: (b / "bundle.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+    "no classes": (lambda b: _manifest(b, lambda m: m.pop("classes")), "bundle.json classes: Field required"),
+    "no classes at all": (lambda b: _manifest(b, lambda m: m.update(classes=[])), "classes: List should have at least 2"),
+    "format as a string": (lambda b: _manifest(b, lambda m: m.update(format="2")), "format: Input should be a valid integer"),
+    "negative input size": (lambda b: _manifest(b, lambda m: m["data_config"].update(input_size=[3, -224, 224])),
+                            "data_config.input_size"),
+    "random bytes as head": (lambda b: _head(b, os.urandom(512)), "head.safetensors is not a readable safetensors file"),
+    "a pickle as head": (lambda b: _head(b, __import__("pickle").dumps(_Boom())), "is not a readable safetensors file"),
+    "a head tensor removed": (lambda b: _head_tensors(b, lambda t: t.pop("bias")), "head.safetensors has no 'bias' tensor"),
+    "a head of the wrong width": (lambda b: _head_tensors(b, lambda t: t.update(weight=t["weight"][:, :100].contiguous())),
+                                  "takes codes of 100 values"),
+    "3 names for a 2-row head": (lambda b: _manifest(b, lambda m: m.update(classes=["a", "b", "c"])),
+                                 "'weight' has shape (2, 1280), where 3 classes need (3, 'any')"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_a_tampered_bundle_is_one_line_never_a_traceback_or_wrong_labels(bundle_dir, tmp_path, case):
+    import shutil
+
+    root, bundle = bundle_dir
+    copy = tmp_path / "model"
+    shutil.copytree(bundle, copy)
+    damage, message = TAMPERING[case]
+    damage(copy)
+    result = tlpipe("predict", copy, root / "cats" / "0.jpg", "--device", "cpu")
+    one_line(result, message, str(copy))
+    assert not (Path(os.environ.get("TMPDIR", "/tmp")) / "tlpipe-pwned").exists()  # the pickle never ran
+
+
+def test_a_weights_file_in_a_bundle_is_found_beside_it_from_any_folder(bundle_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tlpipe.models import create_backbone, feature_state_dict
+
+    root, bundle = bundle_dir
+    copy = tmp_path / "moved" / "model"
+    shutil.copytree(bundle, copy)
+    save_file({k: v.contiguous() for k, v in feature_state_dict(create_backbone().model).items()}, str(copy / "weights.safetensors"))
+    _manifest(copy, lambda m: m["backbone"]["weights"].update(kind="file", location="weights.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    result = tlpipe("predict", copy, root / "cats" / "0.jpg", "--format", "json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["predictions"][0]["label"] == "cats"
+
+
+def _servers_on(port: int) -> list[int]:
+    """Pids of live processes whose command line serves ``port`` (the MLflow server and its workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split(") ")[-1][0]
+        except (OSError, IndexError):
+            continue
+        if str(port).encode() in cmdline and state != "Z" and any(b"mlflow" in part or b"uvicorn" in part for part in cmdline):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "/#/experiments/" in ui.stdout.readline()  # the runs page, not MLflow 3's front page
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                time.sleep(1)
+        assert status == 200 and _servers_on(port)
+        one_line(tlpipe("ui", "--port", port), f"cannot serve on 127.0.0.1:{port}", "give --port")
+        ui.send_signal(signal.SIGTERM)  # to tlpipe alone, as a service manager sends it
+        assert ui.wait(timeout=30) == 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _servers_on(port):
+            time.sleep(0.5)
+        assert _servers_on(port) == []
+    finally:
+        ui.kill()
+        for pid in _servers_on(port):
+            os.kill(pid, signal.SIGKILL)

@@ -6,7 +6,8 @@ summary on disk means the rest is there. The same go to the fit's MLflow run, wi
 and metrics a reader compares runs by.
 
 A fit records twice when it fine-tunes: first its linear classifier (``status: provisional``),
-then the final model, whose bundle replaces the first in two renames that no signal splits;
+then the final model, whose bundle replaces the first in two renames that no signal splits (the
+summary naming it staged first, so even a SIGKILL leaves a folder the next start makes whole);
 after SIGTERM or Ctrl+C the summary says ``status: cut`` beside the best model saved by then.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tlpipe.training.strategies import TrainedHead
 from tlpipe.utils import read_json, write_json
 
 SUMMARY = "summary.json"
+STAGED_SUMMARY = ".summary.json.staged"  # the next summary, written before its bundle is swapped in
 BUNDLE = "model"
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
 OWNER = ".tlpipe-fit.json"  # whose folder this is: the fit's data and config key, its process, its MLflow run
@@ -82,23 +84,36 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     metrics = classification_metrics(y_val, model.trained.head.predict(X_val), spec.classes)
     layer = resolve_layer(model.backbone.model, model.config.layer)
     bundle = out / BUNDLE
-    if status != "cut":  # a cut keeps the bundle already saved
-        _replace_folder(bundle, lambda path: save_bundle(
-            path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
-            config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
-            trained=model.trained.backbone_trained))
+    staging = None if status == "cut" else _stage_folder(bundle, lambda path: save_bundle(  # a cut keeps the bundle saved
+        path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
+        config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
+        trained=model.trained.backbone_trained))
     artifacts = _write_reports(out, spec, model, metrics, assessment, ranking)
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
+               "bundle_sha256": bundle_identity(staging or bundle),
                **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {})}
+    # Two-phase: the summary naming the new bundle is staged first; a SIGKILL between the swap and the
+    # summary's rename is finished by restore_bundle on the next start, never left half.
+    write_json(out / STAGED_SUMMARY, summary)
+    if staging:
+        _swap_folder(staging, bundle)
+    os.replace(out / STAGED_SUMMARY, out / SUMMARY)
     run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
     if status == "complete":
         _log_run(run, out, model, metrics, timings, artifacts, bundle)
     elif status == "cut" and bundle.exists():
         run.log_artifact(bundle, "model")
-    write_json(out / SUMMARY, summary)
     run.log_artifact(out / SUMMARY)
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
+
+
+def bundle_identity(bundle: Path) -> str | None:
+    """What tells one saved bundle from another: its head file's checksum, as bundle.json records it."""
+    try:
+        return read_json(Path(bundle) / "bundle.json")["head"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> Path | None:
@@ -108,6 +123,7 @@ def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> Pat
     with signals_held():
         run.log_batch(tags={STATUS_TAG: "cut", "tlpipe_cut": reason})
         write_json(out / SUMMARY, {"status": "cut", "cut": reason, "bundle": bundle and str(bundle.resolve()),
+                                   "bundle_sha256": bundle and bundle_identity(bundle),
                                    "run_id": run.run_id, "tracking_uri": run.tracking_uri, "timings": timings,
                                    "tlpipe_version": __version__})
         run.log_artifact(out / SUMMARY)
@@ -123,12 +139,18 @@ def previous_status(out: Path) -> str | None:
         return None
 
 
-def _replace_folder(target: Path, write) -> None:
-    """``write(folder)`` into a staging folder, then swap it for ``target`` in two renames that
-    SIGTERM and Ctrl+C wait for: ``target`` is always the old folder whole or the new one whole."""
-    staging, old = target.with_name(f".{target.name}.staging"), target.with_name(f".{target.name}.old")
+def _stage_folder(target: Path, write) -> Path:
+    """``write(folder)`` into ``target``'s staging folder, returned for ``_swap_folder``."""
+    staging = target.with_name(f".{target.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     write(staging)
+    return staging
+
+
+def _swap_folder(staging: Path, target: Path) -> None:
+    """``staging`` in place of ``target`` in two renames that SIGTERM and Ctrl+C wait for: ``target``
+    is always the old folder whole or the new one whole (``restore_bundle`` undoes a SIGKILL between)."""
+    old = target.with_name(f".{target.name}.old")
     with signals_held():
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -138,10 +160,22 @@ def _replace_folder(target: Path, write) -> None:
 
 
 def restore_bundle(out: Path) -> None:
-    """Put back the bundle a fit killed (SIGKILL) between ``_replace_folder``'s two renames left aside."""
-    target, old = Path(out) / BUNDLE, Path(out) / f".{BUNDLE}.old"
+    """Make the output folder whole after a SIGKILL in the record stage: put back the bundle killed
+    between ``_swap_folder``'s two renames, and finish the summary of a bundle that was swapped in
+    just before (the staged summary names it), or drop a staged summary whose bundle never came."""
+    out = Path(out)
+    target, old, staged = out / BUNDLE, out / f".{BUNDLE}.old", out / STAGED_SUMMARY
     if old.is_dir() and not target.exists():
         os.replace(old, target)
+    if staged.exists():
+        try:
+            names = read_json(staged).get("bundle_sha256")
+        except ValueError:
+            names = None
+        if names is not None and names == bundle_identity(target):
+            os.replace(staged, out / SUMMARY)
+        else:
+            staged.unlink()
 
 
 def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: dict,

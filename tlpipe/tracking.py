@@ -203,10 +203,16 @@ class FitRun:
         self.renamed_logged = len(self.renamed)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
+        """A file, or a folder's files; hidden ones (a killed write's temporary files) never go."""
+        path = Path(path)
+        if not path.is_dir():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = file.relative_to(path)
+            if not any(part.startswith(".") for part in relative.parts):
+                folder = "/".join(part for part in (artifact_path, *relative.parent.parts) if part)
+                self.client.log_artifact(self.run_id, str(file), folder or None)
 
 
 class NoRun(FitRun):
