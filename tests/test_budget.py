@@ -191,11 +191,14 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
     assert run.info.status == "KILLED" and run.data.tags["tlpipe_status"] == "cut"
+    assert run.data.tags["tlpipe_stage"] in ("train", "tune", "plan", "between stages")  # where the signal found it
 
     plan = (out / "plan.json").read_text() if (out / "plan.json").exists() else None
     subprocess.run(_fit(data, out, recipe, "--time-limit", "none"), check=True, capture_output=True, timeout=600)
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["status"] == "complete" and resumed["plan"]["trials"] == 2
+    assert resumed["run_id"] == summary["run_id"]  # the killed run continued, FINISHED now
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"]).info.status == "FINISHED"
     assert plan is None or (out / "plan.json").read_text() == plan  # the re-run continued the saved plan
 
 

@@ -90,6 +90,7 @@ class FitRun:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.run_id: str | None = None
         self.resume_id: str | None = None  # an earlier run of the same fit to continue, when set before entering
+        self.continued = False  # True once entered on resume_id
         self.renamed: dict[str, str] = {}  # MLflow key -> real name, for keys mlflow_key changed
         self.renamed_logged = 0
 
@@ -131,7 +132,7 @@ class FitRun:
         for ghost in ghosts:
             self.client.set_terminated(ghost.info.run_id, "KILLED")
         self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+        self.run_id, self.continued = run_id, True
         return True
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -170,13 +171,20 @@ class FitRun:
 
     def log_batch(self, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
                   tags: dict[str, Any] | None = None, step: int = 0) -> None:
-        """Params, metrics and tags in one call to the store."""
+        """Params, metrics and tags in one call to the store. MLflow params never change: on a
+        continued run, a param logged before with another value goes to the tags, which may."""
         from mlflow.entities import Metric, Param, RunTag
 
+        params = {self._key(k): str(v)[:6000] for k, v in (params or {}).items()}
+        tags = {self._key(k): str(v)[:5000] for k, v in (tags or {}).items()}
+        if self.continued and params:
+            logged = self.client.get_run(self.run_id).data.params
+            tags.update({k: v for k, v in params.items() if logged.get(k, v) != v})
+            params = {k: v for k, v in params.items() if logged.get(k, v) == v}
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, params=[Param(self._key(k), str(v)[:6000]) for k, v in (params or {}).items()],
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
                               metrics=[Metric(self._key(k), float(v), now, step) for k, v in (metrics or {}).items()],
-                              tags=[RunTag(self._key(k), str(v)[:5000]) for k, v in (tags or {}).items()])
+                              tags=[RunTag(k, v) for k, v in tags.items()])
         self._log_key_map()
 
     def log_params(self, params: dict[str, Any]) -> None:
