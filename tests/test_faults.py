@@ -356,3 +356,58 @@ def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
         ui.kill()
         for pid in _servers_on(port):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_whose_fit_died_is_ended_by_the_next_fit_on_the_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tlpipe.tracking import FitRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import os, sys\nfrom tlpipe.tracking import FitRun\nrun = FitRun('ghosts', sys.argv[1]).__enter__()\n" \
+           "print(run.run_id, flush=True)\nos.kill(os.getpid(), 9)"
+    died = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, timeout=120)
+    ghost = died.stdout.strip()
+    client = MlflowClient(uri)
+    assert died.returncode == -signal.SIGKILL and client.get_run(ghost).info.status == "RUNNING"
+    with FitRun("ghosts", uri) as alive:
+        assert client.get_run(ghost).info.status == "KILLED"
+        assert client.get_run(alive.run_id).info.status == "RUNNING"  # this process's own run is left alone
+
+
+def test_hidden_and_temporary_files_never_reach_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tlpipe.tracking import FitRun
+
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "bundle.json").write_text("{}")
+    (folder / "sub" / "head.safetensors").write_bytes(b"x")
+    (folder / ".bundle.json.1234.tmp").write_text("{")
+    (folder / ".hidden" ).mkdir()
+    (folder / ".hidden" / "x").write_text("x")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with FitRun("artifacts", uri) as run:
+        run.log_artifact(folder, "model")
+    client = MlflowClient(uri)
+    listed = [a.path for a in client.list_artifacts(run.run_id, "model")]
+    assert listed == ["model/bundle.json", "model/sub"]
+    assert [a.path for a in client.list_artifacts(run.run_id, "model/sub")] == ["model/sub/head.safetensors"]
+
+
+def test_a_sigkill_between_the_bundle_swap_and_the_summary_is_made_whole_on_the_next_start(bundle_dir, tmp_path):
+    """The staged summary names the bundle swapped in: finished; naming one that never came: dropped."""
+    import shutil
+
+    from tlpipe.outputs import STAGED_SUMMARY, bundle_identity, restore_bundle
+
+    out = tmp_path / "out"
+    shutil.copytree(bundle_dir[1], out / "model")
+    (out / "summary.json").write_text(json.dumps({"status": "provisional", "bundle_sha256": "old"}))
+    (out / STAGED_SUMMARY).write_text(json.dumps({"status": "complete", "bundle_sha256": bundle_identity(out / "model")}))
+    restore_bundle(out)
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete" and not (out / STAGED_SUMMARY).exists()
+    (out / STAGED_SUMMARY).write_text(json.dumps({"status": "complete", "bundle_sha256": "a bundle never swapped in"}))
+    restore_bundle(out)
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete" and not (out / STAGED_SUMMARY).exists()

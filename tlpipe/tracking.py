@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,23 @@ def mlflow_key(name: str) -> str:
     return f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def _owner_tags() -> dict[str, str]:
+    """Which process writes a run: what tells a live run from one whose fit was killed."""
+    return {"tlpipe_host": socket.gethostname(), "tlpipe_pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Creating or migrating a SQLite store, one process at a time (a lock file beside the database):
@@ -99,10 +117,20 @@ class FitRun:
             return self
         with _store_lock(self.tracking_uri):
             self.experiment_id = self._experiment_id()
+        self._end_orphans()
         if self.resume_id and self._continue(self.resume_id):
             return self
-        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
+        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=_owner_tags()).info.run_id
         return self
+
+    def _end_orphans(self) -> None:
+        """End KILLED the experiment's runs left RUNNING by a fit of this machine that is no longer
+        alive (SIGKILL, power loss): a run's status must say whether anything still writes to it."""
+        host = socket.gethostname()
+        for run in self.client.search_runs([self.experiment_id], f"attributes.status = 'RUNNING' and tags.tlpipe_host = '{host}'"):
+            if not _alive(int(run.data.tags.get("tlpipe_pid", 0))):
+                self.client.set_tag(run.info.run_id, "tlpipe_status", "killed: its process is gone")
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _experiment_id(self) -> str:
         """The experiment's id, made (with the store's tables, on first use) when missing."""
@@ -132,6 +160,8 @@ class FitRun:
         for ghost in ghosts:
             self.client.set_terminated(ghost.info.run_id, "KILLED")
         self.client.update_run(run_id, status="RUNNING")
+        for key, value in _owner_tags().items():
+            self.client.set_tag(run_id, key, value)
         self.run_id, self.continued = run_id, True
         return True
 
@@ -277,8 +307,6 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
 
 def check_port_free(host: str, port: int) -> None:
     """One clear line before anything starts when another process holds the port."""
-    import socket
-
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.bind((host, port))

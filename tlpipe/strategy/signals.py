@@ -306,7 +306,8 @@ def _compute_signals(features: FeatureSet, seed: int) -> Signals:
     y = features.labels
     folds = min(MAX_FOLDS, int(np.bincount(y)[np.unique(y)].min()))
     if folds < 2:
-        raise TlpipeError("transfer signals need at least 2 images in every class")
+        raise TlpipeError("the transfer signals that choose the strategy need at least 2 train images in every class: "
+                          "add images, or name the strategy (--strategy linear fits on 1 image a class)")
     cv = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))  # the same folds for all
     neighbours = min(KNN_K, min(len(train) for train, _ in cv))
     gaps = {name: _bn_gap(layers) for name, layers in features.bn_stats.items()}
