@@ -126,6 +126,20 @@ def image_folder(tmp_path):
     return make_dataset
 
 
+def health_status(port: int, timeout: float = 90) -> int | None:
+    """The status of ``GET /health`` on 127.0.0.1:``port`` once the server answers (None: it never did)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+        except OSError:
+            time.sleep(1)
+    return None
+
+
 def shared_dataset(name: str) -> Path:
     """``../shared/data/<name>``, or skip the test when that data is not on this machine."""
     path = SHARED_DATA / name

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tree_snapshot
+from conftest import health_status, tree_snapshot
 from tlpipe.cli import app
 
 runner = CliRunner()
@@ -57,7 +56,12 @@ def test_fit_writes_summary_bundle_and_reports(fitted):
     assert summary["splits"] == {"train": 24, "val": 6}
     assert summary["val_from"] == "split"
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_accuracy"] == summary["metrics"]["accuracy"]
-    assert set(summary["timings"]) >= {"check_data", "load_backbone", "extract_codes", "train"}
+    assert set(summary["timings"]) >= {"check_data", "load_backbone", "extract_codes", "train", "test_time"}
+    # solid colours look the same mirrored: flip averaging cannot pay, and is not kept
+    assert summary["head"]["test_time"]["choice"] == "none" and summary["head"]["test_time"]["gain"] == 0
+    calibration = summary["head"]["calibration"]
+    assert calibration["n_val"] == 6 and calibration["nll_after"] <= calibration["nll_before"]
+    assert json.loads((out / "model" / "bundle.json").read_text())["codes"]["hflip"] is False
     assert Path(summary["bundle"]) == (out / "model").resolve()
     assert {"bundle.json", "head.safetensors"} <= {p.name for p in (out / "model").iterdir()}
     assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in out.rglob("*"))
@@ -236,13 +240,7 @@ def test_ui_serves_the_run_history_on_localhost_only(fitted, mlflow_store):
                                env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        deadline, status = time.monotonic() + 90, None
-        while time.monotonic() < deadline and status != 200:
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
-            except OSError:
-                time.sleep(1)
-        assert status == 200
+        assert health_status(port) == 200
         body = json.dumps({"max_results": 5})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
                                          data=body.encode(), headers={"Content-Type": "application/json"})
@@ -286,7 +284,7 @@ def test_evaluate_scores_a_bundle_on_labelled_images_like_the_fit_did(fitted, tm
     for sample in val:  # the fit's held-out images, as a labelled folder
         (held_out / sample.path.parent.name).mkdir(parents=True, exist_ok=True)
         (held_out / sample.path.parent.name / sample.path.name).write_bytes(sample.path.read_bytes())
-    result = tlpipe("evaluate", out / "model", held_out, "--json", tmp_path / "m.json", "--workers", "0")
+    result = tlpipe("evaluate", out / "model", held_out, "--json-file", tmp_path / "m.json", "--workers", "0")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n_images"] == len(val) and metrics["accuracy"] == summary["val_accuracy"]

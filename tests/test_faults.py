@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import class_color, make_image
+from conftest import class_color, health_status, make_image
 from tlpipe.cli import app
 
 runner = CliRunner()
@@ -330,7 +330,6 @@ def _servers_on(port: int) -> list[int]:
 
 def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -338,13 +337,7 @@ def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
     ui = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
         assert "/#/experiments/" in ui.stdout.readline()  # the runs page, not MLflow 3's front page
-        deadline, status = time.monotonic() + 90, None
-        while time.monotonic() < deadline and status != 200:
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
-            except OSError:
-                time.sleep(1)
-        assert status == 200 and _servers_on(port)
+        assert health_status(port) == 200 and _servers_on(port)
         one_line(tlpipe("ui", "--port", port), f"cannot serve on 127.0.0.1:{port}", "give --port")
         ui.send_signal(signal.SIGTERM)  # to tlpipe alone, as a service manager sends it
         assert ui.wait(timeout=30) == 0

@@ -133,3 +133,14 @@ def test_unreachable_weights_say_what_was_tried_and_never_fall_back_to_random(tm
     with pytest.raises(TlpipeError, match=r"tried: hub cache \(empty\); hub timm/resnet18") as err:
         create_backbone("resnet18")
     assert "--weights none" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flip_averaged_codes_are_the_mean_of_both_views_and_of_their_logits(backbone):
+    images = torch.randn(3, 3, 64, 64)
+    plain, flipped = CodeExtractor(backbone.model), CodeExtractor(backbone.model, hflip=True)
+    with torch.no_grad():
+        mean = (plain(images) + plain(images.flip(-1))) / 2
+        assert torch.allclose(flipped(images), mean, atol=1e-5)
+        weight, bias = torch.randn(4, mean.shape[1]), torch.randn(4)  # a linear head averages the views' logits
+        both = ((plain(images) @ weight.T + bias) + (plain(images.flip(-1)) @ weight.T + bias)) / 2
+        assert torch.allclose(flipped(images) @ weight.T + bias, both, atol=1e-4)

@@ -35,7 +35,7 @@ MANIFEST, HEAD_FILE, BACKBONE_FILE = "bundle.json", "head.safetensors", "backbon
 
 def save_bundle(
     path: Path, backbone: Backbone, head: LinearHead, classes: Sequence[str], *, layer: str, layer_relu: bool,
-    config: dict, metrics: dict, trained: bool = False,
+    config: dict, metrics: dict, trained: bool = False, hflip: bool = False,
 ) -> Path:
     """Write the bundle to ``path`` (a folder); each file lands atomically. The backbone's weights
     are embedded when no source can give them back: ``trained`` (fine-tuned) or random init."""
@@ -51,11 +51,11 @@ def save_bundle(
         "tlpipe_version": __version__,
         "backbone": {"name": backbone.name, "arch": backbone.arch, "weights": backbone.weights.to_dict(),
                      "embedded": embed, "sha256": state_dict_sha256(backbone.model)},
-        "codes": {"layer": layer, "relu": layer_relu},
+        "codes": {"layer": layer, "relu": layer_relu, "hflip": hflip},
         "data_config": backbone.data_config,
         "classes": list(classes),
         "head": {"kind": head.kind, "probabilities": PROBABILITY_NOTES[head.kind],
-                 "sha256": hashlib.sha256(head_bytes).hexdigest()},
+                 "temperature": round(1 / head.scale, 6), "sha256": hashlib.sha256(head_bytes).hexdigest()},
         "config": config,
         "metrics": metrics,
     })
@@ -83,6 +83,7 @@ class _BackboneEntry(_Part):
 class _Codes(_Part):
     layer: str = Field(min_length=1)
     relu: bool
+    hflip: bool = False  # test-time flip averaging, chosen on val
 
 
 class _DataConfig(_Part):
@@ -153,7 +154,7 @@ class Bundle:
         self.path, self.manifest, self.backbone, self.head, self.device = path, manifest, backbone, head, device
         self.classes: list[str] = manifest["classes"]
         codes = manifest["codes"]
-        self.extractor = CodeExtractor(backbone.model, codes["layer"], codes["relu"])
+        self.extractor = CodeExtractor(backbone.model, codes["layer"], codes["relu"], codes.get("hflip", False))
 
     def codes(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None) -> np.ndarray:
         samples = [Sample(Path(p), -1) for p in paths]
@@ -189,7 +190,7 @@ def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None
     the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched by name, so
     the folder may hold a subset of the bundle's classes; an unknown class is an error."""
     from tlpipe.data import prepare_dataset
-    from tlpipe.metrics import classification_metrics
+    from tlpipe.metrics import evaluation_metrics
 
     spec = prepare_dataset(data, hold_out=False)
     if _is_flat(spec.root):
@@ -205,8 +206,8 @@ def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None
     samples = spec.splits[split]
     to_bundle = [bundle.classes.index(name) for name in spec.classes]
     y_true = np.array([to_bundle[s.label] for s in samples])
-    y_pred = bundle.head.predict(bundle.codes([s.path for s in samples], batch_size, workers))
-    metrics = classification_metrics(y_true, y_pred, bundle.classes)
+    probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
+    metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
     return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
 
 

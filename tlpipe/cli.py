@@ -5,6 +5,7 @@ the API lacks.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -269,21 +270,26 @@ def evaluate(
     bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
     split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON (for scripts) instead of tables.")] = False,
+    json_file: Annotated[Optional[Path], typer.Option("--json-file", help="Also write the metrics to this JSON file.")] = None,
     batch_size: BatchSize = 64,
     workers: Workers = None,
     device: Device = "auto",
 ) -> None:
-    """Score a saved bundle on labelled images: accuracy, per-class precision/recall/F1, confusion matrix."""
+    """Score a saved bundle on labelled images: accuracy with its interval, balanced accuracy, macro-F1,
+    top-k, NLL, Brier, calibration error, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
         from tlpipe.bundle import evaluate_bundle, load_bundle
         from tlpipe.report import print_evaluation
         from tlpipe.utils import write_json
 
         metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers)
-        if json_out:
-            write_json(json_out, metrics)
-        print_evaluation(metrics)
+        if json_file:
+            write_json(json_file, metrics)
+        if as_json:
+            typer.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+        else:
+            print_evaluation(metrics)
 
 
 @app.command()

@@ -11,17 +11,57 @@ from tlpipe.utils import atomic_write
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
-    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix."""
+    """Accuracy, macro F1 (over the classes the images hold: one absent from the folder has no F1),
+    per-class precision/recall/F1/support and the confusion matrix."""
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(np.mean(f1)),
+        "macro_f1": float(np.mean(f1[support > 0])),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], seed: int = 0) -> dict:
+    """``classification_metrics`` of the top class, and what says how far to trust them: accuracy
+    with its Wilson 95% interval, balanced accuracy, macro F1 with a bootstrap 95% interval, top-k
+    accuracy, negative log-likelihood, Brier score, expected calibration error (15 bins), and the
+    most confused pairs (true -> predicted, by count)."""
+    from scipy.stats import binomtest, bootstrap
+    from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
+
+    from tlpipe.calibration import expected_calibration_error
+
+    y_pred = probabilities.argmax(axis=1)
+    metrics = classification_metrics(y_true, y_pred, classes)
+    n, correct, present = len(y_true), int((y_pred == y_true).sum()), np.unique(y_true)
+    wilson = binomtest(correct, n).proportion_ci(CONFIDENCE, method="wilson")
+    macro_f1 = lambda t, p: f1_score(t, p, labels=present, average="macro", zero_division=0)  # noqa: E731
+    f1_interval = bootstrap((y_true, y_pred), macro_f1, paired=True, vectorized=False, n_resamples=BOOTSTRAP_RESAMPLES,
+                            confidence_level=CONFIDENCE, method="percentile", random_state=seed).confidence_interval
+    labels = np.arange(len(classes))
+    k = min(5, len(classes) - 1)
+    matrix = np.array(metrics["confusion_matrix"])
+    np.fill_diagonal(matrix, 0)
+    pairs = sorted(((int(matrix[i, j]), i, j) for i, j in zip(*np.nonzero(matrix))), reverse=True)[:5]
+    return {
+        **metrics,
+        "accuracy_ci": [float(wilson.low), float(wilson.high)],
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1_ci": [float(f1_interval.low), float(f1_interval.high)],
+        **({f"top_{k}_accuracy": float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))} if k > 1 else {}),
+        "nll": float(log_loss(y_true, probabilities, labels=labels)),
+        "brier": float(np.mean(np.sum((probabilities - np.eye(len(classes))[y_true]) ** 2, axis=1))),
+        "ece": expected_calibration_error(probabilities, y_true),
+        "most_confused": [{"true": classes[i], "predicted": classes[j], "count": c} for c, i, j in pairs],
     }
 
 

@@ -87,7 +87,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     staging = None if status == "cut" else _stage_folder(bundle, lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
-        trained=model.trained.backbone_trained))
+        trained=model.trained.backbone_trained, hflip=model.trained.details.get("test_time", {}).get("choice") == "hflip"))
     artifacts = _write_reports(out, spec, model, metrics, assessment, ranking)
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
@@ -220,7 +220,10 @@ def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run:
 
 def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings: dict, artifacts: list[str],
              bundle: Path) -> None:
+    calibration = model.trained.details.get("calibration", {})
     run.log_metrics({"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
+                     **{f"val_{k}": v for k, v in calibration.items() if k.startswith(("nll", "ece"))},
+                     **({"temperature": calibration["temperature"]} if calibration else {}),
                      **{f"val_f1_{c}": m["f1"] for c, m in metrics["per_class"].items()},
                      **{f"seconds_{k}": v for k, v in timings.items()}},
                     step=len(model.trained.history))

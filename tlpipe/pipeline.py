@@ -30,8 +30,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from tlpipe.budget import Budget, FitCut, parse_duration, stop_on_signals
 from tlpipe.cache import cache_key, cache_root
+from tlpipe.calibration import calibrate
 from tlpipe.config import FitConfig, config_to_yaml, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset, shorter_side
 from tlpipe.device import resolve_device
@@ -156,7 +159,7 @@ def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tu
             choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
             model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
             ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
-            return saved.final(check(prepared, choice, model, timings), plan)
+            return saved.final(check(prepared, choice, model, timings, budget), plan)
         except FitCut as cut:
             cut.result = saved.cut(cut.reason)
             raise
@@ -376,7 +379,50 @@ def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned, decisio
     return FittedModel(linear.config, backbone, linear.trained, linear.codes["val"], tuned.summary, decision)
 
 
-def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings) -> FittedModel:
+def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings, budget: Budget) -> FittedModel:
+    """The model to save, scored, given its test-time choice and calibrated on val: see ``_kept``,
+    ``_test_time`` and ``_calibrated``."""
+    model = _kept(prepared, choice, model, timings)
+    with timings.stage("test_time"):
+        model = _test_time(prepared, model, budget, timings)
+    return _calibrated(model)
+
+
+def _test_time(prepared: Prepared, model: FittedModel, budget: Budget, timings: Timings) -> FittedModel:
+    """Flip averaging, kept only when it beats the plain pass on val by more than the standard error
+    of the paired difference (it costs a second forward pass per image), and only when the time
+    left holds the extra pass over val."""
+    X, y = model.val_codes
+    seconds_per_image = timings.seconds.get("extract_codes", 0.0) / max(1, sum(prepared.spec.counts().values()))
+    if budget.left() < 4 * seconds_per_image * len(y):
+        return _with_details(model, test_time={"choice": "none", "reason": "no time left for the extra val pass"})
+    start = time.perf_counter()
+    flipped = dataset_codes(model.backbone, prepared.spec, "val", model.config, code_tap(model.config),
+                            cache=Path(model.config.cache_dir), hflip=True)
+    seconds = time.perf_counter() - start
+    plain_right, flip_right = model.trained.head.predict(X) == y, model.trained.head.predict(flipped[0]) == y
+    difference = flip_right.astype(float) - plain_right
+    gain, se = float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
+    kept = gain > se and gain > 0
+    report = {"choice": "hflip" if kept else "none", "val_accuracy_plain": float(plain_right.mean()),
+              "val_accuracy_hflip": float(flip_right.mean()), "gain": gain, "standard_error": se,
+              "hflip_images_per_second": round(len(y) / seconds, 1) if seconds > 0 else None, "hflip_cost": "2 forward passes"}
+    model = _with_details(model, test_time=report)
+    return dataclasses.replace(model, val_codes=flipped) if kept else model
+
+
+def _with_details(model: FittedModel, **details) -> FittedModel:
+    return dataclasses.replace(model, trained=dataclasses.replace(model.trained, details={**model.trained.details, **details}))
+
+
+def _calibrated(model: FittedModel) -> FittedModel:
+    """The head with its temperature fitted on the val logits (kept only if the val NLL improves)."""
+    head, report = calibrate(model.trained.head, *model.val_codes)
+    model = _with_details(model, calibration=report)
+    return dataclasses.replace(model, trained=dataclasses.replace(model.trained, head=head))
+
+
+def _kept(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings) -> FittedModel:
     """A fine-tune scored on val through the path prediction takes, at its training resolution and
     at the native one (the better kept: "train small, test large"); under auto, the guard: kept
     only if it beats the tuned linear classifier on the decision's tap, else that classifier (on
@@ -407,9 +453,9 @@ def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
         scored[size] = (accuracy(model.trained.head, *val), sized, val)
     best = max(sizes, key=lambda size: scored[size][0])  # the first, the training size, wins a tie
     _, sized, val = scored[best]
-    details = {**model.trained.details, "val_accuracy_by_size": {str(s): round(a, 4) for s, (a, *_) in scored.items()},
-               "eval_image_size": best}
-    return dataclasses.replace(model, backbone=sized, val_codes=val, trained=dataclasses.replace(model.trained, details=details))
+    model = _with_details(model, val_accuracy_by_size={str(s): round(a, 4) for s, (a, *_) in scored.items()},
+                          eval_image_size=best)
+    return dataclasses.replace(model, backbone=sized, val_codes=val)
 
 
 def code_tap(config: FitConfig) -> str | int:

@@ -39,6 +39,8 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
 
     print_tuning(summary.get("tuning") or {})
     print_class_metrics(metrics, "Validation")
+    print_test_time(summary["head"].get("test_time"))
+    print_calibration(summary["head"].get("calibration"))
     print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
@@ -115,8 +117,43 @@ def print_evaluation(metrics: dict) -> None:
     whole = split == WHOLE_FOLDER
     scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if whole else f"the {split} split of {data} ({n} images)"
     console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
+    low, high = metrics["accuracy_ci"]
+    f1_low, f1_high = metrics["macro_f1_ci"]
+    top_k = next((f", {k.replace('_', '-').replace('-accuracy', '')} accuracy {v:.3f}" for k, v in metrics.items()
+                  if k.startswith("top_")), "")
+    console.print(f"Accuracy {metrics['accuracy']:.3f} (95% interval {low:.3f}-{high:.3f}, Wilson), balanced "
+                  f"{metrics['balanced_accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} ({f1_low:.3f}-{f1_high:.3f}, "
+                  f"bootstrap){top_k}")
+    console.print(f"Probabilities: NLL {metrics['nll']:.3f}, Brier {metrics['brier']:.3f}, "
+                  f"expected calibration error {metrics['ece']:.3f} (15 bins)")
     print_class_metrics(metrics, "All images" if whole else f"{split}/")
     print_confusion_matrix(metrics["confusion_matrix"], list(metrics["per_class"]))
+    if metrics["most_confused"]:
+        console.print("Most confused: " + "; ".join(
+            f"{escape(p['true'])} -> {escape(p['predicted'])} ({p['count']})" for p in metrics["most_confused"]))
+
+
+def print_test_time(report: dict | None) -> None:
+    """Flip averaging: kept or not, what it scored on val and what it costs."""
+    if not report:
+        return
+    if "gain" not in report:
+        console.print(f"Test-time flip averaging not tried: {report['reason']}")
+        return
+    verdict = "kept" if report["choice"] == "hflip" else "not kept"
+    console.print(f"Test-time flip averaging {verdict}: val {report['val_accuracy_plain']:.3f} -> {report['val_accuracy_hflip']:.3f} "
+                  f"(gain {report['gain']:+.3f}, standard error {report['standard_error']:.3f}; costs 2 forward passes, "
+                  f"{report['hflip_images_per_second']} images/s)")
+
+
+def print_calibration(report: dict | None) -> None:
+    """The temperature fitted on val, and what it did to the NLL and the calibration error."""
+    if not report:
+        return
+    what = f"temperature {report['temperature']:.3g} kept" if report["kept"] else "no temperature kept (it did not lower the NLL)"
+    console.print(f"Calibration on {report['n_val']} val images: {what}; NLL {report['nll_before']:.3f} -> "
+                  f"{report['nll_after']:.3f}, ECE {report['ece_before']:.3f} -> {report['ece_after']:.3f}"
+                  + (" (few images: a rough estimate)" if report["n_val"] < 100 else ""))
 
 
 def print_linear_heads(head: dict) -> None:

@@ -59,13 +59,15 @@ def pool_tap(tapped: torch.Tensor, relu: bool) -> torch.Tensor:
 
 class CodeExtractor(nn.Module):
     """Wraps a backbone so that ``forward(images)`` returns pooled codes from one tap, or from several
-    (``"penultimate+blocks.4"``) side by side, in the order given, from the same pass."""
+    (``"penultimate+blocks.4"``) side by side, in the order given, from the same pass. With
+    ``hflip``, each code is the mean of the image's and its mirror's: for a linear head, exactly the
+    mean of the two views' logits (test-time flip averaging)."""
 
-    def __init__(self, model: nn.Module, layer: str | int | None = None, relu: bool = True):
+    def __init__(self, model: nn.Module, layer: str | int | None = None, relu: bool = True, hflip: bool = False):
         super().__init__()
         self.model = model
         self.layer = resolve_layer(model, layer)
-        self.relu = relu
+        self.relu, self.hflip = relu, hflip
         self._captured: dict[str, torch.Tensor] = {}
         for name in self.layer.split("+"):
             if name != PENULTIMATE:
@@ -75,6 +77,12 @@ class CodeExtractor(nn.Module):
         self._captured[name] = output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.hflip:
+            return self._codes(images)
+        both = self._codes(torch.cat([images, images.flip(-1)]))
+        return (both[: len(images)] + both[len(images):]) / 2
+
+    def _codes(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(images)
         parts = []
         for name in self.layer.split("+"):
@@ -105,7 +113,7 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
 
 
 def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,
-                  cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  cache: Path | None = None, hflip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """CNN codes of one split through the same decode + eval transform that prediction uses.
 
     With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key
@@ -117,12 +125,13 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
     path = key = None
     if cache is not None:
         key = cache_key(samples, **backbone.cache_identity(), device=device.type,
-                        layer=resolve_layer(backbone.model, layer), layer_relu=config.layer_relu)
+                        layer=resolve_layer(backbone.model, layer), layer_relu=config.layer_relu,
+                        **({"hflip": True} if hflip else {}))
         path = Path(cache) / "codes" / f"{split}-{key}.npz"
         cached = load_cached(path, key)
         if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples):
             return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
-    extractor = CodeExtractor(backbone.model, layer, config.layer_relu)
+    extractor = CodeExtractor(backbone.model, layer, config.layer_relu, hflip)
     loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
     features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
     if path is not None:

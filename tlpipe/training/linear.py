@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
@@ -22,11 +20,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
+from tlpipe.calibration import fit_scale
+
 CLASSIFIERS = ("logreg", "svm")
 PROBABILITY_NOTES = {
-    "logreg": "softmax of the logistic-regression scores (the model's own probabilities)",
-    "svm": "softmax of the SVM decision values, with one temperature fitted on out-of-fold train decisions",
-    "finetune": "softmax of the fine-tuned network's own logits",
+    "logreg": "softmax of the logistic-regression scores over the temperature fitted on val (1: none kept)",
+    "svm": "softmax of the SVM decision values over one temperature (out-of-fold train decisions, then val)",
+    "finetune": "softmax of the fine-tuned network's logits over the temperature fitted on val (1: none kept)",
 }
 
 
@@ -116,13 +116,6 @@ def accuracy(head: LinearHead, X: np.ndarray, y: np.ndarray) -> float:
     return float((head.predict(X) == y).mean())
 
 
-def _fit_temperature(decisions: np.ndarray, y: np.ndarray) -> float:
-    if decisions.ndim == 1:
-        decisions = np.stack([-decisions / 2, decisions / 2], axis=1)
-    nll = lambda log_s: -log_softmax(decisions * np.exp(log_s), axis=1)[np.arange(len(y)), y].mean()  # noqa: E731
-    return float(np.exp(minimize_scalar(nll, bounds=(-5, 5), method="bounded").x))
-
-
 PATH_PATIENCE = 2  # C values in a row below the best mean accuracy before the path stops
 
 
@@ -207,7 +200,7 @@ class LinearProbe:
                 C = float(self.c_grid[best])
                 head = fit_head(kind, C, X, y, self.seed)
                 if kind == "svm":
-                    head.scale = _fit_temperature(decisions[C], y if folds >= 2 else y_val)
+                    head.scale = fit_scale(decisions[C], y if folds >= 2 else y_val)
                 self.candidates_[kind] = {"C": C, "cv_accuracy": float(scores[best]),
                                           "val_accuracy": accuracy(head, X_val, y_val), "head": head}
         # Better on validation wins; on a tie the one with native probabilities (logreg, listed first).
