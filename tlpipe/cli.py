@@ -293,6 +293,19 @@ def evaluate(
 
 
 @app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="The output folder of a finished tlpipe fit.")],
+) -> None:
+    """Rebuild <output>/report.html (one self-contained page: data, strategy, trials, metrics, mistakes)."""
+    with user_errors():
+        from tlpipe.html_report import write_html_report
+
+        if not (output / "summary.json").is_file():
+            raise TlpipeError(f"{output} has no summary.json: give the output folder of a tlpipe fit")
+        typer.echo(str(write_html_report(output)))
+
+
+@app.command()
 def models() -> None:
     """List the backbones usable offline right now, and where their weights come from."""
     with user_errors():

@@ -106,3 +106,24 @@ def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
     plt.close(fig)
     return path
+
+
+def save_reliability_diagram(probabilities: np.ndarray, y_true: np.ndarray, path: Path, bins: int = 15) -> Path:
+    """Accuracy against confidence of the top class, per equal-width bin (the ECE's bins), with the
+    share of images in each bin below: a calibrated model sits on the diagonal."""
+    plt = _pyplot()
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    centres = (np.arange(bins) + 0.5) / bins
+    shown = [b for b in range(bins) if (which == b).any()]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    top.bar(centres[shown], [correct[which == b].mean() for b in shown], width=1 / bins, edgecolor="black", label="accuracy")
+    top.set(ylabel="accuracy", title="Reliability (validation)", xlim=(0, 1), ylim=(0, 1))
+    top.legend(loc="upper left")
+    bottom.bar(centres[shown], [(which == b).mean() for b in shown], width=1 / bins, color="grey")
+    bottom.set(xlabel="confidence of the predicted class", ylabel="share")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+    return path

@@ -12,6 +12,7 @@ after SIGTERM or Ctrl+C the summary says ``status: cut`` beside the best model s
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 from tlpipe import __version__
@@ -30,20 +32,22 @@ from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.errors import TlpipeError
-from tlpipe.metrics import classification_metrics, save_confusion_matrix, save_learning_curves
+from tlpipe.html_report import write_html_report
+from tlpipe.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
 from tlpipe.models import Backbone, resolve_layer
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.tracking import FitRun
 from tlpipe.training.strategies import TrainedHead
-from tlpipe.utils import read_json, write_json
+from tlpipe.utils import atomic_write, read_json, write_json
 
 SUMMARY = "summary.json"
 STAGED_SUMMARY = ".summary.json.staged"  # the next summary, written before its bundle is swapped in
 BUNDLE = "model"
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
 OWNER = ".tlpipe-fit.json"  # whose folder this is: the fit's data and config key, its process, its MLflow run
-LOCK = ".tlpipe.lock"  # held while a fit writes here; the OS releases it when the process dies
+LOCK = ".tlpipe.lock"
+VAL_PREDICTIONS = "val_predictions.csv"  # held while a fit writes here; the OS releases it when the process dies
 
 
 @dataclass
@@ -81,14 +85,15 @@ def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: Fi
 
 def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget) -> FitResult:
     X_val, y_val = model.val_codes
-    metrics = classification_metrics(y_val, model.trained.head.predict(X_val), spec.classes)
+    probabilities = model.trained.head.predict_proba(X_val)
+    metrics = evaluation_metrics(y_val, probabilities, spec.classes)
     layer = resolve_layer(model.backbone.model, model.config.layer)
     bundle = out / BUNDLE
     staging = None if status == "cut" else _stage_folder(bundle, lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
         trained=model.trained.backbone_trained, hflip=model.trained.details.get("test_time", {}).get("choice") == "hflip"))
-    artifacts = _write_reports(out, spec, model, metrics, assessment, ranking)
+    artifacts = _write_reports(out, spec, model, metrics, probabilities, assessment, ranking)
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
                "bundle_sha256": bundle_identity(staging or bundle),
@@ -105,6 +110,8 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     elif status == "cut" and bundle.exists():
         run.log_artifact(bundle, "model")
     run.log_artifact(out / SUMMARY)
+    if status != "provisional":  # the page a person reads, once the fit is over
+        run.log_artifact(write_html_report(out, spec))
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
 
 
@@ -178,12 +185,15 @@ def restore_bundle(out: Path) -> None:
             staged.unlink()
 
 
-def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: dict,
+def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: dict, probabilities: np.ndarray,
                    assessment: Assessment | None, ranking: list[dict] | None) -> list[str]:
     """The report files beside the bundle; returns their names, for the MLflow run."""
     write_json(out / "classification_report.json", metrics)
     save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / "confusion_matrix.png")
-    artifacts = ["confusion_matrix.png", "classification_report.json", "quarantine.csv", "config.yaml"]
+    save_reliability_diagram(probabilities, model.val_codes[1], out / "reliability.png")
+    _write_val_predictions(out / VAL_PREDICTIONS, spec, probabilities)
+    artifacts = ["confusion_matrix.png", "reliability.png", "classification_report.json", VAL_PREDICTIONS,
+                 "quarantine.csv", "config.yaml"]
     if assessment:
         write_json(out / "strategy.json", {**_auto(assessment, model.decision), "backbone_ranking": ranking or []})
         artifacts.append("strategy.json")
@@ -191,6 +201,15 @@ def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: di
         save_learning_curves(model.trained.history, out / "learning_curves.png")
         artifacts.append("learning_curves.png")
     return artifacts
+
+
+def _write_val_predictions(path: Path, spec: DatasetSpec, probabilities: np.ndarray) -> None:
+    """Each val image (relative to the dataset), its class, the predicted class and its probability:
+    what the report's grid of confident mistakes is drawn from."""
+    rows = [["path", "true", "predicted", "probability"]]
+    for sample, p in zip(spec.splits["val"], probabilities):
+        rows.append([spec.relative(sample.path), spec.classes[sample.label], spec.classes[int(p.argmax())], f"{p.max():.6f}"])
+    atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 
 def _auto(assessment: Assessment, decision: Decision | None) -> dict:

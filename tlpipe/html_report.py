@@ -1,0 +1,121 @@
+"""``<output>/report.html``: what a fit did, in one self-contained page a person reads.
+
+Built from the files a fit leaves in its output folder (summary, strategy, metrics, tuning, plots,
+val predictions) and the dataset it names, so ``tlpipe report OUTPUT_DIR`` rebuilds it any time.
+A Jinja2 template (autoescaped: class names and paths are data); every image inline as a base64
+PNG, nothing fetched from the network, so the file opens from disk anywhere.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from tlpipe.cache import cache_key
+from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.data.images import load_rgb
+from tlpipe.errors import TlpipeError
+from tlpipe.utils import atomic_write, read_json, write_json
+
+REPORT = "report.html"
+PROFILE = "profile.json"
+MISTAKES_SHOWN = 12
+THUMBNAIL = 128
+
+
+def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
+    """Write ``<out>/report.html`` from the fit's files; ``spec``: the fit's checked data (else the
+    dataset the summary names is checked and split again, with the fit's seed)."""
+    out = Path(out)
+    summary = _read(out / "summary.json")
+    if "metrics" not in summary:
+        raise TlpipeError(f"{out} holds no finished fit to report on (its summary has no metrics): run tlpipe fit first")
+    spec = spec or _spec(out, summary)
+    page = _environment().get_template("report.html.j2").render(
+        summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(out / "quarantine.csv")[1:],
+        signals=(_read(out / "strategy.json", {}).get("signals") or {}).get("stages", []),
+        trials=_trials(out / "tuning" / "trials.csv"), metrics=_read(out / "classification_report.json"),
+        calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
+        images={name: _png_uri(out / file) for name, file in (("history", "tuning/optuna_history.png"),
+                ("curves", "learning_curves.png"), ("confusion", "confusion_matrix.png"), ("reliability", "reliability.png"))},
+        mistakes=_mistakes(out, spec),
+    )
+    return atomic_write(out / REPORT, lambda f: f.write(page), encoding="utf-8")
+
+
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("tlpipe", "templates"), autoescape=select_autoescape(["html", "j2"]))
+
+
+def _read(path: Path, default=None):
+    if not path.exists() and default is not None:
+        return default
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise TlpipeError(f"cannot read {path} ({exc}): rerun the fit that wrote it") from None
+
+
+def _spec(out: Path, summary: dict) -> DatasetSpec:
+    """The fit's data, split as the fit split it (its recipe's val fraction and seed)."""
+    from tlpipe.config import load_config
+
+    config = load_config(str(out / "config.yaml")) if (out / "config.yaml").exists() else load_config("default")
+    return prepare_dataset(summary["data"], config.val_fraction, config.seed)
+
+
+def _profile(out: Path, spec: DatasetSpec) -> dict:
+    """The data profile (duplicates, leakage), computed once per dataset state and kept in the folder."""
+    from tlpipe.data.profile import profile_dataset
+
+    samples = [s for split in spec.splits.values() for s in split]
+    key = cache_key(samples, what="profile")
+    saved = _read(out / PROFILE, {})
+    if saved.get("key") == key:
+        return saved["profile"]
+    profile = profile_dataset(spec).to_dict()
+    write_json(out / PROFILE, {"key": key, "profile": profile})
+    return profile
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def _trials(path: Path) -> list[dict]:
+    """The study's trials, best first: number, value, state and the params drawn."""
+    rows = _csv_rows(path)
+    if not rows:
+        return []
+    header, body = rows[0], [dict(zip(rows[0], row)) for row in rows[1:]]
+    params = [name for name in header if name.startswith("params_")]
+    ranked = sorted(body, key=lambda r: -float(r["value"]) if r.get("value") else float("inf"))
+    return [{"number": r["number"], "value": f"{float(r['value']):.4f}" if r.get("value") else "",
+             "state": r.get("state", ""), "params": ", ".join(f"{p.removeprefix('params_')}={r[p]}" for p in params if r[p])}
+            for r in ranked[:15]]
+
+
+def _png_uri(path: Path) -> str | None:
+    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.exists() else None
+
+
+def _mistakes(out: Path, spec: DatasetSpec) -> list[dict]:
+    """The val images the model got wrong with the highest probability, as inline thumbnails."""
+    rows = [dict(zip(["path", "true", "predicted", "probability"], r)) for r in _csv_rows(out / "val_predictions.csv")[1:]]
+    wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
+    shown = []
+    for row in wrong[:MISTAKES_SHOWN]:
+        image = load_rgb(spec.root / row["path"])
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        shown.append({**row, "probability": float(row["probability"]),
+                      "image": f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"})
+    return shown
+
