@@ -284,13 +284,18 @@ def test_evaluate_scores_a_bundle_on_labelled_images_like_the_fit_did(fitted, tm
     for sample in val:  # the fit's held-out images, as a labelled folder
         (held_out / sample.path.parent.name).mkdir(parents=True, exist_ok=True)
         (held_out / sample.path.parent.name / sample.path.name).write_bytes(sample.path.read_bytes())
-    result = tlpipe("evaluate", out / "model", held_out, "--json-file", tmp_path / "m.json", "--workers", "0")
+    result = tlpipe("evaluate", out / "model", held_out, "--json-file", tmp_path / "m.json", "--workers", "0",
+                    "--plots", tmp_path / "plots")
     assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"reliability.png", "confusion_matrix.png"}
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n_images"] == len(val) and metrics["accuracy"] == summary["val_accuracy"]
     # a flat folder is scored whole, and never called the train split
     assert metrics["split"] == "all images" and metrics["data"] == str(held_out)
     assert f"Scored all {len(val)} images of {held_out} " in result.stdout and "All images: accuracy" in result.stdout
+    assert metrics["accuracy_ci"][0] <= metrics["accuracy"] <= metrics["accuracy_ci"][1] and 0 <= metrics["ece"] <= 1
+    scripted = tlpipe("evaluate", out / "model", held_out, "--json", "--workers", "0")
+    assert json.loads(scripted.stdout)["accuracy"] == metrics["accuracy"]  # --json: the metrics alone on stdout
     result = tlpipe("evaluate", out / "model", held_out, "--split", "test")
     assert result.exit_code == 2 and "drop --split" in result.stderr and result.stderr.count("\n") == 1
 

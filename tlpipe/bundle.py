@@ -185,7 +185,7 @@ def _is_flat(root: Path) -> bool:
 
 
 def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None, batch_size: int = 64,
-                    workers: int | None = None) -> dict:
+                    workers: int | None = None, plots: Path | None = None) -> dict:
     """Metrics of ``bundle`` on one split of a dataset folder: by default test/, else val/, else
     the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched by name, so
     the folder may hold a subset of the bundle's classes; an unknown class is an error."""
@@ -208,6 +208,12 @@ def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None
     y_true = np.array([to_bundle[s.label] for s in samples])
     probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
     metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
+    if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
+        from tlpipe.metrics import save_confusion_matrix, save_reliability_diagram
+
+        save_reliability_diagram(probabilities, y_true, Path(plots) / "reliability.png", title=f"Reliability ({split})")
+        save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / "confusion_matrix.png",
+                              normalize=True, title=f"Confusion matrix ({split}, rows sum to 1)")
     return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
 
 

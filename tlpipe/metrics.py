@@ -91,24 +91,31 @@ def save_learning_curves(history: list[dict], path: Path) -> Path:
     return path
 
 
-def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path: Path) -> Path:
+def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path: Path, normalize: bool = False,
+                          title: str = "Validation confusion matrix") -> Path:
+    """The matrix as a figure; ``normalize``: each row as shares of its true class (a class absent
+    from the images keeps a row of zeros)."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    matrix = np.asarray(matrix, dtype=np.float64 if normalize else np.int64)
+    if normalize:
+        matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     plt = _pyplot()
     many = len(classes) > 30  # counts in every cell and a label per class stop being legible (and cost minutes)
     size = min(20.0, max(4.0, 0.6 * len(classes) + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=None if many else list(classes)).plot(
-        ax=ax, cmap="Blues", colorbar=many, xticks_rotation=45, include_values=not many
+    ConfusionMatrixDisplay(matrix, display_labels=None if many else list(classes)).plot(
+        ax=ax, cmap="Blues", colorbar=many, xticks_rotation=45, include_values=not many, values_format=".2f" if normalize else None
     )
-    ax.set_title("Validation confusion matrix")
+    ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
     plt.close(fig)
     return path
 
 
-def save_reliability_diagram(probabilities: np.ndarray, y_true: np.ndarray, path: Path, bins: int = 15) -> Path:
+def save_reliability_diagram(probabilities: np.ndarray, y_true: np.ndarray, path: Path, bins: int = 15,
+                             title: str = "Reliability (validation)") -> Path:
     """Accuracy against confidence of the top class, per equal-width bin (the ECE's bins), with the
     share of images in each bin below: a calibrated model sits on the diagonal."""
     plt = _pyplot()
@@ -119,7 +126,7 @@ def save_reliability_diagram(probabilities: np.ndarray, y_true: np.ndarray, path
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
     top.bar(centres[shown], [correct[which == b].mean() for b in shown], width=1 / bins, edgecolor="black", label="accuracy")
-    top.set(ylabel="accuracy", title="Reliability (validation)", xlim=(0, 1), ylim=(0, 1))
+    top.set(ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
     top.legend(loc="upper left")
     bottom.bar(centres[shown], [(which == b).mean() for b in shown], width=1 / bins, color="grey")
     bottom.set(xlabel="confidence of the predicted class", ylabel="share")
