@@ -61,3 +61,8 @@ def test_evaluation_figures_match_their_definitions():
     assert m["brier"] == pytest.approx(np.mean(np.sum((probabilities - onehot) ** 2, axis=1)))
     assert m["nll"] == pytest.approx(-np.mean(np.log(probabilities[np.arange(20), y])))
     assert {(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]} == {("b", "a", 5), ("b", "c", 5)}
+
+
+def test_a_single_image_gets_figures_not_a_crash():
+    m = evaluation_metrics(np.array([1]), np.array([[0.2, 0.8]]), ["a", "b"])
+    assert m["accuracy"] == 1.0 and m["macro_f1_ci"] == [0.0, 1.0] and m["accuracy_ci"][1] == 1.0

@@ -142,8 +142,10 @@ def test_a_finished_folder_of_other_data_is_refused_unless_overwrite(tmp_path):
     assert tlpipe("fit", first, "-o", out, *FAST).exit_code == 0  # the same fit again: fine
     one_line(tlpipe("fit", second, "-o", out, *FAST), "holds a fit of", "--overwrite")
     assert json.loads((out / "summary.json").read_text())["classes"] == ["cats", "dogs"]  # untouched
+    (out / "my notes.txt").write_text("mine")
     assert tlpipe("fit", second, "-o", out, *FAST, "--overwrite").exit_code == 0
     assert json.loads((out / "summary.json").read_text())["classes"] == ["green", "red"]
+    assert (out / "my notes.txt").read_text() == "mine"  # --overwrite removes the fit's own files, nothing else
 
 
 @pytest.mark.parametrize("where", ["inside_dataset", "a_file", "unwritable"])

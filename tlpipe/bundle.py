@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
 from tlpipe import __version__
@@ -88,7 +88,7 @@ class _Codes(_Part):
 
 class _DataConfig(_Part):
     model_config = ConfigDict(extra="allow", strict=False)  # JSON has no tuples: lists stand for them
-    input_size: tuple[Literal[3], int, int]
+    input_size: tuple[Literal[3], StrictInt, StrictInt]
     interpolation: Literal["bilinear", "bicubic", "nearest"]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

@@ -46,11 +46,16 @@ def fit_scale(logits: np.ndarray, y: np.ndarray, start: float = 1.0) -> float:
     return float(start * np.exp(minimize_scalar(objective, bounds=(-5, 5), method="bounded").x))
 
 
+def confidence_bins(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple[np.ndarray, ...]:
+    """Each image's equal-width bin of top-class confidence, that confidence, and whether it was right."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == y
+    return np.minimum((confidence * bins).astype(int), bins - 1), confidence, correct
+
+
 def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """|accuracy - confidence| of the top class, averaged over equal-width confidence bins weighted
     by their share of the images (the usual ECE, 15 bins)."""
-    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == y
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    which, confidence, correct = confidence_bins(probabilities, y, bins)
     total = 0.0
     for b in np.unique(which):
         rows = which == b

@@ -111,7 +111,10 @@ def _mistakes(out: Path, spec: DatasetSpec) -> list[dict]:
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
     shown = []
     for row in wrong[:MISTAKES_SHOWN]:
-        image = load_rgb(spec.root / row["path"])
+        try:
+            image = load_rgb(spec.root / row["path"])
+        except OSError:  # moved or removed since the fit: the grid goes on without it
+            continue
         image.thumbnail((THUMBNAIL, THUMBNAIL))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

@@ -46,7 +46,8 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
     wilson = binomtest(correct, n).proportion_ci(CONFIDENCE, method="wilson")
     macro_f1 = lambda t, p: f1_score(t, p, labels=present, average="macro", zero_division=0)  # noqa: E731
     f1_interval = bootstrap((y_true, y_pred), macro_f1, paired=True, vectorized=False, n_resamples=BOOTSTRAP_RESAMPLES,
-                            confidence_level=CONFIDENCE, method="percentile", random_state=seed).confidence_interval
+                            confidence_level=CONFIDENCE, method="percentile", random_state=seed).confidence_interval \
+        if n > 1 else None  # one image: no resampling to do
     labels = np.arange(len(classes))
     k = min(5, len(classes) - 1)
     matrix = np.array(metrics["confusion_matrix"])
@@ -56,7 +57,7 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
         **metrics,
         "accuracy_ci": [float(wilson.low), float(wilson.high)],
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1_ci": [float(f1_interval.low), float(f1_interval.high)],
+        "macro_f1_ci": [float(f1_interval.low), float(f1_interval.high)] if f1_interval else [0.0, 1.0],
         **({f"top_{k}_accuracy": float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))} if k > 1 else {}),
         "nll": float(log_loss(y_true, probabilities, labels=labels)),
         "brier": float(np.mean(np.sum((probabilities - np.eye(len(classes))[y_true]) ** 2, axis=1))),
@@ -118,9 +119,10 @@ def save_reliability_diagram(probabilities: np.ndarray, y_true: np.ndarray, path
                              title: str = "Reliability (validation)") -> Path:
     """Accuracy against confidence of the top class, per equal-width bin (the ECE's bins), with the
     share of images in each bin below: a calibrated model sits on the diagonal."""
+    from tlpipe.calibration import confidence_bins
+
     plt = _pyplot()
-    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == y_true
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    which, confidence, correct = confidence_bins(probabilities, y_true, bins)
     centres = (np.arange(bins) + 0.5) / bins
     shown = [b for b in range(bins) if (which == b).any()]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})

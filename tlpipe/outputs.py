@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +34,7 @@ from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.errors import TlpipeError
 from tlpipe.html_report import write_html_report
+from tlpipe.progress import announce
 from tlpipe.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
 from tlpipe.models import Backbone, resolve_layer
 from tlpipe.strategy.auto import Assessment
@@ -80,7 +82,18 @@ def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: Fi
     logged, no params or metrics), or cut (``cut``: why; the run is tagged, its params left as
     they were). SIGTERM and Ctrl+C wait until the record is whole."""
     with signals_held():
-        return _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget)
+        result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget)
+    if status == "complete":  # the page a person reads, once the fit is over; outside the held signals
+        _write_report_page(out, spec, run)
+    return result
+
+
+def _write_report_page(out: Path, spec: DatasetSpec, run: FitRun) -> None:
+    """report.html, logged to the run; a failure here leaves the fit whole, and says so in one line."""
+    try:
+        run.log_artifact(write_html_report(out, spec))
+    except Exception as exc:  # noqa: BLE001 - the model and summary are saved: the page is a nicety
+        announce(f"[yellow]Note[/] report.html not written ({type(exc).__name__}: {exc}); `tlpipe report {out}` retries")
 
 
 def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget) -> FitResult:
@@ -110,8 +123,6 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     elif status == "cut" and bundle.exists():
         run.log_artifact(bundle, "model")
     run.log_artifact(out / SUMMARY)
-    if status != "provisional":  # the page a person reads, once the fit is over
-        run.log_artifact(write_html_report(out, spec))
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
 
 
@@ -274,7 +285,7 @@ def claim_output(out: Path, data: Path, config: FitConfig, overwrite: bool = Fal
             if not overwrite:
                 raise TlpipeError(f"{out} holds a fit of {owner.get('data')} with another config or other data: "
                                   "add --overwrite to replace it, or give another --output")
-            _clear(out)
+            _clear(out, data)
             owner = {}
         sweep_temporary(out)
         write_json(out / OWNER, {**owner, "key": key, "data": str(Path(data).resolve()), "pid": os.getpid(),
@@ -285,9 +296,10 @@ def claim_output(out: Path, data: Path, config: FitConfig, overwrite: bool = Fal
 
 
 def fit_key(data: Path, config: FitConfig) -> str:
-    """What makes two fits the same fit: the data folder and the config (the time budget aside:
-    a re-run with more time continues the same fit)."""
-    what = {"data": str(Path(data).resolve()), "config": config.model_dump(mode="json", exclude={"budget"})}
+    """What makes two fits the same fit: the data folder and the config, less what does not change the
+    model (the time budget: a re-run with more time continues the fit; the device, the loader workers)."""
+    what = {"data": str(Path(data).resolve()),
+            "config": config.model_dump(mode="json", exclude={"budget", "device", "num_workers"})}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -328,16 +340,27 @@ def _check_output_path(out: Path, data: Path) -> None:
         raise TlpipeError(f"output path {out} is a file, not a folder: give another --output")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".{LOCK}.probe"
-        probe.touch()
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".tlpipe-probe.")
+        os.close(handle)
+        os.unlink(probe)
     except OSError as exc:
         raise TlpipeError(f"cannot write to the output folder {out} ({exc.strerror or exc}): give a writable --output") from None
 
 
-def _clear(out: Path) -> None:
-    """Everything of the fit in ``out`` but the lock and the caches (keyed by content, valid for any fit)."""
-    for path in Path(out).iterdir():
-        if path.name in (LOCK, "cache"):
+FIT_FILES = (BUNDLE, SUMMARY, STAGED_SUMMARY, OWNER, "plan.json", "config.yaml", "checkpoints", "trials", "tuning",
+             "optuna.db", "classification_report.json", "confusion_matrix.png", "reliability.png", "learning_curves.png",
+             "strategy.json", "quarantine.csv", VAL_PREDICTIONS, "report.html", "profile.json", f".{BUNDLE}.old")
+
+
+def _clear(out: Path, data: Path) -> None:
+    """The files a fit writes in ``out``, and only those (the caches, keyed by content, stay; so does
+    anything else, the dataset above all, wherever it sits)."""
+    keep = Path(data).resolve()
+    for name in FIT_FILES:
+        path = Path(out) / name
+        if keep.is_relative_to(path.resolve()):
             continue
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

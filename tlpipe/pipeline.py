@@ -54,6 +54,7 @@ from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, gua
 from tlpipe.strategy.signals import collect_splits
 from tlpipe.tracking import FitRun, NoRun
 from tlpipe.training.distributed import DistContext, distributed
+from tlpipe.training.frozen import forget_outputs
 from tlpipe.training.linear import accuracy
 from tlpipe.training.speed import measure_speed
 from tlpipe.training.strategies import fit_finetune, fit_linear
@@ -366,6 +367,7 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
         else:
             trained = fit_finetune(backbone, spec, config, tuned.fit_dir or prepared.out, choice.codes,
                                    on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks, deadline=deadline)
+            forget_outputs()  # the frozen-stage outputs the trials and this fit shared
     return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 

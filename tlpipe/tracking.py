@@ -160,7 +160,7 @@ class FitRun:
         for ghost in ghosts:
             self.client.set_terminated(ghost.info.run_id, "KILLED")
         self.client.update_run(run_id, status="RUNNING")
-        for key, value in _owner_tags().items():
+        for key, value in {**_owner_tags(), "tlpipe_status": "resumed"}.items():
             self.client.set_tag(run_id, key, value)
         self.run_id, self.continued = run_id, True
         return True
@@ -308,6 +308,7 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
 def check_port_free(host: str, port: int) -> None:
     """One clear line before anything starts when another process holds the port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is not busy
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -317,21 +318,23 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI until interrupted; return its exit code. The server and its workers run in
-    a process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM or any exit."""
+    a process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
+    or any exit. Check the port first (``check_port_free``)."""
     import signal
 
-    check_port_free(host, port)
     try:
         server = subprocess.Popen(ui_command(tracking_uri, host, port), env=os.environ.copy(), start_new_session=True)
     except OSError as exc:
         raise TlpipeError(f"cannot start the MLflow UI ({exc}): is mlflow installed in this environment?") from None
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda *_: sys.exit(0)) for sig in stops}
     try:
         return server.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _stop_group(server)
 
 

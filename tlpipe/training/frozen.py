@@ -108,16 +108,17 @@ class FrozenPrefix:
             for (parent, name), module in zip(self.slots, self.modules):
                 setattr(parent, name, module)
 
-    def cached_loader(self, loader: DataLoader, device: torch.device, precision) -> DataLoader | None:
+    def cached_loader(self, loader: DataLoader, device: torch.device, precision, ranks: int = 1) -> DataLoader | None:
         """A loader over the prefix's outputs for the images ``loader`` draws (its dataset's transform
         must be deterministic), batched and sampled as ``loader``; None when they would take more than
-        ``HOST_MEMORY_SHARE`` of the host's RAM. The outputs are kept for the next trials."""
+        ``HOST_MEMORY_SHARE`` of the host's RAM (shared by ``ranks`` processes). The outputs are kept
+        for the next trials, until ``forget_outputs``."""
         epochs_vary = hasattr(loader.sampler, "set_epoch")  # a train sampler: every index, order per epoch
         rows = list(range(len(loader.dataset))) if epochs_vary else list(loader.sampler)
         key = self._key(loader.dataset, rows)
         outputs = _KEPT.pop(key, None)
         if outputs is None:
-            outputs = self._outputs(loader, rows, device, precision)
+            outputs = self._outputs(loader, rows, device, precision, HOST_MEMORY_SHARE / ranks)
             if outputs is None:
                 return None
         _KEPT[key] = outputs
@@ -129,7 +130,7 @@ class FrozenPrefix:
                           pin_memory=device.type == "cuda")
 
     @torch.no_grad()
-    def _outputs(self, loader: DataLoader, rows: list[int], device: torch.device, precision) -> torch.Tensor | None:
+    def _outputs(self, loader: DataLoader, rows: list[int], device: torch.device, precision, share: float) -> torch.Tensor | None:
         plain = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=rows, num_workers=loader.num_workers)
         outputs = None
         self.model.eval()
@@ -137,7 +138,7 @@ class FrozenPrefix:
             with precision.autocast():
                 hidden = self.run(images.to(device, memory_format=torch.channels_last)).cpu()
             if outputs is None:
-                if len(rows) * hidden[0].numel() * hidden.element_size() > HOST_MEMORY_SHARE * available_memory(torch.device("cpu")):
+                if len(rows) * hidden[0].numel() * hidden.element_size() > share * available_memory(torch.device("cpu")):
                     return None
                 outputs = torch.empty((len(rows), *hidden.shape[1:]), dtype=hidden.dtype)
             outputs[start:start + len(hidden)] = hidden
@@ -152,6 +153,11 @@ class FrozenPrefix:
         source = getattr(dataset.images, "filename", None) or id(dataset.images)
         digest.update(repr([source, len(dataset), rows, repr(dataset.transform)]).encode())
         return digest.hexdigest()
+
+
+def forget_outputs() -> None:
+    """Free the kept outputs (once the fine-tunes that share them are over)."""
+    _KEPT.clear()
 
 
 KEPT_ENTRIES = 2  # val's and train's

@@ -89,8 +89,8 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
     loaders = _loaders(data_config, spec, config, out, batch_size, device, context)
     train_loader, val_loader, whole_val = loaders
-    frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader) \
-        if unfreeze is not None else (None, train_loader, val_loader)
+    frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader,
+                                                     context.world_size) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     fingerprint = json.dumps([config.model_dump(mode="json", exclude={"budget"}), backbone.weights.sha256,
                               [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
@@ -124,16 +124,16 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
 
 
 def _reuse_frozen(model: nn.Module, data_config: dict, device: torch.device, config: FitConfig,
-                  train_loader: DataLoader, val_loader: DataLoader) -> tuple[FrozenPrefix | None, DataLoader, DataLoader]:
+                  train_loader: DataLoader, val_loader: DataLoader, ranks: int) -> tuple[FrozenPrefix | None, DataLoader, DataLoader]:
     """A partial fine-tune's frozen stages, run once: val's loader (and train's, with augmentation
     off) replaced by one of their outputs, where the model allows it and the host's RAM holds them."""
     frozen = FrozenPrefix.find(model, data_config["input_size"], device)
     if frozen is None:
         return None, train_loader, val_loader
     precision = Precision(device)
-    val_loader = frozen.cached_loader(val_loader, device, precision) or val_loader
+    val_loader = frozen.cached_loader(val_loader, device, precision, ranks) or val_loader
     if config.augment.off:
-        train_loader = frozen.cached_loader(train_loader, device, precision) or train_loader
+        train_loader = frozen.cached_loader(train_loader, device, precision, ranks) or train_loader
     return frozen, train_loader, val_loader
 
 
