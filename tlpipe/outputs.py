@@ -105,7 +105,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     staging = None if status == "cut" else _stage_folder(bundle, lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
-        trained=model.trained.backbone_trained, hflip=model.trained.details.get("test_time", {}).get("choice") == "hflip"))
+        trained=model.trained.backbone_trained, hflip=model.trained.details.get("test_time", {}).get("hflip", False)))
     artifacts = _write_reports(out, spec, model, metrics, probabilities, assessment, ranking)
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),

@@ -391,26 +391,48 @@ def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timin
 
 
 def _test_time(prepared: Prepared, model: FittedModel, budget: Budget, timings: Timings) -> FittedModel:
-    """Flip averaging, kept only when it beats the plain pass on val by more than the standard error
-    of the paired difference (it costs a second forward pass per image), and only when the time
-    left holds the extra pass over val."""
+    """Test-time choices made on val: flip averaging (a second forward pass per image) and a larger
+    test resolution (for a head on globally pooled codes, the seed notes' FC layers run as
+    convolutions over a larger image, their scores averaged). One is kept only when it beats the
+    plain pass by more than the standard error of the paired difference, the larger gain first;
+    none is tried when the time left cannot hold the extra val passes."""
     X, y = model.val_codes
+    options = _test_time_options(model)
     seconds_per_image = timings.seconds.get("extract_codes", 0.0) / max(1, sum(prepared.spec.counts().values()))
-    if budget.left() < 4 * seconds_per_image * len(y):
-        return _with_details(model, test_time={"choice": "none", "reason": "no time left for the extra val pass"})
-    start = time.perf_counter()
-    flipped = dataset_codes(model.backbone, prepared.spec, "val", model.config, code_tap(model.config),
-                            cache=Path(model.config.cache_dir), hflip=True)
-    seconds = time.perf_counter() - start
-    plain_right, flip_right = model.trained.head.predict(X) == y, model.trained.head.predict(flipped[0]) == y
-    difference = flip_right.astype(float) - plain_right
-    gain, se = float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
-    kept = gain > se and gain > 0
-    report = {"choice": "hflip" if kept else "none", "val_accuracy_plain": float(plain_right.mean()),
-              "val_accuracy_hflip": float(flip_right.mean()), "gain": gain, "standard_error": se,
-              "hflip_images_per_second": round(len(y) / seconds, 1) if seconds > 0 else None, "hflip_cost": "2 forward passes"}
+    if budget.left() < 2 * sum(cost for *_, cost in options) * seconds_per_image * len(y):
+        return _with_details(model, test_time={"choice": "none", "reason": "no time left for the extra val passes"})
+    plain_right = model.trained.head.predict(X) == y
+    scored, tried = {}, {}
+    for name, backbone, hflip, cost in options:
+        start = time.perf_counter()
+        codes = dataset_codes(backbone, prepared.spec, "val", model.config, code_tap(model.config),
+                              cache=Path(model.config.cache_dir), hflip=hflip)
+        difference = (model.trained.head.predict(codes[0]) == y).astype(float) - plain_right
+        se = float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
+        scored[name] = {"val_accuracy": float(plain_right.mean() + difference.mean()), "gain": float(difference.mean()),
+                        "standard_error": se, "forward_passes": cost,
+                        "images_per_second": round(len(y) / max(time.perf_counter() - start, 1e-9), 1)}
+        tried[name] = (backbone, hflip, codes)
+    paying = [name for name, row in scored.items() if row["gain"] > max(row["standard_error"], 0)]
+    choice = max(paying, key=lambda name: scored[name]["gain"]) if paying else "none"
+    report = {"choice": choice, "val_accuracy_plain": float(plain_right.mean()), "options": scored,
+              "hflip": choice != "none" and tried[choice][1]}
     model = _with_details(model, test_time=report)
-    return dataclasses.replace(model, val_codes=flipped) if kept else model
+    if choice == "none":
+        return model
+    backbone, _, codes = tried[choice]
+    return dataclasses.replace(model, backbone=backbone, val_codes=codes)
+
+
+def _test_time_options(model: FittedModel) -> list[tuple[str, Backbone, bool, float]]:
+    """(name, backbone at its test resolution, flip averaging, forward passes per image relative to
+    the plain one): flip, and the pretrained config's ``test_input_size`` or about 1.15x the side."""
+    backbone = model.backbone
+    side = backbone.data_config["input_size"][-1]
+    test_size = (backbone.model.pretrained_cfg.get("test_input_size") or (3, 0, 0))[-1]
+    larger = test_size if test_size > side else int(round(side * 1.15 / 32) * 32)
+    sized = dataclasses.replace(backbone, data_config={**backbone.data_config, "input_size": (3, larger, larger)})
+    return [("hflip", backbone, True, 2.0), (f"{larger} px", sized, False, (larger / side) ** 2)]
 
 
 def _with_details(model: FittedModel, **details) -> FittedModel:

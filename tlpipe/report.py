@@ -134,16 +134,16 @@ def print_evaluation(metrics: dict) -> None:
 
 
 def print_test_time(report: dict | None) -> None:
-    """Flip averaging: kept or not, what it scored on val and what it costs."""
+    """The test-time options tried on val: what each scored and costs, and the one kept."""
     if not report:
         return
-    if "gain" not in report:
-        console.print(f"Test-time flip averaging not tried: {report['reason']}")
+    if "options" not in report:
+        console.print(f"Test-time options not tried: {report['reason']}")
         return
-    verdict = "kept" if report["choice"] == "hflip" else "not kept"
-    console.print(f"Test-time flip averaging {verdict}: val {report['val_accuracy_plain']:.3f} -> {report['val_accuracy_hflip']:.3f} "
-                  f"(gain {report['gain']:+.3f}, standard error {report['standard_error']:.3f}; costs 2 forward passes, "
-                  f"{report['hflip_images_per_second']} images/s)")
+    tried = "; ".join(f"{name} {row['val_accuracy']:.3f} (gain {row['gain']:+.3f}, SE {row['standard_error']:.3f}, "
+                      f"{row['forward_passes']:.2g}x the forward cost)" for name, row in report["options"].items())
+    kept = f"{report['choice']} kept" if report["choice"] != "none" else "none kept"
+    console.print(f"Test-time options on val (plain {report['val_accuracy_plain']:.3f}): {escape(tried)}; {kept}")
 
 
 def print_calibration(report: dict | None) -> None:
