@@ -395,14 +395,22 @@ def test_a_sigkill_between_the_bundle_swap_and_the_summary_is_made_whole_on_the_
     """The staged summary names the bundle swapped in: finished; naming one that never came: dropped."""
     import shutil
 
-    from tlpipe.outputs import STAGED_SUMMARY, bundle_identity, restore_bundle
+    from tlpipe.outputs import STAGED_REPORTS, STAGED_SUMMARY, bundle_identity, restore_bundle
 
     out = tmp_path / "out"
     shutil.copytree(bundle_dir[1], out / "model")
     (out / "summary.json").write_text(json.dumps({"status": "provisional", "bundle_sha256": "old"}))
+    (out / "classification_report.json").write_text('{"accuracy": 0.5}')
+    (out / STAGED_REPORTS).mkdir()
+    (out / STAGED_REPORTS / "classification_report.json").write_text('{"accuracy": 0.9}')
     (out / STAGED_SUMMARY).write_text(json.dumps({"status": "complete", "bundle_sha256": bundle_identity(out / "model")}))
     restore_bundle(out)
     assert json.loads((out / "summary.json").read_text())["status"] == "complete" and not (out / STAGED_SUMMARY).exists()
+    assert json.loads((out / "classification_report.json").read_text())["accuracy"] == 0.9  # its reports moved in with it
+    assert not (out / STAGED_REPORTS).exists()
+    (out / STAGED_REPORTS).mkdir()
+    (out / STAGED_REPORTS / "classification_report.json").write_text('{"accuracy": 0.1}')
     (out / STAGED_SUMMARY).write_text(json.dumps({"status": "complete", "bundle_sha256": "a bundle never swapped in"}))
     restore_bundle(out)
     assert json.loads((out / "summary.json").read_text())["status"] == "complete" and not (out / STAGED_SUMMARY).exists()
+    assert json.loads((out / "classification_report.json").read_text())["accuracy"] == 0.9 and not (out / STAGED_REPORTS).exists()

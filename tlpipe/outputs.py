@@ -45,6 +45,7 @@ from tlpipe.utils import atomic_write, read_json, write_json
 
 SUMMARY = "summary.json"
 STAGED_SUMMARY = ".summary.json.staged"  # the next summary, written before its bundle is swapped in
+STAGED_REPORTS = ".reports.staging"  # the next record's reports, moved in with it
 BUNDLE = "model"
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
 OWNER = ".tlpipe-fit.json"  # whose folder this is: the fit's data and config key, its process, its MLflow run
@@ -106,17 +107,19 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
         trained=model.trained.backbone_trained, hflip=model.trained.details.get("test_time", {}).get("hflip", False)))
-    artifacts = _write_reports(out, spec, model, metrics, probabilities, assessment, ranking)
+    reports = out / STAGED_REPORTS
+    shutil.rmtree(reports, ignore_errors=True)
+    artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking)
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
                "bundle_sha256": bundle_identity(staging or bundle),
                **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {})}
-    # Two-phase: the summary naming the new bundle is staged first; a SIGKILL between the swap and the
-    # summary's rename is finished by restore_bundle on the next start, never left half.
+    # Two-phase: the new bundle, reports and the summary naming the bundle are all staged first; a
+    # SIGKILL while they are moved in is finished by restore_bundle on the next start, never left half.
     write_json(out / STAGED_SUMMARY, summary)
     if staging:
         _swap_folder(staging, bundle)
-    os.replace(out / STAGED_SUMMARY, out / SUMMARY)
+    _commit_staged(out)
     run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
     if status == "complete":
         _log_run(run, out, model, metrics, timings, artifacts, bundle)
@@ -191,14 +194,26 @@ def restore_bundle(out: Path) -> None:
         except ValueError:
             names = None
         if names is not None and names == bundle_identity(target):
-            os.replace(staged, out / SUMMARY)
-        else:
-            staged.unlink()
+            _commit_staged(out)
+            return
+        staged.unlink()
+    shutil.rmtree(out / STAGED_REPORTS, ignore_errors=True)
+
+
+def _commit_staged(out: Path) -> None:
+    """Move the staged reports into ``out``, then the staged summary: the summary, last, says the rest is in."""
+    reports = out / STAGED_REPORTS
+    if reports.is_dir():
+        for path in reports.iterdir():
+            os.replace(path, out / path.name)
+        reports.rmdir()
+    os.replace(out / STAGED_SUMMARY, out / SUMMARY)
 
 
 def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: dict, probabilities: np.ndarray,
                    assessment: Assessment | None, ranking: list[dict] | None) -> list[str]:
-    """The report files beside the bundle; returns their names, for the MLflow run."""
+    """The report files of a record, into ``out`` (the staging folder); returns the names the MLflow
+    run gets (quarantine.csv and config.yaml, written by the data stage, with them)."""
     write_json(out / "classification_report.json", metrics)
     save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / "confusion_matrix.png")
     save_reliability_diagram(probabilities, model.val_codes[1], out / "reliability.png")
@@ -349,7 +364,8 @@ def _check_output_path(out: Path, data: Path) -> None:
 
 FIT_FILES = (BUNDLE, SUMMARY, STAGED_SUMMARY, OWNER, "plan.json", "config.yaml", "checkpoints", "trials", "tuning",
              "optuna.db", "classification_report.json", "confusion_matrix.png", "reliability.png", "learning_curves.png",
-             "strategy.json", "quarantine.csv", VAL_PREDICTIONS, "report.html", "profile.json", f".{BUNDLE}.old")
+             "strategy.json", "quarantine.csv", VAL_PREDICTIONS, "report.html", "profile.json", f".{BUNDLE}.old",
+             STAGED_REPORTS)
 
 
 def _clear(out: Path, data: Path) -> None:
