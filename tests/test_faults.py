@@ -298,6 +298,18 @@ def test_a_tampered_bundle_is_one_line_never_a_traceback_or_wrong_labels(bundle_
     assert not (Path(os.environ.get("TMPDIR", "/tmp")) / "tlpipe-pwned").exists()  # the pickle never ran
 
 
+def test_test_time_options_that_cannot_pay_are_not_kept(bundle_dir):
+    """Solid colours look the same mirrored and larger: flip averaging and a larger test resolution
+    are both tried on val (the default recipe) and neither is kept."""
+    summary = json.loads((bundle_dir[1].parent / "summary.json").read_text())
+    test_time = summary["head"]["test_time"]
+    (larger,) = set(test_time["options"]) - {"hflip"}
+    side = json.loads((bundle_dir[1] / "bundle.json").read_text())["data_config"]["input_size"][-1]
+    assert int(larger.split()[0]) > side and test_time["options"]["hflip"]["gain"] == 0
+    assert test_time["choice"] == "none" and not test_time["hflip"]
+    assert json.loads((bundle_dir[1] / "bundle.json").read_text())["codes"]["hflip"] is False
+
+
 def test_a_weights_file_in_a_bundle_is_found_beside_it_from_any_folder(bundle_dir, tmp_path, monkeypatch):
     import shutil
 

@@ -396,6 +396,8 @@ def _test_time(prepared: Prepared, model: FittedModel, budget: Budget, timings: 
     convolutions over a larger image, their scores averaged). One is kept only when it beats the
     plain pass by more than the standard error of the paired difference, the larger gain first;
     none is tried when the time left cannot hold the extra val passes."""
+    if not model.config.test_time:
+        return _with_details(model, test_time={"choice": "none", "reason": "off in the recipe (test_time: false)"})
     X, y = model.val_codes
     options = _test_time_options(model)
     seconds_per_image = timings.seconds.get("extract_codes", 0.0) / max(1, sum(prepared.spec.counts().values()))
