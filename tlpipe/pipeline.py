@@ -433,8 +433,12 @@ def _test_time_options(model: FittedModel) -> list[tuple[str, Backbone, bool, fl
     side = backbone.data_config["input_size"][-1]
     test_size = (backbone.model.pretrained_cfg.get("test_input_size") or (3, 0, 0))[-1]
     larger = test_size if test_size > side else int(round(side * 1.15 / 32) * 32)
-    sized = dataclasses.replace(backbone, data_config={**backbone.data_config, "input_size": (3, larger, larger)})
-    return [("hflip", backbone, True, 2.0), (f"{larger} px", sized, False, (larger / side) ** 2)]
+    return [("hflip", backbone, True, 2.0), (f"{larger} px", _at_size(backbone, larger), False, (larger / side) ** 2)]
+
+
+def _at_size(backbone: Backbone, size: int) -> Backbone:
+    """``backbone`` with its preprocessing at ``size`` x ``size`` (the weights shared)."""
+    return dataclasses.replace(backbone, data_config={**backbone.data_config, "input_size": (3, size, size)})
 
 
 def _with_details(model: FittedModel, **details) -> FittedModel:
@@ -474,7 +478,7 @@ def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
     sizes = list(dict.fromkeys([model.config.finetune.image_size or native["input_size"][-1], native["input_size"][-1]]))
     scored = {}
     for size in sizes:
-        sized = dataclasses.replace(backbone, data_config={**native, "input_size": (3, size, size)})
+        sized = _at_size(backbone, size)
         val = dataset_codes(sized, prepared.spec, "val", model.config, PENULTIMATE)
         scored[size] = (accuracy(model.trained.head, *val), sized, val)
     best = max(sizes, key=lambda size: scored[size][0])  # the first, the training size, wins a tie

@@ -298,10 +298,9 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     runs show); the UI's front page when the store has none."""
     from mlflow.tracking import MlflowClient
 
-    base = f"http://{host}:{port}"
-    with _store_lock(resolve_tracking_uri(tracking_uri)):
-        found = MlflowClient(resolve_tracking_uri(tracking_uri)).search_experiments(
-            order_by=["last_update_time DESC"], max_results=1)
+    base, uri = f"http://{host}:{port}", resolve_tracking_uri(tracking_uri)
+    with _store_lock(uri):
+        found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
     return f"{base}/#/experiments/{found[0].experiment_id}/runs" if found else base
 
 

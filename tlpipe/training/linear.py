@@ -193,12 +193,12 @@ class LinearProbe:
             for kind in self.classifiers:
                 if folds >= 2:
                     cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
-                    scores, decisions = cv_path(kind, X, y, cv, self.c_grid, self.seed, self.n_jobs)
+                    (scores, decisions), heads = cv_path(kind, X, y, cv, self.c_grid, self.seed, self.n_jobs), {}
                 else:
-                    scores, decisions = self._val_path(kind, X, y, X_val, y_val)
+                    scores, decisions, heads = self._val_path(kind, X, y, X_val, y_val)
                 best = int(np.argmax(scores))  # the first of equal scores, as GridSearchCV ranks them
                 C = float(self.c_grid[best])
-                head = fit_head(kind, C, X, y, self.seed)
+                head = heads.get(C) or fit_head(kind, C, X, y, self.seed)
                 if kind == "svm":
                     head.scale = fit_scale(decisions[C], y if folds >= 2 else y_val)
                 self.candidates_[kind] = {"C": C, "cv_accuracy": float(scores[best]),
@@ -208,12 +208,12 @@ class LinearProbe:
         self.head_ = self.candidates_[self.chosen_]["head"]
         return self
 
-    def _val_path(self, kind: str, X, y, X_val, y_val) -> tuple[np.ndarray, dict[float, np.ndarray]]:
-        """``cv_path``'s figures with validation in place of the folds: val accuracy at each C, and
-        the SVM's val decision values (for the temperature)."""
+    def _val_path(self, kind: str, X, y, X_val, y_val) -> tuple[np.ndarray, dict[float, np.ndarray], dict[float, LinearHead]]:
+        """``cv_path``'s figures with validation in place of the folds: val accuracy at each C, the
+        SVM's val decision values (for the temperature), and the heads, fitted on all of train."""
         heads = {C: fit_head(kind, C, X, y, self.seed) for C in self.c_grid}
         return (np.array([accuracy(heads[C], X_val, y_val) for C in self.c_grid]),
-                {C: head.logits(X_val) for C, head in heads.items()} if kind == "svm" else {})
+                {C: head.logits(X_val) for C, head in heads.items()} if kind == "svm" else {}, heads)
 
     def summary(self) -> dict:
         """Per classifier: chosen C, CV and validation accuracy (no arrays)."""
