@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -21,7 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
 from tlpipe import __version__
-from tlpipe.data import Sample, check_image, eval_loader
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from tlpipe.data import Sample, check_image, eval_loader, eval_transform
 from tlpipe.data.scan import SPLIT_ALIASES, image_files
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
@@ -164,6 +168,12 @@ class Bundle:
     def predict_proba(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None) -> np.ndarray:
         return self.head.predict_proba(self.codes(paths, batch_size, workers))
 
+    def predict_proba_images(self, pictures: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """``predict_proba`` for images already decoded (``load_rgb``), as a server receives them."""
+        transform = eval_transform(self.backbone.data_config)
+        loader = DataLoader([(transform(p), -1) for p in pictures], batch_size=batch_size)
+        return self.head.predict_proba(extract_codes(self.extractor, loader, self.device, "Predicting")[0])
+
     def predict(self, paths: Sequence[Path], top_k: int = 1, batch_size: int = 64, workers: int | None = None) -> list[Prediction]:
         codes = self.codes(paths, batch_size, workers)
         probs = self.head.predict_proba(codes)
@@ -230,6 +240,23 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     bundle = Bundle(path, manifest, backbone, head, resolve_device(device))
     _check_code_width(bundle)
     return bundle
+
+
+def portable_bundle(source: Path, target: Path) -> Path:
+    """A copy of the bundle at ``source`` that needs nothing outside it but pip packages: the
+    backbone's weights are embedded unless a pinned pip package gives them back."""
+    target.mkdir(parents=True)
+    for name in (MANIFEST, HEAD_FILE, BACKBONE_FILE):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    manifest = read_json(target / MANIFEST)
+    if manifest["backbone"]["embedded"] or manifest["backbone"]["weights"]["kind"] == "package":
+        return target
+    model = load_bundle(source).backbone.model
+    state = {k: v.detach().cpu().contiguous() for k, v in feature_state_dict(model).items()}
+    atomic_write(target / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
+    write_json(target / MANIFEST, {**manifest, "backbone": {**manifest["backbone"], "embedded": True}})
+    return target
 
 
 def _check_code_width(bundle: Bundle) -> None:

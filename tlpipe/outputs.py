@@ -122,9 +122,9 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     _commit_staged(out)
     run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
     if status == "complete":
-        _log_run(run, out, model, metrics, timings, artifacts, bundle)
-    elif status == "cut" and bundle.exists():
-        run.log_artifact(bundle, "model")
+        _log_run(run, out, model, metrics, timings, artifacts)
+    if status != "provisional" and bundle.exists():
+        _log_mlflow_model(run, bundle)
     run.log_artifact(out / SUMMARY)
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
 
@@ -260,11 +260,11 @@ def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run:
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         "val_accuracy": metrics["accuracy"],
         "tuning": model.tuning, "timings": timings, "bundle": str(bundle.resolve()),
+        "mlflow_model": f"runs:/{run.run_id}/model",
     }
 
 
-def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings: dict, artifacts: list[str],
-             bundle: Path) -> None:
+def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings: dict, artifacts: list[str]) -> None:
     calibration = model.trained.details.get("calibration", {})
     run.log_metrics({"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
                      **{f"val_{k}": v for k, v in calibration.items() if k.startswith(("nll", "ece"))},
@@ -277,7 +277,18 @@ def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings:
         run.log_params({"result_strategy": model.config.strategy, "result_layer": model.config.layer})
     for name in artifacts:
         run.log_artifact(out / name)
-    run.log_artifact(bundle, "model")
+
+
+def _log_mlflow_model(run: FitRun, bundle: Path) -> None:
+    """The bundle as the run's MLflow model (``runs:/<id>/model``); a failure leaves the fit whole
+    and says so in one line."""
+    from tlpipe.serving import log_model
+
+    try:
+        log_model(run, bundle)
+    except Exception as exc:  # noqa: BLE001 - the bundle and summary are saved: the MLflow model is one more copy
+        announce(f"[yellow]Note[/] the MLflow model was not logged ({type(exc).__name__}: {str(exc)[:200]}); "
+                 f"the bundle {bundle} predicts as it is")
 
 
 @contextmanager

@@ -13,7 +13,9 @@
 5. ``check``: a fine-tune is scored through the prediction path (at its training resolution and
    the native one, the better kept) and, under auto, must beat the tuned linear classifier (the
    guard), else that classifier is the model;
-6. ``record`` (``tlpipe.outputs``): bundle, reports, MLflow run, ``summary.json``.
+6. ``record`` (``tlpipe.outputs``): bundle, reports, MLflow run and model (``tlpipe.serving``),
+   ``summary.json``;
+7. ``register`` (with ``register=NAME``): the MLflow model as a registry version, with an alias.
 
 Everything is written under the output folder, never into the dataset folder. SIGTERM or Ctrl+C
 raise ``FitCut`` after the summary says what was cut. Under ``torchrun`` every rank runs ``fit``:
@@ -124,12 +126,14 @@ def default_output_dir(data: Path) -> Path:
 
 def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path | None = None,
         experiment: str | None = None, tracking_uri: str | None = None, recipe: str = "default",
-        tuning: TuningOverrides | None = None, verbose: bool = False, overwrite: bool = False) -> FitResult | None:
+        tuning: TuningOverrides | None = None, verbose: bool = False, overwrite: bool = False,
+        register: str | None = None, alias: str | None = "champion") -> FitResult | None:
     """Fit ``data`` with ``config`` (else the ``recipe``'s), stage by stage, within ``config.budget``;
     see the module docstring. ``tuning`` overrides the recipe's study size and storage for this run
     (``--trials``, ``--storage``...); ``verbose`` lets Optuna's and MLflow's INFO lines through.
     Raises ``FitCut`` on SIGTERM or Ctrl+C, its ``result`` the best model recorded by then. The
-    output folder is this fit's alone while it runs; ``overwrite`` lets it replace another fit's."""
+    output folder is this fit's alone while it runs; ``overwrite`` lets it replace another fit's.
+    ``register``: a registry name for the fit's MLflow model, ``alias`` pointed at the new version."""
     config = config or load_config(recipe)
     budget = Budget(parse_duration(config.budget))
     data = Path(data).expanduser()
@@ -140,10 +144,23 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
             ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
             timings = Timings()
             with claim_output(out, data, config, overwrite) if ranks.is_main else nullcontext():
-                return _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget)
+                result = _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget)
+            if result is not None and register:
+                register_stage(result, register, alias)
+            return result
     except FitCut as cut:
         cut.output = out
         raise
+
+
+def register_stage(result: FitResult, name: str, alias: str | None) -> None:
+    """The fit's MLflow model as a new version of ``name`` in the registry, ``alias`` moved to it;
+    ``summary.json`` says which."""
+    from tlpipe.serving import register_model
+
+    version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
+    result.summary["registered"] = {"name": name, "version": version, "alias": alias}
+    write_json(result.output_dir / "summary.json", result.summary)
 
 
 def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget) -> FitResult | None:

@@ -47,6 +47,10 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     print_budget(summary)
     console.print(f"[bold green]Bundle[/] {escape(summary['bundle'])}   MLflow run {summary['run_id']} "
                   f"({escape(summary['tracking_uri'])})")
+    if "registered" in summary:
+        registered = summary["registered"]
+        alias = f", models:/{registered['name']}@{registered['alias']}" if registered["alias"] else ""
+        console.print(f"[bold green]Registered[/] models:/{escape(registered['name'])}/{registered['version']}{escape(alias)}")
     print_next_steps(summary)
 
 
@@ -67,6 +71,29 @@ def print_budget(summary: dict) -> None:
                       f"{'them' if waiting > 1 else 'it'} (give it more time with --time-limit)")
 
 
+def print_export(exported) -> None:
+    """The parity table of an export (``tlpipe.export.Exported``), then where it went."""
+    record, parity = exported.record, exported.record["parity"]
+    table = Table(title=f"Exported vs bundle on {parity['images']} images ({escape(parity['images_from'])})")
+    for column in ("batch", "top-1 agreement", "max |Δp|", "accuracy"):
+        table.add_column(column, justify="right")
+    for size, row in parity["batches"].items():
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        table.add_row(size, f"{row['top1_agreement']:.1%}", f"{row['max_abs_difference']:.1e}", accuracy)
+    console.print(table)
+    if parity["bundle_accuracy"] is not None:
+        console.print(f"Bundle accuracy on the same images: {parity['bundle_accuracy']:.3f}")
+    for note in record.get("exporter_notes", []):
+        console.print(f"[yellow]Note[/] {escape(note)}")
+    if parity["forced"]:
+        console.print(f"[bold red]Forced[/] {escape(parity['verdict'])}")
+    opset = f", opset {record['opset']}" if "opset" in record else ""
+    console.print(f"[bold green]{record['format']}[/] {escape(str(exported.path))} ({record['exporter']}{opset}, "
+                  f"{record['bytes'] / 1e6:.1f} MB); metadata in {escape(str(exported.sidecar))}")
+    for note in record.get("logged", []):
+        console.print(note, markup=False, highlight=False)
+
+
 def print_next_steps(summary: dict) -> None:
     """The commands to run next, with this fit's paths quoted for a POSIX shell, so they can be pasted
     as they are (class or folder names may hold spaces, quotes or non-ASCII letters)."""
@@ -74,11 +101,14 @@ def print_next_steps(summary: dict) -> None:
 
     bundle, data = shlex.quote(summary["bundle"]), shlex.quote(summary["data"])
     labelled = data if "test" in summary["splits"] else "LABELLED_FOLDER"  # evaluate scores a test/ first
-    store = summary["tracking_uri"]
+    store, model = summary["tracking_uri"], summary.get("mlflow_model", f"runs:/{summary['run_id']}/model")
     ui = "tlpipe ui" + ("" if store == resolve_tracking_uri() else f" --tracking-uri {shlex.quote(store)}")
     console.print("[bold]Next[/]")
     for command, what in [(f"tlpipe predict {bundle} IMAGES...", "labels for new images (files or folders)"),
                           (f"tlpipe evaluate {bundle} {labelled}", "scores on labelled images the fit never saw"),
+                          (f"tlpipe export {bundle} --format onnx", "one ONNX file, checked against the bundle"),
+                          (f"MLFLOW_TRACKING_URI={shlex.quote(store)} mlflow models serve -m {model} "
+                           "--env-manager local --host 127.0.0.1 --port 5001", "a REST endpoint (POST /invocations)"),
                           (ui, "this run and its trials in the MLflow UI")]:
         console.print(f"  {command}  # {what}", markup=False, highlight=False, soft_wrap=True)
 

@@ -1,0 +1,184 @@
+"""The bundle as an MLflow model: ``mlflow.pyfunc.load_model`` predicts like it, ``mlflow models serve`` serves it.
+
+Every fit logs one, ``runs:/<run id>/model``. It is a model from code: ``tlpipe/mlflow_model.py``
+names the class, so nothing is pickled; the bundle rides along as an artifact (with its backbone
+weights unless a pinned pip package gives them back), tlpipe itself as code, and the pip
+requirements pin the versions the fit ran with. The input is a column ``image`` of encoded
+image files (bytes; base64 strings too, which is what JSON requests carry); each row gets its
+label, its top-k labels and probabilities, and the probability of every class, in the order of
+the model's ``classes`` metadata.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from tlpipe.errors import TlpipeError
+
+IMAGE_COLUMN = "image"
+MODEL_NAME = "model"  # runs:/<run id>/model
+DEFAULT_TOP_K = 3
+_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+class BundleModel(PythonModel):
+    """``predict(DataFrame with an image column) -> DataFrame``: the bundle's own prediction path."""
+
+    def load_context(self, context) -> None:
+        from tlpipe.bundle import load_bundle
+
+        self.bundle = load_bundle(context.artifacts["bundle"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if IMAGE_COLUMN not in getattr(model_input, "columns", ()):
+            raise _bad_input(f"the input needs a column '{IMAGE_COLUMN}' of image files (bytes or base64 strings)")
+        from tlpipe.data.loader import decode_size
+
+        size = decode_size(self.bundle.backbone.data_config)  # JPEGs decode as `tlpipe predict` decodes files
+        pictures = [_decode(value, row, size) for row, value in enumerate(model_input[IMAGE_COLUMN])]
+        probabilities = self.bundle.predict_proba_images(pictures)
+        top_k = max(1, min(int((params or {}).get("top_k", DEFAULT_TOP_K)), len(self.bundle.classes)))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        classes = self.bundle.classes
+        return pd.DataFrame({
+            "label": [classes[row[0]] for row in order],
+            "probability": [float(p[row[0]]) for p, row in zip(probabilities, order)],
+            "top_k_labels": [[classes[j] for j in row] for row in order],
+            "top_k_probabilities": [[float(p[j]) for j in row] for p, row in zip(probabilities, order)],
+            "probabilities": [[float(v) for v in p] for p in probabilities],
+        })
+
+
+def _bad_input(message: str) -> Exception:
+    """An MLflow error the scoring server answers with HTTP 400 and this message."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _decode(value: Any, row: int, min_size: int):
+    """One row's image as ``tlpipe predict`` decodes a file (EXIF rotation, modes, bombs refused)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from tlpipe.data import load_rgb
+
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad_input(f"row {row}: a string that is not base64: send the image file's bytes, base64-encoded") from None
+    if not isinstance(value, (bytes, bytearray)) or not value:
+        raise _bad_input(f"row {row}: expected an image file's bytes (or base64 string), got {type(value).__name__}")
+    try:
+        return load_rgb(io.BytesIO(value), min_size)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise _bad_input(f"row {row}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def log_model(run, bundle: Path) -> str:
+    """Log ``bundle`` to ``run`` (a ``FitRun``) as its MLflow model, replacing one logged before by
+    the same run (a resumed fit); returns the model's ``runs:/`` URI."""
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    from tlpipe.bundle import load_bundle, portable_bundle
+
+    for old in _logged_models(run.client, run.run_id):
+        run.client.delete_logged_model(old.model_id)
+    with tempfile.TemporaryDirectory() as folder, _tracking(run.tracking_uri):
+        artifacts = portable_bundle(Path(bundle), Path(folder) / "bundle")
+        model = BundleModel()
+        model.bundle = load_bundle(artifacts)
+        example = pd.DataFrame({IMAGE_COLUMN: [_example_image()]})
+        signature = infer_signature(example, model.predict(None, example), params={"top_k": DEFAULT_TOP_K})
+        # Made here, in the run's experiment: Model.log would make it in the fluent API's current one.
+        logged = run.client.create_logged_model(run.experiment_id, name=MODEL_NAME, source_run_id=run.run_id)
+        Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run.run_id, model_id=logged.model_id,
+                  python_model=str(_CODE),
+                  artifacts={"bundle": str(artifacts)}, code_paths=[str(Path(__file__).parent)],
+                  signature=signature, input_example=example, pip_requirements=pip_requirements(),
+                  metadata={"classes": model.bundle.classes, "tlpipe_bundle_sha256": model.bundle.manifest["head"]["sha256"]})
+    return f"runs:/{run.run_id}/{MODEL_NAME}"
+
+
+def _logged_models(client, run_id: str) -> list:
+    """The MLflow models named ``MODEL_NAME`` that ``run_id`` logged."""
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models([experiment], filter_string=f"name = '{MODEL_NAME}'", max_results=100)
+    return [model for model in found if model.source_run_id == run_id]
+
+
+def register_model(run_id: str, tracking_uri: str, name: str, alias: str | None = "champion") -> str:
+    """Register the fit's MLflow model as a new version of ``name`` and point ``alias`` at it
+    (``models:/<name>@<alias>``; aliases replace the deprecated registry stages). Returns the version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    with _tracking(tracking_uri):
+        try:
+            logged = _logged_models(client, run_id)
+            if not logged:
+                raise TlpipeError(f"run {run_id} has no MLflow model to register: refit with this tlpipe")
+            version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
+            if alias:
+                client.set_registered_model_alias(name, alias, version)
+        except MlflowException as exc:
+            raise TlpipeError(f"could not register the model as '{name}': {exc.message.splitlines()[0]}") from None
+    return str(version)
+
+
+def pip_requirements() -> list[str]:
+    """tlpipe's own requirements, pinned to the versions installed now (tlpipe itself travels as code)."""
+    pinned = []
+    for requirement in metadata.requires("tlpipe") or []:
+        if "extra ==" in requirement:
+            continue
+        name = requirement.split(";")[0].split("[")[0]
+        for mark in "<>=!~ ":
+            name = name.split(mark)[0]
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(requirement)
+    return pinned
+
+
+@contextmanager
+def _tracking(uri: str) -> Iterator[None]:
+    """MLflow's fluent API on ``uri`` for the duration (it reads a process-wide setting), quietly."""
+    import mlflow
+
+    previous, bars = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no download bars inside the fit's report
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if bars is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bars
+
+
+def _example_image() -> bytes:
+    """A small PNG for the signature's input example: never one of the user's images."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 140, 160)).save(buffer, format="PNG")
+    return buffer.getvalue()
