@@ -147,13 +147,12 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
     _, out, _ = fitted
     write = export._write_onnx
 
-    def write_then_tamper(module, example, path, meta):  # what a damaged copy or a wrong graph looks like
-        done = write(module, example, path, meta)
+    def write_then_tamper(module, example, path, meta, dynamo):  # a damaged copy, or a wrong graph, from both exporters
+        write(module, example, path, meta, dynamo)
         model = onnx.load(str(path))
-        head = next(t for t in model.graph.initializer if t.name.endswith("weight") and tuple(t.dims)[0] == 3)
-        head.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(head), head.name))
+        stem = next(t for t in model.graph.initializer if tuple(t.dims) == (32, 3, 3, 3))  # the first conv's weights
+        stem.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(stem), stem.name))
         onnx.save(model, str(path))
-        return done
 
     monkeypatch.setattr(export, "_write_onnx", write_then_tamper)
     target = tmp_path / "bad.onnx"
@@ -164,6 +163,24 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
     forced = tlpipe("export", out / "model", "--out", target, "--force")
     assert forced.exit_code == 0 and target.is_file()
     assert json.loads(target.with_name("bad.onnx.json").read_text())["parity"]["forced"] is True
+
+
+def test_a_failing_onnx_exporter_gives_way_to_the_other_and_says_so(fitted, tmp_path, monkeypatch):
+    import tlpipe.export as export
+    from tlpipe.bundle import load_bundle
+
+    _, out, _ = fitted
+    write = export._write_onnx
+
+    def dynamo_breaks(module, example, path, meta, dynamo):
+        if dynamo:
+            raise RuntimeError("Conv shapes not supported\nmore detail")
+        write(module, example, path, meta, dynamo)
+
+    monkeypatch.setattr(export, "_write_onnx", dynamo_breaks)
+    exported = export.export_bundle(load_bundle(out / "model", "cpu"), "onnx", tmp_path / "m.onnx")
+    assert exported.record["exporter"] == "torchscript" and exported.record["parity"]["passed"]
+    assert exported.record["exporter_notes"] == ["the dynamo exporter failed: RuntimeError: Conv shapes not supported"]
 
 
 def test_the_readme_onnx_runtime_example_runs_as_written(fitted, tmp_path):

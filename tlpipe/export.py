@@ -124,8 +124,7 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
     os.close(handle)
     temporary = Path(temporary)
     try:
-        exporter = _write_onnx(module, example, temporary, meta) if fmt == "onnx" else _write_torchscript(module, example, temporary, meta)
-        parity = check_parity(load_exported(temporary, fmt), bundle, images, labels, input_type)
+        exporter, parity = _export_checked(fmt, module, example, temporary, meta, (bundle, images, labels, input_type))
         parity["images_from"] = source
         if not parity["passed"] and not force:
             raise TlpipeError(f"export refused, nothing written: {parity['verdict']}; give other images with --check "
@@ -166,29 +165,34 @@ def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     return f"Logged to MLflow run {run_id} ({uri}): parity figures and export/{sidecar.name}"
 
 
-def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> dict:
-    """ONNX at opset ``OPSET`` with a dynamic batch axis: the dynamo exporter first, the
-    TorchScript-based one when it fails; the metadata as JSON strings under their keys."""
-    import onnx
-
-    attempts, notes = (("dynamo", True), ("torchscript", False)), []
+def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, path: Path, meta: dict,
+                    check: tuple) -> tuple[dict, dict]:
+    """Each exporter of ``fmt`` in turn until one writes a file that agrees with the bundle (ONNX:
+    the dynamo exporter, then the TorchScript-based one); what ran, why the ones before it were
+    dropped, and the parity of the file left at ``path``."""
+    attempts = [("dynamo", True), ("torchscript", False)] if fmt == "onnx" else [("torch.jit.trace", None)]
+    notes, result = [], None
     for name, dynamo in attempts:
         try:
-            _onnx_export(module, example, path, dynamo)
+            _write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else _write_torchscript(module, example, path, meta)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: say it, try the next
+            notes.append(f"the {name} exporter failed: {type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0][:200]}")
+            continue
+        result = name, check_parity(load_exported(path, fmt), *check)
+        if result[1]["passed"]:
             break
-        except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other, then say both
-            notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
-    else:
-        raise TlpipeError(f"ONNX export failed with both exporters ({'; '.join(notes)}): use --format torchscript")
-    model = onnx.load(str(path))
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=json.dumps(value, ensure_ascii=False))
-    onnx.save(model, str(path))
-    return {"exporter": name, "opset": OPSET, "exporter_notes": notes}
+        notes.append(f"the {name} exporter's graph was dropped: {result[1]['verdict']}")
+    if result is None:
+        raise TlpipeError(f"{fmt} export failed, nothing written ({'; '.join(notes)})"
+                          + ("; try --format torchscript" if fmt == "onnx" else ""))
+    return {"exporter": result[0], **({"opset": OPSET} if fmt == "onnx" else {}), "exporter_notes": notes}, result[1]
 
 
-def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
+def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, dynamo: bool) -> None:
+    """ONNX at opset ``OPSET`` with a dynamic batch axis, the metadata as JSON strings under their keys."""
     import warnings
+
+    import onnx
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on shapes fixed by the crop size
@@ -200,16 +204,19 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, dynamo: b
         else:
             torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
                               output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    model = onnx.load(str(path))
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=json.dumps(value, ensure_ascii=False))
+    onnx.save(model, str(path))
 
 
-def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> dict:
+def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     import warnings
 
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the tracer's notes on fixed shapes
         traced = torch.jit.trace(module, example, check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={"tlpipe.json": json.dumps(meta, ensure_ascii=False)})
-    return {"exporter": "torch.jit.trace"}
+        torch.jit.save(traced, str(path), _extra_files={"tlpipe.json": json.dumps(meta, ensure_ascii=False)})
 
 
 def load_exported(path: Path, fmt: Format) -> Callable[[np.ndarray], np.ndarray]:
@@ -220,7 +227,11 @@ def load_exported(path: Path, fmt: Format) -> Callable[[np.ndarray], np.ndarray]
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda batch: session.run([OUTPUT], {INPUT: batch})[0]
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

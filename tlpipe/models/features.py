@@ -79,8 +79,9 @@ class CodeExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.hflip:
             return self._codes(images)
-        both = self._codes(torch.cat([images, images.flip(-1)]))
-        return (both[: len(images)] + both[len(images):]) / 2
+        # Two passes, not one of twice the batch: slicing a doubled batch makes the ONNX exporter
+        # fix the batch size (seen with torch 2.14's dynamo exporter).
+        return (self._codes(images) + self._codes(images.flip(-1))) / 2
 
     def _codes(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model.forward_features(images)
