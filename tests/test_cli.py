@@ -81,7 +81,11 @@ def test_fit_is_an_mlflow_run_with_params_metrics_and_artifacts(fitted, mlflow_s
     assert run.data.params["weights_sha256"] == summary["backbone"]["sha256"]
     assert run.data.metrics["val_accuracy"] == pytest.approx(summary["val_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "classification_report.json", "quarantine.csv", "model", "summary.json"} <= artifacts
+    assert {"confusion_matrix.png", "classification_report.json", "quarantine.csv", "summary.json"} <= artifacts
+    models = client.search_logged_models([run.info.experiment_id], filter_string="name = 'model'")
+    logged = [m for m in models if m.source_run_id == run.info.run_id]  # the bundle as an MLflow model, runs:/<id>/model
+    assert len(logged) == 1 and [o.model_id for o in run.outputs.model_outputs] == [logged[0].model_id]
+    assert summary["mlflow_model"] == f"runs:/{run.info.run_id}/model"
 
 
 def test_predict_reproduces_validation_accuracy_exactly(fitted):
@@ -305,6 +309,7 @@ def test_fit_report_ends_with_the_commands_to_run_next(fitted):
     bundle = str((out / "model").resolve())
     commands = [shlex.split(line, comments=True) for line in lines[lines.index("Next") + 1:]]
     assert commands == [["tlpipe", "predict", bundle, "IMAGES..."], ["tlpipe", "evaluate", bundle, "LABELLED_FOLDER"],
+                        ["tlpipe", "export", bundle, "--format", "onnx"], ["tlpipe", "serve", str(out.resolve())],
                         ["tlpipe", "ui"]]  # the run's store is the default one: ui needs no --tracking-uri
 
 
@@ -322,7 +327,8 @@ def test_next_commands_survive_spaces_quotes_and_unicode_in_paths(fitted, capsys
     commands = [shlex.split(line, comments=True) for line in lines[lines.index("Next") + 1:]]
     assert commands[0][:3] == ["tlpipe", "predict", f"{odd}/model"]
     assert commands[1] == ["tlpipe", "evaluate", f"{odd}/model", f"{odd}/data"]  # scores its test/ split
-    assert commands[2] == ["tlpipe", "ui", "--tracking-uri", f"sqlite:///{odd}/mlflow.db"]  # not the default store
+    assert commands[3] == ["tlpipe", "serve", odd]
+    assert commands[4] == ["tlpipe", "ui", "--tracking-uri", f"sqlite:///{odd}/mlflow.db"]  # not the default store
 
 
 @pytest.fixture

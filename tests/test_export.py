@@ -278,3 +278,28 @@ def test_hymenoptera_bundle_exports_with_parity(tmp_path):
     parity = json.loads((out / "export" / "model.onnx.json").read_text())["parity"]
     assert parity["passed"] and parity["images"] == 153
     assert all(row["top1_agreement"] == 1.0 and row["max_abs_difference"] <= 1e-4 for row in parity["batches"].values())
+
+
+def test_tlpipe_serve_runs_a_registered_model_and_stops_with_tlpipe(fitted, mlflow_store):
+    from conftest import health_status
+
+    root, out, summary = fitted
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": summary["tracking_uri"]}
+    serve = subprocess.Popen([sys.executable, "-m", "tlpipe", "serve", "models:/colours@champion", "--port", str(port)],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"on http://127.0.0.1:{port}/invocations" in serve.stdout.readline()
+        assert health_status(port, timeout=120) == 200
+        image = sorted((root / "blue").iterdir())[0]
+        body = json.dumps({"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}], "params": {"top_k": 1}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"})
+        [row] = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        assert row["top_k_labels"] == [row["label"]] and len(row["probabilities"]) == 3
+        serve.send_signal(signal.SIGTERM)  # to tlpipe alone: its server goes with it
+        assert serve.wait(timeout=30) == 0
+        assert health_status(port, timeout=3) is None
+    finally:
+        serve.kill()
+    wrong = tlpipe("serve", out / "model")  # the bundle folder, not the fit's output folder
+    assert wrong.exit_code == 2 and "neither a fit's output folder" in wrong.stderr and wrong.stderr.count("\n") == 1

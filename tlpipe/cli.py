@@ -372,6 +372,24 @@ def ui(
         raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A fit's output folder, or an MLflow model URI (runs:/<id>/model, models:/NAME@champion).")],
+    port: Annotated[int, typer.Option(help="Port for the REST endpoint.")] = 5001,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the fit's, else the one tlpipe fit uses).")] = None,
+) -> None:
+    """Serve a fit's MLflow model over HTTP (mlflow models serve: POST /invocations with base64 images)."""
+    with user_errors():
+        from tlpipe.serving import serve_command, served_model
+        from tlpipe.tracking import check_port_free, run_server
+
+        model, store = served_model(target, tracking_uri)
+        check_port_free(host, port)
+        typer.echo(f"Serving {model} ({store}) on http://{host}:{port}/invocations (Ctrl+C stops it)")
+        raise typer.Exit(run_server(serve_command(model, host, port), "mlflow models serve", {"MLFLOW_TRACKING_URI": store}))
+
+
 def main() -> None:
     app(prog_name="tlpipe")
 

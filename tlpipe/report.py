@@ -101,14 +101,13 @@ def print_next_steps(summary: dict) -> None:
 
     bundle, data = shlex.quote(summary["bundle"]), shlex.quote(summary["data"])
     labelled = data if "test" in summary["splits"] else "LABELLED_FOLDER"  # evaluate scores a test/ first
-    store, model = summary["tracking_uri"], summary.get("mlflow_model", f"runs:/{summary['run_id']}/model")
+    store, output = summary["tracking_uri"], shlex.quote(str(Path(summary["bundle"]).parent))
     ui = "tlpipe ui" + ("" if store == resolve_tracking_uri() else f" --tracking-uri {shlex.quote(store)}")
     console.print("[bold]Next[/]")
     for command, what in [(f"tlpipe predict {bundle} IMAGES...", "labels for new images (files or folders)"),
                           (f"tlpipe evaluate {bundle} {labelled}", "scores on labelled images the fit never saw"),
                           (f"tlpipe export {bundle} --format onnx", "one ONNX file, checked against the bundle"),
-                          (f"MLFLOW_TRACKING_URI={shlex.quote(store)} mlflow models serve -m {model} "
-                           "--env-manager local --host 127.0.0.1 --port 5001", "a REST endpoint (POST /invocations)"),
+                          (f"tlpipe serve {output}", "the fit's MLflow model over HTTP on 127.0.0.1:5001"),
                           (ui, "this run and its trials in the MLflow UI")]:
         console.print(f"  {command}  # {what}", markup=False, highlight=False, soft_wrap=True)
 

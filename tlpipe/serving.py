@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
@@ -139,6 +140,29 @@ def register_model(run_id: str, tracking_uri: str, name: str, alias: str | None 
         except MlflowException as exc:
             raise TlpipeError(f"could not register the model as '{name}': {exc.message.splitlines()[0]}") from None
     return str(version)
+
+
+def served_model(target: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(model URI, tracking URI) for ``target``: a fit's output folder (its summary names both), or
+    an MLflow model URI (``runs:/...``, ``models:/NAME@ALIAS``) on ``tracking_uri``."""
+    from tlpipe.tracking import resolve_tracking_uri
+    from tlpipe.utils import read_json
+
+    if target.startswith(("runs:/", "models:/")):
+        return target, resolve_tracking_uri(tracking_uri)
+    summary_file = Path(target).expanduser() / "summary.json"
+    try:
+        summary = read_json(summary_file)
+        return summary.get("mlflow_model", f"runs:/{summary['run_id']}/{MODEL_NAME}"), tracking_uri or summary["tracking_uri"]
+    except (OSError, ValueError, KeyError):
+        raise TlpipeError(f"{target} is neither a fit's output folder (no readable {summary_file.name}) nor an MLflow "
+                          "model URI (runs:/<run id>/model, models:/NAME@champion)") from None
+
+
+def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001) -> list[str]:
+    """``mlflow models serve`` on the tlpipe of this environment (no new environment built), one worker."""
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", host, "--port", str(port), "--workers", "1"]
 
 
 def pip_requirements() -> list[str]:

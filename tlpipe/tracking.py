@@ -316,15 +316,21 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run the MLflow UI until interrupted; return its exit code. The server and its workers run in
-    a process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
-    or any exit. Check the port first (``check_port_free``)."""
+    """Run the MLflow UI until interrupted; return its exit code (``run_server``). Check the port
+    first (``check_port_free``)."""
+    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI")
+
+
+def run_server(command: list[str], what: str, env: dict[str, str] | None = None) -> int:
+    """Run a server until interrupted; return its exit code. The server and its workers run in a
+    process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
+    or any exit."""
     import signal
 
     try:
-        server = subprocess.Popen(ui_command(tracking_uri, host, port), env=os.environ.copy(), start_new_session=True)
+        server = subprocess.Popen(command, env={**os.environ, **(env or {})}, start_new_session=True)
     except OSError as exc:
-        raise TlpipeError(f"cannot start the MLflow UI ({exc}): is mlflow installed in this environment?") from None
+        raise TlpipeError(f"cannot start {what} ({exc}): is mlflow installed in this environment?") from None
     stops = (signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda *_: sys.exit(0)) for sig in stops}
     try:
