@@ -160,6 +160,8 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "export refused, nothing written" in result.stderr and "--force" in result.stderr
     assert list(tmp_path.iterdir()) == []  # no file, no temporary left
+    folder = tlpipe("export", out / "model", "--out", tmp_path)
+    assert folder.exit_code == 2 and "is a folder: give a file name" in folder.stderr and folder.stderr.count("\n") == 1
     forced = tlpipe("export", out / "model", "--out", target, "--force")
     assert forced.exit_code == 0 and target.is_file()
     assert json.loads(target.with_name("bad.onnx.json").read_text())["parity"]["forced"] is True

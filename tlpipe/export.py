@@ -99,46 +99,59 @@ def pixels(bundle: Bundle, images: Sequence[Path | Image.Image], input_type: Inp
 
 @dataclass
 class Exported:
-    """An export that passed its check (or was forced): where it is and what was measured."""
+    """An export that passed its check (or was forced): where it is, what was measured, and what
+    was logged to the fit's MLflow run."""
 
     path: Path
     sidecar: Path
     record: dict
+    logged: str
 
 
 def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None = None, *,
                   input_type: InputType = "uint8", check: str | Path | None = None, force: bool = False) -> Exported:
     """Export ``bundle``, check it against the bundle, and move it to ``out`` only when it agrees
     (top-1 on every image, probabilities within ``MAX_DIFFERENCE``) or ``force``. Default ``out``:
-    ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript)."""
+    ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript); ``<out>.json`` beside it."""
     if fmt not in SUFFIX:
         raise TlpipeError(f"unknown export format '{fmt}': use onnx or torchscript")
-    out = Path(out) if out is not None else bundle.path.parent / "export" / f"model{SUFFIX[fmt]}"
+    out = _output_file(Path(out) if out is not None else bundle.path.parent / "export" / f"model{SUFFIX[fmt]}")
     images, labels, source = check_images(bundle, check)
-    out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportedClassifier(bundle, input_type).eval().cpu()
     example = torch.from_numpy(pixels(bundle, images[:2], input_type))
     meta = {"classes": bundle.classes, "preprocessing": preprocessing(bundle, input_type),
             "tlpipe_version": __version__, "bundle_sha256": bundle.manifest["head"]["sha256"]}
+    sidecar = out.with_name(out.name + ".json")
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     temporary = Path(temporary)
     try:
         exporter, parity = _export_checked(fmt, module, example, temporary, meta, (bundle, images, labels, input_type))
-        parity["images_from"] = source
         if not parity["passed"] and not force:
             raise TlpipeError(f"export refused, nothing written: {parity['verdict']}; give other images with --check "
                               "or write it anyway with --force")
+        record = {"format": fmt, "file": out.name, "sha256": _sha256(temporary), "bytes": temporary.stat().st_size,
+                  **exporter, "torch_version": torch.__version__, **meta, "bundle": str(bundle.path.resolve()),
+                  "parity": {**parity, "images_from": source, "forced": force and not parity["passed"]}}
+        sidecar.unlink(missing_ok=True)  # killed between the two moves: a file without its sidecar, never a stale one
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)
-    record = {"format": fmt, "file": out.name, "sha256": _sha256(out), "bytes": out.stat().st_size,
-              **exporter, "torch_version": torch.__version__, **meta, "bundle": str(bundle.path.resolve()),
-              "parity": {**parity, "forced": force and not parity["passed"]}}
-    sidecar = out.with_name(out.name + ".json")
     atomic_write(sidecar, lambda f: f.write(json.dumps(record, ensure_ascii=False, indent=1)))
-    record["logged"] = [_log_to_fit_run(bundle, record, sidecar)]
-    return Exported(out, sidecar, record)
+    return Exported(out, sidecar, record, _log_to_fit_run(bundle, record, sidecar))
+
+
+def _output_file(out: Path) -> Path:
+    """``out`` with its folder made, or one line on why it cannot be written there."""
+    if out.is_dir():
+        raise TlpipeError(f"--out {out} is a folder: give a file name, such as {out / 'model.onnx'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TlpipeError(f"cannot write {out} ({exc.strerror or exc}): choose another --out") from None
+    if not os.access(out.parent, os.W_OK):
+        raise TlpipeError(f"cannot write {out} (its folder is not writable): choose another --out")
+    return out
 
 
 def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:

@@ -90,8 +90,7 @@ def print_export(exported) -> None:
     opset = f", opset {record['opset']}" if "opset" in record else ""
     console.print(f"[bold green]{record['format']}[/] {escape(str(exported.path))} ({record['exporter']}{opset}, "
                   f"{record['bytes'] / 1e6:.1f} MB); metadata in {escape(str(exported.sidecar))}")
-    for note in record.get("logged", []):
-        console.print(note, markup=False, highlight=False)
+    console.print(exported.logged, markup=False, highlight=False)
 
 
 def print_next_steps(summary: dict) -> None:
