@@ -32,7 +32,7 @@ def images_per_second(run, batch: np.ndarray, repeats: int) -> float:
 
 
 def eager_runner(module: torch.nn.Module, channels_last: bool):
-    module = module.eval().to(memory_format=torch.channels_last) if channels_last else module.eval()
+    module = module.eval().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def run(batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch)
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for both (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (ONNX Runtime: its default, one per core)")
     args = parser.parse_args()
 
     from tlpipe.bundle import load_bundle
@@ -56,8 +56,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle, "cpu")
     with tempfile.TemporaryDirectory() as folder:
-        onnx_file = export_bundle(bundle, "onnx", Path(folder) / "m.onnx").path
-        script_file = export_bundle(bundle, "torchscript", Path(folder) / "m.pt").path
+        onnx_file = export_bundle(bundle, "onnx", Path(folder) / "m.onnx", log=False).path
+        script_file = export_bundle(bundle, "torchscript", Path(folder) / "m.pt", log=False).path
         rng = np.random.default_rng(0)
         size = bundle.backbone.data_config["input_size"][1:]
         batch = rng.integers(0, 256, (args.batch, 3, *size), dtype=np.uint8)  # decoding is not what is measured

@@ -230,6 +230,13 @@ def test_the_fits_mlflow_model_predicts_like_the_bundle_from_bytes_and_base64(fi
     assert json.loads((out / "summary.json").read_text())["registered"] == {"name": "colours", "version": "1", "alias": "champion"}
 
 
+def test_a_registry_name_or_alias_mlflow_refuses_is_one_line_before_any_training(tmp_path):
+    for flags, why in ((["--register", "a/b"], "Names cannot contain '/'"), (["--register", "ok", "--alias", "latest"], "reserved")):
+        result = tlpipe("fit", tmp_path / "never-read", "-o", tmp_path / "out", *flags)
+        assert result.exit_code == 2 and why in result.stderr and result.stderr.count("\n") == 1, result.output
+        assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -46,8 +46,7 @@ def save_bundle(
     path.mkdir(parents=True, exist_ok=True)
     embed = trained or backbone.weights.kind == "none"
     if embed:
-        state = {k: v.detach().cpu().contiguous() for k, v in feature_state_dict(backbone.model).items()}
-        atomic_write(path / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
+        _write_backbone(path, backbone.model)
     head_bytes = safetensors_bytes(head.tensors())
     atomic_write(path / HEAD_FILE, lambda f: f.write(head_bytes), mode="wb")
     write_json(path / MANIFEST, {
@@ -64,6 +63,12 @@ def save_bundle(
         "metrics": metrics,
     })
     return path
+
+
+def _write_backbone(path: Path, model: torch.nn.Module) -> None:
+    """The backbone's weights (feature extractor only) as ``backbone.safetensors`` in ``path``."""
+    state = {k: v.detach().cpu().contiguous() for k, v in feature_state_dict(model).items()}
+    atomic_write(path / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
 
 
 class _Part(BaseModel):
@@ -252,9 +257,7 @@ def portable_bundle(source: Path, target: Path) -> Path:
     manifest = read_json(target / MANIFEST)
     if manifest["backbone"]["embedded"] or manifest["backbone"]["weights"]["kind"] == "package":
         return target
-    model = load_bundle(source).backbone.model
-    state = {k: v.detach().cpu().contiguous() for k, v in feature_state_dict(model).items()}
-    atomic_write(target / BACKBONE_FILE, lambda f: f.write(safetensors_bytes(state)), mode="wb")
+    _write_backbone(target, load_bundle(source).backbone.model)
     write_json(target / MANIFEST, {**manifest, "backbone": {**manifest["backbone"], "embedded": True}})
     return target
 

@@ -161,6 +161,8 @@ def fit(
             return
         quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
         print_fit_report(result.summary, result.metrics, quarantined)
+        if "error" in result.summary.get("registered", {}):  # the fit is saved; the registry refused it
+            raise TlpipeError(result.summary["registered"]["error"])
 
 
 def _exit_cut(cut) -> None:
@@ -386,6 +388,9 @@ def serve(
 
         model, store = served_model(target, tracking_uri)
         check_port_free(host, port)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            typer.echo(f"warning: serving on {host}: anyone who reaches this machine can query the model "
+                       "(mlflow models serve has no authentication)", err=True)
         typer.echo(f"Serving {model} ({store}) on http://{host}:{port}/invocations (Ctrl+C stops it)")
         raise typer.Exit(run_server(serve_command(model, host, port), "mlflow models serve", {"MLFLOW_TRACKING_URI": store}))
 

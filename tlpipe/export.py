@@ -12,12 +12,12 @@ disagrees is never moved into place.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -28,16 +28,17 @@ from PIL import Image
 from torch import nn
 
 from tlpipe import __version__
-from tlpipe.bundle import Bundle, expand_image_paths
-from tlpipe.data import eval_transform, load_rgb
+from tlpipe.bundle import Bundle, load_bundle
+from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
+from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
 from tlpipe.utils import atomic_write, read_json
 
 Format = Literal["onnx", "torchscript"]
 InputType = Literal["uint8", "float32"]
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-OPSET = 18  # ONNX Runtime >= 1.14 runs it; the dynamo exporter's own default
+OPSET = 18  # run by ONNX Runtime >= 1.14 and most converters; stated in the sidecar
 INPUT, OUTPUT = "images", "probabilities"
 PARITY_BATCHES = (1, 2, 7)
 MAX_DIFFERENCE = 1e-4
@@ -51,7 +52,7 @@ class ExportedClassifier(nn.Module):
     def __init__(self, bundle: Bundle, input_type: InputType = "uint8"):
         super().__init__()
         config = bundle.backbone.data_config
-        self.extractor = bundle.extractor
+        self.extractor = copy.deepcopy(bundle.extractor).cpu()  # its own weights: the bundle's move with its device
         self.from_uint8 = input_type == "uint8"
         self.register_buffer("mean", torch.tensor(config["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(config["std"], dtype=torch.float32).view(1, 3, 1, 1))
@@ -108,37 +109,50 @@ class Exported:
     logged: str
 
 
-def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None = None, *,
-                  input_type: InputType = "uint8", check: str | Path | None = None, force: bool = False) -> Exported:
+@dataclass
+class CheckSet:
+    """The images agreement is proven on: the graph's input for them, the bundle's probabilities
+    (CPU, float32), their classes where known, and where they came from."""
+
+    images: list[Path]
+    labels: list[int | None]
+    source: str
+    pixels: np.ndarray
+    reference: np.ndarray
+
+
+def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None = None, *, input_type: InputType = "uint8",
+                  check: str | Path | None = None, force: bool = False, log: bool = True) -> Exported:
     """Export ``bundle``, check it against the bundle, and move it to ``out`` only when it agrees
     (top-1 on every image, probabilities within ``MAX_DIFFERENCE``) or ``force``. Default ``out``:
-    ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript); ``<out>.json`` beside it."""
+    ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript); ``<out>.json`` beside it; the
+    figures logged to the fit's MLflow run unless ``log`` is False."""
     if fmt not in SUFFIX:
         raise TlpipeError(f"unknown export format '{fmt}': use onnx or torchscript")
+    if bundle.device.type != "cpu":  # the reference is the bundle in float32, as the export runs
+        bundle = load_bundle(bundle.path, "cpu")
     out = _output_file(Path(out) if out is not None else bundle.path.parent / "export" / f"model{SUFFIX[fmt]}")
-    images, labels, source = check_images(bundle, check)
-    module = ExportedClassifier(bundle, input_type).eval().cpu()
-    example = torch.from_numpy(pixels(bundle, images[:2], input_type))
+    checks = check_set(bundle, check, input_type)
     meta = {"classes": bundle.classes, "preprocessing": preprocessing(bundle, input_type),
             "tlpipe_version": __version__, "bundle_sha256": bundle.manifest["head"]["sha256"]}
+    module = ExportedClassifier(bundle, input_type).eval()
+    path, exporter, parity = _export_checked(fmt, module, torch.from_numpy(checks.pixels[:2]), meta, checks, out)
     sidecar = out.with_name(out.name + ".json")
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    temporary = Path(temporary)
     try:
-        exporter, parity = _export_checked(fmt, module, example, temporary, meta, (bundle, images, labels, input_type))
         if not parity["passed"] and not force:
-            raise TlpipeError(f"export refused, nothing written: {parity['verdict']}; give other images with --check "
-                              "or write it anyway with --force")
-        record = {"format": fmt, "file": out.name, "sha256": _sha256(temporary), "bytes": temporary.stat().st_size,
+            tried = "".join(f"; {note}" for note in exporter["exporter_notes"])
+            raise TlpipeError(f"export refused, nothing written: {parity['verdict']}{tried}; give other images with "
+                              "--check or write it anyway with --force")
+        record = {"format": fmt, "file": out.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
                   **exporter, "torch_version": torch.__version__, **meta, "bundle": str(bundle.path.resolve()),
-                  "parity": {**parity, "images_from": source, "forced": force and not parity["passed"]}}
+                  "parity": {**parity, "images_from": checks.source, "forced": force and not parity["passed"]}}
         sidecar.unlink(missing_ok=True)  # killed between the two moves: a file without its sidecar, never a stale one
-        os.replace(temporary, out)
+        os.replace(path, out)
     finally:
-        temporary.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     atomic_write(sidecar, lambda f: f.write(json.dumps(record, ensure_ascii=False, indent=1)))
-    return Exported(out, sidecar, record, _log_to_fit_run(bundle, record, sidecar))
+    logged = _log_to_fit_run(bundle, record, sidecar) if log else "Not logged to MLflow (log=False)"
+    return Exported(out, sidecar, record, logged)
 
 
 def _output_file(out: Path) -> Path:
@@ -154,51 +168,61 @@ def _output_file(out: Path) -> Path:
     return out
 
 
+def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta: dict, checks: CheckSet,
+                    out: Path) -> tuple[Path, dict, dict]:
+    """Each exporter of ``fmt`` in turn, each into a temporary file beside ``out``, until one's file
+    agrees with the bundle (ONNX: the dynamo exporter, then the TorchScript-based one). Returns the
+    file last measured, what made it (and why the ones before were dropped) and its parity."""
+    attempts = [("dynamo", True), ("torchscript", False)] if fmt == "onnx" else [("torch.jit.trace", None)]
+    notes, kept = [], None
+    for name, dynamo in attempts:
+        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(handle)
+        path = Path(temporary)
+        try:
+            _write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else _write_torchscript(module, example, path, meta)
+            parity = check_parity(load_exported(path, fmt), checks)
+        except Exception as exc:  # noqa: BLE001 - an exporter that fails, or writes what cannot run: the next one
+            path.unlink(missing_ok=True)
+            notes.append(f"the {name} exporter failed: {type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0][:200]}")
+            continue
+        except BaseException:  # Ctrl+C: no temporary file left behind
+            for leftover in (path, *(kept[:1] if kept else ())):
+                leftover.unlink(missing_ok=True)
+            raise
+        if kept:
+            kept[0].unlink(missing_ok=True)
+        kept = (path, name, parity)
+        if parity["passed"]:
+            break
+        notes.append(f"the {name} exporter's graph was dropped: {parity['verdict']}")
+    if kept is None:
+        raise TlpipeError(f"{fmt} export failed, nothing written ({'; '.join(notes)})"
+                          + ("; try --format torchscript" if fmt == "onnx" else ""))
+    path, name, parity = kept
+    return path, {"exporter": name, **({"opset": OPSET} if fmt == "onnx" else {}), "exporter_notes": notes}, parity
+
+
 def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     """The parity figures and the sidecar on the MLflow run of the fit that made the bundle, when
     its ``summary.json`` is beside it; what was done, as one line."""
+    from tlpipe.tracking import FitRun
+
     try:
         summary = read_json(bundle.path.parent / "summary.json")
         run_id, uri = summary["run_id"], summary["tracking_uri"]
     except (OSError, KeyError, ValueError):
         return "Not logged to MLflow: no summary.json of the fit beside the bundle"
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    fmt, now = record["format"], int(time.time() * 1000)
+    fmt = record["format"]
     figures = {f"export_{fmt}_batch{size}_{key}": row[key] for size, row in record["parity"]["batches"].items()
                for key in ("top1_agreement", "max_abs_difference")}
     try:
-        client = MlflowClient(uri)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items()])
-        client.log_artifact(run_id, str(sidecar), "export")
-    except MlflowException as exc:
-        return f"Not logged to MLflow run {run_id}: {exc.message.splitlines()[0][:160]}"
+        run = FitRun.attach(run_id, uri)
+        run.log_metrics(figures)
+        run.log_artifact(sidecar, "export")
+    except Exception as exc:  # noqa: BLE001 - the file and its sidecar are written: the run is one more copy
+        return f"Not logged to MLflow run {run_id} ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0][:160]})"
     return f"Logged to MLflow run {run_id} ({uri}): parity figures and export/{sidecar.name}"
-
-
-def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, path: Path, meta: dict,
-                    check: tuple) -> tuple[dict, dict]:
-    """Each exporter of ``fmt`` in turn until one writes a file that agrees with the bundle (ONNX:
-    the dynamo exporter, then the TorchScript-based one); what ran, why the ones before it were
-    dropped, and the parity of the file left at ``path``."""
-    attempts = [("dynamo", True), ("torchscript", False)] if fmt == "onnx" else [("torch.jit.trace", None)]
-    notes, result = [], None
-    for name, dynamo in attempts:
-        try:
-            _write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else _write_torchscript(module, example, path, meta)
-        except Exception as exc:  # noqa: BLE001 - any exporter failure: say it, try the next
-            notes.append(f"the {name} exporter failed: {type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0][:200]}")
-            continue
-        result = name, check_parity(load_exported(path, fmt), *check)
-        if result[1]["passed"]:
-            break
-        notes.append(f"the {name} exporter's graph was dropped: {result[1]['verdict']}")
-    if result is None:
-        raise TlpipeError(f"{fmt} export failed, nothing written ({'; '.join(notes)})"
-                          + ("; try --format torchscript" if fmt == "onnx" else ""))
-    return {"exporter": result[0], **({"opset": OPSET} if fmt == "onnx" else {}), "exporter_notes": notes}, result[1]
 
 
 def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, dynamo: bool) -> None:
@@ -252,59 +276,65 @@ def load_exported(path: Path, fmt: Format) -> Callable[[np.ndarray], np.ndarray]
     return run
 
 
-def check_images(bundle: Bundle, check: str | Path | None) -> tuple[list[Path], list[int | None], str]:
-    """Up to ``MAX_CHECK_IMAGES`` images with their class (None when unknown): those of ``check``
-    (a class folder's name gives its images' class), else the fit's validation images."""
+def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = "uint8") -> CheckSet:
+    """Up to ``MAX_CHECK_IMAGES`` readable images with their class (None when unknown): those under
+    ``check`` (a class folder's name gives its images' class), else the fit's validation images;
+    with the graph's input for them and the bundle's probabilities."""
     if check is not None:
-        images, _ = expand_image_paths([check])
-        if not images:
-            raise TlpipeError(f"--check {check}: no readable image files there; give a folder of images")
-        labels = [bundle.classes.index(p.parent.name) if p.parent.name in bundle.classes else None for p in images]
-        return *_spread(images, labels), str(check)
+        check = Path(check)
+        found = image_files(check) if check.is_dir() else [check] if check.is_file() else []
+        named, source = [(p, p.parent.name) for p in found], str(check)
+    else:
+        named, source = _validation_images(bundle), "validation"
+    named = [(p, c) for p, c in _spread(named) if check_image(p) is None]
+    if not named:
+        raise TlpipeError(f"--check {check}: no readable image files there; give a folder of images" if check is not None else
+                          f"no validation images found for {bundle.path} (its fit's summary.json and val_predictions.csv, "
+                          "or the images they name, are not there): give images with --check DIR")
+    images = [p for p, _ in named]
+    labels = [bundle.classes.index(c) if c in bundle.classes else None for _, c in named]
+    return CheckSet(images, labels, source, pixels(bundle, images, input_type), bundle.predict_proba(images))
+
+
+def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
+    """(image, class) of the validation split of the fit that made ``bundle``, from its output folder."""
     fit = bundle.path.parent
     try:
         data = Path(read_json(fit / "summary.json")["data"])
         with (fit / "val_predictions.csv").open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+            return [(data / row["path"], row["true"]) for row in csv.DictReader(f) if (data / row["path"]).is_file()]
     except (OSError, KeyError, ValueError):
-        rows = []
-    found = [(data / r["path"], r["true"]) for r in rows if (data / r["path"]).is_file()]
-    if not found:
-        raise TlpipeError(f"no validation images found for {bundle.path} (its fit's summary.json and val_predictions.csv, "
-                          "or the data they name, are not there): give images with --check DIR")
-    return *_spread([p for p, _ in found], [bundle.classes.index(c) if c in bundle.classes else None for _, c in found]), "validation"
+        return []
 
 
-def _spread(images: list[Path], labels: list) -> tuple[list[Path], list]:
-    """At most ``MAX_CHECK_IMAGES``, evenly spread over the list (so over the classes too)."""
-    if len(images) <= MAX_CHECK_IMAGES:
-        return images, labels
-    keep = np.linspace(0, len(images) - 1, MAX_CHECK_IMAGES).round().astype(int)
-    return [images[i] for i in keep], [labels[i] for i in keep]
+def _spread(items: list) -> list:
+    """At most ``MAX_CHECK_IMAGES`` items, evenly spread over the list (so over the classes too)."""
+    if len(items) <= MAX_CHECK_IMAGES:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, MAX_CHECK_IMAGES).round().astype(int)]
 
 
-def check_parity(run: Callable[[np.ndarray], np.ndarray], bundle: Bundle, images: Sequence[Path],
-                 labels: Sequence[int | None], input_type: InputType = "uint8") -> dict:
-    """The exported model against the bundle on ``images`` at each of ``PARITY_BATCHES``: top-1
-    agreement, the largest probability difference, and each one's accuracy where the class is known."""
-    reference = bundle.predict_proba(list(images))
-    batch = pixels(bundle, images, input_type)
-    known = np.array([label is not None for label in labels])
-    truth = np.array([label if label is not None else -1 for label in labels])
+def check_parity(run: Callable[[np.ndarray], np.ndarray], checks: CheckSet) -> dict:
+    """The exported model (``run``: pixels in, probabilities out) against the bundle on ``checks`` at
+    each of ``PARITY_BATCHES``: top-1 agreement, the largest probability difference, and each one's
+    accuracy where the class is known."""
+    reference, known = checks.reference, np.array([label is not None for label in checks.labels])
+    truth = np.array([-1 if label is None else label for label in checks.labels])
+    accuracy = (lambda p: float((p.argmax(1) == truth)[known].mean())) if known.any() else (lambda p: None)
     rows = {}
     for size in PARITY_BATCHES:
-        probabilities = np.concatenate([run(batch[i:i + size]) for i in range(0, len(batch), size)])
+        probabilities = np.concatenate([run(checks.pixels[i:i + size]) for i in range(0, len(checks.pixels), size)])
         rows[str(size)] = {
             "top1_agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
             "max_abs_difference": float(np.abs(probabilities - reference).max()),
-            "accuracy": float((probabilities.argmax(1) == truth)[known].mean()) if known.any() else None,
+            "accuracy": accuracy(probabilities),
         }
     worst = min(rows.items(), key=lambda kv: (kv[1]["top1_agreement"], -kv[1]["max_abs_difference"]))
     passed = all(r["top1_agreement"] == 1.0 and r["max_abs_difference"] <= MAX_DIFFERENCE for r in rows.values())
     verdict = (f"at batch {worst[0]} the export agrees with the bundle on {worst[1]['top1_agreement']:.1%} of "
-               f"{len(images)} images, probabilities within {worst[1]['max_abs_difference']:.1e} (needed: 100% and {MAX_DIFFERENCE:g})")
-    return {"images": len(images), "batches": rows, "passed": passed, "verdict": verdict,
-            "bundle_accuracy": float((reference.argmax(1) == truth)[known].mean()) if known.any() else None}
+               f"{len(reference)} images, probabilities within {worst[1]['max_abs_difference']:.1e} (needed: 100% and {MAX_DIFFERENCE:g})")
+    return {"images": len(reference), "batches": rows, "passed": passed, "verdict": verdict,
+            "bundle_accuracy": accuracy(reference)}
 
 
 def _sha256(path: Path) -> str:

@@ -84,7 +84,8 @@ def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: Fi
     they were). SIGTERM and Ctrl+C wait until the record is whole."""
     with signals_held():
         result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget)
-    if status == "complete":  # the page a person reads, once the fit is over; outside the held signals
+    if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
+        _log_mlflow_model(run, result)
         _write_report_page(out, spec, run)
     return result
 
@@ -113,6 +114,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
                "bundle_sha256": bundle_identity(staging or bundle),
+               **({"mlflow_model": f"runs:/{run.run_id}/model"} if status == "complete" else {}),  # logged after (record)
                **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {})}
     # Two-phase: the new bundle, reports and the summary naming the bundle are all staged first; a
     # SIGKILL while they are moved in is finished by restore_bundle on the next start, never left half.
@@ -123,8 +125,6 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
     if status == "complete":
         _log_run(run, out, model, metrics, timings, artifacts)
-    if status != "provisional" and bundle.exists():
-        _log_mlflow_model(run, bundle)
     run.log_artifact(out / SUMMARY)
     return FitResult(out, bundle, run.run_id, summary, spec, metrics)
 
@@ -260,7 +260,6 @@ def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run:
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         "val_accuracy": metrics["accuracy"],
         "tuning": model.tuning, "timings": timings, "bundle": str(bundle.resolve()),
-        "mlflow_model": f"runs:/{run.run_id}/model",
     }
 
 
@@ -279,16 +278,19 @@ def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings:
         run.log_artifact(out / name)
 
 
-def _log_mlflow_model(run: FitRun, bundle: Path) -> None:
-    """The bundle as the run's MLflow model (``runs:/<id>/model``); a failure leaves the fit whole
-    and says so in one line."""
+def _log_mlflow_model(run: FitRun, result: FitResult) -> None:
+    """The bundle as the run's MLflow model (``runs:/<id>/model``). A failure leaves the fit whole,
+    says so in one line, and takes the model out of the summary."""
     from tlpipe.serving import log_model
 
     try:
-        log_model(run, bundle)
+        log_model(run, result.bundle_path)
     except Exception as exc:  # noqa: BLE001 - the bundle and summary are saved: the MLflow model is one more copy
         announce(f"[yellow]Note[/] the MLflow model was not logged ({type(exc).__name__}: {str(exc)[:200]}); "
-                 f"the bundle {bundle} predicts as it is")
+                 f"the bundle {result.bundle_path} predicts as it is")
+        result.summary.pop("mlflow_model", None)
+        write_json(result.output_dir / SUMMARY, result.summary)
+        run.log_artifact(result.output_dir / SUMMARY)
 
 
 @contextmanager

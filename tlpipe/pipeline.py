@@ -133,7 +133,12 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
     (``--trials``, ``--storage``...); ``verbose`` lets Optuna's and MLflow's INFO lines through.
     Raises ``FitCut`` on SIGTERM or Ctrl+C, its ``result`` the best model recorded by then. The
     output folder is this fit's alone while it runs; ``overwrite`` lets it replace another fit's.
-    ``register``: a registry name for the fit's MLflow model, ``alias`` pointed at the new version."""
+    ``register``: a registry name for the fit's MLflow model, ``alias`` pointed at the new version
+    (a failure is in ``summary["registered"]["error"]``)."""
+    if register:
+        from tlpipe.serving import check_registry_names
+
+        check_registry_names(register, alias)
     config = config or load_config(recipe)
     budget = Budget(parse_duration(config.budget))
     data = Path(data).expanduser()
@@ -146,7 +151,7 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
             with claim_output(out, data, config, overwrite) if ranks.is_main else nullcontext():
                 result = _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget)
             if result is not None and register:
-                register_stage(result, register, alias)
+                register_stage(result, register, alias)  # after the fit: its release of the output folder
             return result
     except FitCut as cut:
         cut.output = out
@@ -158,8 +163,11 @@ def register_stage(result: FitResult, name: str, alias: str | None) -> None:
     ``summary.json`` says which."""
     from tlpipe.serving import register_model
 
-    version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
-    result.summary["registered"] = {"name": name, "version": version, "alias": alias}
+    try:
+        version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
+        result.summary["registered"] = {"name": name, "version": version, "alias": alias}
+    except TlpipeError as exc:  # the fit is whole: its report is still printed, then this
+        result.summary["registered"] = {"name": name, "error": str(exc)}
     write_json(result.output_dir / "summary.json", result.summary)
 
 

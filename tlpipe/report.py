@@ -47,8 +47,8 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     print_budget(summary)
     console.print(f"[bold green]Bundle[/] {escape(summary['bundle'])}   MLflow run {summary['run_id']} "
                   f"({escape(summary['tracking_uri'])})")
-    if "registered" in summary:
-        registered = summary["registered"]
+    registered = summary.get("registered") or {}
+    if "version" in registered:
         alias = f", models:/{registered['name']}@{registered['alias']}" if registered["alias"] else ""
         console.print(f"[bold green]Registered[/] models:/{escape(registered['name'])}/{registered['version']}{escape(alias)}")
     print_next_steps(summary)

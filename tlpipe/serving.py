@@ -44,6 +44,8 @@ class BundleModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if IMAGE_COLUMN not in getattr(model_input, "columns", ()):
             raise _bad_input(f"the input needs a column '{IMAGE_COLUMN}' of image files (bytes or base64 strings)")
+        if len(model_input) == 0:
+            return pd.DataFrame(columns=["label", "probability", "top_k_labels", "top_k_probabilities", "probabilities"])
         from tlpipe.data.loader import decode_size
 
         size = decode_size(self.bundle.backbone.data_config)  # JPEGs decode as `tlpipe predict` decodes files
@@ -77,7 +79,8 @@ def _decode(value: Any, row: int, min_size: int):
 
     if isinstance(value, str):
         try:
-            value = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+            value = "".join((value.split(",", 1)[1] if value.startswith("data:") else value).split())  # wrapped lines too
+            value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise _bad_input(f"row {row}: a string that is not base64: send the image file's bytes, base64-encoded") from None
     if not isinstance(value, (bytes, bytearray)) or not value:
@@ -96,8 +99,7 @@ def log_model(run, bundle: Path) -> str:
 
     from tlpipe.bundle import load_bundle, portable_bundle
 
-    for old in _logged_models(run.client, run.run_id):
-        run.client.delete_logged_model(old.model_id)
+    replaced = _logged_models(run.client, run.run_id)
     with tempfile.TemporaryDirectory() as folder, _tracking(run.tracking_uri):
         artifacts = portable_bundle(Path(bundle), Path(folder) / "bundle")
         model = BundleModel()
@@ -111,14 +113,34 @@ def log_model(run, bundle: Path) -> str:
                   artifacts={"bundle": str(artifacts)}, code_paths=[str(Path(__file__).parent)],
                   signature=signature, input_example=example, pip_requirements=pip_requirements(),
                   metadata={"classes": model.bundle.classes, "tlpipe_bundle_sha256": model.bundle.manifest["head"]["sha256"]})
+    for old in replaced:  # only once the new one is logged: a run is never left without a model
+        run.client.delete_logged_model(old.model_id)
     return f"runs:/{run.run_id}/{MODEL_NAME}"
 
 
 def _logged_models(client, run_id: str) -> list:
     """The MLflow models named ``MODEL_NAME`` that ``run_id`` logged."""
     experiment = client.get_run(run_id).info.experiment_id
-    found = client.search_logged_models([experiment], filter_string=f"name = '{MODEL_NAME}'", max_results=100)
-    return [model for model in found if model.source_run_id == run_id]
+    return client.search_logged_models([experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'")
+
+
+def check_registry_names(name: str, alias: str | None) -> None:
+    """A model name and alias MLflow's registry will take, checked before a fit spends its time."""
+    from mlflow.exceptions import MlflowException
+
+    try:  # MLflow's own rules ("latest" and "v<N>" are not aliases, for instance)
+        from mlflow.utils.validation import (
+            _validate_model_alias_name, _validate_model_alias_name_reserved, _validate_model_name,
+        )
+    except ImportError:  # moved in another MLflow version: registering says what is wrong
+        return
+    try:
+        _validate_model_name(name)
+        if alias:
+            _validate_model_alias_name(alias)
+            _validate_model_alias_name_reserved(alias)
+    except MlflowException as exc:
+        raise TlpipeError(f"--register {name}{f' --alias {alias}' if alias else ''}: {exc.message.splitlines()[0]}") from None
 
 
 def register_model(run_id: str, tracking_uri: str, name: str, alias: str | None = "champion") -> str:
@@ -153,7 +175,8 @@ def served_model(target: str, tracking_uri: str | None = None) -> tuple[str, str
     summary_file = Path(target).expanduser() / "summary.json"
     try:
         summary = read_json(summary_file)
-        return summary.get("mlflow_model", f"runs:/{summary['run_id']}/{MODEL_NAME}"), tracking_uri or summary["tracking_uri"]
+        model = summary.get("mlflow_model") or f"runs:/{summary['run_id']}/{MODEL_NAME}"
+        return model, resolve_tracking_uri(tracking_uri) if tracking_uri else summary["tracking_uri"]
     except (OSError, ValueError, KeyError):
         raise TlpipeError(f"{target} is neither a fit's output folder (no readable {summary_file.name}) nor an MLflow "
                           "model URI (runs:/<run id>/model, models:/NAME@champion)") from None
@@ -175,7 +198,7 @@ def pip_requirements() -> list[str]:
         for mark in "<>=!~ ":
             name = name.split(mark)[0]
         try:
-            pinned.append(f"{name}=={metadata.version(name)}")
+            pinned.append(f"{name}=={metadata.version(name).split('+')[0]}")  # no local tag: torch 2.x+cu130 is not on PyPI
         except metadata.PackageNotFoundError:
             pinned.append(requirement)
     return pinned
