@@ -80,7 +80,7 @@ def test_the_regularization_path_chooses_as_the_plain_grid_search(kind):
     X, y, _, _ = codes(4)
     grid, cv = (1e-3, 1e-2, 0.1, 1.0), StratifiedKFold(3, shuffle=True, random_state=0)
     scores, decisions = cv_path(kind, X, y, cv, grid)
-    step = {"logreg": "logisticregression", "svm": "linearsvc"}[kind]
+    step = {"logreg": "logisticregression", "svm": "squaredhingesvc"}[kind]
     plain = GridSearchCV(linear_estimator(kind, grid[0]), {f"{step}__C": list(grid)}, cv=cv, refit=False).fit(X, y)
     ran = np.isfinite(scores)  # the path stops once PATH_PATIENCE C values in a row score below the best
     np.testing.assert_allclose(scores[ran], plain.cv_results_["mean_test_score"][ran], atol=0.02)
@@ -107,3 +107,30 @@ def test_the_decision_reads_its_cross_validation_from_the_cache(tmp_path, monkey
     np.testing.assert_array_equal(again.head.predict_proba(X_val), first.head.predict_proba(X_val))
     policy.cached_fit_linear(config, {"train": (X + 1, y), "val": (X_val, y_val)})  # other codes: computed anew
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_the_svm_solves_liblinears_problem_at_least_as_well(n_classes):
+    """SquaredHingeSVC against sklearn's LinearSVC (liblinear) on the same problem: an objective no
+    higher, the same predictions, its scores shaped alike; warm-started along C, the same optimum."""
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from tlpipe.training.linear import SquaredHingeSVC
+
+    X, y, X_val, _ = codes(n_classes, seed=3)
+    X, X_val = StandardScaler().fit(X).transform(X), StandardScaler().fit(X).transform(X_val)
+
+    def objective(model, C):  # 1/2 |w|^2 (intercept included) + C sum of squared hinges, one-vs-rest
+        scores = np.atleast_2d(model.decision_function(X).T).T
+        signs = np.where(y[:, None] == model.classes_[None], 1.0, -1.0)[:, -scores.shape[1]:]
+        return 0.5 * ((model.coef_ ** 2).sum() + (model.intercept_ ** 2).sum()) + C * (np.maximum(0, 1 - signs * scores) ** 2).sum()
+
+    warm = SquaredHingeSVC(warm_start=True)
+    for C in (0.01, 0.1, 1.0):
+        ours, theirs = SquaredHingeSVC(C=C).fit(X, y), LinearSVC(C=C, dual=True, max_iter=20000, tol=1e-6).fit(X, y)
+        assert objective(ours, C) <= objective(theirs, C) * (1 + 1e-4)
+        assert (ours.predict(X_val) == theirs.predict(X_val)).mean() >= 0.98
+        assert ours.decision_function(X_val).shape == theirs.decision_function(X_val).shape
+        warm.set_params(C=C).fit(X, y)
+        assert objective(warm, C) == pytest.approx(objective(ours, C), rel=1e-4)
