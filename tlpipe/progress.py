@@ -37,18 +37,21 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[C
 
 @contextmanager
 def quiet_libraries(quiet: bool = True) -> Iterator[None]:
-    """Optuna's and MLflow's loggers at WARNING for the block (their levels are restored after):
-    the fit's report says what the study and the store did."""
+    """Optuna's and MLflow's loggers at WARNING for the block, SQLAlchemy's at CRITICAL (their levels
+    are restored after): the fit's report says what the study and the store did."""
     if not quiet:
         yield
         return
     import optuna
 
-    verbosity, loggers = optuna.logging.get_verbosity(), [logging.getLogger(n) for n in ("mlflow", "alembic")]
+    verbosity, loggers = optuna.logging.get_verbosity(), [logging.getLogger(n) for n in ("mlflow", "alembic", "sqlalchemy")]
     levels = [logger.level for logger in loggers]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for logger in loggers:
         logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    # A SIGTERM that lands inside a store query makes SQLAlchemy log "Error closing cursor" with a
+    # traceback while the cut unwinds; the query's own error, if any, is raised, not logged.
+    loggers[-1].setLevel(logging.CRITICAL)
     try:
         yield
     finally:
