@@ -126,6 +126,19 @@ def image_folder(tmp_path):
     return make_dataset
 
 
+def tlpipe(*args, env: dict | None = None):
+    """``tlpipe ARGS`` in this process through Typer's runner (output captured, exit code kept);
+    an exception that is not an exit is raised, so a crash fails the test with its traceback."""
+    from typer.testing import CliRunner
+
+    from tlpipe.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
 def health_status(port: int, timeout: float = 90) -> int | None:
     """The status of ``GET /health`` on 127.0.0.1:``port`` once the server answers (None: it never did)."""
     import time

@@ -167,9 +167,7 @@ def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
 
 def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_that_says_so(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    # 16 epochs a trial: the fine-tune outlasts the 8 s window below (8 epochs took 7 s here, once the
-    # SVM's cross-validation got faster; a signal after the fit is over finds nothing to cut)
-    recipe.write_text(RECIPE.replace("epochs: 40, patience: 40", "epochs: 16, patience: 16").replace("trials: 3", "trials: 2"))
+    recipe.write_text(RECIPE.replace("epochs: 40, patience: 40", "epochs: 8, patience: 8").replace("trials: 3", "trials: 2"))
     data, out = _data(tmp_path / "data"), tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(_fit(data, out, recipe, "--time-limit", "none"), env=env,
@@ -177,7 +175,8 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
     deadline = time.monotonic() + 300
     while not (out / "summary.json").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the linear classifier, saved before the fine-tune
-    time.sleep(random.uniform(0.5, 8.0))  # any moment of the fine-tune that follows
+    # any moment of the fine-tune that follows (about 7 s here: a signal once the fit is over finds nothing to cut)
+    time.sleep(random.uniform(0.5, 4.0))
     assert process.poll() is None, "the fit ended before it could be stopped"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -15,20 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import health_status, tree_snapshot
-from tlpipe.cli import app
+from conftest import health_status, tlpipe, tree_snapshot
 
-runner = CliRunner()
 QUICK = ["--recipe", "quick", "--workers", "0"]
-
-
-def tlpipe(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,11 @@ import json
 import shlex
 
 import pytest
-from typer.testing import CliRunner
 
-from tlpipe.cli import app
+from conftest import tlpipe
 from tlpipe.config import available_recipes
 
-runner = CliRunner()
 WIDE = {"COLUMNS": "200"}  # help and error panels unwrapped, so a choice is never split across lines
-
-
-def tlpipe(*args, env=None):
-    result = runner.invoke(app, [str(a) for a in args], env=env)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def test_fit_help_lists_the_strategies_recipes_and_device_forms():

@@ -17,20 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import class_color, make_image, shared_dataset
-from tlpipe.cli import app
+from conftest import class_color, make_image, shared_dataset, tlpipe
 
-runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def tlpipe(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

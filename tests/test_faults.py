@@ -15,20 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import class_color, health_status, make_image
-from tlpipe.cli import app
+from conftest import class_color, health_status, make_image, tlpipe
 
-runner = CliRunner()
 FAST = ["--strategy", "linear", "--trials", "0", "--workers", "0", "--device", "cpu"]
-
-
-def tlpipe(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def one_line(result, *fragments: str) -> None:
