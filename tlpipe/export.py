@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -227,8 +228,6 @@ def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
 
 def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, dynamo: bool) -> None:
     """ONNX at opset ``OPSET`` with a dynamic batch axis, the metadata as JSON strings under their keys."""
-    import warnings
-
     import onnx
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -248,8 +247,6 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict
 
 
 def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
-    import warnings
-
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the tracer's notes on fixed shapes
         traced = torch.jit.trace(module, example, check_trace=False)
@@ -264,8 +261,6 @@ def load_exported(path: Path, fmt: Format) -> Callable[[np.ndarray], np.ndarray]
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda batch: session.run([OUTPUT], {INPUT: batch})[0]
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         module = torch.jit.load(str(path), map_location="cpu").eval()
