@@ -237,3 +237,30 @@ def test_a_signal_while_a_record_is_written_waits_for_it_to_end():
             written.append("the whole record")
         written.append("not reached")
     assert written == ["the whole record"] and cut.value.exit_code == 143
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed cut, printed
+def test_a_signal_whose_cut_python_swallows_still_stops_the_fit_at_its_next_step():
+    """A signal handled inside a ``__del__`` (or a garbage collector's weakref callback, as seen in
+    SQLAlchemy) raises ``FitCut`` where Python only prints it; the next step raises it again."""
+    from tlpipe.budget import FitCut, raise_if_stopped, recording_cut, stop_on_signals
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here, and its FitCut goes no further than __del__
+
+    steps = []
+    with pytest.raises(FitCut, match="SIGTERM"), stop_on_signals():
+        SignalledWhileCollected()
+        steps.append("went on")
+        raise_if_stopped()
+        steps.append("not reached")
+    assert steps == ["went on"]
+    with stop_on_signals():
+        raise_if_stopped()  # a new fit starts with no stop pending
+        with pytest.raises(FitCut):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        recording_cut()
+        raise_if_stopped()  # the cut's record is written, not cut again

@@ -63,6 +63,20 @@ def test_evaluation_figures_match_their_definitions():
     assert {(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]} == {("b", "a", 5), ("b", "c", 5)}
 
 
+def test_macro_f1_of_many_resamples_at_once_is_scikit_learns_for_each():
+    from sklearn.metrics import f1_score
+
+    from tlpipe.metrics import macro_f1
+
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 4, (3, 2, 30)), rng.integers(0, 6, (3, 2, 30))  # labels 4, 5 only predicted
+    present = np.array([0, 2, 3])
+    expected = [[f1_score(t, p, labels=present, average="macro", zero_division=0) for t, p in zip(ts, ps)]
+                for ts, ps in zip(y_true, y_pred)]
+    assert macro_f1(y_true, y_pred, present) == pytest.approx(np.array(expected))
+    assert macro_f1(y_true.T, y_pred.T, present, axis=0) == pytest.approx(np.array(expected).T)
+
+
 def test_a_single_image_gets_figures_not_a_crash():
     m = evaluation_metrics(np.array([1]), np.array([[0.2, 0.8]]), ["a", "b"])
     assert m["accuracy"] == 1.0 and m["macro_f1_ci"] == [0.0, 1.0] and m["accuracy_ci"][1] == 1.0

@@ -5,7 +5,9 @@ later stage plans with (the study's timeout, whether a trial may start, whether 
 The budget is kept by not starting work that cannot finish, never by killing work half-done.
 
 ``stop_on_signals()`` turns SIGTERM and Ctrl+C (SIGINT) into ``FitCut`` raised in the main thread,
-so a stopped fit unwinds through its ``finally`` blocks and records the best model it has.
+so a stopped fit unwinds through its ``finally`` blocks and records the best model it has. A
+signal that lands where Python swallows exceptions (a garbage collector's weakref callback, a
+``__del__``) is raised again by ``raise_if_stopped()`` at the next batch, progress step or stage.
 """
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ class _Stops:
 
     held = 0
     pending: int | None = None
+    received: int | None = None  # the signal that cut the fit, until the cut is being recorded
     owner: int | None = None  # the pid that installed the handler: forked DataLoader workers inherit it
 
 
@@ -113,7 +116,20 @@ def _cut(signum, frame) -> None:
     if _Stops.held:
         _Stops.pending = signum
         return
+    _Stops.received = signum
     raise FitCut(*_SIGNALS[signum])
+
+
+def raise_if_stopped() -> None:
+    """Raise the ``FitCut`` of a signal received since the fit's cut was last recorded: the
+    handler's own raise may have landed where it is swallowed. Called where loops step."""
+    if _Stops.received is not None and threading.current_thread() is threading.main_thread():
+        raise FitCut(*_SIGNALS[_Stops.received])
+
+
+def recording_cut() -> None:
+    """The cut has reached the code that records it: later checks let that record be written."""
+    _Stops.received = None
 
 
 @contextmanager
@@ -122,11 +138,12 @@ def stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _Stops.owner = os.getpid()
+    _Stops.owner, _Stops.received = os.getpid(), None
     previous = {signum: signal.signal(signum, _cut) for signum in _SIGNALS}
     try:
         yield
     finally:
+        _Stops.received = None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -30,13 +30,28 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray, axis: int = -1) -> np.ndarray:
+    """scikit-learn's ``f1_score(average="macro", labels=labels, zero_division=0)`` along ``axis``
+    for stacked resamples at once (the bootstrap's 1000 calls of it took 4 s on 8 images)."""
+    y_true, y_pred = np.moveaxis(y_true, axis, -1), np.moveaxis(y_pred, axis, -1)
+    shape, width = y_true.shape[:-1], int(max(y_true.max(), y_pred.max(), np.max(labels))) + 1
+    rows = np.arange(int(np.prod(shape)))[:, None] * width  # each resample's own bins
+
+    def counts(bins: np.ndarray) -> np.ndarray:
+        return np.bincount(bins, minlength=len(rows) * width).reshape(*shape, width)[..., labels]
+
+    true, pred = rows + y_true.reshape(len(rows), -1), rows + y_pred.reshape(len(rows), -1)
+    both, either = counts(true[true == pred]), counts(true.ravel()) + counts(pred.ravel())
+    return np.mean(np.divide(2 * both, either, out=np.zeros(both.shape), where=either > 0), axis=-1)
+
+
 def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], seed: int = 0) -> dict:
     """``classification_metrics`` of the top class, and what says how far to trust them: accuracy
     with its Wilson 95% interval, balanced accuracy, macro F1 with a bootstrap 95% interval, top-k
     accuracy, negative log-likelihood, Brier score, expected calibration error (15 bins), and the
     most confused pairs (true -> predicted, by count)."""
     from scipy.stats import binomtest, bootstrap
-    from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
+    from sklearn.metrics import balanced_accuracy_score, log_loss, top_k_accuracy_score
 
     from tlpipe.calibration import expected_calibration_error
 
@@ -44,8 +59,8 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
     metrics = classification_metrics(y_true, y_pred, classes)
     n, correct, present = len(y_true), int((y_pred == y_true).sum()), np.unique(y_true)
     wilson = binomtest(correct, n).proportion_ci(CONFIDENCE, method="wilson")
-    macro_f1 = lambda t, p: f1_score(t, p, labels=present, average="macro", zero_division=0)  # noqa: E731
-    f1_interval = bootstrap((y_true, y_pred), macro_f1, paired=True, vectorized=False, n_resamples=BOOTSTRAP_RESAMPLES,
+    f1_interval = bootstrap((y_true, y_pred), lambda t, p, axis: macro_f1(t, p, present, axis), paired=True,
+                            vectorized=True, batch=max(1, 2_000_000 // n), n_resamples=BOOTSTRAP_RESAMPLES,
                             confidence_level=CONFIDENCE, method="percentile", random_state=seed).confidence_interval \
         if n > 1 else None  # one image: no resampling to do
     labels = np.arange(len(classes))

@@ -34,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tlpipe.budget import Budget, FitCut, parse_duration, stop_on_signals
+from tlpipe.budget import Budget, FitCut, parse_duration, raise_if_stopped, recording_cut, stop_on_signals
 from tlpipe.cache import cache_key, cache_root
 from tlpipe.calibration import calibrate
 from tlpipe.config import FitConfig, config_to_yaml, load_config
@@ -78,9 +78,11 @@ class Timings:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        raise_if_stopped()
         start, outer, self.current = time.perf_counter(), self.current, name
         try:
             yield
+            raise_if_stopped()
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
             self.current = outer
@@ -187,6 +189,7 @@ def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tu
             ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
             return saved.final(check(prepared, choice, model, timings, budget), plan)
         except FitCut as cut:
+            recording_cut()
             cut.result = saved.cut(cut.reason)
             raise
 

@@ -10,6 +10,8 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tlpipe.budget import raise_if_stopped
+
 console = Console(stderr=True)
 
 
@@ -32,7 +34,12 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[C
         disable=not console.is_terminal,
     ) as progress:
         task = progress.add_task(description, total=total, completed=completed)
-        yield lambda n=1: progress.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+            raise_if_stopped()  # a signal's cut the loop did not see
+
+        yield advance
 
 
 @contextmanager

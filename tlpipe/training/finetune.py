@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from tlpipe.budget import raise_if_stopped
 from tlpipe.config import FinetuneConfig
 from tlpipe.training.distributed import DistContext
 from tlpipe.training.frozen import FrozenPrefix
@@ -126,6 +127,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for images, labels in loader:
+        raise_if_stopped()
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         with precision.autocast():
@@ -230,6 +232,7 @@ class Finetuner:
         train_mode(model, self.config.freeze_bn_stats)
         total, n = 0.0, 0
         for images, labels in loader:
+            raise_if_stopped()
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
             loss = self._accumulate(net, images, labels, criterion, precision, optimizer)

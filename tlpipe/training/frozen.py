@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tlpipe.budget import raise_if_stopped
 from tlpipe.training.memory import available_memory
 
 PROBE_TOLERANCE = 1e-4  # largest |logit difference| between the two paths on the probe batch
@@ -135,6 +136,7 @@ class FrozenPrefix:
         outputs = None
         self.model.eval()
         for start, (images, _) in zip(range(0, len(rows), loader.batch_size), plain):
+            raise_if_stopped()
             with precision.autocast():
                 hidden = self.run(images.to(device, memory_format=torch.channels_last)).cpu()
             if outputs is None:
