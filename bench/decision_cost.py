@@ -15,10 +15,12 @@ start-up, the data folder's check and the backbone load are in both. The share o
 ``--all`` instead runs one auto fit on each dataset of ../shared/data and on the digits example
 (``--example digits``, as the README runs it) and prints, per dataset, the ``decide`` stage's
 seconds (summary.json's timings), the fit's wall seconds and the decision's share of them (issue
-12 asks for at most 15%). ``--output DIR`` keeps each fit's folder (and its caches) under DIR.
+12 asks for at most 15%). ``--output DIR`` keeps each fit's folder (and its caches) under DIR;
+``--datasets`` names a subset (``digits`` is the example), ``--time-limit`` is passed to each fit.
 
 Run from the repo root:  python bench/decision_cost.py [--data ../shared/data/hymenoptera] [--rounds 2]
                          python bench/decision_cost.py --all [--recipe quick] [--output /tmp/decide]
+                                [--datasets dtd10,digits] [--time-limit 10m]
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ def timed_fit(data: Path | None, recipe: str, *flags: str, keep: Path | None = N
         return seconds, json.loads((out / "summary.json").read_text())
 
 
-def decision_shares(recipe: str, output: Path | None) -> None:
+def decision_shares(recipe: str, output: Path | None, names: list[str], time_limit: str | None) -> None:
     """One auto fit per dataset of ``SHARED_DATA`` and on the digits example: decide s, wall s, share."""
-    runs = [(name, SHARED_DATA / name, ()) for name in DATASETS if (SHARED_DATA / name).is_dir()]
-    runs.append(("digits", None, ("--example", "digits")))
+    limit = ("--time-limit", time_limit) if time_limit else ()
+    runs = [(name, SHARED_DATA / name, limit) for name in DATASETS if name in names and (SHARED_DATA / name).is_dir()]
+    if "digits" in names:
+        runs.append(("digits", None, ("--example", "digits", *limit)))
     print(f"recipe {recipe}\n\n{'dataset':12s} {'decide s':>9s} {'fit s':>8s} {'share':>7s}  strategy / tap, val_accuracy")
     for name, data, flags in runs:
         keep = output / name if output else None
@@ -71,9 +75,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--all", action="store_true", help="the decision's share on every shared dataset and digits")
     parser.add_argument("--output", type=Path, help="with --all: keep each fit's folder under this one")
+    parser.add_argument("--datasets", default=",".join((*DATASETS, "digits")), help="with --all: which, comma-separated")
+    parser.add_argument("--time-limit", help="with --all: each fit's --time-limit (default: the recipe's budget)")
     args = parser.parse_args()
     if args.all:
-        return decision_shares(args.recipe, args.output)
+        return decision_shares(args.recipe, args.output, args.datasets.split(","), args.time_limit)
     if not args.data.is_dir():
         raise SystemExit(f"no dataset at {args.data}: pass --data FOLDER (one subfolder per class)")
 

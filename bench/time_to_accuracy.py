@@ -15,7 +15,7 @@ skips the rows already there, so a killed benchmark resumes):
 Then prints the table and writes ``bench/results/time_to_accuracy.png`` (accuracy against minutes,
 one line per method and dataset). About 90 minutes on a 2-core CPU; see bench/BUDGET.md.
 
-Run from the repo root:  python bench/time_to_accuracy.py [--quick] [--only bloodcells]
+Run from the repo root:  python bench/time_to_accuracy.py [--quick] [--only bloodcells] [--results FILE]
 """
 from __future__ import annotations
 
@@ -109,9 +109,9 @@ def rows_to_run(quick: bool, only: str | None) -> list[tuple[str, str, float | N
     return rows
 
 
-def run(quick: bool, only: str | None) -> list[dict]:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+def run(quick: bool, only: str | None, results: Path = RESULTS) -> list[dict]:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     seen = {(r["dataset"], r["method"], r.get("minutes")) for r in done}
     for dataset, method, minutes in rows_to_run(quick, only):
         if (dataset, method, minutes) in seen:
@@ -123,7 +123,7 @@ def run(quick: bool, only: str | None) -> list[dict]:
         else:
             row = tlpipe_row(dataset, None, "--strategy", "linear")
         row = {"dataset": dataset, "method": method, "minutes": minutes, **row}
-        with RESULTS.open("a") as f:
+        with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done.append(row)
         print(f"{dataset:12s} {method:7s} {minutes or '-'!s:>4} min: val {row['val_accuracy']:.3f} in {row['seconds']:.0f} s", flush=True)
@@ -165,14 +165,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the acceptance rows only (about 20 min)")
     parser.add_argument("--only", help="one dataset")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON lines to resume (a new file: a new measurement)")
     parser.add_argument("--plain", metavar="DATASET", help=argparse.SUPPRESS)  # the reference, in its own process
     args = parser.parse_args()
     if args.plain:
         print(json.dumps(plain_finetune(args.plain)))
         return
-    rows = run(args.quick, args.only)
+    rows = run(args.quick, args.only, args.results)
     print(table(rows))
-    plot(rows, RESULTS.with_suffix(".png"))
+    plot(rows, args.results.with_suffix(".png"))
 
 
 if __name__ == "__main__":

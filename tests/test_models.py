@@ -144,3 +144,42 @@ def test_flip_averaged_codes_are_the_mean_of_both_views_and_of_their_logits(back
         weight, bias = torch.randn(4, mean.shape[1]), torch.randn(4)  # a linear head averages the views' logits
         both = ((plain(images) @ weight.T + bias) + (plain(images.flip(-1)) @ weight.T + bias)) / 2
         assert torch.allclose(flipped(images) @ weight.T + bias, both, atol=1e-4)
+
+
+def test_a_large_cpu_pass_runs_in_onnx_runtime_and_gives_pytorchs_codes(backbone, few_images, monkeypatch):
+    from tlpipe.models import features
+    from tlpipe.models.runtime import onnx_pass
+
+    extractor = CodeExtractor(backbone.model, "penultimate+blocks.4", hflip=True)
+    loader = eval_loader(few_images, backbone.data_config, batch_size=4, workers=0)
+    in_pytorch, labels = extract_codes(extractor, loader, torch.device("cpu"))  # 6 images: too few to export
+    monkeypatch.setattr(features, "ORT_MIN_IMAGES", 1)
+    in_onnx_runtime, same_labels = extract_codes(extractor, loader, torch.device("cpu"))
+    np.testing.assert_allclose(in_onnx_runtime, in_pytorch, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(labels, same_labels)
+    images = next(iter(eval_loader(few_images, backbone.data_config, batch_size=6, workers=0)))[0]
+    with torch.inference_mode():
+        run = onnx_pass(extractor, images)
+        assert run is not None  # exported, so the pass above did run in ONNX Runtime
+        np.testing.assert_allclose(run(images[:5]).numpy(), extractor(images[:5]).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _ThroughNumpy(torch.nn.Module):
+    """A forward the exporter records as a constant: its output would not follow the input."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(images.numpy().mean(axis=(2, 3)))
+
+
+def test_a_module_onnx_runtime_cannot_reproduce_stays_in_pytorch(backbone, few_images, monkeypatch):
+    from tlpipe.models import features
+    from tlpipe.models.runtime import onnx_pass
+
+    monkeypatch.setattr(features, "ORT_MIN_IMAGES", 1)
+    loader = eval_loader(few_images, backbone.data_config, batch_size=3, workers=0)
+    images = next(iter(loader))[0]
+    with torch.inference_mode():
+        assert onnx_pass(_ThroughNumpy(), images) is None
+    codes, _ = extract_codes(_ThroughNumpy(), loader, torch.device("cpu"))
+    expected = np.concatenate([x.numpy().mean(axis=(2, 3)) for x, _ in loader])
+    np.testing.assert_allclose(codes, expected, atol=1e-3)  # float32 means summed in another memory order

@@ -99,6 +99,25 @@ def test_batchnorm_moments_come_from_a_stratified_sample_and_rows_keep_their_ord
     np.testing.assert_allclose(first.mean, stem.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_a_pass_in_onnx_runtime_keeps_pytorch_for_the_batchnorm_sample_and_gives_the_same_features(
+        small, colour_samples, colour_features, monkeypatch):
+    from tlpipe.models import features
+
+    monkeypatch.setattr(features, "ORT_MIN_IMAGES", 1)  # 15 images: ONNX Runtime after the first 8 (one batch)
+    monkeypatch.setattr(signals_module, "BATCHNORM_IMAGES", 6)
+    with_onnx = collect_features(small, colour_samples, CONFIG)
+    monkeypatch.setattr(features, "ORT_MIN_IMAGES", 10**9)
+    in_pytorch = collect_features(small, colour_samples, CONFIG)
+    np.testing.assert_allclose(with_onnx.codes, in_pytorch.codes, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(with_onnx.imagenet_logits, in_pytorch.imagenet_logits, rtol=1e-4, atol=1e-4)
+    for stage in in_pytorch.stages:
+        np.testing.assert_allclose(with_onnx.stages[stage], in_pytorch.stages[stage], rtol=1e-4, atol=1e-5)
+    for level, layers in in_pytorch.bn_stats.items():  # the moments' hooks ran in PyTorch, on the same images
+        for ours, theirs in zip(with_onnx.bn_stats[level], layers, strict=True):
+            np.testing.assert_array_equal(ours.mean, theirs.mean)
+            np.testing.assert_array_equal(ours.var, theirs.var)
+
+
 def test_batchnorm_layers_belong_to_the_stage_that_runs_them(backbone):
     owner = batchnorm_stages(backbone.model, feature_layers(backbone.model))
     assert owner["bn1"] == "blocks.0"  # the stem

@@ -206,7 +206,8 @@ def collect_features(
     handles = taps.register() + moments.register()
     try:
         loader = eval_loader([samples[indices[i]] for i in order], backbone.data_config, config.batch_size, config.num_workers)
-        out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals")
+        out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals",
+                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0)
     finally:
         for handle in handles:
             handle.remove()
