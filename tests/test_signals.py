@@ -116,6 +116,20 @@ def test_a_pass_in_onnx_runtime_keeps_pytorch_for_the_batchnorm_sample_and_gives
         for ours, theirs in zip(with_onnx.bn_stats[level], layers, strict=True):
             np.testing.assert_array_equal(ours.mean, theirs.mean)
             np.testing.assert_array_equal(ours.var, theirs.var)
+    assert in_pytorch.pytorch_seconds_per_image == pytest.approx(in_pytorch.seconds / 15)
+    assert 0 < with_onnx.pytorch_seconds_per_image  # timed on its first batch, the one PyTorch ran
+
+
+def test_the_fine_tune_estimate_counts_pytorchs_speed_not_onnx_runtimes(colour_features):
+    from dataclasses import replace as changed
+
+    from tlpipe.strategy.auto import _seconds_per_image
+
+    train = changed(colour_features, seconds=3.0, pytorch_seconds_per_image=0.5)  # 15 images: 0.2 s each overall
+    val = changed(colour_features, seconds=1.5, pytorch_seconds_per_image=None)  # all in ONNX Runtime
+    assert _seconds_per_image({"train": train, "val": val}) == pytest.approx(0.5)
+    all_pytorch = changed(colour_features, seconds=1.5, pytorch_seconds_per_image=None)
+    assert _seconds_per_image({"train": all_pytorch}) == pytest.approx(0.1)  # an old cache's set: its whole pass
 
 
 def test_batchnorm_layers_belong_to_the_stage_that_runs_them(backbone):

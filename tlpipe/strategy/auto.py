@@ -81,13 +81,18 @@ def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
         codes=features.codes[rows], stages={k: v[rows] for k, v in features.stages.items()},
         imagenet_logits=None if features.imagenet_logits is None else features.imagenet_logits[rows],
         bn_stats=features.bn_stats, labels=features.labels[rows], indices=features.indices[rows], seconds=features.seconds,
+        pytorch_seconds_per_image=features.pytorch_seconds_per_image,
     )
 
 
 def _seconds_per_image(features: dict[str, FeatureSet]) -> float:
-    """The forward pass's time per image, as just measured on this device over every split passed
-    (on a few images, the pass's start-up would dominate the train split's own figure)."""
-    return sum(f.seconds for f in features.values()) / max(sum(len(f.labels) for f in features.values()), 1)
+    """PyTorch's forward pass time per image, as just measured on this device over every split
+    passed (on a few images, the pass's start-up would dominate the train split's own figure): the
+    cost unit of training, which ONNX Runtime's faster frozen passes do not change."""
+    measured = [f for f in features.values() if f.pytorch_seconds_per_image is not None]
+    if not measured:
+        return sum(f.seconds for f in features.values()) / max(sum(len(f.labels) for f in features.values()), 1)
+    return sum(f.pytorch_seconds_per_image * len(f.labels) for f in measured) / sum(len(f.labels) for f in measured)
 
 
 def study_seconds(seconds_per_image: float, n_train: int, n_val: int, epochs: int, trials: int) -> float:

@@ -73,6 +73,7 @@ class FeatureSet:
     labels: np.ndarray  # (N,) int64
     indices: np.ndarray  # rows of the given samples these are, in order (all unless max_images)
     seconds: float  # the forward pass
+    pytorch_seconds_per_image: float | None = None  # of its batches PyTorch ran (ONNX Runtime is faster; training is not)
 
 
 class _BatchNormMoments:
@@ -203,11 +204,11 @@ def collect_features(
     # A stratified sample of BATCHNORM_IMAGES goes first, for the moments; the rows are put back after.
     first = stratified_subset(np.array([samples[i].label for i in indices]), BATCHNORM_IMAGES, config.seed)
     order = np.concatenate([first, np.setdiff1d(np.arange(len(indices)), first)])
-    handles = taps.register() + moments.register()
+    handles, pytorch = taps.register() + moments.register(), {}
     try:
         loader = eval_loader([samples[indices[i]] for i in order], backbone.data_config, config.batch_size, config.num_workers)
         out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals",
-                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0)
+                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch)
     finally:
         for handle in handles:
             handle.remove()
@@ -221,6 +222,10 @@ def collect_features(
         imagenet_logits=parts[1] if taps.logits else None, bn_stats=bn_stats, labels=labels,
         indices=indices, seconds=time.perf_counter() - start,
     )
+    if pytorch["images"] == len(labels):  # all in PyTorch: the whole pass, as measured
+        features.pytorch_seconds_per_image = features.seconds / max(len(labels), 1)
+    elif pytorch["images"] > 2:  # more than onnx_pass's check
+        features.pytorch_seconds_per_image = pytorch["seconds"] / pytorch["images"]
     if path is not None:
         save_cached(path, key, _to_arrays(features))
     return features
@@ -234,6 +239,8 @@ def _to_arrays(features: FeatureSet) -> dict[str, np.ndarray]:
     BatchNorm layer's moments as ``bn|<level>|<layer>|<field>``, in order."""
     arrays = {"codes": features.codes, "labels": features.labels, "indices": features.indices,
               "seconds": np.array(features.seconds)}
+    if features.pytorch_seconds_per_image is not None:
+        arrays["pytorch_seconds_per_image"] = np.array(features.pytorch_seconds_per_image)
     arrays.update({f"stage|{name}": x for name, x in features.stages.items()})
     if features.imagenet_logits is not None:
         arrays["imagenet_logits"] = features.imagenet_logits
@@ -255,6 +262,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], stages: list[str]) -> FeatureSet
         codes=arrays["codes"], stages={name: arrays[f"stage|{name}"] for name in stages},
         imagenet_logits=arrays.get("imagenet_logits"), bn_stats=bn_stats, labels=arrays["labels"],
         indices=arrays["indices"], seconds=float(arrays["seconds"]),
+        pytorch_seconds_per_image=float(arrays["pytorch_seconds_per_image"]) if "pytorch_seconds_per_image" in arrays else None,
     )
 
 

@@ -91,9 +91,9 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
     eigenvalue): the Hessian where every margin is active becomes the identity. The basis and the
     products with it are float32 (the codes' own precision; the solver's sums are float64): they are
     the cost of every iteration. With ``warm_start``, a refit on the same array reuses the basis and
-    starts from the last C's solution. On digits codes (1437 x 1280, 5 folds, C 1e-4..0.1) 4.6 s
-    against liblinear's 30.3 s, the same CV accuracy at every C and 100% the same predictions;
-    bloodcells (800): 0.9 s against 4.8 s."""
+    starts from the last C's solution. The CV path on digits codes (1437 x 1280, 10 classes, 5
+    folds, the default C grid) took 3.9 s against the softmax's 10.0 s in the same run (liblinear:
+    30.3 s, in another), with the same CV accuracy at every C and 99.99% of liblinear's predictions."""
 
     def __init__(self, C: float = 1.0, tol: float = 1e-4, max_iter: int = 2000, warm_start: bool = False):
         self.C, self.tol, self.max_iter, self.warm_start = C, tol, max_iter, warm_start
