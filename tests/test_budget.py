@@ -149,6 +149,17 @@ def _fit(data: Path, out: Path, recipe: Path, *flags: str) -> list[str]:
             "--tracking-uri", f"sqlite:///{out.parent / 'mlflow.db'}", *flags]
 
 
+def _group_ends(group: int, seconds: float = 15) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
@@ -166,11 +177,14 @@ def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
 
 
 def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_that_says_so(tmp_path):
+    """The signal goes to the whole process group, DataLoader workers included, as a terminal's
+    Ctrl+C or systemd's stop sends it: the workers must not die first and take the fit with them."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.replace("epochs: 40, patience: 40", "epochs: 8, patience: 8").replace("trials: 3", "trials: 2"))
+    recipe.write_text(RECIPE.replace("epochs: 40, patience: 40", "epochs: 8, patience: 8").replace("trials: 3", "trials: 2")
+                      .replace("num_workers: 0", "num_workers: 2"))
     data, out = _data(tmp_path / "data"), tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(_fit(data, out, recipe, "--time-limit", "none"), env=env,
+    process = subprocess.Popen(_fit(data, out, recipe, "--time-limit", "none"), env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (out / "summary.json").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -178,10 +192,11 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
     # any moment of the fine-tune that follows (about 7 s here: a signal once the fit is over finds nothing to cut)
     time.sleep(random.uniform(0.5, 4.0))
     assert process.poll() is None, "the fit ended before it could be stopped"
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    assert _group_ends(process.pid), "DataLoader workers outlived the fit"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "cut" and summary["cut"] == "stopped by SIGTERM"
     assert not (out / ".model.staging").exists()
@@ -264,3 +279,23 @@ def test_a_signal_whose_cut_python_swallows_still_stops_the_fit_at_its_next_step
             time.sleep(0.1)
         recording_cut()
         raise_if_stopped()  # the cut's record is written, not cut again
+
+
+def test_dataloader_workers_live_through_a_sigterm_sent_to_the_whole_process_group(image_folder, backbone):
+    """A group's SIGTERM reaches the workers too: they leave it to the fit (which cuts and shuts
+    them down) instead of dying under a loader still in use ("DataLoader worker is killed")."""
+    import multiprocessing
+
+    from tlpipe.data import Sample, eval_loader
+
+    root = image_folder("data", {"a": 12, "b": 12})
+    samples = [Sample(path, 0) for path in sorted(root.rglob("*.jpg"))]
+    loader = eval_loader(samples, {**backbone.data_config, "input_size": (3, 32, 32)}, batch_size=4, workers=2)
+    batches = iter(loader)
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert sum(len(labels) for _, labels in batches) == len(samples) - 4

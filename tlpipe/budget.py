@@ -120,6 +120,16 @@ def _cut(signum, frame) -> None:
     raise FitCut(*_SIGNALS[signum])
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader's ``worker_init_fn``: SIGTERM and Ctrl+C sent to the whole process group (a
+    terminal's Ctrl+C, systemd, ``kill -- -PGID``) leave the workers running, so the fit that owns
+    them cuts cleanly and shuts them down; PyTorch's own handler would kill them, and the fit with
+    them ("DataLoader worker is killed by signal", exit 1). A worker whose fit dies outright
+    notices and exits (PyTorch's watchdog)."""
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def raise_if_stopped() -> None:
     """Raise the ``FitCut`` of a signal received since the fit's cut was last recorded: the
     handler's own raise may have landed where it is swallowed. Called where loops step."""

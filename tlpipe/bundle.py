@@ -165,13 +165,16 @@ class Bundle:
         codes = manifest["codes"]
         self.extractor = CodeExtractor(backbone.model, codes["layer"], codes["relu"], codes.get("hflip", False))
 
-    def codes(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None) -> np.ndarray:
+    def codes(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None,
+              onnx_runtime: bool = True) -> np.ndarray:
+        """``onnx_runtime=False``: PyTorch even where ONNX Runtime would run the pass (a reference)."""
         samples = [Sample(Path(p), -1) for p in paths]
         loader = eval_loader(samples, self.backbone.data_config, batch_size, workers)
-        return extract_codes(self.extractor, loader, self.device, "Predicting")[0]
+        return extract_codes(self.extractor, loader, self.device, "Predicting", onnx_runtime=onnx_runtime)[0]
 
-    def predict_proba(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None) -> np.ndarray:
-        return self.head.predict_proba(self.codes(paths, batch_size, workers))
+    def predict_proba(self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None,
+                      onnx_runtime: bool = True) -> np.ndarray:
+        return self.head.predict_proba(self.codes(paths, batch_size, workers, onnx_runtime))
 
     def predict_proba_images(self, pictures: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         """``predict_proba`` for images already decoded (``load_rgb``), as a server receives them."""

@@ -288,7 +288,8 @@ def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = 
                           "or the images they name, are not there): give images with --check DIR")
     images = [p for p, _ in named]
     labels = [bundle.classes.index(c) if c in bundle.classes else None for _, c in named]
-    return CheckSet(images, labels, source, pixels(bundle, images, input_type), bundle.predict_proba(images))
+    return CheckSet(images, labels, source, pixels(bundle, images, input_type),
+                    bundle.predict_proba(images, onnx_runtime=False))  # the reference is PyTorch's
 
 
 def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:

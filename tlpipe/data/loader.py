@@ -8,6 +8,7 @@ import timm.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tlpipe.budget import ignore_stop_signals
 from tlpipe.data.dataset import Sample
 from tlpipe.data.images import load_rgb
 from tlpipe.utils import default_workers
@@ -50,4 +51,5 @@ def eval_loader(samples: Sequence[Sample], data_config: dict, batch_size: int, w
         shuffle=False,
         num_workers=workers if len(dataset) > batch_size else 0,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )

@@ -97,16 +97,16 @@ class CodeExtractor(nn.Module):
 
 
 def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device, description: str = "Extracting",
-                  torch_first: int = 0, pytorch_time: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  torch_first: int = 0, pytorch_time: dict | None = None, onnx_runtime: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Run ``extractor`` over ``loader`` in order; return float32 codes and int64 labels. On a CPU,
     a pass of at least ``ORT_MIN_IMAGES`` goes through ONNX Runtime (after ``torch_first`` images:
-    hooks that keep Python state, such as BatchNorm moments, need PyTorch itself).
-    ``pytorch_time`` gets the ``seconds`` and ``images`` of the batches PyTorch ran (loading included)."""
+    hooks that keep Python state, such as BatchNorm moments, need PyTorch itself; ``onnx_runtime=False``:
+    PyTorch throughout). ``pytorch_time`` gets the ``seconds`` and ``images`` of the batches PyTorch ran (loading included)."""
     # channels_last is faster on CUDA and, with oneDNN, on CPU too (about 1.8x for EfficientNet-Lite0).
     # Moved outside inference mode: parameters converted inside it could never train again.
     extractor.eval().to(device, memory_format=torch.channels_last)
     use_cuda = device.type == "cuda"
-    accelerate = device.type == "cpu" and len(loader.dataset) >= ORT_MIN_IMAGES
+    accelerate = onnx_runtime and device.type == "cpu" and len(loader.dataset) >= ORT_MIN_IMAGES
     codes, labels, runner = [], [], None
     clock = pytorch_time if pytorch_time is not None else {}
     clock.update(seconds=0.0, images=0)
