@@ -291,9 +291,10 @@ def test_dataloader_workers_live_through_a_sigterm_sent_to_the_whole_process_gro
     root = image_folder("data", {"a": 12, "b": 12})
     samples = [Sample(path, 0) for path in sorted(root.rglob("*.jpg"))]
     loader = eval_loader(samples, {**backbone.data_config, "input_size": (3, 32, 32)}, batch_size=4, workers=2)
+    others = {child.pid for child in multiprocessing.active_children()}  # earlier tests' loaders may live on
     batches = iter(loader)
     next(batches)
-    workers = multiprocessing.active_children()
+    workers = [child for child in multiprocessing.active_children() if child.pid not in others]
     assert len(workers) == 2
     for worker in workers:
         os.kill(worker.pid, signal.SIGTERM)
