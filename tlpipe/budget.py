@@ -111,8 +111,8 @@ class _Stops:
 
 
 def _cut(signum, frame) -> None:
-    if os.getpid() != _Stops.owner:  # a forked worker: stop as Python would, its parent handles the cut
-        raise KeyboardInterrupt
+    if os.getpid() != _Stops.owner:  # a forked DataLoader worker still starting: its parent cuts, then stops it
+        return
     if _Stops.held:
         _Stops.pending = signum
         return
