@@ -58,8 +58,9 @@ def plain_row(dataset: str) -> dict:
     return {**row, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def plain_finetune(dataset: str, epochs: int = 10, size: int = 160) -> dict:
-    """The issue's reference recipe in plain PyTorch + timm (the weights tlpipe uses offline)."""
+def plain_finetune(dataset: str | Path, epochs: int = 10, size: int = 160) -> dict:
+    """The issue's reference recipe in plain PyTorch + timm (the weights tlpipe uses offline) on a
+    dataset of ``../shared/data`` or any folder with train/ and val/."""
     import torch
     from timm.data import create_transform
     from torch.utils.data import DataLoader
@@ -73,8 +74,9 @@ def plain_finetune(dataset: str, epochs: int = 10, size: int = 160) -> dict:
     cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # tf_efficientnet_lite's own normalisation
     train_tf = create_transform(size, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None, **cfg)
     val_tf = create_transform(size, is_training=False, crop_pct=0.875, **cfg)
-    train = ImageFolder(DATA / dataset / "train", train_tf)
-    val = ImageFolder(DATA / dataset / "val", val_tf)
+    root = DATA / dataset if isinstance(dataset, str) else dataset
+    train = ImageFolder(root / "train", train_tf)
+    val = ImageFolder(root / "val", val_tf)
     model.reset_classifier(len(train.classes))
     loaders = (DataLoader(train, 32, shuffle=True, num_workers=2, drop_last=True), DataLoader(val, 64, num_workers=2))
     head = list(model.get_classifier().parameters())
@@ -82,19 +84,23 @@ def plain_finetune(dataset: str, epochs: int = 10, size: int = 160) -> dict:
     optimizer = torch.optim.AdamW([{"params": body, "lr": 5e-4}, {"params": head, "lr": 5e-3}], weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loaders[0]))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    best = 0.0
+    best, losses = 0.0, []
     for _ in range(epochs):
         model.train()
+        total = 0.0
         for images, labels in loaders[0]:
             optimizer.zero_grad()
-            criterion(model(images), labels).backward()
+            loss = criterion(model(images), labels)
+            loss.backward()
             optimizer.step()
             scheduler.step()
+            total += loss.item() * len(labels)
+        losses.append(total / (len(loaders[0]) * loaders[0].batch_size))
         model.eval()
         with torch.no_grad():
             correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loaders[1])
         best = max(best, correct / len(val))
-    return {"val_accuracy": best, "epochs": epochs, "image_size": size}
+    return {"val_accuracy": best, "epochs": epochs, "image_size": size, "first_epoch_loss": losses[0], "train_losses": losses}
 
 
 def rows_to_run(quick: bool, only: str | None) -> list[tuple[str, str, float | None]]:

@@ -47,7 +47,7 @@ from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import build_backbone
 from tlpipe.utils import default_workers
-from tlpipe.training.finetune import Finetuner, Precision, freeze_stages, param_groups, warmup_cosine
+from tlpipe.training.finetune import Finetuner, Precision, freeze_stages, param_groups, WarmupCosine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def main() -> None:
     def tlpipe_trainer(loader: DataLoader):
         optimizer = torch.optim.AdamW(param_groups(model, ft.lr, ft.backbone_lr_mult, ft.weight_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine((1 + args.epochs) * len(loader), len(loader)))
+            optimizer, WarmupCosine((1 + args.epochs) * len(loader), len(loader)))
 
         def epoch(number: int) -> float:
             loader.sampler.set_epoch(number)

@@ -39,6 +39,7 @@ from tlpipe.cache import cache_key, cache_root
 from tlpipe.calibration import calibrate
 from tlpipe.config import FitConfig, config_to_yaml, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset, shorter_side
+from tlpipe.data.profile import greyscale_share
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
@@ -50,7 +51,7 @@ from tlpipe.progress import announce, quiet_libraries
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import (
-    RECORD_SECONDS, Plan, apply_plan, decision_hyperparameters, make_plan, train_sizes,
+    MIN_EPOCHS, RECORD_SECONDS, Plan, apply_plan, budget_use, trained_pace, decision_hyperparameters, epoch_seconds, make_plan, source_augmentation, train_sizes,
 )
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, guard, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
@@ -58,12 +59,13 @@ from tlpipe.tracking import FitRun, NoRun
 from tlpipe.training.distributed import DistContext, distributed
 from tlpipe.training.frozen import forget_outputs
 from tlpipe.training.linear import accuracy
-from tlpipe.training.speed import measure_speed
-from tlpipe.training.strategies import fit_finetune, fit_linear
+from tlpipe.training.speed import loader_seconds, measure_speed
+from tlpipe.training.strategies import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
 from tlpipe.tuning import (
-    Tuned, finetune_objective, join_study, linear_objective, requested_trials, run_study, study_summary, tune,
+    Tuned, finetune_objective, join_study, linear_objective, requested_trials, run_study, study_summary, trial_allowance,
+    tune,
 )
-from tlpipe.utils import atomic_write, read_json, write_json
+from tlpipe.utils import atomic_write, default_workers, read_json, write_json
 
 __all__ = ["SUMMARY", "FitCut", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
 
@@ -187,7 +189,8 @@ def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tu
             choice, plan = plan_training(prepared, choice, budget, timings, ranks, tuning.trials)
             model = train(prepared, choice, plan, run, ranks, timings, tuning, budget)
             ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
-            return saved.final(check(prepared, choice, model, timings, budget), plan)
+            pace = trained_pace(model.trained)  # before the guard may put the linear classifier in its place
+            return saved.final(check(prepared, choice, model, timings, budget), plan, pace)
         except FitCut as cut:
             recording_cut()
             cut.result = saved.cut(cut.reason)
@@ -210,8 +213,8 @@ class Saved:
 
     def _record(self, model: FittedModel, **status) -> FitResult:
         p, choice = self.prepared, self.choice
-        return record(p.out, p.data, p.spec, model, self.run, self.timings.seconds, choice.assessment,
-                      p.ranking, budget=self.budget.to_dict(), **status)
+        status.setdefault("budget", self.budget.to_dict())
+        return record(p.out, p.data, p.spec, model, self.run, self.timings.seconds, choice.assessment, p.ranking, **status)
 
     def first(self, choice: Choice) -> None:
         """Before a fine-tune, its linear classifier as a complete bundle, unless an earlier run of
@@ -228,9 +231,12 @@ class Saved:
         announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
                  f"{self.prepared.out / 'model'}")
 
-    def final(self, model: FittedModel, plan: Plan) -> FitResult | None:
+    def final(self, model: FittedModel, plan: Plan, pace: dict) -> FitResult | None:
+        """The final record; the plan's epoch time beside the one measured, and why a fit that used
+        less than ``USED_SHARE`` of its limit stopped there."""
         if self.enabled:
-            self.result = self._record(model, plan=plan.to_dict())
+            budget = {**self.budget.to_dict(), **budget_use(self.budget, plan, pace, model.tuning or {})}
+            self.result = self._record(model, plan=plan.to_dict(), budget=budget)
         return self.result
 
     def cut(self, reason: str) -> FitResult | None:
@@ -353,19 +359,42 @@ def _saved_or_new_plan(prepared: Prepared, config: FitConfig, budget: Budget, tr
 
 
 def new_plan(spec: DatasetSpec, backbone: Backbone, config: FitConfig, left: float, trials: int | None) -> Plan:
-    """A fine-tune's plan for ``left`` seconds, from train and eval steps timed on this device now."""
+    """A fine-tune's plan for ``left`` seconds, from train and eval steps and the loaders' work timed
+    on this device now: first at the largest size the data justifies, then again at the size that
+    plan chose (scaling by pixels misjudges small sizes: planned 21.1 s an epoch at 128 px from
+    224 px, measured 35.5 s), with the augmentation the source images can take, the plan made anew."""
     native = backbone.data_config["input_size"][-1]
+    sample = [s.path for s in spec.splits["train"][:: max(1, len(spec.splits["train"]) // 100)]]
+    side = shorter_side(sample)
     if "image_size" in config.finetune.model_fields_set and config.finetune.image_size:
         sizes = [config.finetune.image_size]  # the recipe's own
     elif backbone.model.pretrained_cfg.get("fixed_input_size"):
         sizes = [native]  # a ViT's position embeddings, say, hold one size only
     else:
-        sizes = train_sizes(native, shorter_side([s.path for s in spec.splits["train"][:: max(1, len(spec.splits["train"]) // 100)]]))
+        sizes = train_sizes(native, side)
+    trials, n_val, start = requested_trials(config, trials), spec.counts().get("val", 0), time.monotonic()
+
+    def planned(config: FitConfig, size: int) -> Plan:
+        speeds = plan_speeds(spec, backbone, config, size)
+        reserve = RECORD_SECONDS + 2 * epoch_seconds(speeds, native, 0, n_val)  # val scored at two sizes
+        return make_plan(config, spec, speeds, sizes, native, left - (time.monotonic() - start), trials, reserve)
+
+    plan = planned(config, sizes[0])
+    if plan.strategy == "linear":
+        return plan
+    augment, notes = source_augmentation(config.augment, side, plan.train_size, greyscale_share(sample))
+    plan = planned(config.model_copy(update={"augment": augment}), plan.train_size)
+    changed = augment.model_dump() if augment != config.augment else {}
+    return dataclasses.replace(plan, augment=changed, notes=(*plan.notes, *notes))
+
+
+def plan_speeds(spec: DatasetSpec, backbone: Backbone, config: FitConfig, size: int) -> dict:
+    """The model's train and eval steps and the loaders' work per image, at ``size``, on this device."""
+    device = resolve_device(config.device)
     unfreeze = config.finetune.unfreeze_stages if config.strategy == "partial" else None
-    speeds = measure_speed(backbone.model, sizes[0], resolve_device(config.device), unfreeze)
-    n_val = spec.counts().get("val", 0)
-    reserve = RECORD_SECONDS + 2 * n_val / speeds["eval_images_per_second"] * (native / speeds["size"]) ** 2
-    return make_plan(config, spec, speeds, sizes, native, left, requested_trials(config, trials), reserve)
+    data_config = {**backbone.data_config, "input_size": (3, size, size)}
+    return {**measure_speed(backbone.model, size, device, unfreeze),
+            **loader_seconds(spec.splits["train"], data_config, config.augment, device, default_workers(config.num_workers))}
 
 
 def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: DistContext, timings: Timings,
@@ -388,25 +417,44 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
-        return _no_trial_finished(choice, backbone, tuned, decision)
+        return _no_trial_finished(choice, backbone, tuned, decision, config.strategy)
     with timings.stage("train"):
         if config.strategy == "linear":
             trained = fit_linear(config, choice.codes)
         else:
-            trained = fit_finetune(backbone, spec, config, tuned.fit_dir or prepared.out, choice.codes,
-                                   on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks, deadline=deadline)
-            forget_outputs()  # the frozen-stage outputs the trials and this fit shared
+            try:
+                trained = fit_finetune(backbone, spec, config, tuned.fit_dir or prepared.out, choice.codes,
+                                       on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks, deadline=deadline,
+                                       allowance=trial_allowance(None, deadline, config.finetune.epochs))
+            except DidNotLearn as failed:
+                return _linear_stands(choice, backbone, tuned, decision, config.strategy, _sentence(str(failed)))
+            finally:
+                forget_outputs()  # the frozen-stage outputs the trials and this fit shared
     return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 
-def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned, decision: Decision | None) -> FittedModel:
-    """The budget ran out before any fine-tuning trial finished: the linear classifier stands, on
-    ``backbone`` as it was built (every trial trained a copy)."""
+def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned, decision: Decision | None,
+                       strategy: str) -> FittedModel:
+    """No fine-tuning trial finished: every one did not learn, or the budget ran out first."""
+    failures = [why for why in (tuned.summary.get("pruned_reasons") or {}).values() if why.startswith(DID_NOT_LEARN)]
+    if failures and len(failures) == tuned.summary.get("pruned", 0) and not tuned.summary.get("waiting"):
+        return _linear_stands(choice, backbone, tuned, decision, strategy, _sentence(failures[0]))
+    return _linear_stands(choice, backbone, tuned, decision, strategy,
+                          "Budget: no fine-tuning trial finished in the time limit; the linear classifier stands.")
+
+
+def _sentence(text: str) -> str:
+    return f"{text[:1].upper()}{text[1:]}."
+
+
+def _linear_stands(choice: Choice, backbone: Backbone, tuned: Tuned, decision: Decision | None, strategy: str,
+                   reason: str) -> FittedModel:
+    """The linear classifier saved before the fine-tune is the model, on ``backbone`` as it was built
+    (every trial trained a copy), the decision (a new one, for a strategy asked for) saying why."""
     linear = choice.linear
-    if decision is not None:
-        decision = decision.fall_back("Budget: no fine-tuning trial finished in the time limit; the linear "
-                                      "classifier stands.")
-    return FittedModel(linear.config, backbone, linear.trained, linear.codes["val"], tuned.summary, decision)
+    decision = (decision or Decision(strategy)).fall_back(reason)
+    trained = dataclasses.replace(linear.trained, details={**linear.trained.details, "finetune_fallback": reason})
+    return FittedModel(linear.config, backbone, trained, linear.codes["val"], tuned.summary, decision)
 
 
 def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings, budget: Budget) -> FittedModel:
@@ -541,7 +589,12 @@ def _tune(config: FitConfig, out: Path, objective, run: FitRun, ranks: DistConte
     limits = [budget.timeout(plan.reserve), overrides.timeout, config.tuning.timeout]
     timeout = min((t for t in limits if t is not None), default=None)  # the budget's, the run's and the recipe's
     settings = {**dataclasses.asdict(overrides), "timeout": timeout}
-    return tune(config, out, objective, parent=run, trial_seconds=plan.seconds.get("trial"), **settings)
+    if plan.strategy == "linear":
+        return tune(config, out, objective, parent=run, **settings)
+    # a fine-tuning trial fits its epochs to its time: the shortest worth starting has MIN_EPOCHS
+    least = min(MIN_EPOCHS, plan.epochs)
+    return tune(config, out, objective, parent=run, trial_seconds=least * plan.seconds["epoch"], least_epochs=least,
+                **settings)
 
 
 def _params(config: FitConfig, recipe: str, backbone: Backbone, spec: DatasetSpec) -> dict:

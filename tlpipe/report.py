@@ -62,6 +62,11 @@ def print_budget(summary: dict) -> None:
     if budget.get("limit_seconds"):
         console.print(f"[bold]Budget[/]  {format_duration(budget['elapsed_seconds'])} of "
                       f"{format_duration(budget['limit_seconds'])}")
+    pace = budget.get("epoch_seconds") or {}
+    if pace.get("measured"):
+        console.print(f"Seconds per fine-tuning epoch: {pace['measured']:.1f} measured, {pace['planned']:.1f} planned")
+    if budget.get("stopped_early"):
+        console.print(f"[yellow]Ended before the limit[/]: {escape(budget['stopped_early'])}")
     for note in plan.get("notes", []):
         console.print(f"[yellow]Note[/] {escape(note)}")
     waiting = (summary.get("tuning") or {}).get("waiting", 0)

@@ -76,15 +76,31 @@ def _image_facts(path: Path) -> _ImageFacts:
         width, height = img.size
         if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation turns it a quarter
             width, height = height, width
-        grey_mode = img.mode in _GREY_MODES
+        mode = img.mode
     rgb = load_rgb(path, min_size=128)  # JPEG draft: pHash looks at 64x64 anyway
     small = rgb.resize((THUMB, THUMB), Image.Resampling.BOX)
-    if not grey_mode:
-        channels = np.asarray(small, dtype=np.int16)
-        grey_mode = int((channels.max(axis=2) - channels.min(axis=2)).max()) <= GREY_TOLERANCE
+    grey_mode = _looks_grey(mode, small)
     signs = np.where(imagehash.phash(rgb, hash_size=16).hash.ravel(), 1.0, -1.0).astype(np.float32)
     thumb = np.asarray(small.convert("L"), dtype=np.float32)
     return _ImageFacts(digest, (width, height), grey_mode, signs, thumb)
+
+
+def _looks_grey(mode: str, small: Image.Image) -> bool:
+    """A grey file mode, or RGB pixels whose channels hardly differ (``small``: a THUMB copy)."""
+    if mode in _GREY_MODES:
+        return True
+    channels = np.asarray(small, dtype=np.int16)
+    return int((channels.max(axis=2) - channels.min(axis=2)).max()) <= GREY_TOLERANCE
+
+
+def greyscale_share(paths: list[Path]) -> float:
+    """The share of ``paths`` (checked image files) whose pixels are grey."""
+    grey = 0
+    for path in paths:
+        with Image.open(path) as img:
+            mode = img.mode
+        grey += _looks_grey(mode, load_rgb(path, min_size=THUMB).resize((THUMB, THUMB), Image.Resampling.BOX))
+    return grey / max(len(paths), 1)
 
 
 def _same_pixels(a: np.ndarray, b: np.ndarray) -> bool:

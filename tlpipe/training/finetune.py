@@ -78,6 +78,37 @@ def train_mode(model: nn.Module, freeze_bn_stats: bool = False) -> None:
                 module.eval()
 
 
+def trained_batchnorms(model: nn.Module, freeze_bn_stats: bool) -> list[nn.Module]:
+    """The BatchNorm layers ``train_mode`` leaves in training mode (their statistics move)."""
+    if freeze_bn_stats:
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, layers: list[nn.Module], batches, device: torch.device) -> int:
+    """AdaBN (Li et al. 2016): ``layers``' running statistics re-estimated on ``batches`` of the
+    training images (a cumulative average, the rest of the network in eval mode). Training in
+    ``train_mode`` normalizes with batch statistics: re-estimated, the eval-mode codes an LP-FT
+    probe is fitted on are what the first training steps see, not the ImageNet statistics' view of
+    far data. Returns the images seen."""
+    momenta = [layer.momentum for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+    seen = 0
+    for images, _ in batches:
+        model(images.to(device, memory_format=torch.channels_last))
+        seen += len(images)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
+    return seen
+
+
 def param_groups(model: nn.Module, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
     """AdamW groups: head at ``lr``, backbone at ``lr * backbone_mult``; no decay on biases and norms."""
     head = {id(p) for p in model.get_classifier().parameters()}
@@ -92,14 +123,63 @@ def param_groups(model: nn.Module, lr: float, backbone_mult: float, weight_decay
     ]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+class WarmupCosine:
+    """Linear warmup, then cosine to 0 at ``total_steps``: the learning-rate factor of ``LambdaLR``.
+    An object, not a closure: ``total_steps`` can be re-spanned after the first epoch, and
+    ``LambdaLR.state_dict`` saves an object's attributes, so a resumed run keeps the span."""
+
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+
+class Diverged(Exception):
+    """The fine-tune has not started learning; the message says which sign showed it."""
+
+
+@dataclass(frozen=True)
+class LearningCheck:
+    """The signs that a fine-tune has not started learning: a non-finite train loss; a train loss
+    above chance (ln K, a uniform guess) at the end of the first epoch (the mean over its second
+    half: the first steps ramp the learning rate up from an LP-FT start far below chance); val
+    accuracy within two standard errors of the largest val class's share after two epochs."""
+
+    n_classes: int
+    val_chance: float  # the largest class's share of the val images scored each epoch
+    val_images: int
+
+    def verdict(self, epoch: int, metrics: dict) -> str | None:
+        loss, chance_loss = metrics.get("train_loss_end", metrics["train_loss"]), math.log(self.n_classes)
+        if not math.isfinite(loss) or not math.isfinite(metrics["train_loss"]):
+            return f"the train loss is {metrics['train_loss']} at epoch {epoch}"
+        if epoch == 1 and loss > chance_loss:
+            return (f"train loss {loss:.3f} at the end of the first epoch, above chance (ln {self.n_classes} = "
+                    f"{chance_loss:.3f})")
+        se = math.sqrt(self.val_chance * (1 - self.val_chance) / max(self.val_images, 1))
+        if epoch == 2 and metrics["val_accuracy"] <= self.val_chance + 2 * se:
+            return (f"val accuracy {metrics['val_accuracy']:.3f} after two epochs, at chance (the largest class's "
+                    f"share, {self.val_chance:.3f}, + 2 standard errors)")
+        return None
+
+
+@dataclass(frozen=True)
+class EpochAllowance:
+    """Until when (``time.monotonic()``) a run should train, in at most ``most`` epochs: after the
+    first epoch, the epochs become what the time left holds at that epoch's pace (at least
+    ``least``); after each later one, fewer if the pace (the last three epochs) has slowed."""
+
+    until: float
+    most: int
+    least: int = 1
+
+    def epochs(self, done: int, epoch_seconds: float) -> int:
+        fit = done + int(max(self.until - time.monotonic(), 0) // max(epoch_seconds, 1e-6))
+        return max(min(fit, self.most), self.least, done)
 
 
 @dataclass
@@ -148,13 +228,15 @@ class Finetuner:
                  class_weights: torch.Tensor | None = None, checkpoint_dir: Path | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = "",
                  micro_batch: int | None = None, context: DistContext = DistContext(), deadline: float | None = None,
-                 frozen: FrozenPrefix | None = None):
+                 frozen: FrozenPrefix | None = None, check: LearningCheck | None = None,
+                 allowance: EpochAllowance | None = None):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
         self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
         self.micro_batch = micro_batch  # None: whole batches; set smaller (or halved on CUDA OOM) to accumulate
         self.context, self.deadline = context, deadline
         self.frozen = frozen  # a loader of its cached outputs runs the model from there
+        self.check, self.allowance = check, allowance
         self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
@@ -169,15 +251,16 @@ class Finetuner:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if self.context.enabled else model
         optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
-        steps = cfg.epochs * len(train_loader)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(steps, round(cfg.warmup_epochs * len(train_loader))))
+        schedule = WarmupCosine(cfg.epochs * len(train_loader), round(cfg.warmup_epochs * len(train_loader)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = Precision(device)
         weights = self.class_weights.to(device) if self.class_weights is not None else None
         criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-        state = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "stale": 0, "history": [], "done": False}
+        state = {"epoch": 0, "epochs": cfg.epochs, "best_accuracy": -1.0, "best_epoch": 0, "stale": 0, "history": [],
+                 "done": False}
         best_path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
         resumed = self._resume(model, optimizer, scheduler, precision, state)
+        self.first_batch_loss_, self._record_first = None, resumed == 0  # the loss LP-FT starts from, before any step
 
         while not state["done"] and not self._out_of_time(state):
             epoch = state["epoch"] + 1
@@ -185,14 +268,23 @@ class Finetuner:
                 train_loader.sampler.set_epoch(epoch)
             start = time.perf_counter()
             with self._feeding(train_loader):
-                train_loss = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
+                train_loss, train_loss_end = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
             with self._feeding(val_loader):
-                metrics = {"train_loss": train_loss, **evaluate(model, val_loader, criterion, device, precision, self.context)}
+                metrics = {"train_loss": train_loss, "train_loss_end": train_loss_end,
+                           **evaluate(model, val_loader, criterion, device, precision, self.context)}
             seconds = time.perf_counter() - start
             metrics.update({
                 "epoch_seconds": seconds, "images_per_second": len(train_loader.dataset) / seconds,
                 **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
             })
+            problem = self.check.verdict(epoch, metrics) if self.check else None
+            if problem:
+                raise Diverged(problem)
+            if self.allowance:  # the first epoch sets the epochs; later ones only shorten the run if it falls behind
+                recent = [h["epoch_seconds"] for h in state["history"][-2:]] + [seconds]
+                fitted = self._agreed_epochs(self.allowance.epochs(epoch, sum(recent) / len(recent)))
+                state["epochs"] = fitted if epoch == 1 else min(state["epochs"], fitted)
+                schedule.total_steps = state["epochs"] * len(train_loader)
             state["epoch"] = epoch
             state["history"].append(metrics)
             if metrics["val_accuracy"] > state["best_accuracy"]:
@@ -202,7 +294,7 @@ class Finetuner:
                     _save(best_path, {"model": self.best_state_, "epoch": epoch})
             else:
                 state["stale"] += 1
-            state["done"] = epoch >= cfg.epochs or state["stale"] >= cfg.patience
+            state["done"] = epoch >= state["epochs"] or state["stale"] >= cfg.patience
             self._checkpoint(model, optimizer, scheduler, precision, state)
             if self.on_epoch and self.context.is_main:
                 self.on_epoch(epoch, metrics)
@@ -213,8 +305,12 @@ class Finetuner:
         model.load_state_dict(self.best_state_)
         model.eval()
         self.history_, self.best_epoch_, self.best_accuracy_ = state["history"], state["best_epoch"], state["best_accuracy"]
-        self.resumed_from_ = resumed
+        self.resumed_from_, self.epochs_ = resumed, state["epochs"]
         return self
+
+    def _agreed_epochs(self, epochs: int) -> int:
+        """Under DDP, the fewest any rank's clock allows: every rank must run the same epochs."""
+        return self.context.all_min(epochs)
 
     def _feeding(self, loader: DataLoader):
         return self.frozen.feeding(loader) if self.frozen else nullcontext()
@@ -227,22 +323,30 @@ class Finetuner:
         late = time.monotonic() + state["history"][-1]["epoch_seconds"] > self.deadline
         return bool(self.context.all_sum([float(late)])[0])
 
-    def _train_epoch(self, model, net, loader, optimizer, scheduler, criterion, precision) -> float:
-        """One pass over ``loader``; ``net`` is ``model`` itself, or its DDP wrapper."""
+    def _train_epoch(self, model, net, loader, optimizer, scheduler, criterion, precision) -> tuple[float, float]:
+        """One pass over ``loader``: the mean train loss, and its mean over the epoch's second half
+        (where the epoch ends, past the warmup's first steps); ``net`` is ``model`` or its DDP wrapper."""
         train_mode(model, self.config.freeze_bn_stats)
-        total, n = 0.0, 0
-        for images, labels in loader:
+        total, n, late, n_late = 0.0, 0, 0.0, 0
+        for step, (images, labels) in enumerate(loader):
             raise_if_stopped()
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
             loss = self._accumulate(net, images, labels, criterion, precision, optimizer)
+            if self._record_first:
+                self.first_batch_loss_, self._record_first = loss, False
+            # every later step would only spread the NaN; under DDP the epoch's summed loss says it on every rank
+            if self.check and not self.context.enabled and not math.isfinite(loss):
+                raise Diverged(f"the train loss is {loss} at step {n // max(len(labels), 1) + 1}")
             precision.scaler.step(optimizer)
             precision.scaler.update()
             scheduler.step()
             total += loss * len(labels)
             n += len(labels)
-        total, n = self.context.all_sum([total, n])
-        return total / max(n, 1)
+            if step >= len(loader) // 2:
+                late, n_late = late + loss * len(labels), n_late + len(labels)
+        total, n, late, n_late = self.context.all_sum([total, n, late, n_late])
+        return total / max(n, 1), late / max(n_late, 1)
 
     def _accumulate(self, net, images, labels, criterion, precision, optimizer) -> float:
         """Gradients of one batch, in micro-batches of ``micro_batch``. A CUDA out-of-memory halves

@@ -3,17 +3,25 @@
 A few real training steps (forward, backward, AdamW) on a copy of the model, frozen as the
 strategy freezes it, at the planned resolution; the median of ``reps`` timings, so one slow
 repetition (another job on a busy machine) does not flip the plan. The inputs are random: the
-cost of a step does not depend on the pixels.
+cost of a step does not depend on the pixels. Beside it, the loaders' own work per image
+(``loader_seconds``): the augmentation of real images of the data at that resolution, timed in
+this process, then spread over the loader's workers. On a CPU it shares the cores with the
+training steps and adds to them; on a GPU the workers feed it in parallel.
 """
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 
 import torch
 from torch import nn
 
+from tlpipe.config import AugmentConfig
+from tlpipe.data import Sample, eval_array_transform, train_transform
+from tlpipe.data.cache import decode_square
+from tlpipe.data.loader import decode_size
 from tlpipe.training.finetune import Precision, freeze_stages
 
 
@@ -63,3 +71,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def loader_seconds(samples: list[Sample], data_config: dict, augment: AugmentConfig, device: torch.device,
+                   workers: int, images: int = 32) -> dict[str, float]:
+    """Wall seconds per image the train and val loaders add to a step at ``data_config``'s size:
+    their transforms (train: the recipe's augmentation; val: crop and normalize) timed on ``images``
+    of ``samples`` decoded as the cache holds them (decoding itself happens once, not per epoch),
+    divided by the workers that run them at once (on a CPU, no more than its cores)."""
+    picked = samples[:: max(1, len(samples) // images)][:images]
+    size, crop = decode_size(data_config), max(data_config["input_size"][1:])
+    arrays = [decode_square(sample.path, size, crop) for sample in picked]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    parallel = max(1, workers if device.type != "cpu" else min(workers, cores))
+
+    def per_image(transform) -> float:
+        start = time.perf_counter()
+        for array in arrays:
+            transform(image=array)
+        return (time.perf_counter() - start) / max(len(arrays), 1) / parallel
+
+    return {"loader_train_seconds_per_image": per_image(train_transform(data_config, augment)),
+            "loader_eval_seconds_per_image": per_image(eval_array_transform(data_config)),
+            "loader_overlaps": device.type != "cpu", "loader_workers": workers}

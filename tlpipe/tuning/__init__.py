@@ -38,7 +38,9 @@ holds it to its count, creating or joining it, the names of what tlpipe records 
 (summary, plots, logging on the fit's run), ``study`` (queuing and running trials, their nested MLflow
 runs, ``tune``) and ``objectives`` (linear and fine-tuning trials). This package re-exports them all.
 """
-from tlpipe.tuning.objectives import FinetuneObjective, LinearObjective, finetune_objective, linear_objective
+from tlpipe.tuning.objectives import (
+    FinetuneObjective, LinearObjective, finetune_objective, linear_objective, trial_allowance,
+)
 from tlpipe.tuning.results import log_study, study_summary
 from tlpipe.tuning.space import (
     DEFAULT_TRIALS, best_config, default_params, params_config, requested_trials, suggest_config,
@@ -57,5 +59,5 @@ __all__ = [
     "best_config", "default_params", "default_study_name", "finetune_objective", "join_study",
     "linear_objective", "log_study", "make_pruner", "open_study", "params_config", "prepare_study",
     "queue_trials", "requested_trials", "run_study", "storage_url", "study_summary", "suggest_config",
-    "trial_dir", "tune",
+    "trial_allowance", "trial_dir", "tune",
 ]

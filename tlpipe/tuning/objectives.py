@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from tlpipe.config import FitConfig
-from tlpipe.tuning.storage import trial_dir
+from tlpipe.tuning.storage import PRUNED_REASON, trial_dir
 from tlpipe.tuning.study import EpochReporter, _free_cuda
 
 
@@ -45,7 +47,9 @@ class FinetuneObjective:
     in ``<output>/trials/<n>`` (its checkpoints, so trials never resume each other), reporting each
     epoch to the pruner. Its value is the best epoch's val accuracy (on the whole val split). ``codes``: the pretrained
     backbone's train/val codes (the LP-FT probe), shared by every trial. ``deadline``
-    (``time.monotonic()``): a trial that would overrun it stops at an epoch boundary, its best epoch kept."""
+    (``time.monotonic()``): a trial that would overrun it stops at an epoch boundary, its best epoch
+    kept; before it, each trial fits its epochs to its share of the time (``trial_allowance``). A
+    trial that did not learn is pruned, the reason in its ``pruned_reason``."""
 
     def __init__(self, backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None):
         self.backbone, self.spec, self.output_dir, self.codes = backbone, spec, Path(output_dir), codes
@@ -53,7 +57,7 @@ class FinetuneObjective:
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
         from tlpipe.cache import cache_root
-        from tlpipe.training.strategies import fit_finetune
+        from tlpipe.training.strategies import DidNotLearn, fit_finetune
 
         # every trial reads the one decoded-image cache of the study's folder, not one of its own
         config = config.model_copy(update={"cache_dir": str(cache_root(config.cache_dir, self.output_dir).resolve())})
@@ -61,11 +65,34 @@ class FinetuneObjective:
                                        data_config=copy.deepcopy(self.backbone.data_config))
         try:
             trained = fit_finetune(backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes,
-                                   on_epoch=on_epoch, deadline=self.deadline)
+                                   on_epoch=on_epoch, deadline=self.deadline,
+                                   allowance=trial_allowance(trial.study, self.deadline, config.finetune.epochs))
             return trained.details["val_accuracy"]  # the best epoch's, on the whole val split
+        except DidNotLearn as failed:
+            trial.set_user_attr(PRUNED_REASON, str(failed))
+            raise optuna.TrialPruned(str(failed)) from None
         finally:
             del backbone
             _free_cuda()
+
+
+LAST_TRIAL_STRETCH = 2.0  # the study's last trial may run up to this many times the planned epochs
+
+
+def trial_allowance(study: optuna.Study | None, deadline: float | None, epochs: int):
+    """A trial's share of the time to ``deadline``: equal with the trials still queued after it, so
+    one that ends early (pruned, stopped early) leaves its time to the next; the last takes all
+    that is left, in up to ``LAST_TRIAL_STRETCH`` times the planned epochs (the cosine spans them).
+    None without a deadline."""
+    from tlpipe.strategy.plan import MIN_EPOCHS
+    from tlpipe.training.finetune import EpochAllowance
+
+    if deadline is None:
+        return None
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) if study is not None else 0
+    now = time.monotonic()
+    most = epochs if waiting else max(epochs, round(epochs * LAST_TRIAL_STRETCH))
+    return EpochAllowance(now + (deadline - now) / (waiting + 1), most, least=min(MIN_EPOCHS, epochs))
 
 
 def linear_objective(codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: dict[str, Any] | None = None) -> LinearObjective:

@@ -179,7 +179,7 @@ def prepare_study(study: optuna.Study, config: FitConfig, *, trials: int | None 
 def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, trials: int | None = None,
               timeout: float | None = None, parent: FitRun | None = None, worker: bool = False,
               requeue_running: bool = False, defaults: dict[str, Any] | None = None,
-              trial_seconds: float | None = None) -> optuna.Study:
+              trial_seconds: float | None = None, least_epochs: int | None = None) -> optuna.Study:
     """Run the study's queued trials through ``objective(trial, trial_config, on_epoch)``, which
     returns the trial's val accuracy (a fine-tuning objective passes ``on_epoch`` to ``fit_finetune``).
 
@@ -188,7 +188,8 @@ def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, t
     died). A worker runs queued trials until none is left, nesting its MLflow runs under the lead's
     unless given ``parent``. ``timeout`` (seconds; default the recipe's) stops starting trials: those
     still queued wait for the next run; with ``trial_seconds`` (a trial's estimated cost), no trial
-    starts that would not end within the timeout (the longest trial run here counts, once longer)."""
+    starts that would not end within the timeout (the longest trial run here counts, once longer; with
+    ``least_epochs``, a fine-tuning trial's shortest run: that many epochs at its pace)."""
     if worker:
         parent = parent or _lead_run(study)
     else:
@@ -197,7 +198,7 @@ def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, t
     timeout = timeout if timeout is not None else config.tuning.timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     function = _trial_function(study, objective, config, parent)
-    room = _TrialRoom(deadline, trial_seconds)
+    room = _TrialRoom(deadline, trial_seconds, least_epochs)
     total, finished = len(study.get_trials(deepcopy=False)), _count(study, *_FINISHED)
     with _quiet(), progress_bar(f"Tuning ({config.strategy}): trials", total, finished) as advance:
         while room.fits():
@@ -217,18 +218,24 @@ def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, t
 
 
 class _TrialRoom:
-    """Whether another trial fits before ``deadline``: at least ``trial_seconds`` left, or as long as
-    the longest trial that ran here, once one has; as an Optuna callback, it stops the study when not."""
+    """Whether another trial fits before ``deadline``: at least ``trial_seconds`` left (the shortest
+    trial worth starting: a fine-tuning trial fits its epochs to the time it has), or, once a trial
+    ran here, the longest one's pace over ``least_epochs`` epochs; as an Optuna callback, it stops the
+    study when not."""
 
-    def __init__(self, deadline: float | None, trial_seconds: float | None):
-        self.deadline, self.cost = deadline, trial_seconds or 0.0
+    def __init__(self, deadline: float | None, trial_seconds: float | None, least_epochs: int | None = None):
+        self.deadline, self.cost, self.least_epochs = deadline, trial_seconds or 0.0, least_epochs
 
     def fits(self) -> bool:
         return self.deadline is None or self.deadline - time.monotonic() >= max(self.cost, 1e-3)
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.datetime_start and trial.datetime_complete and trial.state == TrialState.COMPLETE:
-            self.cost = max(self.cost, (trial.datetime_complete - trial.datetime_start).total_seconds())
+            seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+            epochs = len(trial.intermediate_values)
+            if self.least_epochs and epochs > self.least_epochs:
+                seconds *= self.least_epochs / epochs
+            self.cost = max(self.cost, seconds)
         if not self.fits():
             study.stop()
 
@@ -245,16 +252,18 @@ class Tuned:
 
 def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: FitRun | None = None,
          trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-         study_name: str | None = None, trial_seconds: float | None = None) -> Tuned:
+         study_name: str | None = None, trial_seconds: float | None = None, least_epochs: int | None = None) -> Tuned:
     """Open (or continue) the fit's study, run it, log it, and return the best config.
     ``trials``/``timeout``/``storage``/``study_name`` override the recipe's ``tuning`` values;
-    ``trial_seconds``: a trial's estimated cost, so none starts that the timeout would cut."""
+    ``trial_seconds``: the shortest trial's estimated cost, so none starts that the timeout would cut
+    (``least_epochs``: the epochs of a fine-tuning trial's shortest run)."""
     if requested_trials(config, trials) == 0:
         return Tuned(config, summary={"trials": 0})
     url = storage_url(output_dir, storage or config.tuning.storage)
     study = open_study(config, output_dir, storage=url, study_name=study_name)
     before = _count(study, *_FINISHED)  # trials an earlier run of this study finished: it continues
     run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent, trial_seconds=trial_seconds,
+              least_epochs=least_epochs,
               requeue_running=url.startswith("sqlite:"))  # SQLite is one process's (pitfall: "database is locked")
     summary = {**log_study(study, parent, output_dir), "finished_before": before}
     best = best_config(study, config)
