@@ -174,6 +174,8 @@ def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
     plan = json.loads((out / "plan.json").read_text())["plan"]
     assert plan["epochs"] * plan["trials"] < 40 * 3 and not plan["deserved"]["fits"]
     assert summary["plan"] == plan
+    pace = summary["budget"]["epoch_seconds"]  # the plan's seconds per epoch beside the ones measured
+    assert pace["planned"] == plan["seconds"]["epoch"] and pace["measured"] > 0
 
 
 def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_that_says_so(tmp_path):
@@ -300,3 +302,18 @@ def test_dataloader_workers_live_through_a_sigterm_sent_to_the_whole_process_gro
         os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert sum(len(labels) for _, labels in batches) == len(samples) - 8
+
+
+def test_a_fit_that_ends_well_before_its_limit_says_why():
+    from tlpipe.budget import Budget
+    from tlpipe.strategy.plan import Plan, budget_use
+
+    early = Budget(600.0, started=time.monotonic() - 120)
+    finetune = Plan("full", 128, (128,), epochs=8, trials=2, seconds={"epoch": 20.0})
+    pace = {"epoch_seconds": 30.0, "epochs_run": 5, "epochs_fitted": 8, "stopped_early": True}
+    assert budget_use(Budget(600.0, started=time.monotonic() - 580), finetune, pace, {}) == {
+        "epoch_seconds": {"planned": 20.0, "measured": 30.0}}  # 97 % used: nothing to explain
+    assert "1 planned trial(s) did not fit the time left: a trial needs at least 3 epochs, about 1m30s" in \
+        budget_use(early, finetune, pace, {"waiting": 1})["stopped_early"]
+    assert "the best stopped early at epoch 5 of 8" in budget_use(early, finetune, pace, {})["stopped_early"]
+    assert budget_use(early, Plan("linear"), {}, {})["stopped_early"].startswith("the model is a linear classifier")

@@ -205,6 +205,12 @@ def print_finetune(head: dict) -> None:
     console.print(f"Fine-tuned {head['params_trainable']:,} parameters{frozen}; {head['epochs_run']} epochs{resumed}, "
                   f"best at epoch {head['best_epoch']}; the linear probe it started from: "
                   f"val accuracy {head['linear_probe_val_accuracy']:.3f}")
+    if head.get("start_loss") is not None and head.get("first_epoch_loss") is not None:
+        console.print(f"Train loss at {head['image_size']} px: {head['start_loss']:.3f} for the probe it started from, "
+                      f"{head['first_epoch_loss']:.3f} over the first epoch")
+    for restart in head.get("restarts") or []:
+        console.print(f"[yellow]Restarted[/] at a tenth of the learning rates: at head LR {restart['lr']:.2g}, "
+                      f"{escape(restart['reason'])}")
     if head.get("world_size", 1) > 1:
         console.print(f"Distributed: {head['world_size']} processes (DDP), batch {head['batch_size']} each")
     if head["class_weights"]:

@@ -87,26 +87,23 @@ def trained_batchnorms(model: nn.Module, freeze_bn_stats: bool) -> list[nn.Modul
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, layers: list[nn.Module], batches, device: torch.device) -> int:
+def adapt_batchnorm(model: nn.Module, layers: list[nn.Module], batches, device: torch.device) -> None:
     """AdaBN (Li et al. 2016): ``layers``' running statistics re-estimated on ``batches`` of the
     training images (a cumulative average, the rest of the network in eval mode). Training in
     ``train_mode`` normalizes with batch statistics: re-estimated, the eval-mode codes an LP-FT
     probe is fitted on are what the first training steps see, not the ImageNet statistics' view of
-    far data. Returns the images seen."""
+    far data."""
     momenta = [layer.momentum for layer in layers]
     model.eval()
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None
         layer.train()
-    seen = 0
     for images, _ in batches:
         model(images.to(device, memory_format=torch.channels_last))
-        seen += len(images)
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
     model.eval()
-    return seen
 
 
 def param_groups(model: nn.Module, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
@@ -282,7 +279,7 @@ class Finetuner:
                 raise Diverged(problem)
             if self.allowance:  # the first epoch sets the epochs; later ones only shorten the run if it falls behind
                 recent = [h["epoch_seconds"] for h in state["history"][-2:]] + [seconds]
-                fitted = self._agreed_epochs(self.allowance.epochs(epoch, sum(recent) / len(recent)))
+                fitted = self.context.all_min(self.allowance.epochs(epoch, sum(recent) / len(recent)))  # ranks agree
                 state["epochs"] = fitted if epoch == 1 else min(state["epochs"], fitted)
                 schedule.total_steps = state["epochs"] * len(train_loader)
             state["epoch"] = epoch
@@ -308,10 +305,6 @@ class Finetuner:
         self.resumed_from_, self.epochs_ = resumed, state["epochs"]
         return self
 
-    def _agreed_epochs(self, epochs: int) -> int:
-        """Under DDP, the fewest any rank's clock allows: every rank must run the same epochs."""
-        return self.context.all_min(epochs)
-
     def _feeding(self, loader: DataLoader):
         return self.frozen.feeding(loader) if self.frozen else nullcontext()
 
@@ -335,9 +328,10 @@ class Finetuner:
             loss = self._accumulate(net, images, labels, criterion, precision, optimizer)
             if self._record_first:
                 self.first_batch_loss_, self._record_first = loss, False
-            # every later step would only spread the NaN; under DDP the epoch's summed loss says it on every rank
-            if self.check and not self.context.enabled and not math.isfinite(loss):
-                raise Diverged(f"the train loss is {loss} at step {n // max(len(labels), 1) + 1}")
+            # Every later step would only spread it. Under DDP the epoch's summed loss says it on every rank;
+            # with fp16's gradient scaler, a step whose values overflow is skipped by design.
+            if self.check and not self.context.enabled and not precision.scaler.is_enabled() and not math.isfinite(loss):
+                raise Diverged(f"the train loss is {loss} at step {step + 1}")
             precision.scaler.step(optimizer)
             precision.scaler.update()
             scheduler.step()
