@@ -53,9 +53,13 @@ def test_the_signs_of_a_run_that_has_not_started_learning():
 
 def test_the_first_epoch_fits_the_epochs_to_the_time_left():
     now = time.monotonic()
-    assert EpochAllowance(now + 100, most=16).epochs(1, 10.0) == 10  # 1 done + 9 more fit in ~100 s
-    assert EpochAllowance(now + 1000, most=16).epochs(1, 10.0) == 16  # capped
-    assert EpochAllowance(now + 5, most=16, least=3).epochs(1, 10.0) == 3  # the deadline still cuts it
+    alone = EpochAllowance(now + 100, epochs=8)  # no trial queued after it: all the time, up to 2x the epochs
+    assert alone.fitted(1, 10.0) == 10 and EpochAllowance(now + 1000, epochs=8).fitted(1, 10.0) == 16
+    assert EpochAllowance(now + 5, epochs=8, least=3).fitted(1, 10.0) == 3  # the deadline still cuts it
+    # A queued trial that still fits whole after this one's 8 epochs: 8 here, the rest left to it.
+    assert EpochAllowance(now + 250, epochs=8, queued=1).fitted(1, 10.0) == 8
+    # One that no longer fits whole at the measured pace: this trial takes the time, the other waits.
+    assert EpochAllowance(now + 150, epochs=8, queued=1).fitted(1, 10.0) == 15
 
 
 def test_a_run_that_does_not_learn_is_restarted_once_lower_from_the_same_start_then_given_up(tmp_path):

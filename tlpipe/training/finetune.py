@@ -166,17 +166,27 @@ class LearningCheck:
 
 @dataclass(frozen=True)
 class EpochAllowance:
-    """Until when (``time.monotonic()``) a run should train, in at most ``most`` epochs: after the
-    first epoch, the epochs become what the time left holds at that epoch's pace (at least
-    ``least``); after each later one, fewer if the pace (the last three epochs) has slowed."""
+    """How long a run may train: until ``deadline`` (``time.monotonic()``), less what the ``queued``
+    runs after it need for their planned ``epochs`` at this run's pace. After its first epoch the
+    run takes its planned epochs while the queued ones still fit whole after it, else all the time
+    (up to ``stretch`` times its epochs): the planned epochs of the run that started first pay more
+    than a queued run cut to a few (those wait for a re-run). Never fewer than ``least``."""
 
-    until: float
-    most: int
+    deadline: float
+    epochs: int
+    queued: int = 0
+    stretch: float = 2.0
     least: int = 1
 
-    def epochs(self, done: int, epoch_seconds: float) -> int:
-        fit = done + int(max(self.until - time.monotonic(), 0) // max(epoch_seconds, 1e-6))
-        return max(min(fit, self.most), self.least, done)
+    def fitted(self, done: int, pace: float) -> int:
+        """The run's epochs, ``done`` of them run at ``pace`` seconds each."""
+        left, pace = max(self.deadline - time.monotonic(), 0.0), max(pace, 1e-6)
+        whole = pace * self.epochs  # a queued run, planned epochs at this pace
+        after = int(max(left - max(self.epochs - done, 0) * pace, 0.0) // whole)
+        kept = min(self.queued, after)  # queued runs that still fit whole after this one
+        most = self.epochs if kept else max(self.epochs, round(self.epochs * self.stretch))
+        fit = done + int(max(left - kept * whole, 0.0) // pace)
+        return max(min(fit, most), self.least, done)
 
 
 @dataclass
@@ -279,7 +289,7 @@ class Finetuner:
                 raise Diverged(problem)
             if self.allowance:  # the first epoch sets the epochs; later ones only shorten the run if it falls behind
                 recent = [h["epoch_seconds"] for h in state["history"][-2:]] + [seconds]
-                fitted = self.context.all_min(self.allowance.epochs(epoch, sum(recent) / len(recent)))  # ranks agree
+                fitted = self.context.all_min(self.allowance.fitted(epoch, sum(recent) / len(recent)))  # ranks agree
                 state["epochs"] = fitted if epoch == 1 else min(state["epochs"], fitted)
                 schedule.total_steps = state["epochs"] * len(train_loader)
             state["epoch"] = epoch

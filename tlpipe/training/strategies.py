@@ -140,23 +140,28 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
             _stop_workers(*loaders[:2])
     classifier = model.get_classifier()
     head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
+    reused = [name for name, used, built in (("train", train_loader, loaders[0]), ("val", val_loader, loaders[1]))
+              if used is not built]  # the splits whose frozen-stage outputs were computed once
     details = {
         "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
         "start_loss": start_loss(probe.head_, start_codes["train"], weights, ft.label_smoothing),
-        "first_batch_loss": tuner.first_batch_loss_, "restarts": restarts,
-        "first_epoch_loss": tuner.history_[0]["train_loss"] if tuner.history_ else None,
-        "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "epochs_planned": ft.epochs,
-        "epochs_fitted": tuner.epochs_, "resumed_from_epoch": tuner.resumed_from_,
-        "image_size": data_config["input_size"][-1], "cut_by_deadline": tuner.cut_, "val_accuracy": val_accuracy,
-        "epoch_val_images": epoch_val,
-        "frozen_outputs_reused": [name for name, used, built in (("train", train_loader, loaders[0]), ("val", val_loader, loaders[1]))
-                                  if used is not built],  # the splits whose frozen-stage outputs were computed once
-        "unfreeze_stages": unfreeze, "class_weights": None if weights is None else weights.tolist(),
-        "batch_size": batch_size, "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
-        "oom_events": tuner.oom_events_,
-        **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
+        **_run_details(tuner, restarts, ft.epochs), "image_size": data_config["input_size"][-1], "val_accuracy": val_accuracy,
+        "epoch_val_images": epoch_val, "frozen_outputs_reused": reused, "unfreeze_stages": unfreeze,
+        "class_weights": None if weights is None else weights.tolist(), "batch_size": batch_size,
+        "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
     }
     return TrainedHead(head, details, tuner.history_, backbone_trained=True)
+
+
+def _run_details(tuner: Finetuner, restarts: list[dict], epochs_planned: int) -> dict:
+    """What the training run did: where its loss started, its restarts, its epochs and its end."""
+    return {
+        "first_batch_loss": tuner.first_batch_loss_, "restarts": restarts,
+        "first_epoch_loss": tuner.history_[0]["train_loss"] if tuner.history_ else None,
+        "best_epoch": tuner.best_epoch_, "epochs_run": len(tuner.history_), "epochs_planned": epochs_planned,
+        "epochs_fitted": tuner.epochs_, "resumed_from_epoch": tuner.resumed_from_, "cut_by_deadline": tuner.cut_,
+        "oom_events": tuner.oom_events_, **{f"params_{k}": v for k, v in tuner.parameter_counts_.items()},
+    }
 
 
 def starting_probe(backbone: Backbone, spec: DatasetSpec, config: FitConfig, codes: dict, data_config: dict,

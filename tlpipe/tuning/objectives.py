@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,8 @@ class FinetuneObjective:
     epoch to the pruner. Its value is the best epoch's val accuracy (on the whole val split). ``codes``: the pretrained
     backbone's train/val codes (the LP-FT probe), shared by every trial. ``deadline``
     (``time.monotonic()``): a trial that would overrun it stops at an epoch boundary, its best epoch
-    kept; before it, each trial fits its epochs to its share of the time (``trial_allowance``). A
-    trial that did not learn is pruned, the reason in its ``pruned_reason``."""
+    kept; before it, each trial fits its epochs to the time it has (``trial_allowance``). A trial
+    that did not learn is pruned, the reason in its ``pruned_reason``."""
 
     def __init__(self, backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None):
         self.backbone, self.spec, self.output_dir, self.codes = backbone, spec, Path(output_dir), codes
@@ -76,23 +75,16 @@ class FinetuneObjective:
             _free_cuda()
 
 
-LAST_TRIAL_STRETCH = 2.0  # the study's last trial may run up to this many times the planned epochs
-
-
 def trial_allowance(study: optuna.Study | None, deadline: float | None, epochs: int):
-    """A trial's share of the time to ``deadline``: equal with the trials still queued after it, so
-    one that ends early (pruned, stopped early) leaves its time to the next; the last takes all
-    that is left, in up to ``LAST_TRIAL_STRETCH`` times the planned epochs (the cosine spans them).
-    None without a deadline."""
+    """A trial's time: to ``deadline``, less what the trials still queued after it need for their
+    planned ``epochs`` at its pace (``EpochAllowance``); None without a deadline."""
     from tlpipe.strategy.plan import MIN_EPOCHS
     from tlpipe.training.finetune import EpochAllowance
 
     if deadline is None:
         return None
-    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) if study is not None else 0
-    now = time.monotonic()
-    most = epochs if waiting else max(epochs, round(epochs * LAST_TRIAL_STRETCH))
-    return EpochAllowance(now + (deadline - now) / (waiting + 1), most, least=min(MIN_EPOCHS, epochs))
+    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) if study is not None else 0
+    return EpochAllowance(deadline, epochs, queued, least=min(MIN_EPOCHS, epochs))
 
 
 def linear_objective(codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: dict[str, Any] | None = None) -> LinearObjective:
