@@ -61,7 +61,7 @@ class FinetuneConfig(_Section):
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_epochs: float = Field(default=1.0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    patience: int = Field(default=3, ge=1)  # epochs without a better val accuracy before stopping
+    patience: int = Field(default=3, ge=1)  # epochs without a better val accuracy before stopping (in the schedule's second half)
     unfreeze_stages: int = Field(default=2, ge=0)  # partial: how many of the last stages train
     class_weights: Literal["auto", "on", "off"] = "auto"  # auto: on when largest/smallest class > 3
     # Keep every BatchNorm's running statistics: on hymenoptera, updating them from small augmented
