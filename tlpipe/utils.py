@@ -39,5 +39,9 @@ def default_workers(requested: int | None = None) -> int:
     one per core this process may use, at most 4 (more only add start-up time and memory)."""
     if requested is not None:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, cores)
+    return min(4, cpu_cores())
+
+
+def cpu_cores() -> int:
+    """The cores this process may use (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

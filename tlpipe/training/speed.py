@@ -11,7 +11,6 @@ training steps and adds to them; on a GPU the workers feed it in parallel.
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from tlpipe.data import Sample, eval_array_transform, train_transform
 from tlpipe.data.cache import decode_square
 from tlpipe.data.loader import decode_size
 from tlpipe.training.finetune import Precision, freeze_stages
+from tlpipe.utils import cpu_cores
 
 
 def _timed(step, reps: int) -> float:
@@ -82,8 +82,7 @@ def loader_seconds(samples: list[Sample], data_config: dict, augment: AugmentCon
     picked = samples[:: max(1, len(samples) // images)][:images]
     size, crop = decode_size(data_config), max(data_config["input_size"][1:])
     arrays = [decode_square(sample.path, size, crop) for sample in picked]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    parallel = max(1, workers if device.type != "cpu" else min(workers, cores))
+    parallel = max(1, workers if device.type != "cpu" else min(workers, cpu_cores()))
 
     def per_image(transform) -> float:
         start = time.perf_counter()
