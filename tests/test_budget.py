@@ -53,6 +53,7 @@ def test_the_default_recipe_has_a_budget_and_the_cli_refuses_a_bad_one(tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "time limit 'ten minutes' is not a duration" in lines[0], result.stderr
+    assert lines[0].startswith("error: --time-limit") and "recipe" not in lines[0]  # the flag gave it, not the recipe
 
 
 def _spec(n_train: int, n_val: int) -> DatasetSpec:
@@ -201,6 +202,8 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
     assert _group_ends(process.pid), "DataLoader workers outlived the fit"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "cut" and summary["cut"] == "stopped by SIGTERM"
+    assert summary["strategy"] == "linear" and "before the full fine-tune ended" in summary["strategy_reason"], summary
+    assert summary["strategy_reason"].endswith("the linear classifier saved first stands.")  # not the user's choice
     assert not (out / ".model.staging").exists()
     predicted = subprocess.run([sys.executable, "-m", "tlpipe", "predict", str(out / "model"), str(data / "red" / "0.jpg"),
                                 "--format", "json"], capture_output=True, text=True, timeout=300, check=True)
@@ -209,14 +212,15 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
     assert run.info.status == "KILLED" and run.data.tags["tlpipe_status"] == "cut"
-    assert run.data.tags["tlpipe_stage"] in ("train", "tune", "plan", "between stages")  # where the signal found it
+    assert run.data.tags["tlpipe_stage"] in ("train", "tune")  # where the signal found it: inside the fine-tune
 
     plan = (out / "plan.json").read_text() if (out / "plan.json").exists() else None
     subprocess.run(_fit(data, out, recipe, "--time-limit", "none"), check=True, capture_output=True, timeout=600)
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["status"] == "complete" and resumed["plan"]["trials"] == 2
     assert resumed["run_id"] == summary["run_id"]  # the killed run continued, FINISHED now
-    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"]).info.status == "FINISHED"
+    finished = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
+    assert finished.info.status == "FINISHED" and not {"tlpipe_stage", "tlpipe_cut"} & finished.data.tags.keys()
     assert plan is None or (out / "plan.json").read_text() == plan  # the re-run continued the saved plan
 
 

@@ -51,6 +51,7 @@ def test_a_killed_fine_tune_resumes_to_the_same_weights_as_an_unbroken_run(tmp_p
     process.wait()
     provisional = json.loads((killed / "summary.json").read_text())  # anytime: the linear model came first
     assert provisional["status"] == "provisional" and provisional["strategy"] == "linear"
+    assert "Saved first, while the full fine-tune runs" in provisional["strategy_reason"]  # never "asked for"
 
     subprocess.run(fit_command(data, killed, recipe), check=True, env=env, capture_output=True, timeout=600)
     summary = json.loads((killed / "summary.json").read_text())

@@ -3,9 +3,10 @@
 ``<output>/model/`` holds ``bundle.json`` (backbone name, weight source and checksum, code tap,
 preprocessing, classes, head kind, resolved config, metrics, tlpipe version) and
 ``head.safetensors``. Backbone weights are referenced by source and checksum when they are the
-pretrained ones, and embedded as ``backbone.safetensors`` otherwise. Loading rebuilds the backbone
-and refuses weights whose checksum differs from the one the head was trained on, and a head file
-whose sha256 differs from the one recorded.
+pretrained ones, and embedded as ``backbone.safetensors`` otherwise (a ``--weights`` file too: a
+bundle never points outside itself). Loading rebuilds the backbone and refuses weights whose
+checksum differs from the one the head was trained on, and a head file whose sha256 differs from
+the one recorded.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from safetensors import safe_open
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
 from tlpipe import __version__
@@ -26,15 +28,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tlpipe.data import Sample, check_image, eval_loader, eval_transform
-from tlpipe.data.scan import SPLIT_ALIASES, image_files
+from tlpipe.data.scan import WHOLE_FOLDER, image_files
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
+from tlpipe.paths import BUNDLE_MANIFEST
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
 from tlpipe.training import PROBABILITY_NOTES, LinearHead
 from tlpipe.utils import atomic_write, read_json, write_json
 
 BUNDLE_FORMAT = 2
-MANIFEST, HEAD_FILE, BACKBONE_FILE = "bundle.json", "head.safetensors", "backbone.safetensors"
+MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, "head.safetensors", "backbone.safetensors"
+EVALUATION_PLOTS = ("reliability.png", "confusion_matrix.png")  # what evaluate --plots writes
 
 
 def save_bundle(
@@ -42,9 +46,13 @@ def save_bundle(
     config: dict, metrics: dict, trained: bool = False, hflip: bool = False,
 ) -> Path:
     """Write the bundle to ``path`` (a folder); each file lands atomically. The backbone's weights
-    are embedded when no source can give them back: ``trained`` (fine-tuned) or random init."""
+    are embedded when no source can give them back: ``trained`` (fine-tuned) or random init, and
+    when they came from the user's file (which may move, or be edited), converted to safetensors."""
     path.mkdir(parents=True, exist_ok=True)
-    embed = trained or backbone.weights.kind == "none"
+    weights = backbone.weights.to_dict()
+    embed = trained or weights["kind"] in ("none", "file")
+    if weights["kind"] == "file":  # the copy in the bundle is the source: no path of the user's machine
+        weights["location"] = BACKBONE_FILE
     if embed:
         _write_backbone(path, backbone.model)
     head_bytes = safetensors_bytes(head.tensors())
@@ -52,7 +60,7 @@ def save_bundle(
     write_json(path / MANIFEST, {
         "format": BUNDLE_FORMAT,
         "tlpipe_version": __version__,
-        "backbone": {"name": backbone.name, "arch": backbone.arch, "weights": backbone.weights.to_dict(),
+        "backbone": {"name": backbone.name, "arch": backbone.arch, "weights": weights,
                      "embedded": embed, "sha256": state_dict_sha256(backbone.model)},
         "codes": {"layer": layer, "relu": layer_relu, "hflip": hflip},
         "data_config": backbone.data_config,
@@ -193,46 +201,47 @@ class Bundle:
         ]
 
 
-WHOLE_FOLDER = "all images"  # the split evaluate reports for a flat folder (no train/ val/ test/)
-
-
-def _is_flat(root: Path) -> bool:
-    """Class folders right under ``root``: ``scan_folder`` files them all as "train", but none of
-    them was necessarily trained on, so the report must not call them that."""
-    return not any(d.is_dir() and d.name.lower() in SPLIT_ALIASES for d in root.iterdir())
-
-
 def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None, batch_size: int = 64,
                     workers: int | None = None, plots: Path | None = None) -> dict:
-    """Metrics of ``bundle`` on one split of a dataset folder: by default test/, else val/, else
-    the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched by name, so
-    the folder may hold a subset of the bundle's classes; an unknown class is an error."""
+    """Metrics of ``bundle`` on one split of a labelled folder: by default test/, else val/, else
+    train/, else the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched
+    by name, so the split may hold any subset of the bundle's classes, even one; an unknown class
+    is an error, since the bundle could never predict it."""
     from tlpipe.data import prepare_dataset
     from tlpipe.metrics import evaluation_metrics
 
-    spec = prepare_dataset(data, hold_out=False)
-    if _is_flat(spec.root):
-        if split is not None:
-            raise TlpipeError(f"{spec.root} has no train/ val/ test/ folders: drop --split to score all of its images")
-        spec.splits = {WHOLE_FOLDER: spec.splits["train"]}
-    split = split or next(s for s in ("test", "val", "train", WHOLE_FOLDER) if s in spec.splits)
-    if split not in spec.splits:
-        raise TlpipeError(f"{spec.root} has no {split}/ split (found: {', '.join(spec.splits)}): use --split")
-    unknown = sorted(set(spec.classes) - set(bundle.classes))
+    spec = prepare_dataset(data, evaluation=True)
+    if WHOLE_FOLDER in spec.splits and split is not None:
+        raise TlpipeError(f"{spec.root} has no train/ val/ test/ folders: drop --split to score all of its images")
+    split = split or next((s for s in ("test", "val", "train", WHOLE_FOLDER) if spec.splits.get(s)), None)
+    if split is not None and split not in spec.splits:
+        raise TlpipeError(f"{spec.root} has no {split}/ split with images (found: {', '.join(spec.splits)}): use --split")
+    samples = spec.splits.get(split, [])
+    if not samples:  # every image file there failed the check
+        where = f"{split}/ of {spec.root}" if split not in (None, WHOLE_FOLDER) else str(spec.root)
+        raise TlpipeError(f"no image to score in {where}: every image file there failed the check (unreadable, "
+                          "or not an image); add images that open")
+    unknown = sorted({spec.classes[s.label] for s in samples} - set(bundle.classes))
     if unknown:
-        raise TlpipeError(f"{spec.root} has class folder(s) {', '.join(unknown)} that the bundle does not know")
-    samples = spec.splits[split]
-    to_bundle = [bundle.classes.index(name) for name in spec.classes]
-    y_true = np.array([to_bundle[s.label] for s in samples])
+        raise TlpipeError(f"{spec.root} has class folder(s) {_listed(unknown)} that the bundle does not know; "
+                          f"it knows: {_listed(bundle.classes)}")
+    to_bundle = {name: i for i, name in enumerate(bundle.classes)}
+    y_true = np.array([to_bundle[spec.classes[s.label]] for s in samples])
     probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
     metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
     if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
         from tlpipe.metrics import save_confusion_matrix, save_reliability_diagram
 
-        save_reliability_diagram(probabilities, y_true, Path(plots) / "reliability.png", title=f"Reliability ({split})")
-        save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / "confusion_matrix.png",
+        save_reliability_diagram(probabilities, y_true, Path(plots) / EVALUATION_PLOTS[0], title=f"Reliability ({split})")
+        save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / EVALUATION_PLOTS[1],
                               normalize=True, title=f"Confusion matrix ({split}, rows sum to 1)")
     return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
+
+
+def _listed(names: Sequence[str], cap: int = 12) -> str:
+    """Names for one line of an error: the first ``cap``, then how many more."""
+    more = f" and {len(names) - cap} more" if len(names) > cap else ""
+    return ", ".join(names[:cap]) + more
 
 
 def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
@@ -300,9 +309,8 @@ def _read_manifest(path: Path) -> dict:
 
 def _load_backbone(path: Path, spec: dict) -> Backbone:
     """The backbone the head was trained on, checked against the checksum the bundle records."""
-    weights = path / BACKBONE_FILE if spec["embedded"] else (
-        path / Path(spec["weights"]["location"]).expanduser() if spec["weights"]["kind"] == "file" else "auto"
-    )  # a relative location is the bundle's own (path / an absolute path is that path)
+    weights = _embedded_weights(path) if spec["embedded"] else (
+        _inside(path, spec["weights"]["location"]) if spec["weights"]["kind"] == "file" else "auto")
     backbone = create_backbone(spec["name"], weights=weights)
     expected, found = spec["sha256"], backbone.weights.sha256
     if found != expected and spec["embedded"]:
@@ -314,6 +322,30 @@ def _load_backbone(path: Path, spec: dict) -> Backbone:
             f"now ({backbone.weights.kind}: {backbone.weights.location}) have {found[:12]}…: install the same weights or refit"
         )
     return backbone
+
+
+def _embedded_weights(path: Path) -> Path:
+    """``backbone.safetensors``, its header and length checked before the model is built from it,
+    so that a missing or damaged copy is named as the bundle's own file."""
+    file = path / BACKBONE_FILE
+    try:
+        with safe_open(str(file), "pt"):
+            pass
+    except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: the same damaged bundle
+        what = "is damaged (not a readable safetensors file)" if file.is_file() else "is missing"
+        raise TlpipeError(f"{file} {what}: the bundle's backbone weights cannot be loaded; copy the whole "
+                          "bundle folder again, or refit") from None
+    return file
+
+
+def _inside(path: Path, location: str) -> Path:
+    """The weights file ``location`` names, only inside the bundle folder: a bundle carries its
+    weights, and a crafted bundle.json must not make tlpipe read a file anywhere else."""
+    file = path / location
+    if Path(location).is_absolute() or not file.resolve().is_relative_to(path.resolve()):
+        raise TlpipeError(f"{path / MANIFEST} names backbone weights outside the bundle folder ({location!r}): a bundle "
+                          "must carry its weights; refit with this tlpipe, which copies them in")
+    return file
 
 
 def _read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+import typer.core
 
 from tlpipe.config import StrategyName, available_recipes
 from tlpipe.errors import TlpipeError
@@ -28,6 +29,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+class UnixUsage(typer.core.TyperCommand):
+    """Usage lines as Unix tools write them (``tlpipe predict [OPTIONS] BUNDLE PATHS...``): Typer
+    0.29 writes a required argument as ``{bundle}``, which reads as a literal to type."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if isinstance(p, typer.core.TyperArgument)]
+        shown = [(a.metavar or a.name.upper()) + ("..." if a.nargs != 1 else "") for a in arguments]
+        shown = [name if a.required else f"[{name}]" for a, name in zip(arguments, shown)]
+        return [self.options_metavar, *shown] if self.options_metavar else shown
 
 
 @app.callback()
@@ -46,11 +58,19 @@ def _library_logs(
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a ``TlpipeError`` into one line on stderr and exit code 2."""
+    """Turn a ``TlpipeError``, or a path the file system refuses as too long, into one line on
+    stderr and exit code 2."""
+    from tlpipe.paths import too_long
+
     try:
         yield
     except TlpipeError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        if too_long(exc) is None:
+            raise
+        typer.echo(f"error: {too_long(exc)}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -78,6 +98,8 @@ def _weights(value: Optional[str]) -> Optional[str]:
     raise typer.BadParameter(f"'{value}' is neither auto, none nor an existing file: use {WEIGHTS_FORMS}")
 
 
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
+Bundle = Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")]
 Recipe = Annotated[str, typer.Option(
     "--recipe", "-r", help=f"Recipe: {', '.join(available_recipes())}, or the path of a YAML file (see recipes/).")]
 Backbone = Annotated[Optional[str], typer.Option(help="Backbone: `tlpipe models` lists offline ones; any timm name.")]
@@ -95,7 +117,7 @@ def _overrides(**flags) -> dict:
     return {k: v for k, v in flags.items() if v is not None}
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def fit(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/).")] = None,
@@ -187,7 +209,7 @@ def _worker(data: Optional[Path], storage: Optional[str], study_name: Optional[s
                f"({counts['complete']} complete, {counts['pruned']} pruned)")
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def inspect(
     data: Annotated[Path, typer.Argument(help="Dataset folder (as for fit).")],
     recipe: Recipe = "default",
@@ -199,15 +221,18 @@ def inspect(
     device: Device = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write everything to this JSON file.")] = None,
     time_limit: TimeLimit = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Profile the data and say which strategy fit would choose, and why, and its plan within
     --time-limit, without training."""
     with user_errors():
         from tlpipe.config import load_config
+        from tlpipe.paths import output_file
         from tlpipe.pipeline import inspect as run_inspect
         from tlpipe.report import print_inspect_report
         from tlpipe.utils import write_json
 
+        json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite)
         config = load_config(recipe, **_overrides(
             backbone=backbone, weights=weights, image_size=image_size, batch_size=batch_size,
             num_workers=workers, device=device, budget=time_limit,
@@ -218,7 +243,7 @@ def inspect(
             write_json(json_out, result)
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def extract(
     data: Annotated[Path, typer.Argument(help="Dataset folder (as for fit).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .parquet.")] = Path("codes.npz"),
@@ -231,6 +256,7 @@ def extract(
     batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Write CNN codes (pooled, ReLU'd pretrained features) of every image for a downstream classifier."""
     with user_errors():
@@ -241,13 +267,13 @@ def extract(
             backbone=backbone, weights=weights, layer=layer, layer_relu=False if no_relu else None,
             image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
         ))
-        path = run_extract(data, out, config, recipe=recipe)
+        path = run_extract(data, out, config, recipe=recipe, overwrite=overwrite)
         typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
+    bundle: Bundle,
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 1,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv or json.")] = OutputFormat.table,
@@ -270,9 +296,9 @@ def predict(
         print_predictions(model.predict(images, top_k, batch_size or 64, workers), format.value)
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def evaluate(
-    bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
+    bundle: Bundle,
     data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
     split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON (for scripts) instead of tables.")] = False,
@@ -281,14 +307,18 @@ def evaluate(
     batch_size: BatchSize = 64,
     workers: Workers = None,
     device: Device = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """Score a saved bundle on labelled images: accuracy with its interval, balanced accuracy, macro-F1,
     top-k, NLL, Brier, calibration error, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
-        from tlpipe.bundle import evaluate_bundle, load_bundle
+        from tlpipe.bundle import EVALUATION_PLOTS, evaluate_bundle, load_bundle
+        from tlpipe.paths import output_file, output_folder
         from tlpipe.report import print_evaluation
         from tlpipe.utils import write_json
 
+        json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite)
+        plots = plots and output_folder(plots, "--plots", EVALUATION_PLOTS, overwrite=overwrite)
         metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers, plots)
         if json_file:
             write_json(json_file, metrics)
@@ -308,14 +338,15 @@ class PixelType(str, Enum):
     float32 = "float32"
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def export(
-    bundle: Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")],
+    bundle: Bundle,
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (ONNX Runtime, opset 18) or torchscript.")] = ExportFormat.onnx,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File to write (default: <output>/export/model.onnx or .pt).")] = None,
     input_type: Annotated[PixelType, typer.Option("--input", help="The graph's input: uint8 pixels 0..255 or float32 0..1, NCHW.")] = PixelType.uint8,
     check: Annotated[Optional[Path], typer.Option(help="Images to prove agreement on (default: up to 256 of the fit's validation images).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write the file even when it disagrees with the bundle.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file (the default file is always replaced).")] = False,
 ) -> None:
     """Export a bundle as one graph from pixels to calibrated probabilities, written only once it
     agrees with the bundle (top-1 on every image, probabilities within 1e-4 at batch 1, 2 and 7)."""
@@ -325,10 +356,10 @@ def export(
         from tlpipe.report import print_export
 
         print_export(export_bundle(load_bundle(bundle, "cpu"), format.value, out, input_type=input_type.value,
-                                   check=check, force=force))
+                                   check=check, force=force, overwrite=overwrite))
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def report(
     output: Annotated[Path, typer.Argument(help="The output folder of a finished tlpipe fit.")],
 ) -> None:
@@ -336,12 +367,10 @@ def report(
     with user_errors():
         from tlpipe.html_report import write_html_report
 
-        if not (output / "summary.json").is_file():
-            raise TlpipeError(f"{output} has no summary.json: give the output folder of a tlpipe fit")
         typer.echo(str(write_html_report(output)))
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def models() -> None:
     """List the backbones usable offline right now, and where their weights come from."""
     with user_errors():
@@ -358,7 +387,7 @@ def models() -> None:
         Console().print(table)
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def ui(
     port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
@@ -366,33 +395,39 @@ def ui(
 ) -> None:
     """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
     with user_errors():
-        from tlpipe.tracking import check_port_free, resolve_tracking_uri, runs_page, serve_ui
+        from tlpipe.tracking import check_port_free, check_store, exposure_warning, resolve_tracking_uri, runs_page, serve_ui
 
+        tracking_uri = check_store(tracking_uri)
         check_port_free(host, port)
+        if warning := exposure_warning(host, "the MLflow UI", "read, change and delete every run in the store"):
+            typer.echo(warning, err=True)
         typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {resolve_tracking_uri(tracking_uri)} "
                    "(Ctrl+C stops it)")
         raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 
-@app.command()
+@app.command(cls=UnixUsage)
 def serve(
     target: Annotated[str, typer.Argument(help="A fit's output folder, or an MLflow model URI (runs:/<id>/model, models:/NAME@champion).")],
     port: Annotated[int, typer.Option(help="Port for the REST endpoint.")] = 5001,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the fit's, else the one tlpipe fit uses).")] = None,
+    max_rows: Annotated[Optional[int], typer.Option(min=1, help="Most images in one request; more is answered 400 (default: TLPIPE_SERVE_MAX_ROWS, else 256).")] = None,
 ) -> None:
-    """Serve a fit's MLflow model over HTTP (mlflow models serve: POST /invocations with base64 images)."""
+    """Serve a fit's MLflow model over HTTP (mlflow models serve: POST /invocations with base64 images),
+    once the model and the tlpipe code stored with it (which the server runs) are checked."""
     with user_errors():
-        from tlpipe.serving import serve_command, served_model
-        from tlpipe.tracking import check_port_free, run_server
+        from tlpipe.serving import MAX_ROWS_ENV, check_served_model, serve_command, served_model
+        from tlpipe.tracking import check_port_free, exposure_warning, run_server
 
         model, store = served_model(target, tracking_uri)
+        check_served_model(model, store)
         check_port_free(host, port)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            typer.echo(f"warning: serving on {host}: anyone who reaches this machine can query the model "
-                       "(mlflow models serve has no authentication)", err=True)
+        if warning := exposure_warning(host, "mlflow models serve", "query the model"):
+            typer.echo(warning, err=True)
         typer.echo(f"Serving {model} ({store}) on http://{host}:{port}/invocations (Ctrl+C stops it)")
-        raise typer.Exit(run_server(serve_command(model, host, port), "mlflow models serve", {"MLFLOW_TRACKING_URI": store}))
+        env = {"MLFLOW_TRACKING_URI": store, **({MAX_ROWS_ENV: str(max_rows)} if max_rows else {})}
+        raise typer.Exit(run_server(serve_command(model, host, port), "mlflow models serve", env))
 
 
 def main() -> None:

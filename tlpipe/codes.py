@@ -20,7 +20,6 @@ import numpy as np
 from tlpipe import __version__
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
-from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, resolve_layer
 from tlpipe.utils import atomic_write
 
@@ -28,8 +27,7 @@ FORMATS = (".npz", ".parquet")
 
 
 def save_codes(out: Path, spec: DatasetSpec, parts: dict[str, tuple[np.ndarray, np.ndarray]], backbone: Backbone, config: FitConfig) -> Path:
-    if out.suffix not in FORMATS:
-        raise TlpipeError(f"cannot write codes to {out}: use a file name ending in {' or '.join(FORMATS)}")
+    """``out`` (checked first with ``tlpipe.paths.output_file(out, "--out", suffixes=FORMATS)``)."""
     splits = [split for split in parts for _ in spec.splits[split]]
     paths = [spec.relative(s.path) for split in parts for s in spec.splits[split]]
     features = np.concatenate([parts[s][0] for s in parts]).astype(np.float32)

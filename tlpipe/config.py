@@ -194,8 +194,24 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _describe(error: dict, source: str) -> str:
+FLAGS = {"budget": "--time-limit", "num_workers": "--workers"}  # the tlpipe flags named otherwise than their keys
+
+
+def _given(loc: tuple, overrides: dict) -> bool:
+    """Whether the value at ``loc`` came from ``overrides`` (a flag), not from the recipe."""
+    for part in loc:
+        if not isinstance(overrides, dict) or overrides.get(part) is None:
+            return False
+        overrides = overrides[part]
+    return True
+
+
+def _describe(error: dict, source: str, overrides: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    if _given(error["loc"], overrides):  # a flag's value: name the flag, not the recipe
+        flag = FLAGS.get(key, "--" + str(error["loc"][-1]).replace("_", "-"))
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{flag}: {message}" if repr(error["input"]) in message else f"{flag} {error['input']!r}: {message}"
     if error["type"] == "extra_forbidden":
         section = FitConfig
         for part in error["loc"][:-1]:
@@ -213,7 +229,7 @@ def load_config(recipe: str | Path = "default", **overrides: Any) -> FitConfig:
     try:
         return FitConfig.model_validate(_merge(values, overrides))
     except ValidationError as exc:
-        raise TlpipeError("; ".join(_describe(e, f"recipe {name}") for e in exc.errors())) from None
+        raise TlpipeError("; ".join(_describe(e, f"recipe {name}", overrides) for e in exc.errors())) from None
 
 
 def config_to_yaml(config: FitConfig) -> str:

@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,13 @@ from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
 from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
-from tlpipe.utils import atomic_write, read_json
+from tlpipe.paths import inside, output_file, sweep_temporaries
+from tlpipe.utils import atomic_write, read_json, temporary_beside
 
 Format = Literal["onnx", "torchscript"]
 InputType = Literal["uint8", "float32"]
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}
 OPSET = 18  # run by ONNX Runtime >= 1.14 and most converters; stated in the sidecar
 INPUT, OUTPUT = "images", "probabilities"
 PARITY_BATCHES = (1, 2, 7)
@@ -123,16 +124,20 @@ class CheckSet:
 
 
 def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None = None, *, input_type: InputType = "uint8",
-                  check: str | Path | None = None, force: bool = False, log: bool = True) -> Exported:
+                  check: str | Path | None = None, force: bool = False, overwrite: bool = False, log: bool = True) -> Exported:
     """Export ``bundle``, check it against the bundle, and move it to ``out`` only when it agrees
     (top-1 on every image, probabilities within ``MAX_DIFFERENCE``) or ``force``. Default ``out``:
-    ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript); ``<out>.json`` beside it; the
-    figures logged to the fit's MLflow run unless ``log`` is False."""
+    ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript), replaced by each export; a file the
+    user names is replaced only with ``overwrite``. ``<out>.json`` beside it; the figures logged to
+    the fit's MLflow run unless ``log`` is False."""
     if fmt not in SUFFIX:
         raise TlpipeError(f"unknown export format '{fmt}': use onnx or torchscript")
+    default = bundle.path.parent / "export" / f"model{SUFFIX[fmt]}"
+    out = output_file(out if out is not None else default, "--out", suffixes=SUFFIXES[fmt], companions=[".json"],
+                      overwrite=overwrite or out is None)
+    sweep_temporaries(out.parent)  # what a killed export left here
     if bundle.device.type != "cpu":  # the reference is the bundle in float32, as the export runs
         bundle = load_bundle(bundle.path, "cpu")
-    out = _output_file(Path(out) if out is not None else bundle.path.parent / "export" / f"model{SUFFIX[fmt]}")
     checks = check_set(bundle, check, input_type)
     meta = {"classes": bundle.classes, "preprocessing": preprocessing(bundle, input_type),
             "tlpipe_version": __version__, "bundle_sha256": bundle.manifest["head"]["sha256"]}
@@ -156,19 +161,6 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
     return Exported(out, sidecar, record, logged)
 
 
-def _output_file(out: Path) -> Path:
-    """``out`` with its folder made, or one line on why it cannot be written there."""
-    if out.is_dir():
-        raise TlpipeError(f"--out {out} is a folder: give a file name, such as {out / 'model.onnx'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TlpipeError(f"cannot write {out} ({exc.strerror or exc}): choose another --out") from None
-    if not os.access(out.parent, os.W_OK):
-        raise TlpipeError(f"cannot write {out} (its folder is not writable): choose another --out")
-    return out
-
-
 def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta: dict, checks: CheckSet,
                     out: Path) -> tuple[Path, dict, dict]:
     """Each exporter of ``fmt`` in turn, each into a temporary file beside ``out``, until one's file
@@ -177,9 +169,7 @@ def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta:
     attempts = [("dynamo", True), ("torchscript", False)] if fmt == "onnx" else [("torch.jit.trace", None)]
     notes, kept = [], None
     for name, dynamo in attempts:
-        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(handle)
-        path = Path(temporary)
+        path = temporary_beside(out)
         try:
             _write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else _write_torchscript(module, example, path, meta)
             parity = check_parity(load_exported(path, fmt), checks)
@@ -298,9 +288,10 @@ def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
     try:
         data = Path(read_json(fit / "summary.json")["data"])
         with (fit / "val_predictions.csv").open(encoding="utf-8", newline="") as f:
-            return [(data / row["path"], row["true"]) for row in csv.DictReader(f) if (data / row["path"]).is_file()]
-    except (OSError, KeyError, ValueError):
+            rows = [(inside(data, row["path"]), row["true"]) for row in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError, TypeError):
         return []
+    return [(path, label) for path, label in rows if path is not None and path.is_file()]
 
 
 def _spread(items: list) -> list:

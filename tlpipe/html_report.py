@@ -18,8 +18,11 @@ from tlpipe.cache import cache_key
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.data.images import load_rgb
 from tlpipe.errors import TlpipeError
+from tlpipe.paths import inside
 from tlpipe.utils import atomic_write, read_json, write_json
 
+SUMMARY = "summary.json"  # written by tlpipe.outputs, which takes these names from here
+VAL_PREDICTIONS = "val_predictions.csv"
 REPORT = "report.html"
 PROFILE = "profile.json"
 MISTAKES_SHOWN = 12
@@ -30,12 +33,13 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
     """Write ``<out>/report.html`` from the fit's files; ``spec``: the fit's checked data (else the
     dataset the summary names is checked and split again, with the fit's seed)."""
     out = Path(out)
-    summary = _read(out / "summary.json")
+    summary = read_summary(out)
     if "metrics" not in summary:
         raise TlpipeError(f"{out} holds no finished fit to report on (its summary has no metrics): run tlpipe fit first")
     spec = spec or _spec(out, summary)
     page = _environment().get_template("report.html.j2").render(
         summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(out / "quarantine.csv")[1:],
+        data_missing=None if spec else summary["data"],
         signals=(_read(out / "strategy.json", {}).get("signals") or {}).get("stages", []),
         trials=_trials(out / "tuning" / "trials.csv"), metrics=_read(out / "classification_report.json"),
         calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
@@ -50,6 +54,17 @@ def _environment() -> Environment:
     return Environment(loader=PackageLoader("tlpipe", "templates"), autoescape=select_autoescape(["html", "j2"]))
 
 
+def read_summary(out: Path) -> dict:
+    """The ``summary.json`` of the tlpipe fit in ``out``; one line when there is none or it is another tool's."""
+    path = Path(out) / SUMMARY
+    if not path.is_file():
+        raise TlpipeError(f"{out} has no {SUMMARY}: give the output folder of a tlpipe fit")
+    summary = _read(path)
+    if not isinstance(summary, dict) or not {"tlpipe_version", "data", "classes"} <= summary.keys():
+        raise TlpipeError(f"{path} was not written by a tlpipe fit (it lacks tlpipe's fields): give the output folder of a tlpipe fit")
+    return summary
+
+
 def _read(path: Path, default=None):
     if not path.exists() and default is not None:
         return default
@@ -59,18 +74,24 @@ def _read(path: Path, default=None):
         raise TlpipeError(f"cannot read {path} ({exc}): rerun the fit that wrote it") from None
 
 
-def _spec(out: Path, summary: dict) -> DatasetSpec:
-    """The fit's data, split as the fit split it (its recipe's val fraction and seed)."""
+def _spec(out: Path, summary: dict) -> DatasetSpec | None:
+    """The fit's data, split as the fit split it (its recipe's val fraction and seed); None when
+    the dataset is no longer there (moved, renamed): the page is then built from the folder alone."""
     from tlpipe.config import load_config
 
+    if not Path(summary["data"]).is_dir():
+        return None
     config = load_config(str(out / "config.yaml")) if (out / "config.yaml").exists() else load_config("default")
     return prepare_dataset(summary["data"], config.val_fraction, config.seed)
 
 
-def _profile(out: Path, spec: DatasetSpec) -> dict:
-    """The data profile (duplicates, leakage), computed once per dataset state and kept in the folder."""
+def _profile(out: Path, spec: DatasetSpec | None) -> dict | None:
+    """The data profile (duplicates, leakage), computed once per dataset state and kept in the
+    folder; without the dataset, the one kept (None if none was)."""
     from tlpipe.data.profile import profile_dataset
 
+    if spec is None:
+        return _read(out / PROFILE, {}).get("profile")
     samples = [s for split in spec.splits.values() for s in split]
     key = cache_key(samples, what="profile")
     saved = _read(out / PROFILE, {})
@@ -105,20 +126,28 @@ def _png_uri(path: Path) -> str | None:
     return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.exists() else None
 
 
-def _mistakes(out: Path, spec: DatasetSpec) -> list[dict]:
-    """The val images the model got wrong with the highest probability, as inline thumbnails."""
-    rows = [dict(zip(["path", "true", "predicted", "probability"], r)) for r in _csv_rows(out / "val_predictions.csv")[1:]]
-    wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
-    shown = []
-    for row in wrong[:MISTAKES_SHOWN]:
-        try:
-            image = load_rgb(spec.root / row["path"])
-        except OSError:  # moved or removed since the fit: the grid goes on without it
-            continue
-        image.thumbnail((THUMBNAIL, THUMBNAIL))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        shown.append({**row, "probability": float(row["probability"]),
-                      "image": f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"})
-    return shown
+def _mistakes(out: Path, spec: DatasetSpec | None) -> list[dict]:
+    """The val images the model got wrong with the highest probability, as inline thumbnails
+    (images only from inside the dataset; without it, the rows alone)."""
+    rows = [dict(zip(["path", "true", "predicted", "probability"], r)) for r in _csv_rows(out / VAL_PREDICTIONS)[1:]]
+    try:
+        wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
+    except (KeyError, ValueError):
+        raise TlpipeError(f"{out / VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
+    return [{**row, "probability": float(row["probability"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
+            for row in wrong[:MISTAKES_SHOWN]]
+
+
+def _thumbnail(path: Path | None) -> str | None:
+    """``path`` as an inline PNG thumbnail; None when it is gone since the fit or not a readable image."""
+    if path is None:
+        return None
+    try:
+        image = load_rgb(path)
+    except (OSError, ValueError):
+        return None
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
 

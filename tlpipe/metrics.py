@@ -51,7 +51,7 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
     accuracy, negative log-likelihood, Brier score, expected calibration error (15 bins), and the
     most confused pairs (true -> predicted, by count)."""
     from scipy.stats import binomtest, bootstrap
-    from sklearn.metrics import balanced_accuracy_score, log_loss, top_k_accuracy_score
+    from sklearn.metrics import log_loss, top_k_accuracy_score
 
     from tlpipe.calibration import expected_calibration_error
 
@@ -66,12 +66,14 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
     labels = np.arange(len(classes))
     k = min(5, len(classes) - 1)
     matrix = np.array(metrics["confusion_matrix"])
+    # Recall averaged over the classes present: balanced_accuracy_score, without its warnings when one is absent
+    balanced = float(np.mean(np.diag(matrix)[present] / matrix.sum(axis=1)[present]))
     np.fill_diagonal(matrix, 0)
     pairs = sorted(((int(matrix[i, j]), i, j) for i, j in zip(*np.nonzero(matrix))), reverse=True)[:5]
     return {
         **metrics,
         "accuracy_ci": [float(wilson.low), float(wilson.high)],
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced,
         "macro_f1_ci": [float(f1_interval.low), float(f1_interval.high)] if f1_interval else [0.0, 1.0],
         **({f"top_{k}_accuracy": float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))} if k > 1 else {}),
         "nll": float(log_loss(y_true, probabilities, labels=labels)),

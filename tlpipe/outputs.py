@@ -33,24 +33,24 @@ from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.errors import TlpipeError
-from tlpipe.html_report import write_html_report
+from tlpipe.html_report import SUMMARY, VAL_PREDICTIONS, write_html_report  # the names the report reads
 from tlpipe.progress import announce
 from tlpipe.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
 from tlpipe.models import Backbone, resolve_layer
+from tlpipe.paths import sweep_temporaries
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.tracking import FitRun
 from tlpipe.training.strategies import TrainedHead
 from tlpipe.utils import atomic_write, read_json, write_json
 
-SUMMARY = "summary.json"
 STAGED_SUMMARY = ".summary.json.staged"  # the next summary, written before its bundle is swapped in
 STAGED_REPORTS = ".reports.staging"  # the next record's reports, moved in with it
 BUNDLE = "model"
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
+CUT_TAG, STAGE_TAG = "tlpipe_cut", "tlpipe_stage"  # on a cut run: why, and in which stage; gone once it completes
 OWNER = ".tlpipe-fit.json"  # whose folder this is: the fit's data and config key, its process, its MLflow run
-LOCK = ".tlpipe.lock"
-VAL_PREDICTIONS = "val_predictions.csv"  # held while a fit writes here; the OS releases it when the process dies
+LOCK = ".tlpipe.lock"  # held while a fit writes here; the OS releases it when the process dies
 
 
 @dataclass
@@ -122,7 +122,9 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     if staging:
         _swap_folder(staging, bundle)
     _commit_staged(out)
-    run.log_batch(tags={STATUS_TAG: status, **({"tlpipe_cut": cut} if cut else {})})
+    run.log_batch(tags={STATUS_TAG: status, **({CUT_TAG: cut} if cut else {})})
+    if status != "cut":
+        run.delete_tags(CUT_TAG, STAGE_TAG)
     if status == "complete":
         _log_run(run, out, model, metrics, timings, artifacts)
     run.log_artifact(out / SUMMARY)
@@ -142,7 +144,7 @@ def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> Pat
     same fit left, if any. Returns that bundle."""
     bundle = out / BUNDLE if (out / BUNDLE).is_dir() else None
     with signals_held():
-        run.log_batch(tags={STATUS_TAG: "cut", "tlpipe_cut": reason})
+        run.log_batch(tags={STATUS_TAG: "cut", CUT_TAG: reason})
         write_json(out / SUMMARY, {"status": "cut", "cut": reason, "bundle": bundle and str(bundle.resolve()),
                                    "bundle_sha256": bundle and bundle_identity(bundle),
                                    "run_id": run.run_id, "tracking_uri": run.tracking_uri, "timings": timings,
@@ -343,10 +345,8 @@ def keep_run(out: Path, run: FitRun) -> None:
 
 
 def sweep_temporary(out: Path) -> None:
-    """Remove what a killed fit left half-written: ``atomic_write``'s temporary files, a staging bundle."""
-    for path in Path(out).rglob(".*.tmp*"):
-        if path.is_file() and "cache" not in path.relative_to(out).parts[:1]:
-            path.unlink(missing_ok=True)
+    """Remove what a killed fit or export left half-written: temporary files, a staging bundle."""
+    sweep_temporaries(out, recursive=True, skip=("cache",))
     shutil.rmtree(Path(out) / f".{BUNDLE}.staging", ignore_errors=True)
 
 

@@ -44,18 +44,18 @@ from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
 from tlpipe.outputs import (
-    SUMMARY, FitResult, FittedModel, claim_output, keep_run, previous_status, record, recorded_run, restore_bundle,
+    STAGE_TAG, SUMMARY, FitResult, FittedModel, claim_output, keep_run, previous_status, record, recorded_run, restore_bundle,
     write_cut_summary,
 )
 from tlpipe.progress import announce, quiet_libraries
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import (
-    MIN_EPOCHS, RECORD_SECONDS, Plan, apply_plan, budget_use, trained_pace, decision_hyperparameters, epoch_seconds, make_plan, source_augmentation, train_sizes,
+    MIN_EPOCHS, RECORD_SECONDS, Plan, apply_plan, budget_use, overrun, trained_pace, decision_hyperparameters, epoch_seconds, make_plan, source_augmentation, train_sizes,
 )
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, guard, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
-from tlpipe.tracking import FitRun, NoRun
+from tlpipe.tracking import FitRun, NoRun, check_store
 from tlpipe.training.distributed import DistContext, distributed
 from tlpipe.training.frozen import forget_outputs
 from tlpipe.training.linear import accuracy
@@ -76,7 +76,8 @@ PLAN = "plan.json"
 @dataclass
 class Timings:
     seconds: dict[str, float] = field(default_factory=dict)
-    current: str | None = None  # the stage running now: what a cut names
+    current: str | None = None  # the stage running now
+    stopped_in: str | None = None  # the innermost stage a cut or an error left: what a cut names
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -85,6 +86,9 @@ class Timings:
         try:
             yield
             raise_if_stopped()
+        except BaseException:
+            self.stopped_in = self.stopped_in or name
+            raise
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
             self.current = outer
@@ -148,6 +152,7 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
     data = Path(data).expanduser()
     out = Path(output) if output else default_output_dir(data)
     tuning = tuning or TuningOverrides()
+    tracking_uri = check_store(tracking_uri)  # a store MLflow cannot use: one line before any work
     try:
         with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
             ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
@@ -224,8 +229,8 @@ class Saved:
             return
         if previous_status(self.prepared.out) == "complete":
             return
-        linear = choice.linear
-        decision = choice.assessment.decision if choice.assessment else None
+        linear, strategy = choice.linear, choice.config.strategy
+        decision = _stand_in(choice, f"Saved first, while the {strategy} fine-tune runs: the model until it ends.")
         self.model = FittedModel(linear.config, self.prepared.backbone, linear.trained, linear.codes["val"], {}, decision)
         self._record(self.model, status="provisional")  # a cut waits until it is whole (outputs.record)
         announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
@@ -235,7 +240,8 @@ class Saved:
         """The final record; the plan's epoch time beside the one measured, and why a fit that used
         less than ``USED_SHARE`` of its limit stopped there."""
         if self.enabled:
-            budget = {**self.budget.to_dict(), **budget_use(self.budget, plan, pace, model.tuning or {})}
+            budget = {**self.budget.to_dict(), **budget_use(self.budget, plan, pace, model.tuning or {}),
+                      **overrun(self.budget, self.timings.seconds)}
             self.result = self._record(model, plan=plan.to_dict(), budget=budget)
         return self.result
 
@@ -243,11 +249,21 @@ class Saved:
         """The summary after SIGTERM or Ctrl+C; a fit whose final record was written stays complete."""
         if not self.enabled or self.result is not None:
             return self.result
-        self.run.log_batch(tags={"tlpipe_stage": self.timings.current or "between stages"})
+        self.run.log_batch(tags={STAGE_TAG: self.timings.stopped_in or "between stages"})
         if self.model is None:
             bundle = write_cut_summary(self.prepared.out, reason, self.timings.seconds, self.run)
             return bundle and FitResult(self.prepared.out, bundle, self.run.run_id, {}, self.prepared.spec, {})
-        return self._record(self.model, status="cut", cut=reason)
+        strategy = self.choice.config.strategy
+        why = f"The fit was {reason} before the {strategy} fine-tune ended: the linear classifier saved first stands."
+        return self._record(dataclasses.replace(self.model, decision=_stand_in(self.choice, why)), status="cut", cut=reason)
+
+
+def _stand_in(choice: Choice, why: str) -> Decision:
+    """The decision of a linear classifier saved in place of the fine-tune that was chosen or asked
+    for: its reasons, then ``why`` (a report never shows the stand-in as the user's choice)."""
+    chosen = choice.assessment.decision if choice.assessment else Decision(
+        choice.config.strategy, reasons=(f"{choice.config.strategy.capitalize()} asked for (--strategy or the recipe).",))
+    return chosen.fall_back(why)
 
 
 def prepare(data: Path, config: FitConfig, out: Path, ranks: DistContext, timings: Timings,
@@ -676,14 +692,18 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
     }
 
 
-def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> Path:
+def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default",
+            overwrite: bool = False) -> Path:
     """Write the CNN codes of every valid image of ``data`` (all splits as found) to ``out``:
-    ``.npz`` (see ``tlpipe.codes``) or ``.parquet``. Files that fail the check are left out and
-    listed, with the reason, in the file's metadata."""
-    from tlpipe.codes import save_codes
+    ``.npz`` (see ``tlpipe.codes``) or ``.parquet``, replacing an existing file only with
+    ``overwrite``. Files that fail the check are left out and listed, with the reason, in the
+    file's metadata."""
+    from tlpipe.codes import FORMATS, save_codes
+    from tlpipe.paths import output_file
 
+    out = output_file(out, "--out", suffixes=FORMATS, overwrite=overwrite)
     config = config or load_config(recipe)
     spec = prepare_dataset(data, seed=config.seed, hold_out=False, report_dir=None)
     backbone = build_backbone(config)
     parts = {split: dataset_codes(backbone, spec, split, config) for split in spec.splits}
-    return save_codes(Path(out), spec, parts, backbone, config)
+    return save_codes(out, spec, parts, backbone, config)

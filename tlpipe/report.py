@@ -65,6 +65,8 @@ def print_budget(summary: dict) -> None:
     pace = budget.get("epoch_seconds") or {}
     if pace.get("measured"):
         console.print(f"Seconds per fine-tuning epoch: {pace['measured']:.1f} measured, {pace['planned']:.1f} planned")
+    if budget.get("overran"):
+        console.print(f"[yellow]Over the limit[/]: {escape(budget['overran'])}")
     if budget.get("stopped_early"):
         console.print(f"[yellow]Ended before the limit[/]: {escape(budget['stopped_early'])}")
     for note in plan.get("notes", []):

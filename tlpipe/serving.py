@@ -6,14 +6,20 @@ weights unless a pinned pip package gives them back), tlpipe itself as code, and
 requirements pin the versions the fit ran with. The input is a column ``image`` of encoded
 image files (bytes; base64 strings too, which is what JSON requests carry); each row gets its
 label, its top-k labels and probabilities, and the probability of every class, in the order of
-the model's ``classes`` metadata.
+the model's ``classes`` metadata. A request holds at most ``max_rows()`` rows (256 unless
+``TLPIPE_SERVE_MAX_ROWS`` says otherwise: ``tlpipe serve --max-rows``).
+
+The server runs the tlpipe code stored with the model, not this environment's: the model's metadata
+records that code's version and checksum, and ``check_served_model`` compares them before serving.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import os
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -30,7 +36,9 @@ from tlpipe.errors import TlpipeError
 IMAGE_COLUMN = "image"
 MODEL_NAME = "model"  # runs:/<run id>/model
 DEFAULT_TOP_K = 3
-_CODE = Path(__file__).with_name("mlflow_model.py")
+MAX_ROWS_ENV, DEFAULT_MAX_ROWS = "TLPIPE_SERVE_MAX_ROWS", 256
+_PACKAGE = Path(__file__).parent  # the code a fit's model carries (code_paths) and runs
+_CODE = _PACKAGE / "mlflow_model.py"
 
 
 class BundleModel(PythonModel):
@@ -44,6 +52,10 @@ class BundleModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if IMAGE_COLUMN not in getattr(model_input, "columns", ()):
             raise _bad_input(f"the input needs a column '{IMAGE_COLUMN}' of image files (bytes or base64 strings)")
+        limit = max_rows()
+        if len(model_input) > limit:
+            raise _bad_input(f"{len(model_input)} rows in one request, more than the {limit} this server takes: "
+                             f"send at most {limit} per request (or serve with a larger tlpipe serve --max-rows)")
         if len(model_input) == 0:
             return pd.DataFrame(columns=["label", "probability", "top_k_labels", "top_k_probabilities", "probabilities"])
         from tlpipe.data.loader import decode_size
@@ -61,6 +73,14 @@ class BundleModel(PythonModel):
             "top_k_probabilities": [[float(p[j]) for j in row] for p, row in zip(probabilities, order)],
             "probabilities": [[float(v) for v in p] for p in probabilities],
         })
+
+
+def max_rows() -> int:
+    """The most rows one request may hold: without a cap one request can hold the server for minutes."""
+    value = os.environ.get(MAX_ROWS_ENV, str(DEFAULT_MAX_ROWS))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_ROWS_ENV}={value!r} is not a number of rows: set a whole number of 1 or more")
+    return int(value)
 
 
 def _bad_input(message: str) -> Exception:
@@ -97,6 +117,7 @@ def log_model(run, bundle: Path) -> str:
     import mlflow
     from mlflow.models import Model, infer_signature
 
+    from tlpipe import __version__
     from tlpipe.bundle import load_bundle, portable_bundle
 
     replaced = _logged_models(run.client, run.run_id)
@@ -110,9 +131,10 @@ def log_model(run, bundle: Path) -> str:
         logged = run.client.create_logged_model(run.experiment_id, name=MODEL_NAME, source_run_id=run.run_id)
         Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run.run_id, model_id=logged.model_id,
                   python_model=str(_CODE),
-                  artifacts={"bundle": str(artifacts)}, code_paths=[str(Path(__file__).parent)],
+                  artifacts={"bundle": str(artifacts)}, code_paths=[str(_PACKAGE)],
                   signature=signature, input_example=example, pip_requirements=pip_requirements(),
-                  metadata={"classes": model.bundle.classes, "tlpipe_bundle_sha256": model.bundle.manifest["head"]["sha256"]})
+                  metadata={"classes": model.bundle.classes, "tlpipe_bundle_sha256": model.bundle.manifest["head"]["sha256"],
+                            "tlpipe_version": __version__, "tlpipe_code_sha256": code_sha256(_PACKAGE)})
     for old in replaced:  # only once the new one is logged: a run is never left without a model
         run.client.delete_logged_model(old.model_id)
     return f"runs:/{run.run_id}/{MODEL_NAME}"
@@ -182,8 +204,90 @@ def served_model(target: str, tracking_uri: str | None = None) -> tuple[str, str
                           "model URI (runs:/<run id>/model, models:/NAME@champion)") from None
 
 
+def check_served_model(model_uri: str, store: str) -> None:
+    """Before ``tlpipe serve`` says it serves: ``model_uri`` is a model the store holds (an active run's,
+    a registered name and alias), and the tlpipe code stored with it, which the server will run, is
+    the code the fit recorded. One line otherwise, never MLflow's traceback from the starting server."""
+    from mlflow.exceptions import MlflowException
+
+    from tlpipe.tracking import check_store
+
+    check_store(store, write=False)  # a server that does not answer: one line in seconds, not minutes of retries
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///").partition("?")[0]).is_file():
+        raise TlpipeError(f"cannot serve {model_uri}: the MLflow store {store} does not exist; give the fit's store "
+                          "with --tracking-uri (or MLFLOW_TRACKING_URI)")
+    with tempfile.TemporaryDirectory() as folder, _tracking(store):
+        try:
+            _check_run_active(model_uri, store)
+            stored = {part: _download(model_uri, part, Path(folder)) for part in ("MLmodel", "mlflow_model.py", "code")}
+        except MlflowException as exc:
+            raise TlpipeError(f"cannot serve {model_uri} from the MLflow store {store}: {exc.message.splitlines()[0]}; "
+                              "give a model that store holds (runs:/<run id>/model, models:/NAME@ALIAS; a fit's "
+                              "summary.json names its own) or the fit's store with --tracking-uri") from None
+        _check_stored_code(model_uri, store, stored)
+
+
+def _check_run_active(model_uri: str, store: str) -> None:
+    """A ``runs:/`` model of a deleted run (in the store's trash) is not served: MLflow would."""
+    from mlflow.tracking import MlflowClient
+
+    if not model_uri.startswith("runs:/"):
+        return
+    run_id = model_uri.removeprefix("runs:/").split("/")[0]
+    if MlflowClient(store).get_run(run_id).info.lifecycle_stage == "deleted":
+        raise TlpipeError(f"cannot serve {model_uri}: its run is deleted in the MLflow store {store}; restore it "
+                          f"(mlflow runs restore --run-id {run_id}, or the UI's trash) or serve another fit")
+
+
+def _download(model_uri: str, part: str, folder: Path) -> Path:
+    """One file or folder of the stored model, copied under ``folder``; its local path."""
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{part}", dst_path=str(folder / part)))
+
+
+def _check_stored_code(model_uri: str, store: str, stored: dict[str, Path]) -> None:
+    """The stored tlpipe's version and checksum are those the model's metadata recorded at log time,
+    and the model's code file is that tlpipe's ``mlflow_model.py``."""
+    import yaml
+
+    recorded = yaml.safe_load(stored["MLmodel"].read_text(encoding="utf-8")).get("metadata") or {}
+    package = stored["code"] / _PACKAGE.name
+    if "tlpipe_code_sha256" not in recorded:
+        raise TlpipeError(f"cannot serve {model_uri}: it records no checksum of the tlpipe code stored with it "
+                          "(logged by an older tlpipe), which the server would run; refit with this tlpipe")
+    found = re.search(r'^__version__ = "([^"]+)"', _read(package / "__init__.py"), re.MULTILINE)
+    differences = []
+    if (found and found[1]) != recorded.get("tlpipe_version"):
+        differences.append(f"tlpipe {found[1] if found else '?'}, recorded {recorded.get('tlpipe_version')}")
+    if code_sha256(package) != recorded["tlpipe_code_sha256"]:
+        differences.append("the checksum of its .py files differs")
+    if _read(stored["mlflow_model.py"]) != _read(package / _CODE.name):
+        differences.append("the model's mlflow_model.py differs")
+    if differences:
+        raise TlpipeError(f"cannot serve {model_uri}: the tlpipe code stored with it in {store}, which the server would "
+                          f"run, is not the code the fit logged ({'; '.join(differences)}); "
+                          "someone changed the store: refit, or restore the store from a backup")
+
+
+def _read(path: Path) -> str:
+    """A stored text file's contents; empty when it is missing."""
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def code_sha256(package: Path) -> str:
+    """sha256 over a tlpipe package's .py files (relative path and contents, in sorted order): the code
+    a model from code runs."""
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*.py"), key=lambda f: f.relative_to(package).as_posix()):
+        digest.update(f"{file.relative_to(package).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001) -> list[str]:
-    """``mlflow models serve`` on the tlpipe of this environment (no new environment built), one worker."""
+    """``mlflow models serve`` in this Python environment (no new one built), one worker; the model
+    brings its own tlpipe code (``check_served_model``)."""
     return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
             "--host", host, "--port", str(port), "--workers", "1"]
 

@@ -17,11 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from tlpipe.errors import TlpipeError
+from tlpipe.utils import process_alive
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -36,6 +38,132 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     elif "://" not in uri:
         uri = Path(uri).resolve().as_uri()
     return uri
+
+
+_STORE_SCHEMES = {"file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_OTHER_STORE = "give another --tracking-uri (or MLFLOW_TRACKING_URI)"
+
+
+def check_store(uri: str | None = None, write: bool = True) -> str:
+    """The resolved store URI, once a check of a few seconds at most found it usable: a malformed
+    URI, a store that cannot be written (``write``: a fit's, the UI's) or a server that does not
+    answer is one line before the data check and model loading, not MLflow's exception (or its
+    retries, minutes long) after them."""
+    raw = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    scheme = raw.partition(":")[0].lower() if re.match(r"[A-Za-z][\w+.-]+:", raw) else ""  # not C:\ (a drive)
+    base, parts = scheme.split("+")[0], urllib.parse.urlsplit(raw)
+    if scheme and _malformed(raw, base, parts):
+        raise TlpipeError(f"the tracking URI {raw!r} is malformed: write sqlite:////abs/path/mlflow.db, "
+                          f"sqlite:///relative.db or http://host:port; {_OTHER_STORE}")
+    if scheme and base not in _STORE_SCHEMES and scheme not in _plugin_schemes():
+        raise TlpipeError(f"the tracking URI {raw!r} has an unknown scheme {scheme!r}: use sqlite:///mlflow.db, "
+                          f"http(s)://host:port or a database URL (postgresql://...); {_OTHER_STORE}")
+    uri = resolve_tracking_uri(uri)  # as the run will: mlflow.set_tracking_uri, else the environment
+    if uri.startswith(("sqlite:///", "file:")) and not write:
+        return uri  # a local store is read as it is (tlpipe serve says when the model is not in it)
+    if uri.startswith("sqlite:///"):
+        _check_sqlite(Path(uri.removeprefix("sqlite:///").partition("?")[0]))
+    elif uri.startswith("file:"):
+        _check_file_store(Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)))
+    elif base in ("http", "https"):
+        _check_server(parts)
+    elif base in _DATABASE_PORTS and parts.hostname:  # no host: a local socket, MLflow's to try
+        _check_database(parts.hostname, parts.port or _DATABASE_PORTS[base])
+    return uri
+
+
+def _malformed(raw: str, base: str, parts: urllib.parse.SplitResult) -> bool:
+    """A URI MLflow would misread or refuse late: ``sqlite:/x.db``, ``sqlite://x.db``, no path, no host, a bad port."""
+    try:
+        parts.port  # noqa: B018 (raises on a port that is no number)
+    except ValueError:
+        return True
+    return ("://" not in raw or base == "sqlite" and not re.match(r"sqlite(\+\w+)?:///[^?]", raw)
+            or base == "file" and not parts.path or base in ("http", "https") and not parts.hostname)
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed MLflow plugins add (``mlflow.tracking_store`` entry points)."""
+    from importlib.metadata import entry_points
+
+    return {point.name for point in entry_points(group="mlflow.tracking_store")}
+
+
+def _check_sqlite(db: Path) -> None:
+    """A SQLite store MLflow can write: a folder that is or can be made, and the database and the lock
+    file beside it (``_store_lock``) writable files, the database a SQLite one."""
+    _check_folder(db.parent, db)
+    for path in (db, Path(f"{db}.lock")):
+        if os.path.lexists(path) and not (path.is_file() and os.access(path, os.R_OK | os.W_OK)):
+            kind = "a folder, not a file" if path.is_dir() else "not a writable file"
+            raise TlpipeError(f"cannot write the MLflow store: {path} is {kind}; fix it or {_OTHER_STORE}")
+    if not db.is_file():
+        return  # MLflow makes it
+    import sqlite3
+
+    # Through SQLite, never open(): closing another descriptor of the file would drop the POSIX locks
+    # that this process's open SQLite connections hold on it (and another process could then remove
+    # the write-ahead log under them).
+    try:
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)) as connection:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc):
+            return  # a writer holds it now: a store in use
+        raise TlpipeError(f"the MLflow store {db} is not a readable SQLite database ({exc}): {_OTHER_STORE}") from None
+
+
+def _check_file_store(folder: Path) -> None:
+    """A folder store: writable, and one this MLflow still takes (recent ones refuse it unless told)."""
+    from mlflow import environment_variables
+
+    _check_folder(folder)
+    allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
+    if allowed is not None and not allowed.get():
+        raise TlpipeError(f"MLflow refuses a folder as its store ({folder}) unless MLFLOW_ALLOW_FILE_STORE=true: "
+                          f"set it, or give a SQLite store (sqlite:///mlflow.db) with --tracking-uri or MLFLOW_TRACKING_URI")
+
+
+def _check_folder(folder: Path, store: Path | None = None) -> None:
+    """``folder`` (of the MLflow ``store``, else the store itself) is a writable folder, or can be made in one."""
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise TlpipeError(f"cannot make the MLflow store {store or folder}: {existing} is a file, not a folder; {_OTHER_STORE}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TlpipeError(f"cannot write the MLflow store {store or folder}: {existing} is read-only; "
+                          f"make it writable or {_OTHER_STORE}")
+
+
+def _check_server(parts: urllib.parse.SplitResult) -> None:
+    """An MLflow server's ``/health`` answers within seconds (any HTTP status or TLS error: something
+    listens, the rest is MLflow's to report); the URL's credentials stay out of the request and the line."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    address = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+    try:
+        urllib.request.urlopen(f"{address}/health", timeout=5).close()
+        return
+    except urllib.error.URLError as exc:
+        if isinstance(exc, urllib.error.HTTPError) or isinstance(exc.reason, ssl.SSLError):
+            return  # an answer: MLflow reports what is wrong with it
+        reason = exc.reason
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc
+    raise TlpipeError(f"nothing answers at {address} ({getattr(reason, 'strerror', None) or reason}): "
+                      f"start the server or {_OTHER_STORE}")
+
+
+def _check_database(host: str, port: int) -> None:
+    """The store's database server listens at ``host:port`` (a TCP connect, 5 s at most)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise TlpipeError(f"nothing answers at {host}:{port}, the MLflow store's database ({exc.strerror or exc}): "
+                          f"start it or {_OTHER_STORE}") from None
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -70,18 +198,6 @@ def mlflow_key(name: str) -> str:
 def _owner_tags() -> dict[str, str]:
     """Which process writes a run: what tells a live run from one whose fit was killed."""
     return {"tlpipe_host": socket.gethostname(), "tlpipe_pid": str(os.getpid())}
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 @contextmanager
@@ -128,7 +244,7 @@ class FitRun:
         alive (SIGKILL, power loss): a run's status must say whether anything still writes to it."""
         host = socket.gethostname()
         for run in self.client.search_runs([self.experiment_id], f"attributes.status = 'RUNNING' and tags.tlpipe_host = '{host}'"):
-            if not _alive(int(run.data.tags.get("tlpipe_pid", 0))):
+            if not process_alive(int(run.data.tags.get("tlpipe_pid", 0))):
                 self.client.set_tag(run.info.run_id, "tlpipe_status", "killed: its process is gone")
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
@@ -252,6 +368,13 @@ class FitRun:
                 folder = "/".join(part for part in (artifact_path, *relative.parent.parts) if part)
                 self.client.log_artifact(self.run_id, str(file), folder or None)
 
+    def delete_tags(self, *keys: str) -> None:
+        """Remove ``keys`` from the run's tags where present (a cut's, once the fit completes)."""
+        tags = self.client.get_run(self.run_id).data.tags
+        for key in (self._key(k) for k in keys):
+            if key in tags:
+                self.client.delete_tag(self.run_id, key)
+
 
 class NoRun(FitRun):
     """Stands in for ``FitRun`` on the ranks other than 0 of a torchrun fit: the same calls, and
@@ -284,6 +407,9 @@ class NoRun(FitRun):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
+    def delete_tags(self, *keys: str) -> None:
+        pass
+
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The MLflow UI server command line on the same store ``tlpipe fit`` writes to: one worker
@@ -302,6 +428,21 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     with _store_lock(uri):
         found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
     return f"{base}/#/experiments/{found[0].experiment_id}/runs" if found else base
+
+
+def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
+    """The one warning of ``tlpipe serve`` and ``tlpipe ui`` bound beyond this machine (None on a
+    loopback address): neither MLflow server asks who is calling."""
+    import ipaddress
+
+    try:
+        private = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        private = False
+    if private:
+        return None
+    return (f"warning: {what} on {host} has no authentication: anyone who reaches this machine can {anyone_can}; "
+            "leave out --host (127.0.0.1) to keep it private")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -324,13 +465,19 @@ def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000
 def run_server(command: list[str], what: str, env: dict[str, str] | None = None) -> int:
     """Run a server until interrupted; return its exit code. The server and its workers run in a
     process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
-    or any exit."""
+    or any exit; on a SIGKILL of tlpipe too, by the group's ``guard_server``."""
     import signal
 
+    alive, tlpipe_alive = os.pipe()  # tlpipe holds the write end: the kernel closes it however tlpipe ends
     try:
-        server = subprocess.Popen(command, env={**os.environ, **(env or {})}, start_new_session=True)
+        server = subprocess.Popen([sys.executable, "-c", "from tlpipe.tracking import guard_server; guard_server()",
+                                   str(alive), *command], env={**os.environ, **(env or {})},
+                                  start_new_session=True, pass_fds=(alive,))
     except OSError as exc:
+        os.close(tlpipe_alive)
         raise TlpipeError(f"cannot start {what} ({exc}): is mlflow installed in this environment?") from None
+    finally:
+        os.close(alive)
     stops = (signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda *_: sys.exit(0)) for sig in stops}
     try:
@@ -341,6 +488,29 @@ def run_server(command: list[str], what: str, env: dict[str, str] | None = None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop_group(server)
+        os.close(tlpipe_alive)
+
+
+def guard_server(grace: float = 10.0) -> None:
+    """``python -c ... guard_server() FD COMMAND...``: the leader of a server's process group
+    (``run_server``). Runs COMMAND; when FD, a pipe whose write end only tlpipe holds, reads end of
+    file, tlpipe is gone (even SIGKILLed, which no handler sees): the whole group is stopped. Else
+    exits with the server's code."""
+    import select
+    import signal
+
+    alive, command = int(sys.argv[1]), sys.argv[2:]
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the group's SIGTERM is the server's to obey; exec resets it there
+    server = subprocess.Popen(command)
+    while server.poll() is None:
+        if select.select([alive], [], [], 1.0)[0]:  # nothing is ever written: readable means end of file
+            os.killpg(0, signal.SIGTERM)
+            try:
+                server.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            os.killpg(0, signal.SIGKILL)  # what is left of the group, this guard included
+    sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:

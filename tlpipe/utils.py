@@ -13,9 +13,9 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w", **op
     so a killed process leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
+        with open(tmp, mode, **open_kwargs) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -24,6 +24,27 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w", **op
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty temporary file next to ``path``, named ``.NAME.PID.RANDOM.tmp`` so that
+    ``tlpipe.paths.sweep_temporaries`` can tell whether the process writing it is still alive."""
+    handle, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.{os.getpid()}.", suffix=".tmp")
+    os.close(handle)
+    return Path(name)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -93,13 +93,14 @@ def write_quarantine_report(spec: DatasetSpec, out_dir: Path) -> Path:
 
 def prepare_dataset(
     root: str | Path, val_fraction: float = 0.2, seed: int = 0, report_dir: Path | None = None,
-    hold_out: bool = True,
+    hold_out: bool = True, evaluation: bool = False,
 ) -> DatasetSpec:
     """Scan, check and split ``root``. Without a val/ folder, a stratified seeded ``val_fraction``
     of train is held out (unless ``hold_out`` is False). Writes the quarantine report to
     ``report_dir`` when given, before raising for a class left without images, so the user can
-    see which files failed."""
-    scanned = scan_folder(root)
+    see which files failed. ``evaluation``: labelled images to score a model on, with none of the
+    training rules (see ``scan_folder``) and nothing held out."""
+    scanned = scan_folder(root, evaluation)
     paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps]
     bad = check_files(paths)
     spec = DatasetSpec(
@@ -112,10 +113,10 @@ def prepare_dataset(
     )
     if report_dir is not None:
         write_quarantine_report(spec, report_dir)
-    spec.splits = _checked_samples(scanned, bad)
-    if hold_out and "val" not in spec.splits:
+    spec.splits = _checked_samples(scanned, bad, evaluation)
+    if hold_out and not evaluation and "val" not in spec.splits:
         spec.splits["train"], spec.splits["val"] = _stratified_split(spec, val_fraction, seed)
-    if spec.val_from == "folder":
+    if spec.val_from == "folder" and not evaluation:  # the note is about a fit's model choices
         missing = [name for name, n in spec.class_counts("val").items() if n == 0]
         if missing:
             spec.notes.append(f"class(es) {', '.join(repr(m) for m in missing)} have no image in val/: their validation "
@@ -123,12 +124,15 @@ def prepare_dataset(
     return spec
 
 
-def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str]) -> dict[str, list[Sample]]:
+def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str], evaluation: bool) -> dict[str, list[Sample]]:
+    """The valid images of each split; for training, every class must keep one in train/."""
     label_of = {name: i for i, name in enumerate(scanned.classes)}
     splits = {
         split: [Sample(p, label_of[c]) for c, paths in per_class.items() for p in paths if p not in bad]
         for split, per_class in scanned.files.items()
     }
+    if evaluation:
+        return splits
     train_counts = Counter(s.label for s in splits["train"])
     for name in scanned.classes:
         if train_counts[label_of[name]] == 0:

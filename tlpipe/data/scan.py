@@ -14,6 +14,7 @@ from tlpipe.data.images import is_image_name
 from tlpipe.errors import TlpipeError
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+WHOLE_FOLDER = "all images"  # the split of a flat folder scored by evaluate (no train/ val/ test/)
 LAYOUT_HINT = "expected one subfolder per class (data/cats/*.jpg, data/dogs/*.jpg), optionally under train/ val/ test/"
 
 
@@ -80,8 +81,11 @@ def _check_name(folder: Path) -> None:
                           "not text: rename the folder (letters, digits, spaces, punctuation and emoji all work)")
 
 
-def scan_folder(root: str | Path) -> ScannedFiles:
-    """List the images of ``root`` per split and class; raises ``TlpipeError`` on a bad layout."""
+def scan_folder(root: str | Path, evaluation: bool = False) -> ScannedFiles:
+    """List the images of ``root`` per split and class; raises ``TlpipeError`` on a bad layout.
+    ``evaluation``: the folder scores a model rather than trains one, so any split folders will do
+    (test/ alone), and any number of classes; class folders without images are left out, and a
+    flat folder is the split ``WHOLE_FOLDER`` (none of it was necessarily trained on)."""
     root = Path(root).expanduser()
     if not root.exists():
         raise TlpipeError(f"dataset folder not found: {root} ({LAYOUT_HINT})")
@@ -90,25 +94,22 @@ def scan_folder(root: str | Path) -> ScannedFiles:
     top = _visible_dirs(root)
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in top if d.name.lower() in SPLIT_ALIASES}
     skipped: Counter = Counter()
-    if "train" in split_dirs:
-        # Beside train/, only val/ and test/ hold images; others (an extra split such as
+    if "train" in split_dirs or (evaluation and split_dirs):
+        # Beside the split folders, nothing holds images; others (an extra split such as
         # test_simple/, notes) are left out and reported rather than guessed at.
+        beside = "train/" if "train" in split_dirs else ", ".join(f"{d.name}/" for d in split_dirs.values())
         for other in (d for d in top if d.name.lower() not in SPLIT_ALIASES):
-            skipped[f"folder beside train/ ignored ({other.name}/)"] += 1
+            skipped[f"folder beside {beside} ignored ({other.name}/)"] += 1
         roots = split_dirs
     elif split_dirs:
         found = ", ".join(f"{d.name}/" for d in split_dirs.values())
         raise TlpipeError(f"{root} has {found} but no train/ folder: add train/ or remove the split folders")
     else:
-        roots = {"train": root}
-
-    classes = [d.name for d in _visible_dirs(roots["train"])]
-    if not classes:
-        raise TlpipeError(f"no class folders in {roots['train']}: {LAYOUT_HINT}")
-    if len(classes) < 2:
-        raise TlpipeError(
-            f"only one class folder ({classes[0]}) in {roots['train']}: a classifier needs at least 2 classes"
-        )
+        roots = {WHOLE_FOLDER if evaluation else "train": root}
+    if evaluation:  # every class folder of every split, until _with_images drops the empty ones
+        classes = sorted({d.name for split_root in roots.values() for d in _visible_dirs(split_root)})
+    else:
+        classes = _training_classes(roots["train"])
     files: dict[str, dict[str, list[Path]]] = {}
     for split, split_root in roots.items():
         split_classes = [d.name for d in _visible_dirs(split_root)]
@@ -123,4 +124,26 @@ def scan_folder(root: str | Path) -> ScannedFiles:
         for folder in _visible_dirs(split_root):
             _check_name(folder)
         files[split] = {c: image_files(split_root / c, skipped, root) for c in split_classes}
+    if evaluation:
+        classes, files = _with_images(root, files)
     return ScannedFiles(root=root, classes=classes, files=files, skipped=skipped)
+
+
+def _training_classes(train: Path) -> list[str]:
+    """The class folders of ``train``: at least two, or there is nothing to tell apart."""
+    classes = [d.name for d in _visible_dirs(train)]
+    if not classes:
+        raise TlpipeError(f"no class folders in {train}: {LAYOUT_HINT}")
+    if len(classes) < 2:
+        raise TlpipeError(f"only one class folder ({classes[0]}) in {train}: a classifier needs at least 2 classes")
+    return classes
+
+
+def _with_images(root: Path, files: dict[str, dict[str, list[Path]]]) -> tuple[list[str], dict]:
+    """The classes and splits left once folders without images are dropped: an empty folder has
+    nothing to score. None left at all is an error."""
+    files = {split: {c: paths for c, paths in per_class.items() if paths} for split, per_class in files.items()}
+    files = {split: per_class for split, per_class in files.items() if per_class}
+    if not files:
+        raise TlpipeError(f"no image files in the class folders of {root}: nothing to score ({LAYOUT_HINT})")
+    return sorted({c for per_class in files.values() for c in per_class}), files

@@ -30,6 +30,8 @@ GREY_SHARE = 0.9  # data this grey gets no colour distortion (source_augmentatio
 LOW_RESOLUTION = 2.0  # sources upscaled this much or more get milder crops and no rotation or shear
 LOW_RESOLUTION_CROP = 0.8
 USED_SHARE = 0.9  # a fit that ends before this share of its time limit says why
+OVERRUN_SHARE = 1.05  # a fit that ends past this share of its time limit (and a second) says it could not keep it
+FIRST_STAGES = ("check_data", "load_backbone", "extract_codes", "decide")  # before any model, whatever the limit
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,18 @@ def budget_use(budget: Budget, plan: Plan, pace: dict, tuning: dict) -> dict:
     else:
         why = f"all {plan.trials or 1} planned trial(s) ran all their epochs"
     return {**use, "stopped_early": why}
+
+
+def overrun(budget: Budget, timings: dict[str, float]) -> dict:
+    """When the fit ran past its limit: by how much, and what it spent before any model could be cut short."""
+    elapsed = budget.elapsed()
+    if budget.limit is None or elapsed <= OVERRUN_SHARE * budget.limit + 1:
+        return {}
+    first = sum(timings.get(name, 0.0) for name in FIRST_STAGES)
+    return {"overran": f"the fit took {format_duration(elapsed)}, over its {format_duration(budget.limit)} limit: checking "
+                       f"the data, loading the backbone and one frozen pass over the images come before any model, whatever "
+                       f"the limit (here {format_duration(first)}); give --time-limit {format_duration(math.ceil(elapsed))} "
+                       "or more to keep it"}
 
 
 def apply_plan(config: FitConfig, plan: Plan, hyperparameters: dict) -> FitConfig:

@@ -1,0 +1,156 @@
+"""The commands around ``fit`` as a hostile user drives them: nothing of the user's overwritten,
+nothing computed then lost, no traceback. One small real fit (linear, no tuning) serves them all."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import class_color, make_image, tlpipe, tree_snapshot
+from test_faults import FAST, dataset, one_line
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """(dataset, fit output, the fit's CLI result) of a fit given 1 s, which it cannot keep."""
+    root = dataset(tmp_path_factory.mktemp("data") / "pets", ["cats", "dogs"])
+    out = tmp_path_factory.mktemp("fit") / "out"
+    result = tlpipe("fit", root, "-o", out, *FAST, "--time-limit", "1s")
+    assert result.exit_code == 0, result.output
+    return root, out, result
+
+
+def test_a_fit_that_cannot_keep_its_time_limit_says_so(fitted):
+    _, out, result = fitted
+    overran = json.loads((out / "summary.json").read_text())["budget"]["overran"]
+    assert "over its 1s limit" in overran and "give --time-limit" in overran
+    assert "Over the limit" in result.stdout
+
+
+def test_export_replaces_no_file_it_was_not_told_to(fitted, tmp_path):
+    _, out, _ = fitted
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("four years of work")
+    one_line(tlpipe("export", out / "model", "--out", thesis), "must end in .onnx")
+    existing = tmp_path / "model.onnx"
+    existing.write_bytes(b"an earlier model")
+    one_line(tlpipe("export", out / "model", "--out", existing), f"{existing} exists", "--overwrite")
+    (tmp_path / "other.onnx.json").write_text("{}")  # the sidecar an export would write beside it
+    one_line(tlpipe("export", out / "model", "--out", tmp_path / "other.onnx"), "other.onnx.json exists")
+    assert thesis.read_text() == "four years of work" and existing.read_bytes() == b"an earlier model"
+    assert not (tmp_path / "thesis.txt.json").exists() and not (tmp_path / "other.onnx").exists()
+
+
+def test_export_never_writes_into_a_bundle(fitted):
+    _, out, _ = fitted
+    before = tree_snapshot(out / "model")
+    one_line(tlpipe("export", out / "model", "--out", out / "model" / "head.safetensors"), "must end in .onnx")
+    one_line(tlpipe("export", out / "model", "--out", out / "model" / "m.onnx", "--overwrite"), "inside the model bundle")
+    assert tree_snapshot(out / "model") == before
+
+
+def test_a_sigkilled_export_leaves_no_temporary_file_after_the_next_export(fitted, tmp_path):
+    _, out, _ = fitted
+    target = tmp_path / "exports" / "m.onnx"
+    command = [sys.executable, "-m", "tlpipe", "export", str(out / "model"), "--out", str(target)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(target.parent.glob(".m.onnx.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(target.parent.glob(".m.onnx.*.tmp")), "the export ended before it could be killed"
+    result = tlpipe("export", out / "model", "--out", target)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "{bundle}", "{missing}", "--json-file", "{file}/metrics.json"],
+    ["evaluate", "{bundle}", "{missing}", "--plots", "{file}/plots"],
+    ["evaluate", "{bundle}", "{missing}", "--plots", "{file}"],
+    ["extract", "{missing}", "--out", "{file}/codes.npz"],
+    ["extract", "{missing}", "--out", "{tmp}/codes.csv"],
+    ["inspect", "{missing}", "--json", "{file}/inspect.json"],
+])
+def test_every_output_path_is_checked_before_any_work(fitted, tmp_path, command):
+    """The data named does not exist: a message about it, not the output path, would mean the work came first."""
+    _, out, _ = fitted
+    (tmp_path / "afile").write_text("not a folder")
+    names = {"bundle": out / "model", "missing": tmp_path / "no-such-data", "file": tmp_path / "afile", "tmp": tmp_path}
+    result = tlpipe(*[part.format(**names) for part in command])
+    one_line(result, command[-2])
+    assert "no-such-data" not in result.stderr.replace(str(tmp_path / "afile"), "")
+
+
+def test_an_existing_metrics_file_is_replaced_only_when_asked(fitted, tmp_path):
+    root, out, _ = fitted
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("mine")
+    one_line(tlpipe("evaluate", out / "model", root, "--json-file", metrics), "exists", "--overwrite")
+    assert metrics.read_text() == "mine"
+    assert tlpipe("evaluate", out / "model", root, "--json-file", metrics, "--overwrite").exit_code == 0
+    assert json.loads(metrics.read_text())["n_images"] == 12
+
+
+def test_a_file_name_too_long_for_the_file_system_is_one_line(fitted, tmp_path):
+    root, out, _ = fitted
+    long_name = tmp_path / ("x" * 300 + ".jpg")
+    one_line(tlpipe("predict", out / "model", long_name), "too long")
+    one_line(tlpipe("evaluate", out / "model", tmp_path / ("d" * 300)), "too long")
+    one_line(tlpipe("report", tmp_path / ("o" * 300)), "too long")
+
+
+def test_report_refuses_another_tools_summary_in_one_line(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"accuracy": 0.9, "metrics": {}}))
+    one_line(tlpipe("report", tmp_path), "not written by a tlpipe fit")
+
+
+def _copy_of(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("cache", ".tlpipe.lock"))
+    return copy
+
+
+def test_report_of_a_fit_whose_dataset_moved_is_built_from_its_folder(fitted, tmp_path):
+    _, out, _ = fitted
+    copy = _copy_of(out, tmp_path)
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({**summary, "data": str(tmp_path / "moved-away")}))
+    result = tlpipe("report", copy)
+    assert result.exit_code == 0, result.output
+    page = (copy / "report.html").read_text(encoding="utf-8")
+    assert "no longer at" in page and "Confusion matrix" in page
+
+
+def test_report_and_export_never_read_an_image_outside_the_dataset(fitted, tmp_path):
+    from tlpipe.bundle import load_bundle
+    from tlpipe.export import check_set
+
+    root, out, _ = fitted
+    copy = _copy_of(out, tmp_path)
+    secret = make_image(tmp_path / "private" / "photo.png", class_color(3), size=(64, 64))
+    rows = list(csv.reader((copy / "val_predictions.csv").open(encoding="utf-8")))
+    rows += [[str(secret), "cats", "dogs", "0.999"], ["../../private/photo.png", "cats", "dogs", "0.998"]]
+    with (copy / "val_predictions.csv").open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert tlpipe("report", copy).exit_code == 0
+    page = (copy / "report.html").read_text(encoding="utf-8")
+    assert f'alt="{secret}"' not in page and 'alt="../../private/photo.png"' not in page
+    assert str(secret) in page  # the row is listed, its picture not shown
+    images = check_set(load_bundle(copy / "model", "cpu"), None).images
+    assert images and all(path.resolve().is_relative_to(root.resolve()) for path in images)
+
+
+def test_usage_lines_name_arguments_as_unix_tools_do():
+    result = tlpipe("predict")
+    assert result.exit_code == 2
+    assert "predict [OPTIONS] BUNDLE PATHS...\n" in result.output and "{" not in result.output

@@ -1,0 +1,181 @@
+"""``tlpipe serve`` and ``tlpipe ui`` as a hostile user meets them: a model the store does not hold,
+or whose stored tlpipe code was changed, is one line before anything starts; the server goes with
+tlpipe even when tlpipe is SIGKILLed; a request has a row cap; a server bound beyond this machine
+is warned about. The fit, the store and the servers are real."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import health_status, tlpipe
+from test_export import _free_port
+from test_faults import _servers_on, bundle_dir, one_line  # noqa: F401 (bundle_dir: a fit of this module's own)
+
+
+def _logged_model_folder(out: Path) -> Path:
+    """The folder of the store holding the fit's MLflow model: what someone with access to the store could edit."""
+    from mlflow.tracking import MlflowClient
+
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(summary["tracking_uri"])
+    experiment = client.get_run(summary["run_id"]).info.experiment_id
+    [model] = client.search_logged_models([experiment], filter_string=f"source_run_id = '{summary['run_id']}'")
+    return Path(urllib.request.url2pathname(model.artifact_location.removeprefix("file://")))
+
+
+UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("uri, why", [(f"runs:/{UNKNOWN_RUN}/model", f"Run with id={UNKNOWN_RUN} not found"),
+                                      ("models:/NOSUCH@champion", "Registered Model with name=NOSUCH not found")])
+def test_a_model_the_store_does_not_hold_is_one_line_before_serving(bundle_dir, mlflow_store, uri, why):
+    one_line(tlpipe("serve", uri), f"cannot serve {uri} from the MLflow store {mlflow_store}: {why}", "--tracking-uri")
+
+
+def test_a_fit_whose_run_was_deleted_is_one_line_before_serving(bundle_dir, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    out = bundle_dir[1].parent
+    run_id = json.loads((out / "summary.json").read_text())["run_id"]
+    client = MlflowClient(mlflow_store)
+    client.delete_run(run_id)
+    try:
+        one_line(tlpipe("serve", out), f"cannot serve runs:/{run_id}/model: its run is deleted",
+                 f"mlflow runs restore --run-id {run_id}")
+    finally:
+        client.restore_run(run_id)
+
+
+EDITS = {  # stored file, its edit, what the line says
+    "a module": ("code/tlpipe/serving.py", lambda text: text + "\nimport os\nos.system('true')\n",
+                 "the checksum of its .py files differs"),
+    "the version": ("code/tlpipe/__init__.py", lambda text: text.replace('__version__ = "', '__version__ = "9.'), "tlpipe 9."),
+    "the model's code file": ("mlflow_model.py", lambda text: text + "\n# edited\n", "the model's mlflow_model.py differs"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_stored_tlpipe_code_that_was_changed_is_refused_before_serving(bundle_dir, edit):
+    out = bundle_dir[1].parent
+    path, change, message = EDITS[edit]
+    stored = _logged_model_folder(out) / path
+    original = stored.read_bytes()
+    stored.write_text(change(original.decode()))
+    try:
+        one_line(tlpipe("serve", out), "the tlpipe code stored with it", "is not the code the fit logged", message)
+    finally:
+        stored.write_bytes(original)
+
+
+def test_a_request_over_the_row_cap_is_one_400_line(bundle_dir, monkeypatch):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from tlpipe.bundle import load_bundle
+    from tlpipe.serving import MAX_ROWS_ENV, BundleModel
+
+    root, bundle = bundle_dir
+    model = BundleModel()
+    model.bundle = load_bundle(bundle, "cpu")
+    image = (root / "cats" / "0.jpg").read_bytes()
+    monkeypatch.delenv(MAX_ROWS_ENV, raising=False)
+    with pytest.raises(MlflowException) as refused:
+        model.predict(None, pd.DataFrame({"image": [image] * 257}))
+    assert refused.value.get_http_status_code() == 400
+    assert refused.value.message == ("257 rows in one request, more than the 256 this server takes: send at most 256 "
+                                     "per request (or serve with a larger tlpipe serve --max-rows)")
+    monkeypatch.setenv(MAX_ROWS_ENV, "2")
+    assert list(model.predict(None, pd.DataFrame({"image": [image] * 2}))["label"]) == ["cats", "cats"]
+    with pytest.raises(MlflowException, match=r"^3 rows in one request, more than the 2 this server takes"):
+        model.predict(None, pd.DataFrame({"image": [image] * 3}))
+
+
+def _post(port: int, images: list[bytes]) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]}})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _group_members(group: int) -> list[int]:
+    """Pids of the live (not zombie) processes of process group ``group``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgid) == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _sigkill_leaves_no_server(process: subprocess.Popen, port: int) -> None:
+    """SIGKILL ``process`` (tlpipe): within 15 s every process of its server's group (the server, its
+    workers, MLflow's job consumers) is gone and nothing holds ``port``."""
+    from tlpipe.tracking import check_port_free
+
+    groups = {os.getpgid(pid) for pid in _servers_on(port)}
+    assert groups and os.getpgid(0) not in groups
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(map(_group_members, groups)):
+        time.sleep(0.5)
+    assert [pid for group in groups for pid in _group_members(group)] == []
+    check_port_free("0.0.0.0", port)  # any address: nothing listens on the port
+
+
+def _stop(process: subprocess.Popen, port: int) -> None:
+    """Whatever a failed test left running: tlpipe and its server's group."""
+    process.kill()
+    for pid in _servers_on(port):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(bundle_dir, tmp_path):
+    root, bundle = bundle_dir
+    port, log = _free_port(), tmp_path / "serve.log"
+    with log.open("w") as sink:
+        serve = subprocess.Popen([sys.executable, "-m", "tlpipe", "serve", str(bundle.parent), "--port", str(port), "--max-rows", "1"],
+                                 stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        assert health_status(port, timeout=120) == 200, log.read_text()[-2000:]
+        image = (root / "cats" / "0.jpg").read_bytes()
+        status, answer = _post(port, [image, image])
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert answer["message"].splitlines()[-1] == ("Error: 2 rows in one request, more than the 1 this server takes: "
+                                                      "send at most 1 per request (or serve with a larger tlpipe serve --max-rows)")
+        _sigkill_leaves_no_server(serve, port)
+    finally:
+        _stop(serve, port)
+
+
+def test_tlpipe_ui_on_all_interfaces_warns_and_a_sigkill_takes_its_server_along(mlflow_store, tmp_path):
+    port, errors = _free_port(), tmp_path / "ui.err"
+    with errors.open("w") as sink:
+        ui = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", "--host", "0.0.0.0", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        assert health_status(port) == 200, errors.read_text()[-2000:]
+        assert ("warning: the MLflow UI on 0.0.0.0 has no authentication: anyone who reaches this machine can read, change "
+                "and delete every run in the store; leave out --host (127.0.0.1) to keep it private") in errors.read_text().splitlines()
+        _sigkill_leaves_no_server(ui, port)
+    finally:
+        _stop(ui, port)

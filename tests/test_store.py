@@ -1,0 +1,55 @@
+"""A store MLflow cannot use is one line before the data check and model loading: no output
+folder, no model, seconds rather than MLflow's exception (or its retries) minutes later."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from conftest import tlpipe
+from test_faults import FAST, dataset, one_line
+
+
+def fit_on(tmp_path, uri: str, *fragments: str) -> None:
+    """``tlpipe fit`` on ``uri``: one line holding ``fragments``, within seconds, nothing written."""
+    from tlpipe.pipeline import fit  # noqa: F401 (torch and timm: seconds to import once, not the check's)
+
+    root, out = dataset(tmp_path / "d", ["cats", "dogs"]), tmp_path / "out"
+    start = time.monotonic()
+    one_line(tlpipe("fit", root, "-o", out, "--tracking-uri", uri, *FAST), *fragments)
+    assert time.monotonic() - start < 10
+    assert not out.exists()  # the check came first
+
+
+def test_a_store_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    fit_on(tmp_path, f"sqlite:///{tmp_path / 'afile' / 'x.db'}", f"{tmp_path / 'afile'} is a file", "--tracking-uri")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_store_folder_is_one_line(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir(mode=0o555)
+    try:
+        fit_on(tmp_path, f"sqlite:///{store / 'mlflow.db'}", f"{store} is read-only", "--tracking-uri")
+    finally:
+        store.chmod(0o755)
+
+
+def test_a_folder_store_that_mlflow_refuses_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    fit_on(tmp_path, str(tmp_path / "mlruns"), "MLFLOW_ALLOW_FILE_STORE=true", "sqlite:///mlflow.db")
+
+
+@pytest.mark.parametrize("uri", ["sqlite:/x.db", "sqlite://x.db"])
+def test_a_sqlite_typo_is_one_line_giving_the_right_form(tmp_path, uri):
+    fit_on(tmp_path, uri, f"'{uri}' is malformed", "sqlite:////abs/path/mlflow.db", "sqlite:///relative.db")
+
+
+def test_an_http_store_with_nothing_listening_is_one_line_within_seconds(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free once closed: nothing listens there
+    fit_on(tmp_path, f"http://127.0.0.1:{port}", f"nothing answers at http://127.0.0.1:{port}", "start the server")
