@@ -1,7 +1,8 @@
 """Shared test helpers: small real image files and folders, the integration data, folder snapshots.
 
 Plain functions (``from conftest import make_image, tree_snapshot, shared_dataset``) plus the
-``image_folder`` fixture, which returns a factory for folder-per-class datasets.
+``image_folder`` fixture, which returns a factory for folder-per-class datasets, and ``bundle_dir``,
+one small real fit the whole session shares (copy it before changing it).
 """
 from __future__ import annotations
 
@@ -197,3 +198,54 @@ def backbone():
     from tlpipe.models import create_backbone
 
     return create_backbone()
+
+
+FAST = ["--strategy", "linear", "--trials", "0", "--workers", "0", "--device", "cpu"]  # a fit in seconds
+
+
+def one_line(result, *fragments: str) -> None:
+    """Exit 2 and a single stderr line holding every fragment."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def dataset(root: Path, classes, per_class: int = 6, split: dict | None = None) -> Path:
+    """``root/<split>/<class>/<k>.jpg``: small noisy images, one colour per class."""
+    for c, name in enumerate(classes):
+        for split_name, n in (split or {"": per_class}).items():
+            for k in range(n):
+                make_image(root / split_name / name / f"{k}.jpg", class_color(c), size=(40, 32), noise=20, seed=[c, k, len(split_name)])
+    return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def servers_on(port: int) -> list[int]:
+    """Pids of live processes whose command line serves ``port`` (the MLflow server and its workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split(") ")[-1][0]
+        except (OSError, IndexError):
+            continue
+        if str(port).encode() in cmdline and state != "Z" and any(b"mlflow" in part or b"uvicorn" in part for part in cmdline):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory):
+    """(dataset, bundle) of one linear fit of two colour classes, shared by the session: copy before changing."""
+    root = dataset(tmp_path_factory.mktemp("data") / "pets", ["cats", "dogs"])
+    out = tmp_path_factory.mktemp("fit") / "out"
+    assert tlpipe("fit", root, "-o", out, *FAST).exit_code == 0
+    return root, out / "model"

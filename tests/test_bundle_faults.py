@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_color, make_image, tlpipe
-from test_faults import FAST, dataset, one_line
+from conftest import FAST, class_color, dataset, make_image, one_line, tlpipe
 
 CLASSES = ["cats", "dogs", "owls"]
 COLOUR = {name: class_color(i) for i, name in enumerate([*CLASSES, "yaks", "zebras"])}  # two the bundle lacks
@@ -90,6 +89,13 @@ def test_evaluate_refuses_what_it_cannot_score_in_one_line(fitted, tmp_path, cas
     layout, message = REFUSED[case]
     data = labelled(tmp_path / "data", layout)
     one_line(tlpipe("evaluate", fitted[1], data, *CPU), message, str(data))
+
+
+def test_a_test_split_whose_images_all_fail_is_named_not_swapped_for_val(fitted, tmp_path):
+    data = labelled(tmp_path / "data", {"val": {"cats": 2}})
+    (data / "test" / "cats").mkdir(parents=True)
+    (data / "test" / "cats" / "broken.jpg").write_bytes(b"not a picture")
+    one_line(tlpipe("evaluate", fitted[1], data, *CPU), "no image to score in test/")
 
 
 def test_a_long_list_of_known_classes_is_cut_short():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import health_status, tlpipe, tree_snapshot
+from conftest import free_port, health_status, tlpipe, tree_snapshot
 
 QUICK = ["--recipe", "quick", "--workers", "0"]
 
@@ -210,12 +210,6 @@ def test_example_digits_is_written_as_an_image_folder(tmp_path):
     scanned = scan_folder(write_example("digits", tmp_path))
     assert scanned.classes == [f"digit_{d}" for d in range(10)]
     assert sum(len(v) for v in scanned.files["train"].values()) == 1797
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def other_addresses() -> set[str]:

@@ -14,29 +14,32 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_color, make_image, tlpipe, tree_snapshot
-from test_faults import FAST, dataset, one_line
+from conftest import class_color, make_image, one_line, tlpipe, tree_snapshot
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """(dataset, fit output, the fit's CLI result) of a fit given 1 s, which it cannot keep."""
-    root = dataset(tmp_path_factory.mktemp("data") / "pets", ["cats", "dogs"])
-    out = tmp_path_factory.mktemp("fit") / "out"
-    result = tlpipe("fit", root, "-o", out, *FAST, "--time-limit", "1s")
-    assert result.exit_code == 0, result.output
-    return root, out, result
+@pytest.fixture
+def fitted(bundle_dir):
+    """(dataset, fit output) of the session's shared fit: tests copy it before changing it."""
+    root, bundle = bundle_dir
+    return root, bundle.parent
 
 
-def test_a_fit_that_cannot_keep_its_time_limit_says_so(fitted):
-    _, out, result = fitted
-    overran = json.loads((out / "summary.json").read_text())["budget"]["overran"]
-    assert "over its 1s limit" in overran and "give --time-limit" in overran
-    assert "Over the limit" in result.stdout
+def test_a_fit_that_cannot_keep_its_time_limit_says_so(capsys):
+    from tlpipe.budget import Budget
+    from tlpipe.report import print_budget
+    from tlpipe.strategy.plan import overrun
+
+    timings = {"check_data": 0.5, "load_backbone": 1.5, "extract_codes": 9.0, "train": 0.5}
+    over = overrun(Budget(1.0, started=time.monotonic() - 17), timings)
+    assert over["overran"].startswith("the fit took 1") and "s, over its 1s limit" in over["overran"]
+    assert "(here 11s)" in over["overran"] and "give --time-limit 1" in over["overran"]
+    print_budget({"budget": {"limit_seconds": 1.0, "elapsed_seconds": 17.0, **over}})
+    assert "Over the limit" in capsys.readouterr().out
+    assert overrun(Budget(60.0, started=time.monotonic() - 59), timings) == {}  # kept: nothing to say
 
 
 def test_export_replaces_no_file_it_was_not_told_to(fitted, tmp_path):
-    _, out, _ = fitted
+    _, out = fitted
     thesis = tmp_path / "thesis.txt"
     thesis.write_text("four years of work")
     one_line(tlpipe("export", out / "model", "--out", thesis), "must end in .onnx")
@@ -50,15 +53,15 @@ def test_export_replaces_no_file_it_was_not_told_to(fitted, tmp_path):
 
 
 def test_export_never_writes_into_a_bundle(fitted):
-    _, out, _ = fitted
+    _, out = fitted
     before = tree_snapshot(out / "model")
-    one_line(tlpipe("export", out / "model", "--out", out / "model" / "head.safetensors"), "must end in .onnx")
+    one_line(tlpipe("export", out / "model", "--out", out / "model" / "head.safetensors"), "inside the model bundle")
     one_line(tlpipe("export", out / "model", "--out", out / "model" / "m.onnx", "--overwrite"), "inside the model bundle")
     assert tree_snapshot(out / "model") == before
 
 
 def test_a_sigkilled_export_leaves_no_temporary_file_after_the_next_export(fitted, tmp_path):
-    _, out, _ = fitted
+    _, out = fitted
     target = tmp_path / "exports" / "m.onnx"
     command = [sys.executable, "-m", "tlpipe", "export", str(out / "model"), "--out", str(target)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,10 +83,11 @@ def test_a_sigkilled_export_leaves_no_temporary_file_after_the_next_export(fitte
     ["extract", "{missing}", "--out", "{file}/codes.npz"],
     ["extract", "{missing}", "--out", "{tmp}/codes.csv"],
     ["inspect", "{missing}", "--json", "{file}/inspect.json"],
+    ["evaluate", "{bundle}", "{missing}", "--json-file", "/proc/tlpipe-out/metrics.json"],  # unwritable, even for root
 ])
 def test_every_output_path_is_checked_before_any_work(fitted, tmp_path, command):
     """The data named does not exist: a message about it, not the output path, would mean the work came first."""
-    _, out, _ = fitted
+    _, out = fitted
     (tmp_path / "afile").write_text("not a folder")
     names = {"bundle": out / "model", "missing": tmp_path / "no-such-data", "file": tmp_path / "afile", "tmp": tmp_path}
     result = tlpipe(*[part.format(**names) for part in command])
@@ -91,22 +95,50 @@ def test_every_output_path_is_checked_before_any_work(fitted, tmp_path, command)
     assert "no-such-data" not in result.stderr.replace(str(tmp_path / "afile"), "")
 
 
+def test_no_command_writes_into_the_dataset(fitted, tmp_path):
+    root, out = fitted
+    one_line(tlpipe("evaluate", out / "model", root, "--plots", root / "plots"), "inside the dataset folder")
+    one_line(tlpipe("extract", root, "--out", root / "codes.npz"), "inside the dataset folder")
+    assert not (root / "plots").exists() and not (root / "codes.npz").exists()
+
+
+def test_a_killed_writers_temporary_files_go_and_a_live_or_foreign_ones_stay(fitted, tmp_path):
+    from tlpipe.outputs import sweep_temporary
+    from tlpipe.paths import sweep_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"dead": f".model.onnx.{dead.pid}.k9x2a1b3.tmp", "live": f".model.onnx.{os.getpid()}.a1b2c3d4.tmp",
+             "foreign": ".notes.txt.tmp"}
+    for folder in (tmp_path / "user", tmp_path / "fit" / "export"):
+        for name in names.values():
+            make_image(folder / "x.png").rename(folder / name)
+    sweep_temporaries(tmp_path / "user", of="model.onnx")  # what an export does in the folder of its --out
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == sorted([names["live"], names["foreign"]])
+    sweep_temporary(tmp_path / "fit")  # what a fit does in its own output folder
+    assert [p.name for p in (tmp_path / "fit" / "export").iterdir()] == [names["live"]]
+
+
 def test_an_existing_metrics_file_is_replaced_only_when_asked(fitted, tmp_path):
-    root, out, _ = fitted
+    root, out = fitted
     metrics = tmp_path / "metrics.json"
     metrics.write_text("mine")
     one_line(tlpipe("evaluate", out / "model", root, "--json-file", metrics), "exists", "--overwrite")
     assert metrics.read_text() == "mine"
     assert tlpipe("evaluate", out / "model", root, "--json-file", metrics, "--overwrite").exit_code == 0
-    assert json.loads(metrics.read_text())["n_images"] == 12
+    assert json.loads(metrics.read_text())["n_images"] == 12  # the flat folder, all of it
 
 
 def test_a_file_name_too_long_for_the_file_system_is_one_line(fitted, tmp_path):
-    root, out, _ = fitted
+    root, out = fitted
     long_name = tmp_path / ("x" * 300 + ".jpg")
     one_line(tlpipe("predict", out / "model", long_name), "too long")
     one_line(tlpipe("evaluate", out / "model", tmp_path / ("d" * 300)), "too long")
     one_line(tlpipe("report", tmp_path / ("o" * 300)), "too long")
+    one_line(tlpipe("fit", tmp_path / ("d" * 300), "-o", tmp_path / "out"), "too long")
+    one_line(tlpipe("inspect", tmp_path / ("d" * 300)), "too long")
+    one_line(tlpipe("extract", root, "--out", tmp_path / ("c" * 300 + ".npz")), "255")
+    one_line(tlpipe("export", out / "model", "--out", tmp_path / ("m" * 300 + ".onnx")), "255")
 
 
 def test_report_refuses_another_tools_summary_in_one_line(tmp_path):
@@ -121,7 +153,7 @@ def _copy_of(out: Path, tmp_path: Path) -> Path:
 
 
 def test_report_of_a_fit_whose_dataset_moved_is_built_from_its_folder(fitted, tmp_path):
-    _, out, _ = fitted
+    _, out = fitted
     copy = _copy_of(out, tmp_path)
     summary = json.loads((copy / "summary.json").read_text())
     (copy / "summary.json").write_text(json.dumps({**summary, "data": str(tmp_path / "moved-away")}))
@@ -135,7 +167,7 @@ def test_report_and_export_never_read_an_image_outside_the_dataset(fitted, tmp_p
     from tlpipe.bundle import load_bundle
     from tlpipe.export import check_set
 
-    root, out, _ = fitted
+    root, out = fitted
     copy = _copy_of(out, tmp_path)
     secret = make_image(tmp_path / "private" / "photo.png", class_color(3), size=(64, 64))
     rows = list(csv.reader((copy / "val_predictions.csv").open(encoding="utf-8")))

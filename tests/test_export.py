@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import class_color, make_image, shared_dataset, tlpipe
+from conftest import class_color, free_port, make_image, shared_dataset, tlpipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -227,18 +226,12 @@ def test_a_registry_name_or_alias_mlflow_refuses_is_one_line_before_any_training
         assert not (tmp_path / "out").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_with_the_labels_tlpipe_predict_gives(fitted, tmp_path):
     root, out, summary = fitted
     images = [sorted((root / name).iterdir())[1] for name in ("red", "vert foncé")]
     predicted = tlpipe("predict", out / "model", *images, "--format", "json", "--workers", "0")
     expected = json.loads(predicted.stdout)
-    port, log = _free_port(), tmp_path / "serve.log"
+    port, log = free_port(), tmp_path / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", summary["mlflow_model"], "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": summary["tracking_uri"]}
@@ -283,7 +276,7 @@ def test_tlpipe_serve_runs_a_registered_model_and_stops_with_tlpipe(fitted, mlfl
     from conftest import health_status
 
     root, out, summary = fitted
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": summary["tracking_uri"]}
     serve = subprocess.Popen([sys.executable, "-m", "tlpipe", "serve", "models:/colours@champion", "--port", str(port)],
                              env=env, stdout=subprocess.PIPE, text=True)

@@ -16,26 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_color, health_status, make_image, tlpipe
-
-FAST = ["--strategy", "linear", "--trials", "0", "--workers", "0", "--device", "cpu"]
-
-
-def one_line(result, *fragments: str) -> None:
-    """Exit 2 and a single stderr line holding every fragment."""
-    assert result.exit_code == 2, result.output
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-
-
-def dataset(root: Path, classes, per_class: int = 6, split: dict | None = None) -> Path:
-    for c, name in enumerate(classes):
-        for split_name, n in (split or {"": per_class}).items():
-            for k in range(n):
-                make_image(root / split_name / name / f"{k}.jpg", class_color(c), size=(40, 32), noise=20, seed=[c, k, len(split_name)])
-    return root
-
+from conftest import FAST, dataset, health_status, make_image, one_line, servers_on, tlpipe
 
 ODD = ["bees (apis)", "fourmis été 🐜", "[bold]red"]
 
@@ -145,7 +126,7 @@ def test_output_paths_that_cannot_be_used_are_one_line(tmp_path, where):
     if where == "a_file":
         out.write_text("mine")
     message = {"inside_dataset": "is inside the dataset folder", "a_file": "is a file, not a folder",
-               "unwritable": "cannot write to the output folder"}[where]
+               "unwritable": "cannot write --output"}[where]
     one_line(tlpipe("fit", root, "-o", out, *FAST), message)
     assert not (root / "out").exists()
 
@@ -155,7 +136,7 @@ def test_a_read_only_output_folder_is_one_line(tmp_path):
     root = dataset(tmp_path / "d", ["cats", "dogs"])
     out = tmp_path / "ro"
     out.mkdir(mode=0o555)
-    one_line(tlpipe("fit", root, "-o", out, *FAST), "cannot write to the output folder")
+    one_line(tlpipe("fit", root, "-o", out, *FAST), "cannot write --output")
 
 
 def test_one_train_image_per_class_fits_without_cross_validation(tmp_path):
@@ -216,14 +197,6 @@ def test_sigkill_then_the_same_command_leaves_no_running_run(tmp_path, mlflow_st
     experiment = client.get_run(run_id).info.experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     assert not list(out.rglob(".*.tmp"))
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    root = dataset(tmp_path_factory.mktemp("data") / "pets", ["cats", "dogs"])
-    out = tmp_path_factory.mktemp("fit") / "out"
-    assert tlpipe("fit", root, "-o", out, *FAST).exit_code == 0
-    return root, out / "model"
 
 
 def _manifest(bundle: Path, edit=None) -> dict:
@@ -318,20 +291,6 @@ def test_a_weights_file_in_a_bundle_is_found_beside_it_from_any_folder(bundle_di
     assert json.loads(result.stdout)[0]["predictions"][0]["label"] == "cats"
 
 
-def _servers_on(port: int) -> list[int]:
-    """Pids of live processes whose command line serves ``port`` (the MLflow server and its workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().split(") ")[-1][0]
-        except (OSError, IndexError):
-            continue
-        if str(port).encode() in cmdline and state != "Z" and any(b"mlflow" in part or b"uvicorn" in part for part in cmdline):
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
     import socket
 
@@ -341,17 +300,17 @@ def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
     ui = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
         assert "/#/experiments/" in ui.stdout.readline()  # the runs page, not MLflow 3's front page
-        assert health_status(port) == 200 and _servers_on(port)
+        assert health_status(port) == 200 and servers_on(port)
         one_line(tlpipe("ui", "--port", port), f"cannot serve on 127.0.0.1:{port}", "give --port")
         ui.send_signal(signal.SIGTERM)  # to tlpipe alone, as a service manager sends it
         assert ui.wait(timeout=30) == 0
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _servers_on(port):
+        while time.monotonic() < deadline and servers_on(port):
             time.sleep(0.5)
-        assert _servers_on(port) == []
+        assert servers_on(port) == []
     finally:
         ui.kill()
-        for pid in _servers_on(port):
+        for pid in servers_on(port):
             os.kill(pid, signal.SIGKILL)
 
 

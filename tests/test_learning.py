@@ -140,8 +140,8 @@ def test_a_fine_tune_that_never_learns_says_so_and_the_linear_classifier_stands(
     result = tlpipe.fit(data, config, output=tmp_path / "out", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["strategy"] == "linear"
-    assert summary["strategy_reason"].startswith("The fine-tune did not learn: at head LR 50, ")
-    assert "; then at head LR 5, " in summary["strategy_reason"]
-    assert summary["head"]["finetune_fallback"] == summary["strategy_reason"]
+    fallback = summary["head"]["finetune_fallback"]
+    assert fallback.startswith("The fine-tune did not learn: at head LR 50, ") and "; then at head LR 5, " in fallback
+    assert summary["strategy_reason"] == f"Full asked for (--strategy or the recipe). {fallback}"  # what was asked, then why not
     assert summary["tuning"]["pruned"] == 1 and "did not learn" in summary["tuning"]["pruned_reasons"]["0"]
     assert result.summary["val_accuracy"] == summary["val_accuracy"]

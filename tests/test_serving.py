@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import health_status, tlpipe
-from test_export import _free_port
-from test_faults import _servers_on, bundle_dir, one_line  # noqa: F401 (bundle_dir: a fit of this module's own)
+from conftest import free_port, health_status, one_line, servers_on, tlpipe
 
 
 def _logged_model_folder(out: Path) -> Path:
@@ -58,7 +56,7 @@ def test_a_fit_whose_run_was_deleted_is_one_line_before_serving(bundle_dir, mlfl
 
 EDITS = {  # stored file, its edit, what the line says
     "a module": ("code/tlpipe/serving.py", lambda text: text + "\nimport os\nos.system('true')\n",
-                 "the checksum of its .py files differs"),
+                 "the checksum of its files differs"),
     "the version": ("code/tlpipe/__init__.py", lambda text: text.replace('__version__ = "', '__version__ = "9.'), "tlpipe 9."),
     "the model's code file": ("mlflow_model.py", lambda text: text + "\n# edited\n", "the model's mlflow_model.py differs"),
 }
@@ -128,7 +126,7 @@ def _sigkill_leaves_no_server(process: subprocess.Popen, port: int) -> None:
     workers, MLflow's job consumers) is gone and nothing holds ``port``."""
     from tlpipe.tracking import check_port_free
 
-    groups = {os.getpgid(pid) for pid in _servers_on(port)}
+    groups = {os.getpgid(pid) for pid in servers_on(port)}
     assert groups and os.getpgid(0) not in groups
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
@@ -142,7 +140,7 @@ def _sigkill_leaves_no_server(process: subprocess.Popen, port: int) -> None:
 def _stop(process: subprocess.Popen, port: int) -> None:
     """Whatever a failed test left running: tlpipe and its server's group."""
     process.kill()
-    for pid in _servers_on(port):
+    for pid in servers_on(port):
         try:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
@@ -151,7 +149,7 @@ def _stop(process: subprocess.Popen, port: int) -> None:
 
 def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(bundle_dir, tmp_path):
     root, bundle = bundle_dir
-    port, log = _free_port(), tmp_path / "serve.log"
+    port, log = free_port(), tmp_path / "serve.log"
     with log.open("w") as sink:
         serve = subprocess.Popen([sys.executable, "-m", "tlpipe", "serve", str(bundle.parent), "--port", str(port), "--max-rows", "1"],
                                  stdout=sink, stderr=subprocess.STDOUT)
@@ -168,7 +166,7 @@ def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(b
 
 
 def test_tlpipe_ui_on_all_interfaces_warns_and_a_sigkill_takes_its_server_along(mlflow_store, tmp_path):
-    port, errors = _free_port(), tmp_path / "ui.err"
+    port, errors = free_port(), tmp_path / "ui.err"
     with errors.open("w") as sink:
         ui = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", "--host", "0.0.0.0", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=sink)

@@ -3,18 +3,16 @@ folder, no model, seconds rather than MLflow's exception (or its retries) minute
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 
-from conftest import tlpipe
-from test_faults import FAST, dataset, one_line
+from conftest import FAST, dataset, free_port, one_line, tlpipe
 
 
 def fit_on(tmp_path, uri: str, *fragments: str) -> None:
     """``tlpipe fit`` on ``uri``: one line holding ``fragments``, within seconds, nothing written."""
-    from tlpipe.pipeline import fit  # noqa: F401 (torch and timm: seconds to import once, not the check's)
+    from tlpipe import pipeline  # noqa: F401 (torch and timm: seconds to import once, not the check's)
 
     root, out = dataset(tmp_path / "d", ["cats", "dogs"]), tmp_path / "out"
     start = time.monotonic()
@@ -49,7 +47,14 @@ def test_a_sqlite_typo_is_one_line_giving_the_right_form(tmp_path, uri):
 
 
 def test_an_http_store_with_nothing_listening_is_one_line_within_seconds(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # free once closed: nothing listens there
+    port = free_port()  # free once closed: nothing listens there
     fit_on(tmp_path, f"http://127.0.0.1:{port}", f"nothing answers at http://127.0.0.1:{port}", "start the server")
+
+
+def test_ui_and_serve_check_their_store_first_too(tmp_path):
+    start = time.monotonic()
+    one_line(tlpipe("ui", "--tracking-uri", "sqlite:/x.db", "--port", free_port()), "'sqlite:/x.db' is malformed")
+    port = free_port()
+    one_line(tlpipe("serve", f"runs:/{'0' * 32}/model", "--tracking-uri", f"http://127.0.0.1:{port}"),
+             f"nothing answers at http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 20

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -149,11 +150,20 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     _Stops.owner, _Stops.received = os.getpid(), None
-    previous = {signum: signal.signal(signum, _cut) for signum in _SIGNALS}
+    previous, unraisable = {signum: signal.signal(signum, _cut) for signum in _SIGNALS}, sys.unraisablehook
+
+    def swallowed(report) -> None:
+        """A cut raised where Python cannot pass it on (a garbage collector's callback) would print
+        "Exception ignored" and a traceback; ``raise_if_stopped`` raises it again at the next step."""
+        if not isinstance(report.exc_value, FitCut):
+            unraisable(report)
+
+    sys.unraisablehook = swallowed
     try:
         yield
     finally:
         _Stops.received = None
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

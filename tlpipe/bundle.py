@@ -31,13 +31,13 @@ from tlpipe.data import Sample, check_image, eval_loader, eval_transform
 from tlpipe.data.scan import WHOLE_FOLDER, image_files
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
-from tlpipe.paths import BUNDLE_MANIFEST
+from tlpipe.paths import BUNDLE_HEAD, BUNDLE_MANIFEST, inside
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
 from tlpipe.training import PROBABILITY_NOTES, LinearHead
 from tlpipe.utils import atomic_write, read_json, write_json
 
 BUNDLE_FORMAT = 2
-MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, "head.safetensors", "backbone.safetensors"
+MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "backbone.safetensors"
 EVALUATION_PLOTS = ("reliability.png", "confusion_matrix.png")  # what evaluate --plots writes
 
 
@@ -213,7 +213,7 @@ def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None
     spec = prepare_dataset(data, evaluation=True)
     if WHOLE_FOLDER in spec.splits and split is not None:
         raise TlpipeError(f"{spec.root} has no train/ val/ test/ folders: drop --split to score all of its images")
-    split = split or next((s for s in ("test", "val", "train", WHOLE_FOLDER) if spec.splits.get(s)), None)
+    split = split or next((s for s in ("test", "val", "train", WHOLE_FOLDER) if s in spec.splits), None)
     if split is not None and split not in spec.splits:
         raise TlpipeError(f"{spec.root} has no {split}/ split with images (found: {', '.join(spec.splits)}): use --split")
     samples = spec.splits.get(split, [])
@@ -310,7 +310,7 @@ def _read_manifest(path: Path) -> dict:
 def _load_backbone(path: Path, spec: dict) -> Backbone:
     """The backbone the head was trained on, checked against the checksum the bundle records."""
     weights = _embedded_weights(path) if spec["embedded"] else (
-        _inside(path, spec["weights"]["location"]) if spec["weights"]["kind"] == "file" else "auto")
+        _weights_inside(path, spec["weights"]["location"]) if spec["weights"]["kind"] == "file" else "auto")
     backbone = create_backbone(spec["name"], weights=weights)
     expected, found = spec["sha256"], backbone.weights.sha256
     if found != expected and spec["embedded"]:
@@ -338,11 +338,11 @@ def _embedded_weights(path: Path) -> Path:
     return file
 
 
-def _inside(path: Path, location: str) -> Path:
+def _weights_inside(path: Path, location: str) -> Path:
     """The weights file ``location`` names, only inside the bundle folder: a bundle carries its
     weights, and a crafted bundle.json must not make tlpipe read a file anywhere else."""
-    file = path / location
-    if Path(location).is_absolute() or not file.resolve().is_relative_to(path.resolve()):
+    file = inside(path, location)
+    if file is None:
         raise TlpipeError(f"{path / MANIFEST} names backbone weights outside the bundle folder ({location!r}): a bundle "
                           "must carry its weights; refit with this tlpipe, which copies them in")
     return file

@@ -232,7 +232,7 @@ def inspect(
         from tlpipe.report import print_inspect_report
         from tlpipe.utils import write_json
 
-        json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite)
+        json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite, dataset=data)
         config = load_config(recipe, **_overrides(
             backbone=backbone, weights=weights, image_size=image_size, batch_size=batch_size,
             num_workers=workers, device=device, budget=time_limit,
@@ -317,8 +317,8 @@ def evaluate(
         from tlpipe.report import print_evaluation
         from tlpipe.utils import write_json
 
-        json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite)
-        plots = plots and output_folder(plots, "--plots", EVALUATION_PLOTS, overwrite=overwrite)
+        json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite, dataset=data)
+        plots = plots and output_folder(plots, "--plots", EVALUATION_PLOTS, overwrite=overwrite, dataset=data)
         metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers, plots)
         if json_file:
             write_json(json_file, metrics)
@@ -417,17 +417,17 @@ def serve(
     """Serve a fit's MLflow model over HTTP (mlflow models serve: POST /invocations with base64 images),
     once the model and the tlpipe code stored with it (which the server runs) are checked."""
     with user_errors():
-        from tlpipe.serving import MAX_ROWS_ENV, check_served_model, serve_command, served_model
+        from tlpipe.serving import MAX_ROWS_ENV, check_served_model, row_cap, serve_command, served_model
         from tlpipe.tracking import check_port_free, exposure_warning, run_server
 
-        model, store = served_model(target, tracking_uri)
-        check_served_model(model, store)
+        served = served_model(target, tracking_uri)
+        check_served_model(served)
         check_port_free(host, port)
         if warning := exposure_warning(host, "mlflow models serve", "query the model"):
             typer.echo(warning, err=True)
-        typer.echo(f"Serving {model} ({store}) on http://{host}:{port}/invocations (Ctrl+C stops it)")
-        env = {"MLFLOW_TRACKING_URI": store, **({MAX_ROWS_ENV: str(max_rows)} if max_rows else {})}
-        raise typer.Exit(run_server(serve_command(model, host, port), "mlflow models serve", env))
+        typer.echo(f"Serving {served.uri} ({served.store}) on http://{host}:{port}/invocations (Ctrl+C stops it)")
+        env = {"MLFLOW_TRACKING_URI": served.store, MAX_ROWS_ENV: str(max_rows or row_cap())}
+        raise typer.Exit(run_server(serve_command(served.uri, host, port), "mlflow models serve", env))
 
 
 def main() -> None:

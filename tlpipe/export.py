@@ -132,10 +132,11 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
     the fit's MLflow run unless ``log`` is False."""
     if fmt not in SUFFIX:
         raise TlpipeError(f"unknown export format '{fmt}': use onnx or torchscript")
-    default = bundle.path.parent / "export" / f"model{SUFFIX[fmt]}"
-    out = output_file(out if out is not None else default, "--out", suffixes=SUFFIXES[fmt], companions=[".json"],
-                      overwrite=overwrite or out is None)
-    sweep_temporaries(out.parent)  # what a killed export left here
+    fit = bundle.path.parent  # the default file is the fit's own: each export replaces it
+    owned = out is None and (fit / "summary.json").is_file()
+    out = output_file(out if out is not None else fit / "export" / f"model{SUFFIX[fmt]}", "--out",
+                      suffixes=SUFFIXES[fmt], companions=[".json"], overwrite=overwrite or owned)
+    sweep_temporaries(out.parent, of=out.name)  # what a killed export of this file left
     if bundle.device.type != "cpu":  # the reference is the bundle in float32, as the export runs
         bundle = load_bundle(bundle.path, "cpu")
     checks = check_set(bundle, check, input_type)
@@ -197,7 +198,7 @@ def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta:
 def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     """The parity figures and the sidecar on the MLflow run of the fit that made the bundle, when
     its ``summary.json`` is beside it; what was done, as one line."""
-    from tlpipe.tracking import FitRun
+    from tlpipe.tracking import FitRun, check_store
 
     try:
         summary = read_json(bundle.path.parent / "summary.json")
@@ -208,7 +209,7 @@ def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     figures = {f"export_{fmt}_batch{size}_{key}": row[key] for size, row in record["parity"]["batches"].items()
                for key in ("top1_agreement", "max_abs_difference")}
     try:
-        run = FitRun.attach(run_id, uri)
+        run = FitRun.attach(run_id, check_store(uri))  # a store that does not answer: seconds, not minutes of retries
         run.log_metrics(figures)
         run.log_artifact(sidecar, "export")
     except Exception as exc:  # noqa: BLE001 - the file and its sidecar are written: the run is one more copy

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +36,7 @@ from tlpipe.html_report import SUMMARY, VAL_PREDICTIONS, write_html_report  # th
 from tlpipe.progress import announce
 from tlpipe.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
 from tlpipe.models import Backbone, resolve_layer
-from tlpipe.paths import sweep_temporaries
+from tlpipe.paths import output_folder, sweep_temporaries
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.tracking import FitRun
@@ -48,6 +47,7 @@ STAGED_SUMMARY = ".summary.json.staged"  # the next summary, written before its 
 STAGED_REPORTS = ".reports.staging"  # the next record's reports, moved in with it
 BUNDLE = "model"
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
+ASKED_FOR = "asked for (--strategy or the recipe)"  # why a strategy the user named was trained
 CUT_TAG, STAGE_TAG = "tlpipe_cut", "tlpipe_stage"  # on a cut run: why, and in which stage; gone once it completes
 OWNER = ".tlpipe-fit.json"  # whose folder this is: the fit's data and config key, its process, its MLflow run
 LOCK = ".tlpipe.lock"  # held while a fit writes here; the OS releases it when the process dies
@@ -252,7 +252,7 @@ def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run:
         "run_id": run.run_id, "tracking_uri": run.tracking_uri, "experiment": run.experiment,
         "tlpipe_version": __version__, "data": str(data.resolve()),
         "strategy": model.config.strategy, "layer": layer,
-        "strategy_reason": decision.explanation if decision else "asked for (--strategy or the recipe)",
+        "strategy_reason": decision.explanation if decision else ASKED_FOR,
         **({"auto": _auto(assessment, decision)} if assessment else {}),
         **({"backbone_ranking": ranking} if ranking else {}),
         "head": model.trained.details,
@@ -285,14 +285,14 @@ def _log_mlflow_model(run: FitRun, result: FitResult) -> None:
     says so in one line, and takes the model out of the summary."""
     from tlpipe.serving import log_model
 
-    try:
-        log_model(run, result.bundle_path)
+    try:  # the stored code's checksum kept here too: `tlpipe serve OUTPUT` trusts this copy, not the store's
+        result.summary["mlflow_code_sha256"] = log_model(run, result.bundle_path)
     except Exception as exc:  # noqa: BLE001 - the bundle and summary are saved: the MLflow model is one more copy
         announce(f"[yellow]Note[/] the MLflow model was not logged ({type(exc).__name__}: {str(exc)[:200]}); "
                  f"the bundle {result.bundle_path} predicts as it is")
         result.summary.pop("mlflow_model", None)
-        write_json(result.output_dir / SUMMARY, result.summary)
-        run.log_artifact(result.output_dir / SUMMARY)
+    write_json(result.output_dir / SUMMARY, result.summary)
+    run.log_artifact(result.output_dir / SUMMARY)
 
 
 @contextmanager
@@ -301,7 +301,7 @@ def claim_output(out: Path, data: Path, config: FitConfig, overwrite: bool = Fal
     A fit of other data or another config refuses a folder another fit finished or left, unless
     ``overwrite`` (its files are then removed, the content-keyed caches kept); the same fit again
     resumes. Temporary files a killed fit left are swept."""
-    _check_output_path(Path(out), Path(data))
+    output_folder(out, "--output", dataset=data)
     lock = FileLock(out / LOCK)
     try:
         lock.acquire(timeout=0)
@@ -356,23 +356,6 @@ def _owner(out: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}
-
-
-def _check_output_path(out: Path, data: Path) -> None:
-    """One line for an output folder tlpipe cannot or must not write: inside the dataset (the next
-    run would take it for a class), a file, or not writable."""
-    if out.resolve().is_relative_to(data.resolve()):
-        raise TlpipeError(f"output folder {out} is inside the dataset folder {data}: tlpipe never writes there "
-                          "(the next fit would take it for a class); give an --output outside it")
-    if out.exists() and not out.is_dir():
-        raise TlpipeError(f"output path {out} is a file, not a folder: give another --output")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=out, prefix=".tlpipe-probe.")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise TlpipeError(f"cannot write to the output folder {out} ({exc.strerror or exc}): give a writable --output") from None
 
 
 FIT_FILES = (BUNDLE, SUMMARY, STAGED_SUMMARY, OWNER, "plan.json", "config.yaml", "checkpoints", "trials", "tuning",

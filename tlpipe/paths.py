@@ -9,6 +9,7 @@ are resolved by ``inside``: a crafted file cannot make a command read outside th
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 from pathlib import Path
@@ -17,24 +18,24 @@ from typing import Iterable
 from tlpipe.errors import TlpipeError
 from tlpipe.utils import process_alive, temporary_beside
 
-BUNDLE_MANIFEST = "bundle.json"  # what makes a folder a model bundle (tlpipe.bundle.MANIFEST)
+BUNDLE_MANIFEST, BUNDLE_HEAD = "bundle.json", "head.safetensors"  # a model bundle's own files (tlpipe.bundle)
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$")  # temporary_beside's names: .NAME.PID.RANDOM.tmp
 
 
 def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), overwrite: bool = False,
-                companions: Iterable[str] = ()) -> Path:
+                companions: Iterable[str] = (), dataset: str | Path | None = None) -> Path:
     """``path`` as a file this command may write, its folder made; else one line saying why and
     what to do. ``suffixes``: the names it must end with; an existing file (or one of the
-    ``companions`` written beside it, such as ``.json``) is replaced only with ``overwrite``."""
+    ``companions`` written beside it, such as ``.json``) is replaced only with ``overwrite``;
+    never inside ``dataset`` or a model bundle."""
     path = Path(path).expanduser()
     suffixes = tuple(suffixes)
-    _check_name(path, flag)
+    _check_place(path, flag, dataset)
     if _is_dir(path):
         raise TlpipeError(f"{flag} {path} is a folder: give a file name, such as {path / ('out' + (suffixes or ('',))[0])}")
     if suffixes and not path.name.lower().endswith(suffixes):
         raise TlpipeError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)} (this command writes that "
                           f"kind of file): give a name such as {path.with_suffix(suffixes[0]).name}")
-    _check_not_in_bundle(path, flag)
     existing = [p for p in (path, *(path.with_name(path.name + c) for c in companions)) if _exists(p)]
     if existing and not overwrite:
         raise TlpipeError(f"{flag} {existing[0]} exists: add --overwrite to replace it, or give another {flag}")
@@ -42,13 +43,14 @@ def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), ov
     return path
 
 
-def output_folder(path: str | Path, flag: str, files: Iterable[str] = (), overwrite: bool = False) -> Path:
-    """``path`` as a folder this command may write ``files`` into, made if missing; else one line."""
+def output_folder(path: str | Path, flag: str, files: Iterable[str] = (), overwrite: bool = False,
+                  dataset: str | Path | None = None) -> Path:
+    """``path`` as a folder this command may write ``files`` into, made if missing; else one line.
+    Never inside ``dataset`` or a model bundle."""
     path = Path(path).expanduser()
-    _check_name(path, flag)
+    _check_place(path / "_", flag, dataset)
     if _exists(path) and not _is_dir(path):
         raise TlpipeError(f"{flag} {path} is a file, not a folder: give a folder")
-    _check_not_in_bundle(path / "_", flag)
     existing = [path / name for name in files if _exists(path / name)]
     if existing and not overwrite:
         raise TlpipeError(f"{flag} {path} already holds {existing[0].name}: add --overwrite to replace it, "
@@ -70,17 +72,19 @@ def inside(root: str | Path, relative: str) -> Path | None:
     return path if path.is_relative_to(root) else None
 
 
-def sweep_temporaries(folder: Path, recursive: bool = False, skip: Iterable[str] = ()) -> None:
-    """Remove the temporary files a killed tlpipe process left in ``folder`` (those whose writer is
-    gone); a live writer's are left alone. ``skip``: top-level folders not searched."""
+def sweep_temporaries(folder: Path, of: str | None = None, recursive: bool = False, skip: Iterable[str] = ()) -> None:
+    """Remove the temporary files a killed tlpipe process left in ``folder``: those of the file
+    ``of`` whose writer is gone (a user's folder: nothing else is touched), or, without ``of``, all
+    in a folder tlpipe owns (a fit's output) but a live writer's. ``skip``: top-level folders not searched."""
     folder, skip = Path(folder), set(skip)
     if not folder.is_dir():
         return
-    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+    pattern = f".{glob.escape(of)}.*.tmp" if of else ".*.tmp"
+    for path in folder.rglob(pattern) if recursive else folder.glob(pattern):
         if path.relative_to(folder).parts[0] in skip or not path.is_file():
             continue
         match = _TEMPORARY.match(path.name)
-        if match is None or not process_alive(int(match.group(1))):
+        if match is None and of is None or match is not None and not process_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
 
 
@@ -93,11 +97,21 @@ def too_long(exc: OSError) -> str | None:
     return f"file name too long ({len(Path(name).name)} characters): {shown}; shorten it (most file systems take 255 bytes)"
 
 
-def _check_name(path: Path, flag: str) -> None:
+def _check_place(path: Path, flag: str, dataset: str | Path | None) -> None:
+    """The name fits the file system; the place is outside the dataset (tlpipe never writes there:
+    a new folder would be read as a class) and outside any model bundle (its files are checksummed)."""
     for part in path.parts:
         if len(part.encode()) > 255:
             raise TlpipeError(f"{flag}: a name in the path is {len(part.encode())} bytes long (at most 255): "
                               f"{part[:40]}…; shorten it")
+    where = path.absolute()
+    if dataset is not None and where.resolve().is_relative_to(Path(dataset).expanduser().resolve()):
+        raise TlpipeError(f"{flag} {path.parent if path.name == '_' else path} is inside the dataset folder {dataset}: "
+                          "tlpipe never writes there (the next fit would take it for a class); give a path outside it")
+    for folder in where.parents:
+        if (folder / BUNDLE_MANIFEST).is_file() and (folder / BUNDLE_HEAD).is_file():
+            raise TlpipeError(f"{flag} {path} is inside the model bundle {folder}: writing there would break it; "
+                              "give a path outside it")
 
 
 def _exists(path: Path) -> bool:
@@ -106,14 +120,6 @@ def _exists(path: Path) -> bool:
 
 def _is_dir(path: Path) -> bool:
     return os.path.isdir(path)
-
-
-def _check_not_in_bundle(path: Path, flag: str) -> None:
-    """A model bundle's files are checksummed: a file written among them breaks it."""
-    for folder in path.absolute().parents:
-        if (folder / BUNDLE_MANIFEST).is_file():
-            raise TlpipeError(f"{flag} {path} is inside the model bundle {folder}: writing there would break it; "
-                              "give a path outside it")
 
 
 def _writable_folder(folder: Path, what: str) -> None:

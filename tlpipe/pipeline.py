@@ -44,7 +44,7 @@ from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
 from tlpipe.outputs import (
-    STAGE_TAG, SUMMARY, FitResult, FittedModel, claim_output, keep_run, previous_status, record, recorded_run, restore_bundle,
+    ASKED_FOR, STAGE_TAG, SUMMARY, FitResult, FittedModel, claim_output, keep_run, previous_status, record, recorded_run, restore_bundle,
     write_cut_summary,
 )
 from tlpipe.progress import announce, quiet_libraries
@@ -76,22 +76,20 @@ PLAN = "plan.json"
 @dataclass
 class Timings:
     seconds: dict[str, float] = field(default_factory=dict)
-    current: str | None = None  # the stage running now
-    stopped_in: str | None = None  # the innermost stage a cut or an error left: what a cut names
+    cut_in: str | None = None  # the innermost stage a cut (SIGTERM, Ctrl+C) stopped: what the run's tag names
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         raise_if_stopped()
-        start, outer, self.current = time.perf_counter(), self.current, name
+        start = time.perf_counter()
         try:
             yield
             raise_if_stopped()
-        except BaseException:
-            self.stopped_in = self.stopped_in or name
+        except FitCut:
+            self.cut_in = self.cut_in or name
             raise
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
-            self.current = outer
 
 
 @dataclass
@@ -249,7 +247,7 @@ class Saved:
         """The summary after SIGTERM or Ctrl+C; a fit whose final record was written stays complete."""
         if not self.enabled or self.result is not None:
             return self.result
-        self.run.log_batch(tags={STAGE_TAG: self.timings.stopped_in or "between stages"})
+        self.run.log_batch(tags={STAGE_TAG: self.timings.cut_in or "between stages"})
         if self.model is None:
             bundle = write_cut_summary(self.prepared.out, reason, self.timings.seconds, self.run)
             return bundle and FitResult(self.prepared.out, bundle, self.run.run_id, {}, self.prepared.spec, {})
@@ -262,7 +260,7 @@ def _stand_in(choice: Choice, why: str) -> Decision:
     """The decision of a linear classifier saved in place of the fine-tune that was chosen or asked
     for: its reasons, then ``why`` (a report never shows the stand-in as the user's choice)."""
     chosen = choice.assessment.decision if choice.assessment else Decision(
-        choice.config.strategy, reasons=(f"{choice.config.strategy.capitalize()} asked for (--strategy or the recipe).",))
+        choice.config.strategy, reasons=(f"{choice.config.strategy.capitalize()} {ASKED_FOR}.",))
     return chosen.fall_back(why)
 
 
@@ -433,7 +431,7 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
-        return _no_trial_finished(choice, backbone, tuned, decision, config.strategy)
+        return _no_trial_finished(choice, backbone, tuned)
     with timings.stage("train"):
         if config.strategy == "linear":
             trained = fit_linear(config, choice.codes)
@@ -443,19 +441,18 @@ def train(prepared: Prepared, choice: Choice, plan: Plan, run: FitRun, ranks: Di
                                        on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ranks, deadline=deadline,
                                        allowance=trial_allowance(None, deadline, config.finetune.epochs))
             except DidNotLearn as failed:
-                return _linear_stands(choice, backbone, tuned, decision, config.strategy, _sentence(str(failed)))
+                return _linear_stands(choice, backbone, tuned, _sentence(str(failed)))
             finally:
                 forget_outputs()  # the frozen-stage outputs the trials and this fit shared
     return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 
-def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned, decision: Decision | None,
-                       strategy: str) -> FittedModel:
+def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned) -> FittedModel:
     """No fine-tuning trial finished: every one did not learn, or the budget ran out first."""
     failures = [why for why in (tuned.summary.get("pruned_reasons") or {}).values() if why.startswith(DID_NOT_LEARN)]
     if failures and len(failures) == tuned.summary.get("pruned", 0) and not tuned.summary.get("waiting"):
-        return _linear_stands(choice, backbone, tuned, decision, strategy, _sentence(failures[0]))
-    return _linear_stands(choice, backbone, tuned, decision, strategy,
+        return _linear_stands(choice, backbone, tuned, _sentence(failures[0]))
+    return _linear_stands(choice, backbone, tuned,
                           "Budget: no fine-tuning trial finished in the time limit; the linear classifier stands.")
 
 
@@ -463,14 +460,12 @@ def _sentence(text: str) -> str:
     return f"{text[:1].upper()}{text[1:]}."
 
 
-def _linear_stands(choice: Choice, backbone: Backbone, tuned: Tuned, decision: Decision | None, strategy: str,
-                   reason: str) -> FittedModel:
+def _linear_stands(choice: Choice, backbone: Backbone, tuned: Tuned, reason: str) -> FittedModel:
     """The linear classifier saved before the fine-tune is the model, on ``backbone`` as it was built
-    (every trial trained a copy), the decision (a new one, for a strategy asked for) saying why."""
+    (every trial trained a copy), its decision saying why."""
     linear = choice.linear
-    decision = (decision or Decision(strategy)).fall_back(reason)
     trained = dataclasses.replace(linear.trained, details={**linear.trained.details, "finetune_fallback": reason})
-    return FittedModel(linear.config, backbone, trained, linear.codes["val"], tuned.summary, decision)
+    return FittedModel(linear.config, backbone, trained, linear.codes["val"], tuned.summary, _stand_in(choice, reason))
 
 
 def check(prepared: Prepared, choice: Choice, model: FittedModel, timings: Timings, budget: Budget) -> FittedModel:
@@ -701,7 +696,7 @@ def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, 
     from tlpipe.codes import FORMATS, save_codes
     from tlpipe.paths import output_file
 
-    out = output_file(out, "--out", suffixes=FORMATS, overwrite=overwrite)
+    out = output_file(out, "--out", suffixes=FORMATS, overwrite=overwrite, dataset=data)
     config = config or load_config(recipe)
     spec = prepare_dataset(data, seed=config.seed, hold_out=False, report_dir=None)
     backbone = build_backbone(config)

@@ -6,7 +6,7 @@ weights unless a pinned pip package gives them back), tlpipe itself as code, and
 requirements pin the versions the fit ran with. The input is a column ``image`` of encoded
 image files (bytes; base64 strings too, which is what JSON requests carry); each row gets its
 label, its top-k labels and probabilities, and the probability of every class, in the order of
-the model's ``classes`` metadata. A request holds at most ``max_rows()`` rows (256 unless
+the model's ``classes`` metadata. A request holds at most ``row_cap()`` rows (256 unless
 ``TLPIPE_SERVE_MAX_ROWS`` says otherwise: ``tlpipe serve --max-rows``).
 
 The server runs the tlpipe code stored with the model, not this environment's: the model's metadata
@@ -19,10 +19,12 @@ import binascii
 import hashlib
 import io
 import os
+import shutil
 import re
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,7 +54,7 @@ class BundleModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if IMAGE_COLUMN not in getattr(model_input, "columns", ()):
             raise _bad_input(f"the input needs a column '{IMAGE_COLUMN}' of image files (bytes or base64 strings)")
-        limit = max_rows()
+        limit = row_cap()
         if len(model_input) > limit:
             raise _bad_input(f"{len(model_input)} rows in one request, more than the {limit} this server takes: "
                              f"send at most {limit} per request (or serve with a larger tlpipe serve --max-rows)")
@@ -75,11 +77,11 @@ class BundleModel(PythonModel):
         })
 
 
-def max_rows() -> int:
+def row_cap() -> int:
     """The most rows one request may hold: without a cap one request can hold the server for minutes."""
     value = os.environ.get(MAX_ROWS_ENV, str(DEFAULT_MAX_ROWS))
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{MAX_ROWS_ENV}={value!r} is not a number of rows: set a whole number of 1 or more")
+        raise TlpipeError(f"{MAX_ROWS_ENV}={value!r} is not a number of rows: set a whole number of 1 or more")
     return int(value)
 
 
@@ -113,7 +115,8 @@ def _decode(value: Any, row: int, min_size: int):
 
 def log_model(run, bundle: Path) -> str:
     """Log ``bundle`` to ``run`` (a ``FitRun``) as its MLflow model, replacing one logged before by
-    the same run (a resumed fit); returns the model's ``runs:/`` URI."""
+    the same run (a resumed fit); returns the checksum of the tlpipe code stored with it, which
+    ``tlpipe serve`` checks (the model is ``runs:/<run id>/model``)."""
     import mlflow
     from mlflow.models import Model, infer_signature
 
@@ -123,6 +126,9 @@ def log_model(run, bundle: Path) -> str:
     replaced = _logged_models(run.client, run.run_id)
     with tempfile.TemporaryDirectory() as folder, _tracking(run.tracking_uri):
         artifacts = portable_bundle(Path(bundle), Path(folder) / "bundle")
+        code = Path(folder) / "code" / _PACKAGE.name  # no compiled files: the checksum covers all the copy holds
+        shutil.copytree(_PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__"))
+        checksum = code_sha256(code)
         model = BundleModel()
         model.bundle = load_bundle(artifacts)
         example = pd.DataFrame({IMAGE_COLUMN: [_example_image()]})
@@ -131,13 +137,13 @@ def log_model(run, bundle: Path) -> str:
         logged = run.client.create_logged_model(run.experiment_id, name=MODEL_NAME, source_run_id=run.run_id)
         Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run.run_id, model_id=logged.model_id,
                   python_model=str(_CODE),
-                  artifacts={"bundle": str(artifacts)}, code_paths=[str(_PACKAGE)],
+                  artifacts={"bundle": str(artifacts)}, code_paths=[str(code)],
                   signature=signature, input_example=example, pip_requirements=pip_requirements(),
                   metadata={"classes": model.bundle.classes, "tlpipe_bundle_sha256": model.bundle.manifest["head"]["sha256"],
-                            "tlpipe_version": __version__, "tlpipe_code_sha256": code_sha256(_PACKAGE)})
+                            "tlpipe_version": __version__, "tlpipe_code_sha256": checksum})
     for old in replaced:  # only once the new one is logged: a run is never left without a model
         run.client.delete_logged_model(old.model_id)
-    return f"runs:/{run.run_id}/{MODEL_NAME}"
+    return checksum
 
 
 def _logged_models(client, run_id: str) -> list:
@@ -186,34 +192,46 @@ def register_model(run_id: str, tracking_uri: str, name: str, alias: str | None 
     return str(version)
 
 
-def served_model(target: str, tracking_uri: str | None = None) -> tuple[str, str]:
-    """(model URI, tracking URI) for ``target``: a fit's output folder (its summary names both), or
-    an MLflow model URI (``runs:/...``, ``models:/NAME@ALIAS``) on ``tracking_uri``."""
+@dataclass(frozen=True)
+class ServedModel:
+    """What ``tlpipe serve`` serves: the model's URI, its store, and the checksum of its stored code
+    that the fit kept in its own folder (None for a bare model URI: the store's record is all there is)."""
+
+    uri: str
+    store: str
+    code_sha256: str | None = None
+
+
+def served_model(target: str, tracking_uri: str | None = None) -> ServedModel:
+    """The model ``target`` names: a fit's output folder (its summary names the model, the store and
+    the code's checksum), or an MLflow model URI (``runs:/...``, ``models:/NAME@ALIAS``) on ``tracking_uri``."""
     from tlpipe.tracking import resolve_tracking_uri
     from tlpipe.utils import read_json
 
     if target.startswith(("runs:/", "models:/")):
-        return target, resolve_tracking_uri(tracking_uri)
+        return ServedModel(target, resolve_tracking_uri(tracking_uri))
     summary_file = Path(target).expanduser() / "summary.json"
     try:
         summary = read_json(summary_file)
         model = summary.get("mlflow_model") or f"runs:/{summary['run_id']}/{MODEL_NAME}"
-        return model, resolve_tracking_uri(tracking_uri) if tracking_uri else summary["tracking_uri"]
-    except (OSError, ValueError, KeyError):
+        store = resolve_tracking_uri(tracking_uri) if tracking_uri else summary["tracking_uri"]
+        return ServedModel(model, store, summary.get("mlflow_code_sha256"))
+    except (OSError, ValueError, KeyError, AttributeError):
         raise TlpipeError(f"{target} is neither a fit's output folder (no readable {summary_file.name}) nor an MLflow "
                           "model URI (runs:/<run id>/model, models:/NAME@champion)") from None
 
 
-def check_served_model(model_uri: str, store: str) -> None:
-    """Before ``tlpipe serve`` says it serves: ``model_uri`` is a model the store holds (an active run's,
-    a registered name and alias), and the tlpipe code stored with it, which the server will run, is
+def check_served_model(served: ServedModel) -> None:
+    """Before ``tlpipe serve`` says it serves: the model is one the store holds (an active run's, a
+    registered name and alias), and the tlpipe code stored with it, which the server will run, is
     the code the fit recorded. One line otherwise, never MLflow's traceback from the starting server."""
     from mlflow.exceptions import MlflowException
 
-    from tlpipe.tracking import check_store
+    from tlpipe.tracking import check_store, sqlite_file
 
+    model_uri, store = served.uri, served.store
     check_store(store, write=False)  # a server that does not answer: one line in seconds, not minutes of retries
-    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///").partition("?")[0]).is_file():
+    if sqlite_file(store) and not sqlite_file(store).is_file():
         raise TlpipeError(f"cannot serve {model_uri}: the MLflow store {store} does not exist; give the fit's store "
                           "with --tracking-uri (or MLFLOW_TRACKING_URI)")
     with tempfile.TemporaryDirectory() as folder, _tracking(store):
@@ -224,7 +242,7 @@ def check_served_model(model_uri: str, store: str) -> None:
             raise TlpipeError(f"cannot serve {model_uri} from the MLflow store {store}: {exc.message.splitlines()[0]}; "
                               "give a model that store holds (runs:/<run id>/model, models:/NAME@ALIAS; a fit's "
                               "summary.json names its own) or the fit's store with --tracking-uri") from None
-        _check_stored_code(model_uri, store, stored)
+        _check_stored_code(served, stored)
 
 
 def _check_run_active(model_uri: str, store: str) -> None:
@@ -242,15 +260,20 @@ def _check_run_active(model_uri: str, store: str) -> None:
 def _download(model_uri: str, part: str, folder: Path) -> Path:
     """One file or folder of the stored model, copied under ``folder``; its local path."""
     from mlflow.artifacts import download_artifacts
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
+    if model_uri.startswith("models:"):  # models:/m-<id>/MLmodel would read as model m-<id>, version "MLmodel"
+        model_uri = ModelsArtifactRepository.get_underlying_uri(model_uri)
     return Path(download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{part}", dst_path=str(folder / part)))
 
 
-def _check_stored_code(model_uri: str, store: str, stored: dict[str, Path]) -> None:
-    """The stored tlpipe's version and checksum are those the model's metadata recorded at log time,
-    and the model's code file is that tlpipe's ``mlflow_model.py``."""
+def _check_stored_code(served: ServedModel, stored: dict[str, Path]) -> None:
+    """The stored tlpipe's version and checksum are those the model's metadata recorded at log time
+    (and the fit's own folder, when it was given), and the model's code file is that tlpipe's
+    ``mlflow_model.py``."""
     import yaml
 
+    model_uri, store = served.uri, served.store
     recorded = yaml.safe_load(stored["MLmodel"].read_text(encoding="utf-8")).get("metadata") or {}
     package = stored["code"] / _PACKAGE.name
     if "tlpipe_code_sha256" not in recorded:
@@ -261,7 +284,9 @@ def _check_stored_code(model_uri: str, store: str, stored: dict[str, Path]) -> N
     if (found and found[1]) != recorded.get("tlpipe_version"):
         differences.append(f"tlpipe {found[1] if found else '?'}, recorded {recorded.get('tlpipe_version')}")
     if code_sha256(package) != recorded["tlpipe_code_sha256"]:
-        differences.append("the checksum of its .py files differs")
+        differences.append("the checksum of its files differs")
+    if served.code_sha256 and served.code_sha256 != recorded["tlpipe_code_sha256"]:
+        differences.append("the model's metadata records another checksum than the fit's summary.json")
     if _read(stored["mlflow_model.py"]) != _read(package / _CODE.name):
         differences.append("the model's mlflow_model.py differs")
     if differences:
@@ -276,10 +301,12 @@ def _read(path: Path) -> str:
 
 
 def code_sha256(package: Path) -> str:
-    """sha256 over a tlpipe package's .py files (relative path and contents, in sorted order): the code
-    a model from code runs."""
+    """sha256 over every file of a tlpipe package (relative path and contents, in sorted order): the
+    code a model from code runs. Logged without ``__pycache__``, so a compiled module or any other
+    file added to the stored copy changes it."""
     digest = hashlib.sha256()
-    for file in sorted(package.rglob("*.py"), key=lambda f: f.relative_to(package).as_posix()):
+    files = (f for f in package.rglob("*") if f.is_file())
+    for file in sorted(files, key=lambda f: f.relative_to(package).as_posix()):
         digest.update(f"{file.relative_to(package).as_posix()}\0".encode())
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()

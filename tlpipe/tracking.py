@@ -26,6 +26,11 @@ from tlpipe.errors import TlpipeError
 from tlpipe.utils import process_alive
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store URI (``sqlite:///path?options``); None for other stores."""
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The explicit URI, else ``MLFLOW_TRACKING_URI``, else MLflow's default; relative SQLite
     paths are made absolute so the run records where its store really is."""
@@ -63,7 +68,7 @@ def check_store(uri: str | None = None, write: bool = True) -> str:
     if uri.startswith(("sqlite:///", "file:")) and not write:
         return uri  # a local store is read as it is (tlpipe serve says when the model is not in it)
     if uri.startswith("sqlite:///"):
-        _check_sqlite(Path(uri.removeprefix("sqlite:///").partition("?")[0]))
+        _check_sqlite(sqlite_file(uri))
     elif uri.startswith("file:"):
         _check_file_store(Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)))
     elif base in ("http", "https"):
@@ -167,9 +172,8 @@ def _check_database(host: str, port: int) -> None:
 
 
 def _artifact_root(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return None
+    db = sqlite_file(uri)
+    return (db.parent / "mlartifacts").as_uri() if db else None
 
 
 def _write_ahead_log(db: Path) -> None:
@@ -205,12 +209,12 @@ def _store_lock(uri: str) -> Iterator[None]:
     """Creating or migrating a SQLite store, one process at a time (a lock file beside the database):
     fits started together on a new store would otherwise race MLflow's migrations and leave the
     store half-migrated for every later fit."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         yield
         return
     from filelock import FileLock
 
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock"):
         yield
@@ -254,8 +258,8 @@ class FitRun:
 
         self.client = MlflowClient(self.tracking_uri)
         found = self.client.get_experiment_by_name(self.experiment)  # also creates or migrates the store's tables
-        if self.tracking_uri.startswith("sqlite:///"):
-            _write_ahead_log(Path(self.tracking_uri.removeprefix("sqlite:///")))
+        if sqlite_file(self.tracking_uri):
+            _write_ahead_log(sqlite_file(self.tracking_uri))
         if found is not None:
             return found.experiment_id
         root = _artifact_root(self.tracking_uri)
