@@ -87,7 +87,7 @@ def problems(out: Path) -> list[str]:
     from safetensors.torch import load_file
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.outputs import OWNER, bundle_identity
+    from tlpipe.run_folder import RunFolder, bundle_identity
 
     found = []
     for path in out.rglob("*.json"):
@@ -100,7 +100,7 @@ def problems(out: Path) -> list[str]:
             load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure is the finding
             found.append(f"{path.relative_to(out)} does not load ({exc})")
-    summary, owner = json.loads((out / "summary.json").read_text()), json.loads((out / OWNER).read_text())
+    summary, owner = json.loads((out / "summary.json").read_text()), json.loads((out / RunFolder.OWNER).read_text())
     if summary.get("status") != "complete":
         found.append(f"summary status {summary.get('status')}")
     if summary.get("run_id") != owner.get("run_id"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_color, make_image, one_line, tlpipe, tree_snapshot
+from conftest import FAST, class_color, dataset, make_image, one_line, tlpipe, tree_snapshot
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_no_command_writes_into_the_dataset(fitted, tmp_path):
 
 
 def test_a_killed_writers_temporary_files_go_and_a_live_or_foreign_ones_stay(fitted, tmp_path):
-    from tlpipe.outputs import sweep_temporary
+    from tlpipe.run_folder import RunFolder
     from tlpipe.paths import sweep_temporaries
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -115,7 +115,7 @@ def test_a_killed_writers_temporary_files_go_and_a_live_or_foreign_ones_stay(fit
             make_image(folder / "x.png").rename(folder / name)
     sweep_temporaries(tmp_path / "user", of="model.onnx")  # what an export does in the folder of its --out
     assert sorted(p.name for p in (tmp_path / "user").iterdir()) == sorted([names["live"], names["foreign"]])
-    sweep_temporary(tmp_path / "fit")  # what a fit does in its own output folder
+    RunFolder(tmp_path / "fit").sweep()  # what a fit does in its own output folder
     assert [p.name for p in (tmp_path / "fit" / "export").iterdir()] == [names["live"]]
 
 
@@ -186,3 +186,23 @@ def test_usage_lines_name_arguments_as_unix_tools_do():
     result = tlpipe("predict")
     assert result.exit_code == 2
     assert "predict [OPTIONS] BUNDLE PATHS...\n" in result.output and "{" not in result.output
+
+
+def test_a_part_of_the_record_that_failed_is_a_warning_in_the_summary_the_report_and_the_run(tmp_path):
+    """The MLflow model cannot be logged (a file stands where the store keeps models): the fit is whole,
+    and says so in one place, printed and logged."""
+    from mlflow.tracking import MlflowClient
+
+    root = dataset(tmp_path / "pets", ["cats", "dogs"])
+    store = tmp_path / "store"
+    (store / "mlartifacts" / "pets").mkdir(parents=True)
+    (store / "mlartifacts" / "pets" / "models").write_text("in the way")
+    uri, out = f"sqlite:///{store / 'mlflow.db'}", tmp_path / "out"
+    result = tlpipe("fit", root, "-o", out, *FAST, "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    [warning] = summary["warnings"]
+    assert warning.startswith("the MLflow model was not logged") and "mlflow_model" not in summary
+    assert "Warning the MLflow model was not logged" in " ".join(result.stdout.split())
+    assert MlflowClient(uri).get_run(summary["run_id"]).data.tags["tlpipe_warnings"] == warning
+    assert "Warning: the MLflow model was not logged" in (out / "report.html").read_text(encoding="utf-8")

@@ -246,7 +246,7 @@ def test_mlflow_models_serve_answers_with_the_labels_tlpipe_predict_gives(fitted
             except OSError:
                 time.sleep(1)
         else:
-            pytest.skip(f"mlflow models serve did not start: {log.read_text()[-600:]}")
+            pytest.fail(f"mlflow models serve did not start: {log.read_text()[-600:]}")  # a crash is a failure
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]
                                                                                 for p in images]}})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),

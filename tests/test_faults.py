@@ -86,9 +86,9 @@ HOLD_CODE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from tlpipe.config import load_config
-    from tlpipe.outputs import claim_output
+    from tlpipe.run_folder import RunFolder, fit_key
     config = load_config("default", strategy="linear", num_workers=0, device="cpu")  # what FAST asks for
-    with claim_output(Path(sys.argv[1]), Path(sys.argv[2]), config):
+    with RunFolder(Path(sys.argv[1])).claim(Path(sys.argv[2]), fit_key(Path(sys.argv[2]), config)):
         print("held", flush=True)
         time.sleep(120)
 """)
@@ -356,22 +356,23 @@ def test_a_sigkill_between_the_bundle_swap_and_the_summary_is_made_whole_on_the_
     """The staged summary names the bundle swapped in: finished; naming one that never came: dropped."""
     import shutil
 
-    from tlpipe.outputs import STAGED_REPORTS, STAGED_SUMMARY, bundle_identity, restore_bundle
+    from tlpipe.run_folder import RunFolder, bundle_identity
 
     out = tmp_path / "out"
+    STAGED_REPORTS, STAGED_SUMMARY = RunFolder.STAGED_REPORTS, RunFolder.STAGED_SUMMARY
     shutil.copytree(bundle_dir[1], out / "model")
     (out / "summary.json").write_text(json.dumps({"status": "provisional", "bundle_sha256": "old"}))
     (out / "classification_report.json").write_text('{"accuracy": 0.5}')
     (out / STAGED_REPORTS).mkdir()
     (out / STAGED_REPORTS / "classification_report.json").write_text('{"accuracy": 0.9}')
     (out / STAGED_SUMMARY).write_text(json.dumps({"status": "complete", "bundle_sha256": bundle_identity(out / "model")}))
-    restore_bundle(out)
+    RunFolder(out).restore()
     assert json.loads((out / "summary.json").read_text())["status"] == "complete" and not (out / STAGED_SUMMARY).exists()
     assert json.loads((out / "classification_report.json").read_text())["accuracy"] == 0.9  # its reports moved in with it
     assert not (out / STAGED_REPORTS).exists()
     (out / STAGED_REPORTS).mkdir()
     (out / STAGED_REPORTS / "classification_report.json").write_text('{"accuracy": 0.1}')
     (out / STAGED_SUMMARY).write_text(json.dumps({"status": "complete", "bundle_sha256": "a bundle never swapped in"}))
-    restore_bundle(out)
+    RunFolder(out).restore()
     assert json.loads((out / "summary.json").read_text())["status"] == "complete" and not (out / STAGED_SUMMARY).exists()
     assert json.loads((out / "classification_report.json").read_text())["accuracy"] == 0.9 and not (out / STAGED_REPORTS).exists()

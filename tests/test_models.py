@@ -119,6 +119,29 @@ def test_taps_joined_by_plus_give_their_codes_side_by_side(backbone, few_images)
     np.testing.assert_allclose(codes, np.hstack([last, stage]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_closed_extractor_leaves_nothing_on_the_shared_backbone(backbone):
+    """A hook left on the backbone would run in every later pass and keep its extractor (and the
+    feature map it last captured) alive: one after the other, the first is gone once closed."""
+    import gc
+    import weakref
+
+    images = torch.randn(2, 3, 64, 64)
+    with CodeExtractor(backbone.model, "blocks.4") as first, torch.no_grad():
+        expected = first(images)
+    first_ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert first_ref() is None
+    with CodeExtractor(backbone.model, "blocks.4") as second, torch.no_grad():
+        torch.testing.assert_close(second(images), expected)
+
+
+def test_a_backbone_at_another_size_is_a_new_one_sharing_the_weights(backbone):
+    sized = backbone.at_size(96)
+    assert sized.data_config == {**backbone.data_config, "input_size": (3, 96, 96)} and sized.model is backbone.model
+    assert backbone.data_config["input_size"] == (3, 224, 224)
+
+
 def test_unknown_layer_lists_the_valid_ones(backbone):
     with pytest.raises(TlpipeError, match="blocks.4"):
         CodeExtractor(backbone.model, "blocks.99")

@@ -132,7 +132,7 @@ def test_two_workers_run_exactly_the_queued_trials(postgres_url, tmp_path):
     assert [t.number for t in trials] == list(range(12))  # none lost, none created twice
     assert all(t.state in FINISHED for t in trials), [t.state.name for t in trials]
     assert trials[0].params == tuning.default_params(cfg)
-    ran = {t.user_attrs[tuning._WORKER] for t in trials}
+    ran = {t.user_attrs[tuning.WORKER_ATTR] for t in trials}
     assert len(ran) == 2  # both workers took trials
     tuning.run_study(study, tuning_objective_never_called, cfg, trials=12)  # the lead: nothing left to run
     assert len(study.get_trials(deepcopy=False)) == 12

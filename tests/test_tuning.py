@@ -217,7 +217,7 @@ def test_processes_run_queued_trials_only(tmp_path):
     creates none (also checks that Optuna still calls the storage hook tlpipe overrides)."""
     config = partial_config(trials=2)
     study = tuning.tune(config, tmp_path, curve_objective).study
-    with pytest.raises(tuning._QueueEmpty):
+    with pytest.raises(tuning.QueueEmpty):
         study.ask()
     worker, worker_config = tuning.join_study(tuning.storage_url(tmp_path), study.study_name)
     assert worker_config.finetune == config.finetune

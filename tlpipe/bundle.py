@@ -184,17 +184,21 @@ class Bundle:
                       onnx_runtime: bool = True) -> np.ndarray:
         return self.head.predict_proba(self.codes(paths, batch_size, workers, onnx_runtime))
 
-    def predict_proba_images(self, pictures: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """``predict_proba`` for images already decoded (``load_rgb``), as a server receives them."""
+    def image_codes(self, pictures: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """``codes`` of images already decoded (``load_rgb``), as a server receives them."""
         transform = eval_transform(self.backbone.data_config)
         loader = DataLoader([(transform(p), -1) for p in pictures], batch_size=batch_size)
-        return self.head.predict_proba(extract_codes(self.extractor, loader, self.device, "Predicting")[0])
+        return extract_codes(self.extractor, loader, self.device, "Predicting")[0]
+
+    def ranked(self, codes: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The probabilities of ``codes`` and each row's ``top_k`` classes, best first, ties to the lower
+        index: what ``predict`` and the MLflow model answer. Ranked by the logits, not the probabilities,
+        so the first is exactly the head's argmax (what validation scored) even where probabilities
+        round to the same float."""
+        return self.head.predict_proba(codes), np.argsort(-self.head.logits(codes), axis=1, kind="stable")[:, :top_k]
 
     def predict(self, paths: Sequence[Path], top_k: int = 1, batch_size: int = 64, workers: int | None = None) -> list[Prediction]:
-        codes = self.codes(paths, batch_size, workers)
-        probs = self.head.predict_proba(codes)
-        # Rank by the logits: the class predicted is exactly the head's argmax, as in validation.
-        order = np.argsort(-self.head.logits(codes), axis=1, kind="stable")[:, :top_k]
+        probs, order = self.ranked(self.codes(paths, batch_size, workers), top_k)
         return [
             Prediction(str(p), [self.classes[j] for j in row], [float(probs[i, j]) for j in row])
             for i, (p, row) in enumerate(zip(paths, order))

@@ -34,7 +34,8 @@ from tlpipe.data.loader import decode_size
 from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import inside, output_file, sweep_temporaries
-from tlpipe.utils import atomic_write, read_json, temporary_beside
+from tlpipe.run_folder import RunFolder
+from tlpipe.utils import atomic_write, temporary_beside
 
 Format = Literal["onnx", "torchscript"]
 InputType = Literal["uint8", "float32"]
@@ -132,9 +133,9 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
     the fit's MLflow run unless ``log`` is False."""
     if fmt not in SUFFIX:
         raise TlpipeError(f"unknown export format '{fmt}': use onnx or torchscript")
-    fit = bundle.path.parent  # the default file is the fit's own: each export replaces it
-    owned = out is None and (fit / "summary.json").is_file()
-    out = output_file(out if out is not None else fit / "export" / f"model{SUFFIX[fmt]}", "--out",
+    fit = RunFolder(bundle.path.parent)  # the default file is the fit's own: each export replaces it
+    owned = out is None and (fit / fit.SUMMARY).is_file()
+    out = output_file(out if out is not None else fit / fit.EXPORT / f"model{SUFFIX[fmt]}", "--out",
                       suffixes=SUFFIXES[fmt], companions=[".json"], overwrite=overwrite or owned)
     sweep_temporaries(out.parent, of=out.name)  # what a killed export of this file left
     if bundle.device.type != "cpu":  # the reference is the bundle in float32, as the export runs
@@ -201,9 +202,9 @@ def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     from tlpipe.tracking import FitRun, check_store
 
     try:
-        summary = read_json(bundle.path.parent / "summary.json")
+        summary = RunFolder(bundle.path.parent).read_summary()
         run_id, uri = summary["run_id"], summary["tracking_uri"]
-    except (OSError, KeyError, ValueError):
+    except (TlpipeError, KeyError):
         return "Not logged to MLflow: no summary.json of the fit beside the bundle"
     fmt = record["format"]
     figures = {f"export_{fmt}_batch{size}_{key}": row[key] for size, row in record["parity"]["batches"].items()
@@ -285,12 +286,12 @@ def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = 
 
 def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
     """(image, class) of the validation split of the fit that made ``bundle``, from its output folder."""
-    fit = bundle.path.parent
+    fit = RunFolder(bundle.path.parent)
     try:
-        data = Path(read_json(fit / "summary.json")["data"])
-        with (fit / "val_predictions.csv").open(encoding="utf-8", newline="") as f:
+        data = Path(fit.read_summary()["data"])
+        with (fit / fit.VAL_PREDICTIONS).open(encoding="utf-8", newline="") as f:
             rows = [(inside(data, row["path"]), row["true"]) for row in csv.DictReader(f)]
-    except (OSError, KeyError, ValueError, TypeError):
+    except (TlpipeError, OSError, KeyError, ValueError, TypeError):
         return []
     return [(path, label) for path, label in rows if path is not None and path.is_file()]
 

@@ -19,12 +19,9 @@ from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.data.images import load_rgb
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import inside
+from tlpipe.run_folder import RunFolder
 from tlpipe.utils import atomic_write, read_json, write_json
 
-SUMMARY = "summary.json"  # written by tlpipe.outputs, which takes these names from here
-VAL_PREDICTIONS = "val_predictions.csv"
-REPORT = "report.html"
-PROFILE = "profile.json"
 MISTAKES_SHOWN = 12
 THUMBNAIL = 128
 
@@ -32,37 +29,26 @@ THUMBNAIL = 128
 def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
     """Write ``<out>/report.html`` from the fit's files; ``spec``: the fit's checked data (else the
     dataset the summary names is checked and split again, with the fit's seed)."""
-    out = Path(out)
-    summary = read_summary(out)
+    folder = RunFolder(out)
+    out, summary = folder.path, folder.read_summary()
     if "metrics" not in summary:
         raise TlpipeError(f"{out} holds no finished fit to report on (its summary has no metrics): run tlpipe fit first")
     spec = spec or _spec(out, summary)
     page = _environment().get_template("report.html.j2").render(
-        summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(out / "quarantine.csv")[1:],
+        summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(folder / folder.QUARANTINE)[1:],
         data_missing=None if spec else summary["data"],
-        signals=(_read(out / "strategy.json", {}).get("signals") or {}).get("stages", []),
-        trials=_trials(out / "tuning" / "trials.csv"), metrics=_read(out / "classification_report.json"),
+        signals=(_read(folder / folder.STRATEGY, {}).get("signals") or {}).get("stages", []),
+        trials=_trials(folder / folder.TUNING / "trials.csv"), metrics=_read(folder / folder.CLASSIFICATION_REPORT),
         calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
-        images={name: _png_uri(out / file) for name, file in (("history", "tuning/optuna_history.png"),
-                ("curves", "learning_curves.png"), ("confusion", "confusion_matrix.png"), ("reliability", "reliability.png"))},
+        images={name: _png_uri(folder / file) for name, file in (("history", f"{folder.TUNING}/optuna_history.png"),
+                ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY))},
         mistakes=_mistakes(out, spec),
     )
-    return atomic_write(out / REPORT, lambda f: f.write(page), encoding="utf-8")
+    return atomic_write(folder / folder.REPORT, lambda f: f.write(page), encoding="utf-8")
 
 
 def _environment() -> Environment:
     return Environment(loader=PackageLoader("tlpipe", "templates"), autoescape=select_autoescape(["html", "j2"]))
-
-
-def read_summary(out: Path) -> dict:
-    """The ``summary.json`` of the tlpipe fit in ``out``; one line when there is none or it is another tool's."""
-    path = Path(out) / SUMMARY
-    if not path.is_file():
-        raise TlpipeError(f"{out} has no {SUMMARY}: give the output folder of a tlpipe fit")
-    summary = _read(path)
-    if not isinstance(summary, dict) or "tlpipe_version" not in summary:
-        raise TlpipeError(f"{path} was not written by a tlpipe fit (it lacks tlpipe's fields): give the output folder of a tlpipe fit")
-    return summary
 
 
 def _read(path: Path, default=None):
@@ -81,7 +67,8 @@ def _spec(out: Path, summary: dict) -> DatasetSpec | None:
 
     if not Path(summary["data"]).is_dir():
         return None
-    config = load_config(str(out / "config.yaml")) if (out / "config.yaml").exists() else load_config("default")
+    config_file = out / RunFolder.CONFIG
+    config = load_config(str(config_file)) if config_file.exists() else load_config("default")
     return prepare_dataset(summary["data"], config.val_fraction, config.seed)
 
 
@@ -91,14 +78,14 @@ def _profile(out: Path, spec: DatasetSpec | None) -> dict | None:
     from tlpipe.data.profile import profile_dataset
 
     if spec is None:
-        return _read(out / PROFILE, {}).get("profile")
+        return _read(out / RunFolder.PROFILE, {}).get("profile")
     samples = [s for split in spec.splits.values() for s in split]
     key = cache_key(samples, what="profile")
-    saved = _read(out / PROFILE, {})
+    saved = _read(out / RunFolder.PROFILE, {})
     if saved.get("key") == key:
         return saved["profile"]
     profile = profile_dataset(spec).to_dict()
-    write_json(out / PROFILE, {"key": key, "profile": profile})
+    write_json(out / RunFolder.PROFILE, {"key": key, "profile": profile})
     return profile
 
 
@@ -129,11 +116,11 @@ def _png_uri(path: Path) -> str | None:
 def _mistakes(out: Path, spec: DatasetSpec | None) -> list[dict]:
     """The val images the model got wrong with the highest probability, as inline thumbnails
     (images only from inside the dataset; without it, the rows alone)."""
-    rows = [dict(zip(["path", "true", "predicted", "probability"], r)) for r in _csv_rows(out / VAL_PREDICTIONS)[1:]]
+    rows = [dict(zip(["path", "true", "predicted", "probability"], r)) for r in _csv_rows(out / RunFolder.VAL_PREDICTIONS)[1:]]
     try:
         wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
     except (KeyError, ValueError):
-        raise TlpipeError(f"{out / VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
+        raise TlpipeError(f"{out / RunFolder.VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
     return [{**row, "probability": float(row["probability"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
             for row in wrong[:MISTAKES_SHOWN]]
 

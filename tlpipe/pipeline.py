@@ -44,10 +44,10 @@ from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
 from tlpipe.outputs import (
-    ASKED_FOR, STAGE_TAG, SUMMARY, FitResult, FittedModel, claim_output, keep_run, previous_status, record, recorded_run, restore_bundle,
-    write_cut_summary,
+    ASKED_FOR, STAGE_TAG, FitResult, FittedModel, record, write_cut_summary,
 )
 from tlpipe.progress import announce, quiet_libraries
+from tlpipe.run_folder import RunFolder, fit_key
 from tlpipe.strategy.auto import Assessment, assess, rank_backbones
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import (
@@ -67,10 +67,9 @@ from tlpipe.tuning import (
 )
 from tlpipe.utils import atomic_write, default_workers, read_json, write_json
 
-__all__ = ["SUMMARY", "FitCut", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
+__all__ = ["FitCut", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
 
 Codes = dict[str, tuple]
-PLAN = "plan.json"
 
 
 @dataclass
@@ -155,7 +154,8 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
         with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
             ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
             timings = Timings()
-            with claim_output(out, data, config, overwrite) if ranks.is_main else nullcontext():
+            claim = RunFolder(out).claim(data, fit_key(data, config), overwrite)
+            with claim if ranks.is_main else nullcontext():
                 result = _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget)
             if result is not None and register:
                 register_stage(result, register, alias)  # after the fit: its release of the output folder
@@ -175,7 +175,7 @@ def register_stage(result: FitResult, name: str, alias: str | None) -> None:
         result.summary["registered"] = {"name": name, "version": version, "alias": alias}
     except TlpipeError as exc:  # the fit is whole: its report is still printed, then this
         result.summary["registered"] = {"name": name, "error": str(exc)}
-    write_json(result.output_dir / "summary.json", result.summary)
+    write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
 
 
 def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tuning, budget) -> FitResult | None:
@@ -183,7 +183,7 @@ def _fit(data, config, out, ranks, timings, recipe, experiment, tracking_uri, tu
     prepared = prepare(data, config, out, ranks, timings, recipe)
     with _open_run(prepared, experiment, tracking_uri, ranks) as run:
         if ranks.is_main:
-            keep_run(out, run)
+            RunFolder(out).keep_run(run.run_id, run.tracking_uri)
         saved = Saved(prepared, run, timings, budget, ranks.is_main)
         try:
             choice = choose(prepared, ranks, timings, budget, tuning.trials)
@@ -225,14 +225,14 @@ class Saved:
         self.choice = choice
         if not self.enabled or choice.config.strategy == "linear" or choice.linear is None:
             return
-        if previous_status(self.prepared.out) == "complete":
+        if RunFolder(self.prepared.out).previous_status() == "complete":
             return
         linear, strategy = choice.linear, choice.config.strategy
         decision = _stand_in(choice, f"Saved first, while the {strategy} fine-tune runs: the model until it ends.")
         self.model = FittedModel(linear.config, self.prepared.backbone, linear.trained, linear.codes["val"], {}, decision)
         self._record(self.model, status="provisional")  # a cut waits until it is whole (outputs.record)
         announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
-                 f"{self.prepared.out / 'model'}")
+                 f"{RunFolder(self.prepared.out).bundle}")
 
     def final(self, model: FittedModel, plan: Plan, pace: dict) -> FitResult | None:
         """The final record; the plan's epoch time beside the one measured, and why a fit that used
@@ -268,7 +268,7 @@ def prepare(data: Path, config: FitConfig, out: Path, ranks: DistContext, timing
             recipe: str = "default") -> Prepared:
     """Check and split the data (quarantine report under ``out``) and build the backbone."""
     if ranks.is_main:
-        restore_bundle(out)  # a fit killed while it replaced its bundle
+        RunFolder(out).restore()  # a fit killed while it replaced its bundle
     with timings.stage("check_data"):
         spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=out if ranks.is_main else None)
     with timings.stage("load_backbone"):
@@ -276,7 +276,7 @@ def prepare(data: Path, config: FitConfig, out: Path, ranks: DistContext, timing
     config = config.model_copy(update={"backbone": backbone.name,  # one cache for the fit, its trials and the guard
                                        "cache_dir": str(cache_root(config.cache_dir, out).resolve())})
     if ranks.is_main:
-        atomic_write(out / "config.yaml", lambda f: f.write(config_to_yaml(config)))
+        atomic_write(out / RunFolder.CONFIG, lambda f: f.write(config_to_yaml(config)))
     return Prepared(data, out, spec, config, backbone, ranking, recipe)
 
 
@@ -296,7 +296,7 @@ def _open_run(prepared: Prepared, experiment: str | None, tracking_uri: str | No
         return NoRun()
     experiment = experiment or re.sub(r"[^\w.-]+", "_", prepared.data.resolve().name) or "tlpipe"
     run = FitRun(experiment, tracking_uri, run_name=prepared.out.name)
-    run.resume_id = recorded_run(prepared.out, run.tracking_uri)  # a killed run of this fit: continued
+    run.resume_id = RunFolder(prepared.out).recorded_run(run.tracking_uri)  # a killed run of this fit: continued
     return run
 
 
@@ -361,7 +361,7 @@ def plan_training(prepared: Prepared, choice: Choice, budget: Budget, timings: T
 def _saved_or_new_plan(prepared: Prepared, config: FitConfig, budget: Budget, trials: int | None) -> Plan:
     """The plan ``plan.json`` holds for this very fit (config and data), else a new one from speeds
     measured now (written there)."""
-    spec, path = prepared.spec, prepared.out / PLAN
+    spec, path = prepared.spec, prepared.out / RunFolder.PLAN
     key = cache_key(spec.splits["train"] + spec.splits.get("val", []), config=config.model_dump(mode="json", exclude={"budget"}),
                     trials=trials)
     saved = read_json(path) if path.exists() else None
@@ -406,7 +406,7 @@ def plan_speeds(spec: DatasetSpec, backbone: Backbone, config: FitConfig, size: 
     """The model's train and eval steps and the loaders' work per image, at ``size``, on this device."""
     device = resolve_device(config.device)
     unfreeze = config.finetune.unfreeze_stages if config.strategy == "partial" else None
-    data_config = {**backbone.data_config, "input_size": (3, size, size)}
+    data_config = backbone.at_size(size).data_config
     return {**measure_speed(backbone.model, size, device, unfreeze),
             **loader_seconds(spec.splits["train"], data_config, config.augment, device, default_workers(config.num_workers))}
 
@@ -520,12 +520,7 @@ def _test_time_options(model: FittedModel) -> list[tuple[str, Backbone, bool, fl
     side = backbone.data_config["input_size"][-1]
     test_size = (backbone.model.pretrained_cfg.get("test_input_size") or (3, 0, 0))[-1]
     larger = test_size if test_size > side else int(round(side * 1.15 / 32) * 32)
-    return [("hflip", backbone, True, 2.0), (f"{larger} px", _at_size(backbone, larger), False, (larger / side) ** 2)]
-
-
-def _at_size(backbone: Backbone, size: int) -> Backbone:
-    """``backbone`` with its preprocessing at ``size`` x ``size`` (the weights shared)."""
-    return dataclasses.replace(backbone, data_config={**backbone.data_config, "input_size": (3, size, size)})
+    return [("hflip", backbone, True, 2.0), (f"{larger} px", backbone.at_size(larger), False, (larger / side) ** 2)]
 
 
 def _with_details(model: FittedModel, **details) -> FittedModel:
@@ -565,7 +560,7 @@ def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
     sizes = list(dict.fromkeys([model.config.finetune.image_size or native["input_size"][-1], native["input_size"][-1]]))
     scored = {}
     for size in sizes:
-        sized = _at_size(backbone, size)
+        sized = backbone.at_size(size)
         val = dataset_codes(sized, prepared.spec, "val", model.config, PENULTIMATE)
         scored[size] = (accuracy(model.trained.head, *val), sized, val)
     best = max(sizes, key=lambda size: scored[size][0])  # the first, the training size, wins a tie

@@ -45,6 +45,8 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
     print_budget(summary)
+    for warning in summary.get("warnings", []):  # the fit is whole; a part of its record is not
+        console.print(f"[yellow]Warning[/] {escape(warning)}")
     console.print(f"[bold green]Bundle[/] {escape(summary['bundle'])}   MLflow run {summary['run_id']} "
                   f"({escape(summary['tracking_uri'])})")
     registered = summary.get("registered") or {}

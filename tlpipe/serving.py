@@ -29,7 +29,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
@@ -64,9 +63,8 @@ class BundleModel(PythonModel):
 
         size = decode_size(self.bundle.backbone.data_config)  # JPEGs decode as `tlpipe predict` decodes files
         pictures = [_decode(value, row, size) for row, value in enumerate(model_input[IMAGE_COLUMN])]
-        probabilities = self.bundle.predict_proba_images(pictures)
         top_k = max(1, min(int((params or {}).get("top_k", DEFAULT_TOP_K)), len(self.bundle.classes)))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        probabilities, order = self.bundle.ranked(self.bundle.image_codes(pictures), top_k)
         classes = self.bundle.classes
         return pd.DataFrame({
             "label": [classes[row[0]] for row in order],
@@ -205,20 +203,19 @@ class ServedModel:
 def served_model(target: str, tracking_uri: str | None = None) -> ServedModel:
     """The model ``target`` names: a fit's output folder (its summary names the model, the store and
     the code's checksum), or an MLflow model URI (``runs:/...``, ``models:/NAME@ALIAS``) on ``tracking_uri``."""
+    from tlpipe.run_folder import RunFolder
     from tlpipe.tracking import resolve_tracking_uri
-    from tlpipe.utils import read_json
 
     if target.startswith(("runs:/", "models:/")):
         return ServedModel(target, resolve_tracking_uri(tracking_uri))
-    summary_file = Path(target).expanduser() / "summary.json"
     try:
-        summary = read_json(summary_file)
+        summary = RunFolder(Path(target).expanduser()).read_summary()
         model = summary.get("mlflow_model") or f"runs:/{summary['run_id']}/{MODEL_NAME}"
         store = resolve_tracking_uri(tracking_uri) if tracking_uri else summary["tracking_uri"]
         return ServedModel(model, store, summary.get("mlflow_code_sha256"))
-    except (OSError, ValueError, KeyError, AttributeError):
-        raise TlpipeError(f"{target} is neither a fit's output folder (no readable {summary_file.name}) nor an MLflow "
-                          "model URI (runs:/<run id>/model, models:/NAME@champion)") from None
+    except (TlpipeError, KeyError):
+        raise TlpipeError(f"{target} is neither a fit's output folder (no readable {RunFolder.SUMMARY} of a tlpipe fit) "
+                          "nor an MLflow model URI (runs:/<run id>/model, models:/NAME@champion)") from None
 
 
 def check_served_model(served: ServedModel) -> None:

@@ -1,5 +1,6 @@
 """Models stage: backbones (weights and their preprocessing, ``backbones``) and the CNN codes they
-produce for a dataset split, cached between fits (``features``)."""
+produce for a dataset split, cached between fits (``features``), through hooks that always come off
+(``hooks``)."""
 from tlpipe.models.backbones import (
     DEFAULT_BACKBONE,
     OFFLINE_BACKBONES,
@@ -14,8 +15,9 @@ from tlpipe.models.backbones import (
 from tlpipe.models.features import (
     PENULTIMATE, CodeExtractor, dataset_codes, extract_codes, feature_layers, pool_tap, resolve_layer,
 )
+from tlpipe.models.hooks import Hooks
 
 __all__ = [
-    "DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "PENULTIMATE", "Backbone", "CodeExtractor", "WeightSource",
+    "DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "PENULTIMATE", "Backbone", "CodeExtractor", "Hooks", "WeightSource",
     "build_backbone", "create_backbone", "dataset_codes", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "pool_tap", "resolve_layer", "state_dict_sha256",
 ]

@@ -17,7 +17,7 @@ import importlib.resources
 import importlib.util
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -54,6 +54,11 @@ class Backbone:
     model: nn.Module
     weights: WeightSource
     data_config: dict  # timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode
+
+    def at_size(self, size: int) -> "Backbone":
+        """This backbone with its preprocessing at ``size`` x ``size``: a new object with a new data
+        config (copies share this one's), the weights shared."""
+        return replace(self, data_config={**self.data_config, "input_size": (3, size, size)})
 
     def cache_identity(self) -> dict:
         """What codes computed by this backbone depend on (``tlpipe.cache.cache_key``): its name, the
@@ -204,9 +209,7 @@ def build_backbone(config: FitConfig) -> Backbone:
     """The backbone ``config`` names (``backbone``, ``weights``), its data config at the recipe's
     ``image_size``: the one place a fit turns its config into a network."""
     backbone = create_backbone(config.backbone, weights=config.weights)
-    if config.image_size:
-        backbone.data_config["input_size"] = (3, config.image_size, config.image_size)
-    return backbone
+    return backbone.at_size(config.image_size) if config.image_size else backbone
 
 
 def _load_weights(model, name, package, weights, tried) -> WeightSource | None:

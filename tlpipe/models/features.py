@@ -23,6 +23,7 @@ from tlpipe.data import DatasetSpec, eval_loader
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models.backbones import Backbone
+from tlpipe.models.hooks import Hooks
 from tlpipe.models.runtime import ORT_MIN_IMAGES, onnx_pass
 from tlpipe.progress import progress_bar
 
@@ -63,7 +64,8 @@ class CodeExtractor(nn.Module):
     """Wraps a backbone so that ``forward(images)`` returns pooled codes from one tap, or from several
     (``"penultimate+blocks.4"``) side by side, in the order given, from the same pass. With
     ``hflip``, each code is the mean of the image's and its mirror's: for a linear head, exactly the
-    mean of the two views' logits (test-time flip averaging)."""
+    mean of the two views' logits (test-time flip averaging). Its hooks stay on ``model`` until
+    ``close()`` (or the end of a ``with`` block): an extractor on a shared backbone is closed when done."""
 
     def __init__(self, model: nn.Module, layer: str | int | None = None, relu: bool = True, hflip: bool = False):
         super().__init__()
@@ -71,9 +73,20 @@ class CodeExtractor(nn.Module):
         self.layer = resolve_layer(model, layer)
         self.relu, self.hflip = relu, hflip
         self._captured: dict[str, torch.Tensor] = {}
+        self.hooks = Hooks()
         for name in self.layer.split("+"):
             if name != PENULTIMATE:
-                model.get_submodule(name).register_forward_hook(partial(self._capture, name))
+                self.hooks.after(model.get_submodule(name), partial(self._capture, name))
+
+    def close(self) -> None:
+        """Take the hooks off the model: it no longer feeds this extractor, nor keeps it alive."""
+        self.hooks.close()
+
+    def __enter__(self) -> "CodeExtractor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _capture(self, name: str, module, inputs, output) -> None:
         self._captured[name] = output
@@ -150,9 +163,9 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
         cached = load_cached(path, key)
         if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples):
             return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
-    extractor = CodeExtractor(backbone.model, layer, config.layer_relu, hflip)
-    loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
-    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
+    with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
+        loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
+        features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
     if path is not None:
         save_cached(path, key, {"features": features, "labels": labels})
     return features, labels

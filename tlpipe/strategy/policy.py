@@ -72,7 +72,9 @@ def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
     """``fit_linear(config, codes)``, kept under ``<cache_dir>/decision/<key>.npz`` (the head's arrays
     and its details as JSON), so a re-run on the same codes skips the cross-validation. The key
     hashes the codes themselves and the linear settings: codes from edited images or another
-    backbone are other bytes, so no stale entry is read."""
+    backbone are other bytes, so no stale entry is read. Not the bundle's ``head.safetensors``: that
+    keeps the scale in float32, and calibration starts from this head's float64 scale, so a cache hit
+    would not give the very head a miss gives."""
     if not config.cache_dir:
         return fit_linear(config, codes)
     digest = hashlib.sha256()

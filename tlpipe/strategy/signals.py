@@ -24,14 +24,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from tlpipe.cache import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec, Sample, eval_loader, stratified_subset
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
-from tlpipe.models import PENULTIMATE, Backbone, extract_codes, feature_layers, pool_tap
+from tlpipe.models import PENULTIMATE, Backbone, Hooks, extract_codes, feature_layers, pool_tap
 from tlpipe.strategy.logme import logme
 
 PROBE_C = 0.1  # fixed: the probe ranks stages and datasets, it is not the final classifier
@@ -91,8 +90,9 @@ class _BatchNormMoments:
         self.images_left = dict.fromkeys(names, max_images)
         self.scratch = torch.empty(0)
 
-    def register(self) -> list[RemovableHandle]:
-        return [bn.register_forward_pre_hook(partial(self._add, name)) for name, bn in self.layers.items()]
+    def attach(self, hooks: Hooks) -> None:
+        for name, bn in self.layers.items():
+            hooks.before(bn, partial(self._add, name))
 
     def _add(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         images = inputs[0][:self.images_left[name]]
@@ -133,8 +133,9 @@ class _Taps(nn.Module):
         self.captured: dict[str, torch.Tensor] = {}
         self.widths: list[int] = []  # of the parts, for splitting the rows again
 
-    def register(self) -> list[RemovableHandle]:
-        return [self.model.get_submodule(n).register_forward_hook(partial(self._capture, n)) for n in self.stages]
+    def attach(self, hooks: Hooks) -> None:
+        for name in self.stages:
+            hooks.after(self.model.get_submodule(name), partial(self._capture, name))
 
     def _capture(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.captured[name] = output
@@ -204,14 +205,13 @@ def collect_features(
     # A stratified sample of BATCHNORM_IMAGES goes first, for the moments; the rows are put back after.
     first = stratified_subset(np.array([samples[i].label for i in indices]), BATCHNORM_IMAGES, config.seed)
     order = np.concatenate([first, np.setdiff1d(np.arange(len(indices)), first)])
-    handles, pytorch = taps.register() + moments.register(), {}
-    try:
+    pytorch: dict = {}
+    with Hooks() as hooks:
+        taps.attach(hooks)
+        moments.attach(hooks)
         loader = eval_loader([samples[indices[i]] for i in order], backbone.data_config, config.batch_size, config.num_workers)
         out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals",
                                     torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch)
-    finally:
-        for handle in handles:
-            handle.remove()
     out[order], labels[order] = out.copy(), labels.copy()
     parts = np.split(out, np.cumsum(taps.widths)[:-1], axis=1)
     bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}

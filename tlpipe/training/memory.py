@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tlpipe.models.hooks import Hooks
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -54,12 +56,11 @@ def estimate_memory(model: nn.Module, input_size: tuple[int, int, int], device: 
             if isinstance(out, torch.Tensor):
                 kept[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
 
-        hooks = [m.register_forward_hook(keep) for m in model.modules() if not list(m.children())]
-        try:
+        with Hooks() as hooks:
+            for module in model.modules():
+                if not list(module.children()):
+                    hooks.after(module, keep)
             model(images).float().sum().backward()
-        finally:
-            for hook in hooks:
-                hook.remove()
         activations = 2 * sum(kept.values())  # each kept output and its gradient
     model.zero_grad(set_to_none=True)
     model.train(was_training)

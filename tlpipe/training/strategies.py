@@ -243,7 +243,7 @@ def _start_from_probe(model: torch.nn.Module, head: LinearHead) -> None:
 def training_data_config(backbone: Backbone, config: FitConfig) -> dict:
     """The backbone's preprocessing at the fine-tune's resolution (``finetune.image_size``)."""
     size = config.finetune.image_size
-    return {**backbone.data_config, "input_size": (3, size, size)} if size else dict(backbone.data_config)
+    return backbone.at_size(size).data_config if size else dict(backbone.data_config)
 
 
 def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path, batch_size: int,

@@ -46,15 +46,15 @@ from tlpipe.tuning.space import (
     DEFAULT_TRIALS, best_config, default_params, params_config, requested_trials, suggest_config,
 )
 from tlpipe.tuning.storage import (
-    PRUNED_REASON, STUDY_DB, default_study_name, join_study, make_pruner, open_study, storage_url, trial_dir,
+    PRUNED_REASON, STUDY_DB, WORKER_ATTR, QueueEmpty, default_study_name, join_study, make_pruner, open_study,
+    storage_url, trial_dir,
 )
-from tlpipe.tuning.storage import _WORKER, _QueueEmpty  # noqa: F401 - the tests reach them as tuning._WORKER, tuning._QueueEmpty
 from tlpipe.tuning.study import (
     STATE_TAG, EpochReporter, Objective, Tuned, prepare_study, queue_trials, run_study, tune,
 )
 
 __all__ = [
-    "DEFAULT_TRIALS", "PRUNED_REASON", "STATE_TAG", "STUDY_DB",
+    "DEFAULT_TRIALS", "PRUNED_REASON", "STATE_TAG", "STUDY_DB", "WORKER_ATTR", "QueueEmpty",
     "EpochReporter", "FinetuneObjective", "LinearObjective", "Objective", "Tuned",
     "best_config", "default_params", "default_study_name", "finetune_objective", "join_study",
     "linear_objective", "log_study", "make_pruner", "open_study", "params_config", "prepare_study",

@@ -15,22 +15,23 @@ from optuna.trial import FrozenTrial
 
 from tlpipe.config import FitConfig
 from tlpipe.errors import TlpipeError
+from tlpipe.run_folder import RunFolder
 
-STUDY_DB = "optuna.db"
+STUDY_DB = RunFolder.STUDY_DB
 PRUNED_REASON = "pruned_reason"  # trial user attr: why it was pruned
 _SLOT = "tlpipe_slot"  # user attr of every queued trial (retries inherit it)
-_WORKER = "tlpipe_worker"  # user attr: host:pid that ran the trial
+WORKER_ATTR = "tlpipe_worker"  # user attr: host:pid that ran the trial
 _LEAD_RUN = "tlpipe_lead_run"  # study user attrs: the lead's MLflow run, and the config it runs
 _CONFIG = "tlpipe_config"
 
 
-class _QueueEmpty(Exception):
+class QueueEmpty(Exception):
     """``study.ask()`` found no queued trial: this process's share of the study is done."""
 
 
 class _QueueStorage(optuna.storages.RDBStorage):
     """An RDBStorage that creates only the trials it is handed (queued ones, and retries of dead
-    ones): a bare ``study.ask()`` raises ``_QueueEmpty`` instead of starting a trial nobody asked for.
+    ones): a bare ``study.ask()`` raises ``QueueEmpty`` instead of starting a trial nobody asked for.
 
     Creating a trial is the one step of Optuna's loop that is atomic across processes, so this is
     what holds several processes to exactly the requested count: checking a count first and then
@@ -40,7 +41,7 @@ class _QueueStorage(optuna.storages.RDBStorage):
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         if template_trial is None:
-            raise _QueueEmpty
+            raise QueueEmpty
         return super()._create_new_trial(study_id, template_trial)
 
 

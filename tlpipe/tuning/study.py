@@ -20,7 +20,7 @@ from tlpipe.tracking import FitRun
 from tlpipe.tuning.results import log_study
 from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
 from tlpipe.tuning.storage import (
-    _CONFIG, _LEAD_RUN, _SLOT, _WORKER, PRUNED_REASON, _QueueEmpty, _quiet, open_study, storage_url, trial_dir,
+    _CONFIG, _LEAD_RUN, _SLOT, WORKER_ATTR, PRUNED_REASON, QueueEmpty, _quiet, open_study, storage_url, trial_dir,
 )
 
 STATE_TAG = "optuna_state"  # tag on each trial's MLflow run: COMPLETE, PRUNED or FAILED
@@ -117,7 +117,7 @@ def _trial_function(study: optuna.Study, objective: Objective, config: FitConfig
             study.stop()
             trial.set_user_attr(PRUNED_REASON, "not a queued trial: the study has all it asked for")
             raise optuna.TrialPruned("not a queued trial")
-        trial.set_user_attr(_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         trial_config = suggest_config(trial, config)
         run = _TrialRun(parent, trial) if parent is not None else None
         state, value, reason = "FAILED", None, None
@@ -208,7 +208,7 @@ def run_study(study: optuna.Study, objective: Objective, config: FitConfig, *, t
                 study.optimize(function, timeout=remaining, gc_after_trial=config.strategy != "linear",
                                callbacks=[lambda *_: advance(), room.after_trial])
                 break  # the timeout: optimize never ends by itself otherwise
-            except _QueueEmpty:
+            except QueueEmpty:
                 pass
             if worker or not _count(study, TrialState.RUNNING):
                 break
