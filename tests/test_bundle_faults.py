@@ -99,9 +99,9 @@ def test_a_test_split_whose_images_all_fail_is_named_not_swapped_for_val(fitted,
 
 
 def test_a_long_list_of_known_classes_is_cut_short():
-    from tlpipe.bundle import _listed
+    from tlpipe.evaluation import listed
 
-    assert _listed([f"c{i}" for i in range(30)]) == ", ".join(f"c{i}" for i in range(12)) + " and 18 more"
+    assert listed([f"c{i}" for i in range(30)]) == ", ".join(f"c{i}" for i in range(12)) + " and 18 more"
 
 
 DAMAGE = {

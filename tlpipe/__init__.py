@@ -9,9 +9,8 @@ import os
 # any import can reach it, including in DataLoader worker processes, which inherit the environment.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-__version__ = "0.1.0"
-
 from tlpipe.errors import TlpipeError  # noqa: E402
+from tlpipe.version import __version__  # noqa: E402
 
 __all__ = ["TlpipeError", "__version__", "fit", "extract", "load_bundle"]
 

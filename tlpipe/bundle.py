@@ -23,12 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from safetensors import safe_open
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
-from tlpipe import __version__
+from tlpipe.version import __version__
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from tlpipe.data import Sample, check_image, eval_loader, eval_transform
-from tlpipe.data.scan import WHOLE_FOLDER, image_files
+from tlpipe.data.scan import image_files
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import BUNDLE_HEAD, BUNDLE_MANIFEST, inside
@@ -38,7 +38,6 @@ from tlpipe.utils import atomic_write, read_json, write_json
 
 BUNDLE_FORMAT = 2
 MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "backbone.safetensors"
-EVALUATION_PLOTS = ("reliability.png", "confusion_matrix.png")  # what evaluate --plots writes
 
 
 def save_bundle(
@@ -203,49 +202,6 @@ class Bundle:
             Prediction(str(p), [self.classes[j] for j in row], [float(probs[i, j]) for j in row])
             for i, (p, row) in enumerate(zip(paths, order))
         ]
-
-
-def evaluate_bundle(bundle: "Bundle", data: str | Path, split: str | None = None, batch_size: int = 64,
-                    workers: int | None = None, plots: Path | None = None) -> dict:
-    """Metrics of ``bundle`` on one split of a labelled folder: by default test/, else val/, else
-    train/, else the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched
-    by name, so the split may hold any subset of the bundle's classes, even one; an unknown class
-    is an error, since the bundle could never predict it."""
-    from tlpipe.data import prepare_dataset
-    from tlpipe.metrics import evaluation_metrics
-
-    spec = prepare_dataset(data, evaluation=True)
-    if WHOLE_FOLDER in spec.splits and split is not None:
-        raise TlpipeError(f"{spec.root} has no train/ val/ test/ folders: drop --split to score all of its images")
-    split = split or next((s for s in ("test", "val", "train", WHOLE_FOLDER) if s in spec.splits), None)
-    if split is not None and split not in spec.splits:
-        raise TlpipeError(f"{spec.root} has no {split}/ split with images (found: {', '.join(spec.splits)}): use --split")
-    samples = spec.splits.get(split, [])
-    if not samples:  # every image file there failed the check
-        where = f"{split}/ of {spec.root}" if split not in (None, WHOLE_FOLDER) else str(spec.root)
-        raise TlpipeError(f"no image to score in {where}: every image file there failed the check (unreadable, "
-                          "or not an image); add images that open")
-    unknown = sorted({spec.classes[s.label] for s in samples} - set(bundle.classes))
-    if unknown:
-        raise TlpipeError(f"{spec.root} has class folder(s) {_listed(unknown)} that the bundle does not know; "
-                          f"it knows: {_listed(bundle.classes)}")
-    to_bundle = {name: i for i, name in enumerate(bundle.classes)}
-    y_true = np.array([to_bundle[spec.classes[s.label]] for s in samples])
-    probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
-    metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
-    if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
-        from tlpipe.metrics import save_confusion_matrix, save_reliability_diagram
-
-        save_reliability_diagram(probabilities, y_true, Path(plots) / EVALUATION_PLOTS[0], title=f"Reliability ({split})")
-        save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / EVALUATION_PLOTS[1],
-                              normalize=True, title=f"Confusion matrix ({split}, rows sum to 1)")
-    return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
-
-
-def _listed(names: Sequence[str], cap: int = 12) -> str:
-    """Names for one line of an error: the first ``cap``, then how many more."""
-    more = f" and {len(names) - cap} more" if len(names) > cap else ""
-    return ", ".join(names[:cap]) + more
 
 
 def load_bundle(path: str | Path, device: str = "auto") -> Bundle:

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from tlpipe import __version__
+from tlpipe.version import __version__
 from tlpipe.utils import atomic_write
 
 

@@ -312,7 +312,8 @@ def evaluate(
     """Score a saved bundle on labelled images: accuracy with its interval, balanced accuracy, macro-F1,
     top-k, NLL, Brier, calibration error, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
-        from tlpipe.bundle import EVALUATION_PLOTS, evaluate_bundle, load_bundle
+        from tlpipe.bundle import load_bundle
+        from tlpipe.evaluation import EVALUATION_PLOTS, evaluate_bundle
         from tlpipe.paths import output_file, output_folder
         from tlpipe.report import print_evaluation
         from tlpipe.utils import write_json
@@ -395,7 +396,8 @@ def ui(
 ) -> None:
     """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
     with user_errors():
-        from tlpipe.tracking import check_port_free, check_store, exposure_warning, resolve_tracking_uri, runs_page, serve_ui
+        from tlpipe.servers import check_port_free, exposure_warning, runs_page, serve_ui
+        from tlpipe.store import check_store, resolve_tracking_uri
 
         tracking_uri = check_store(tracking_uri)
         check_port_free(host, port)
@@ -418,7 +420,7 @@ def serve(
     once the model and the tlpipe code stored with it (which the server runs) are checked."""
     with user_errors():
         from tlpipe.serving import MAX_ROWS_ENV, check_served_model, row_cap, serve_command, served_model
-        from tlpipe.tracking import check_port_free, exposure_warning, run_server
+        from tlpipe.servers import check_port_free, exposure_warning, run_server
 
         served = served_model(target, tracking_uri)
         check_served_model(served)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe import __version__
+from tlpipe.version import __version__
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.models import Backbone, resolve_layer

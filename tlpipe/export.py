@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tlpipe import __version__
+from tlpipe.version import __version__
 from tlpipe.bundle import Bundle, load_bundle
 from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
@@ -199,7 +199,8 @@ def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta:
 def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     """The parity figures and the sidecar on the MLflow run of the fit that made the bundle, when
     its ``summary.json`` is beside it; what was done, as one line."""
-    from tlpipe.tracking import FitRun, check_store
+    from tlpipe.store import check_store
+    from tlpipe.tracking import FitRun
 
     try:
         summary = RunFolder(bundle.path.parent).read_summary()

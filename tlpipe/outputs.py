@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe import __version__
+from tlpipe.version import __version__
 from tlpipe.budget import signals_held
 from tlpipe.bundle import save_bundle
 from tlpipe.config import FitConfig
@@ -108,7 +108,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     staging = None if status == "cut" else folder.stage_bundle(lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
-        trained=model.trained.backbone_trained, hflip=model.trained.details.get("test_time", {}).get("hflip", False)))
+        trained=model.trained.backbone_trained, hflip=model.trained.hflip))
     reports = folder / folder.STAGED_REPORTS
     shutil.rmtree(reports, ignore_errors=True)
     artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking)

@@ -105,7 +105,7 @@ def print_export(exported) -> None:
 def print_next_steps(summary: dict) -> None:
     """The commands to run next, with this fit's paths quoted for a POSIX shell, so they can be pasted
     as they are (class or folder names may hold spaces, quotes or non-ASCII letters)."""
-    from tlpipe.tracking import resolve_tracking_uri
+    from tlpipe.store import resolve_tracking_uri
 
     bundle, data = shlex.quote(summary["bundle"]), shlex.quote(summary["data"])
     labelled = data if "test" in summary["splits"] else "LABELLED_FOLDER"  # evaluate scores a test/ first
@@ -148,7 +148,7 @@ def print_class_metrics(metrics: dict, title: str) -> None:
 
 def print_evaluation(metrics: dict) -> None:
     """``tlpipe evaluate``: the same tables as the fit report, for the split scored."""
-    from tlpipe.bundle import WHOLE_FOLDER
+    from tlpipe.data.scan import WHOLE_FOLDER
 
     split, n, data = metrics["split"], metrics["n_images"], metrics["data"]
     whole = split == WHOLE_FOLDER

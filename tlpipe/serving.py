@@ -118,7 +118,7 @@ def log_model(run, bundle: Path) -> str:
     import mlflow
     from mlflow.models import Model, infer_signature
 
-    from tlpipe import __version__
+    from tlpipe.version import __version__
     from tlpipe.bundle import load_bundle, portable_bundle
 
     replaced = _logged_models(run.client, run.run_id)
@@ -204,7 +204,7 @@ def served_model(target: str, tracking_uri: str | None = None) -> ServedModel:
     """The model ``target`` names: a fit's output folder (its summary names the model, the store and
     the code's checksum), or an MLflow model URI (``runs:/...``, ``models:/NAME@ALIAS``) on ``tracking_uri``."""
     from tlpipe.run_folder import RunFolder
-    from tlpipe.tracking import resolve_tracking_uri
+    from tlpipe.store import resolve_tracking_uri
 
     if target.startswith(("runs:/", "models:/")):
         return ServedModel(target, resolve_tracking_uri(tracking_uri))
@@ -224,7 +224,7 @@ def check_served_model(served: ServedModel) -> None:
     the code the fit recorded. One line otherwise, never MLflow's traceback from the starting server."""
     from mlflow.exceptions import MlflowException
 
-    from tlpipe.tracking import check_store, sqlite_file
+    from tlpipe.store import check_store, sqlite_file
 
     model_uri, store = served.uri, served.store
     check_store(store, write=False)  # a server that does not answer: one line in seconds, not minutes of retries
@@ -276,7 +276,7 @@ def _check_stored_code(served: ServedModel, stored: dict[str, Path]) -> None:
     if "tlpipe_code_sha256" not in recorded:
         raise TlpipeError(f"cannot serve {model_uri}: it records no checksum of the tlpipe code stored with it "
                           "(logged by an older tlpipe), which the server would run; refit with this tlpipe")
-    found = re.search(r'^__version__ = "([^"]+)"', _read(package / "__init__.py"), re.MULTILINE)
+    found = re.search(r'^__version__ = "([^"]+)"', _read(package / "version.py"), re.MULTILINE)
     differences = []
     if (found and found[1]) != recorded.get("tlpipe_version"):
         differences.append(f"tlpipe {found[1] if found else '?'}, recorded {recorded.get('tlpipe_version')}")

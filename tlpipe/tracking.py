@@ -2,7 +2,7 @@
 
 The store is MLflow's own default (``sqlite:///mlflow.db`` in the working folder for MLflow >= 3.7)
 unless ``MLFLOW_TRACKING_URI`` or an explicit URI says otherwise; ``tlpipe ui`` serves that same
-store. Experiments that tlpipe creates in a SQLite store keep their artifacts in ``mlartifacts/``
+store (``tlpipe.store`` checks it first; ``tlpipe.servers`` runs the UI). Experiments that tlpipe creates in a SQLite store keep their artifacts in ``mlartifacts/``
 beside the database file, so a store is one self-contained folder.
 """
 from __future__ import annotations
@@ -13,162 +13,16 @@ import os
 import posixpath
 import re
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.parse
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from tlpipe.errors import TlpipeError
 from tlpipe.utils import process_alive
 
 
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a SQLite store URI (``sqlite:///path?options``); None for other stores."""
-    return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The explicit URI, else ``MLFLOW_TRACKING_URI``, else MLflow's default; relative SQLite
-    paths are made absolute so the run records where its store really is."""
-    if not uri:
-        import mlflow
-
-        uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    elif "://" not in uri:
-        uri = Path(uri).resolve().as_uri()
-    return uri
-
-
-_STORE_SCHEMES = {"file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
-_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
-_OTHER_STORE = "give another --tracking-uri (or MLFLOW_TRACKING_URI)"
-
-
-def check_store(uri: str | None = None, write: bool = True) -> str:
-    """The resolved store URI, once a check of a few seconds at most found it usable: a malformed
-    URI, a store that cannot be written (``write``: a fit's, the UI's) or a server that does not
-    answer is one line before the data check and model loading, not MLflow's exception (or its
-    retries, minutes long) after them."""
-    raw = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    scheme = raw.partition(":")[0].lower() if re.match(r"[A-Za-z][\w+.-]+:", raw) else ""  # not C:\ (a drive)
-    base, parts = scheme.split("+")[0], urllib.parse.urlsplit(raw)
-    if scheme and _malformed(raw, base, parts):
-        raise TlpipeError(f"the tracking URI {raw!r} is malformed: write sqlite:////abs/path/mlflow.db, "
-                          f"sqlite:///relative.db or http://host:port; {_OTHER_STORE}")
-    if scheme and base not in _STORE_SCHEMES and scheme not in _plugin_schemes():
-        raise TlpipeError(f"the tracking URI {raw!r} has an unknown scheme {scheme!r}: use sqlite:///mlflow.db, "
-                          f"http(s)://host:port or a database URL (postgresql://...); {_OTHER_STORE}")
-    uri = resolve_tracking_uri(uri)  # as the run will: mlflow.set_tracking_uri, else the environment
-    if uri.startswith(("sqlite:///", "file:")) and not write:
-        return uri  # a local store is read as it is (tlpipe serve says when the model is not in it)
-    if uri.startswith("sqlite:///"):
-        _check_sqlite(sqlite_file(uri))
-    elif uri.startswith("file:"):
-        _check_file_store(Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)))
-    elif base in ("http", "https"):
-        _check_server(parts)
-    elif base in _DATABASE_PORTS and parts.hostname:  # no host: a local socket, MLflow's to try
-        _check_database(parts.hostname, parts.port or _DATABASE_PORTS[base])
-    return uri
-
-
-def _malformed(raw: str, base: str, parts: urllib.parse.SplitResult) -> bool:
-    """A URI MLflow would misread or refuse late: ``sqlite:/x.db``, ``sqlite://x.db``, no path, no host, a bad port."""
-    try:
-        parts.port  # noqa: B018 (raises on a port that is no number)
-    except ValueError:
-        return True
-    return ("://" not in raw or base == "sqlite" and not re.match(r"sqlite(\+\w+)?:///[^?]", raw)
-            or base == "file" and not parts.path or base in ("http", "https") and not parts.hostname)
-
-
-def _plugin_schemes() -> set[str]:
-    """Schemes that installed MLflow plugins add (``mlflow.tracking_store`` entry points)."""
-    from importlib.metadata import entry_points
-
-    return {point.name for point in entry_points(group="mlflow.tracking_store")}
-
-
-def _check_sqlite(db: Path) -> None:
-    """A SQLite store MLflow can write: a folder that is or can be made, and the database and the lock
-    file beside it (``_store_lock``) writable files, the database a SQLite one."""
-    _check_folder(db.parent, db)
-    for path in (db, Path(f"{db}.lock")):
-        if os.path.lexists(path) and not (path.is_file() and os.access(path, os.R_OK | os.W_OK)):
-            kind = "a folder, not a file" if path.is_dir() else "not a writable file"
-            raise TlpipeError(f"cannot write the MLflow store: {path} is {kind}; fix it or {_OTHER_STORE}")
-    if not db.is_file():
-        return  # MLflow makes it
-    import sqlite3
-
-    # Through SQLite, never open(): closing another descriptor of the file would drop the POSIX locks
-    # that this process's open SQLite connections hold on it (and another process could then remove
-    # the write-ahead log under them).
-    try:
-        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)) as connection:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.DatabaseError as exc:
-        if "locked" in str(exc):
-            return  # a writer holds it now: a store in use
-        raise TlpipeError(f"the MLflow store {db} is not a readable SQLite database ({exc}): {_OTHER_STORE}") from None
-
-
-def _check_file_store(folder: Path) -> None:
-    """A folder store: writable, and one this MLflow still takes (recent ones refuse it unless told)."""
-    from mlflow import environment_variables
-
-    _check_folder(folder)
-    allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
-    if allowed is not None and not allowed.get():
-        raise TlpipeError(f"MLflow refuses a folder as its store ({folder}) unless MLFLOW_ALLOW_FILE_STORE=true: "
-                          f"set it, or give a SQLite store (sqlite:///mlflow.db) with --tracking-uri or MLFLOW_TRACKING_URI")
-
-
-def _check_folder(folder: Path, store: Path | None = None) -> None:
-    """``folder`` (of the MLflow ``store``, else the store itself) is a writable folder, or can be made in one."""
-    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
-    if not existing.is_dir():
-        raise TlpipeError(f"cannot make the MLflow store {store or folder}: {existing} is a file, not a folder; {_OTHER_STORE}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TlpipeError(f"cannot write the MLflow store {store or folder}: {existing} is read-only; "
-                          f"make it writable or {_OTHER_STORE}")
-
-
-def _check_server(parts: urllib.parse.SplitResult) -> None:
-    """An MLflow server's ``/health`` answers within seconds (any HTTP status or TLS error: something
-    listens, the rest is MLflow's to report); the URL's credentials stay out of the request and the line."""
-    import http.client
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    address = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
-    try:
-        urllib.request.urlopen(f"{address}/health", timeout=5).close()
-        return
-    except urllib.error.URLError as exc:
-        if isinstance(exc, urllib.error.HTTPError) or isinstance(exc.reason, ssl.SSLError):
-            return  # an answer: MLflow reports what is wrong with it
-        reason = exc.reason
-    except (OSError, http.client.HTTPException) as exc:
-        reason = exc
-    raise TlpipeError(f"nothing answers at {address} ({getattr(reason, 'strerror', None) or reason}): "
-                      f"start the server or {_OTHER_STORE}")
-
-
-def _check_database(host: str, port: int) -> None:
-    """The store's database server listens at ``host:port`` (a TCP connect, 5 s at most)."""
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as exc:
-        raise TlpipeError(f"nothing answers at {host}:{port}, the MLflow store's database ({exc.strerror or exc}): "
-                          f"start it or {_OTHER_STORE}") from None
+from tlpipe.store import resolve_tracking_uri, sqlite_file
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -205,7 +59,7 @@ def _owner_tags() -> dict[str, str]:
 
 
 @contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
+def store_lock(uri: str) -> Iterator[None]:
     """Creating or migrating a SQLite store, one process at a time (a lock file beside the database):
     fits started together on a new store would otherwise race MLflow's migrations and leave the
     store half-migrated for every later fit."""
@@ -235,7 +89,7 @@ class FitRun:
     def __enter__(self) -> "FitRun":
         if self.run_id is not None:  # made by child() or attach(): already started
             return self
-        with _store_lock(self.tracking_uri):
+        with store_lock(self.tracking_uri):
             self.experiment_id = self._experiment_id()
         self._end_orphans()
         if self.resume_id and self._continue(self.resume_id):
@@ -413,121 +267,3 @@ class NoRun(FitRun):
 
     def delete_tags(self, *keys: str) -> None:
         pass
-
-
-def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The MLflow UI server command line on the same store ``tlpipe fit`` writes to: one worker
-    process (one person browsing; MLflow starts four by default)."""
-    uri = resolve_tracking_uri(tracking_uri)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", "1"]
-
-
-def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
-    """The UI address of the runs of the experiment logged to last (MLflow 3 opens on pages where no
-    runs show); the UI's front page when the store has none."""
-    from mlflow.tracking import MlflowClient
-
-    base, uri = f"http://{host}:{port}", resolve_tracking_uri(tracking_uri)
-    with _store_lock(uri):
-        found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
-    return f"{base}/#/experiments/{found[0].experiment_id}/runs" if found else base
-
-
-def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
-    """The one warning of ``tlpipe serve`` and ``tlpipe ui`` bound beyond this machine (None on a
-    loopback address): neither MLflow server asks who is calling."""
-    import ipaddress
-
-    try:
-        private = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        private = False
-    if private:
-        return None
-    return (f"warning: {what} on {host} has no authentication: anyone who reaches this machine can {anyone_can}; "
-            "leave out --host (127.0.0.1) to keep it private")
-
-
-def check_port_free(host: str, port: int) -> None:
-    """One clear line before anything starts when another process holds the port."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is not busy
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise TlpipeError(f"cannot serve on {host}:{port} ({exc.strerror or exc}): "
-                              "another server holds it; stop it or give --port") from None
-
-
-def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run the MLflow UI until interrupted; return its exit code (``run_server``). Check the port
-    first (``check_port_free``)."""
-    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI")
-
-
-def run_server(command: list[str], what: str, env: dict[str, str] | None = None) -> int:
-    """Run a server until interrupted; return its exit code. The server and its workers run in a
-    process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
-    or any exit; on a SIGKILL of tlpipe too, by the group's ``guard_server``."""
-    import signal
-
-    alive, tlpipe_alive = os.pipe()  # tlpipe holds the write end: the kernel closes it however tlpipe ends
-    try:
-        server = subprocess.Popen([sys.executable, "-c", "from tlpipe.tracking import guard_server; guard_server()",
-                                   str(alive), *command], env={**os.environ, **(env or {})},
-                                  start_new_session=True, pass_fds=(alive,))
-    except OSError as exc:
-        os.close(tlpipe_alive)
-        raise TlpipeError(f"cannot start {what} ({exc}): is mlflow installed in this environment?") from None
-    finally:
-        os.close(alive)
-    stops = (signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda *_: sys.exit(0)) for sig in stops}
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _stop_group(server)
-        os.close(tlpipe_alive)
-
-
-def guard_server(grace: float = 10.0) -> None:
-    """``python -c ... guard_server() FD COMMAND...``: the leader of a server's process group
-    (``run_server``). Runs COMMAND; when FD, a pipe whose write end only tlpipe holds, reads end of
-    file, tlpipe is gone (even SIGKILLed, which no handler sees): the whole group is stopped. Else
-    exits with the server's code."""
-    import select
-    import signal
-
-    alive, command = int(sys.argv[1]), sys.argv[2:]
-    signal.signal(signal.SIGTERM, lambda *_: None)  # the group's SIGTERM is the server's to obey; exec resets it there
-    server = subprocess.Popen(command)
-    while server.poll() is None:
-        if select.select([alive], [], [], 1.0)[0]:  # nothing is ever written: readable means end of file
-            os.killpg(0, signal.SIGTERM)
-            try:
-                server.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            os.killpg(0, signal.SIGKILL)  # what is left of the group, this guard included
-    sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
-
-
-def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the process group; SIGKILL to whatever of it is still there after ``grace`` seconds."""
-    import signal
-
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            process.poll()  # reap the leader, so only live members keep the group
-            os.killpg(process.pid, 0)
-            time.sleep(0.2)
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the whole group is gone

@@ -59,9 +59,10 @@ class DidNotLearn(Exception):
 @dataclass
 class TrainedHead:
     head: LinearHead
-    details: dict = field(default_factory=dict)  # what the report and the run log show
+    details: dict = field(default_factory=dict)  # what the report and the run log show: never read to decide
     history: list[dict] = field(default_factory=list)  # per-epoch metrics (fine-tuning)
     backbone_trained: bool = False
+    hflip: bool = False  # test-time flip averaging, chosen on val (stages.check): the bundle predicts with it
 
     def linear_params(self) -> dict:
         """A linear head's classifier and C as trial params: trial 0 of a study that tunes it."""

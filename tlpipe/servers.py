@@ -1,0 +1,132 @@
+"""The servers tlpipe starts (the MLflow UI, ``mlflow models serve``): bound to 127.0.0.1 unless told
+otherwise, warned about when not, in a process group of their own that goes with tlpipe however
+tlpipe ends (Ctrl+C, SIGTERM, a closed terminal, even SIGKILL)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from tlpipe.errors import TlpipeError
+from tlpipe.store import resolve_tracking_uri
+from tlpipe.tracking import store_lock
+
+
+def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The MLflow UI server command line on the same store ``tlpipe fit`` writes to: one worker
+    process (one person browsing; MLflow starts four by default)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
+
+
+def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
+    """The UI address of the runs of the experiment logged to last (MLflow 3 opens on pages where no
+    runs show); the UI's front page when the store has none."""
+    from mlflow.tracking import MlflowClient
+
+    base, uri = f"http://{host}:{port}", resolve_tracking_uri(tracking_uri)
+    with store_lock(uri):
+        found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
+    return f"{base}/#/experiments/{found[0].experiment_id}/runs" if found else base
+
+
+def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
+    """The one warning of ``tlpipe serve`` and ``tlpipe ui`` bound beyond this machine (None on a
+    loopback address): neither MLflow server asks who is calling."""
+    import ipaddress
+
+    try:
+        private = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        private = False
+    if private:
+        return None
+    return (f"warning: {what} on {host} has no authentication: anyone who reaches this machine can {anyone_can}; "
+            "leave out --host (127.0.0.1) to keep it private")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear line before anything starts when another process holds the port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is not busy
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TlpipeError(f"cannot serve on {host}:{port} ({exc.strerror or exc}): "
+                              "another server holds it; stop it or give --port") from None
+
+
+def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run the MLflow UI until interrupted; return its exit code (``run_server``). Check the port
+    first (``check_port_free``)."""
+    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI")
+
+
+def run_server(command: list[str], what: str, env: dict[str, str] | None = None) -> int:
+    """Run a server until interrupted; return its exit code. The server and its workers run in a
+    process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
+    or any exit; on a SIGKILL of tlpipe too, by the group's ``guard_server``."""
+    import signal
+
+    alive, tlpipe_alive = os.pipe()  # tlpipe holds the write end: the kernel closes it however tlpipe ends
+    try:
+        server = subprocess.Popen([sys.executable, "-c", "from tlpipe.servers import guard_server; guard_server()",
+                                   str(alive), *command], env={**os.environ, **(env or {})},
+                                  start_new_session=True, pass_fds=(alive,))
+    except OSError as exc:
+        os.close(tlpipe_alive)
+        raise TlpipeError(f"cannot start {what} ({exc}): is mlflow installed in this environment?") from None
+    finally:
+        os.close(alive)
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda *_: sys.exit(0)) for sig in stops}
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_group(server)
+        os.close(tlpipe_alive)
+
+
+def guard_server(grace: float = 10.0) -> None:
+    """``python -c ... guard_server() FD COMMAND...``: the leader of a server's process group
+    (``run_server``). Runs COMMAND; when FD, a pipe whose write end only tlpipe holds, reads end of
+    file, tlpipe is gone (even SIGKILLed, which no handler sees): the whole group is stopped. Else
+    exits with the server's code."""
+    import select
+    import signal
+
+    alive, command = int(sys.argv[1]), sys.argv[2:]
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the group's SIGTERM is the server's to obey; exec resets it there
+    server = subprocess.Popen(command)
+    while server.poll() is None:
+        if select.select([alive], [], [], 1.0)[0]:  # nothing is ever written: readable means end of file
+            os.killpg(0, signal.SIGTERM)
+            try:
+                server.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            os.killpg(0, signal.SIGKILL)  # what is left of the group, this guard included
+    sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group; SIGKILL to whatever of it is still there after ``grace`` seconds."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader, so only live members keep the group
+            os.killpg(process.pid, 0)
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone

@@ -1,0 +1,122 @@
+"""Stage 5 of ``fit``, check: the model to save, scored through the prediction path. A fine-tune at
+its training resolution and the native one (the better kept) and, under auto, against the tuned
+linear classifier (the guard); then the test-time choices made on val (flip averaging, a larger
+test resolution) and the temperature fitted on the val logits."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tlpipe.calibration import calibrate
+from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
+from tlpipe.outputs import FittedModel
+from tlpipe.stages.choose import code_tap
+from tlpipe.stages.context import Choice, FitContext, Prepared
+from tlpipe.strategy.policy import guard
+from tlpipe.training.linear import accuracy
+
+
+def check(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:
+    """The model to save, scored, given its test-time choice and calibrated on val: see ``_kept``,
+    ``_test_time`` and ``_calibrated``."""
+    model = _kept(ctx, prepared, choice, model)
+    with ctx.timings.stage("test_time"):
+        model = _test_time(ctx, prepared, model)
+    return _calibrated(model)
+
+
+def _test_time(ctx: FitContext, prepared: Prepared, model: FittedModel) -> FittedModel:
+    """Test-time choices made on val: flip averaging (a second forward pass per image) and a larger
+    test resolution (for a head on globally pooled codes, the seed notes' FC layers run as
+    convolutions over a larger image, their scores averaged). One is kept only when it beats the
+    plain pass by more than the standard error of the paired difference, the larger gain first;
+    none is tried when the time left cannot hold the extra val passes."""
+    if not model.config.test_time:
+        return _with_details(model, test_time={"choice": "none", "reason": "off in the recipe (test_time: false)"})
+    X, y = model.val_codes
+    options = _test_time_options(model)
+    seconds_per_image = ctx.timings.seconds.get("extract_codes", 0.0) / max(1, sum(prepared.spec.counts().values()))
+    if ctx.budget.left() < 2 * sum(cost for *_, cost in options) * seconds_per_image * len(y):
+        return _with_details(model, test_time={"choice": "none", "reason": "no time left for the extra val passes"})
+    plain_right = model.trained.head.predict(X) == y
+    scored, tried = {}, {}
+    for name, backbone, hflip, cost in options:
+        start = time.perf_counter()
+        codes = dataset_codes(backbone, prepared.spec, "val", model.config, code_tap(model.config),
+                              cache=Path(model.config.cache_dir), hflip=hflip)
+        difference = (model.trained.head.predict(codes[0]) == y).astype(float) - plain_right
+        se = float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
+        scored[name] = {"val_accuracy": float(plain_right.mean() + difference.mean()), "gain": float(difference.mean()),
+                        "standard_error": se, "forward_passes": cost,
+                        "images_per_second": round(len(y) / max(time.perf_counter() - start, 1e-9), 1)}
+        tried[name] = (backbone, hflip, codes)
+    paying = [name for name, row in scored.items() if row["gain"] > max(row["standard_error"], 0)]
+    choice = max(paying, key=lambda name: scored[name]["gain"]) if paying else "none"
+    report = {"choice": choice, "val_accuracy_plain": float(plain_right.mean()), "options": scored,
+              "hflip": choice != "none" and tried[choice][1]}
+    model = _with_details(model, test_time=report)
+    if choice == "none":
+        return model
+    backbone, hflip, codes = tried[choice]
+    trained = dataclasses.replace(model.trained, hflip=hflip)
+    return dataclasses.replace(model, backbone=backbone, val_codes=codes, trained=trained)
+
+
+def _test_time_options(model: FittedModel) -> list[tuple[str, Backbone, bool, float]]:
+    """(name, backbone at its test resolution, flip averaging, forward passes per image relative to
+    the plain one): flip, and the pretrained config's ``test_input_size`` or about 1.15x the side."""
+    backbone = model.backbone
+    side = backbone.data_config["input_size"][-1]
+    test_size = (backbone.model.pretrained_cfg.get("test_input_size") or (3, 0, 0))[-1]
+    larger = test_size if test_size > side else int(round(side * 1.15 / 32) * 32)
+    return [("hflip", backbone, True, 2.0), (f"{larger} px", backbone.at_size(larger), False, (larger / side) ** 2)]
+
+
+def _with_details(model: FittedModel, **details) -> FittedModel:
+    return dataclasses.replace(model, trained=dataclasses.replace(model.trained, details={**model.trained.details, **details}))
+
+
+def _calibrated(model: FittedModel) -> FittedModel:
+    """The head with its temperature fitted on the val logits (kept only if the val NLL improves)."""
+    head, report = calibrate(model.trained.head, *model.val_codes)
+    model = _with_details(model, calibration=report)
+    return dataclasses.replace(model, trained=dataclasses.replace(model.trained, head=head))
+
+
+def _kept(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:
+    """A fine-tune scored on val through the path prediction takes, at its training resolution and
+    at the native one (the better kept: "train small, test large"); under auto, the guard: kept
+    only if it beats the tuned linear classifier on the decision's tap, else that classifier (on
+    the pretrained weights of the same backbone) is the model."""
+    if not model.trained.backbone_trained:
+        return model
+    with ctx.timings.stage("evaluate"):
+        model = _best_resolution(prepared, model)
+    if choice.assessment is None:
+        return model
+    baseline, val = choice.linear, model.val_codes
+    decision = guard(model.decision, accuracy(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
+    if decision.strategy != "linear":
+        return dataclasses.replace(model, decision=decision)
+    return FittedModel(baseline.config, build_backbone(baseline.config), baseline.trained, baseline.codes["val"],
+                       model.tuning, decision)
+
+
+def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
+    """The fine-tuned model at the resolution that scores best on val, of its training one and the
+    backbone's native one (a tie keeps the training one: cheaper to predict)."""
+    backbone, native = model.backbone, model.backbone.data_config
+    sizes = list(dict.fromkeys([model.config.finetune.image_size or native["input_size"][-1], native["input_size"][-1]]))
+    scored = {}
+    for size in sizes:
+        sized = backbone.at_size(size)
+        val = dataset_codes(sized, prepared.spec, "val", model.config, PENULTIMATE)
+        scored[size] = (accuracy(model.trained.head, *val), sized, val)
+    best = max(sizes, key=lambda size: scored[size][0])  # the first, the training size, wins a tie
+    _, sized, val = scored[best]
+    model = _with_details(model, val_accuracy_by_size={str(s): round(a, 4) for s, (a, *_) in scored.items()},
+                          eval_image_size=best)
+    return dataclasses.replace(model, backbone=sized, val_codes=val)

@@ -1,0 +1,53 @@
+"""Stage 1 of ``fit``, prepare: the data checked and split (the quarantine report in the output
+folder), the backbone built (with ``candidates`` under auto, the one the transfer signals rank
+best), the resolved config saved; and the fit's MLflow run opened."""
+from __future__ import annotations
+
+import re
+
+from tlpipe.cache import cache_root
+from tlpipe.config import FitConfig, config_to_yaml
+from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.models import Backbone, build_backbone
+from tlpipe.run_folder import RunFolder
+from tlpipe.stages.context import FitContext, Prepared
+from tlpipe.strategy.auto import rank_backbones
+from tlpipe.tracking import FitRun, NoRun
+from tlpipe.utils import atomic_write
+
+
+def prepare(ctx: FitContext, config: FitConfig) -> Prepared:
+    """Check and split the data (quarantine report in the output folder) and build the backbone."""
+    ranks, out = ctx.ranks, ctx.out
+    if ranks.is_main:
+        ctx.folder.restore()  # a fit killed while it replaced its bundle
+    with ctx.timings.stage("check_data"):
+        spec = prepare_dataset(ctx.data, config.val_fraction, config.seed, report_dir=out if ranks.is_main else None)
+    with ctx.timings.stage("load_backbone"):
+        backbone, ranking = choose_backbone(config, spec)
+    config = config.model_copy(update={"backbone": backbone.name,  # one cache for the fit, its trials and the guard
+                                       "cache_dir": str(cache_root(config.cache_dir, out).resolve())})
+    if ranks.is_main:
+        atomic_write(out / RunFolder.CONFIG, lambda f: f.write(config_to_yaml(config)))
+    return Prepared(spec, config, backbone, ranking)
+
+
+def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, list[dict]]:
+    """The recipe's backbone, or with ``candidates`` under auto the one the transfer signals rank
+    best; returns it with the ranking (empty when there was nothing to rank)."""
+    if config.strategy != "auto" or len(config.candidates) < 2:
+        return build_backbone(config), []
+    build = lambda name: build_backbone(config.model_copy(update={"backbone": name}))  # noqa: E731
+    ranking = rank_backbones(config.candidates, spec, config, build)
+    return build(ranking[0]["backbone"]), ranking
+
+
+def open_run(ctx: FitContext, experiment: str | None, tracking_uri: str) -> FitRun:
+    """The fit's MLflow run (rank 0), in an experiment named after the dataset folder by default;
+    a killed run of this very fit is continued (the folder's owner record names it)."""
+    if not ctx.ranks.is_main:
+        return NoRun()
+    experiment = experiment or re.sub(r"[^\w.-]+", "_", ctx.data.resolve().name) or "tlpipe"
+    run = FitRun(experiment, tracking_uri, run_name=ctx.out.name)
+    run.resume_id = ctx.folder.recorded_run(run.tracking_uri)
+    return run
