@@ -113,10 +113,6 @@ TimeLimit = Annotated[Optional[str], typer.Option(
     help="Time for the whole fit: 90s, 10m, 1.5h, 2h15m, or none (default: the recipe's budget, 30m for default).")]
 
 
-def _overrides(**flags) -> dict:
-    return {k: v for k, v in flags.items() if v is not None}
-
-
 @app.command(cls=UnixUsage)
 def fit(
     ctx: typer.Context,
@@ -152,7 +148,7 @@ def fit(
 ) -> None:
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
-        from tlpipe.config import load_config
+        from tlpipe.config import config_from_flags
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
         from tlpipe.report import print_fit_report
@@ -161,11 +157,10 @@ def fit(
             raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
         if worker:
             return _worker(data, storage, study_name, output)
-        config = load_config(recipe, **_overrides(
-            strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
-            batch_size=batch_size, num_workers=workers, val_fraction=val_fraction, seed=seed, device=device,
-            finetune=_overrides(unfreeze_stages=unfreeze_stages, epochs=epochs), budget=time_limit,
-        ))
+        config = config_from_flags(
+            recipe, strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
+            batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed, device=device,
+            unfreeze_stages=unfreeze_stages, epochs=epochs, time_limit=time_limit)
         if example is not None:
             from tlpipe.examples import write_example
             from tlpipe.pipeline import default_output_dir
@@ -226,17 +221,15 @@ def inspect(
     """Profile the data and say which strategy fit would choose, and why, and its plan within
     --time-limit, without training."""
     with user_errors():
-        from tlpipe.config import load_config
+        from tlpipe.config import config_from_flags
         from tlpipe.paths import output_file
         from tlpipe.pipeline import inspect as run_inspect
         from tlpipe.report import print_inspect_report
         from tlpipe.utils import write_json
 
         json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite, dataset=data)
-        config = load_config(recipe, **_overrides(
-            backbone=backbone, weights=weights, image_size=image_size, batch_size=batch_size,
-            num_workers=workers, device=device, budget=time_limit,
-        ))
+        config = config_from_flags(recipe, backbone=backbone, weights=weights, image_size=image_size,
+                                   batch_size=batch_size, workers=workers, device=device, time_limit=time_limit)
         result = run_inspect(data, config, recipe=recipe)
         print_inspect_report(result)
         if json_out:
@@ -260,13 +253,12 @@ def extract(
 ) -> None:
     """Write CNN codes (pooled, ReLU'd pretrained features) of every image for a downstream classifier."""
     with user_errors():
-        from tlpipe.config import load_config
+        from tlpipe.config import config_from_flags
         from tlpipe.pipeline import extract as run_extract
 
-        config = load_config(recipe, **_overrides(
-            backbone=backbone, weights=weights, layer=layer, layer_relu=False if no_relu else None,
-            image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
-        ))
+        config = config_from_flags(recipe, backbone=backbone, weights=weights, layer=layer,
+                                   layer_relu=False if no_relu else None, image_size=image_size,
+                                   batch_size=batch_size, workers=workers, device=device)
         path = run_extract(data, out, config, recipe=recipe, overwrite=overwrite)
         typer.echo(f"wrote {path}")
 

@@ -194,7 +194,9 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-FLAGS = {"budget": "--time-limit", "num_workers": "--workers"}  # the tlpipe flags named otherwise than their keys
+FLAG_KEYS = {"time_limit": "budget", "workers": "num_workers", "epochs": "finetune.epochs",
+             "unfreeze_stages": "finetune.unfreeze_stages"}  # the flags named otherwise than their config keys
+_FLAG_OF_KEY = {key: flag for flag, key in FLAG_KEYS.items()}
 
 
 def _given(loc: tuple, overrides: dict) -> bool:
@@ -209,7 +211,7 @@ def _given(loc: tuple, overrides: dict) -> bool:
 def _describe(error: dict, source: str, overrides: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if _given(error["loc"], overrides):  # a flag's value: name the flag, not the recipe
-        flag = FLAGS.get(key, "--" + str(error["loc"][-1]).replace("_", "-"))
+        flag = "--" + _FLAG_OF_KEY.get(key, str(error["loc"][-1])).replace("_", "-")
         message = error["msg"].removeprefix("Value error, ")
         return f"{flag}: {message}" if repr(error["input"]) in message else f"{flag} {error['input']!r}: {message}"
     if error["type"] == "extra_forbidden":
@@ -230,6 +232,21 @@ def load_config(recipe: str | Path = "default", **overrides: Any) -> FitConfig:
         return FitConfig.model_validate(_merge(values, overrides))
     except ValidationError as exc:
         raise TlpipeError("; ".join(_describe(e, f"recipe {name}", overrides) for e in exc.errors())) from None
+
+
+def config_from_flags(recipe: str | Path = "default", **flags: Any) -> FitConfig:
+    """The recipe with the command line's flags over it (None: not given), each on its config key
+    (``FLAG_KEYS``; the others are named as their keys): one mapping for every command."""
+    overrides: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        *sections, key = FLAG_KEYS.get(flag, flag).split(".")
+        target = overrides
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return load_config(recipe, **overrides)
 
 
 def config_to_yaml(config: FitConfig) -> str:
