@@ -182,13 +182,6 @@ def test_report_and_export_never_read_an_image_outside_the_dataset(fitted, tmp_p
     assert images and all(path.resolve().is_relative_to(root.resolve()) for path in images)
 
 
-def test_a_device_torch_cannot_name_is_one_line_on_every_command(fitted, tmp_path):
-    root, out = fitted
-    one_line(tlpipe("fit", root, "-o", tmp_path / "out", "--device", "gpu0"), "--device: 'gpu0' is not a device", "cuda:N")
-    one_line(tlpipe("predict", out / "model", root / "cats" / "0.jpg", "--device", "gpu0"), "'gpu0' is not a device")
-    assert not (tmp_path / "out").exists()
-
-
 def test_usage_lines_name_arguments_as_unix_tools_do():
     result = tlpipe("predict")
     assert result.exit_code == 2

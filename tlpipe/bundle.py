@@ -27,7 +27,6 @@ from tlpipe.version import __version__
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tlpipe.config import device_name
 from tlpipe.data import Sample, check_image, eval_loader, eval_transform
 from tlpipe.data.scan import image_files
 from tlpipe.device import resolve_device
@@ -208,7 +207,6 @@ class Bundle:
 def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     """Load a bundle folder written by ``tlpipe fit`` (``<output>/model``). A bundle whose files
     differ from what its bundle.json records is refused: it would predict, but not as validated."""
-    device_name(device)  # a typo is one line before the bundle is read
     path = Path(path).expanduser()
     if (path / "model" / MANIFEST).is_file():
         path = path / "model"  # the fit's output dir was given

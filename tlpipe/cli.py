@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 import typer.core
 
-from tlpipe.config import DEVICE_FORMS, StrategyName, available_recipes
+from tlpipe.config import StrategyName, available_recipes
 from tlpipe.errors import TlpipeError
 from tlpipe.examples import ExampleName
 
@@ -79,7 +80,15 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+DEVICE_FORMS = "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N (GPU number N) or mps"
 WEIGHTS_FORMS = "auto (the backbone's pretrained weights), none (random init) or the path of a .safetensors/.pt/.pth file"
+
+
+def _device(value: Optional[str]) -> Optional[str]:
+    """A device torch cannot name fails here, before any data is read, with the forms it takes."""
+    if value is None or re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return value
+    raise typer.BadParameter(f"'{value}' is not a device: use {DEVICE_FORMS}")
 
 
 def _weights(value: Optional[str]) -> Optional[str]:
@@ -99,7 +108,7 @@ Layer = Annotated[Optional[str], typer.Option(help="CNN-code tap: penultimate, a
 ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: the backbone's).")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]
-Device = Annotated[Optional[str], typer.Option(help=f"Device: {DEVICE_FORMS}.")]
+Device = Annotated[Optional[str], typer.Option(callback=_device, help=f"Device: {DEVICE_FORMS}.")]
 TimeLimit = Annotated[Optional[str], typer.Option(
     help="Time for the whole fit: 90s, 10m, 1.5h, 2h15m, or none (default: the recipe's budget, 30m for default).")]
 
