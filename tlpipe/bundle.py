@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from safetensors import safe_open
 from safetensors.torch import load as safetensors_load, save as safetensors_bytes
 
-from tlpipe.version import __version__
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -35,6 +34,7 @@ from tlpipe.paths import BUNDLE_HEAD, BUNDLE_MANIFEST, inside
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
 from tlpipe.training import PROBABILITY_NOTES, LinearHead
 from tlpipe.utils import atomic_write, read_json, write_json
+from tlpipe.version import __version__
 
 BUNDLE_FORMAT = 2
 MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "backbone.safetensors"
