@@ -194,7 +194,8 @@ class Bundle:
         index: what ``predict`` and the MLflow model answer. Ranked by the logits, not the probabilities,
         so the first is exactly the head's argmax (what validation scored) even where probabilities
         round to the same float."""
-        return self.head.predict_proba(codes), np.argsort(-self.head.logits(codes), axis=1, kind="stable")[:, :top_k]
+        logits = self.head.logits(codes)
+        return self.head.proba_from_logits(logits), np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
 
     def predict(self, paths: Sequence[Path], top_k: int = 1, batch_size: int = 64, workers: int | None = None) -> list[Prediction]:
         probs, order = self.ranked(self.codes(paths, batch_size, workers), top_k)

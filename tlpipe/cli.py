@@ -68,9 +68,9 @@ def user_errors() -> Iterator[None]:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
-        if too_long(exc) is None:
+        if (line := too_long(exc)) is None:
             raise
-        typer.echo(f"error: {too_long(exc)}", err=True)
+        typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -389,13 +389,13 @@ def ui(
     """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
     with user_errors():
         from tlpipe.servers import check_port_free, exposure_warning, runs_page, serve_ui
-        from tlpipe.store import check_store, resolve_tracking_uri
+        from tlpipe.store import check_store
 
         tracking_uri = check_store(tracking_uri)
         check_port_free(host, port)
         if warning := exposure_warning(host, "the MLflow UI", "read, change and delete every run in the store"):
             typer.echo(warning, err=True)
-        typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {resolve_tracking_uri(tracking_uri)} "
+        typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {tracking_uri} "
                    "(Ctrl+C stops it)")
         raise typer.Exit(serve_ui(tracking_uri, host, port))
 

@@ -10,8 +10,9 @@ import numpy as np
 from tlpipe.bundle import Bundle
 from tlpipe.data.scan import WHOLE_FOLDER
 from tlpipe.errors import TlpipeError
+from tlpipe.run_folder import RunFolder
 
-EVALUATION_PLOTS = ("reliability.png", "confusion_matrix.png")  # what evaluate --plots writes
+EVALUATION_PLOTS = (RunFolder.RELIABILITY, RunFolder.CONFUSION_MATRIX)  # what evaluate --plots writes, named as a fit's
 
 
 def evaluate_bundle(bundle: Bundle, data: str | Path, split: str | None = None, batch_size: int = 64,

@@ -39,8 +39,7 @@ from tlpipe.utils import atomic_write, temporary_beside
 
 Format = Literal["onnx", "torchscript"]
 InputType = Literal["uint8", "float32"]
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}  # the first: the default file's
 OPSET = 18  # run by ONNX Runtime >= 1.14 and most converters; stated in the sidecar
 INPUT, OUTPUT = "images", "probabilities"
 PARITY_BATCHES = (1, 2, 7)
@@ -131,11 +130,11 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
     ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript), replaced by each export; a file the
     user names is replaced only with ``overwrite``. ``<out>.json`` beside it; the figures logged to
     the fit's MLflow run unless ``log`` is False."""
-    if fmt not in SUFFIX:
+    if fmt not in SUFFIXES:
         raise TlpipeError(f"unknown export format '{fmt}': use onnx or torchscript")
     fit = RunFolder(bundle.path.parent)  # the default file is the fit's own: each export replaces it
     owned = out is None and (fit / fit.SUMMARY).is_file()
-    out = output_file(out if out is not None else fit / fit.EXPORT / f"model{SUFFIX[fmt]}", "--out",
+    out = output_file(out if out is not None else fit / fit.EXPORT / f"model{SUFFIXES[fmt][0]}", "--out",
                       suffixes=SUFFIXES[fmt], companions=[".json"], overwrite=overwrite or owned)
     sweep_temporaries(out.parent, of=out.name)  # what a killed export of this file left
     if bundle.device.type != "cpu":  # the reference is the bundle in float32, as the export runs

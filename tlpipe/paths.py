@@ -31,12 +31,12 @@ def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), ov
     path = Path(path).expanduser()
     suffixes = tuple(suffixes)
     _check_place(path, flag, dataset)
-    if _is_dir(path):
+    if os.path.isdir(path):
         raise TlpipeError(f"{flag} {path} is a folder: give a file name, such as {path / ('out' + (suffixes or ('',))[0])}")
     if suffixes and not path.name.lower().endswith(suffixes):
         raise TlpipeError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)} (this command writes that "
                           f"kind of file): give a name such as {path.with_suffix(suffixes[0]).name}")
-    existing = [p for p in (path, *(path.with_name(path.name + c) for c in companions)) if _exists(p)]
+    existing = [p for p in (path, *(path.with_name(path.name + c) for c in companions)) if os.path.lexists(p)]
     if existing and not overwrite:
         raise TlpipeError(f"{flag} {existing[0]} exists: add --overwrite to replace it, or give another {flag}")
     _writable_folder(path.parent, f"{flag} {path}")
@@ -48,10 +48,10 @@ def output_folder(path: str | Path, flag: str, files: Iterable[str] = (), overwr
     """``path`` as a folder this command may write ``files`` into, made if missing; else one line.
     Never inside ``dataset`` or a model bundle."""
     path = Path(path).expanduser()
-    _check_place(path / "_", flag, dataset)
-    if _exists(path) and not _is_dir(path):
+    _check_place(path, flag, dataset, folder=True)
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise TlpipeError(f"{flag} {path} is a file, not a folder: give a folder")
-    existing = [path / name for name in files if _exists(path / name)]
+    existing = [path / name for name in files if os.path.lexists(path / name)]
     if existing and not overwrite:
         raise TlpipeError(f"{flag} {path} already holds {existing[0].name}: add --overwrite to replace it, "
                           f"or give another {flag}")
@@ -97,29 +97,22 @@ def too_long(exc: OSError) -> str | None:
     return f"file name too long ({len(Path(name).name)} characters): {shown}; shorten it (most file systems take 255 bytes)"
 
 
-def _check_place(path: Path, flag: str, dataset: str | Path | None) -> None:
-    """The name fits the file system; the place is outside the dataset (tlpipe never writes there:
-    a new folder would be read as a class) and outside any model bundle (its files are checksummed)."""
+def _check_place(path: Path, flag: str, dataset: str | Path | None, folder: bool = False) -> None:
+    """The name fits the file system; the place (``path``, a ``folder`` or a file) is outside the
+    dataset (tlpipe never writes there: a new folder would be read as a class) and outside any model
+    bundle (its files are checksummed)."""
     for part in path.parts:
         if len(part.encode()) > 255:
             raise TlpipeError(f"{flag}: a name in the path is {len(part.encode())} bytes long (at most 255): "
                               f"{part[:40]}…; shorten it")
     where = path.absolute()
     if dataset is not None and where.resolve().is_relative_to(Path(dataset).expanduser().resolve()):
-        raise TlpipeError(f"{flag} {path.parent if path.name == '_' else path} is inside the dataset folder {dataset}: "
+        raise TlpipeError(f"{flag} {path} is inside the dataset folder {dataset}: "
                           "tlpipe never writes there (the next fit would take it for a class); give a path outside it")
-    for folder in where.parents:
-        if (folder / BUNDLE_MANIFEST).is_file() and (folder / BUNDLE_HEAD).is_file():
-            raise TlpipeError(f"{flag} {path} is inside the model bundle {folder}: writing there would break it; "
+    for above in (where, *where.parents) if folder else where.parents:
+        if (above / BUNDLE_MANIFEST).is_file() and (above / BUNDLE_HEAD).is_file():
+            raise TlpipeError(f"{flag} {path} is inside the model bundle {above}: writing there would break it; "
                               "give a path outside it")
-
-
-def _exists(path: Path) -> bool:
-    return os.path.lexists(path)
-
-
-def _is_dir(path: Path) -> bool:
-    return os.path.isdir(path)
 
 
 def _writable_folder(folder: Path, what: str) -> None:
@@ -128,6 +121,6 @@ def _writable_folder(folder: Path, what: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         temporary_beside(folder / "probe").unlink()
     except OSError as exc:
-        under = next((p for p in (folder.absolute(), *folder.absolute().parents) if _exists(p) and not _is_dir(p)), None)
+        under = next((p for p in (folder.absolute(), *folder.absolute().parents) if os.path.lexists(p) and not os.path.isdir(p)), None)
         why = f"{under} is a file, not a folder" if under else exc.strerror or str(exc)
         raise TlpipeError(f"cannot write {what} ({why}): choose another place") from None

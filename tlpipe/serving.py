@@ -228,7 +228,7 @@ def check_served_model(served: ServedModel) -> None:
 
     model_uri, store = served.uri, served.store
     check_store(store, write=False)  # a server that does not answer: one line in seconds, not minutes of retries
-    if sqlite_file(store) and not sqlite_file(store).is_file():
+    if (db := sqlite_file(store)) and not db.is_file():
         raise TlpipeError(f"cannot serve {model_uri}: the MLflow store {store} does not exist; give the fit's store "
                           "with --tracking-uri (or MLFLOW_TRACKING_URI)")
     with tempfile.TemporaryDirectory() as folder, _tracking(store):

@@ -112,8 +112,8 @@ class FitRun:
 
         self.client = MlflowClient(self.tracking_uri)
         found = self.client.get_experiment_by_name(self.experiment)  # also creates or migrates the store's tables
-        if sqlite_file(self.tracking_uri):
-            _write_ahead_log(sqlite_file(self.tracking_uri))
+        if db := sqlite_file(self.tracking_uri):
+            _write_ahead_log(db)
         if found is not None:
             return found.experiment_id
         root = _artifact_root(self.tracking_uri)

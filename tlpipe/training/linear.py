@@ -47,7 +47,11 @@ class LinearHead:
             return (out + torch.from_numpy(self.bias)).numpy()
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(self.logits(codes)) * self.scale, dim=1).numpy()
+        return self.proba_from_logits(self.logits(codes))
+
+    def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of logits already computed (``logits``): one pass for both."""
+        return torch.softmax(torch.from_numpy(logits) * self.scale, dim=1).numpy()
 
     def predict(self, codes: np.ndarray) -> np.ndarray:
         return self.logits(codes).argmax(axis=1)
