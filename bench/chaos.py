@@ -87,7 +87,7 @@ def problems(out: Path) -> list[str]:
     from safetensors.torch import load_file
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.run_folder import RunFolder, bundle_identity
+    from tlpipe.run.folder import RunFolder, bundle_identity
 
     found = []
     for path in out.rglob("*.json"):

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.export import ExportedClassifier, export_bundle, load_exported
+    from tlpipe.bundle.export import ExportedClassifier, export_bundle, load_exported
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ from tlpipe.config import load_config
 from tlpipe.data import prepare_dataset
 from tlpipe.models import PENULTIMATE, build_backbone, dataset_codes
 from tlpipe.training import frozen
-from tlpipe.training.strategies import fit_finetune
+from tlpipe.training.fits import fit_finetune
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AUGMENT_OFF = {"crop_scale": [1.0, 1.0], "hflip": 0, "vflip": 0, "affine_p": 0, "color_p": 0}

@@ -35,7 +35,7 @@ from tlpipe.data import prepare_dataset
 from tlpipe.models import build_backbone
 from tlpipe.strategy.decision import standard_error
 from tlpipe.strategy.signals import collect_features, compute_signals
-from tlpipe.training.strategies import fit_finetune, linear_probe
+from tlpipe.training.fits import fit_finetune, linear_probe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from tlpipe.config import load_config
 from tlpipe.data import CachedImages, EpochSampler, build_decoded_cache, prepare_dataset, train_transform
-from tlpipe.data.cache import decode_square
+from tlpipe.data.decoded import decode_square
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import build_backbone

@@ -28,7 +28,7 @@ import numpy as np
 from tlpipe.config import load_config
 from tlpipe.data import prepare_dataset
 from tlpipe.models import build_backbone, dataset_codes
-from tlpipe.tracking import FitRun
+from tlpipe.run.tracking import FitRun
 from tlpipe.training.linear import linear_estimator
 from tlpipe.tuning import linear_objective, tune
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tlpipe.config import AugmentConfig
 from tlpipe.data import Sample, load_rgb
 from tlpipe.data.augment import CachedImages, EpochSampler, eval_array_transform, train_transform
-from tlpipe.data.cache import build_decoded_cache, cache_path
+from tlpipe.data.decoded import build_decoded_cache, cache_path
 from tlpipe.data.loader import decode_size, eval_transform
 
 ALL_OFF = AugmentConfig(

@@ -95,7 +95,7 @@ def _small_fine_tune(tmp_path, image_folder, backbone, epochs: int, **kwargs):
 
     from tlpipe.data import prepare_dataset
     from tlpipe.models import dataset_codes
-    from tlpipe.training.strategies import fit_finetune
+    from tlpipe.training.fits import fit_finetune
 
     data = image_folder("data", {"red": 12, "blue": 12}, size=(64, 64))
     config = load_config("default", strategy="full", image_size=64, batch_size=8, num_workers=0, val_fraction=0.5,
@@ -114,7 +114,7 @@ def test_a_fine_tune_past_its_deadline_stops_at_an_epoch_boundary_with_its_best_
 
 def test_epochs_of_a_large_val_split_are_scored_on_a_fixed_subset_and_the_trial_on_all_of_it(
         tmp_path, image_folder, backbone, monkeypatch):
-    from tlpipe.training import strategies
+    from tlpipe.training import fits as strategies
 
     monkeypatch.setattr(strategies, "EPOCH_VAL_IMAGES", 6)  # a "large" val split of 12 images
     from tlpipe.models import PENULTIMATE, dataset_codes

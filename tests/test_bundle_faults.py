@@ -99,7 +99,7 @@ def test_a_test_split_whose_images_all_fail_is_named_not_swapped_for_val(fitted,
 
 
 def test_a_long_list_of_known_classes_is_cut_short():
-    from tlpipe.evaluation import listed
+    from tlpipe.bundle.evaluation import listed
 
     assert listed([f"c{i}" for i in range(30)]) == ", ".join(f"c{i}" for i in range(12)) + " and 18 more"
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from tlpipe.calibration import calibrate, expected_calibration_error, fit_scale, nll
-from tlpipe.metrics import evaluation_metrics
+from tlpipe.bundle.calibration import calibrate, expected_calibration_error, fit_scale, nll
+from tlpipe.bundle.metrics import evaluation_metrics
 from tlpipe.training.linear import LinearHead
 
 
@@ -66,7 +66,7 @@ def test_evaluation_figures_match_their_definitions():
 def test_macro_f1_of_many_resamples_at_once_is_scikit_learns_for_each():
     from sklearn.metrics import f1_score
 
-    from tlpipe.metrics import macro_f1
+    from tlpipe.bundle.metrics import macro_f1
 
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.integers(0, 4, (3, 2, 30)), rng.integers(0, 6, (3, 2, 30))  # labels 4, 5 only predicted

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tlpipe.data import prepare_dataset
-from tlpipe.training.strategies import class_weights
+from tlpipe.training.fits import class_weights
 
 
 def test_inverse_frequency_weights_when_on_and_auto_only_over_three_to_one(image_folder):

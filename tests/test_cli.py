@@ -298,7 +298,7 @@ def test_fit_report_ends_with_the_commands_to_run_next(fitted):
 
 
 def test_next_commands_survive_spaces_quotes_and_unicode_in_paths(fitted, capsys, mlflow_store):
-    from tlpipe.report import print_next_steps
+    from tlpipe.run.report import print_next_steps
 
     _, out, _ = fitted
     summary = json.loads((out / "summary.json").read_text())
@@ -369,7 +369,7 @@ def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(bundle_copy, fi
 def test_an_altered_embedded_backbone_is_refused(fitted, tmp_path):
     from safetensors.torch import load_file
 
-    from tlpipe.bundle import BACKBONE_FILE, load_bundle, save_bundle
+    from tlpipe.bundle.folder import BACKBONE_FILE, load_bundle, save_bundle
     from tlpipe.errors import TlpipeError
 
     loaded = load_bundle(fitted[1] / "model", "cpu")

@@ -26,7 +26,7 @@ def fitted(bundle_dir):
 
 def test_a_fit_that_cannot_keep_its_time_limit_says_so(capsys):
     from tlpipe.budget import Budget
-    from tlpipe.report import print_budget
+    from tlpipe.run.report import print_budget
     from tlpipe.strategy.plan import overrun
 
     timings = {"check_data": 0.5, "load_backbone": 1.5, "extract_codes": 9.0, "train": 0.5}
@@ -103,7 +103,7 @@ def test_no_command_writes_into_the_dataset(fitted, tmp_path):
 
 
 def test_a_killed_writers_temporary_files_go_and_a_live_or_foreign_ones_stay(fitted, tmp_path):
-    from tlpipe.run_folder import RunFolder
+    from tlpipe.run.folder import RunFolder
     from tlpipe.paths import sweep_temporaries
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -165,7 +165,7 @@ def test_report_of_a_fit_whose_dataset_moved_is_built_from_its_folder(fitted, tm
 
 def test_report_and_export_never_read_an_image_outside_the_dataset(fitted, tmp_path):
     from tlpipe.bundle import load_bundle
-    from tlpipe.export import check_set
+    from tlpipe.bundle.export import check_set
 
     root, out = fitted
     copy = _copy_of(out, tmp_path)

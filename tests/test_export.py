@@ -60,7 +60,7 @@ def test_onnx_export_agrees_with_the_bundle_and_carries_the_preprocessing(fitted
     import onnxruntime as ort
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.export import pixels
+    from tlpipe.bundle.export import pixels
 
     root, out, summary = fitted
     result = tlpipe("export", out / "model")
@@ -91,7 +91,7 @@ def test_onnx_export_agrees_with_the_bundle_and_carries_the_preprocessing(fitted
 def test_the_graph_holds_the_flip_the_taps_and_the_resolution_in_both_formats(odd_bundle, tmp_path):
     import onnxruntime as ort
 
-    from tlpipe.export import export_bundle, pixels
+    from tlpipe.bundle.export import export_bundle, pixels
 
     bundle, images = odd_bundle
     exported = export_bundle(bundle, "onnx", tmp_path / "odd.onnx", input_type="float32", check=images)
@@ -110,7 +110,7 @@ def test_torchscript_round_trip_loads_alone_with_its_metadata(fitted, tmp_path):
     import torch
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.export import pixels
+    from tlpipe.bundle.export import pixels
 
     root, out, summary = fitted
     target = tmp_path / "deploy" / "colours.pt"
@@ -131,7 +131,7 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
     import onnx
     from onnx import numpy_helper
 
-    import tlpipe.export as export
+    import tlpipe.bundle.export as export
 
     _, out, _ = fitted
     write = export._write_onnx
@@ -157,7 +157,7 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
 
 
 def test_a_failing_onnx_exporter_gives_way_to_the_other_and_says_so(fitted, tmp_path, monkeypatch):
-    import tlpipe.export as export
+    import tlpipe.bundle.export as export
     from tlpipe.bundle import load_bundle
 
     _, out, _ = fitted

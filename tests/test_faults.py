@@ -48,7 +48,7 @@ def test_a_control_character_in_a_class_folder_is_one_line_naming_it(tmp_path):
 
 
 def test_mlflow_keys_are_collision_free_and_accepted():
-    from tlpipe.tracking import mlflow_key
+    from tlpipe.run.tracking import mlflow_key
 
     assert mlflow_key("val_f1_cats") == "val_f1_cats"
     names = ["a (b)", "a [b]", "a/../b", "/abs", "x" * 300, "été", "🐜", "🐝"]
@@ -62,7 +62,7 @@ def test_mlflow_keys_are_collision_free_and_accepted():
 
 FIT_CODE = textwrap.dedent("""
     import sys
-    from tlpipe.tracking import FitRun
+    from tlpipe.run.tracking import FitRun
     with FitRun("race", sys.argv[1]) as run:
         run.log_metrics({"val_accuracy": 1.0})
 """)
@@ -86,7 +86,7 @@ HOLD_CODE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from tlpipe.config import load_config
-    from tlpipe.run_folder import RunFolder, fit_key
+    from tlpipe.run.folder import RunFolder, fit_key
     config = load_config("default", strategy="linear", num_workers=0, device="cpu")  # what FAST asks for
     with RunFolder(Path(sys.argv[1])).claim(Path(sys.argv[2]), fit_key(Path(sys.argv[2]), config)):
         print("held", flush=True)
@@ -317,10 +317,10 @@ def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
 def test_a_run_whose_fit_died_is_ended_by_the_next_fit_on_the_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tlpipe.tracking import FitRun
+    from tlpipe.run.tracking import FitRun
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = "import os, sys\nfrom tlpipe.tracking import FitRun\nrun = FitRun('ghosts', sys.argv[1]).__enter__()\n" \
+    code = "import os, sys\nfrom tlpipe.run.tracking import FitRun\nrun = FitRun('ghosts', sys.argv[1]).__enter__()\n" \
            "print(run.run_id, flush=True)\nos.kill(os.getpid(), 9)"
     died = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, timeout=120)
     ghost = died.stdout.strip()
@@ -334,7 +334,7 @@ def test_a_run_whose_fit_died_is_ended_by_the_next_fit_on_the_store(tmp_path):
 def test_hidden_and_temporary_files_never_reach_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tlpipe.tracking import FitRun
+    from tlpipe.run.tracking import FitRun
 
     folder = tmp_path / "model"
     (folder / "sub").mkdir(parents=True)
@@ -356,7 +356,7 @@ def test_a_sigkill_between_the_bundle_swap_and_the_summary_is_made_whole_on_the_
     """The staged summary names the bundle swapped in: finished; naming one that never came: dropped."""
     import shutil
 
-    from tlpipe.run_folder import RunFolder, bundle_identity
+    from tlpipe.run.folder import RunFolder, bundle_identity
 
     out = tmp_path / "out"
     STAGED_REPORTS, STAGED_SUMMARY = RunFolder.STAGED_REPORTS, RunFolder.STAGED_SUMMARY

@@ -117,7 +117,7 @@ def _partial_fit(backbone, root, out, augment):
     from tlpipe.config import load_config
     from tlpipe.data import prepare_dataset
     from tlpipe.models import PENULTIMATE, dataset_codes
-    from tlpipe.training.strategies import fit_finetune
+    from tlpipe.training.fits import fit_finetune
 
     config = load_config("default", strategy="partial", image_size=64, num_workers=0, batch_size=8,
                          finetune={"epochs": 2, "unfreeze_stages": 2, "lr": 1e-2}, augment=augment)

@@ -55,7 +55,7 @@ def test_a_fit_whose_run_was_deleted_is_one_line_before_serving(bundle_dir, mlfl
 
 
 EDITS = {  # stored file, its edit, what the line says
-    "a module": ("code/tlpipe/serving.py", lambda text: text + "\nimport os\nos.system('true')\n",
+    "a module": ("code/tlpipe/bundle/serving.py", lambda text: text + "\nimport os\nos.system('true')\n",
                  "the checksum of its files differs"),
     "the version": ("code/tlpipe/version.py", lambda text: text.replace('__version__ = "', '__version__ = "9.'), "tlpipe 9."),
     "the model's code file": ("mlflow_model.py", lambda text: text + "\n# edited\n", "the model's mlflow_model.py differs"),
@@ -80,7 +80,7 @@ def test_a_request_over_the_row_cap_is_one_400_line(bundle_dir, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.serving import MAX_ROWS_ENV, BundleModel
+    from tlpipe.bundle.serving import MAX_ROWS_ENV, BundleModel
 
     root, bundle = bundle_dir
     model = BundleModel()
@@ -124,7 +124,7 @@ def _group_members(group: int) -> list[int]:
 def _sigkill_leaves_no_server(process: subprocess.Popen, port: int) -> None:
     """SIGKILL ``process`` (tlpipe): within 15 s every process of its server's group (the server, its
     workers, MLflow's job consumers) is gone and nothing holds ``port``."""
-    from tlpipe.servers import check_port_free
+    from tlpipe.run.servers import check_port_free
 
     groups = {os.getpgid(pid) for pid in servers_on(port)}
     assert groups and os.getpgid(0) not in groups

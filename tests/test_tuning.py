@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from tlpipe import tuning
 from tlpipe.config import load_config
 from tlpipe.models import dataset_codes
-from tlpipe.tracking import FitRun
+from tlpipe.run.tracking import FitRun
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -26,7 +26,7 @@ def __getattr__(name: str):
 
         return extract
     if name == "load_bundle":
-        from tlpipe.bundle import load_bundle
+        from tlpipe.bundle.folder import load_bundle
 
         return load_bundle
     raise AttributeError(name)

@@ -151,7 +151,7 @@ def fit(
         from tlpipe.config import config_from_flags
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
-        from tlpipe.report import print_fit_report
+        from tlpipe.run.report import print_fit_report
 
         if (data is None) == (example is None):
             raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
@@ -224,7 +224,7 @@ def inspect(
         from tlpipe.config import config_from_flags
         from tlpipe.paths import output_file
         from tlpipe.pipeline import inspect as run_inspect
-        from tlpipe.report import print_inspect_report
+        from tlpipe.run.report import print_inspect_report
         from tlpipe.utils import write_json
 
         json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite, dataset=data)
@@ -275,8 +275,8 @@ def predict(
 ) -> None:
     """Predict the class of images with a saved bundle: top-k labels with probabilities."""
     with user_errors():
-        from tlpipe.bundle import expand_image_paths, load_bundle
-        from tlpipe.report import print_predictions
+        from tlpipe.bundle.folder import expand_image_paths, load_bundle
+        from tlpipe.run.report import print_predictions
 
         model = load_bundle(bundle, device)
         images, problems = expand_image_paths(paths)
@@ -304,10 +304,10 @@ def evaluate(
     """Score a saved bundle on labelled images: accuracy with its interval, balanced accuracy, macro-F1,
     top-k, NLL, Brier, calibration error, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
-        from tlpipe.bundle import load_bundle
-        from tlpipe.evaluation import EVALUATION_PLOTS, evaluate_bundle
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.bundle.evaluation import EVALUATION_PLOTS, evaluate_bundle
         from tlpipe.paths import output_file, output_folder
-        from tlpipe.report import print_evaluation
+        from tlpipe.run.report import print_evaluation
         from tlpipe.utils import write_json
 
         json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite, dataset=data)
@@ -344,9 +344,9 @@ def export(
     """Export a bundle as one graph from pixels to calibrated probabilities, written only once it
     agrees with the bundle (top-1 on every image, probabilities within 1e-4 at batch 1, 2 and 7)."""
     with user_errors():
-        from tlpipe.bundle import load_bundle
-        from tlpipe.export import export_bundle
-        from tlpipe.report import print_export
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.bundle.export import export_bundle
+        from tlpipe.run.report import print_export
 
         print_export(export_bundle(load_bundle(bundle, "cpu"), format.value, out, input_type=input_type.value,
                                    check=check, force=force, overwrite=overwrite))
@@ -358,7 +358,7 @@ def report(
 ) -> None:
     """Rebuild <output>/report.html (one self-contained page: data, strategy, trials, metrics, mistakes)."""
     with user_errors():
-        from tlpipe.html_report import write_html_report
+        from tlpipe.run.html_report import write_html_report
 
         typer.echo(str(write_html_report(output)))
 
@@ -388,8 +388,8 @@ def ui(
 ) -> None:
     """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
     with user_errors():
-        from tlpipe.servers import check_port_free, exposure_warning, runs_page, serve_ui
-        from tlpipe.store import check_store
+        from tlpipe.run.servers import check_port_free, exposure_warning, runs_page, serve_ui
+        from tlpipe.run.store import check_store
 
         tracking_uri = check_store(tracking_uri)
         check_port_free(host, port)
@@ -411,8 +411,8 @@ def serve(
     """Serve a fit's MLflow model over HTTP (mlflow models serve: POST /invocations with base64 images),
     once the model and the tlpipe code stored with it (which the server runs) are checked."""
     with user_errors():
-        from tlpipe.serving import MAX_ROWS_ENV, check_served_model, row_cap, serve_command, served_model
-        from tlpipe.servers import check_port_free, exposure_warning, run_server
+        from tlpipe.bundle.serving import MAX_ROWS_ENV, check_served_model, row_cap, serve_command, served_model
+        from tlpipe.run.servers import check_port_free, exposure_warning, run_server
 
         served = served_model(target, tracking_uri)
         check_served_model(served)

@@ -1,18 +1,36 @@
 """Looking at data without fitting: ``inspect`` (what ``fit`` would see, choose and plan) and
-``extract`` (the CNN codes of every image, for a downstream classifier; ``tlpipe.codes``)."""
+``extract`` (the CNN codes of every image, for a downstream classifier), in this file format:
+
+``.npz`` (read with ``np.load(path)``, no pickle needed):
+  ``features`` float32 (N, D); ``labels`` int64 (N,), index into ``classes``; ``classes`` str (C,);
+  ``paths`` str (N,), relative to the dataset folder, POSIX separators; ``splits`` str (N,):
+  train / val / test as found in the folder; ``meta`` str (): JSON with backbone, weights source
+  and sha256, layer, data config, tlpipe version, and the files left out with the reason.
+``.parquet``: columns ``path``, ``split``, ``label``, ``class``, ``features`` (fixed-size list of
+  float32); the same ``meta`` JSON in the schema metadata under ``b"tlpipe"``.
+Rows are sorted by split, class, then path, so the same data gives the same file.
+"""
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+
+import numpy as np
 
 from tlpipe.budget import Budget, parse_duration
 from tlpipe.config import FitConfig, load_config
-from tlpipe.data import prepare_dataset
-from tlpipe.models import build_backbone, dataset_codes
+from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.models import Backbone, build_backbone, dataset_codes, resolve_layer
 from tlpipe.stages.planning import new_plan
 from tlpipe.stages.prepare import choose_backbone
 from tlpipe.strategy.auto import assess
 from tlpipe.strategy.policy import choose_tap
 from tlpipe.strategy.signals import collect_splits
+from tlpipe.utils import atomic_write
+from tlpipe.version import __version__
+
+FORMATS = (".npz", ".parquet")
 
 
 def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> dict:
@@ -46,10 +64,9 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
 def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default",
             overwrite: bool = False) -> Path:
     """Write the CNN codes of every valid image of ``data`` (all splits as found) to ``out``:
-    ``.npz`` (see ``tlpipe.codes``) or ``.parquet``, replacing an existing file only with
+    ``.npz`` or ``.parquet``, replacing an existing file only with
     ``overwrite``. Files that fail the check are left out and listed, with the reason, in the
     file's metadata."""
-    from tlpipe.codes import FORMATS, save_codes
     from tlpipe.paths import output_file
 
     out = output_file(out, "--out", suffixes=FORMATS, overwrite=overwrite, dataset=data)
@@ -58,3 +75,32 @@ def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, 
     backbone = build_backbone(config)
     parts = {split: dataset_codes(backbone, spec, split, config) for split in spec.splits}
     return save_codes(out, spec, parts, backbone, config)
+
+
+def save_codes(out: Path, spec: DatasetSpec, parts: dict[str, tuple[np.ndarray, np.ndarray]], backbone: Backbone, config: FitConfig) -> Path:
+    """The codes ``parts`` (features, labels per split) to ``out``, checked first by ``extract``, atomically."""
+    splits = [split for split in parts for _ in spec.splits[split]]
+    paths = [spec.relative(s.path) for split in parts for s in spec.splits[split]]
+    features = np.concatenate([parts[s][0] for s in parts]).astype(np.float32)
+    labels = np.concatenate([parts[s][1] for s in parts]).astype(np.int64)
+    meta = json.dumps({
+        "tlpipe_version": __version__,
+        "backbone": backbone.name, "arch": backbone.arch, "weights": backbone.weights.to_dict(),
+        "layer": resolve_layer(backbone.model, config.layer), "layer_relu": config.layer_relu,
+        "data_config": backbone.data_config,
+        "quarantined": [[spec.relative(p), why] for p, why in spec.quarantined],
+    }, default=str)
+    if out.suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, labels=labels, classes=np.array(spec.classes, dtype=str),
+                 paths=np.array(paths, dtype=str), splits=np.array(splits, dtype=str), meta=np.array(meta))
+        return atomic_write(out, lambda f: f.write(buffer.getvalue()), mode="wb")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "path": paths, "split": splits, "label": labels,
+        "class": [spec.classes[i] for i in labels],
+        "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
+    }).replace_schema_metadata({b"tlpipe": meta.encode()})
+    return atomic_write(out, lambda f: pq.write_table(table, f), mode="wb")

@@ -11,7 +11,7 @@
 5. ``check``: a fine-tune is scored through the prediction path (at its training resolution and
    the native one, the better kept) and, under auto, must beat the tuned linear classifier (the
    guard), else that classifier is the model;
-6. ``record`` (``stages.record``; written by ``tlpipe.outputs`` into the ``RunFolder``): bundle, reports, MLflow run and model (``tlpipe.serving``),
+6. ``record`` (``stages.record``; written by ``tlpipe.run.outputs`` into the ``RunFolder``): bundle, reports, MLflow run and model (``tlpipe.bundle.serving``),
    ``summary.json``;
 7. ``register`` (with ``register=NAME``): the MLflow model as a registry version, with an alias.
 
@@ -31,9 +31,9 @@ from tlpipe.config import FitConfig, load_config
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.explore import extract, inspect  # noqa: F401 - the API's other entry points, here as before
-from tlpipe.outputs import FitResult
+from tlpipe.run.outputs import FitResult
 from tlpipe.progress import quiet_libraries
-from tlpipe.run_folder import RunFolder, fit_key
+from tlpipe.run.folder import RunFolder, fit_key
 from tlpipe.stages.check import check
 from tlpipe.stages.choose import choose
 from tlpipe.stages.context import FitContext, TuningOverrides
@@ -42,7 +42,7 @@ from tlpipe.stages.prepare import open_run, prepare
 from tlpipe.stages.record import Saved
 from tlpipe.stages.train import run_worker, train  # noqa: F401 - run_worker: the API's tuning worker
 from tlpipe.strategy.plan import trained_pace
-from tlpipe.store import check_store
+from tlpipe.run.store import check_store
 from tlpipe.training.distributed import distributed
 from tlpipe.utils import write_json
 
@@ -65,7 +65,7 @@ def fit(data: str | Path, config: FitConfig | None = None, *, output: str | Path
     ``register``: a registry name for the fit's MLflow model, ``alias`` pointed at the new version
     (a failure is in ``summary["registered"]["error"]``)."""
     if register:
-        from tlpipe.serving import check_registry_names
+        from tlpipe.bundle.serving import check_registry_names
 
         check_registry_names(register, alias)
     config = config or load_config(recipe)
@@ -113,7 +113,7 @@ def _fit(ctx: FitContext, config: FitConfig, experiment: str | None, tracking_ur
 def register_stage(result: FitResult, name: str, alias: str | None) -> None:
     """The fit's MLflow model as a new version of ``name`` in the registry, ``alias`` moved to it;
     ``summary.json`` says which."""
-    from tlpipe.serving import register_model
+    from tlpipe.bundle.serving import register_model
 
     try:
         version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)

@@ -1,6 +1,6 @@
 """Data stage: scan a folder, check every image, split, cache decoded images, and load batches."""
 from tlpipe.data.augment import CachedImages, EpochSampler, eval_array_transform, train_transform
-from tlpipe.data.cache import build_decoded_cache
+from tlpipe.data.decoded import build_decoded_cache
 from tlpipe.data.dataset import (
     QUARANTINE_REPORT, DatasetSpec, Sample, prepare_dataset, stratified_subset, write_quarantine_report,
 )

@@ -21,7 +21,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset, Sampler
 
 from tlpipe.config import AugmentConfig
-from tlpipe.data.cache import centre_offset
+from tlpipe.data.decoded import centre_offset
 from tlpipe.data.loader import decode_size
 
 _CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}

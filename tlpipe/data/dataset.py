@@ -19,7 +19,7 @@ from tlpipe.data.images import check_image
 from tlpipe.data.scan import ScannedFiles, scan_folder
 from tlpipe.errors import TlpipeError
 from tlpipe.progress import progress_bar
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 from tlpipe.utils import atomic_write, default_workers
 
 QUARANTINE_REPORT = RunFolder.QUARANTINE

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.calibration import calibrate
+from tlpipe.bundle.calibration import calibrate
 from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
-from tlpipe.outputs import FittedModel
+from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.policy import guard

@@ -13,10 +13,10 @@ from tlpipe.budget import Budget, FitCut, raise_if_stopped
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.models import Backbone
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.policy import LinearFit
-from tlpipe.tracking import FitRun
+from tlpipe.run.tracking import FitRun
 from tlpipe.training.distributed import DistContext
 
 Codes = dict[str, tuple]

@@ -13,7 +13,7 @@ from tlpipe.data.profile import greyscale_share
 from tlpipe.device import resolve_device
 from tlpipe.models import Backbone
 from tlpipe.progress import announce
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.plan import (
     RECORD_SECONDS, Plan, apply_plan, decision_hyperparameters, epoch_seconds, make_plan, source_augmentation, train_sizes,

@@ -9,10 +9,10 @@ from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig, config_to_yaml
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.models import Backbone, build_backbone
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 from tlpipe.stages.context import FitContext, Prepared
 from tlpipe.strategy.auto import rank_backbones
-from tlpipe.tracking import FitRun, NoRun
+from tlpipe.run.tracking import FitRun, NoRun
 from tlpipe.utils import atomic_write
 
 

@@ -1,4 +1,4 @@
-"""Stage 6 of ``fit``, record (``tlpipe.outputs`` writes it): what the fit has saved so far. The
+"""Stage 6 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
 linear classifier before a fine-tune (anytime), the final model with how the budget was spent,
 and after SIGTERM or Ctrl+C the summary that says so beside the best model saved by then."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tlpipe.outputs import STAGE_TAG, FitResult, FittedModel, record, write_cut_summary
+from tlpipe.run.outputs import STAGE_TAG, FitResult, FittedModel, record, write_cut_summary
 from tlpipe.progress import announce
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.stages.train import stand_in

@@ -12,7 +12,7 @@ from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, build_backbone, dataset_codes
-from tlpipe.outputs import ASKED_FOR, FittedModel
+from tlpipe.run.outputs import ASKED_FOR, FittedModel
 from tlpipe.progress import quiet_libraries
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
@@ -20,7 +20,7 @@ from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import MIN_EPOCHS, Plan
 from tlpipe.training.frozen import forget_outputs
-from tlpipe.training.strategies import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
+from tlpipe.training.fits import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
 from tlpipe.tuning import (
     Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, trial_allowance, tune,
 )

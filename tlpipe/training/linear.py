@@ -22,7 +22,7 @@ from sklearn.utils import check_array, check_X_y
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from tlpipe.calibration import fit_scale
+from tlpipe.bundle.calibration import fit_scale
 
 CLASSIFIERS = ("logreg", "svm")
 PROBABILITY_NOTES = {

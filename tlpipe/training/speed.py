@@ -19,7 +19,7 @@ from torch import nn
 
 from tlpipe.config import AugmentConfig
 from tlpipe.data import Sample, eval_array_transform, train_transform
-from tlpipe.data.cache import decode_square
+from tlpipe.data.decoded import decode_square
 from tlpipe.data.loader import decode_size
 from tlpipe.training.finetune import Precision, freeze_stages
 from tlpipe.utils import cpu_cores

@@ -27,7 +27,7 @@ class LinearObjective:
     def default_params(self, config: FitConfig) -> dict[str, Any]:
         """Trial 0: the classifier and C that ``fit_linear`` (cross-validation over the recipe's
         grid, then the better on val) picks untuned; ``defaults`` when the caller already knows them."""
-        from tlpipe.training.strategies import fit_linear
+        from tlpipe.training.fits import fit_linear
 
         if self.defaults:
             return dict(self.defaults)
@@ -56,7 +56,7 @@ class FinetuneObjective:
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
         from tlpipe.cache import cache_root
-        from tlpipe.training.strategies import DidNotLearn, fit_finetune
+        from tlpipe.training.fits import DidNotLearn, fit_finetune
 
         # every trial reads the one decoded-image cache of the study's folder, not one of its own
         config = config.model_copy(update={"cache_dir": str(cache_root(config.cache_dir, self.output_dir).resolve())})

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tlpipe.tracking import FitRun
+from tlpipe.run.tracking import FitRun
 from tlpipe.tuning.storage import PRUNED_REASON, _quiet
 from tlpipe.utils import write_json
 

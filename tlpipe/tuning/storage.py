@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial
 
 from tlpipe.config import FitConfig
 from tlpipe.errors import TlpipeError
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 
 STUDY_DB = RunFolder.STUDY_DB
 PRUNED_REASON = "pruned_reason"  # trial user attr: why it was pruned

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from tlpipe.config import FitConfig
 from tlpipe.progress import progress_bar
-from tlpipe.tracking import FitRun
+from tlpipe.run.tracking import FitRun
 from tlpipe.tuning.results import log_study
 from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
 from tlpipe.tuning.storage import (

@@ -2,7 +2,7 @@
 
 The store is MLflow's own default (``sqlite:///mlflow.db`` in the working folder for MLflow >= 3.7)
 unless ``MLFLOW_TRACKING_URI`` or an explicit URI says otherwise; ``tlpipe ui`` serves that same
-store (``tlpipe.store`` checks it first; ``tlpipe.servers`` runs the UI). Experiments that tlpipe creates in a SQLite store keep their artifacts in ``mlartifacts/``
+store (``tlpipe.run.store`` checks it first; ``tlpipe.run.servers`` runs the UI). Experiments that tlpipe creates in a SQLite store keep their artifacts in ``mlartifacts/``
 beside the database file, so a store is one self-contained folder.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from tlpipe.utils import process_alive
 
 
-from tlpipe.store import resolve_tracking_uri, sqlite_file
+from tlpipe.run.store import resolve_tracking_uri, sqlite_file
 
 
 def _artifact_root(uri: str) -> str | None:

@@ -10,8 +10,8 @@ import sys
 import time
 
 from tlpipe.errors import TlpipeError
-from tlpipe.store import resolve_tracking_uri
-from tlpipe.tracking import store_lock
+from tlpipe.run.store import resolve_tracking_uri
+from tlpipe.run.tracking import store_lock
 
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
@@ -73,7 +73,7 @@ def run_server(command: list[str], what: str, env: dict[str, str] | None = None)
 
     alive, tlpipe_alive = os.pipe()  # tlpipe holds the write end: the kernel closes it however tlpipe ends
     try:
-        server = subprocess.Popen([sys.executable, "-c", "from tlpipe.servers import guard_server; guard_server()",
+        server = subprocess.Popen([sys.executable, "-c", "from tlpipe.run.servers import guard_server; guard_server()",
                                    str(alive), *command], env={**os.environ, **(env or {})},
                                   start_new_session=True, pass_fds=(alive,))
     except OSError as exc:

@@ -1,5 +1,5 @@
 """The record stage of ``fit``: what a finished fit leaves behind, in one place (the folder and
-its file names belong to ``tlpipe.run_folder.RunFolder``; this module writes the record into it).
+its file names belong to ``tlpipe.run.folder.RunFolder``; this module writes the record into it).
 
 Under ``<output>``: the bundle (``model/``), ``classification_report.json``, ``confusion_matrix.png``,
 ``learning_curves.png`` (fine-tunes), ``strategy.json`` (auto), and ``summary.json`` last, so a
@@ -22,17 +22,17 @@ import numpy as np
 
 from tlpipe.version import __version__
 from tlpipe.budget import signals_held
-from tlpipe.bundle import save_bundle
+from tlpipe.bundle.folder import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
-from tlpipe.html_report import write_html_report
-from tlpipe.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
+from tlpipe.run.html_report import write_html_report
+from tlpipe.bundle.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
 from tlpipe.models import Backbone, resolve_layer
-from tlpipe.run_folder import RunFolder, bundle_identity
+from tlpipe.run.folder import RunFolder, bundle_identity
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
-from tlpipe.tracking import FitRun
-from tlpipe.training.strategies import TrainedHead
+from tlpipe.run.tracking import FitRun
+from tlpipe.training.fits import TrainedHead
 from tlpipe.utils import atomic_write, write_json
 
 STATUS_TAG = "tlpipe_status"  # on the fit's MLflow run: provisional, cut or complete
@@ -220,7 +220,7 @@ def _log_mlflow_model(run: FitRun, result: FitResult) -> str | None:
     """The bundle as the run's MLflow model (``runs:/<id>/model``), its stored code's checksum in the
     summary (``tlpipe serve OUTPUT`` trusts this copy, not the store's). A failure leaves the fit
     whole, takes the model out of the summary and returns what went wrong."""
-    from tlpipe.serving import log_model
+    from tlpipe.bundle.serving import log_model
 
     try:
         result.summary["mlflow_code_sha256"] = log_model(run, result.bundle_path)

@@ -7,10 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
-from tlpipe.bundle import Bundle
+from tlpipe.bundle.folder import Bundle
 from tlpipe.data.scan import WHOLE_FOLDER
 from tlpipe.errors import TlpipeError
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 
 EVALUATION_PLOTS = (RunFolder.RELIABILITY, RunFolder.CONFUSION_MATRIX)  # what evaluate --plots writes, named as a fit's
 
@@ -22,7 +22,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, split: str | None = None, 
     by name, so the split may hold any subset of the bundle's classes, even one; an unknown class
     is an error, since the bundle could never predict it."""
     from tlpipe.data import prepare_dataset
-    from tlpipe.metrics import evaluation_metrics
+    from tlpipe.bundle.metrics import evaluation_metrics
 
     spec = prepare_dataset(data, evaluation=True)
     if WHOLE_FOLDER in spec.splits and split is not None:
@@ -44,7 +44,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, split: str | None = None, 
     probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
     metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
     if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
-        from tlpipe.metrics import save_confusion_matrix, save_reliability_diagram
+        from tlpipe.bundle.metrics import save_confusion_matrix, save_reliability_diagram
 
         save_reliability_diagram(probabilities, y_true, Path(plots) / EVALUATION_PLOTS[0], title=f"Reliability ({split})")
         save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / EVALUATION_PLOTS[1],

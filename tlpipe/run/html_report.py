@@ -19,7 +19,7 @@ from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.data.images import load_rgb
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import inside
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 from tlpipe.utils import atomic_write, read_json, write_json
 
 MISTAKES_SHOWN = 12
@@ -48,7 +48,7 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
 
 
 def _environment() -> Environment:
-    return Environment(loader=PackageLoader("tlpipe", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    return Environment(loader=PackageLoader("tlpipe.run", "templates"), autoescape=select_autoescape(["html", "j2"]))
 
 
 def _read(path: Path, default=None):

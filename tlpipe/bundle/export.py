@@ -28,13 +28,13 @@ from PIL import Image
 from torch import nn
 
 from tlpipe.version import __version__
-from tlpipe.bundle import Bundle, load_bundle
+from tlpipe.bundle.folder import Bundle, load_bundle
 from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
 from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import inside, output_file, sweep_temporaries
-from tlpipe.run_folder import RunFolder
+from tlpipe.run.folder import RunFolder
 from tlpipe.utils import atomic_write, temporary_beside
 
 Format = Literal["onnx", "torchscript"]
@@ -198,8 +198,8 @@ def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta:
 def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     """The parity figures and the sidecar on the MLflow run of the fit that made the bundle, when
     its ``summary.json`` is beside it; what was done, as one line."""
-    from tlpipe.store import check_store
-    from tlpipe.tracking import FitRun
+    from tlpipe.run.store import check_store
+    from tlpipe.run.tracking import FitRun
 
     try:
         summary = RunFolder(bundle.path.parent).read_summary()

@@ -81,7 +81,7 @@ def print_budget(summary: dict) -> None:
 
 
 def print_export(exported) -> None:
-    """The parity table of an export (``tlpipe.export.Exported``), then where it went."""
+    """The parity table of an export (``tlpipe.bundle.export.Exported``), then where it went."""
     record, parity = exported.record, exported.record["parity"]
     table = Table(title=f"Exported vs bundle on {parity['images']} images ({escape(parity['images_from'])})")
     for column in ("batch", "top-1 agreement", "max |Δp|", "accuracy"):
@@ -105,7 +105,7 @@ def print_export(exported) -> None:
 def print_next_steps(summary: dict) -> None:
     """The commands to run next, with this fit's paths quoted for a POSIX shell, so they can be pasted
     as they are (class or folder names may hold spaces, quotes or non-ASCII letters)."""
-    from tlpipe.store import resolve_tracking_uri
+    from tlpipe.run.store import resolve_tracking_uri
 
     bundle, data = shlex.quote(summary["bundle"]), shlex.quote(summary["data"])
     labelled = data if "test" in summary["splits"] else "LABELLED_FOLDER"  # evaluate scores a test/ first

@@ -1,7 +1,7 @@
 """A fit's output folder, owned by one object: every file name in it, the lock and owner record that
 make it one fit's alone, the staging that keeps it whole across a kill, and how readers open it.
 
-``fit`` writes it (``tlpipe.outputs`` records into it); ``report``, ``export`` and ``serve`` read it.
+``fit`` writes it (``tlpipe.run.outputs`` records into it); ``report``, ``export`` and ``serve`` read it.
 Nothing else spells a file name of the folder, so a new file is added here and everyone sees it.
 """
 from __future__ import annotations

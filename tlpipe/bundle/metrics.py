@@ -53,7 +53,7 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
     from scipy.stats import binomtest, bootstrap
     from sklearn.metrics import log_loss, top_k_accuracy_score
 
-    from tlpipe.calibration import expected_calibration_error
+    from tlpipe.bundle.calibration import expected_calibration_error
 
     y_pred = probabilities.argmax(axis=1)
     metrics = classification_metrics(y_true, y_pred, classes)
@@ -136,7 +136,7 @@ def save_reliability_diagram(probabilities: np.ndarray, y_true: np.ndarray, path
                              title: str = "Reliability (validation)") -> Path:
     """Accuracy against confidence of the top class, per equal-width bin (the ECE's bins), with the
     share of images in each bin below: a calibrated model sits on the diagonal."""
-    from tlpipe.calibration import confidence_bins
+    from tlpipe.bundle.calibration import confidence_bins
 
     plt = _pyplot()
     which, confidence, correct = confidence_bins(probabilities, y_true, bins)

@@ -1,6 +1,6 @@
 """The bundle as an MLflow model: ``mlflow.pyfunc.load_model`` predicts like it, ``mlflow models serve`` serves it.
 
-Every fit logs one, ``runs:/<run id>/model``. It is a model from code: ``tlpipe/mlflow_model.py``
+Every fit logs one, ``runs:/<run id>/model``. It is a model from code: ``tlpipe/bundle/mlflow_model.py``
 names the class, so nothing is pickled; the bundle rides along as an artifact (with its backbone
 weights unless a pinned pip package gives them back), tlpipe itself as code, and the pip
 requirements pin the versions the fit ran with. The input is a column ``image`` of encoded
@@ -38,15 +38,15 @@ IMAGE_COLUMN = "image"
 MODEL_NAME = "model"  # runs:/<run id>/model
 DEFAULT_TOP_K = 3
 MAX_ROWS_ENV, DEFAULT_MAX_ROWS = "TLPIPE_SERVE_MAX_ROWS", 256
-_PACKAGE = Path(__file__).parent  # the code a fit's model carries (code_paths) and runs
-_CODE = _PACKAGE / "mlflow_model.py"
+_PACKAGE = Path(__file__).parents[1]  # the code a fit's model carries (code_paths) and runs
+_CODE = _PACKAGE / "bundle" / "mlflow_model.py"
 
 
 class BundleModel(PythonModel):
     """``predict(DataFrame with an image column) -> DataFrame``: the bundle's own prediction path."""
 
     def load_context(self, context) -> None:
-        from tlpipe.bundle import load_bundle
+        from tlpipe.bundle.folder import load_bundle
 
         self.bundle = load_bundle(context.artifacts["bundle"])
 
@@ -119,7 +119,7 @@ def log_model(run, bundle: Path) -> str:
     from mlflow.models import Model, infer_signature
 
     from tlpipe.version import __version__
-    from tlpipe.bundle import load_bundle, portable_bundle
+    from tlpipe.bundle.folder import load_bundle, portable_bundle
 
     replaced = _logged_models(run.client, run.run_id)
     with tempfile.TemporaryDirectory() as folder, _tracking(run.tracking_uri):
@@ -203,8 +203,8 @@ class ServedModel:
 def served_model(target: str, tracking_uri: str | None = None) -> ServedModel:
     """The model ``target`` names: a fit's output folder (its summary names the model, the store and
     the code's checksum), or an MLflow model URI (``runs:/...``, ``models:/NAME@ALIAS``) on ``tracking_uri``."""
-    from tlpipe.run_folder import RunFolder
-    from tlpipe.store import resolve_tracking_uri
+    from tlpipe.run.folder import RunFolder
+    from tlpipe.run.store import resolve_tracking_uri
 
     if target.startswith(("runs:/", "models:/")):
         return ServedModel(target, resolve_tracking_uri(tracking_uri))
@@ -224,7 +224,7 @@ def check_served_model(served: ServedModel) -> None:
     the code the fit recorded. One line otherwise, never MLflow's traceback from the starting server."""
     from mlflow.exceptions import MlflowException
 
-    from tlpipe.store import check_store, sqlite_file
+    from tlpipe.run.store import check_store, sqlite_file
 
     model_uri, store = served.uri, served.store
     check_store(store, write=False)  # a server that does not answer: one line in seconds, not minutes of retries
@@ -284,7 +284,7 @@ def _check_stored_code(served: ServedModel, stored: dict[str, Path]) -> None:
         differences.append("the checksum of its files differs")
     if served.code_sha256 and served.code_sha256 != recorded["tlpipe_code_sha256"]:
         differences.append("the model's metadata records another checksum than the fit's summary.json")
-    if _read(stored["mlflow_model.py"]) != _read(package / _CODE.name):
+    if _read(stored["mlflow_model.py"]) != _read(package / _CODE.relative_to(_PACKAGE)):
         differences.append("the model's mlflow_model.py differs")
     if differences:
         raise TlpipeError(f"cannot serve {model_uri}: the tlpipe code stored with it in {store}, which the server would "

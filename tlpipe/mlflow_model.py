@@ -1,6 +1,0 @@
-"""The file MLflow runs to build a fit's model (a model from code: nothing unpickled); see ``tlpipe.serving``."""
-import mlflow
-
-from tlpipe.serving import BundleModel
-
-mlflow.models.set_model(BundleModel())
