@@ -20,7 +20,8 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 from tlpipe.errors import TlpipeError
 
@@ -91,11 +92,16 @@ class FitCut(BaseException):
     """The fit was stopped from outside (SIGTERM, Ctrl+C). A BaseException, like KeyboardInterrupt,
     so no ``except Exception`` on the way swallows it."""
 
-    def __init__(self, reason: str, exit_code: int):
+    def __init__(self, reason: str, exit_code: int, output: Path | None = None, result: Any = None):
         super().__init__(reason)
         self.reason, self.exit_code = reason, exit_code
-        self.output = None  # the fit's output folder: a re-run with it continues the fit
-        self.result = None  # the FitResult recorded before the cut went on, when there is one
+        self.output = output  # the fit's output folder: a re-run with it continues the fit
+        self.result = result  # the FitResult recorded before the cut went on, when there is one
+
+    def recorded(self, *, output: Path | None = None, result: Any = None) -> "FitCut":
+        """This cut as the caller sees it, with what the fit left: a new exception (raised ``from``
+        this one), not this one changed on its way up."""
+        return FitCut(self.reason, self.exit_code, output or self.output, result or self.result)
 
 
 _SIGNALS = {signal.SIGTERM: ("stopped by SIGTERM", 143), signal.SIGINT: ("interrupted (Ctrl+C)", 130)}

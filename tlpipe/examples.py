@@ -1,6 +1,7 @@
 """Embedded example datasets, so ``tlpipe fit --example digits`` runs with no data of the user's."""
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -29,3 +30,19 @@ def write_example(name: str, folder: Path) -> Path:
         Image.fromarray(pixels, "L").resize((32, 32), Image.NEAREST).save(path)
     (root / ".complete").touch()
     return root
+
+
+def fit_data(data: str | Path | None, example: str | None, output: str | Path | None) -> tuple[Path, Path]:
+    """The dataset folder a fit reads and its output folder (default ``runs/<data>-<time>``):
+    ``data``, or the embedded ``example`` written into the output folder."""
+    if (data is None) == (example is None):
+        raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
+    if example is not None:
+        out = Path(output) if output else default_output(Path(f"example-{example}"))
+        return write_example(example, out), out
+    data = Path(data).expanduser()
+    return data, Path(output) if output else default_output(data)
+
+
+def default_output(data: Path) -> Path:
+    return Path("runs") / f"{data.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -9,7 +9,7 @@ import csv
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,24 +104,21 @@ def prepare_dataset(
     scanned = scan_folder(root, evaluation)
     paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps]
     bad = check_files(paths)
-    spec = DatasetSpec(
-        root=scanned.root,
-        classes=scanned.classes,
-        splits={},
-        val_from="folder" if "val" in scanned.files else "split",
-        quarantined=sorted(bad.items()),
-        skipped=scanned.skipped,
-    )
+    checked = DatasetSpec(root=scanned.root, classes=scanned.classes, splits={},
+                          val_from="folder" if "val" in scanned.files else "split",
+                          quarantined=sorted(bad.items()), skipped=scanned.skipped)
     if report_dir is not None:
-        write_quarantine_report(spec, report_dir)
-    spec.splits = _checked_samples(scanned, bad, evaluation)
-    if hold_out and not evaluation and "val" not in spec.splits:
-        spec.splits["train"], spec.splits["val"] = _stratified_split(spec, val_fraction, seed)
+        write_quarantine_report(checked, report_dir)
+    splits = _checked_samples(scanned, bad, evaluation)
+    if hold_out and not evaluation and "val" not in splits:
+        splits["train"], splits["val"] = _stratified_split(splits["train"], scanned.classes, val_fraction, seed)
+    spec = replace(checked, splits=splits)
     if spec.val_from == "folder" and not evaluation:  # the note is about a fit's model choices
         missing = [name for name, n in spec.class_counts("val").items() if n == 0]
         if missing:
-            spec.notes.append(f"class(es) {', '.join(repr(m) for m in missing)} have no image in val/: their validation "
-                              "figures are missing and model choices ignore them; add images to val/<class>")
+            return replace(spec, notes=[
+                f"class(es) {', '.join(repr(m) for m in missing)} have no image in val/: their validation figures "
+                "are missing and model choices ignore them; add images to val/<class>"])
     return spec
 
 
@@ -143,13 +140,13 @@ def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str], evaluation: bo
     return splits
 
 
-def _stratified_split(spec: DatasetSpec, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    samples = spec.splits["train"]
+def _stratified_split(samples: list[Sample], classes: list[str], val_fraction: float,
+                      seed: int) -> tuple[list[Sample], list[Sample]]:
     counts = Counter(s.label for s in samples)
     for label, n in sorted(counts.items()):
         if n < 2:
             raise TlpipeError(
-                f"class '{spec.classes[label]}' has only {n} valid image: holding out a validation split "
+                f"class '{classes[label]}' has only {n} valid image: holding out a validation split "
                 "needs at least 2 per class; add images or give a val/ folder"
             )
     n_classes = len(counts)

@@ -77,11 +77,12 @@ def store_lock(uri: str) -> Iterator[None]:
 class FitRun:
     """A context manager around one MLflow run; ends FINISHED, or FAILED if the fit raised."""
 
-    def __init__(self, experiment: str, tracking_uri: str | None = None, run_name: str | None = None):
+    def __init__(self, experiment: str, tracking_uri: str | None = None, run_name: str | None = None,
+                 resume_id: str | None = None):
         self.experiment, self.run_name = experiment, run_name
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.run_id: str | None = None
-        self.resume_id: str | None = None  # an earlier run of the same fit to continue, when set before entering
+        self.resume_id = resume_id  # an earlier run of the same fit to continue on entering, when it is whole
         self.continued = False  # True once entered on resume_id
         self.renamed: dict[str, str] = {}  # MLflow key -> real name, for keys mlflow_key changed
         self.renamed_logged = 0

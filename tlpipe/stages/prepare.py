@@ -43,11 +43,10 @@ def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, lis
 
 
 def open_run(ctx: FitContext, experiment: str | None, tracking_uri: str) -> FitRun:
-    """The fit's MLflow run (rank 0), in an experiment named after the dataset folder by default;
-    a killed run of this very fit is continued (the folder's owner record names it)."""
+    """The fit's MLflow run (rank 0) in the resolved store ``tracking_uri``, in an experiment named
+    after the dataset folder by default; a killed run of this very fit is continued (the folder's
+    owner record names it)."""
     if not ctx.ranks.is_main:
         return NoRun()
     experiment = experiment or re.sub(r"[^\w.-]+", "_", ctx.data.resolve().name) or "tlpipe"
-    run = FitRun(experiment, tracking_uri, run_name=ctx.out.name)
-    run.resume_id = ctx.folder.recorded_run(run.tracking_uri)
-    return run
+    return FitRun(experiment, tracking_uri, run_name=ctx.out.name, resume_id=ctx.folder.recorded_run(tracking_uri))

@@ -1,16 +1,20 @@
 """Stage 6 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
 linear classifier before a fine-tune (anytime), the final model with how the budget was spent,
-and after SIGTERM or Ctrl+C the summary that says so beside the best model saved by then."""
+and after SIGTERM or Ctrl+C the summary that says so beside the best model saved by then; with
+``--register``, the MLflow model as a registry version."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from tlpipe.run.outputs import STAGE_TAG, FitResult, FittedModel, record, write_cut_summary
+from tlpipe.errors import TlpipeError
 from tlpipe.progress import announce
+from tlpipe.run.folder import RunFolder
+from tlpipe.run.outputs import STAGE_TAG, FitResult, FittedModel, record, write_cut_summary
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.stages.train import stand_in
 from tlpipe.strategy.plan import Plan, budget_use, overrun
+from tlpipe.utils import write_json
 
 
 @dataclass
@@ -69,3 +73,28 @@ class Saved:
         strategy = self.choice.config.strategy
         why = f"The fit was {reason} before the {strategy} fine-tune ended: the linear classifier saved first stands."
         return self._record(dataclasses.replace(self.model, decision=stand_in(self.choice, why)), status="cut", cut=reason)
+
+
+def check_registry_names(name: str | None, alias: str | None) -> None:
+    """With ``--register NAME``: a name and alias the registry takes, checked before any work."""
+    if name:
+        from tlpipe.bundle.serving import check_registry_names as check
+
+        check(name, alias)
+
+
+def registered(result: FitResult, name: str | None, alias: str | None) -> FitResult:
+    """With ``name``: the fit's MLflow model as a new version of ``name`` in the registry, ``alias``
+    moved to it; the result's ``summary.json`` says which, or why the registry refused."""
+    if not name:
+        return result
+    from tlpipe.bundle.serving import register_model
+
+    try:
+        version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
+        outcome = {"name": name, "version": version, "alias": alias}
+    except TlpipeError as exc:  # the fit is whole: its report is still printed, then this
+        outcome = {"name": name, "error": str(exc)}
+    result = dataclasses.replace(result, summary={**result.summary, "registered": outcome})
+    write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
+    return result

@@ -61,14 +61,14 @@ class DistContext:
         return tensor.tolist()
 
     def main_alone(self, when: bool = True, wait: bool = False) -> None:
-        """From here on (``when``), rank 0 goes on alone: the other ranks leave the ``distributed``
-        block (after a barrier with rank 0 when ``wait``). Nothing happens in a single process."""
+        """From here on (``when``), rank 0 goes on alone: the other ranks raise ``RankDone`` (after a
+        barrier with rank 0 when ``wait``). Nothing happens in a single process."""
         if not (self.enabled and when):
             return
         if wait:
             self.barrier()
         if not self.is_main:
-            raise _RankDone
+            raise RankDone
 
     @contextmanager
     def main_first(self) -> Iterator[None]:
@@ -80,20 +80,18 @@ class DistContext:
             self.barrier()
 
 
-class _RankDone(Exception):
-    """A rank other than 0 whose part of the fit is over (``DistContext.main_alone``)."""
+class RankDone(Exception):
+    """Raised on a rank other than 0 whose part of the fit is over (``DistContext.main_alone``):
+    ``pipeline.fit`` returns None for it; rank 0 records the fit."""
 
 
 @contextmanager
 def distributed(device: torch.device) -> Iterator[DistContext]:
-    """The fit's process group for the block (``init_distributed``), left at its end; a rank other
-    than 0 that ``main_alone`` sends away leaves the block here, quietly, and the caller then
-    returns None: the one place where the ranks part."""
+    """The fit's process group for the block (``init_distributed``), left at its end, also when a
+    rank leaves it with ``RankDone``."""
     context = init_distributed(device)
     try:
         yield context
-    except _RankDone:
-        pass
     finally:
         shutdown()
 

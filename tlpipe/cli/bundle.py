@@ -1,0 +1,111 @@
+"""What is done with a saved bundle: ``tlpipe predict``, ``tlpipe evaluate`` and ``tlpipe export``."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tlpipe.cli.common import BatchSize, Bundle, Device, Overwrite, UnixUsage, Workers, user_errors
+from tlpipe.errors import TlpipeError
+
+app = typer.Typer()
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command(cls=UnixUsage)
+def predict(
+    bundle: Bundle,
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 1,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv or json.")] = OutputFormat.table,
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Device = "auto",
+) -> None:
+    """Predict the class of images with a saved bundle: top-k labels with probabilities."""
+    with user_errors():
+        from tlpipe.bundle.folder import expand_image_paths, load_bundle
+        from tlpipe.run.report import print_predictions
+
+        model = load_bundle(bundle, device)
+        images, problems = expand_image_paths(paths)
+        for path, why in problems:
+            typer.echo(f"skipped {path}: {why}", err=True)
+        if not images:
+            raise TlpipeError("no readable image among the paths given")
+        top_k = min(top_k, len(model.classes))
+        print_predictions(model.predict(images, top_k, batch_size or 64, workers), format.value)
+
+
+@app.command(cls=UnixUsage)
+def evaluate(
+    bundle: Bundle,
+    data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
+    split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON (for scripts) instead of tables.")] = False,
+    json_file: Annotated[Optional[Path], typer.Option("--json-file", help="Also write the metrics to this JSON file.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write reliability.png and confusion_matrix.png (normalized) here.")] = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """Score a saved bundle on labelled images: accuracy with its interval, balanced accuracy, macro-F1,
+    top-k, NLL, Brier, calibration error, per-class precision/recall/F1, confusion matrix."""
+    with user_errors():
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.bundle.evaluation import EVALUATION_PLOTS, evaluate_bundle
+        from tlpipe.paths import output_file, output_folder
+        from tlpipe.run.report import print_evaluation
+        from tlpipe.utils import write_json
+
+        json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite, dataset=data)
+        plots = plots and output_folder(plots, "--plots", EVALUATION_PLOTS, overwrite=overwrite, dataset=data)
+        metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers, plots)
+        if json_file:
+            write_json(json_file, metrics)
+        if as_json:
+            typer.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+        else:
+            print_evaluation(metrics)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class PixelType(str, Enum):
+    uint8 = "uint8"
+    float32 = "float32"
+
+
+@app.command(cls=UnixUsage)
+def export(
+    bundle: Bundle,
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (ONNX Runtime, opset 18) or torchscript.")] = ExportFormat.onnx,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File to write (default: <output>/export/model.onnx or .pt).")] = None,
+    input_type: Annotated[PixelType, typer.Option("--input", help="The graph's input: uint8 pixels 0..255 or float32 0..1, NCHW.")] = PixelType.uint8,
+    check: Annotated[Optional[Path], typer.Option(help="Images to prove agreement on (default: up to 256 of the fit's validation images).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write the file even when it disagrees with the bundle.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file (the default file is always replaced).")] = False,
+) -> None:
+    """Export a bundle as one graph from pixels to calibrated probabilities, written only once it
+    agrees with the bundle (top-1 on every image, probabilities within 1e-4 at batch 1, 2 and 7)."""
+    with user_errors():
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.bundle.export import export_bundle
+        from tlpipe.run.report import print_export
+
+        print_export(export_bundle(load_bundle(bundle, "cpu"), format.value, out, input_type=input_type.value,
+                                   check=check, force=force, overwrite=overwrite))
+
+

@@ -1,0 +1,83 @@
+"""What every command shares: one line for a user's error (``user_errors``), Unix usage lines,
+and the options several commands take, each checked before any work."""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+import typer.core
+
+from tlpipe.config import available_recipes
+from tlpipe.errors import TlpipeError
+
+
+class UnixUsage(typer.core.TyperCommand):
+    """Usage lines as Unix tools write them (``tlpipe predict [OPTIONS] BUNDLE PATHS...``): Typer
+    0.29 writes a required argument as ``{bundle}``, which reads as a literal to type."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if isinstance(p, typer.core.TyperArgument)]
+        shown = [(a.metavar or a.name.upper()) + ("..." if a.nargs != 1 else "") for a in arguments]
+        shown = [name if a.required else f"[{name}]" for a, name in zip(arguments, shown)]
+        return [self.options_metavar, *shown] if self.options_metavar else shown
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ``TlpipeError``, or a path the file system refuses as too long, into one line on
+    stderr and exit code 2."""
+    from tlpipe.paths import too_long
+
+    try:
+        yield
+    except TlpipeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        if (line := too_long(exc)) is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+DEVICE_FORMS = "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N (GPU number N) or mps"
+WEIGHTS_FORMS = "auto (the backbone's pretrained weights), none (random init) or the path of a .safetensors/.pt/.pth file"
+
+
+def check_device(value: Optional[str]) -> Optional[str]:
+    """A device torch cannot name fails here, before any data is read, with the forms it takes."""
+    if value is None or re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return value
+    raise typer.BadParameter(f"'{value}' is not a device: use {DEVICE_FORMS}")
+
+
+def check_weights(value: Optional[str]) -> Optional[str]:
+    """A typo in auto/none would otherwise be read as a file name and fail only after the data check."""
+    if value is None or value in ("auto", "none") or Path(value).expanduser().is_file():
+        return value
+    raise typer.BadParameter(f"'{value}' is neither auto, none nor an existing file: use {WEIGHTS_FORMS}")
+
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
+Bundle = Annotated[Path, typer.Argument(help="A model bundle: <output>/model from tlpipe fit.")]
+Recipe = Annotated[str, typer.Option(
+    "--recipe", "-r", help=f"Recipe: {', '.join(available_recipes())}, or the path of a YAML file (see recipes/).")]
+Backbone = Annotated[Optional[str], typer.Option(help="Backbone: `tlpipe models` lists offline ones; any timm name.")]
+Weights = Annotated[Optional[str], typer.Option(callback=check_weights, help=f"Backbone weights: {WEIGHTS_FORMS}.")]
+Layer = Annotated[Optional[str], typer.Option(help="CNN-code tap: penultimate, a feature index (0, -2) or module name; several joined by + are concatenated.")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: the backbone's).")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]
+Device = Annotated[Optional[str], typer.Option(callback=check_device, help=f"Device: {DEVICE_FORMS}.")]
+TimeLimit = Annotated[Optional[str], typer.Option(
+    help="Time for the whole fit: 90s, 10m, 1.5h, 2h15m, or none (default: the recipe's budget, 30m for default).")]

@@ -1,0 +1,104 @@
+"""``tlpipe fit``: the Python API's ``fit`` (``tlpipe.pipeline``) with a flag for each setting a
+user changes most, the rest in a recipe; ``--worker`` runs trials only, for a lead fit's study."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tlpipe.cli.common import (
+    BatchSize, Backbone, Device, ImageSize, Layer, Recipe, TimeLimit, UnixUsage, Weights, Workers, user_errors,
+)
+from tlpipe.config import StrategyName
+from tlpipe.errors import TlpipeError
+from tlpipe.examples import ExampleName
+
+app = typer.Typer()
+
+
+@app.command(cls=UnixUsage)
+def fit(
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/).")] = None,
+    example: Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
+    recipe: Recipe = "default",
+    strategy: Annotated[Optional[StrategyName], typer.Option(
+        help="auto (chosen from the data's size and distance from ImageNet), linear (CNN codes + linear "
+        "classifier), partial or full fine-tune (default: the recipe's).")] = None,
+    unfreeze_stages: Annotated[Optional[int], typer.Option(help="Partial fine-tune: how many last stages train.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (at most; early stopping may end sooner).")] = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    layer: Layer = None,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of train held out when there is no val/ folder.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split and the classifiers.")] = None,
+    device: Device = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the dataset folder's name).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, else MLflow's default).")] = None,
+    trials: Annotated[Optional[int], typer.Option(min=0, help="Optuna trials (default from the recipe; 0: no tuning).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds for the whole study (trials not started wait for a re-run).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers, e.g. postgresql://... (default: SQLite in the output folder).")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")] = None,
+    worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")] = False,
+    time_limit: TimeLimit = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the fit of other data or another config in --output.")] = False,
+    register: Annotated[Optional[str], typer.Option(help="Register the fit's MLflow model under this name (a new version).")] = None,
+    alias: Annotated[str, typer.Option(help="With --register: the alias pointed at the new version (models:/NAME@ALIAS).")] = "champion",
+) -> None:
+    """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
+    with user_errors():
+        from tlpipe.config import config_from_flags
+        from tlpipe.budget import FitCut
+        from tlpipe.pipeline import TuningOverrides, fit as run_fit
+        from tlpipe.run.report import print_fit_report
+
+        if worker:
+            return _worker(data, example, storage, study_name, output)
+        config = config_from_flags(
+            recipe, strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
+            batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed, device=device,
+            unfreeze_stages=unfreeze_stages, epochs=epochs, time_limit=time_limit)
+        try:
+            result = run_fit(data, config, example=example, output=output, experiment=experiment,
+                             tracking_uri=tracking_uri, recipe=recipe, tuning=TuningOverrides(trials, timeout, storage, study_name),
+                             verbose=(ctx.obj or {}).get("verbose", False), overwrite=overwrite,
+                             register=register, alias=alias)
+        except FitCut as cut:
+            _exit_cut(cut)
+        if result is None:  # a torchrun rank other than 0: rank 0 reports
+            return
+        quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
+        print_fit_report(result.summary, result.metrics, quarantined)
+        if "error" in result.summary.get("registered", {}):  # the fit is saved; the registry refused it
+            raise TlpipeError(result.summary["registered"]["error"])
+
+
+def _exit_cut(cut) -> None:
+    """A fit stopped by SIGTERM or Ctrl+C: one line on what it left and how to go on, and the signal's exit code."""
+    saved = f"the best model so far is in {cut.result.bundle_path}" if cut.result else "no model was saved yet"
+    typer.echo(f"tlpipe: fit {cut.reason}: {saved}; to continue, run the same command with "
+               f"--output {shlex.quote(str(cut.output))}", err=True)
+    raise typer.Exit(cut.exit_code) from None
+
+
+def _worker(data: Optional[Path], example: Optional[str], storage: Optional[str], study_name: Optional[str],
+            output: Optional[Path]) -> None:
+    """``fit --worker``: trials only, on the lead's study; the lead alone fits the final model."""
+    if data is None or example is not None:  # --example: the worker cannot know which folder the lead wrote the example to
+        raise TlpipeError("--worker needs the dataset folder the lead fit used (for --example digits: "
+                          "<lead output>/example-digits): tlpipe fit DATA --worker --storage ... --study-name ...")
+    if not (storage and study_name and output):
+        raise TlpipeError("--worker needs --storage, --study-name and --output (where its trials write)")
+    from tlpipe.pipeline import run_worker
+
+    counts = run_worker(data, storage, study_name, output)
+    typer.echo(f"worker done: study {study_name} has {counts['trials']} trials "
+               f"({counts['complete']} complete, {counts['pruned']} pruned)")
+
+
