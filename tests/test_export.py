@@ -134,7 +134,7 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
     import tlpipe.bundle.export as export
 
     _, out, _ = fitted
-    write = export._write_onnx
+    write = export.write_onnx
 
     def write_then_tamper(module, example, path, meta, dynamo):  # a damaged copy, or a wrong graph, from both exporters
         write(module, example, path, meta, dynamo)
@@ -143,7 +143,7 @@ def test_a_tampered_onnx_file_is_refused_and_nothing_is_written(fitted, tmp_path
         stem.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(stem), stem.name))
         onnx.save(model, str(path))
 
-    monkeypatch.setattr(export, "_write_onnx", write_then_tamper)
+    monkeypatch.setattr(export, "write_onnx", write_then_tamper)
     target = tmp_path / "bad.onnx"
     result = tlpipe("export", out / "model", "--out", target)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
@@ -161,14 +161,14 @@ def test_a_failing_onnx_exporter_gives_way_to_the_other_and_says_so(fitted, tmp_
     from tlpipe.bundle import load_bundle
 
     _, out, _ = fitted
-    write = export._write_onnx
+    write = export.write_onnx
 
     def dynamo_breaks(module, example, path, meta, dynamo):
         if dynamo:
             raise RuntimeError("Conv shapes not supported\nmore detail")
         write(module, example, path, meta, dynamo)
 
-    monkeypatch.setattr(export, "_write_onnx", dynamo_breaks)
+    monkeypatch.setattr(export, "write_onnx", dynamo_breaks)
     exported = export.export_bundle(load_bundle(out / "model", "cpu"), "onnx", tmp_path / "m.onnx")
     assert exported.record["exporter"] == "torchscript" and exported.record["parity"]["passed"]
     assert exported.record["exporter_notes"] == ["the dynamo exporter failed: RuntimeError: Conv shapes not supported"]

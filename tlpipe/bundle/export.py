@@ -172,7 +172,7 @@ def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta:
     for name, dynamo in attempts:
         path = temporary_beside(out)
         try:
-            _write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else _write_torchscript(module, example, path, meta)
+            write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else write_torchscript(module, example, path, meta)
             parity = check_parity(load_exported(path, fmt), checks)
         except Exception as exc:  # noqa: BLE001 - an exporter that fails, or writes what cannot run: the next one
             path.unlink(missing_ok=True)
@@ -218,8 +218,10 @@ def _log_to_fit_run(bundle: Bundle, record: dict, sidecar: Path) -> str:
     return f"Logged to MLflow run {run_id} ({uri}): parity figures and export/{sidecar.name}"
 
 
-def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, dynamo: bool) -> None:
-    """ONNX at opset ``OPSET`` with a dynamic batch axis, the metadata as JSON strings under their keys."""
+def write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, dynamo: bool) -> None:
+    """ONNX at opset ``OPSET`` with a dynamic batch axis, the metadata as JSON strings under their keys:
+    one exporter's file, unchecked (``export_bundle`` checks it; ``dynamo`` False: the TorchScript-based
+    exporter, its fallback)."""
     import onnx
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -238,7 +240,8 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict
     onnx.save(model, str(path))
 
 
-def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+    """A traced TorchScript module with the metadata as its ``tlpipe.json`` extra file; unchecked, as ``write_onnx``."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the tracer's notes on fixed shapes
         traced = torch.jit.trace(module, example, check_trace=False)
