@@ -123,13 +123,13 @@ def test_a_pass_in_onnx_runtime_keeps_pytorch_for_the_batchnorm_sample_and_gives
 def test_the_fine_tune_estimate_counts_pytorchs_speed_not_onnx_runtimes(colour_features):
     from dataclasses import replace as changed
 
-    from tlpipe.strategy.auto import _seconds_per_image
+    from tlpipe.strategy.auto import forward_seconds_per_image
 
     train = changed(colour_features, seconds=3.0, pytorch_seconds_per_image=0.5)  # 15 images: 0.2 s each overall
     val = changed(colour_features, seconds=1.5, pytorch_seconds_per_image=None)  # all in ONNX Runtime
-    assert _seconds_per_image({"train": train, "val": val}) == pytest.approx(0.5)
+    assert forward_seconds_per_image({"train": train, "val": val}) == pytest.approx(0.5)
     all_pytorch = changed(colour_features, seconds=1.5, pytorch_seconds_per_image=None)
-    assert _seconds_per_image({"train": all_pytorch}) == pytest.approx(0.1)  # an old cache's set: its whole pass
+    assert forward_seconds_per_image({"train": all_pytorch}) == pytest.approx(0.1)  # an old cache's set: its whole pass
 
 
 def test_batchnorm_layers_belong_to_the_stage_that_runs_them(backbone):
@@ -200,6 +200,8 @@ def test_logme_is_the_maximised_evidence_of_bayesian_linear_regression():
 
 
 def _hooks(model: torch.nn.Module) -> int:
+    """Forward hooks and pre-hooks on ``model``'s modules. torch has no public way to list them: its
+    own ``_forward_hooks`` dicts are the one place a leaked hook shows (it changes no output)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 

@@ -85,7 +85,7 @@ def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
     )
 
 
-def _seconds_per_image(features: dict[str, FeatureSet]) -> float:
+def forward_seconds_per_image(features: dict[str, FeatureSet]) -> float:
     """PyTorch's forward pass time per image, as just measured on this device over every split
     passed (on a few images, the pass's start-up would dominate the train split's own figure): the
     cost unit of training, which ONNX Runtime's faster frozen passes do not change."""
@@ -106,14 +106,15 @@ def finetune_study_seconds(spec: DatasetSpec, config: FitConfig, features: dict[
     """``study_seconds`` for this data and recipe at the forward speed measured on ``features``."""
     counts = spec.counts()
     trials = requested_trials(config.model_copy(update={"strategy": "full"}), trials)
-    return study_seconds(_seconds_per_image(features), counts["train"], counts.get("val", 0), config.finetune.epochs, trials)
+    return study_seconds(forward_seconds_per_image(features), counts["train"], counts.get("val", 0), config.finetune.epochs,
+                         trials)
 
 
 def estimate_fit(spec: DatasetSpec, config: FitConfig, decision: Decision, features: dict[str, FeatureSet],
                  study: float) -> dict:
     """Seconds the fit will take at most, from the forward speed just measured: the codes, and for
     a fine-tune the study's worst case ``study``."""
-    per_image = _seconds_per_image(features)
+    per_image = forward_seconds_per_image(features)
     counts = spec.counts()
     seconds = (counts["train"] + counts.get("val", 0)) * per_image  # codes for the probe (and the linear strategy)
     estimate = {"forward_images_per_second": round(1 / per_image, 1) if per_image else None,
