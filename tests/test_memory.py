@@ -32,24 +32,29 @@ def test_largest_batch_fits_the_memory_and_respects_the_cap():
     assert estimate.largest_batch(available_bytes=500, cap=16) == 1
 
 
-def test_micro_batches_accumulate_to_the_same_gradients_as_whole_batches():
-    from torch import nn
+def test_a_fine_tune_in_micro_batches_takes_the_same_step_as_in_whole_batches(backbone):
+    """One AdamW step of a full fine-tune, its batch of 8 in micro-batches of 3 or whole: the same loss,
+    the same weights (the step follows the gradients' signs, so parts not weighted by their size, or a
+    gradient reset between parts, moves them)."""
+    import copy
 
-    from tlpipe.training.finetune import Precision, train_mode
+    from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(8, 3, 64, 64, generator=g), torch.arange(8) % 2
-    model = create_backbone().model
+    model = copy.deepcopy(backbone.model)
     model.reset_classifier(2)
-    model.drop_rate = 0.0  # no dropout: both passes compute the same function
-    train_mode(model, freeze_bn_stats=True)  # BN statistics kept, so splitting the batch changes nothing
-    optimizer = torch.optim.AdamW(model.parameters())
-    gradients = []
+    model.drop_rate = 0.0  # no dropout: both runs compute the same function
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = DataLoader(TensorDataset(images, labels), batch_size=8), DataLoader(TensorDataset(images[:2], labels[:2]))
+    config = FinetuneConfig(epochs=1, warmup_epochs=0, weight_decay=0.0)  # BN statistics frozen: the recipe's default
+    runs = []
     for micro in (None, 3):  # 3 does not divide 8: uneven parts are weighted by their size
-        tuner = Finetuner(FinetuneConfig(), torch.device("cpu"), micro_batch=micro)
-        loss = tuner._accumulate(model, images, labels, nn.CrossEntropyLoss(), Precision(torch.device("cpu")), optimizer)
-        gradients.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_whole, whole), (loss_micro, micro) = gradients
+        tuned = copy.deepcopy(model)
+        tuner = Finetuner(config, torch.device("cpu"), micro_batch=micro).fit(tuned, train, val)
+        runs.append((tuner.first_batch_loss_, {k: v - start[k] for k, v in tuned.state_dict().items() if v.is_floating_point()}))
+    (loss_whole, whole), (loss_micro, micro) = runs
     assert abs(loss_whole - loss_micro) < 1e-5
-    for name, grad in whole.items():
-        torch.testing.assert_close(micro[name], grad, rtol=1e-3, atol=1e-6 * grad.abs().max().item() + 1e-9)
+    moved = sum(float((step ** 2).sum()) for step in whole.values())
+    apart = sum(float(((micro[name] - step) ** 2).sum()) for name, step in whole.items())
+    assert moved > 0 and (apart / moved) ** 0.5 < 1e-3  # measured: 6e-5 (float sums in another order)
