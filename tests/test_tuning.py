@@ -3,6 +3,8 @@ runs, the queue that holds a study to its count, and the CNN-codes cache. Real O
 tmp_path, the session's real MLflow store (conftest), deterministic objectives instead of training."""
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import signal
@@ -16,6 +18,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from PIL import Image
 
 from tlpipe import tuning
 from tlpipe.config import load_config
@@ -65,7 +68,16 @@ def test_trial0_is_the_recipe_and_tuning_never_ends_worse(tmp_path):
     assert tuned.config.finetune.lr == best.params["lr"] and tuned.config.finetune.unfreeze_stages == best.params["unfreeze_stages"]
     assert tuned.fit_dir == tmp_path / "trials" / str(best.number)
     assert tuned.summary["default_value"] == trials[0].value and tuned.summary["best_value"] == best.value
-    assert (tmp_path / "optuna.db").exists() and (tmp_path / "tuning" / "tuning.json").exists()
+    written = json.loads((tmp_path / "tuning" / "tuning.json").read_text())
+    assert {k: written[k] for k in ("trials", "best_trial", "best_value", "best_params", "default_value")} == \
+        {k: tuned.summary[k] for k in ("trials", "best_trial", "best_value", "best_params", "default_value")}
+    with (tmp_path / "tuning" / "trials.csv").open(newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert [int(row["number"]) for row in rows] == list(range(6))
+    assert [row["state"] for row in rows] == [t.state.name for t in trials]
+    assert float(rows[best.number]["value"]) == pytest.approx(best.value) and float(rows[0]["params_lr"]) == 1e-4
+    stored = optuna.load_study(study_name=tuned.study.study_name, storage=tuning.storage_url(tmp_path))  # optuna.db
+    assert [t.value for t in stored.trials] == [t.value for t in trials]
 
 
 def test_search_space_holds_the_recipe_value_and_fits_the_strategy(tmp_path):
@@ -206,7 +218,8 @@ def test_each_trial_is_a_nested_mlflow_run_and_the_parent_gets_the_study(tmp_pat
 
 def test_importances_are_skipped_when_they_cannot_be_computed(tmp_path):
     tuned = tuning.tune(partial_config(trials=1), tmp_path, curve_objective)
-    assert (tmp_path / "tuning" / "optuna_history.png").exists()
+    with Image.open(tmp_path / "tuning" / "optuna_history.png") as plot:  # a picture, not an empty file
+        assert plot.format == "PNG" and min(plot.size) > 100
     assert not (tmp_path / "tuning" / "optuna_importances.png").exists()
     assert "optuna_importances.png" in tuned.summary["plots_skipped"]
 
