@@ -69,9 +69,14 @@ def test_the_report_is_self_contained_with_every_section(fitted):
 
 def test_tlpipe_report_rebuilds_it_from_the_output_folder(fitted, tmp_path):
     _, out = fitted
+    written = (out / "report.html").read_text(encoding="utf-8")
     (out / "report.html").unlink()
     result = runner.invoke(app, ["report", str(out)])
-    assert result.exit_code == 0 and (out / "report.html").exists()
+    assert result.exit_code == 0, result.output
+    rebuilt = (out / "report.html").read_text(encoding="utf-8")
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert f"validation accuracy <b>{summary['val_accuracy']:.3f}</b>" in rebuilt
+    assert rebuilt == written  # the page the fit wrote, from the folder alone
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "has no summary.json" in result.stderr
 
