@@ -53,7 +53,8 @@ def test_example_digits_fits_and_predicts_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"] == [f"digit_{d}" for d in range(10)] and sum(summary["splits"].values()) == 1797
     assert summary["val_accuracy"] > 0.5  # ten classes: chance is 0.1
-    assert (out / "model" / "bundle.json").is_file()
+    manifest = json.loads((out / "model" / "bundle.json").read_text())
+    assert manifest["classes"] == summary["classes"]  # the bundle predicts the fit's classes, in its order
 
     image = sorted((out / "example-digits" / "digit_3").glob("*.png"))[0]
     lines = [line.strip() for line in result.stdout.splitlines()]
