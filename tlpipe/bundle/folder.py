@@ -26,8 +26,7 @@ from safetensors.torch import load as safetensors_load, save as safetensors_byte
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tlpipe.data import Sample, check_image, eval_loader, eval_transform
-from tlpipe.data.scan import image_files
+from tlpipe.data import Sample, eval_loader, eval_transform
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import BUNDLE_HEAD, BUNDLE_MANIFEST, inside
@@ -334,26 +333,3 @@ def _read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor
     if not (torch.isfinite(tensors["weight"]).all() and torch.isfinite(tensors["bias"]).all() and tensors["scale"][0] > 0):
         raise invalid(path, f"{HEAD_FILE} holds values that are not finite, or a temperature that is not positive")
     return tensors
-
-
-def expand_image_paths(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files and folders (searched recursively) → (usable image paths, [(path, why not)])."""
-    images, problems = [], []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = image_files(item)
-            if not found:
-                problems.append((item, "folder holds no image files"))
-            images.extend(found)
-        elif item.is_file():
-            images.append(item)
-        else:
-            problems.append((item, "no such file or folder"))
-    good = []
-    for path in images:
-        reason = check_image(path)
-        if reason:
-            problems.append((path, reason))
-        else:
-            good.append(path)
-    return good, problems

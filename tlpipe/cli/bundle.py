@@ -32,7 +32,8 @@ def predict(
 ) -> None:
     """Predict the class of images with a saved bundle: top-k labels with probabilities."""
     with user_errors():
-        from tlpipe.bundle.folder import expand_image_paths, load_bundle
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.data.scan import expand_image_paths
         from tlpipe.run.report import print_predictions
 
         model = load_bundle(bundle, device)

@@ -9,8 +9,9 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from tlpipe.data.images import is_image_name
+from tlpipe.data.images import check_image, is_image_name
 from tlpipe.errors import TlpipeError
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -147,3 +148,26 @@ def _with_images(root: Path, files: dict[str, dict[str, list[Path]]]) -> tuple[l
     if not files:
         raise TlpipeError(f"no image files in the class folders of {root}: nothing to score ({LAYOUT_HINT})")
     return sorted({c for per_class in files.values() for c in per_class}), files
+
+
+def expand_image_paths(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files and folders (searched recursively) → (usable image paths, [(path, why not)])."""
+    images, problems = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = image_files(item)
+            if not found:
+                problems.append((item, "folder holds no image files"))
+            images.extend(found)
+        elif item.is_file():
+            images.append(item)
+        else:
+            problems.append((item, "no such file or folder"))
+    good = []
+    for path in images:
+        reason = check_image(path)
+        if reason:
+            problems.append((path, reason))
+        else:
+            good.append(path)
+    return good, problems
