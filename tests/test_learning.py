@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from tlpipe.config import FinetuneConfig, load_config
 from tlpipe.data import prepare_dataset
 from tlpipe.models import dataset_codes
-from tlpipe.training.finetune import Diverged, EpochAllowance, LearningCheck
+from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.fits import RESTARTS, DidNotLearn, fit_finetune, train_until_learning
 
 STROKES = {"slash": ((0, 1), (1, 0)), "backslash": ((0, 0), (1, 1)), "bar": ((0.5, 0), (0.5, 1))}

@@ -3,7 +3,7 @@
 ``Finetuner(config).fit(model, train_loader, val_loader, ...)`` trains in place and returns self
 with ``history_`` and ``best_`` set. The loop is plain PyTorch (no engine: each part of it is one
 call of torch's own API). Each epoch ends with an atomic checkpoint of everything needed to go
-on exactly: model, optimizer, scheduler, scaler, epoch, best metric, history. Re-running resumes;
+on exactly (``checkpoint``): model, optimizer, scheduler, scaler, epoch, best metric, history. Re-running resumes;
 a finished run is not trained again. With a ``deadline`` (``time.monotonic()``), no epoch starts that
 the last one's duration says would end after it: the run ends there, its best epoch kept.
 """
@@ -24,11 +24,10 @@ from torch.utils.data import DataLoader
 
 from tlpipe.budget import raise_if_stopped
 from tlpipe.config import FinetuneConfig
+from tlpipe.training.checkpoint import Checkpoints
+from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext
 from tlpipe.training.frozen import FrozenPrefix
-from tlpipe.utils import atomic_write
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @contextmanager
@@ -135,60 +134,6 @@ class WarmupCosine:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Diverged(Exception):
-    """The fine-tune has not started learning; the message says which sign showed it."""
-
-
-@dataclass(frozen=True)
-class LearningCheck:
-    """The signs that a fine-tune has not started learning: a non-finite train loss; a train loss
-    above chance (ln K, a uniform guess) at the end of the first epoch (the mean over its second
-    half: the first steps ramp the learning rate up from an LP-FT start far below chance); val
-    accuracy within two standard errors of the largest val class's share after two epochs."""
-
-    n_classes: int
-    val_chance: float  # the largest class's share of the val images scored each epoch
-    val_images: int
-
-    def verdict(self, epoch: int, metrics: dict) -> str | None:
-        loss, chance_loss = metrics.get("train_loss_end", metrics["train_loss"]), math.log(self.n_classes)
-        if not math.isfinite(loss) or not math.isfinite(metrics["train_loss"]):
-            return f"the train loss is {metrics['train_loss']} at epoch {epoch}"
-        if epoch == 1 and loss > chance_loss:
-            return (f"train loss {loss:.3f} at the end of the first epoch, above chance (ln {self.n_classes} = "
-                    f"{chance_loss:.3f})")
-        se = math.sqrt(self.val_chance * (1 - self.val_chance) / max(self.val_images, 1))
-        if epoch == 2 and metrics["val_accuracy"] <= self.val_chance + 2 * se:
-            return (f"val accuracy {metrics['val_accuracy']:.3f} after two epochs, at chance (the largest class's "
-                    f"share, {self.val_chance:.3f}, + 2 standard errors)")
-        return None
-
-
-@dataclass(frozen=True)
-class EpochAllowance:
-    """How long a run may train: until ``deadline`` (``time.monotonic()``), less what the ``queued``
-    runs after it need for their planned ``epochs`` at this run's pace. After its first epoch the
-    run takes its planned epochs while the queued ones still fit whole after it, else all the time
-    (up to ``stretch`` times its epochs): the planned epochs of the run that started first pay more
-    than a queued run cut to a few (those wait for a re-run). Never fewer than ``least``."""
-
-    deadline: float
-    epochs: int
-    queued: int = 0
-    stretch: float = 2.0
-    least: int = 1
-
-    def fitted(self, done: int, pace: float) -> int:
-        """The run's epochs, ``done`` of them run at ``pace`` seconds each."""
-        left, pace = max(self.deadline - time.monotonic(), 0.0), max(pace, 1e-6)
-        whole = pace * self.epochs  # a queued run, planned epochs at this pace
-        after = int(max(left - max(self.epochs - done, 0) * pace, 0.0) // whole)
-        kept = min(self.queued, after)  # queued runs that still fit whole after this one
-        most = self.epochs if kept else max(self.epochs, round(self.epochs * self.stretch))
-        fit = done + int(max(left - kept * whole, 0.0) // pace)
-        return max(min(fit, most), self.least, done)
-
-
 @dataclass
 class Precision:
     """AMP settings for the device: bf16 where supported, else fp16 with a gradient scaler; fp32 on CPU."""
@@ -238,8 +183,9 @@ class Finetuner:
                  frozen: FrozenPrefix | None = None, check: LearningCheck | None = None,
                  allowance: EpochAllowance | None = None):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
-        self.class_weights, self.checkpoint_dir, self.on_epoch = class_weights, checkpoint_dir, on_epoch
-        self.fingerprint = fingerprint  # what the run is (config + data): a checkpoint of another run is not resumed
+        self.class_weights, self.on_epoch = class_weights, on_epoch
+        # fingerprint: what the run is (config + data): a checkpoint of another run is not resumed
+        self.checkpoints = Checkpoints(checkpoint_dir, fingerprint, context.is_main)
         self.micro_batch = micro_batch  # None: whole batches; set smaller (or halved on CUDA OOM) to accumulate
         self.context, self.deadline = context, deadline
         self.frozen = frozen  # a loader of its cached outputs runs the model from there
@@ -265,57 +211,64 @@ class Finetuner:
         criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
         state = {"epoch": 0, "epochs": cfg.epochs, "best_accuracy": -1.0, "best_epoch": 0, "stale": 0, "history": [],
                  "done": False}
-        best_path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
-        resumed = self._resume(model, optimizer, scheduler, precision, state)
+        resumed = self.checkpoints.restore(model, optimizer, scheduler, precision.scaler, state)
         self.first_batch_loss_, self._record_first = None, resumed == 0  # the loss LP-FT starts from, before any step
 
         while not state["done"] and not self._out_of_time(state):
             epoch = state["epoch"] + 1
-            if hasattr(train_loader.sampler, "set_epoch"):  # augmentation and order depend on the epoch alone
-                train_loader.sampler.set_epoch(epoch)
-            start = time.perf_counter()
-            with self._feeding(train_loader):
-                train_loss, train_loss_end = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
-            with self._feeding(val_loader):
-                metrics = {"train_loss": train_loss, "train_loss_end": train_loss_end,
-                           **evaluate(model, val_loader, criterion, device, precision, self.context)}
-            seconds = time.perf_counter() - start
-            metrics.update({
-                "epoch_seconds": seconds, "images_per_second": len(train_loader.dataset) / seconds,
-                **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
-            })
+            metrics = self._epoch(epoch, model, net, (train_loader, val_loader), optimizer, scheduler, criterion, precision)
             problem = self.check.verdict(epoch, metrics) if self.check else None
             if problem:
                 raise Diverged(problem)
             if self.allowance:  # the first epoch sets the epochs; later ones only shorten the run if it falls behind
-                recent = [h["epoch_seconds"] for h in state["history"][-2:]] + [seconds]
+                recent = [h["epoch_seconds"] for h in state["history"][-2:]] + [metrics["epoch_seconds"]]
                 fitted = self.context.all_min(self.allowance.fitted(epoch, sum(recent) / len(recent)))  # ranks agree
                 state["epochs"] = fitted if epoch == 1 else min(state["epochs"], fitted)
                 schedule.total_steps = state["epochs"] * len(train_loader)
-            state["epoch"] = epoch
-            state["history"].append(metrics)
-            if metrics["val_accuracy"] > state["best_accuracy"]:
-                state.update(best_accuracy=metrics["val_accuracy"], best_epoch=epoch, stale=0)
-                self.best_state_ = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if best_path and self.context.is_main:
-                    _save(best_path, {"model": self.best_state_, "epoch": epoch})
-            else:
-                state["stale"] += 1
-            # Early stopping waits for the cosine's second half: at the first half's high learning rate val
-            # accuracy wobbles (the digits example, 10 epochs: 0.931, 0.911, 0.925, 0.928 stopped it at 5).
-            state["done"] = epoch >= state["epochs"] or (state["stale"] >= cfg.patience and 2 * epoch > state["epochs"])
-            self._checkpoint(model, optimizer, scheduler, precision, state)
+            self._end_epoch(model, state, epoch, metrics)
+            self.checkpoints.save(model, optimizer, scheduler, precision.scaler, state)
             if self.on_epoch and self.context.is_main:
                 self.on_epoch(epoch, metrics)
 
         self.cut_ = not state["done"]  # stopped by the deadline: the best epoch so far is the model
-        if best_path and best_path.exists() and not hasattr(self, "best_state_"):
-            self.best_state_ = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
+        if not hasattr(self, "best_state_"):
+            self.best_state_ = self.checkpoints.best()
         model.load_state_dict(self.best_state_)
         model.eval()
         self.history_, self.best_epoch_, self.best_accuracy_ = state["history"], state["best_epoch"], state["best_accuracy"]
         self.resumed_from_, self.epochs_ = resumed, state["epochs"]
         return self
+
+    def _epoch(self, epoch: int, model, net, loaders: tuple[DataLoader, DataLoader], optimizer, scheduler, criterion,
+               precision) -> dict:
+        """One epoch of training, then val: its metrics, time and learning rates."""
+        train_loader, val_loader = loaders
+        if hasattr(train_loader.sampler, "set_epoch"):  # augmentation and order depend on the epoch alone
+            train_loader.sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        with self._feeding(train_loader):
+            train_loss, train_loss_end = self._train_epoch(model, net, train_loader, optimizer, scheduler, criterion, precision)
+        with self._feeding(val_loader):
+            metrics = {"train_loss": train_loss, "train_loss_end": train_loss_end,
+                       **evaluate(model, val_loader, criterion, self.device, precision, self.context)}
+        seconds = time.perf_counter() - start
+        return {**metrics, "epoch_seconds": seconds, "images_per_second": len(train_loader.dataset) / seconds,
+                **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+
+    def _end_epoch(self, model: nn.Module, state: dict, epoch: int, metrics: dict) -> None:
+        """``state`` after ``epoch``: its metrics kept, the best weights if it is the best so far, and
+        whether the run is done (its epochs run, or early stopping)."""
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        if metrics["val_accuracy"] > state["best_accuracy"]:
+            state.update(best_accuracy=metrics["val_accuracy"], best_epoch=epoch, stale=0)
+            self.best_state_ = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.checkpoints.save_best(self.best_state_, epoch)
+        else:
+            state["stale"] += 1
+        # Early stopping waits for the cosine's second half: at the first half's high learning rate val
+        # accuracy wobbles (the digits example, 10 epochs: 0.931, 0.911, 0.925, 0.928 stopped it at 5).
+        state["done"] = epoch >= state["epochs"] or (state["stale"] >= self.config.patience and 2 * epoch > state["epochs"])
 
     def _feeding(self, loader: DataLoader):
         return self.frozen.feeding(loader) if self.frozen else nullcontext()
@@ -378,31 +331,3 @@ class Finetuner:
                 self.micro_batch = micro // 2
                 self.oom_events_.append({"batch": len(labels), "micro_batch": self.micro_batch})
                 torch.cuda.empty_cache()
-
-    def _checkpoint(self, model, optimizer, scheduler, precision, state) -> None:
-        if self.checkpoint_dir is None or not self.context.is_main:
-            return
-        _save(self.checkpoint_dir / CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": precision.scaler.state_dict(), "state": state, "torch_rng": torch.get_rng_state(),
-            "fingerprint": self.fingerprint,
-        })
-
-    def _resume(self, model, optimizer, scheduler, precision, state) -> int:
-        path = self.checkpoint_dir / CHECKPOINT if self.checkpoint_dir else None
-        if path is None or not path.exists():
-            return 0
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") != self.fingerprint:
-            return 0  # another config or other data: train afresh (the new checkpoint replaces it)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        precision.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["torch_rng"])
-        state.update(saved["state"])
-        return state["epoch"]
-
-
-def _save(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")

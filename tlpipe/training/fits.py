@@ -28,12 +28,10 @@ from tlpipe.data import (
 from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
+from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.frozen import FrozenPrefix
-from tlpipe.training.finetune import (
-    Diverged, EpochAllowance, Finetuner, LearningCheck, Precision, adapt_batchnorm, evaluate, freeze_stages,
-    trained_batchnorms,
-)
+from tlpipe.training.finetune import Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
 from tlpipe.utils import default_workers, read_json, write_json

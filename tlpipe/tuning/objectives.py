@@ -79,7 +79,7 @@ def trial_allowance(study: optuna.Study | None, deadline: float | None, epochs: 
     """A trial's time: to ``deadline``, less what the trials still queued after it need for their
     planned ``epochs`` at its pace (``EpochAllowance``); None without a deadline."""
     from tlpipe.strategy.plan import MIN_EPOCHS
-    from tlpipe.training.finetune import EpochAllowance
+    from tlpipe.training.checks import EpochAllowance
 
     if deadline is None:
         return None

@@ -1,0 +1,61 @@
+"""A fine-tune's checkpoints: after each epoch, everything needed to go on exactly (model,
+optimizer, scheduler, scaler, the loop's state, the RNG) in ``checkpoint.pt``, and the best
+epoch's weights in ``best.pt``. Each is written atomically, by rank 0 alone; a checkpoint of
+another run (its ``fingerprint`` differs) is never resumed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tlpipe.utils import atomic_write
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    folder: Path | None  # None: nothing saved, nothing resumed
+    fingerprint: str = ""  # what the run is (config + data)
+    writer: bool = True  # this process writes them (rank 0 under DDP)
+
+    def save(self, model: nn.Module, optimizer, scheduler, scaler, state: dict) -> None:
+        if self.folder is None or not self.writer:
+            return
+        _save(self.folder / CHECKPOINT, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "state": state, "torch_rng": torch.get_rng_state(),
+            "fingerprint": self.fingerprint,
+        })
+
+    def restore(self, model: nn.Module, optimizer, scheduler, scaler, state: dict) -> int:
+        """Load this run's checkpoint into the objects and ``state``; the epoch it resumes from (0: none)."""
+        path = self.folder / CHECKPOINT if self.folder else None
+        if path is None or not path.exists():
+            return 0
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") != self.fingerprint:
+            return 0  # another config or other data: train afresh (the new checkpoint replaces it)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.update(saved["state"])
+        return state["epoch"]
+
+    def save_best(self, weights: dict, epoch: int) -> None:
+        if self.folder is not None and self.writer:
+            _save(self.folder / BEST, {"model": weights, "epoch": epoch})
+
+    def best(self) -> dict | None:
+        """The best epoch's weights as saved (a resumed run that trains no further has only these)."""
+        path = self.folder / BEST if self.folder else None
+        return torch.load(path, map_location="cpu", weights_only=True)["model"] if path and path.exists() else None
+
+
+def _save(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
