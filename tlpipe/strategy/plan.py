@@ -173,10 +173,9 @@ def trained_pace(trained) -> dict:
     and fitted to the time, and whether early stopping ended it; {} for a linear head."""
     if not trained.backbone_trained or not trained.history:
         return {}
-    details = trained.details
     return {"epoch_seconds": round(float(np.median([h["epoch_seconds"] for h in trained.history])), 1),
-            "epochs_run": details["epochs_run"], "epochs_fitted": details.get("epochs_fitted"),
-            "stopped_early": details["epochs_run"] < (details.get("epochs_fitted") or 0) and not details["cut_by_deadline"]}
+            "epochs_run": trained.epochs_run, "epochs_fitted": trained.epochs_fitted,
+            "stopped_early": trained.epochs_run < (trained.epochs_fitted or 0) and not trained.cut_by_deadline}
 
 
 def budget_use(budget: Budget, plan: Plan, pace: dict, tuning: dict) -> dict:

@@ -28,6 +28,8 @@ from tlpipe.training.linear import LinearHead
 from tlpipe.training.fits import TrainedHead, fit_linear
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]
+# The arrays a cached linear fit holds, named in its key: an entry of another layout is a miss, not a KeyError
+_DECISION_ARRAYS = ("weight", "bias", "kind", "scale", "val_accuracy", "C", "details")
 
 
 @dataclass
@@ -41,7 +43,7 @@ class LinearFit:
 
     @property
     def val_accuracy(self) -> float:
-        return self.trained.val_accuracy()
+        return self.trained.val_accuracy
 
 
 def _tap_name(tap: str) -> str:
@@ -74,21 +76,24 @@ def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
     hashes the codes themselves and the linear settings: codes from edited images or another
     backbone are other bytes, so no stale entry is read. Not the bundle's ``head.safetensors``: that
     keeps the scale in float32, and calibration starts from this head's float64 scale, so a cache hit
-    would not give the very head a miss gives."""
+    would not give the very head a miss gives. The details are the report's alone: the typed values
+    (kind, val accuracy, C) are arrays of their own."""
     if not config.cache_dir:
         return fit_linear(config, codes)
     digest = hashlib.sha256()
     for X, y in (codes["train"], codes["val"]):
         digest.update(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(y).tobytes())
-    key = cache_key([], codes=digest.hexdigest(), linear=config.linear.model_dump(mode="json"), seed=config.seed)
+    key = cache_key([], codes=digest.hexdigest(), linear=config.linear.model_dump(mode="json"), seed=config.seed,
+                    holds=_DECISION_ARRAYS)
     path = Path(config.cache_dir) / "decision" / f"{key}.npz"
     saved = load_cached(path, key)
     if saved is not None:
-        details = json.loads(str(saved["details"]))
-        head = LinearHead(saved["weight"], saved["bias"], details["chosen"], float(saved["scale"]))
-        return TrainedHead(head, details)
+        head = LinearHead(saved["weight"], saved["bias"], str(saved["kind"]), float(saved["scale"]))
+        return TrainedHead(head, float(saved["val_accuracy"]), json.loads(str(saved["details"])), C=float(saved["C"]))
     trained = fit_linear(config, codes)
-    save_cached(path, key, {"weight": trained.head.weight, "bias": trained.head.bias, "scale": np.array(trained.head.scale),
+    head = trained.head
+    save_cached(path, key, {"weight": head.weight, "bias": head.bias, "kind": np.array(head.kind), "scale": np.array(head.scale),
+                            "val_accuracy": np.array(trained.val_accuracy), "C": np.array(trained.C),
                             "details": np.array(json.dumps(trained.details))})
     return trained
 

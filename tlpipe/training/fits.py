@@ -56,19 +56,27 @@ class DidNotLearn(Exception):
 
 @dataclass
 class TrainedHead:
+    """A trained head and what decides what follows from it: its val accuracy (a trial's score, the
+    guard's baseline), a linear head's C (trial 0 of a study that tunes it; the classifier is the
+    head's ``kind``) and a fine-tune's epochs; ``details`` only shows them."""
+
     head: LinearHead
+    val_accuracy: float  # as the fit measured it: the chosen classifier's; a fine-tune's best epoch, on the whole val split
     details: dict = field(default_factory=dict)  # what the report and the run log show: never read to decide
     history: list[dict] = field(default_factory=list)  # per-epoch metrics (fine-tuning)
     backbone_trained: bool = False
     hflip: bool = False  # test-time flip averaging, chosen on val (stages.check): the bundle predicts with it
+    C: float | None = None  # a linear head's
+    epochs_fitted: int | None = None  # a fine-tune's epochs, fitted to its time
+    cut_by_deadline: bool = False  # a fine-tune stopped by its deadline, not by its epochs or early stopping
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
 
     def linear_params(self) -> dict:
         """A linear head's classifier and C as trial params: trial 0 of a study that tunes it."""
-        return {"classifier": self.details["chosen"], "C": self.details["candidates"][self.details["chosen"]]["C"]}
-
-    def val_accuracy(self) -> float:
-        """A linear head's val accuracy, as ``fit_linear`` measured it."""
-        return self.details["candidates"][self.details["chosen"]]["val_accuracy"]
+        return {"classifier": self.head.kind, "C": self.C}
 
 
 def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe:
@@ -79,8 +87,9 @@ def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> Lin
 def fit_linear(config: FitConfig, codes: dict) -> TrainedHead:
     """Strategy 1: a linear classifier on frozen codes. ``codes`` holds train/val codes (reused)."""
     probe = linear_probe(config, *codes["train"], *codes["val"])
+    chosen = probe.candidates_[probe.chosen_]
     details = {"chosen": probe.chosen_, "candidates": probe.summary(), **({"cv_note": probe.cv_note_} if probe.cv_note_ else {})}
-    return TrainedHead(probe.head_, details)
+    return TrainedHead(probe.head_, chosen["val_accuracy"], details, C=chosen["C"])
 
 
 def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
@@ -149,7 +158,8 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         "class_weights": None if weights is None else weights.tolist(), "batch_size": batch_size,
         "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
     }
-    return TrainedHead(head, details, tuner.history_, backbone_trained=True)
+    return TrainedHead(head, val_accuracy, details, tuner.history_, backbone_trained=True, epochs_fitted=tuner.epochs_,
+                       cut_by_deadline=tuner.cut_)
 
 
 def _run_details(tuner: Finetuner, restarts: list[dict], epochs_planned: int) -> dict:

@@ -66,7 +66,7 @@ class FinetuneObjective:
             trained = fit_finetune(backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes,
                                    on_epoch=on_epoch, deadline=self.deadline,
                                    allowance=trial_allowance(trial.study, self.deadline, config.finetune.epochs))
-            return trained.details["val_accuracy"]  # the best epoch's, on the whole val split
+            return trained.val_accuracy  # the best epoch's, on the whole val split
         except DidNotLearn as failed:
             trial.set_user_attr(PRUNED_REASON, str(failed))
             raise optuna.TrialPruned(str(failed)) from None
