@@ -55,3 +55,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(config_to_yaml(config))
     assert load_config(path) == config
+
+
+def test_each_identity_of_a_fit_leaves_out_only_its_own_fields():
+    from tlpipe.config import fit_identity, load_config
+
+    config = load_config("default")
+    differs = {"budget": {"budget": "10m"}, "device": {"device": "cpu"}, "cache_dir": {"cache_dir": "/elsewhere"},
+               "trials": {"tuning": {"trials": 3}}, "lr_range": {"tuning": {"lr_range": [1e-4, 1e-3]}}}
+    same = {scope: {name for name, change in differs.items()
+                    if fit_identity(load_config("default", **change), scope) == fit_identity(config, scope)}
+            for scope in ("fit", "study", "plan", "checkpoint")}
+    assert same == {"fit": {"budget", "device"}, "study": {"budget", "device", "cache_dir", "trials"},
+                    "plan": {"budget"}, "checkpoint": {"budget"}}
+    assert fit_identity(config, "fit", data="a") != fit_identity(config, "fit", data="b")

@@ -7,6 +7,8 @@ are one-line ``TlpipeError``s that name the key and the recipe.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -158,6 +160,38 @@ class FitConfig(_Section):
         except TlpipeError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+
+# What each identity of a fit leaves out of the config ("section.key" for a section's key), and why.
+# Study: how long and where to search, and the study's own bookkeeping, do not change what a trial
+# measures (tuning keeps its *_range keys, classifiers and pruner).
+_STUDY_BOOKKEEPING = ("trials", "timeout", "storage", "study_name", "sampler_startup_trials", "pruner_startup_trials",
+                      "pruner_warmup_epochs", "heartbeat_interval", "grace_period", "max_retry")
+IDENTITY_LEAVES_OUT = {
+    # who owns an output folder: a re-run with more time, on another device or with other loader
+    # workers is the same fit and continues it
+    "fit": ("budget", "device", "num_workers"),
+    # what a trial measures: also where the decoded images are cached
+    "study": ("budget", "device", "num_workers", "cache_dir", *(f"tuning.{key}" for key in _STUDY_BOOKKEEPING)),
+    # the plan: device and loader workers change the speeds it is made from
+    "plan": ("budget",),
+    # a fine-tune's checkpoint: a re-run with more time resumes it
+    "checkpoint": ("budget",),
+}
+
+
+def fit_identity(config: FitConfig, scope: str, **inputs: Any) -> str:
+    """sha256 of ``config`` less what ``scope`` leaves out (``IDENTITY_LEAVES_OUT``) and of ``inputs``
+    (the data, the weights...): equal for two fits that are the same fit in that scope."""
+    exclude: dict[str, Any] = {}
+    for name in IDENTITY_LEAVES_OUT[scope]:
+        section, _, key = name.partition(".")
+        if key:
+            exclude.setdefault(section, set()).add(key)
+        else:
+            exclude[section] = True
+    what = {"config": config.model_dump(mode="json", exclude=exclude), **inputs}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def available_recipes() -> list[str]:

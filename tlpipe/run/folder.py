@@ -6,8 +6,6 @@ Nothing else spells a file name of the folder, so a new file is added here and e
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -17,6 +15,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
+from tlpipe.config import fit_identity
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import BUNDLE_MANIFEST, output_folder, sweep_temporaries
 from tlpipe.utils import read_json, write_json
@@ -206,6 +205,4 @@ def fit_key(data: Path, config: Any) -> str:
     """What makes two fits the same fit: the data folder and the config (a ``FitConfig``), less what
     does not change the model (the time budget: a re-run with more time continues the fit; the
     device, the loader workers)."""
-    what = {"data": str(Path(data).resolve()),
-            "config": config.model_dump(mode="json", exclude={"budget", "device", "num_workers"})}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return fit_identity(config, "fit", data=str(Path(data).resolve()))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from tlpipe.cache import cache_key
-from tlpipe.config import FitConfig
+from tlpipe.cache import fingerprint
+from tlpipe.config import FitConfig, fit_identity
 from tlpipe.data import DatasetSpec, shorter_side
 from tlpipe.data.profile import greyscale_share
 from tlpipe.device import resolve_device
@@ -21,6 +21,7 @@ from tlpipe.strategy.plan import (
 from tlpipe.training.speed import loader_seconds, measure_speed
 from tlpipe.tuning import requested_trials
 from tlpipe.utils import default_workers, read_json, write_json
+from tlpipe.version import __version__
 
 
 def plan_training(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Choice, Plan]:
@@ -51,8 +52,8 @@ def _saved_or_new_plan(ctx: FitContext, prepared: Prepared, config: FitConfig) -
     """The plan ``plan.json`` holds for this very fit (config and data), else a new one from speeds
     measured now (written there)."""
     spec, path, trials = prepared.spec, ctx.out / RunFolder.PLAN, ctx.tuning.trials
-    key = cache_key(spec.splits["train"] + spec.splits.get("val", []), config=config.model_dump(mode="json", exclude={"budget"}),
-                    trials=trials)
+    key = fit_identity(config, "plan", tlpipe=__version__, files=fingerprint(spec.splits["train"] + spec.splits.get("val", [])),
+                       trials=trials)
     saved = read_json(path) if path.exists() else None
     if saved and saved.get("key") == key:
         return Plan.from_dict(saved["plan"])

@@ -2,8 +2,6 @@
 it to its count, creating or joining it, and the names of what tlpipe records on a study and its trials."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
 from contextlib import contextmanager
@@ -13,7 +11,7 @@ from typing import Any, Callable, Iterator
 import optuna
 from optuna.trial import FrozenTrial
 
-from tlpipe.config import FitConfig
+from tlpipe.config import FitConfig, fit_identity
 from tlpipe.errors import TlpipeError
 from tlpipe.run.folder import RunFolder
 
@@ -115,12 +113,7 @@ def _safe_url(url: str) -> str:
 def default_study_name(config: FitConfig) -> str:
     """``tlpipe-<strategy>-<hash>`` of everything that changes what a trial measures, so re-running
     the same fit continues its study and a changed recipe starts a new one."""
-    values = config.model_dump(mode="json")
-    for key in ("num_workers", "cache_dir", "device", "budget"):  # budget: a re-run given more time continues
-        values.pop(key, None)
-    keep = {k: v for k, v in values.pop("tuning").items() if k.endswith("_range") or k in ("classifiers", "pruner")}
-    digest = hashlib.sha256(json.dumps([values, keep], sort_keys=True).encode()).hexdigest()[:12]
-    return f"tlpipe-{config.strategy}-{digest}"
+    return f"tlpipe-{config.strategy}-{fit_identity(config, 'study')[:12]}"
 
 
 def make_pruner(config: FitConfig) -> optuna.pruners.BasePruner:
