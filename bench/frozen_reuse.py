@@ -11,8 +11,6 @@ Run from the repo root:  python bench/frozen_reuse.py [--data ../shared/data/hym
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -45,8 +43,8 @@ def run(args, augment: dict, reuse: bool, work: Path, codes=None) -> dict:
     if not reuse:
         frozen.FrozenPrefix.find = classmethod(lambda cls, *a: None)
     try:
-        trained = fit_finetune(dataclasses.replace(backbone, model=copy.deepcopy(backbone.model)), spec,
-                               config.model_copy(update={"cache_dir": str(work / "cache")}), work / f"{reuse}-{bool(augment)}", codes)
+        trained = fit_finetune(backbone, spec, config.model_copy(update={"cache_dir": str(work / "cache")}),
+                               work / f"{reuse}-{bool(augment)}", codes)
     finally:
         frozen.FrozenPrefix.find = find
     return {"seconds": min(e["epoch_seconds"] for e in trained.history[1:] or trained.history),

@@ -112,6 +112,15 @@ def test_a_fine_tune_past_its_deadline_stops_at_an_epoch_boundary_with_its_best_
     assert trained.details["best_epoch"] == 1
 
 
+def test_a_fine_tune_trains_its_own_copy_of_the_backbone(tmp_path, image_folder, backbone):
+    from tlpipe.models.backbones import state_dict_sha256
+
+    before = state_dict_sha256(backbone.model)
+    _, given, _, trained = _small_fine_tune(tmp_path, image_folder, backbone, 1)
+    assert trained.backbone is not None and trained.backbone.model is not given.model
+    assert state_dict_sha256(given.model) == before != state_dict_sha256(trained.backbone.model)
+
+
 def test_epochs_of_a_large_val_split_are_scored_on_a_fixed_subset_and_the_trial_on_all_of_it(
         tmp_path, image_folder, backbone, monkeypatch):
     from tlpipe.training import fits as strategies
@@ -120,10 +129,10 @@ def test_epochs_of_a_large_val_split_are_scored_on_a_fixed_subset_and_the_trial_
     from tlpipe.models import PENULTIMATE, dataset_codes
     from tlpipe.training.linear import accuracy
 
-    spec, tuned, config, trained = _small_fine_tune(tmp_path, image_folder, backbone, 2)
+    spec, _, config, trained = _small_fine_tune(tmp_path, image_folder, backbone, 2)
     assert len(spec.splits["val"]) == 12 and trained.details["epoch_val_images"] == 6
     assert all(round(epoch["val_accuracy"] * 6) == pytest.approx(epoch["val_accuracy"] * 6) for epoch in trained.history)
-    whole = accuracy(trained.head, *dataset_codes(tuned, spec, "val", config, PENULTIMATE))  # the prediction path, all 12
+    whole = accuracy(trained.head, *dataset_codes(trained.backbone, spec, "val", config, PENULTIMATE))  # the prediction path, all 12
     assert trained.details["val_accuracy"] == pytest.approx(whole)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.bundle.calibration import calibrate
-from tlpipe.models import PENULTIMATE, Backbone, build_backbone, dataset_codes
+from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
 from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, FitContext, Prepared
@@ -90,7 +90,7 @@ def _kept(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMode
     """A fine-tune scored on val through the path prediction takes, at its training resolution and
     at the native one (the better kept: "train small, test large"); under auto, the guard: kept
     only if it beats the tuned linear classifier on the decision's tap, else that classifier (on
-    the pretrained weights of the same backbone) is the model."""
+    the pretrained backbone, which the fine-tune trained a copy of) is the model."""
     if not model.trained.backbone_trained:
         return model
     with ctx.timings.stage("evaluate"):
@@ -101,8 +101,7 @@ def _kept(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMode
     decision = guard(model.decision, accuracy(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
     if decision.strategy != "linear":
         return dataclasses.replace(model, decision=decision)
-    return FittedModel(baseline.config, build_backbone(baseline.config), baseline.trained, baseline.codes["val"],
-                       model.tuning, decision)
+    return FittedModel(baseline.config, prepared.backbone, baseline.trained, baseline.codes["val"], model.tuning, decision)
 
 
 def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:

@@ -19,7 +19,7 @@ from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import MIN_EPOCHS, Plan
-from tlpipe.training.frozen import forget_outputs
+from tlpipe.training.frozen import FrozenOutputs
 from tlpipe.training.fits import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
 from tlpipe.tuning import (
     Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, trial_allowance, tune,
@@ -36,10 +36,10 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
         run.log_params(_auto_params(choice.assessment, prepared.ranking))
     if plan.strategy != "linear":
         run.log_params({f"plan_{k}": v for k, v in plan.to_dict().items() if not isinstance(v, (dict, list, tuple))})
-    deadline = ctx.budget.deadline(reserve=plan.reserve)
+    deadline, kept = ctx.budget.deadline(reserve=plan.reserve), FrozenOutputs()  # kept: shared by the trials and the final fit
     with ctx.timings.stage("tune"):
         trial0 = choice.linear.trained.linear_params() if choice.linear and config.strategy == "linear" else None
-        objective = strategy_objective(config, backbone, spec, ctx.out, choice.codes, trial0, deadline)
+        objective = strategy_objective(config, backbone, spec, ctx.out, choice.codes, trial0, deadline, kept)
         tuned = _tune(ctx, config, objective, plan)
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
@@ -52,12 +52,10 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
             try:
                 trained = fit_finetune(backbone, spec, config, tuned.fit_dir or ctx.out, choice.codes,
                                        on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ctx.ranks, deadline=deadline,
-                                       allowance=trial_allowance(None, deadline, config.finetune.epochs))
+                                       allowance=trial_allowance(None, deadline, config.finetune.epochs), kept=kept)
             except DidNotLearn as failed:
                 return _linear_stands(choice, backbone, tuned, _sentence(str(failed)))
-            finally:
-                forget_outputs()  # the frozen-stage outputs the trials and this fit shared
-    return FittedModel(config, backbone, trained, choice.codes["val"], tuned.summary, decision)
+    return FittedModel(config, trained.backbone or backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 
 def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned) -> FittedModel:
@@ -75,7 +73,7 @@ def _sentence(text: str) -> str:
 
 def _linear_stands(choice: Choice, backbone: Backbone, tuned: Tuned, reason: str) -> FittedModel:
     """The linear classifier saved before the fine-tune is the model, on ``backbone`` as it was built
-    (every trial trained a copy), its decision saying why."""
+    (every fine-tune trains a copy), its decision saying why."""
     linear = choice.linear
     trained = dataclasses.replace(linear.trained, details={**linear.trained.details, "finetune_fallback": reason})
     return FittedModel(linear.config, backbone, trained, linear.codes["val"], tuned.summary, stand_in(choice, reason))
@@ -90,12 +88,13 @@ def stand_in(choice: Choice, why: str) -> Decision:
 
 
 def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec, out: Path, codes: Codes,
-                       linear_defaults: dict | None = None, deadline: float | None = None):
+                       linear_defaults: dict | None = None, deadline: float | None = None, kept: FrozenOutputs | None = None):
     """The Optuna objective of the (resolved) strategy: linear trials on codes (trial 0
-    ``linear_defaults`` when known), or fine-tunes that stop at an epoch boundary by ``deadline``."""
+    ``linear_defaults`` when known), or fine-tunes that stop at an epoch boundary by ``deadline``
+    (their frozen-stage outputs shared in ``kept``)."""
     if config.strategy == "linear":
         return linear_objective(codes, linear_defaults)
-    return finetune_objective(backbone, spec, out, codes, deadline)
+    return finetune_objective(backbone, spec, out, codes, deadline, kept)
 
 
 def _tune(ctx: FitContext, config: FitConfig, objective, plan: Plan) -> Tuned:

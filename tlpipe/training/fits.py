@@ -6,9 +6,8 @@ fine-tuned ones, the network's own new classifier), so prediction and the bundle
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from tlpipe.budget import ignore_stop_signals
 from tlpipe.cache import cache_root
-from tlpipe.config import FinetuneConfig, FitConfig
+from tlpipe.config import FinetuneConfig, FitConfig, fit_identity
 from tlpipe.data import (
     CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, stratified_subset,
     train_transform,
@@ -30,7 +29,7 @@ from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext, rank_device
-from tlpipe.training.frozen import FrozenPrefix
+from tlpipe.training.frozen import FrozenOutputs, FrozenPrefix
 from tlpipe.training.finetune import Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
@@ -64,11 +63,15 @@ class TrainedHead:
     val_accuracy: float  # as the fit measured it: the chosen classifier's; a fine-tune's best epoch, on the whole val split
     details: dict = field(default_factory=dict)  # what the report and the run log show: never read to decide
     history: list[dict] = field(default_factory=list)  # per-epoch metrics (fine-tuning)
-    backbone_trained: bool = False
+    backbone: Backbone | None = None  # a fine-tune's network, trained on its own copy; None: the pretrained one's codes
     hflip: bool = False  # test-time flip averaging, chosen on val (stages.check): the bundle predicts with it
     C: float | None = None  # a linear head's
     epochs_fitted: int | None = None  # a fine-tune's epochs, fitted to its time
     cut_by_deadline: bool = False  # a fine-tune stopped by its deadline, not by its epochs or early stopping
+
+    @property
+    def backbone_trained(self) -> bool:
+        return self.backbone is not None
 
     @property
     def epochs_run(self) -> int:
@@ -102,14 +105,17 @@ def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
 
 def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, codes: dict,
                  on_epoch: Callable[[int, dict], None] | None = None, context: DistContext = DistContext(),
-                 deadline: float | None = None, allowance: EpochAllowance | None = None) -> TrainedHead:
+                 deadline: float | None = None, allowance: EpochAllowance | None = None,
+                 kept: FrozenOutputs | None = None) -> TrainedHead:
     """Strategies 2 (partial: ``config.finetune.unfreeze_stages``) and 3 (full), both LP-FT: the new
     classifier starts as the softmax probe fitted on the frozen codes at the training resolution
     (``starting_probe``), then the network trains, at ``config.finetune.image_size`` when set. A run
     that does not start learning is restarted once at a lower learning rate, then given up
     (``DidNotLearn``). Under torchrun (``context``), each rank trains on its share; rank 0 writes the
     checkpoints. ``deadline``: no epoch starts that would end after it; ``allowance``: the epochs
-    are re-fitted to it after the first."""
+    are re-fitted to it after the first; ``kept``: frozen-stage outputs shared with the study's other
+    fine-tunes. It trains a copy of ``backbone``, returned in the head."""
+    backbone = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model), data_config=copy.deepcopy(backbone.data_config))
     model, ft = backbone.model, config.finetune
     device = rank_device(resolve_device(config.device), context)
     data_config = training_data_config(backbone, config)
@@ -121,20 +127,17 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     _start_from_probe(model, probe.head_)
     memory = estimate_memory(model, data_config["input_size"], device)
     batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
-    loaders = _loaders(data_config, spec, config, out, batch_size, device, context)
-    train_loader, val_loader, whole_val = loaders
+    train_loader, val_loader, whole_val = loaders = _loaders(data_config, spec, config, out, batch_size, device, context)
     frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader,
-                                                     context.world_size) if unfreeze is not None else (None, train_loader, val_loader)
+                                                     context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     epoch_val = len(loaders[1].sampler) * context.world_size
     check = LearningCheck(len(spec.classes), largest_share(spec, "val"), epoch_val)
-    fingerprint = json.dumps([config.model_dump(mode="json", exclude={"budget"}), backbone.weights.sha256,
-                              [str(s.path) for s in spec.splits["train"]], [str(s.path) for s in spec.splits["val"]]])
 
     def run(attempt: FinetuneConfig, checkpoints: Path) -> Finetuner:
-        return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch,
-                         hashlib.sha256((fingerprint + attempt.model_dump_json()).encode()).hexdigest(), context=context,
-                         deadline=deadline, frozen=frozen, check=check, allowance=allowance).fit(model, train_loader, val_loader)
+        return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch, _fingerprint(config, backbone, spec, attempt),
+                         context=context, deadline=deadline, frozen=frozen, check=check,
+                         allowance=allowance).fit(model, train_loader, val_loader)
 
     # Seeded on a fork of the global RNG: the run is reproducible and the caller's RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
@@ -158,8 +161,15 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         "class_weights": None if weights is None else weights.tolist(), "batch_size": batch_size,
         "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
     }
-    return TrainedHead(head, val_accuracy, details, tuner.history_, backbone_trained=True, epochs_fitted=tuner.epochs_,
+    return TrainedHead(head, val_accuracy, details, tuner.history_, backbone, epochs_fitted=tuner.epochs_,
                        cut_by_deadline=tuner.cut_)
+
+
+def _fingerprint(config: FitConfig, backbone: Backbone, spec: DatasetSpec, attempt: FinetuneConfig) -> str:
+    """What a checkpoint is of: the fit, the pretrained weights, the train and val files and the
+    attempt's settings (a restart's lower learning rate)."""
+    files = {split: [str(s.path) for s in spec.splits[split]] for split in ("train", "val")}
+    return fit_identity(config, "checkpoint", weights=backbone.weights.sha256, files=files, attempt=attempt.model_dump(mode="json"))
 
 
 def _run_details(tuner: Finetuner, restarts: list[dict], epochs_planned: int) -> dict:
@@ -229,16 +239,18 @@ def train_until_learning(model: nn.Module, ft: FinetuneConfig, checkpoints: Path
 
 
 def _reuse_frozen(model: nn.Module, data_config: dict, device: torch.device, config: FitConfig,
-                  train_loader: DataLoader, val_loader: DataLoader, ranks: int) -> tuple[FrozenPrefix | None, DataLoader, DataLoader]:
+                  train_loader: DataLoader, val_loader: DataLoader, ranks: int,
+                  kept: FrozenOutputs | None) -> tuple[FrozenPrefix | None, DataLoader, DataLoader]:
     """A partial fine-tune's frozen stages, run once: val's loader (and train's, with augmentation
-    off) replaced by one of their outputs, where the model allows it and the host's RAM holds them."""
+    off) replaced by one of their outputs, where the model allows it and the host's RAM holds them;
+    the outputs from ``kept`` when an earlier fine-tune left them there (None: this fit's alone)."""
     frozen = FrozenPrefix.find(model, data_config["input_size"], device)
     if frozen is None:
         return None, train_loader, val_loader
-    precision = Precision(device)
-    val_loader = frozen.cached_loader(val_loader, device, precision, ranks) or val_loader
+    precision, kept = Precision(device), FrozenOutputs() if kept is None else kept
+    val_loader = frozen.cached_loader(val_loader, device, precision, kept, ranks) or val_loader
     if config.augment.off:
-        train_loader = frozen.cached_loader(train_loader, device, precision, ranks) or train_loader
+        train_loader = frozen.cached_loader(train_loader, device, precision, kept, ranks) or train_loader
     return frozen, train_loader, val_loader
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -109,22 +109,18 @@ class FrozenPrefix:
             for (parent, name), module in zip(self.slots, self.modules):
                 setattr(parent, name, module)
 
-    def cached_loader(self, loader: DataLoader, device: torch.device, precision, ranks: int = 1) -> DataLoader | None:
+    def cached_loader(self, loader: DataLoader, device: torch.device, precision, kept: "FrozenOutputs",
+                      ranks: int = 1) -> DataLoader | None:
         """A loader over the prefix's outputs for the images ``loader`` draws (its dataset's transform
         must be deterministic), batched and sampled as ``loader``; None when they would take more than
-        ``HOST_MEMORY_SHARE`` of the host's RAM (shared by ``ranks`` processes). The outputs are kept
-        for the next trials, until ``forget_outputs``."""
+        ``HOST_MEMORY_SHARE`` of the host's RAM (shared by ``ranks`` processes). The outputs are
+        taken from ``kept``, or computed and kept there for the next trials."""
         epochs_vary = hasattr(loader.sampler, "set_epoch")  # a train sampler: every index, order per epoch
         rows = list(range(len(loader.dataset))) if epochs_vary else list(loader.sampler)
-        key = self._key(loader.dataset, rows)
-        outputs = _KEPT.pop(key, None)
+        outputs = kept.outputs(self._key(loader.dataset, rows),
+                               lambda: self._outputs(loader, rows, device, precision, HOST_MEMORY_SHARE / ranks))
         if outputs is None:
-            outputs = self._outputs(loader, rows, device, precision, HOST_MEMORY_SHARE / ranks)
-            if outputs is None:
-                return None
-        _KEPT[key] = outputs
-        while len(_KEPT) > KEPT_ENTRIES:
-            _KEPT.pop(next(iter(_KEPT)))
+            return None
         labels = [loader.dataset.labels[i] for i in rows]
         return DataLoader(_Outputs(outputs, labels), batch_size=loader.batch_size,
                           sampler=loader.sampler if epochs_vary else None, drop_last=loader.drop_last,
@@ -158,10 +154,25 @@ class FrozenPrefix:
         return digest.hexdigest()
 
 
-def forget_outputs() -> None:
-    """Free the kept outputs (once the fine-tunes that share them are over)."""
-    _KEPT.clear()
-
-
 KEPT_ENTRIES = 2  # val's and train's
-_KEPT: dict[str, torch.Tensor] = {}  # the latest cached outputs by key, oldest first: the next trial reuses them
+
+
+class FrozenOutputs:
+    """The frozen-stage outputs a study's fine-tunes share: made once by whoever runs the study and
+    handed to each, so the next trial reuses the last one's (computing them costs a pass over the
+    images). The latest ``KEPT_ENTRIES`` by key, oldest dropped first; freed with the object."""
+
+    def __init__(self):
+        self._kept: dict[str, torch.Tensor] = {}  # oldest first
+
+    def outputs(self, key: str, compute: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """The outputs kept under ``key``, else ``compute()``'s (None: not kept, too large)."""
+        outputs = self._kept.pop(key, None)
+        if outputs is None:
+            outputs = compute()
+            if outputs is None:
+                return None
+        self._kept[key] = outputs
+        while len(self._kept) > KEPT_ENTRIES:
+            self._kept.pop(next(iter(self._kept)))
+        return outputs

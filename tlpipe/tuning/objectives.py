@@ -2,8 +2,6 @@
 a fresh copy of the pretrained backbone."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +46,14 @@ class FinetuneObjective:
     backbone's train/val codes (the LP-FT probe), shared by every trial. ``deadline``
     (``time.monotonic()``): a trial that would overrun it stops at an epoch boundary, its best epoch
     kept; before it, each trial fits its epochs to the time it has (``trial_allowance``). A trial
-    that did not learn is pruned, the reason in its ``pruned_reason``."""
+    that did not learn is pruned, the reason in its ``pruned_reason``. ``kept``: the frozen-stage
+    outputs the trials share (``FrozenOutputs``; None: the objective's own)."""
 
-    def __init__(self, backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None):
+    def __init__(self, backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None, kept=None):
+        from tlpipe.training.frozen import FrozenOutputs
+
         self.backbone, self.spec, self.output_dir, self.codes = backbone, spec, Path(output_dir), codes
-        self.deadline = deadline
+        self.deadline, self.kept = deadline, FrozenOutputs() if kept is None else kept
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
         from tlpipe.cache import cache_root
@@ -60,18 +61,16 @@ class FinetuneObjective:
 
         # every trial reads the one decoded-image cache of the study's folder, not one of its own
         config = config.model_copy(update={"cache_dir": str(cache_root(config.cache_dir, self.output_dir).resolve())})
-        backbone = dataclasses.replace(self.backbone, model=copy.deepcopy(self.backbone.model),
-                                       data_config=copy.deepcopy(self.backbone.data_config))
         try:
-            trained = fit_finetune(backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes,
-                                   on_epoch=on_epoch, deadline=self.deadline,
-                                   allowance=trial_allowance(trial.study, self.deadline, config.finetune.epochs))
-            return trained.val_accuracy  # the best epoch's, on the whole val split
+            # the best epoch's, on the whole val split; the trained copy is dropped before the CUDA cache is emptied
+            return fit_finetune(self.backbone, self.spec, config, trial_dir(self.output_dir, trial), self.codes,
+                                on_epoch=on_epoch, deadline=self.deadline,
+                                allowance=trial_allowance(trial.study, self.deadline, config.finetune.epochs),
+                                kept=self.kept).val_accuracy
         except DidNotLearn as failed:
             trial.set_user_attr(PRUNED_REASON, str(failed))
             raise optuna.TrialPruned(str(failed)) from None
         finally:
-            del backbone
             _free_cuda()
 
 
@@ -91,5 +90,6 @@ def linear_objective(codes: dict[str, tuple[np.ndarray, np.ndarray]], defaults: 
     return LinearObjective(codes, defaults)
 
 
-def finetune_objective(backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None) -> FinetuneObjective:
-    return FinetuneObjective(backbone, spec, output_dir, codes, deadline)
+def finetune_objective(backbone, spec, output_dir: Path, codes: dict, deadline: float | None = None,
+                       kept=None) -> FinetuneObjective:
+    return FinetuneObjective(backbone, spec, output_dir, codes, deadline, kept)
