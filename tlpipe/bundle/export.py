@@ -33,6 +33,7 @@ from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
 from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
+from tlpipe.models.runtime import OPSET, onnx_graph
 from tlpipe.paths import inside, output_file, sweep_temporaries
 from tlpipe.run.folder import RunFolder
 from tlpipe.utils import atomic_write, temporary_beside
@@ -40,7 +41,6 @@ from tlpipe.utils import atomic_write, temporary_beside
 Format = Literal["onnx", "torchscript"]
 InputType = Literal["uint8", "float32"]
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}  # the first: the default file's
-OPSET = 18  # run by ONNX Runtime >= 1.14 and most converters; stated in the sidecar
 INPUT, OUTPUT = "images", "probabilities"
 PARITY_BATCHES = (1, 2, 7)
 MAX_DIFFERENCE = 1e-4
@@ -224,16 +224,7 @@ def write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict,
     exporter, its fallback)."""
     import onnx
 
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracer's notes on shapes fixed by the crop size
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
-                                        output_names=[OUTPUT], dynamic_shapes={"images": {0: batch}}, verbose=False)
-            program.save(str(path), external_data=False)
-        else:
-            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT],
-                              output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    onnx_graph(module, example, path, dynamo=dynamo, names=(INPUT, OUTPUT))
     model = onnx.load(str(path))
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value, ensure_ascii=False))

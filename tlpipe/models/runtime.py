@@ -13,12 +13,14 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+OPSET = 18  # run by ONNX Runtime >= 1.14 and most converters
 
 ORT_MIN_IMAGES = 128  # below this many images, the export (about 2 s) costs more than it saves
 TOLERANCE = 1e-3  # max |difference| allowed, relative to the largest |value| of the reference batch
@@ -52,10 +54,8 @@ def onnx_pass(module: nn.Module, images: torch.Tensor) -> Runner | None:
 def _session(module: nn.Module, images: torch.Tensor, onnxruntime):
     buffer = io.BytesIO()
     example = images.detach().clone().contiguous()  # a normal tensor: tracing refuses inference-mode ones
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["images"], output_names=["out"],
-                          dynamic_axes={"images": {0: "batch"}, "out": {0: "batch"}}, opset_version=18)
+    with torch.inference_mode(False):
+        onnx_graph(module, example, buffer)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     options.log_severity_level = 3  # errors only: it warns about unused initializers of pruned taps
@@ -70,3 +70,22 @@ def _runner(session) -> Runner:
         return torch.from_numpy(session.run(None, {"images": array})[0])
 
     return run
+
+
+def onnx_graph(module: nn.Module, example: torch.Tensor, target: Path | io.BytesIO, *, dynamo: bool = False,
+               names: tuple[str, str] = ("images", "out")) -> None:
+    """``module`` traced on ``example`` as ONNX at ``OPSET`` with a dynamic batch axis, written to
+    ``target`` (a file, or a buffer when not ``dynamo``): the one exporter call, for the passes here
+    and for ``tlpipe export``. ``dynamo``: torch.export's exporter, else the TorchScript-based one."""
+    inputs, outputs = names
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation, the tracer's notes on fixed shapes
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET, input_names=[inputs],
+                                        output_names=[outputs], dynamic_shapes=({0: batch},), verbose=False)
+            program.save(str(target), external_data=False)
+        else:
+            torch.onnx.export(module, (example,), target if isinstance(target, io.BytesIO) else str(target), dynamo=False,
+                              opset_version=OPSET, input_names=[inputs], output_names=[outputs],
+                              dynamic_axes={inputs: {0: "batch"}, outputs: {0: "batch"}})
