@@ -1,7 +1,8 @@
 """tlpipe: transfer-learning AutoML for image classification.
 
-The Python API mirrors the command line: ``fit`` a folder of images, ``extract`` CNN codes,
-``load_bundle`` a saved model to predict.
+The Python API mirrors the command line: ``fit`` a folder of images (or a ``LabelTable`` of paths
+and labels: a CSV, TSV, Parquet file or a DataFrame), ``extract`` CNN codes, ``load_bundle`` a saved
+model to predict.
 """
 import os
 
@@ -12,7 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from tlpipe.errors import TlpipeError  # noqa: E402
 from tlpipe.version import __version__  # noqa: E402
 
-__all__ = ["TlpipeError", "__version__", "fit", "extract", "load_bundle"]
+__all__ = ["LabelTable", "TlpipeError", "__version__", "fit", "extract", "load_bundle"]
 
 
 def __getattr__(name: str):
@@ -25,6 +26,10 @@ def __getattr__(name: str):
         from tlpipe.pipeline import extract
 
         return extract
+    if name == "LabelTable":
+        from tlpipe.data.table import LabelTable
+
+        return LabelTable
     if name == "load_bundle":
         from tlpipe.bundle.folder import load_bundle
 

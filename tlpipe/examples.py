@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from tlpipe.errors import TlpipeError
+
+if TYPE_CHECKING:
+    from tlpipe.data.table import DataSource
 
 ExampleName = Literal["digits"]  # the CLI's --example choices
 EXAMPLES = get_args(ExampleName)
@@ -32,17 +35,20 @@ def write_example(name: str, folder: Path) -> Path:
     return root
 
 
-def fit_data(data: str | Path | None, example: str | None, output: str | Path | None) -> tuple[Path, Path]:
-    """The dataset folder a fit reads and its output folder (default ``runs/<data>-<time>``):
-    ``data``, or the embedded ``example`` written into the output folder."""
+def fit_data(data: Any, example: str | None, output: str | Path | None) -> tuple[DataSource, Path]:
+    """The dataset a fit reads (a class folder, or a table: ``tlpipe.data.table.as_source``) and its
+    output folder (default ``runs/<data>-<time>``): ``data``, or the embedded ``example`` written
+    into the output folder."""
+    from tlpipe.data.table import as_source, source_name  # not at the top: the CLI imports this module for --help
+
     if (data is None) == (example is None):
         raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
     if example is not None:
-        out = Path(output) if output else default_output(Path(f"example-{example}"))
+        out = Path(output) if output else default_output(f"example-{example}")
         return write_example(example, out), out
-    data = Path(data).expanduser()
-    return data, Path(output) if output else default_output(data)
+    source = as_source(data)
+    return source, Path(output) if output else default_output(source_name(source))
 
 
-def default_output(data: Path) -> Path:
-    return Path("runs") / f"{data.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}"
+def default_output(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -21,6 +21,7 @@ import numpy as np
 from tlpipe.budget import Budget, parse_duration
 from tlpipe.config import FitConfig, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.data.table import LabelTable
 from tlpipe.models import Backbone, build_backbone, dataset_codes, resolve_layer
 from tlpipe.stages.planning import new_plan
 from tlpipe.stages.prepare import choose_backbone
@@ -33,7 +34,7 @@ from tlpipe.version import __version__
 FORMATS = (".npz", ".parquet")
 
 
-def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = "default") -> dict:
+def inspect(data: str | Path | LabelTable, config: FitConfig | None = None, *, recipe: str = "default") -> dict:
     """What ``tlpipe fit --strategy auto`` would see and do, without training or writing anything:
     the data profile (counts, sizes, greyscale, duplicates, leakage), the transfer signals, the
     decision with its reasons and tap (the same policy steps as the fit's, the guard aside), the
@@ -44,7 +45,7 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
 
     config = (config or load_config(recipe)).model_copy(update={"strategy": "auto"})
     budget = Budget(parse_duration(config.budget))
-    spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
+    spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=None)
     profile = profile_dataset(spec)
     backbone, ranking = choose_backbone(config, spec)
     config = config.model_copy(update={"backbone": backbone.name})
@@ -61,7 +62,7 @@ def inspect(data: str | Path, config: FitConfig | None = None, *, recipe: str = 
     }
 
 
-def extract(data: str | Path, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default",
+def extract(data: str | Path | LabelTable, out: str | Path, config: FitConfig | None = None, *, recipe: str = "default",
             overwrite: bool = False) -> Path:
     """Write the CNN codes of every valid image of ``data`` (all splits as found) to ``out``:
     ``.npz`` or ``.parquet``, replacing an existing file only with

@@ -13,7 +13,7 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tlpipe.errors import TlpipeError
 from tlpipe.utils import process_alive, temporary_beside
@@ -23,7 +23,7 @@ _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$")  # temporary_beside's
 
 
 def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), overwrite: bool = False,
-                companions: Iterable[str] = (), dataset: str | Path | None = None) -> Path:
+                companions: Iterable[str] = (), dataset: Any = None) -> Path:
     """``path`` as a file this command may write, its folder made; else one line saying why and
     what to do. ``suffixes``: the names it must end with; an existing file (or one of the
     ``companions`` written beside it, such as ``.json``) is replaced only with ``overwrite``;
@@ -44,7 +44,7 @@ def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), ov
 
 
 def output_folder(path: str | Path, flag: str, files: Iterable[str] = (), overwrite: bool = False,
-                  dataset: str | Path | None = None) -> Path:
+                  dataset: Any = None) -> Path:
     """``path`` as a folder this command may write ``files`` into, made if missing; else one line.
     Never inside ``dataset`` or a model bundle."""
     path = Path(path).expanduser()
@@ -97,7 +97,7 @@ def too_long(exc: OSError) -> str | None:
     return f"file name too long ({len(Path(name).name)} characters): {shown}; shorten it (most file systems take 255 bytes)"
 
 
-def _check_place(path: Path, flag: str, dataset: str | Path | None, folder: bool = False) -> None:
+def _check_place(path: Path, flag: str, dataset: Any, folder: bool = False) -> None:
     """The name fits the file system; the place (``path``, a ``folder`` or a file) is outside the
     dataset (tlpipe never writes there: a new folder would be read as a class) and outside any model
     bundle (its files are checksummed)."""
@@ -106,9 +106,14 @@ def _check_place(path: Path, flag: str, dataset: str | Path | None, folder: bool
             raise TlpipeError(f"{flag}: a name in the path is {len(part.encode())} bytes long (at most 255): "
                               f"{part[:40]}…; shorten it")
     where = path.absolute()
-    if dataset is not None and where.resolve().is_relative_to(Path(dataset).expanduser().resolve()):
-        raise TlpipeError(f"{flag} {path} is inside the dataset folder {dataset}: "
-                          "tlpipe never writes there (the next fit would take it for a class); give a path outside it")
+    if dataset is not None:
+        from tlpipe.data.table import LabelTable, as_source, source_folder
+
+        source = as_source(dataset)
+        why = "its images are under it" if isinstance(source, LabelTable) else "the next fit would take it for a class"
+        if where.resolve().is_relative_to(source_folder(source).resolve()):
+            raise TlpipeError(f"{flag} {path} is inside the dataset folder {source_folder(source)}: tlpipe never writes "
+                              f"there ({why}); give a path outside it")
     for above in (where, *where.parents) if folder else where.parents:
         if (above / BUNDLE_MANIFEST).is_file() and (above / BUNDLE_HEAD).is_file():
             raise TlpipeError(f"{flag} {path} is inside the model bundle {above}: writing there would break it; "

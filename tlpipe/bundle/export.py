@@ -282,7 +282,8 @@ def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
     """(image, class) of the validation split of the fit that made ``bundle``, from its output folder."""
     fit = RunFolder(bundle.path.parent)
     try:
-        data = Path(fit.read_summary()["data"])
+        summary = fit.read_summary()
+        data = Path(summary.get("data_root") or summary["data"])  # a table's rows are under its root
         with (fit / fit.VAL_PREDICTIONS).open(encoding="utf-8", newline="") as f:
             rows = [(inside(data, row["path"]), row["true"]) for row in csv.DictReader(f)]
     except (TlpipeError, OSError, KeyError, ValueError, TypeError):

@@ -79,5 +79,9 @@ ImageSize = Annotated[Optional[int], typer.Option(help="Input resolution (defaul
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes.")]
 Device = Annotated[Optional[str], typer.Option(callback=check_device, help=f"Device: {DEVICE_FORMS}.")]
+TableRoot = Annotated[Optional[Path], typer.Option(help="With a table: the folder its image paths are relative to (default: the table's).")]
+PathColumn = Annotated[Optional[str], typer.Option(help="With a table: the column of image paths (default: path, file, filename, image...).")]
+LabelColumn = Annotated[Optional[str], typer.Option(help="With a table: the column of labels (default: label, class, category, target...).")]
+SplitColumn = Annotated[Optional[str], typer.Option(help="With a table: the column of splits, train/val/test (default: split, subset, set; none: all train).")]
 TimeLimit = Annotated[Optional[str], typer.Option(
     help="Time for the whole fit: 90s, 10m, 1.5h, 2h15m, or none (default: the recipe's budget, 30m for default).")]

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from tlpipe.cli.common import (
-    BatchSize, Backbone, Device, ImageSize, Layer, Recipe, TimeLimit, UnixUsage, Weights, Workers, user_errors,
+    BatchSize, Backbone, Device, ImageSize, LabelColumn, Layer, PathColumn, Recipe, SplitColumn, TableRoot, TimeLimit,
+    UnixUsage, Weights, Workers, user_errors,
 )
 from tlpipe.config import StrategyName
 from tlpipe.errors import TlpipeError
@@ -21,9 +22,13 @@ app = typer.Typer()
 @app.command(cls=UnixUsage)
 def fit(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/).")] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/), or a table of image paths and labels (.csv, .tsv, .parquet).")] = None,
     example: Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
+    root: TableRoot = None,
+    path_col: PathColumn = None,
+    label_col: LabelColumn = None,
+    split_col: SplitColumn = None,
     recipe: Recipe = "default",
     strategy: Annotated[Optional[StrategyName], typer.Option(
         help="auto (chosen from the data's size and distance from ImageNet), linear (CNN codes + linear "
@@ -54,9 +59,9 @@ def fit(
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
         from tlpipe.config import config_from_flags
+        from tlpipe.data.table import with_table_options
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
-        from tlpipe.run.report import print_fit_report
 
         if worker:
             return _worker(data, example, storage, study_name, output)
@@ -65,18 +70,24 @@ def fit(
             batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed, device=device,
             unfreeze_stages=unfreeze_stages, epochs=epochs, time_limit=time_limit)
         try:
-            result = run_fit(data, config, example=example, output=output, experiment=experiment,
+            result = run_fit(with_table_options(data, root, path_col, label_col, split_col), config, example=example, output=output, experiment=experiment,
                              tracking_uri=tracking_uri, recipe=recipe, tuning=TuningOverrides(trials, timeout, storage, study_name),
                              verbose=(ctx.obj or {}).get("verbose", False), overwrite=overwrite,
                              register=register, alias=alias)
         except FitCut as cut:
             _exit_cut(cut)
-        if result is None:  # a torchrun rank other than 0: rank 0 reports
-            return
-        quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
-        print_fit_report(result.summary, result.metrics, quarantined)
-        if "error" in result.summary.get("registered", {}):  # the fit is saved; the registry refused it
-            raise TlpipeError(result.summary["registered"]["error"])
+        if result is not None:  # None: a torchrun rank other than 0, rank 0 reports
+            _report(result)
+
+
+def _report(result) -> None:
+    """The fit's report on the terminal; a registry that refused the model, as the one error line."""
+    from tlpipe.run.report import print_fit_report
+
+    quarantined = [(result.spec.relative(p), why) for p, why in result.spec.quarantined]
+    print_fit_report(result.summary, result.metrics, quarantined)
+    if "error" in result.summary.get("registered", {}):  # the fit is saved; the registry refused it
+        raise TlpipeError(result.summary["registered"]["error"])
 
 
 def _exit_cut(cut) -> None:

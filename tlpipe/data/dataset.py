@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from tlpipe.data.images import check_image
 from tlpipe.data.scan import ScannedFiles, scan_folder
+from tlpipe.data.table import LabelTable, as_source, scan_table
 from tlpipe.errors import TlpipeError
 from tlpipe.progress import progress_bar
 from tlpipe.run.folder import RunFolder
@@ -51,7 +52,8 @@ class DatasetSpec:
         return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
 
     def relative(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+        """``path`` as the user wrote it under the root (a table's row may name one outside it)."""
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.as_posix()
 
 
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
@@ -101,9 +103,10 @@ def prepare_dataset(
     ``report_dir`` when given, before raising for a class left without images, so the user can
     see which files failed. ``evaluation``: labelled images to score a model on, with none of the
     training rules (see ``scan_folder``) and nothing held out."""
-    scanned = scan_folder(root, evaluation)
+    source = as_source(root)
+    scanned = scan_table(source, evaluation) if isinstance(source, LabelTable) else scan_folder(source, evaluation)
     paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps]
-    bad = check_files(paths)
+    bad = {**scanned.rejected, **check_files(paths)}
     checked = DatasetSpec(root=scanned.root, classes=scanned.classes, splits={},
                           val_from="folder" if "val" in scanned.files else "split",
                           quarantined=sorted(bad.items()), skipped=scanned.skipped)

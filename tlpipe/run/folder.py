@@ -11,7 +11,7 @@ import shutil
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -19,6 +19,9 @@ from tlpipe.config import fit_identity
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import BUNDLE_MANIFEST, output_folder, sweep_temporaries
 from tlpipe.utils import read_json, write_json
+
+if TYPE_CHECKING:  # tlpipe.data imports this module for its file names
+    from tlpipe.data.table import DataSource
 
 
 class RunFolder:
@@ -100,11 +103,13 @@ class RunFolder:
     # -- one writer ------------------------------------------------------------------------------
 
     @contextmanager
-    def claim(self, data: Path, key: str, overwrite: bool = False) -> Iterator[None]:
+    def claim(self, data: DataSource, key: str, overwrite: bool = False) -> Iterator[None]:
         """One writer: a lock held for the whole fit, and the folder's owner record. A fit of other
         data or another config (``key``: ``fit_key``) refuses a folder another fit finished or left,
         unless ``overwrite`` (its files are then removed, the content-keyed caches kept); the same fit
         again resumes. What a killed fit left half-written is swept or made whole."""
+        from tlpipe.data.table import source_path
+
         output_folder(self.path, "--output", dataset=data)
         lock = FileLock(self.path / self.LOCK)
         try:
@@ -122,16 +127,18 @@ class RunFolder:
                 self._clear(data)
                 owner = {}
             self.sweep()
-            write_json(self.path / self.OWNER, {**owner, "key": key, "data": str(Path(data).resolve()), "pid": os.getpid(),
+            write_json(self.path / self.OWNER, {**owner, "key": key, "data": str(source_path(data).resolve()), "pid": os.getpid(),
                                                 "started": datetime.now().isoformat(timespec="seconds")})
             yield
         finally:
             lock.release()
 
-    def _clear(self, data: Path) -> None:
+    def _clear(self, data: DataSource) -> None:
         """The files a fit writes here, and only those (the caches, keyed by content, stay; so does
         anything else, the dataset above all, wherever it sits)."""
-        keep = Path(data).resolve()
+        from tlpipe.data.table import source_folder
+
+        keep = source_folder(data).resolve()
         for name in self.fit_files():
             path = self.path / name
             if keep.is_relative_to(path.resolve()):
@@ -201,8 +208,10 @@ def bundle_identity(bundle: Path) -> str | None:
         return None
 
 
-def fit_key(data: Path, config: Any) -> str:
-    """What makes two fits the same fit: the data folder and the config (a ``FitConfig``), less what
-    does not change the model (the time budget: a re-run with more time continues the fit; the
-    device, the loader workers)."""
-    return fit_identity(config, "fit", data=str(Path(data).resolve()))
+def fit_key(data: DataSource, config: Any) -> str:
+    """What makes two fits the same fit: the data folder (or table) and the config (a ``FitConfig``),
+    less what does not change the model (the time budget: a re-run with more time continues the
+    fit; the device, the loader workers)."""
+    from tlpipe.data.table import source_identity
+
+    return fit_identity(config, "fit", data=source_identity(data))

@@ -64,12 +64,14 @@ def _spec(out: Path, summary: dict) -> DatasetSpec | None:
     """The fit's data, split as the fit split it (its recipe's val fraction and seed); None when
     the dataset is no longer there (moved, renamed): the page is then built from the folder alone."""
     from tlpipe.config import load_config
+    from tlpipe.data.table import recorded_source
 
-    if not Path(summary["data"]).is_dir():
+    source = recorded_source(summary)
+    if source is None:
         return None
     config_file = out / RunFolder.CONFIG
     config = load_config(str(config_file)) if config_file.exists() else load_config("default")
-    return prepare_dataset(summary["data"], config.val_fraction, config.seed)
+    return prepare_dataset(source, config.val_fraction, config.seed)
 
 
 def _profile(out: Path, spec: DatasetSpec | None) -> dict | None:

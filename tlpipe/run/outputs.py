@@ -25,6 +25,7 @@ from tlpipe.budget import signals_held
 from tlpipe.bundle.folder import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
+from tlpipe.data.table import DataSource, source_record
 from tlpipe.run.html_report import write_html_report
 from tlpipe.bundle.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
 from tlpipe.models import Backbone, resolve_layer
@@ -63,7 +64,7 @@ class FittedModel:
     decision: Decision | None = None  # auto: every reason, the guard's last
 
 
-def record(out: Path, data: Path, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
+def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
            assessment: Assessment | None = None, ranking: list[dict] | None = None, *, status: str = "complete",
            cut: str | None = None, plan: dict | None = None, budget: dict | None = None) -> FitResult:
     """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``.
@@ -181,12 +182,12 @@ def _auto(assessment: Assessment, decision: Decision | None) -> dict:
     return {**assessment.to_dict(), "decision": (decision or assessment.decision).to_dict()}
 
 
-def _summary(data: Path, spec: DatasetSpec, model: FittedModel, layer: str, run: FitRun, metrics: dict,
+def _summary(data: DataSource, spec: DatasetSpec, model: FittedModel, layer: str, run: FitRun, metrics: dict,
              timings: dict, bundle: Path, assessment: Assessment | None, ranking: list[dict] | None) -> dict:
     backbone, decision = model.backbone, model.decision
     return {
         "run_id": run.run_id, "tracking_uri": run.tracking_uri, "experiment": run.experiment,
-        "tlpipe_version": __version__, "data": str(data.resolve()),
+        "tlpipe_version": __version__, **source_record(data), "data_root": str(spec.root.resolve()),
         "strategy": model.config.strategy, "layer": layer,
         "strategy_reason": decision.explanation if decision else ASKED_FOR,
         **({"auto": _auto(assessment, decision)} if assessment else {}),

@@ -1,0 +1,257 @@
+"""Images listed in a table (``labels.csv``, ``.tsv``, ``.parquet``, or a pandas DataFrame): a path
+column, a label column and optionally a split column, read into the same ``ScannedFiles`` a class
+folder gives, so every later stage is the same.
+
+Only reads the table and the files it names. A row that cannot be used (no such file, a path
+leaving the root, an empty label, the same file listed twice with different labels) is
+quarantined with its reason; a table that cannot be read, a missing column or a split that is not
+train/val/test is one ``TlpipeError`` naming the table, the row and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tlpipe.data.images import is_image_name
+from tlpipe.data.scan import SPLIT_ALIASES, ScannedFiles, check_class_name
+from tlpipe.errors import TlpipeError
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+# Column names found without being told, in this order (compared without case): the names tables
+# from Kaggle, AutoGluon, fastai and Label Studio exports use.
+COMMON_NAMES = {
+    "path": ("path", "filepath", "file_path", "file", "filename", "file_name", "image", "image_path", "img", "fname"),
+    "label": ("label", "labels", "class", "class_name", "category", "target", "y"),
+    "split": ("split", "subset", "set", "partition"),
+}
+LABEL_DELIMITER = ";"  # several labels in one cell: a multi-label table
+
+
+@dataclass(frozen=True, eq=False)
+class LabelTable:
+    """A dataset given as a table: ``source`` a file or a DataFrame; image paths relative to
+    ``root`` (default: the table's folder, or the working folder for a DataFrame) or absolute
+    inside it; columns named, or found among ``COMMON_NAMES``."""
+
+    source: Path | Any  # a pandas DataFrame when not a file
+    root: Path | None = None
+    path_col: str | None = None
+    label_col: str | None = None
+    split_col: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        return isinstance(self.source, Path)
+
+    @property
+    def folder(self) -> Path:
+        """The folder the images are under: where tlpipe never writes."""
+        return Path(self.root or (self.source.parent if self.is_file else Path.cwd())).expanduser()
+
+    @property
+    def name(self) -> str:
+        return self.source.stem if self.is_file else "table"
+
+    def identity(self) -> str:
+        """What names this table: its file (or, for a DataFrame, its content), root and columns."""
+        if self.is_file:
+            what = str(self.source.resolve())
+        else:
+            import pandas as pd
+
+            what = hashlib.sha256(pd.util.hash_pandas_object(self.source, index=True).values.tobytes()).hexdigest()
+        return repr((what, str(self.folder.resolve()), self.path_col, self.label_col, self.split_col))
+
+
+DataSource = Path | LabelTable
+
+
+def as_source(data: Any) -> DataSource:
+    """The dataset a user gave: a class folder (``Path``), or a ``LabelTable`` for a table file
+    (by its suffix), a DataFrame or a ``LabelTable`` itself."""
+    if isinstance(data, LabelTable):
+        return data if not data.is_file else LabelTable(Path(data.source).expanduser(), data.root, data.path_col,
+                                                        data.label_col, data.split_col)
+    if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame, without importing pandas
+        return LabelTable(data)
+    path = Path(data).expanduser()
+    return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
+
+
+def with_table_options(data: Any, root: Path | None = None, path_col: str | None = None, label_col: str | None = None,
+                       split_col: str | None = None) -> Any:
+    """``data`` read with the command line's table options (``--root``, ``--path-col``...), which a
+    class folder refuses."""
+    given = {k: v for k, v in (("root", root), ("path_col", path_col), ("label_col", label_col),
+                               ("split_col", split_col)) if v is not None}
+    if not given:
+        return data
+    source = as_source(data) if data is not None else None
+    if not isinstance(source, LabelTable):
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise TlpipeError(f"{flag} is for a table of image paths and labels (.csv, .tsv, .parquet), not {data or '--example'}")
+    return replace(source, **given)
+
+
+def source_folder(source: DataSource) -> Path:
+    """The folder a dataset's images are under (the dataset folder itself, or a table's root)."""
+    return source.folder if isinstance(source, LabelTable) else source
+
+
+def source_path(source: DataSource) -> Path:
+    """The path that names a dataset: its folder, its table file, or a DataFrame's image root."""
+    if isinstance(source, LabelTable):
+        return source.source if source.is_file else source.folder
+    return source
+
+
+def source_record(source: DataSource) -> dict:
+    """What a fit's summary says of its data, enough for ``recorded_source`` to read it again."""
+    if not isinstance(source, LabelTable):
+        return {"data": str(source.resolve())}
+    columns = {"path_col": source.path_col, "label_col": source.label_col, "split_col": source.split_col}
+    return {"data": str(source_path(source).resolve()),
+            "data_table": {"file": source.is_file, "root": str(source.folder.resolve()), **columns}}
+
+
+def recorded_source(summary: dict) -> DataSource | None:
+    """The dataset a fit's summary names, when it is still there (a DataFrame's rows are not kept)."""
+    path, table = Path(summary["data"]), summary.get("data_table")
+    if table is None:
+        return path if path.is_dir() else None
+    if not (table["file"] and path.is_file()):
+        return None
+    return LabelTable(path, Path(table["root"]), table["path_col"], table["label_col"], table["split_col"])
+
+
+def source_identity(source: DataSource) -> str:
+    """What names a dataset for a fit's identity: its folder, or its table (``LabelTable.identity``)."""
+    return source.identity() if isinstance(source, LabelTable) else str(source.resolve())
+
+
+def source_name(source: DataSource) -> str:
+    """A short name for runs and experiments: the folder's or the table file's."""
+    return source.name if isinstance(source, LabelTable) else source.resolve().name
+
+
+def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:
+    """The table's images per split and label, its unusable rows in ``rejected``. ``evaluation``: the
+    table scores a model (any splits, any labels); else every label needs a train row."""
+    frame, where = _read(table), str(table.source) if table.is_file else "the DataFrame"
+    columns = {role: _column(frame, role, given, where) for role, given in
+               (("path", table.path_col), ("label", table.label_col), ("split", table.split_col))}
+    root = table.folder
+    if not root.is_dir():
+        raise TlpipeError(f"the image root {root} of {where} is not a folder: give the folder the paths are relative "
+                          "to with --root")
+    rows = _rows(frame, columns, where, evaluation)
+    files, rejected, skipped = _files(rows, root.resolve(), root)
+    labels = sorted({label for per_label in files.values() for label in per_label})
+    if not evaluation:
+        train = set(files.get("train", {}))
+        if not train:
+            raise TlpipeError(f"{where} has no usable train row (see quarantine.csv): add rows, or give a split column")
+        unseen = sorted(set(labels) - train)
+        if unseen:
+            raise TlpipeError(f"{where}: label(s) {', '.join(map(repr, unseen))} appear only in val/test rows; "
+                              "add train rows with them or remove those rows")
+        labels = sorted(train)
+    for label in labels:
+        check_class_name(label, f"label {label!r} in {where}")
+    return ScannedFiles(root, labels, files, skipped, rejected)
+
+
+def _read(table: LabelTable):
+    import pandas as pd
+
+    if not table.is_file:
+        return table.source.astype(str).where(table.source.notna(), "")
+    path = table.source
+    if not path.is_file():
+        raise TlpipeError(f"table not found: {path} (a .csv, .tsv or .parquet of image paths and labels)")
+    try:
+        if path.suffix.lower() == ".parquet":
+            frame = pd.read_parquet(path)
+            return frame.astype(str).where(frame.notna(), "")
+        return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False,
+                           encoding="utf-8-sig")
+    except (ValueError, OSError, UnicodeDecodeError, ImportError) as exc:  # pandas' parser errors are ValueErrors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TlpipeError(f"cannot read the table {path}: {first}; write it as UTF-8 CSV (or TSV, Parquet) with a "
+                          "header row") from None
+
+
+def _column(frame, role: str, given: str | None, where: str) -> str | None:
+    """The column playing ``role``: the one given, else the first common name found (any case)."""
+    names = [str(c) for c in frame.columns]
+    if given is not None:
+        if given not in names:
+            raise TlpipeError(f"{where} has no column {given!r} (--{role}-col); its columns: {', '.join(names)}")
+        return given
+    by_lower = {name.strip().lower(): name for name in reversed(names)}
+    found = next((by_lower[c] for c in COMMON_NAMES[role] if c in by_lower), None)
+    if found is None and role != "split":
+        raise TlpipeError(f"{where} has no {role} column (looked for {', '.join(COMMON_NAMES[role][:4])}...; its "
+                          f"columns: {', '.join(names)}): name it with --{role}-col")
+    return found
+
+
+def _rows(frame, columns: dict, where: str, evaluation: bool) -> list[tuple[int, str, str, str]]:
+    """(row number as a user counts it, path, label, split) for every row, the split checked."""
+    rows = []
+    default = "test" if evaluation else "train"
+    for number, (path, label, split) in enumerate(zip(
+            frame[columns["path"]], frame[columns["label"]],
+            frame[columns["split"]] if columns["split"] else [default] * len(frame)), start=2):
+        split = str(split).strip().lower() or default
+        if split not in SPLIT_ALIASES:
+            raise TlpipeError(f"{where} row {number}: split {split!r} is not train, val or test (nor valid, validation)")
+        label = str(label).strip()
+        if LABEL_DELIMITER in label:
+            raise TlpipeError(f"{where} row {number}: label {label!r} holds several labels ({LABEL_DELIMITER!r}): "
+                              "multi-label tables are not supported yet; give one label a row")
+        rows.append((number, str(path).strip(), label, SPLIT_ALIASES[split]))
+    return rows
+
+
+def _files(rows, real_root: Path, root: Path) -> tuple[dict, dict[Path, str], Counter]:
+    """split -> label -> sorted paths; the rows' files that cannot be used, with why; skipped rows."""
+    seen: dict[Path, tuple[int, str, str]] = {}
+    rejected: dict[Path, str] = {}
+    skipped: Counter = Counter()
+    for number, name, label, split in rows:
+        if not name:
+            skipped["table row without a path"] += 1
+            continue
+        path = root / name  # an absolute name replaces root
+        reason = _unusable(path, name, label, real_root)
+        if path in seen:
+            first, first_label, first_split = seen[path]
+            if (first_label, first_split) != (label, split):
+                rejected[path] = f"listed twice with different labels or splits (rows {first} and {number})"
+            else:
+                skipped["duplicate table row"] += 1
+            continue
+        seen[path] = (number, label, split)
+        if reason:
+            rejected[path] = f"{reason} (row {number})"
+    files: dict[str, dict[str, list[Path]]] = {}
+    for path, (_, label, split) in seen.items():
+        if path not in rejected:
+            files.setdefault(split, {}).setdefault(label, []).append(path)
+    return {s: {c: sorted(ps) for c, ps in sorted(per.items())} for s, per in files.items()}, rejected, skipped
+
+
+def _unusable(path: Path, name: str, label: str, real_root: Path) -> str | None:
+    if not label:
+        return "empty label"
+    if not path.resolve().is_relative_to(real_root):
+        return f"path {name!r} leaves the image root"
+    if not path.is_file():
+        return "no such file"
+    if not is_image_name(path):
+        return "not an image file"
+    return None
