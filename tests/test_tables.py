@@ -133,6 +133,11 @@ def test_fit_of_a_table_with_named_columns_and_root_records_it_and_predicts(tmp_
     predicted = tlpipe("predict", str(out / "model"), str(data / "images" / "dog_val_1.jpg"), "-f", "json")
     assert json.loads(predicted.stdout)[0]["predictions"][0]["label"] == "dog"
     assert tlpipe("report", str(out)).exit_code == 0  # the page rebuilt from the table's rows
+    columns = ["--root", str(data / "images"), "--path-col", "picture", "--label-col", "kind", "--split-col", "fold"]
+    scored = tlpipe("evaluate", str(out / "model"), str(table), *columns, "--split", "val", "--json")
+    assert scored.exit_code == 0, scored.output
+    metrics = json.loads(scored.stdout)
+    assert (metrics["split"], metrics["n_images"], metrics["accuracy"]) == ("val", 6, summary["val_accuracy"])
 
 
 def test_a_csv_of_hymenoptera_holds_the_very_splits_and_labels_of_its_folders(tmp_path):

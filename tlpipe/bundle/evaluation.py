@@ -9,15 +9,17 @@ import numpy as np
 
 from tlpipe.bundle.folder import Bundle
 from tlpipe.data.scan import WHOLE_FOLDER
+from tlpipe.data.table import LabelTable
 from tlpipe.errors import TlpipeError
 from tlpipe.run.folder import RunFolder
 
 EVALUATION_PLOTS = (RunFolder.RELIABILITY, RunFolder.CONFUSION_MATRIX)  # what evaluate --plots writes, named as a fit's
 
 
-def evaluate_bundle(bundle: Bundle, data: str | Path, split: str | None = None, batch_size: int = 64,
+def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | None = None, batch_size: int = 64,
                     workers: int | None = None, plots: Path | None = None) -> dict:
-    """Metrics of ``bundle`` on one split of a labelled folder: by default test/, else val/, else
+    """Metrics of ``bundle`` on one split of a labelled folder (or table: a table without a split
+    column is scored whole): by default test/, else val/, else
     train/, else the whole of a flat class-per-folder (split ``WHOLE_FOLDER``). Classes are matched
     by name, so the split may hold any subset of the bundle's classes, even one; an unknown class
     is an error, since the bundle could never predict it."""

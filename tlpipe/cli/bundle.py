@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tlpipe.cli.common import BatchSize, Bundle, Device, Overwrite, UnixUsage, Workers, user_errors
+from tlpipe.cli.common import (
+    BatchSize, Bundle, Device, LabelColumn, Overwrite, PathColumn, SplitColumn, TableRoot, UnixUsage, Workers, user_errors,
+)
 from tlpipe.errors import TlpipeError
 
 app = typer.Typer()
@@ -49,7 +51,11 @@ def predict(
 @app.command(cls=UnixUsage)
 def evaluate(
     bundle: Bundle,
-    data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them).")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them), or a table of image paths and labels.")],
+    root: TableRoot = None,
+    path_col: PathColumn = None,
+    label_col: LabelColumn = None,
+    split_col: SplitColumn = None,
     split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON (for scripts) instead of tables.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json-file", help="Also write the metrics to this JSON file.")] = None,
@@ -64,10 +70,12 @@ def evaluate(
     with user_errors():
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.bundle.evaluation import EVALUATION_PLOTS, evaluate_bundle
+        from tlpipe.data.table import with_table_options
         from tlpipe.paths import output_file, output_folder
         from tlpipe.run.report import print_evaluation
         from tlpipe.utils import write_json
 
+        data = with_table_options(data, root, path_col, label_col, split_col)
         json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite, dataset=data)
         plots = plots and output_folder(plots, "--plots", EVALUATION_PLOTS, overwrite=overwrite, dataset=data)
         metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers, plots)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from tlpipe.cli.common import (
-    BatchSize, Backbone, Device, ImageSize, Layer, Overwrite, Recipe, TimeLimit, UnixUsage, Weights, Workers, user_errors,
+    BatchSize, Backbone, Device, ImageSize, LabelColumn, Layer, Overwrite, PathColumn, Recipe, SplitColumn, TableRoot,
+    TimeLimit, UnixUsage, Weights, Workers, user_errors,
 )
 
 app = typer.Typer()
@@ -16,7 +17,11 @@ app = typer.Typer()
 
 @app.command(cls=UnixUsage)
 def inspect(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (as for fit).")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder or table (as for fit).")],
+    root: TableRoot = None,
+    path_col: PathColumn = None,
+    label_col: LabelColumn = None,
+    split_col: SplitColumn = None,
     recipe: Recipe = "default",
     backbone: Backbone = None,
     weights: Weights = None,
@@ -32,11 +37,13 @@ def inspect(
     --time-limit, without training."""
     with user_errors():
         from tlpipe.config import config_from_flags
+        from tlpipe.data.table import with_table_options
         from tlpipe.paths import output_file
         from tlpipe.pipeline import inspect as run_inspect
         from tlpipe.run.report import print_inspect_report
         from tlpipe.utils import write_json
 
+        data = with_table_options(data, root, path_col, label_col, split_col)
         json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite, dataset=data)
         config = config_from_flags(recipe, backbone=backbone, weights=weights, image_size=image_size,
                                    batch_size=batch_size, workers=workers, device=device, time_limit=time_limit)
@@ -48,7 +55,11 @@ def inspect(
 
 @app.command(cls=UnixUsage)
 def extract(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (as for fit).")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder or table (as for fit).")],
+    root: TableRoot = None,
+    path_col: PathColumn = None,
+    label_col: LabelColumn = None,
+    split_col: SplitColumn = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .parquet.")] = Path("codes.npz"),
     recipe: Recipe = "default",
     backbone: Backbone = None,
@@ -64,12 +75,14 @@ def extract(
     """Write CNN codes (pooled, ReLU'd pretrained features) of every image for a downstream classifier."""
     with user_errors():
         from tlpipe.config import config_from_flags
+        from tlpipe.data.table import with_table_options
         from tlpipe.pipeline import extract as run_extract
 
         config = config_from_flags(recipe, backbone=backbone, weights=weights, layer=layer,
                                    layer_relu=False if no_relu else None, image_size=image_size,
                                    batch_size=batch_size, workers=workers, device=device)
-        path = run_extract(data, out, config, recipe=recipe, overwrite=overwrite)
+        path = run_extract(with_table_options(data, root, path_col, label_col, split_col), out, config, recipe=recipe,
+                           overwrite=overwrite)
         typer.echo(f"wrote {path}")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe.data.images import is_image_name
-from tlpipe.data.scan import SPLIT_ALIASES, ScannedFiles, check_class_name
+from tlpipe.data.scan import SPLIT_ALIASES, WHOLE_FOLDER, ScannedFiles, check_class_name
 from tlpipe.errors import TlpipeError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
@@ -202,18 +202,18 @@ def _column(frame, role: str, given: str | None, where: str) -> str | None:
 def _rows(frame, columns: dict, where: str, evaluation: bool) -> list[tuple[int, str, str, str]]:
     """(row number as a user counts it, path, label, split) for every row, the split checked."""
     rows = []
-    default = "test" if evaluation else "train"
+    whole = WHOLE_FOLDER if evaluation else "train"  # no split column: scored whole, or all of it trained on
     for number, (path, label, split) in enumerate(zip(
             frame[columns["path"]], frame[columns["label"]],
-            frame[columns["split"]] if columns["split"] else [default] * len(frame)), start=2):
-        split = str(split).strip().lower() or default
-        if split not in SPLIT_ALIASES:
+            frame[columns["split"]] if columns["split"] else [None] * len(frame)), start=2):
+        split = "train" if split is None and not evaluation else split
+        if split is not None and (split := str(split).strip().lower() or "train") not in SPLIT_ALIASES:
             raise TlpipeError(f"{where} row {number}: split {split!r} is not train, val or test (nor valid, validation)")
         label = str(label).strip()
         if LABEL_DELIMITER in label:
             raise TlpipeError(f"{where} row {number}: label {label!r} holds several labels ({LABEL_DELIMITER!r}): "
                               "multi-label tables are not supported yet; give one label a row")
-        rows.append((number, str(path).strip(), label, SPLIT_ALIASES[split]))
+        rows.append((number, str(path).strip(), label, SPLIT_ALIASES[split] if split else whole))
     return rows
 
 
