@@ -53,6 +53,7 @@ def test_example_digits_fits_and_predicts_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"] == [f"digit_{d}" for d in range(10)] and sum(summary["splits"].values()) == 1797
     assert summary["val_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert summary["skipped"] == {} and "Skipped" not in result.stdout  # nothing in the example is left out
     manifest = json.loads((out / "model" / "bundle.json").read_text())
     assert manifest["classes"] == summary["classes"]  # the bundle predicts the fit's classes, in its order
 

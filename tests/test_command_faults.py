@@ -206,3 +206,13 @@ def test_a_part_of_the_record_that_failed_is_a_warning_in_the_summary_the_report
     assert "Warning the MLflow model was not logged" in " ".join(result.stdout.split())
     assert MlflowClient(uri).get_run(summary["run_id"]).data.tags["tlpipe_warnings"] == warning
     assert "Warning: the MLflow model was not logged" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_fits_files_have_the_modes_the_users_umask_gives(bundle_dir):
+    """Outputs are written atomically through a temporary file, yet readable as any file the user
+    makes (mkstemp's 0600 would hide a shared run folder from the team)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in bundle_dir[1].parent.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}

@@ -24,14 +24,15 @@ def write_example(name: str, folder: Path) -> Path:
 
     digits = load_digits()  # 1,797 8x8 greyscale digits bundled with scikit-learn
     root = Path(folder) / "example-digits"
-    if (root / ".complete").exists():
+    complete = Path(folder) / ".example-digits.complete"  # beside the dataset: a file in it would be counted as skipped
+    if complete.exists():
         return root
     for index, (image, target) in enumerate(zip(digits.images, digits.target)):
         pixels = (255 - image * (255 / 16)).astype(np.uint8)  # dark ink on white paper
         path = root / f"digit_{target}" / f"{index:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels, "L").resize((32, 32), Image.NEAREST).save(path)
-    (root / ".complete").touch()
+    complete.touch()
     return root
 
 

@@ -7,6 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it), and put back
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w", **open_kwargs) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary sibling, then rename it in place,
@@ -31,6 +34,7 @@ def temporary_beside(path: Path) -> Path:
     ``tlpipe.paths.sweep_temporaries`` can tell whether the process writing it is still alive."""
     handle, name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.{os.getpid()}.", suffix=".tmp")
     os.close(handle)
+    os.chmod(name, 0o666 & ~_UMASK)  # a plain file's mode, as open() gives: mkstemp's 0600 would hide outputs from a team
     return Path(name)
 
 
