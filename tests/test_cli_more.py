@@ -18,6 +18,14 @@ def test_fit_help_lists_the_strategies_recipes_and_device_forms():
     assert "auto|linear|partial|full" in result.stdout and "auto (chosen from" in result.stdout
     assert all(name in result.stdout for name in available_recipes()) and "YAML" in result.stdout
     assert "cuda:N" in result.stdout and "none (random init)" in result.stdout and "<digits>" in result.stdout
+    assert "--path-col" in result.stdout and ".csv, .tsv, .parquet" in result.stdout  # a table is a dataset too
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["evaluate"], ["export"], ["inspect"]])
+def test_help_lists_flags_without_a_value_to_give(command):
+    """``--json <bool>`` would invite ``--json true``, which fails: a flag takes no value."""
+    result = tlpipe(*command, "--help", env=WIDE)
+    assert result.exit_code == 0 and "--help" in result.stdout and "<bool>" not in result.stdout
 
 
 @pytest.mark.parametrize("args, flag, hint", [

@@ -14,8 +14,10 @@ from typing import Annotated
 import typer
 
 from tlpipe.cli import bundle, explore, fit, run
+from tlpipe.cli.common import Commands
 
 app = typer.Typer(
+    cls=Commands,
     help="Transfer-learning AutoML for image classification: from a folder of images to the best "
     "classifier a pretrained CNN can give, with every choice explained and recorded in MLflow.",
     no_args_is_help=True,

@@ -15,7 +15,18 @@ from tlpipe.config import available_recipes
 from tlpipe.errors import TlpipeError
 
 
-class UnixUsage(typer.core.TyperCommand):
+class BareFlags:
+    """Flags listed without a type: Typer 0.29 shows ``--json <bool>``, which invites ``--json true``."""
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class UnixUsage(BareFlags, typer.core.TyperCommand):
     """Usage lines as Unix tools write them (``tlpipe predict [OPTIONS] BUNDLE PATHS...``): Typer
     0.29 writes a required argument as ``{bundle}``, which reads as a literal to type."""
 
@@ -24,6 +35,10 @@ class UnixUsage(typer.core.TyperCommand):
         shown = [(a.metavar or a.name.upper()) + ("..." if a.nargs != 1 else "") for a in arguments]
         shown = [name if a.required else f"[{name}]" for a, name in zip(arguments, shown)]
         return [self.options_metavar, *shown] if self.options_metavar else shown
+
+
+class Commands(BareFlags, typer.core.TyperGroup):
+    """The ``tlpipe`` command group, its flags bare too."""
 
 
 @contextmanager
