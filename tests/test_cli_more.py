@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,13 @@ def test_example_digits_fits_and_predicts_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert row["path"] == str(image) and row["predictions"][0]["label"] in summary["classes"]
+
+
+def test_every_package_of_tlpipe_is_in_the_wheel():
+    """pyproject.toml lists the packages by hand: one left out (tlpipe.cli, once) installs a tlpipe
+    without it, which the editable install of the tests would never notice."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "tlpipe").rglob("__init__.py")}
+    assert listed == found

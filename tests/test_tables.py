@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -111,7 +112,7 @@ def test_unreadable_and_missing_tables_and_misnamed_columns_are_one_line(tmp_pat
     table = _csv(tmp_path / "labels.csv", _images(tmp_path))
     one_line(tlpipe("fit", str(table), "--label-col", "kind", *FAST), "no column 'kind' (--label-col)", "file, label, split")
     one_line(tlpipe("fit", str(tmp_path / "images"), "--label-col", "label", *FAST), "--label-col is for a table")
-    one_line(tlpipe("fit", str(table), "-o", str(tmp_path / "run"), *FAST), "inside the dataset folder", "its images are under it")
+    one_line(tlpipe("fit", str(table), "-o", str(tmp_path), *FAST), "holds the image folder", "beside it")
 
 
 def test_fit_of_a_table_with_named_columns_and_root_records_it_and_predicts(tmp_path):
@@ -153,3 +154,52 @@ def test_prepare_dataset_refuses_a_table_whose_root_is_not_a_folder(tmp_path):
     table = _csv(tmp_path / "labels.csv", _images(tmp_path))
     with pytest.raises(TlpipeError, match="is not a folder: give the folder the paths are relative to with --root"):
         prepare_dataset(LabelTable(table, root=tmp_path / "nowhere"))
+
+
+def test_one_file_under_several_spellings_is_one_file_and_hostile_names_are_quarantined(tmp_path):
+    rows = _images(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "images" / "away.jpg").symlink_to(make_image(tmp_path.parent / f"{tmp_path.name}-away.jpg"))
+    frame = pd.DataFrame(rows + [
+        {"file": str(tmp_path / "images" / "cat_train_1.jpg"), "label": "dog", "split": "train"},  # absolute: the same file
+        {"file": "images/../images/dog_train_1.jpg", "label": "dog", "split": "val"},  # another split: a leak
+        {"file": "loop", "label": "cat", "split": "train"},
+        {"file": "a\x00b.jpg", "label": "cat", "split": "train"},
+        {"file": "x" * 300 + ".jpg", "label": "cat", "split": "train"},
+        {"file": "images/away.jpg", "label": "cat", "split": "train"},  # a link out of the root
+    ], index=range(100, 124))
+    spec = prepare_dataset(LabelTable(frame, root=tmp_path))
+    bad = _quarantined(spec)
+    assert bad["images/cat_train_1.jpg"] == "listed twice with different labels or splits (rows 101 and 118)"
+    assert bad["images/dog_train_1.jpg"].startswith("listed twice")
+    assert bad["loop"].startswith("unreadable path") and bad["x" * 300 + ".jpg"].startswith("unreadable path")
+    assert bad["a\x00b.jpg"].startswith("unreadable path (ValueError")
+    assert "leaves the image root" in bad["images/away.jpg"]
+    assert spec.counts() == {"train": 10, "val": 6}
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    ({"cat": "cat", "dog": "cat"}, "has 1 label(s) in its train rows ('cat'): a classifier needs at least two"),
+    ({"cat": "cat", "dog": "ghost"}, "class 'ghost' has no valid training image: its 6 file(s) failed the check"),
+])
+def test_train_rows_that_leave_fewer_than_two_usable_labels_are_one_line(tmp_path, labels, fragment):
+    rows = [dict(r, label=labels[r["label"]]) for r in _images(tmp_path)]
+    if "ghost" in labels.values():  # every ghost picture missing: the label has rows but no usable image
+        rows = [dict(r, file=f"gone/{k}.jpg") if r["label"] == "ghost" else r for k, r in enumerate(rows)]
+    with pytest.raises(TlpipeError, match=re.escape(fragment)):
+        prepare_dataset(_csv(tmp_path / "labels.csv", rows))
+
+
+def test_a_dataframe_fits_through_the_api_into_the_default_output_beside_its_images(tmp_path, monkeypatch):
+    import tlpipe
+    from conftest import tlpipe as tlpipe_cli
+    from tlpipe.config import load_config
+
+    frame = pd.DataFrame(_images(tmp_path)).rename(columns={"file": "path"})
+    monkeypatch.chdir(tmp_path)  # the images' root, the working folder, and where runs/ goes by default
+    config = load_config("quick", strategy="linear", num_workers=0, device="cpu", tuning={"trials": 0})
+    result = tlpipe.fit(frame, config, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.output_dir.parent == Path("runs") and result.output_dir.name.startswith("table-")
+    assert result.summary["data_table"]["file"] is False and result.summary["val_accuracy"] == 1.0
+    assert tlpipe_cli("report", str(result.output_dir)).exit_code == 0  # rebuilt later: the rows are not kept
+    assert "DataFrame, of which tlpipe keeps no copy" in (result.output_dir / "report.html").read_text(encoding="utf-8")

@@ -107,13 +107,7 @@ def _check_place(path: Path, flag: str, dataset: Any, folder: bool = False) -> N
                               f"{part[:40]}…; shorten it")
     where = path.absolute()
     if dataset is not None:
-        from tlpipe.data.table import LabelTable, as_source, source_folder
-
-        source = as_source(dataset)
-        why = "its images are under it" if isinstance(source, LabelTable) else "the next fit would take it for a class"
-        if where.resolve().is_relative_to(source_folder(source).resolve()):
-            raise TlpipeError(f"{flag} {path} is inside the dataset folder {source_folder(source)}: tlpipe never writes "
-                              f"there ({why}); give a path outside it")
+        _check_outside(where.resolve(), path, flag, dataset)
     for above in (where, *where.parents) if folder else where.parents:
         if (above / BUNDLE_MANIFEST).is_file() and (above / BUNDLE_HEAD).is_file():
             raise TlpipeError(f"{flag} {path} is inside the model bundle {above}: writing there would break it; "
@@ -129,3 +123,20 @@ def _writable_folder(folder: Path, what: str) -> None:
         under = next((p for p in (folder.absolute(), *folder.absolute().parents) if os.path.lexists(p) and not os.path.isdir(p)), None)
         why = f"{under} is a file, not a folder" if under else exc.strerror or str(exc)
         raise TlpipeError(f"cannot write {what} ({why}): choose another place") from None
+
+
+def _check_outside(where: Path, path: Path, flag: str, dataset: Any) -> None:
+    """Nothing is written inside a class folder dataset (the next fit would take a new folder for a
+    class). A table reads only the files it lists: its image root and the folders above it are
+    refused (a fit replacing its files there could remove a user's), a folder beside its images not."""
+    from tlpipe.data.table import LabelTable, as_source, source_folder  # here: paths is imported for --help
+
+    source = as_source(dataset)
+    root = source_folder(source).resolve()
+    if isinstance(source, LabelTable):
+        if root.is_relative_to(where):
+            raise TlpipeError(f"{flag} {path} holds the image folder {root} of the table: give a folder beside it, "
+                              "not the folder itself or one above it")
+    elif where.is_relative_to(root):
+        raise TlpipeError(f"{flag} {path} is inside the dataset folder {source_folder(source)}: tlpipe never writes "
+                          "there (the next fit would take it for a class); give a path outside it")

@@ -9,7 +9,7 @@ import numpy as np
 
 from tlpipe.bundle.folder import Bundle
 from tlpipe.data.scan import WHOLE_FOLDER
-from tlpipe.data.table import LabelTable
+from tlpipe.data.table import LabelTable, as_source, source_path
 from tlpipe.errors import TlpipeError
 from tlpipe.run.folder import RunFolder
 
@@ -27,20 +27,23 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
     from tlpipe.bundle.metrics import evaluation_metrics
 
     spec = prepare_dataset(data, evaluation=True)
+    source = as_source(data)
+    table, shown = isinstance(source, LabelTable), source_path(source)
     if WHOLE_FOLDER in spec.splits and split is not None:
-        raise TlpipeError(f"{spec.root} has no train/ val/ test/ folders: drop --split to score all of its images")
+        raise TlpipeError(f"{shown} has no train/ val/ test/ {'split column' if table else 'folders'}: drop --split to "
+                          "score all of its images")
     split = split or next((s for s in ("test", "val", "train", WHOLE_FOLDER) if s in spec.splits), None)
     if split is not None and split not in spec.splits:
-        raise TlpipeError(f"{spec.root} has no {split}/ split with images (found: {', '.join(spec.splits)}): use --split")
+        raise TlpipeError(f"{shown} has no {split}/ split with images (found: {', '.join(spec.splits)}): use --split")
     samples = spec.splits.get(split, [])
     if not samples:  # every image file there failed the check
-        where = f"{split}/ of {spec.root}" if split not in (None, WHOLE_FOLDER) else str(spec.root)
+        where = f"{split}/ of {shown}" if split not in (None, WHOLE_FOLDER) else str(shown)
         raise TlpipeError(f"no image to score in {where}: every image file there failed the check (unreadable, "
                           "or not an image); add images that open")
     unknown = sorted({spec.classes[s.label] for s in samples} - set(bundle.classes))
     if unknown:
-        raise TlpipeError(f"{spec.root} has class folder(s) {listed(unknown)} that the bundle does not know; "
-                          f"it knows: {listed(bundle.classes)}")
+        raise TlpipeError(f"{shown} has {'label' if table else 'class folder'}(s) {listed(unknown)} that the bundle "
+                          f"does not know; it knows: {listed(bundle.classes)}")
     to_bundle = {name: i for i, name in enumerate(bundle.classes)}
     y_true = np.array([to_bundle[spec.classes[s.label]] for s in samples])
     probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))

@@ -284,7 +284,8 @@ def _check_stored_code(served: ServedModel, stored: dict[str, Path]) -> None:
         differences.append("the checksum of its files differs")
     if served.code_sha256 and served.code_sha256 != recorded["tlpipe_code_sha256"]:
         differences.append("the model's metadata records another checksum than the fit's summary.json")
-    if _read(stored["mlflow_model.py"]) != _read(package / _CODE.relative_to(_PACKAGE)):
+    code_files = (package / _CODE.relative_to(_PACKAGE), package / _CODE.name)  # tlpipe/bundle/ now, tlpipe/ in models logged before
+    if _read(stored["mlflow_model.py"]) != _read(next((p for p in code_files if p.is_file()), code_files[0])):
         differences.append("the model's mlflow_model.py differs")
     if differences:
         raise TlpipeError(f"cannot serve {model_uri}: the tlpipe code stored with it in {store}, which the server would "

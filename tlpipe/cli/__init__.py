@@ -8,7 +8,6 @@ the API lacks.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Annotated
 
 import typer
@@ -47,6 +46,3 @@ for commands in (fit.app, explore.app, bundle.app, run.app):
 def main() -> None:
     app(prog_name="tlpipe")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

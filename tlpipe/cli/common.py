@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -57,12 +56,6 @@ def user_errors() -> Iterator[None]:
             raise
         typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from None
-
-
-class OutputFormat(str, Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
 
 
 DEVICE_FORMS = "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N (GPU number N) or mps"

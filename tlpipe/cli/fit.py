@@ -63,6 +63,7 @@ def fit(
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
 
+        data = with_table_options(data, root, path_col, label_col, split_col)
         if worker:
             return _worker(data, example, storage, study_name, output)
         config = config_from_flags(
@@ -70,10 +71,10 @@ def fit(
             batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed, device=device,
             unfreeze_stages=unfreeze_stages, epochs=epochs, time_limit=time_limit)
         try:
-            result = run_fit(with_table_options(data, root, path_col, label_col, split_col), config, example=example, output=output, experiment=experiment,
-                             tracking_uri=tracking_uri, recipe=recipe, tuning=TuningOverrides(trials, timeout, storage, study_name),
-                             verbose=(ctx.obj or {}).get("verbose", False), overwrite=overwrite,
-                             register=register, alias=alias)
+            result = run_fit(data, config, example=example, output=output, experiment=experiment,
+                             tracking_uri=tracking_uri, recipe=recipe,
+                             tuning=TuningOverrides(trials, timeout, storage, study_name),
+                             verbose=(ctx.obj or {}).get("verbose", False), overwrite=overwrite, register=register, alias=alias)
         except FitCut as cut:
             _exit_cut(cut)
         if result is not None:  # None: a torchrun rank other than 0, rank 0 reports
@@ -98,7 +99,7 @@ def _exit_cut(cut) -> None:
     raise typer.Exit(cut.exit_code) from None
 
 
-def _worker(data: Optional[Path], example: Optional[str], storage: Optional[str], study_name: Optional[str],
+def _worker(data, example: Optional[str], storage: Optional[str], study_name: Optional[str],
             output: Optional[Path]) -> None:
     """``fit --worker``: trials only, on the lead's study; the lead alone fits the final model."""
     if data is None or example is not None:  # --example: the worker cannot know which folder the lead wrote the example to

@@ -105,8 +105,8 @@ def prepare_dataset(
     training rules (see ``scan_folder``) and nothing held out."""
     source = as_source(root)
     scanned = scan_table(source, evaluation) if isinstance(source, LabelTable) else scan_folder(source, evaluation)
-    paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps]
-    bad = {**scanned.rejected, **check_files(paths)}
+    paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps if p not in scanned.rejected]
+    bad = {**check_files(paths), **scanned.rejected}  # a rejected row's file is never read (it may lie outside the root)
     checked = DatasetSpec(root=scanned.root, classes=scanned.classes, splits={},
                           val_from="folder" if "val" in scanned.files else "split",
                           quarantined=sorted(bad.items()), skipped=scanned.skipped)

@@ -72,11 +72,11 @@ DataSource = Path | LabelTable
 def as_source(data: Any) -> DataSource:
     """The dataset a user gave: a class folder (``Path``), or a ``LabelTable`` for a table file
     (by its suffix), a DataFrame or a ``LabelTable`` itself."""
-    if isinstance(data, LabelTable):
-        return data if not data.is_file else LabelTable(Path(data.source).expanduser(), data.root, data.path_col,
-                                                        data.label_col, data.split_col)
     if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame, without importing pandas
-        return LabelTable(data)
+        data = LabelTable(data)
+    if isinstance(data, LabelTable):  # the root fixed now: a DataFrame's is the working folder of this moment
+        source = Path(data.source).expanduser() if data.is_file else data.source
+        return replace(data, source=source, root=replace(data, source=source).folder.resolve())
     path = Path(data).expanduser()
     return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
 
@@ -147,18 +147,19 @@ def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:
     if not root.is_dir():
         raise TlpipeError(f"the image root {root} of {where} is not a folder: give the folder the paths are relative "
                           "to with --root")
-    rows = _rows(frame, columns, where, evaluation)
-    files, rejected, skipped = _files(rows, root.resolve(), root)
+    numbers = range(2, len(frame) + 2) if table.is_file else frame.index  # a file's lines (the header is 1), a frame's index
+    rows = _rows(frame, columns, numbers, where, evaluation)
+    files, rejected, skipped = _files(rows, root.resolve(), root)  # files: every row's, the rejected ones too
     labels = sorted({label for per_label in files.values() for label in per_label})
     if not evaluation:
         train = set(files.get("train", {}))
-        if not train:
-            raise TlpipeError(f"{where} has no usable train row (see quarantine.csv): add rows, or give a split column")
         unseen = sorted(set(labels) - train)
         if unseen:
             raise TlpipeError(f"{where}: label(s) {', '.join(map(repr, unseen))} appear only in val/test rows; "
                               "add train rows with them or remove those rows")
-        labels = sorted(train)
+        if len(train) < 2:
+            raise TlpipeError(f"{where} has {len(train)} label(s) in its train rows ({', '.join(map(repr, sorted(train)))}): "
+                              "a classifier needs at least two; add rows of another label")
     for label in labels:
         check_class_name(label, f"label {label!r} in {where}")
     return ScannedFiles(root, labels, files, skipped, rejected)
@@ -168,20 +169,25 @@ def _read(table: LabelTable):
     import pandas as pd
 
     if not table.is_file:
-        return table.source.astype(str).where(table.source.notna(), "")
+        return _as_text(table.source)
     path = table.source
     if not path.is_file():
         raise TlpipeError(f"table not found: {path} (a .csv, .tsv or .parquet of image paths and labels)")
     try:
         if path.suffix.lower() == ".parquet":
-            frame = pd.read_parquet(path)
-            return frame.astype(str).where(frame.notna(), "")
+            return _as_text(pd.read_parquet(path))
         return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False,
                            encoding="utf-8-sig")
     except (ValueError, OSError, UnicodeDecodeError, ImportError) as exc:  # pandas' parser errors are ValueErrors
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TlpipeError(f"cannot read the table {path}: {first}; write it as UTF-8 CSV (or TSV, Parquet) with a "
                           "header row") from None
+
+
+def _as_text(frame):
+    """Every cell as the text a CSV would hold: integer labels stay ``1`` (not ``1.0`` beside a missing
+    one), a missing cell is empty, and column names are strings."""
+    return frame.convert_dtypes().astype(str).where(frame.notna(), "").rename(columns=str)
 
 
 def _column(frame, role: str, given: str | None, where: str) -> str | None:
@@ -199,13 +205,12 @@ def _column(frame, role: str, given: str | None, where: str) -> str | None:
     return found
 
 
-def _rows(frame, columns: dict, where: str, evaluation: bool) -> list[tuple[int, str, str, str]]:
-    """(row number as a user counts it, path, label, split) for every row, the split checked."""
+def _rows(frame, columns: dict, numbers, where: str, evaluation: bool) -> list[tuple[Any, str, str, str]]:
+    """(row as the user counts it, path, label, split) for every row, the split checked."""
     rows = []
     whole = WHOLE_FOLDER if evaluation else "train"  # no split column: scored whole, or all of it trained on
-    for number, (path, label, split) in enumerate(zip(
-            frame[columns["path"]], frame[columns["label"]],
-            frame[columns["split"]] if columns["split"] else [None] * len(frame)), start=2):
+    for number, path, label, split in zip(numbers, frame[columns["path"]], frame[columns["label"]],
+                                          frame[columns["split"]] if columns["split"] else [None] * len(frame)):
         split = "train" if split is None and not evaluation else split
         if split is not None and (split := str(split).strip().lower() or "train") not in SPLIT_ALIASES:
             raise TlpipeError(f"{where} row {number}: split {split!r} is not train, val or test (nor valid, validation)")
@@ -218,7 +223,9 @@ def _rows(frame, columns: dict, where: str, evaluation: bool) -> list[tuple[int,
 
 
 def _files(rows, real_root: Path, root: Path) -> tuple[dict, dict[Path, str], Counter]:
-    """split -> label -> sorted paths; the rows' files that cannot be used, with why; skipped rows."""
+    """split -> label -> sorted paths, each file under one spelling (``_located``); the files that
+    cannot be used, with why (they stay listed: the data check reports them with the folder's
+    rules, never reading one); rows skipped."""
     seen: dict[Path, tuple[int, str, str]] = {}
     rejected: dict[Path, str] = {}
     skipped: Counter = Counter()
@@ -226,8 +233,7 @@ def _files(rows, real_root: Path, root: Path) -> tuple[dict, dict[Path, str], Co
         if not name:
             skipped["table row without a path"] += 1
             continue
-        path = root / name  # an absolute name replaces root
-        reason = _unusable(path, name, label, real_root)
+        path, reason = _located(root, real_root, name)
         if path in seen:
             first, first_label, first_split = seen[path]
             if (first_label, first_split) != (label, split):
@@ -236,22 +242,26 @@ def _files(rows, real_root: Path, root: Path) -> tuple[dict, dict[Path, str], Co
                 skipped["duplicate table row"] += 1
             continue
         seen[path] = (number, label, split)
-        if reason:
-            rejected[path] = f"{reason} (row {number})"
+        if reason or not label:
+            rejected[path] = f"{reason or 'empty label'} (row {number})"
     files: dict[str, dict[str, list[Path]]] = {}
     for path, (_, label, split) in seen.items():
-        if path not in rejected:
+        if label:
             files.setdefault(split, {}).setdefault(label, []).append(path)
     return {s: {c: sorted(ps) for c, ps in sorted(per.items())} for s, per in files.items()}, rejected, skipped
 
 
-def _unusable(path: Path, name: str, label: str, real_root: Path) -> str | None:
-    if not label:
-        return "empty label"
-    if not path.resolve().is_relative_to(real_root):
-        return f"path {name!r} leaves the image root"
-    if not path.is_file():
-        return "no such file"
-    if not is_image_name(path):
-        return "not an image file"
-    return None
+def _located(root: Path, real_root: Path, name: str) -> tuple[Path, str | None]:
+    """The file a row names, spelt as one path under ``root`` (so ``a/../b.jpg``, an absolute path or a
+    link to a file in the root are that file), and why it cannot be used, if it cannot."""
+    written = root / name  # an absolute name replaces root
+    try:
+        real = written.resolve()
+        if not real.is_relative_to(real_root):
+            return written, f"path {name!r} leaves the image root"
+        path = root / real.relative_to(real_root)
+        if not path.is_file():
+            return path, "no such file"
+        return path, None if is_image_name(path) else "not an image file"
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, a link loop, a name over 255 bytes
+        return written, f"unreadable path ({type(exc).__name__}: {exc})"

@@ -77,6 +77,8 @@ def onnx_graph(module: nn.Module, example: torch.Tensor, target: Path | io.Bytes
     """``module`` traced on ``example`` as ONNX at ``OPSET`` with a dynamic batch axis, written to
     ``target`` (a file, or a buffer when not ``dynamo``): the one exporter call, for the passes here
     and for ``tlpipe export``. ``dynamo``: torch.export's exporter, else the TorchScript-based one."""
+    if dynamo and not isinstance(target, Path):
+        raise ValueError("torch.export's exporter writes files only: give a path")
     inputs, outputs = names
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation, the tracer's notes on fixed shapes

@@ -36,7 +36,7 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
     spec = spec or _spec(out, summary)
     page = _environment().get_template("report.html.j2").render(
         summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(folder / folder.QUARANTINE)[1:],
-        data_missing=None if spec else summary["data"],
+        data_missing=None if spec else _missing(summary),
         signals=(_read(folder / folder.STRATEGY, {}).get("signals") or {}).get("stages", []),
         trials=_trials(folder / folder.TUNING / "trials.csv"), metrics=_read(folder / folder.CLASSIFICATION_REPORT),
         calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
@@ -58,6 +58,13 @@ def _read(path: Path, default=None):
         return read_json(path)
     except (OSError, ValueError) as exc:
         raise TlpipeError(f"cannot read {path} ({exc}): rerun the fit that wrote it") from None
+
+
+def _missing(summary: dict) -> str:
+    """Why the page shows no image of the fit's data."""
+    if summary.get("data_table", {}).get("file", True):
+        return f"The dataset is no longer at {summary['data']}"
+    return "The fit's data was a DataFrame, of which tlpipe keeps no copy"
 
 
 def _spec(out: Path, summary: dict) -> DatasetSpec | None:

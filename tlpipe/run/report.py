@@ -107,8 +107,11 @@ def print_next_steps(summary: dict) -> None:
     as they are (class or folder names may hold spaces, quotes or non-ASCII letters)."""
     from tlpipe.run.store import resolve_tracking_uri
 
-    bundle, data = shlex.quote(summary["bundle"]), shlex.quote(summary["data"])
-    labelled = data if "test" in summary["splits"] else "LABELLED_FOLDER"  # evaluate scores a test/ first
+    bundle, data, table = shlex.quote(summary["bundle"]), shlex.quote(summary["data"]), summary.get("data_table")
+    if table:  # the table again, read as the fit read it
+        data += "".join(f" --{flag.replace('_', '-')} {shlex.quote(str(table[flag]))}"
+                        for flag in ("root", "path_col", "label_col", "split_col") if table[flag] is not None)
+    labelled = data if "test" in summary["splits"] and (not table or table["file"]) else "LABELLED_FOLDER"  # test/ first
     store, output = summary["tracking_uri"], shlex.quote(str(Path(summary["bundle"]).parent))
     ui = "tlpipe ui" + ("" if store == resolve_tracking_uri() else f" --tracking-uri {shlex.quote(store)}")
     console.print("[bold]Next[/]")

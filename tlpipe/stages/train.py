@@ -10,6 +10,7 @@ from pathlib import Path
 from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.data.table import LabelTable
 from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, build_backbone, dataset_codes
 from tlpipe.run.outputs import ASKED_FOR, FittedModel
@@ -141,7 +142,7 @@ def _auto_params(assessment: Assessment, ranking: list[dict]) -> dict:
     }
 
 
-def run_worker(data: str | Path, storage: str, study_name: str, output: str | Path) -> dict:
+def run_worker(data: str | Path | LabelTable, storage: str, study_name: str, output: str | Path) -> dict:
     """A tuning worker: joins the study a lead ``fit`` opened on a shared ``storage``, runs queued
     trials until none is left, and returns the study's counts. The lead alone fits the final model.
     The study holds the lead's resolved config: its backbone (the ranked winner), strategy and tap."""
@@ -150,7 +151,7 @@ def run_worker(data: str | Path, storage: str, study_name: str, output: str | Pa
     study, config = join_study(storage, study_name)
     out = Path(output)
     config = config.model_copy(update={"cache_dir": str(cache_root(None, out).resolve())})  # this machine's own cache
-    spec = prepare_dataset(Path(data).expanduser(), config.val_fraction, config.seed, report_dir=None)
+    spec = prepare_dataset(data, config.val_fraction, config.seed, report_dir=None)
     backbone = build_backbone(config)
     codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=Path(config.cache_dir))
              for split in ("train", "val")}

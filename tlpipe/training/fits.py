@@ -103,6 +103,13 @@ def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
     return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
 
 
+def _own_copy(backbone: Backbone) -> Backbone:
+    """The network a fine-tune trains: a copy made on the CPU, so a GPU holds one network. The
+    caller's weights stay as they are; its network waits on the CPU (each pass moves it where it runs)."""
+    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model.cpu()),
+                               data_config=copy.deepcopy(backbone.data_config))
+
+
 def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: Path, codes: dict,
                  on_epoch: Callable[[int, dict], None] | None = None, context: DistContext = DistContext(),
                  deadline: float | None = None, allowance: EpochAllowance | None = None,
@@ -115,7 +122,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     checkpoints. ``deadline``: no epoch starts that would end after it; ``allowance``: the epochs
     are re-fitted to it after the first; ``kept``: frozen-stage outputs shared with the study's other
     fine-tunes. It trains a copy of ``backbone``, returned in the head."""
-    backbone = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model), data_config=copy.deepcopy(backbone.data_config))
+    backbone = _own_copy(backbone)
     model, ft = backbone.model, config.finetune
     device = rank_device(resolve_device(config.device), context)
     data_config = training_data_config(backbone, config)
