@@ -1,19 +1,10 @@
-"""``fit``: the stages of a fit, in order, over one frozen ``FitContext``, each in its own module
-of ``tlpipe.stages`` and each returning a typed record the next one reads:
-
-1. ``prepare``: check and split the data, build the backbone (the best of ``candidates`` under auto);
-2. ``choose``: the codes and, under auto, the strategy (``tlpipe.strategy.policy``); before a
-   fine-tune its linear classifier is saved whole first (anytime: a fit stopped from then on
-   leaves a model that predicts);
-3. ``planning``: resolution, epochs, trials and pruner that fit the time budget, from speeds measured here;
-4. ``train``: the Optuna study, then the final model from its best trial;
-5. ``check``: a fine-tune scored through the prediction path and, under auto, kept only if it
-   beats the tuned linear classifier (the guard);
-6. ``record``: bundle, reports, MLflow run and model, ``summary.json``, in the ``RunFolder``;
-   with ``register=NAME`` the MLflow model also becomes a registry version.
-
-SIGTERM or Ctrl+C raise ``FitCut`` once the summary says what was cut. Under ``torchrun`` every
-rank runs ``fit``: all of them train, rank 0 alone writes and logs, the others return None.
+"""``fit``: the stages of a fit, in order, each a module of ``tlpipe.stages`` that reads one frozen
+``FitContext`` and returns a typed record for the next: prepare (data, backbone) -> choose (codes,
+strategy; a fine-tune's linear classifier saved first, anytime) -> planning (what fits the budget)
+-> train (the study, the final model) -> check (the prediction path; the guard) -> record (bundle,
+reports, MLflow, summary.json; a registry version with ``register``). SIGTERM or Ctrl+C raise
+``FitCut`` once the summary says what was cut. Under ``torchrun`` every rank trains; rank 0 alone
+writes and logs, the others return None.
 """
 from __future__ import annotations
 
