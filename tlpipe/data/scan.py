@@ -74,13 +74,13 @@ def _link_problem(real: Path, root: Path, walked: set[Path]) -> str | None:
     return None
 
 
-def check_class_name(name: str, where: str) -> None:
+def check_class_name(name: str, where: str, what: str) -> None:
     """Class names are data, any Unicode; a control character (a newline...) or bytes that are not
-    text cannot be shown or stored faithfully: one line naming ``where`` it was found."""
+    text cannot be shown or stored faithfully: one line naming ``where`` it was found and ``what`` to rename."""
     bad = [ch for ch in name if unicodedata.category(ch) in ("Cc", "Cs")]
     if bad:
-        raise TlpipeError(f"{where} has a control character or bytes that are not text: rename it (letters, digits, "
-                          "spaces, punctuation and emoji all work)")
+        raise TlpipeError(f"{where} has a control character or bytes that are not text: rename the {what} (letters, "
+                          "digits, spaces, punctuation and emoji all work)")
 
 
 def scan_folder(root: str | Path, evaluation: bool = False) -> ScannedFiles:
@@ -124,7 +124,7 @@ def scan_folder(root: str | Path, evaluation: bool = False) -> ScannedFiles:
         for loose in (p for p in split_root.iterdir() if p.is_file()):
             skipped["hidden file" if loose.name.startswith(".") else "file outside a class folder"] += 1
         for folder in _visible_dirs(split_root):
-            check_class_name(folder.name, f"folder name {folder.name!r} in {folder.parent}")
+            check_class_name(folder.name, f"folder name {folder.name!r} in {folder.parent}", "folder")
         files[split] = {c: image_files(split_root / c, skipped, root) for c in split_classes}
     if evaluation:
         classes, files = _with_images(root, files)

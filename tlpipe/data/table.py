@@ -74,9 +74,9 @@ def as_source(data: Any) -> DataSource:
     (by its suffix), a DataFrame or a ``LabelTable`` itself."""
     if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame, without importing pandas
         data = LabelTable(data)
-    if isinstance(data, LabelTable):  # the root fixed now: a DataFrame's is the working folder of this moment
+    if isinstance(data, LabelTable):  # the root fixed now, as the user spelt it: a DataFrame's is today's working folder
         source = Path(data.source).expanduser() if data.is_file else data.source
-        return replace(data, source=source, root=replace(data, source=source).folder.resolve())
+        return replace(data, source=source, root=replace(data, source=source).folder)
     path = Path(data).expanduser()
     return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
 
@@ -161,7 +161,7 @@ def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:
             raise TlpipeError(f"{where} has {len(train)} label(s) in its train rows ({', '.join(map(repr, sorted(train)))}): "
                               "a classifier needs at least two; add rows of another label")
     for label in labels:
-        check_class_name(label, f"label {label!r} in {where}")
+        check_class_name(label, f"label {label!r} in {where}", "label")
     return ScannedFiles(root, labels, files, skipped, rejected)
 
 
