@@ -53,6 +53,8 @@ def test_small_data_is_fine_tuned_where_a_study_fits_the_time_budget():
     never = thresholds.model_copy(update={"finetune_minutes": 0.0})
     assert decide(signals(0.9), 20, never, finetune_minutes=0.5).strategy == "linear"  # 0: cost first
     assert decide(signals(0.9), 20, never, finetune_minutes=0.0).strategy == "linear"  # even for a study of seconds
+    explained = decide(signals(0.9), 20, never, finetune_minutes=634.9).explanation
+    assert "never fine-tunes small data for being cheap" in explained and "0-min budget" not in explained
 
 
 def test_far_data_counts_as_large_from_fewer_images():

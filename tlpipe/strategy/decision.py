@@ -118,8 +118,9 @@ def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEF
         f"(± {last['probe_sem']:.3f}) in {signals.folds}-fold cross-validation.",
     ]
     if finetune_minutes is not None:
-        reasons.append(f"A fine-tuning study here takes at most {finetune_minutes:.1f} min "
-                       f"({'within' if affordable else 'over'} the {thresholds.finetune_minutes:g}-min budget).")
+        budget = (f"{'within' if affordable else 'over'} the {thresholds.finetune_minutes:g}-min budget"
+                  if thresholds.finetune_minutes else "the recipe never fine-tunes small data for being cheap")
+        reasons.append(f"A fine-tuning study here takes at most {finetune_minutes:.1f} min ({budget}).")
     strategy, unfreeze = "linear", None
     where = "far from" if far else "near"
     if large or affordable:
