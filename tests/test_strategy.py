@@ -136,6 +136,9 @@ def test_inspect_prints_profile_signals_and_decision_and_writes_nothing(image_fo
     assert len(report["signals"]["stages"]) == 5 and report["estimate"]["fit_seconds"] > 0
     assert report["estimate"]["finetune_study_minutes"] == report["decision"]["finetune_minutes"] >= 0
     assert "a fine-tuning study: at most" in " ".join(result.output.split())  # however the terminal wraps it
+    best = report["signals"]["best_stage"]  # the best of the earlier stages, which the last features may beat
+    assert best in [s["name"] for s in report["signals"]["stages"]] and "(best earlier" in result.output
+    assert "0-min budget" not in result.output  # quick never fine-tunes small data for being cheap, and says so
     assert tree_snapshot(root) == before
 
 

@@ -295,7 +295,7 @@ def print_inspect_report(result: dict) -> None:
     for column in ("features", "probe acc.", "± s.e.", "kNN acc.", "LogME", "BN gap"):
         table.add_column(column, justify="left" if column == "features" else "right")
     for row in [*signals["stages"], {"name": "penultimate", **signals["penultimate"]}]:
-        best = " (best stage)" if row["name"] == signals["best_stage"] else ""
+        best = " (best earlier stage)" if row["name"] == signals["best_stage"] else ""
         table.add_row(row["name"] + best, f"{row['probe_accuracy']:.3f}", f"{row['probe_sem']:.3f}",
                       f"{row['knn_accuracy']:.3f}", f"{row['logme']:.3f}", f"{row['bn_gap']:.3f}")
     console.print(table)
