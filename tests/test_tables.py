@@ -103,6 +103,17 @@ def test_a_table_that_cannot_be_used_is_one_line_naming_the_row_or_column(tmp_pa
         rows.append({"file": make_image(data / "images" / "extra.jpg").relative_to(data).as_posix(), **row})
     table = _csv(data / "labels.csv", rows, columns or ("file", "label", "split"))
     one_line(tlpipe("fit", str(table), "-o", str(out), *FAST), *fragments)
+    assert not out.exists()  # a fit that wrote nothing leaves nothing, not a lock and an owner record
+
+
+def test_a_fit_that_failed_on_its_data_leaves_its_quarantine_and_no_claim_on_the_folder(tmp_path):
+    rows, out = _images(tmp_path / "data"), tmp_path / "out"
+    broken = [dict(r, file=f"gone/{k}.jpg") if r["label"] == "dog" else r for k, r in enumerate(rows)]
+    one_line(tlpipe("fit", str(_csv(tmp_path / "data" / "broken.csv", broken)), "-o", str(out), *FAST),
+             "class 'dog' has no valid training image")
+    assert sorted(p.name for p in out.iterdir()) == [".tlpipe.lock", "quarantine.csv"]
+    result = tlpipe("fit", str(_csv(tmp_path / "data" / "fixed.csv", rows)), "-o", str(out), *FAST)
+    assert result.exit_code == 0, result.output  # other data, yet no --overwrite needed: the failed fit owned nothing
 
 
 def test_unreadable_and_missing_tables_and_misnamed_columns_are_one_line(tmp_path):

@@ -110,6 +110,7 @@ class RunFolder:
         again resumes. What a killed fit left half-written is swept or made whole."""
         from tlpipe.data.table import source_path
 
+        created = not self.path.exists()
         output_folder(self.path, "--output", dataset=data)
         lock = FileLock(self.path / self.LOCK)
         try:
@@ -130,8 +131,14 @@ class RunFolder:
             write_json(self.path / self.OWNER, {**owner, "key": key, "data": str(source_path(data).resolve()), "pid": os.getpid(),
                                                 "started": datetime.now().isoformat(timespec="seconds")})
             yield
+        except Exception:  # not a cut (a BaseException): that fit resumes
+            if not (self.path / self.BUNDLE).exists():  # a re-run of corrected data or settings needs no --overwrite
+                (self.path / self.OWNER).unlink(missing_ok=True)
+            raise
         finally:
             lock.release()
+            if created and [p.name for p in self.path.iterdir()] == [self.LOCK]:  # a fit that wrote nothing leaves nothing
+                shutil.rmtree(self.path)
 
     def _clear(self, data: DataSource) -> None:
         """The files a fit writes here, and only those (the caches, keyed by content, stay; so does
