@@ -146,3 +146,16 @@ def test_profile_hymenoptera():
     assert profile.greyscale_share < 0.1
     assert profile.exact_duplicates == []
     json.dumps(profile.to_dict())
+
+
+def test_pictures_too_small_for_the_hash_are_duplicates_only_when_byte_identical(image_folder):
+    """At 32 px a re-save and a look-alike cannot be told apart (pHash reads 64x64): no near pairs there."""
+    root = image_folder("tiny", split=["train", "val"])
+    picture = _picture(3).resize((32, 32))
+    picture.save(root / "train/cats/tiny.png")
+    picture.save(root / "val/cats/tiny_resaved.jpg", quality=90)
+    shutil.copyfile(root / "train/cats/tiny.png", root / "val/dogs/tiny_copy.png")
+    profile = profile_dataset(prepare_dataset(root, 0.2, 0, report_dir=None))
+    assert profile.near_duplicates == []
+    assert [(leak["a"], leak["b"], leak["kind"]) for leak in profile.leakage] == [
+        ("train/cats/tiny.png", "val/dogs/tiny_copy.png", "exact")]

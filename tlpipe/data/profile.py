@@ -32,6 +32,10 @@ from tlpipe.utils import default_workers
 # match on a 32x32 grey copy: relative rms difference <= 0.3, where re-saves and resizes of photos
 # stay <= 0.24 and the closest distinct pairs (micrographs, stripes) are >= 0.35.
 NEAR_THRESHOLD = 32
+# pHash reads a 64x64 copy: a smaller picture is blown up to it, and look-alikes then pass both checks
+# (the digits example's 8x8 strokes drawn at 32 px: 24 "leaking" pairs of different handwriting).
+# Below this side only byte-identical copies are duplicates.
+NEAR_MIN_SIDE = 64
 RELATIVE_RMS = 0.3  # rms difference of the grey copies / their larger spread (at least FLAT_SPREAD)
 FLAT_SPREAD = 4.0  # grey levels: flat images compare by brightness, not by noise
 THUMB = 32  # side of the copies the greyscale and pixel checks look at
@@ -174,7 +178,8 @@ def profile_dataset(
 
     pairs = [
         (i, j, d) for i, j, d in _close_pairs(np.stack([f.phash for f in facts]), near_threshold)
-        if facts[i].sha256 == facts[j].sha256 or _same_pixels(facts[i].thumb, facts[j].thumb)
+        if facts[i].sha256 == facts[j].sha256
+        or (min(*facts[i].size, *facts[j].size) >= NEAR_MIN_SIDE and _same_pixels(facts[i].thumb, facts[j].thumb))
     ]
     near_edges = [(i, j, d) for i, j, d in pairs if facts[i].sha256 != facts[j].sha256]
     same_bytes = [(g[0], k, 0) for g in exact for k in g[1:]]
