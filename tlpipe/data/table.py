@@ -75,8 +75,8 @@ def as_source(data: Any) -> DataSource:
     if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame, without importing pandas
         data = LabelTable(data)
     if isinstance(data, LabelTable):  # the root fixed now, as the user spelt it: a DataFrame's is today's working folder
-        source = Path(data.source).expanduser() if data.is_file else data.source
-        return replace(data, source=source, root=replace(data, source=source).folder)
+        given = replace(data, source=Path(data.source).expanduser()) if data.is_file else data
+        return replace(given, root=given.folder)
     path = Path(data).expanduser()
     return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
 
