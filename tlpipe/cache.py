@@ -31,7 +31,8 @@ def fingerprint(samples: Iterable) -> list[list]:
     files = []
     for sample in samples:
         st = os.stat(sample.path)
-        files.append([str(sample.path), st.st_size, st.st_mtime_ns, int(sample.label)])
+        label = list(sample.label) if isinstance(sample.label, tuple) else int(sample.label)
+        files.append([str(sample.path), st.st_size, st.st_mtime_ns, label])
     return files
 
 

@@ -65,7 +65,9 @@ def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: i
 
 def calibrate(head: LinearHead, X_val: np.ndarray, y_val: np.ndarray) -> tuple[LinearHead, dict]:
     """The head with the scale fitted on validation when it lowers the validation NLL (else as it
-    was), and the NLL and ECE before and after."""
+    was), and the NLL and ECE before and after; multi-label: ``calibrate_multilabel``."""
+    if head.multilabel:
+        return calibrate_multilabel(head, X_val, y_val)
     logits = head.logits(X_val)
     scale = fit_scale(logits, y_val, start=head.scale)
     before, after = nll(logits, y_val, head.scale), nll(logits, y_val, scale)
@@ -78,3 +80,40 @@ def calibrate(head: LinearHead, X_val: np.ndarray, y_val: np.ndarray) -> tuple[L
         "ece_after": expected_calibration_error(softmax(logits * calibrated.scale, axis=1), y_val),
     }
     return calibrated, report
+
+
+MIN_THRESHOLD_POSITIVES = 5  # val images of a class below which its threshold stays DEFAULT_THRESHOLD
+DEFAULT_THRESHOLD = 0.5
+
+
+def decision_thresholds(probabilities: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Per class, the probability at or over which it is predicted: the one that maximises the
+    class's F1 on (``probabilities``, ``Y``). A class with fewer than ``MIN_THRESHOLD_POSITIVES``
+    positives keeps ``DEFAULT_THRESHOLD``: an F1-optimal cut on a handful of images is noise."""
+    from sklearn.metrics import precision_recall_curve
+
+    thresholds = np.full(Y.shape[1], DEFAULT_THRESHOLD)
+    for j in range(Y.shape[1]):
+        if Y[:, j].sum() >= MIN_THRESHOLD_POSITIVES:
+            precision, recall, cuts = precision_recall_curve(Y[:, j], probabilities[:, j])
+            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+            thresholds[j] = cuts[int(np.argmax(f1[:-1]))]  # the last point (recall 0) has no cut
+    return thresholds
+
+
+def calibrate_multilabel(head: LinearHead, X_val: np.ndarray, Y_val: np.ndarray) -> tuple[LinearHead, dict]:
+    """A multi-label head with each class's sigmoid scale fitted on validation (kept where it lowers
+    that class's NLL) and each class's decision threshold chosen there (``decision_thresholds``)."""
+    logits = head.logits(X_val)
+    before = np.array([nll(logits[:, j], Y_val[:, j], s) for j, s in enumerate(head.scale)])
+    fitted = np.array([fit_scale(logits[:, j], Y_val[:, j], start=float(s)) for j, s in enumerate(head.scale)])
+    after = np.array([nll(logits[:, j], Y_val[:, j], s) for j, s in enumerate(fitted)])
+    scale = np.where(after < before, fitted, head.scale)
+    scaled = dataclasses.replace(head, scale=scale)
+    thresholds = decision_thresholds(scaled.proba_from_logits(logits), Y_val)
+    report = {"temperatures": [round(1 / s, 4) for s in scale], "kept": int((after < before).sum()), "n_val": int(len(Y_val)),
+              "nll_before": float(before.mean()), "nll_after": float(np.minimum(before, after).mean()),
+              "thresholds": [round(float(t), 6) for t in thresholds],
+              "threshold_rule": f"F1-optimal on val; {DEFAULT_THRESHOLD} for a class with under {MIN_THRESHOLD_POSITIVES} "
+                                "positives there"}
+    return dataclasses.replace(scaled, thresholds=thresholds), report

@@ -36,6 +36,8 @@ from tlpipe.utils import atomic_write, read_json, write_json
 from tlpipe.version import __version__
 
 BUNDLE_FORMAT = 2
+MULTILABEL_PROBABILITIES = ("a sigmoid per class of the logistic-regression score over that class's temperature (fitted "
+                            "on val); the class is predicted at or over its threshold (F1-optimal on val)")
 MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "backbone.safetensors"
 
 
@@ -63,12 +65,20 @@ def save_bundle(
         "codes": {"layer": layer, "relu": layer_relu, "hflip": hflip},
         "data_config": backbone.data_config,
         "classes": list(classes),
-        "head": {"kind": head.kind, "probabilities": PROBABILITY_NOTES[head.kind],
-                 "temperature": round(1 / head.scale, 6), "sha256": hashlib.sha256(head_bytes).hexdigest()},
+        "head": {"kind": head.kind, "sha256": hashlib.sha256(head_bytes).hexdigest(), **_head_notes(head, classes)},
         "config": config,
         "metrics": metrics,
     })
     return path
+
+
+def _head_notes(head: LinearHead, classes: Sequence[str]) -> dict:
+    """What a reader of bundle.json learns of the head's probabilities (head.safetensors holds the values)."""
+    if not head.multilabel:
+        return {"task": "multiclass", "probabilities": PROBABILITY_NOTES[head.kind], "temperature": round(1 / head.scale, 6)}
+    return {"task": "multilabel", "probabilities": MULTILABEL_PROBABILITIES,
+            "temperatures": dict(zip(classes, (round(1 / float(s), 6) for s in head.scale))),
+            "thresholds": dict(zip(classes, (round(float(t), 6) for t in head.thresholds)))}
 
 
 def _write_backbone(path: Path, model: torch.nn.Module) -> None:
@@ -128,6 +138,7 @@ class _DataConfig(_Part):
 class _HeadEntry(_Part):
     kind: Literal["logreg", "svm", "finetune"]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    task: Literal["multiclass", "multilabel"] = "multiclass"
 
 
 class Manifest(_Part):
@@ -196,8 +207,20 @@ class Bundle:
         logits = self.head.logits(codes)
         return self.head.proba_from_logits(logits), np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
 
+    def label_sets(self, probabilities: np.ndarray) -> list[list[int]]:
+        """A multi-label head's answer for each row: the classes at or over their thresholds, most probable first."""
+        order = np.argsort(-probabilities, axis=1, kind="stable")
+        return [[int(j) for j in row if p[j] >= self.head.thresholds[j]] for p, row in zip(probabilities, order)]
+
     def predict(self, paths: Sequence[Path], top_k: int = 1, batch_size: int = 64, workers: int | None = None) -> list[Prediction]:
-        probs, order = self.ranked(self.codes(paths, batch_size, workers), top_k)
+        """Each image's ``top_k`` classes, best first; multi-label: its set of classes (``label_sets``,
+        possibly none), ``top_k`` aside."""
+        codes = self.codes(paths, batch_size, workers)
+        if self.head.multilabel:
+            probs = self.head.predict_proba(codes)
+            order = self.label_sets(probs)
+        else:
+            probs, order = self.ranked(codes, top_k)
         return [
             Prediction(str(p), [self.classes[j] for j in row], [float(probs[i, j]) for j in row])
             for i, (p, row) in enumerate(zip(paths, order))
@@ -322,7 +345,9 @@ def _read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor
         tensors = safetensors_load(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same damaged file
         raise TlpipeError(f"{file} is not a readable safetensors file ({exc}): copy the bundle again or refit") from None
-    expected = {"weight": (n_classes, None), "bias": (n_classes,), "scale": (1,)}
+    multilabel = spec.get("task") == "multilabel"  # a scale and a threshold per class
+    expected = {"weight": (n_classes, None), "bias": (n_classes,), "scale": (n_classes if multilabel else 1,),
+                **({"thresholds": (n_classes,)} if multilabel else {})}
     for name, shape in expected.items():
         if name not in tensors:
             raise invalid(path, f"{HEAD_FILE} has no '{name}' tensor")
@@ -330,6 +355,10 @@ def _read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor
         if len(found) != len(shape) or any(e not in (None, f) for e, f in zip(shape, found)):
             raise invalid(path, f"{HEAD_FILE} '{name}' has shape {found}, where {n_classes} classes need "
                                 f"{tuple('any' if e is None else e for e in shape)}")
-    if not (torch.isfinite(tensors["weight"]).all() and torch.isfinite(tensors["bias"]).all() and tensors["scale"][0] > 0):
+    if not (torch.isfinite(tensors["weight"]).all() and torch.isfinite(tensors["bias"]).all() and (tensors["scale"] > 0).all()):
         raise invalid(path, f"{HEAD_FILE} holds values that are not finite, or a temperature that is not positive")
+    if multilabel and not ((tensors["thresholds"] >= 0) & (tensors["thresholds"] <= 1)).all():
+        raise invalid(path, f"{HEAD_FILE} holds a threshold outside 0..1")
+    if not multilabel:
+        tensors.pop("thresholds", None)  # task says multiclass: a stray tensor does not make it multi-label
     return tensors

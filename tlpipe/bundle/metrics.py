@@ -83,6 +83,62 @@ def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: S
     }
 
 
+def _ranked_precision(scores: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Average precision of one class under each row of ``weights`` (images' counts in a bootstrap
+    resample; a row of ones is the plain figure, scikit-learn's ``average_precision_score``, ties
+    included): sum over positives of the precision at their score, weighted, over the positives' weight."""
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits, w = scores[order], y[order].astype(np.float64), weights[:, order].astype(np.float64)
+    ends = np.r_[np.nonzero(np.diff(ranked))[0], len(ranked) - 1]  # the last image of each run of equal scores
+    group_end = ends[np.searchsorted(ends, np.arange(len(ranked)))]
+    true_positives, seen = np.cumsum(w * hits, axis=1), np.cumsum(w, axis=1)
+    precision = true_positives[:, group_end] / np.maximum(seen[:, group_end], 1e-12)
+    positives = (w * hits).sum(axis=1)
+    return np.divide((w * hits * precision).sum(axis=1), positives, out=np.zeros(len(w)), where=positives > 0)
+
+
+def multilabel_metrics(Y: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray, classes: Sequence[str],
+                       seed: int = 0) -> dict:
+    """A multi-label model's figures on (``Y``, ``probabilities``) with its ``thresholds``: mean
+    average precision (over the classes with a positive), micro and macro F1, subset accuracy (every
+    class right), Hamming loss, and per class its AP, precision, recall, F1, support and threshold;
+    the mAP, micro F1 and each AP with a bootstrap 95% interval (resampling images, percentile)."""
+    Y, predicted = Y.astype(np.int64), (probabilities >= thresholds).astype(np.int64)
+    present = Y.sum(axis=0) > 0
+    precision, recall, f1, support = precision_recall_fscore_support(Y, predicted, zero_division=0)
+    resamples = np.vstack([np.ones(len(Y), np.int64), np.random.default_rng(seed).multinomial(
+        len(Y), np.full(len(Y), 1 / len(Y)), size=BOOTSTRAP_RESAMPLES)])  # row 0: the images as they are
+    ap = np.stack([_ranked_precision(probabilities[:, j], Y[:, j], resamples) for j in range(Y.shape[1])], axis=1)
+    mean_ap = ap[:, present].mean(axis=1) if present.any() else np.zeros(len(resamples))
+    counts = {name: resamples @ values.sum(axis=1) for name, values in
+              (("tp", predicted & Y), ("fp", predicted & (1 - Y)), ("fn", (1 - predicted) & Y))}
+    micro = np.divide(2 * counts["tp"], 2 * counts["tp"] + counts["fp"] + counts["fn"],
+                      out=np.zeros(len(resamples)), where=(2 * counts["tp"] + counts["fp"] + counts["fn"]) > 0)
+    interval = lambda values: [float(v) for v in np.quantile(values[1:], [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])]  # noqa: E731
+    per_class = {name: {"average_precision": float(ap[0, j]), "average_precision_ci": interval(ap[:, j]),
+                        "precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
+                        "support": int(support[j]), "threshold": float(thresholds[j])}
+                 for j, name in enumerate(classes)}
+    return {
+        "task": "multilabel",
+        "mean_average_precision": float(mean_ap[0]), "mean_average_precision_ci": interval(mean_ap),
+        "micro_f1": float(micro[0]), "micro_f1_ci": interval(micro),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "subset_accuracy": float((predicted == Y).all(axis=1).mean()),
+        "hamming_loss": float((predicted != Y).mean()),
+        "per_class": per_class,
+        "worst_classes": sorted((c for c, row in per_class.items() if row["support"]),
+                                key=lambda c: per_class[c]["average_precision"])[:5],
+    }
+
+
+def headline(metrics: dict) -> tuple[str, float]:
+    """The one figure a fit is summed up by: (``val_accuracy``, accuracy), multi-label (``val_map``, mAP)."""
+    if metrics.get("task") == "multilabel":
+        return "val_map", metrics["mean_average_precision"]
+    return "val_accuracy", metrics["accuracy"]
+
+
 def _pyplot():
     import matplotlib
 
@@ -128,6 +184,23 @@ def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path:
     ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    plt.close(fig)
+    return path
+
+
+def save_pr_curves(Y: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """A multi-label model's precision-recall curve per class (with its AP), on one axis."""
+    from sklearn.metrics import PrecisionRecallDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for j, name in enumerate(classes):
+        if Y[:, j].any():
+            PrecisionRecallDisplay.from_predictions(Y[:, j], probabilities[:, j], name=name, ax=ax)
+    ax.set(title="Precision-recall per class (validation)", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize="small", loc="lower left")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
     return path
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.model_selection import train_test_split
 
 from tlpipe.data.images import check_image
@@ -28,8 +29,15 @@ QUARANTINE_REPORT = RunFolder.QUARANTINE
 
 @dataclass(frozen=True)
 class Sample:
+    """An image and its target: a class index, or for a multi-label set a 0/1 tuple over the classes."""
+
     path: Path
-    label: int
+    label: int | tuple[int, ...]
+
+    @property
+    def target(self) -> int | torch.Tensor:
+        """The label as a loader yields it: batches of multi-label targets stack to (batch, classes)."""
+        return torch.tensor(self.label) if isinstance(self.label, tuple) else self.label
 
 
 @dataclass
@@ -43,17 +51,29 @@ class DatasetSpec:
     quarantined: list[tuple[Path, str]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)  # what the user should know about the data (one line each)
+    multilabel: bool = False  # each image has a set of classes (``Sample.label`` a 0/1 tuple)
 
     def counts(self) -> dict[str, int]:
         return {split: len(samples) for split, samples in self.splits.items()}
 
     def class_counts(self, split: str = "train") -> dict[str, int]:
-        counts = Counter(s.label for s in self.splits[split])
-        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+        """Images of each class in ``split`` (multi-label: images that have it)."""
+        return dict(zip(self.classes, map(int, label_counts(self.labels(split), len(self.classes)))))
+
+    def labels(self, split: str) -> np.ndarray:
+        """The split's targets: class indices (N,), or a 0/1 matrix (N, classes) for a multi-label set."""
+        samples = self.splits[split]
+        shape = (len(samples), len(self.classes)) if self.multilabel else (len(samples),)
+        return np.array([s.label for s in samples], dtype=np.int64).reshape(shape)
 
     def relative(self, path: Path) -> str:
         """``path`` as the user wrote it under the root (a table's row may name one outside it)."""
         return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.as_posix()
+
+
+def label_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Images of each class: the counts of class indices, or a 0/1 matrix's column sums (multi-label)."""
+    return labels.sum(axis=0) if labels.ndim == 2 else np.bincount(labels, minlength=n_classes)
 
 
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
@@ -109,12 +129,13 @@ def prepare_dataset(
     bad = {**check_files(paths), **scanned.rejected}  # a rejected row's file is never read (it may lie outside the root)
     checked = DatasetSpec(root=scanned.root, classes=scanned.classes, splits={},
                           val_from="folder" if "val" in scanned.files else "split",
-                          quarantined=sorted(bad.items()), skipped=scanned.skipped)
+                          quarantined=sorted(bad.items()), skipped=scanned.skipped, multilabel=scanned.multilabel)
     if report_dir is not None:
         write_quarantine_report(checked, report_dir)
     splits = _checked_samples(scanned, bad, evaluation)
     if hold_out and not evaluation and "val" not in splits:
-        splits["train"], splits["val"] = _stratified_split(splits["train"], scanned.classes, val_fraction, seed)
+        held_out = _multilabel_split if scanned.multilabel else _stratified_split
+        splits["train"], splits["val"] = held_out(splits["train"], scanned.classes, val_fraction, seed)
     spec = replace(checked, splits=splits)
     if spec.val_from == "folder" and not evaluation:  # the note is about a fit's model choices
         missing = [name for name, n in spec.class_counts("val").items() if n == 0]
@@ -128,19 +149,30 @@ def prepare_dataset(
 def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str], evaluation: bool) -> dict[str, list[Sample]]:
     """The valid images of each split; for training, every class must keep one in train/."""
     label_of = {name: i for i, name in enumerate(scanned.classes)}
-    splits = {
-        split: [Sample(p, label_of[c]) for c, paths in per_class.items() for p in paths if p not in bad]
-        for split, per_class in scanned.files.items()
-    }
+    splits = {split: _samples(per_class, label_of, bad, scanned.multilabel) for split, per_class in scanned.files.items()}
     if evaluation:
         return splits
-    train_counts = Counter(s.label for s in splits["train"])
+    train_counts = label_counts(np.array([s.label for s in splits["train"]]), len(scanned.classes))
     for name in scanned.classes:
         if train_counts[label_of[name]] == 0:
             n_bad = sum(1 for p in scanned.files["train"].get(name, []) if p in bad)
             detail = f"its {n_bad} file(s) failed the check (see {QUARANTINE_REPORT})" if n_bad else "it has no image files"
             raise TlpipeError(f"class '{name}' has no valid training image: {detail}; add images or remove the folder")
     return splits
+
+
+def _samples(per_class: dict[str, list[Path]], label_of: dict[str, int], bad: dict[Path, str],
+             multilabel: bool) -> list[Sample]:
+    """One split's valid images: one sample per file, its class index, or (multi-label) the 0/1
+    tuple of every class it is listed under, in path order."""
+    if not multilabel:
+        return [Sample(p, label_of[c]) for c, paths in per_class.items() for p in paths if p not in bad]
+    classes_of: dict[Path, set[int]] = {}
+    for c, paths in per_class.items():
+        for p in paths:
+            classes_of.setdefault(p, set()).add(label_of[c])
+    return [Sample(p, tuple(int(i in found) for i in range(len(label_of))))
+            for p, found in sorted(classes_of.items()) if p not in bad]
 
 
 def _stratified_split(samples: list[Sample], classes: list[str], val_fraction: float,
@@ -164,3 +196,20 @@ def _stratified_split(samples: list[Sample], classes: list[str], val_fraction: f
     )
     key = lambda s: (s.label, str(s.path))  # noqa: E731 - deterministic order for the same seed
     return sorted(train, key=key), sorted(val, key=key)
+
+
+def _multilabel_split(samples: list[Sample], classes: list[str], val_fraction: float,
+                      seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A seeded ``val_fraction`` held out by iterative stratification (Sechidis et al., 2011;
+    ``iterative-stratification``), which keeps every label's share on both sides as far as its
+    images allow: a plain random split can leave a rare label out of val, or out of train."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    labels = np.array([s.label for s in samples])
+    if len(samples) < 4:
+        raise TlpipeError(f"{len(samples)} images are too few to hold out a validation split: add images or give "
+                          "a split column with val rows")
+    split = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=max(1, math.ceil(val_fraction * len(samples))),
+                                             random_state=seed)
+    train, val = next(split.split(np.zeros(len(samples)), labels))
+    return [samples[i] for i in sorted(train)], [samples[i] for i in sorted(val)]

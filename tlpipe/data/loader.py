@@ -38,7 +38,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
-        return self.transform(load_rgb(sample.path, self.min_size)), sample.label
+        return self.transform(load_rgb(sample.path, self.min_size)), sample.target
 
 
 def eval_loader(samples: Sequence[Sample], data_config: dict, batch_size: int, workers: int | None = None) -> DataLoader:

@@ -28,6 +28,7 @@ class ScannedFiles:
     files: dict[str, dict[str, list[Path]]]  # split -> class -> image paths, sorted
     skipped: Counter = field(default_factory=Counter)  # reason -> count (hidden, not an image, ...)
     rejected: dict[Path, str] = field(default_factory=dict)  # files named but unusable (a table's rows), with why
+    multilabel: bool = False  # a file may be listed under several classes (a table's ``a; b`` cells)
 
 
 def _visible_dirs(folder: Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """Images listed in a table (``labels.csv``, ``.tsv``, ``.parquet``, or a pandas DataFrame): a path
 column, a label column and optionally a split column, read into the same ``ScannedFiles`` a class
-folder gives, so every later stage is the same.
+folder gives, so every later stage is the same. A label cell may hold several labels (``beach;
+people``): the table is then multi-label, each file listed under every label it has.
 
 Only reads the table and the files it names. A row that cannot be used (no such file, a path
 leaving the root, an empty label, the same file listed twice with different labels) is
@@ -27,7 +28,7 @@ COMMON_NAMES = {
     "label": ("label", "labels", "class", "class_name", "category", "target", "y"),
     "split": ("split", "subset", "set", "partition"),
 }
-LABEL_DELIMITER = ";"  # several labels in one cell: a multi-label table
+LABEL_DELIMITER = ";"  # several labels in one cell (``beach; people``): a multi-label table
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,6 +151,7 @@ def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:
     numbers = range(2, len(frame) + 2) if table.is_file else frame.index  # a file's lines (the header is 1), a frame's index
     rows = _rows(frame, columns, numbers, where, evaluation)
     files, rejected, skipped = _files(rows, root.resolve(), root)  # files: every row's, the rejected ones too
+    multilabel = any(len(labels) > 1 for _, _, labels, _ in rows)
     labels = sorted({label for per_label in files.values() for label in per_label})
     if not evaluation:
         train = set(files.get("train", {}))
@@ -162,7 +164,7 @@ def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:
                               "a classifier needs at least two; add rows of another label")
     for label in labels:
         check_class_name(label, f"label {label!r} in {where}", "label")
-    return ScannedFiles(root, labels, files, skipped, rejected)
+    return ScannedFiles(root, labels, files, skipped, rejected, multilabel)
 
 
 def _read(table: LabelTable):
@@ -205,8 +207,9 @@ def _column(frame, role: str, given: str | None, where: str) -> str | None:
     return found
 
 
-def _rows(frame, columns: dict, numbers, where: str, evaluation: bool) -> list[tuple[Any, str, str, str]]:
-    """(row as the user counts it, path, label, split) for every row, the split checked."""
+def _rows(frame, columns: dict, numbers, where: str, evaluation: bool) -> list[tuple[Any, str, tuple[str, ...], str]]:
+    """(row as the user counts it, path, its labels, split) for every row, the split checked; a cell
+    ``a; b`` holds the labels a and b (sorted, each once; none when the cell is empty)."""
     rows = []
     whole = WHOLE_FOLDER if evaluation else "train"  # no split column: scored whole, or all of it trained on
     for number, path, label, split in zip(numbers, frame[columns["path"]], frame[columns["label"]],
@@ -214,11 +217,8 @@ def _rows(frame, columns: dict, numbers, where: str, evaluation: bool) -> list[t
         split = "train" if split is None and not evaluation else split
         if split is not None and (split := str(split).strip().lower() or "train") not in SPLIT_ALIASES:
             raise TlpipeError(f"{where} row {number}: split {split!r} is not train, val or test (nor valid, validation)")
-        label = str(label).strip()
-        if LABEL_DELIMITER in label:
-            raise TlpipeError(f"{where} row {number}: label {label!r} holds several labels ({LABEL_DELIMITER!r}): "
-                              "multi-label tables are not supported yet; give one label a row")
-        rows.append((number, str(path).strip(), label, SPLIT_ALIASES[split] if split else whole))
+        labels = tuple(sorted({part.strip() for part in str(label).split(LABEL_DELIMITER)} - {""}))
+        rows.append((number, str(path).strip(), labels, SPLIT_ALIASES[split] if split else whole))
     return rows
 
 
@@ -226,27 +226,27 @@ def _files(rows, real_root: Path, root: Path) -> tuple[dict, dict[Path, str], Co
     """split -> label -> sorted paths, each file under one spelling (``_located``); the files that
     cannot be used, with why (they stay listed: the data check reports them with the folder's
     rules, never reading one); rows skipped."""
-    seen: dict[Path, tuple[int, str, str]] = {}
+    seen: dict[Path, tuple[int, tuple[str, ...], str]] = {}
     rejected: dict[Path, str] = {}
     skipped: Counter = Counter()
-    for number, name, label, split in rows:
+    for number, name, labels, split in rows:
         if not name:
             skipped["table row without a path"] += 1
             continue
         path, reason = _located(root, real_root, name)
         if path in seen:
-            first, first_label, first_split = seen[path]
-            if (first_label, first_split) != (label, split):
+            first, first_labels, first_split = seen[path]
+            if (first_labels, first_split) != (labels, split):
                 rejected[path] = f"listed twice with different labels or splits (rows {first} and {number})"
             else:
                 skipped["duplicate table row"] += 1
             continue
-        seen[path] = (number, label, split)
-        if reason or not label:
+        seen[path] = (number, labels, split)
+        if reason or not labels:
             rejected[path] = f"{reason or 'empty label'} (row {number})"
     files: dict[str, dict[str, list[Path]]] = {}
-    for path, (_, label, split) in seen.items():
-        if label:
+    for path, (_, labels, split) in seen.items():
+        for label in labels:  # a multi-label row's file is listed under each of its labels
             files.setdefault(split, {}).setdefault(label, []).append(path)
     return {s: {c: sorted(ps) for c, ps in sorted(per.items())} for s, per in files.items()}, rejected, skipped
 

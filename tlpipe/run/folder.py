@@ -37,6 +37,7 @@ class RunFolder:
     QUARANTINE, VAL_PREDICTIONS = "quarantine.csv", "val_predictions.csv"
     CLASSIFICATION_REPORT, STRATEGY = "classification_report.json", "strategy.json"
     CONFUSION_MATRIX, RELIABILITY, LEARNING_CURVES = "confusion_matrix.png", "reliability.png", "learning_curves.png"
+    PR_CURVES = "pr_curves.png"  # multi-label
     CHECKPOINTS, TRIALS, TUNING, STUDY_DB = "checkpoints", "trials", "tuning", "optuna.db"
     CACHE, EXPORT = "cache", "export"  # kept by --overwrite (keyed by content) / the default export's folder
 
@@ -57,7 +58,7 @@ class RunFolder:
         """What a fit writes here, and only that: what ``--overwrite`` removes."""
         return (self.BUNDLE, self.SUMMARY, self.STAGED_SUMMARY, self.OWNER, self.PLAN, self.CONFIG, self.CHECKPOINTS,
                 self.TRIALS, self.TUNING, self.STUDY_DB, self.CLASSIFICATION_REPORT, self.CONFUSION_MATRIX,
-                self.RELIABILITY, self.LEARNING_CURVES, self.STRATEGY, self.QUARANTINE, self.VAL_PREDICTIONS,
+                self.RELIABILITY, self.PR_CURVES, self.LEARNING_CURVES, self.STRATEGY, self.QUARANTINE, self.VAL_PREDICTIONS,
                 self.REPORT, self.PROFILE, f".{self.BUNDLE}.old", self.STAGED_REPORTS)
 
     # -- reading ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from tlpipe.cache import cache_key
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.data.images import load_rgb
+from tlpipe.data.table import LABEL_DELIMITER
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import inside
 from tlpipe.run.folder import RunFolder
@@ -41,7 +42,8 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
         trials=_trials(folder / folder.TUNING / "trials.csv"), metrics=_read(folder / folder.CLASSIFICATION_REPORT),
         calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
         images={name: _png_uri(folder / file) for name, file in (("history", f"{folder.TUNING}/optuna_history.png"),
-                ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY))},
+                ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY),
+                                                                 ("pr_curves", folder.PR_CURVES))},
         mistakes=_mistakes(out, spec),
     )
     return atomic_write(folder / folder.REPORT, lambda f: f.write(page), encoding="utf-8")
@@ -125,13 +127,25 @@ def _png_uri(path: Path) -> str | None:
 def _mistakes(out: Path, spec: DatasetSpec | None) -> list[dict]:
     """The val images the model got wrong with the highest probability, as inline thumbnails
     (images only from inside the dataset; without it, the rows alone)."""
-    rows = [dict(zip(["path", "true", "predicted", "probability"], r)) for r in _csv_rows(out / RunFolder.VAL_PREDICTIONS)[1:]]
+    header, *rows = _csv_rows(out / RunFolder.VAL_PREDICTIONS) or [[]]
+    rows = [_as_mistake(header, r) for r in rows]
     try:
         wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
     except (KeyError, ValueError):
         raise TlpipeError(f"{out / RunFolder.VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
     return [{**row, "probability": float(row["probability"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
             for row in wrong[:MISTAKES_SHOWN]]
+
+
+def _as_mistake(header: list[str], row: list[str]) -> dict:
+    """A val row as (path, true, predicted, probability); a multi-label row's probability: that of its
+    most confident wrong answer (the class furthest from its truth)."""
+    if header[3:4] == ["probability"]:
+        return dict(zip(header, row))
+    given = dict(zip(header[:3], row[:3]))
+    truth = set(given.get("true", "").split(LABEL_DELIMITER))
+    errors = [abs(float(p) - (c in truth)) for c, p in zip(header[3:], row[3:])]
+    return {**given, "probability": max(errors, default=0.0)}
 
 
 def _thumbnail(path: Path | None) -> str | None:

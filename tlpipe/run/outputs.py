@@ -25,9 +25,11 @@ from tlpipe.budget import signals_held
 from tlpipe.bundle.folder import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
-from tlpipe.data.table import DataSource, source_record
+from tlpipe.data.table import LABEL_DELIMITER, DataSource, source_record
 from tlpipe.run.html_report import write_html_report
-from tlpipe.bundle.metrics import evaluation_metrics, save_confusion_matrix, save_learning_curves, save_reliability_diagram
+from tlpipe.bundle.metrics import (
+    evaluation_metrics, headline, multilabel_metrics, save_confusion_matrix, save_pr_curves, save_learning_curves, save_reliability_diagram,
+)
 from tlpipe.models import Backbone, resolve_layer
 from tlpipe.run.folder import RunFolder, bundle_identity
 from tlpipe.strategy.auto import Assessment
@@ -101,14 +103,16 @@ def _write_report_page(out: Path, spec: DatasetSpec, run: FitRun) -> str | None:
 
 def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget) -> FitResult:
     X_val, y_val = model.val_codes
-    probabilities = model.trained.head.predict_proba(X_val)
-    metrics = evaluation_metrics(y_val, probabilities, spec.classes)
+    head = model.trained.head
+    probabilities = head.predict_proba(X_val)
+    metrics = multilabel_metrics(y_val, probabilities, head.thresholds, spec.classes) if head.multilabel else \
+        evaluation_metrics(y_val, probabilities, spec.classes)
     layer = resolve_layer(model.backbone.model, model.config.layer)
     folder = RunFolder(out)
     bundle = folder.bundle
     staging = None if status == "cut" else folder.stage_bundle(lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
-        config=model.config.model_dump(mode="json"), metrics={"val_accuracy": metrics["accuracy"]},
+        config=model.config.model_dump(mode="json"), metrics=dict([headline(metrics)]),
         trained=model.trained.backbone_trained, hflip=model.trained.hflip))
     reports = folder / folder.STAGED_REPORTS
     shutil.rmtree(reports, ignore_errors=True)
@@ -154,11 +158,16 @@ def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: di
     run gets (quarantine.csv and config.yaml, written by the data stage, with them)."""
     names = RunFolder
     write_json(out / names.CLASSIFICATION_REPORT, metrics)
-    save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / names.CONFUSION_MATRIX)
-    save_reliability_diagram(probabilities, model.val_codes[1], out / names.RELIABILITY)
-    _write_val_predictions(out / names.VAL_PREDICTIONS, spec, probabilities)
-    artifacts = [names.CONFUSION_MATRIX, names.RELIABILITY, names.CLASSIFICATION_REPORT, names.VAL_PREDICTIONS,
-                 names.QUARANTINE, names.CONFIG]
+    artifacts = [names.CLASSIFICATION_REPORT, names.VAL_PREDICTIONS, names.QUARANTINE, names.CONFIG]
+    if spec.multilabel:
+        _write_val_label_sets(out / names.VAL_PREDICTIONS, spec, probabilities, model.trained.head.thresholds)
+        save_pr_curves(model.val_codes[1], probabilities, spec.classes, out / names.PR_CURVES)
+        artifacts.append(names.PR_CURVES)
+    else:
+        save_confusion_matrix(metrics["confusion_matrix"], spec.classes, out / names.CONFUSION_MATRIX)
+        save_reliability_diagram(probabilities, model.val_codes[1], out / names.RELIABILITY)
+        _write_val_predictions(out / names.VAL_PREDICTIONS, spec, probabilities)
+        artifacts += [names.CONFUSION_MATRIX, names.RELIABILITY]
     if assessment:
         write_json(out / names.STRATEGY, {**_auto(assessment, model.decision), "backbone_ranking": ranking or []})
         artifacts.append(names.STRATEGY)
@@ -174,6 +183,16 @@ def _write_val_predictions(path: Path, spec: DatasetSpec, probabilities: np.ndar
     rows = [["path", "true", "predicted", "probability"]]
     for sample, p in zip(spec.splits["val"], probabilities):
         rows.append([spec.relative(sample.path), spec.classes[sample.label], spec.classes[int(p.argmax())], f"{p.max():.6f}"])
+    atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
+
+
+def _write_val_label_sets(path: Path, spec: DatasetSpec, probabilities: np.ndarray, thresholds: np.ndarray) -> None:
+    """A multi-label model's val images: the true and the predicted classes (joined by ``;``) and
+    every class's probability, in the classes' order."""
+    rows = [["path", "true", "predicted", *spec.classes]]
+    for sample, p in zip(spec.splits["val"], probabilities):
+        named = lambda on: LABEL_DELIMITER.join(c for c, yes in zip(spec.classes, on) if yes)  # noqa: E731
+        rows.append([spec.relative(sample.path), named(sample.label), named(p >= thresholds), *(f"{v:.6f}" for v in p)])
     atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 
@@ -196,17 +215,21 @@ def _summary(data: DataSource, spec: DatasetSpec, model: FittedModel, layer: str
         "backbone": {"name": backbone.name, "arch": backbone.arch, **backbone.weights.to_dict()},
         "splits": spec.counts(), "val_from": spec.val_from, "classes": spec.classes,
         "quarantined": len(spec.quarantined), "skipped": dict(spec.skipped), "data_notes": spec.notes,
+        "task": "multilabel" if spec.multilabel else "multiclass",
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
-        "val_accuracy": metrics["accuracy"],
+        **dict([headline(metrics)]),
         "tuning": model.tuning, "timings": timings, "bundle": str(bundle.resolve()),
     }
 
 
 def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings: dict, artifacts: list[str]) -> None:
     calibration = model.trained.details.get("calibration", {})
-    run.log_metrics({"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
+    multilabel = {"val_micro_f1": metrics["micro_f1"], "val_subset_accuracy": metrics["subset_accuracy"],
+                  **{f"val_ap_{c}": m["average_precision"] for c, m in metrics["per_class"].items()}} \
+        if metrics.get("task") == "multilabel" else {}
+    run.log_metrics({**dict([headline(metrics)]), "val_macro_f1": metrics["macro_f1"], **multilabel,
                      **{f"val_{k}": v for k, v in calibration.items() if k.startswith(("nll", "ece"))},
-                     **({"temperature": calibration["temperature"]} if calibration else {}),
+                     **({"temperature": calibration["temperature"]} if "temperature" in calibration else {}),
                      **{f"val_f1_{c}": m["f1"] for c, m in metrics["per_class"].items()},
                      **{f"seconds_{k}": v for k, v in timings.items()}},
                     step=len(model.trained.history))

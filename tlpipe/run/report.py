@@ -37,11 +37,13 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     else:
         print_finetune(summary["head"])
 
-    print_tuning(summary.get("tuning") or {})
-    print_class_metrics(metrics, "Validation")
+    multilabel = summary.get("task") == "multilabel"
+    print_tuning(summary.get("tuning") or {}, "mAP" if multilabel else "accuracy")
+    (print_label_metrics if multilabel else print_class_metrics)(metrics, "Validation")
     print_test_time(summary["head"].get("test_time"))
     print_calibration(summary["head"].get("calibration"))
-    print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
+    if not multilabel:
+        print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
     print_budget(summary)
@@ -123,7 +125,7 @@ def print_next_steps(summary: dict) -> None:
         console.print(f"  {command}  # {what}", markup=False, highlight=False, soft_wrap=True)
 
 
-def print_tuning(tuning: dict) -> None:
+def print_tuning(tuning: dict, score: str = "accuracy") -> None:
     if not tuning.get("trials"):
         console.print(f"Tuning: off{' (' + tuning['skipped'] + ')' if 'skipped' in tuning else ''}")
         return
@@ -136,7 +138,7 @@ def print_tuning(tuning: dict) -> None:
     if "best_trial" in tuning:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuning["best_params"].items())
         default = f" against {tuning['default_value']:.4f} for the recipe's own (trial 0)" if "default_value" in tuning else ""
-        line += f"; best trial {tuning['best_trial']}: val accuracy {tuning['best_value']:.4f}{default}; {params}"
+        line += f"; best trial {tuning['best_trial']}: val {score} {tuning['best_value']:.4f}{default}; {params}"
     console.print(line)
 
 
@@ -147,6 +149,21 @@ def print_class_metrics(metrics: dict, title: str) -> None:
     for name, m in metrics["per_class"].items():
         table.add_row(escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console.print(table)
+
+
+def print_label_metrics(metrics: dict, title: str) -> None:
+    """A multi-label model's figures: mAP and micro-F1 with their intervals, then per class."""
+    (low, high), (f1_low, f1_high) = metrics["mean_average_precision_ci"], metrics["micro_f1_ci"]
+    table = Table(title=f"{title}: mAP {metrics['mean_average_precision']:.4f} ({low:.3f}-{high:.3f}), micro-F1 "
+                        f"{metrics['micro_f1']:.4f} ({f1_low:.3f}-{f1_high:.3f}), macro-F1 {metrics['macro_f1']:.4f}, "
+                        f"subset accuracy {metrics['subset_accuracy']:.4f}, Hamming loss {metrics['hamming_loss']:.4f}")
+    for column in ("class", "AP", "precision", "recall", "F1", "support", "threshold"):
+        table.add_column(column, justify="right" if column != "class" else "left")
+    for name, m in metrics["per_class"].items():
+        table.add_row(escape(name), f"{m['average_precision']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
+                      f"{m['f1']:.3f}", str(m["support"]), f"{m['threshold']:.3f}")
+    console.print(table)
+    console.print("Weakest classes by AP: " + ", ".join(escape(c) for c in metrics["worst_classes"]))
 
 
 def print_evaluation(metrics: dict) -> None:
@@ -190,6 +207,11 @@ def print_calibration(report: dict | None) -> None:
     """The temperature fitted on val, and what it did to the NLL and the calibration error."""
     if not report:
         return
+    if "temperatures" in report:  # multi-label: one per class
+        console.print(f"Calibration on {report['n_val']} val images: a temperature per class ({report['kept']} of "
+                      f"{len(report['temperatures'])} kept, the others lowered no NLL); mean NLL {report['nll_before']:.3f} "
+                      f"-> {report['nll_after']:.3f}; thresholds {report['threshold_rule']}")
+        return
     what = f"temperature {report['temperature']:.3g} kept" if report["kept"] else "no temperature kept (it did not lower the NLL)"
     console.print(f"Calibration on {report['n_val']} val images: {what}; NLL {report['nll_before']:.3f} -> "
                   f"{report['nll_after']:.3f}, ECE {report['ece_before']:.3f} -> {report['ece_after']:.3f}"
@@ -198,11 +220,12 @@ def print_calibration(report: dict | None) -> None:
 
 def print_linear_heads(head: dict) -> None:
     table = Table(title="Linear heads (C by cross-validation on train)")
-    for column in ("head", "C", "CV accuracy", "val accuracy", ""):
+    score = "map" if any("val_map" in row for row in head["candidates"].values()) else "accuracy"
+    for column in ("head", "C", f"CV {score.replace('map', 'mAP')}", f"val {score.replace('map', 'mAP')}", ""):
         table.add_column(column)
     for kind, row in head["candidates"].items():
         chosen = "kept" if kind == head["chosen"] else ""
-        table.add_row(kind, f"{row['C']:g}", f"{row['cv_accuracy']:.3f}", f"{row['val_accuracy']:.3f}", chosen)
+        table.add_row(kind, f"{row['C']:g}", f"{row[f'cv_{score}']:.3f}", f"{row[f'val_{score}']:.3f}", chosen)
     console.print(table)
 
 
@@ -253,10 +276,12 @@ def print_predictions(predictions, fmt: str) -> None:
         for p in predictions:
             for rank, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1):
                 writer.writerow([p.path, rank, label, f"{prob:.6f}"])
+            if not p.labels:  # a multi-label image with no class over its threshold is still listed
+                writer.writerow([p.path, "", "", ""])
     else:
         table = Table()
         table.add_column("image")
-        for rank in range(1, len(predictions[0].labels) + 1 if predictions else 1):
+        for rank in range(1, max((len(p.labels) for p in predictions), default=1) + 1):
             table.add_column(f"#{rank}")
         for p in predictions:
             table.add_row(escape(p.path), *(f"{escape(l)} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)))

@@ -16,7 +16,7 @@ from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.policy import guard
-from tlpipe.training.linear import accuracy
+from tlpipe.training.linear import head_score
 
 
 def check(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:
@@ -36,6 +36,8 @@ def _test_time(ctx: FitContext, prepared: Prepared, model: FittedModel) -> Fitte
     none is tried when the time left cannot hold the extra val passes."""
     if not model.config.test_time:
         return _with_details(model, test_time={"choice": "none", "reason": "off in the recipe (test_time: false)"})
+    if model.trained.head.multilabel:
+        return _with_details(model, test_time={"choice": "none", "reason": "not tried on multi-label sets yet"})
     X, y = model.val_codes
     options = _test_time_options(model)
     seconds_per_image = ctx.timings.seconds.get("extract_codes", 0.0) / max(1, sum(prepared.spec.counts().values()))
@@ -80,7 +82,8 @@ def _with_details(model: FittedModel, **details) -> FittedModel:
 
 
 def _calibrated(model: FittedModel) -> FittedModel:
-    """The head with its temperature fitted on the val logits (kept only if the val NLL improves)."""
+    """The head with its temperature fitted on the val logits (kept only if the val NLL improves);
+    multi-label: a temperature and a decision threshold per class."""
     head, report = calibrate(model.trained.head, *model.val_codes)
     model = _with_details(model, calibration=report)
     return dataclasses.replace(model, trained=dataclasses.replace(model.trained, head=head))
@@ -98,7 +101,7 @@ def _kept(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMode
     if choice.assessment is None:
         return model
     baseline, val = choice.linear, model.val_codes
-    decision = guard(model.decision, accuracy(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
+    decision = guard(model.decision, head_score(model.trained.head, *val), baseline.val_accuracy, len(val[1]))
     if decision.strategy != "linear":
         return dataclasses.replace(model, decision=decision)
     return FittedModel(baseline.config, prepared.backbone, baseline.trained, baseline.codes["val"], model.tuning, decision)
@@ -113,7 +116,7 @@ def _best_resolution(prepared: Prepared, model: FittedModel) -> FittedModel:
     for size in sizes:
         sized = backbone.at_size(size)
         val = dataset_codes(sized, prepared.spec, "val", model.config, PENULTIMATE)
-        scored[size] = (accuracy(model.trained.head, *val), sized, val)
+        scored[size] = (head_score(model.trained.head, *val), sized, val)
     best = max(sizes, key=lambda size: scored[size][0])  # the first, the training size, wins a tie
     _, sized, val = scored[best]
     model = _with_details(model, val_accuracy_by_size={str(s): round(a, 4) for s, (a, *_) in scored.items()},

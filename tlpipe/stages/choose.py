@@ -22,12 +22,15 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
     config, spec, backbone = prepared.config, prepared.spec, prepared.backbone
     ranks, timings = ctx.ranks, ctx.timings
     cache = Path(config.cache_dir)
+    decision = None
+    if spec.multilabel and config.strategy == "auto":
+        config, decision = _multilabel_linear(config)
     if config.strategy != "auto":
         with timings.stage("extract_codes"), ranks.main_first():
             codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache)
                      for split in ("train", "val")}
         if config.strategy == "linear" or not ranks.is_main:
-            return Choice(config, codes)
+            return Choice(config, codes, decision=decision)
         with timings.stage("linear_first"):  # the model a fine-tune stopped early leaves
             linear_config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
             linear = LinearFit(PENULTIMATE, cached_fit_linear(linear_config, codes), codes, linear_config)
@@ -47,6 +50,15 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
         with timings.stage("linear_baseline"):
             linear = tuned_baseline(linear, ctx.out, ctx.budget.timeout())
     return Choice(config, codes, assessment, linear)
+
+
+def _multilabel_linear(config: FitConfig) -> tuple[FitConfig, Decision]:
+    """Auto on a multi-label set: one-vs-rest logistic regression on the last features (the signals
+    and the fine-tunes are single-label so far), with the reason the summary gives."""
+    reason = ("Multi-label set: one-vs-rest logistic regression on the last features, scored by mean average "
+              "precision (auto does not fine-tune multi-label sets yet).")
+    config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
+    return config, Decision("linear", reasons=(reason,))
 
 
 def code_tap(config: FitConfig) -> str | int:

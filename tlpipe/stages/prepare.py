@@ -9,6 +9,7 @@ from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig, config_to_yaml
 from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.data.table import source_name
+from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, build_backbone
 from tlpipe.run.folder import RunFolder
 from tlpipe.stages.context import FitContext, Prepared
@@ -24,6 +25,7 @@ def prepare(ctx: FitContext, config: FitConfig) -> Prepared:
         ctx.folder.restore()  # a fit killed while it replaced its bundle
     with ctx.timings.stage("check_data"):
         spec = prepare_dataset(ctx.data, config.val_fraction, config.seed, report_dir=out if ranks.is_main else None)
+    config = for_task(config, spec)
     with ctx.timings.stage("load_backbone"):
         backbone, ranking = choose_backbone(config, spec)
     config = config.model_copy(update={"backbone": backbone.name,  # one cache for the fit, its trials and the guard
@@ -31,6 +33,18 @@ def prepare(ctx: FitContext, config: FitConfig) -> Prepared:
     if ranks.is_main:
         atomic_write(out / RunFolder.CONFIG, lambda f: f.write(config_to_yaml(config)))
     return Prepared(spec, config, backbone, ranking)
+
+
+def for_task(config: FitConfig, spec: DatasetSpec) -> FitConfig:
+    """The config a multi-label set is fitted with: logistic regression alone (one-vs-rest; an SVM
+    gives no per-class probabilities to threshold). A fine-tune is refused: not supported yet."""
+    if not spec.multilabel:
+        return config
+    if config.strategy in ("partial", "full"):
+        raise TlpipeError(f"strategy {config.strategy!r}: fine-tuning a multi-label set is not supported yet; use "
+                          "--strategy linear (or auto, which chooses it)")
+    return config.model_copy(update={"linear": config.linear.model_copy(update={"classifiers": ["logreg"]}),
+                                     "tuning": config.tuning.model_copy(update={"classifiers": ["logreg"]})})
 
 
 def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, list[dict]]:

@@ -33,6 +33,7 @@ from tlpipe.training.frozen import FrozenOutputs, FrozenPrefix
 from tlpipe.training.finetune import Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
+from tlpipe.training.multilabel import MultilabelProbe
 from tlpipe.utils import default_workers, read_json, write_json
 
 
@@ -55,8 +56,8 @@ class DidNotLearn(Exception):
 
 @dataclass
 class TrainedHead:
-    """A trained head and what decides what follows from it: its val accuracy (a trial's score, the
-    guard's baseline), a linear head's C (trial 0 of a study that tunes it; the classifier is the
+    """A trained head and what decides what follows from it: its val accuracy (multi-label: mean
+    average precision; a trial's score, the guard's baseline), a linear head's C (trial 0 of a study that tunes it; the classifier is the
     head's ``kind``) and a fine-tune's epochs; ``details`` only shows them."""
 
     head: LinearHead
@@ -82,17 +83,19 @@ class TrainedHead:
         return {"classifier": self.head.kind, "C": self.C}
 
 
-def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe:
+def linear_probe(config: FitConfig, X, y, X_val, y_val, classifiers=None) -> LinearProbe | MultilabelProbe:
+    """The recipe's linear probe fitted on the codes; for a 0/1 label matrix, one-vs-rest logistic regression."""
     lin = config.linear
+    if y.ndim == 2:
+        return MultilabelProbe(tuple(lin.c_grid), lin.cv_folds, config.seed).fit(X, y, X_val, y_val)
     return LinearProbe(tuple(classifiers or lin.classifiers), tuple(lin.c_grid), lin.cv_folds, config.seed).fit(X, y, X_val, y_val)
 
 
 def fit_linear(config: FitConfig, codes: dict) -> TrainedHead:
     """Strategy 1: a linear classifier on frozen codes. ``codes`` holds train/val codes (reused)."""
     probe = linear_probe(config, *codes["train"], *codes["val"])
-    chosen = probe.candidates_[probe.chosen_]
     details = {"chosen": probe.chosen_, "candidates": probe.summary(), **({"cv_note": probe.cv_note_} if probe.cv_note_ else {})}
-    return TrainedHead(probe.head_, chosen["val_accuracy"], details, C=chosen["C"])
+    return TrainedHead(probe.head_, probe.val_score_, details, C=probe.C_)
 
 
 def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:

@@ -3,7 +3,8 @@
 Both are fitted by scikit-learn on standardized codes with C chosen by stratified
 cross-validation on train; the one better on validation is kept. Either is then exported as a
 single ``LinearHead`` (standardization folded into the weights) that runs in torch at predict
-time, so the bundle needs no pickle and prediction is one matrix product.
+time, so the bundle needs no pickle and prediction is one matrix product. A multi-label set gets
+one-vs-rest logistic regression (``MultilabelProbe``), scored by mean average precision.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_array, check_X_y
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
 
 from tlpipe.bundle.calibration import fit_scale
@@ -34,12 +36,19 @@ PROBABILITY_NOTES = {
 
 @dataclass
 class LinearHead:
-    """``probabilities = softmax(temperature_scale * (codes @ weight.T + bias))``."""
+    """``probabilities = softmax(temperature_scale * (codes @ weight.T + bias))``; a multi-label head
+    (``thresholds`` set): ``sigmoid(scale * logits)``, a scale per class, each class predicted where
+    its probability reaches its threshold."""
 
     weight: np.ndarray  # (n_classes, n_features), float32
     bias: np.ndarray  # (n_classes,)
     kind: str
-    scale: float = 1.0
+    scale: float | np.ndarray = 1.0  # multi-label: (n_classes,)
+    thresholds: np.ndarray | None = None  # multi-label only: (n_classes,), chosen on val
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
 
     def logits(self, codes: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -51,20 +60,29 @@ class LinearHead:
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of logits already computed (``logits``): one pass for both."""
+        if self.multilabel:
+            return torch.sigmoid(torch.from_numpy(logits) * torch.from_numpy(np.asarray(self.scale, np.float32))).numpy()
         return torch.softmax(torch.from_numpy(logits) * self.scale, dim=1).numpy()
 
     def predict(self, codes: np.ndarray) -> np.ndarray:
+        """Class indices; multi-label: a 0/1 row of the classes at or over their thresholds."""
+        if self.multilabel:
+            return (self.predict_proba(codes) >= self.thresholds).astype(np.int64)
         return self.logits(codes).argmax(axis=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             "weight": torch.from_numpy(self.weight),
             "bias": torch.from_numpy(self.bias),
-            "scale": torch.tensor([self.scale], dtype=torch.float32),
+            "scale": torch.tensor(np.atleast_1d(self.scale), dtype=torch.float32),
+            **({"thresholds": torch.tensor(self.thresholds, dtype=torch.float32)} if self.multilabel else {}),
         }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], kind: str) -> "LinearHead":
+        if "thresholds" in tensors:
+            return cls(tensors["weight"].numpy(), tensors["bias"].numpy(), kind, tensors["scale"].numpy().astype(np.float64),
+                       tensors["thresholds"].numpy().astype(np.float64))
         return cls(tensors["weight"].numpy(), tensors["bias"].numpy(), kind, float(tensors["scale"][0]))
 
 
@@ -186,6 +204,21 @@ def accuracy(head: LinearHead, X: np.ndarray, y: np.ndarray) -> float:
     return float((head.predict(X) == y).mean())
 
 
+def mean_average_precision(Y: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision per class, averaged over the classes with a positive among ``Y``'s rows
+    (one without any has no precision to speak of)."""
+    present = Y.sum(axis=0) > 0
+    if not present.any():
+        return 0.0
+    return float(average_precision_score(Y[:, present], scores[:, present], average="macro"))
+
+
+def head_score(head: LinearHead, X: np.ndarray, y: np.ndarray) -> float:
+    """What a fit ranks heads by on (``X``, ``y``): accuracy, or for a multi-label head the mean
+    average precision of its scores (thresholds play no part: they are chosen after)."""
+    return mean_average_precision(y, head.logits(X)) if head.multilabel else accuracy(head, X, y)
+
+
 PATH_PATIENCE = 2  # C values in a row below the best mean accuracy before the path stops
 
 
@@ -274,6 +307,7 @@ class LinearProbe:
         # Better on validation wins; on a tie the one with native probabilities (logreg, listed first).
         self.chosen_ = max(self.candidates_, key=lambda k: self.candidates_[k]["val_accuracy"])
         self.head_ = self.candidates_[self.chosen_]["head"]
+        self.C_, self.val_score_ = self.candidates_[self.chosen_]["C"], self.candidates_[self.chosen_]["val_accuracy"]
         return self
 
     def _val_path(self, kind: str, X, y, X_val, y_val) -> tuple[np.ndarray, dict[float, np.ndarray], dict[float, LinearHead]]:

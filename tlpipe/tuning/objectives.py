@@ -32,11 +32,13 @@ class LinearObjective:
         return fit_linear(config, self.codes).linear_params()
 
     def __call__(self, trial: optuna.Trial, config: FitConfig, on_epoch: EpochReporter) -> float:
-        from tlpipe.training.linear import accuracy, fit_head
+        from tlpipe.training.linear import fit_head, head_score
+        from tlpipe.training.multilabel import fit_multilabel_head
 
         (X, y), (X_val, y_val) = self.codes["train"], self.codes["val"]
-        head = fit_head(config.linear.classifiers[0], config.linear.c_grid[0], X, y, config.seed)
-        return accuracy(head, X_val, y_val)
+        C = config.linear.c_grid[0]
+        head = fit_multilabel_head(C, X, y, config.seed) if y.ndim == 2 else fit_head(config.linear.classifiers[0], C, X, y, config.seed)
+        return head_score(head, X_val, y_val)
 
 
 class FinetuneObjective:
