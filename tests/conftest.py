@@ -7,6 +7,8 @@ one small real fit the whole session shares (copy it before changing it).
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -249,3 +251,39 @@ def bundle_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "out"
     assert tlpipe("fit", root, "-o", out, *FAST).exit_code == 0
     return root, out / "model"
+
+
+def mlflow_serve_answer(summary: dict, images: list[Path], log: Path) -> list[dict]:
+    """The predictions a real ``mlflow models serve`` of the fit's MLflow model answers for ``images``
+    (base64 in a ``dataframe_split`` request); a server that does not start fails the test."""
+    import base64
+    import json
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", summary["mlflow_model"], "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": summary["tracking_uri"]}
+    with log.open("w") as sink:
+        server = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"mlflow models serve did not start: {log.read_text()[-600:]}")  # a crash is a failure
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]
+                                                                                for p in images]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

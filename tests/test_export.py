@@ -10,14 +10,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import class_color, free_port, make_image, shared_dataset, tlpipe
+from conftest import class_color, free_port, make_image, mlflow_serve_answer, shared_dataset, tlpipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -231,30 +230,7 @@ def test_mlflow_models_serve_answers_with_the_labels_tlpipe_predict_gives(fitted
     images = [sorted((root / name).iterdir())[1] for name in ("red", "vert foncé")]
     predicted = tlpipe("predict", out / "model", *images, "--format", "json", "--workers", "0")
     expected = json.loads(predicted.stdout)
-    port, log = free_port(), tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", summary["mlflow_model"], "--env-manager", "local",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": summary["tracking_uri"]}
-    with log.open("w") as sink:
-        server = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"mlflow models serve did not start: {log.read_text()[-600:]}")  # a crash is a failure
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]
-                                                                                for p in images]}})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
-                                         {"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    answer = mlflow_serve_answer(summary, images, tmp_path / "serve.log")
     assert [row["label"] for row in answer] == [row["predictions"][0]["label"] for row in expected]
     np.testing.assert_allclose([row["probability"] for row in answer],
                                [row["predictions"][0]["probability"] for row in expected], atol=1e-5)

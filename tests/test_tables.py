@@ -93,7 +93,6 @@ def test_unusable_rows_are_quarantined_with_their_row_and_the_table_folder_is_ne
     ("no label column", None, ("file", "split"), ["has no label column", "--label-col", "file, split"]),
     ("a bad split", {"label": "cat", "split": "holdout"}, None, ["row 20", "'holdout' is not train, val or test"]),
     ("a label only in val", {"label": "bird", "split": "val"}, None, ["'bird' appear only in val/test rows", "add train rows"]),
-    ("several labels a cell", {"label": "cat;dog", "split": "train"}, None, ["row 20", "several labels"]),
     ("a control character", {"label": "bad\x07name", "split": "train"}, None, ["label 'bad\\x07name'", "rename the label"]),
 ])
 def test_a_table_that_cannot_be_used_is_one_line_naming_the_row_or_column(tmp_path, case, row, columns, fragments):

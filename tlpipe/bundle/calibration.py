@@ -87,8 +87,8 @@ DEFAULT_THRESHOLD = 0.5
 
 
 def decision_thresholds(probabilities: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """Per class, the probability at or over which it is predicted: the one that maximises the
-    class's F1 on (``probabilities``, ``Y``). A class with fewer than ``MIN_THRESHOLD_POSITIVES``
+    """Per class, the probability at or over which it is predicted: one that maximises the class's
+    F1 on (``probabilities``, ``Y``), halfway between two val images' scores. A class with fewer than ``MIN_THRESHOLD_POSITIVES``
     positives keeps ``DEFAULT_THRESHOLD``: an F1-optimal cut on a handful of images is noise."""
     from sklearn.metrics import precision_recall_curve
 
@@ -97,7 +97,9 @@ def decision_thresholds(probabilities: np.ndarray, Y: np.ndarray) -> np.ndarray:
         if Y[:, j].sum() >= MIN_THRESHOLD_POSITIVES:
             precision, recall, cuts = precision_recall_curve(Y[:, j], probabilities[:, j])
             f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-            thresholds[j] = cuts[int(np.argmax(f1[:-1]))]  # the last point (recall 0) has no cut
+            best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no cut
+            # halfway down to the next lower score: an image at the cut is not decided by float rounding
+            thresholds[j] = (cuts[best] + (cuts[best - 1] if best else 0.0)) / 2
     return thresholds
 
 

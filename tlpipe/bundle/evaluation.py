@@ -13,7 +13,7 @@ from tlpipe.data.table import LabelTable, as_source, source_path
 from tlpipe.errors import TlpipeError
 from tlpipe.run.folder import RunFolder
 
-EVALUATION_PLOTS = (RunFolder.RELIABILITY, RunFolder.CONFUSION_MATRIX)  # what evaluate --plots writes, named as a fit's
+EVALUATION_PLOTS = (RunFolder.RELIABILITY, RunFolder.CONFUSION_MATRIX, RunFolder.PR_CURVES)  # evaluate --plots, named as a fit's
 
 
 def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | None = None, batch_size: int = 64,
@@ -40,13 +40,15 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         where = f"{split}/ of {shown}" if split not in (None, WHOLE_FOLDER) else str(shown)
         raise TlpipeError(f"no image to score in {where}: every image file there failed the check (unreadable, "
                           "or not an image); add images that open")
-    unknown = sorted({spec.classes[s.label] for s in samples} - set(bundle.classes))
-    if unknown:
-        raise TlpipeError(f"{shown} has {'label' if table else 'class folder'}(s) {listed(unknown)} that the bundle "
-                          f"does not know; it knows: {listed(bundle.classes)}")
-    to_bundle = {name: i for i, name in enumerate(bundle.classes)}
-    y_true = np.array([to_bundle[spec.classes[s.label]] for s in samples])
+    y_true = _truth(bundle, spec, samples, f"{'label' if table else 'class folder'}(s)", shown)
     probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
+    if bundle.head.multilabel:
+        from tlpipe.bundle.metrics import multilabel_metrics, save_pr_curves
+
+        metrics = multilabel_metrics(y_true, probabilities, bundle.head.thresholds, bundle.classes)
+        if plots is not None:
+            save_pr_curves(y_true, probabilities, bundle.classes, Path(plots) / RunFolder.PR_CURVES)
+        return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
     metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
     if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
         from tlpipe.bundle.metrics import save_confusion_matrix, save_reliability_diagram
@@ -55,6 +57,28 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / EVALUATION_PLOTS[1],
                               normalize=True, title=f"Confusion matrix ({split}, rows sum to 1)")
     return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
+
+
+def _truth(bundle: Bundle, spec, samples, kind: str, shown) -> np.ndarray:
+    """The samples' classes as the bundle numbers them: indices, or for a multi-label bundle a 0/1
+    matrix (a single-label folder or table is a set of one). Classes the bundle does not know, or
+    label sets for a single-label bundle, are one line."""
+    names = [[c for c, on in zip(spec.classes, s.label) if on] if spec.multilabel else [spec.classes[s.label]]
+             for s in samples]
+    unknown = sorted({n for row in names for n in row} - set(bundle.classes))
+    if unknown:
+        raise TlpipeError(f"{shown} has {kind} {listed(unknown)} that the bundle does not know; it knows: "
+                          f"{listed(bundle.classes)}")
+    if spec.multilabel and not bundle.head.multilabel:
+        raise TlpipeError(f"{shown} gives images several labels, but the bundle predicts one class an image: score it "
+                          "on single-label data, or fit a multi-label model")
+    to_bundle = {name: i for i, name in enumerate(bundle.classes)}
+    if not bundle.head.multilabel:
+        return np.array([to_bundle[row[0]] for row in names])
+    truth = np.zeros((len(samples), len(bundle.classes)), np.int64)
+    for i, row in enumerate(names):
+        truth[i, [to_bundle[n] for n in row]] = 1
+    return truth
 
 
 def listed(names: Sequence[str], cap: int = 12) -> str:

@@ -62,13 +62,15 @@ class ExportedClassifier(nn.Module):
         self.register_buffer("weight", head["weight"].float())
         self.register_buffer("bias", head["bias"].float())
         self.register_buffer("scale", head["scale"].float())
+        self.multilabel = bundle.head.multilabel  # a sigmoid per class: the thresholds travel in the metadata
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if self.from_uint8:
             x = x / 255.0
         codes = self.extractor((x - self.mean) / self.std)
-        return torch.softmax((codes @ self.weight.T + self.bias) * self.scale, dim=1)
+        scores = (codes @ self.weight.T + self.bias) * self.scale
+        return torch.sigmoid(scores) if self.multilabel else torch.softmax(scores, dim=1)
 
 
 def preprocessing(bundle: Bundle, input_type: InputType) -> dict:
@@ -80,7 +82,9 @@ def preprocessing(bundle: Bundle, input_type: InputType) -> dict:
         "mean": list(config["mean"]), "std": list(config["std"]),
         "input": {"name": INPUT, "layout": "NCHW", "channels": "RGB", "dtype": input_type,
                   "range": "0..255" if input_type == "uint8" else "0..1"},
-        "output": {"name": OUTPUT, "shape": ["batch", len(bundle.classes)], "meaning": "class probabilities, calibrated"},
+        "output": {"name": OUTPUT, "shape": ["batch", len(bundle.classes)], "meaning": (
+            "per-class probabilities (a sigmoid each), calibrated: a class is predicted at or over its value in "
+            "'thresholds'" if bundle.head.multilabel else "class probabilities, calibrated")},
         "test_time_hflip": bool(bundle.manifest["codes"].get("hflip", False)),
     }
 
@@ -121,12 +125,13 @@ class CheckSet:
     source: str
     pixels: np.ndarray
     reference: np.ndarray
+    thresholds: np.ndarray | None = None  # a multi-label bundle's: what it decides are label sets, not top-1s
 
 
 def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None = None, *, input_type: InputType = "uint8",
                   check: str | Path | None = None, force: bool = False, overwrite: bool = False, log: bool = True) -> Exported:
     """Export ``bundle``, check it against the bundle, and move it to ``out`` only when it agrees
-    (top-1 on every image, probabilities within ``MAX_DIFFERENCE``) or ``force``. Default ``out``:
+    (top-1, or a multi-label bundle's label set, on every image; probabilities within ``MAX_DIFFERENCE``) or ``force``. Default ``out``:
     ``<fit output>/export/model.onnx`` (``.pt`` for TorchScript), replaced by each export; a file the
     user names is replaced only with ``overwrite``. ``<out>.json`` beside it; the figures logged to
     the fit's MLflow run unless ``log`` is False."""
@@ -141,7 +146,8 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
         bundle = load_bundle(bundle.path, "cpu")
     checks = check_set(bundle, check, input_type)
     meta = {"classes": bundle.classes, "preprocessing": preprocessing(bundle, input_type),
-            "tlpipe_version": __version__, "bundle_sha256": bundle.manifest["head"]["sha256"]}
+            "tlpipe_version": __version__, "bundle_sha256": bundle.manifest["head"]["sha256"],
+            **({"task": "multilabel", "thresholds": [float(t) for t in bundle.head.thresholds]} if bundle.head.multilabel else {})}
     module = ExportedClassifier(bundle, input_type).eval()
     path, exporter, parity = _export_checked(fmt, module, torch.from_numpy(checks.pixels[:2]), meta, checks, out)
     sidecar = out.with_name(out.name + ".json")
@@ -273,9 +279,11 @@ def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = 
                           f"no validation images found for {bundle.path} (its fit's summary.json and val_predictions.csv, "
                           "or the images they name, are not there): give images with --check DIR")
     images = [p for p, _ in named]
-    labels = [bundle.classes.index(c) if c in bundle.classes else None for _, c in named]
+    multilabel = bundle.head.multilabel  # no accuracy of label sets here: parity is what is checked
+    labels = [None if multilabel or c not in bundle.classes else bundle.classes.index(c) for _, c in named]
     return CheckSet(images, labels, source, pixels(bundle, images, input_type),
-                    bundle.predict_proba(images, onnx_runtime=False))  # the reference is PyTorch's
+                    bundle.predict_proba(images, onnx_runtime=False),  # the reference is PyTorch's
+                    bundle.head.thresholds if multilabel else None)
 
 
 def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
@@ -300,16 +308,20 @@ def _spread(items: list) -> list:
 
 def check_parity(run: Callable[[np.ndarray], np.ndarray], checks: CheckSet) -> dict:
     """The exported model (``run``: pixels in, probabilities out) against the bundle on ``checks`` at
-    each of ``PARITY_BATCHES``: top-1 agreement, the largest probability difference, and each one's
+    each of ``PARITY_BATCHES``: top-1 agreement (``top1_agreement``; multi-label: identical label sets), the largest probability difference, and each one's
     accuracy where the class is known."""
     reference, known = checks.reference, np.array([label is not None for label in checks.labels])
     truth = np.array([-1 if label is None else label for label in checks.labels])
     accuracy = (lambda p: float((p.argmax(1) == truth)[known].mean())) if known.any() else (lambda p: None)
+    if checks.thresholds is None:
+        same = lambda p: p.argmax(1) == reference.argmax(1)  # noqa: E731
+    else:  # a multi-label image agrees when its whole set of classes does
+        same = lambda p: ((p >= checks.thresholds) == (reference >= checks.thresholds)).all(axis=1)  # noqa: E731
     rows = {}
     for size in PARITY_BATCHES:
         probabilities = np.concatenate([run(checks.pixels[i:i + size]) for i in range(0, len(checks.pixels), size)])
         rows[str(size)] = {
-            "top1_agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
+            "top1_agreement": float(same(probabilities).mean()),
             "max_abs_difference": float(np.abs(probabilities - reference).max()),
             "accuracy": accuracy(probabilities),
         }

@@ -6,7 +6,8 @@ weights unless a pinned pip package gives them back), tlpipe itself as code, and
 requirements pin the versions the fit ran with. The input is a column ``image`` of encoded
 image files (bytes; base64 strings too, which is what JSON requests carry); each row gets its
 label, its top-k labels and probabilities, and the probability of every class, in the order of
-the model's ``classes`` metadata. A request holds at most ``row_cap()`` rows (256 unless
+the model's ``classes`` metadata (a multi-label model: its set of ``labels`` over their thresholds,
+their ``label_probabilities``, and every class's probability). A request holds at most ``row_cap()`` rows (256 unless
 ``TLPIPE_SERVE_MAX_ROWS`` says otherwise: ``tlpipe serve --max-rows``).
 
 The server runs the tlpipe code stored with the model, not this environment's: the model's metadata
@@ -63,9 +64,15 @@ class BundleModel(PythonModel):
 
         size = decode_size(self.bundle.backbone.data_config)  # JPEGs decode as `tlpipe predict` decodes files
         pictures = [_decode(value, row, size) for row, value in enumerate(model_input[IMAGE_COLUMN])]
-        top_k = max(1, min(int((params or {}).get("top_k", DEFAULT_TOP_K)), len(self.bundle.classes)))
-        probabilities, order = self.bundle.ranked(self.bundle.image_codes(pictures), top_k)
-        classes = self.bundle.classes
+        codes, classes = self.bundle.image_codes(pictures), self.bundle.classes
+        if self.bundle.head.multilabel:  # each row's set of classes (possibly none), most probable first
+            probabilities = self.bundle.head.predict_proba(codes)
+            sets = self.bundle.label_sets(probabilities)
+            return pd.DataFrame({"labels": [[classes[j] for j in row] for row in sets],
+                                 "label_probabilities": [[float(p[j]) for j in row] for p, row in zip(probabilities, sets)],
+                                 "probabilities": [[float(v) for v in p] for p in probabilities]})
+        top_k = max(1, min(int((params or {}).get("top_k", DEFAULT_TOP_K)), len(classes)))
+        probabilities, order = self.bundle.ranked(codes, top_k)
         return pd.DataFrame({
             "label": [classes[row[0]] for row in order],
             "probability": [float(p[row[0]]) for p, row in zip(probabilities, order)],

@@ -59,7 +59,7 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON (for scripts) instead of tables.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json-file", help="Also write the metrics to this JSON file.")] = None,
-    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write reliability.png and confusion_matrix.png (normalized) here.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write reliability.png and confusion_matrix.png (normalized) here; pr_curves.png for a multi-label model.")] = None,
     batch_size: BatchSize = 64,
     workers: Workers = None,
     device: Device = "auto",

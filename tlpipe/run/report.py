@@ -174,6 +174,9 @@ def print_evaluation(metrics: dict) -> None:
     whole = split == WHOLE_FOLDER
     scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if whole else f"the {split} split of {data} ({n} images)"
     console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
+    if metrics.get("task") == "multilabel":
+        print_label_metrics(metrics, "All images" if whole else f"{split}/")
+        return
     low, high = metrics["accuracy_ci"]
     f1_low, f1_high = metrics["macro_f1_ci"]
     top_k = next((f", {k.replace('_', '-').replace('-accuracy', '')} accuracy {v:.3f}" for k, v in metrics.items()

@@ -1,0 +1,116 @@
+"""Multi-label classification end to end: a table whose label cells hold sets (``red;blue``) is fitted
+by one-vs-rest logistic regression scored by mean average precision, with a temperature and a
+threshold per class, and every command answers with label sets (predict, evaluate, ONNX export,
+the MLflow model served by ``mlflow models serve``)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+from conftest import FAST, class_color, mlflow_serve_answer, one_line, tlpipe
+from tlpipe.bundle.calibration import DEFAULT_THRESHOLD, decision_thresholds
+from tlpipe.bundle.metrics import multilabel_metrics
+from tlpipe.data import prepare_dataset
+from tlpipe.training.multilabel import MultilabelProbe
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def _halves(path: Path, left: int, right: int, seed: int) -> Path:
+    """A 64x64 picture: colour ``left`` on its left half, ``right`` on its right, with noise."""
+    rng = np.random.default_rng(seed)
+    pixels = np.empty((64, 64, 3))
+    pixels[:, :32], pixels[:, 32:] = class_color(left), class_color(right)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _table(root: Path, per_split=(("train", 40), ("val", 16)), split_column: bool = True) -> Path:
+    """``root/labels.csv``: images of one or two colours, the colours they show as their labels."""
+    rows, rng = [], np.random.default_rng(0)
+    for split, n in per_split:
+        for k in range(n):
+            left, right = (int(c) for c in rng.integers(0, len(COLOURS), 2))
+            name = f"images/{split}_{k}.png"
+            _halves(root / name, left, right, seed=[len(rows)])
+            rows.append({"path": name, "labels": ";".join(sorted({COLOURS[left], COLOURS[right]})), "split": split})
+    with (root / "labels.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "labels", "split"][:3 if split_column else 2], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "labels.csv"
+
+
+def test_label_sets_in_a_table_make_a_multilabel_spec_whose_held_out_val_keeps_every_label(tmp_path):
+    spec = prepare_dataset(_table(tmp_path, (("train", 60),), split_column=False), val_fraction=0.25)
+    assert spec.multilabel and spec.classes == sorted(COLOURS) and sum(spec.counts().values()) == 60
+    assert 12 <= spec.counts()["val"] <= 18  # iterative stratification holds out about the share asked
+    for split in ("train", "val"):
+        labels = spec.labels(split)
+        assert labels.shape == (spec.counts()[split], 4) and set(np.unique(labels)) == {0, 1}
+        assert all(count > 0 for count in spec.class_counts(split).values())  # iterative stratification
+    rows = {r["path"]: set(r["labels"].split(";")) for r in csv.DictReader((tmp_path / "labels.csv").open())}
+    for sample in spec.splits["val"]:
+        assert {c for c, on in zip(spec.classes, sample.label) if on} == rows[spec.relative(sample.path)]
+
+
+def test_the_probe_ranks_by_mean_average_precision_and_a_class_present_everywhere_is_a_constant():
+    rng = np.random.default_rng(0)
+    Y = rng.integers(0, 2, (160, 3))
+    Y[:, 2] = 1  # every image has it: no logistic regression to fit
+    X = Y[:, :2] @ rng.normal(size=(2, 16)) + 0.5 * rng.normal(size=(160, 16))
+    probe = MultilabelProbe(cv_folds=3).fit(X[:120], Y[:120], X[120:], Y[120:])
+    head = probe.head_
+    assert head.multilabel and probe.val_score_ > 0.95 and probe.C_ in probe.c_grid
+    probabilities = head.predict_proba(X[120:])
+    assert probabilities.shape == (40, 3) and np.all(probabilities[:, 2] > 0.99)
+    expected = np.mean([average_precision_score(Y[120:, j], probabilities[:, j]) for j in range(3)])
+    assert probe.val_score_ == pytest.approx(expected)
+
+
+def test_thresholds_maximise_each_class_f1_and_stay_at_the_default_with_few_positives():
+    Y = np.array([[1, 0], [1, 0], [1, 1], [1, 0], [1, 0], [0, 0], [0, 0], [0, 0]])
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.9], [0.35, 0.3], [0.3, 0.2], [0.2, 0.1], [0.1, 0.6], [0.05, 0.2]])
+    thresholds = decision_thresholds(scores, Y)
+    assert 0.2 < thresholds[0] <= 0.3 and thresholds[1] == DEFAULT_THRESHOLD  # class 1: one positive
+    metrics = multilabel_metrics(Y, scores, thresholds, ["a", "b"])
+    assert metrics["per_class"]["a"]["f1"] == 1.0 and metrics["per_class"]["a"]["average_precision"] == 1.0
+    assert metrics["subset_accuracy"] == 7 / 8 and metrics["hamming_loss"] == 1 / 16
+    low, high = metrics["mean_average_precision_ci"]
+    assert low <= metrics["mean_average_precision"] <= high
+
+
+def test_a_multilabel_fit_predicts_evaluates_exports_and_serves_label_sets(tmp_path):
+    table, out = _table(tmp_path / "data"), tmp_path / "out"
+    result = tlpipe("fit", table, "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "multilabel" and summary["val_map"] > 0.9, summary["metrics"]
+    manifest = json.loads((out / "model" / "bundle.json").read_text())
+    assert manifest["head"]["task"] == "multilabel" and set(manifest["head"]["thresholds"]) == set(COLOURS)
+    val = [r for r in csv.DictReader(table.open()) if r["split"] == "val"]
+    images = [tmp_path / "data" / r["path"] for r in val[:4]]
+    predicted = json.loads(tlpipe("predict", out / "model", *images, "-f", "json", "--workers", "0").stdout)
+    sets = [{p["label"] for p in row["predictions"]} for row in predicted]
+    assert sum(s == set(r["labels"].split(";")) for s, r in zip(sets, val)) >= 3  # label sets, not a top-1
+    scored = tlpipe("evaluate", out / "model", table, "--split", "val", "--json", "--workers", "0")
+    assert json.loads(scored.stdout)["mean_average_precision"] == pytest.approx(summary["val_map"])
+    exported = tlpipe("export", out / "model")
+    assert exported.exit_code == 0, exported.output
+    record = json.loads((out / "export" / "model.onnx.json").read_text())
+    assert record["task"] == "multilabel" and len(record["thresholds"]) == 4 and record["parity"]["passed"]
+    assert all(row["top1_agreement"] == 1.0 and row["max_abs_difference"] <= 1e-4 for row in record["parity"]["batches"].values())
+    served = mlflow_serve_answer(summary, images, tmp_path / "serve.log")
+    assert [set(row["labels"]) for row in served] == sets
+
+
+def test_fine_tuning_a_multilabel_table_is_refused_in_one_line(tmp_path):
+    one_line(tlpipe("fit", _table(tmp_path, (("train", 8), ("val", 4))), "-o", tmp_path / "out", "--strategy", "full"),
+             "fine-tuning a multi-label set is not supported yet", "--strategy linear")
