@@ -1,7 +1,7 @@
 """Multi-label classification end to end: a table whose label cells hold sets (``red;blue``) is fitted
 by one-vs-rest logistic regression scored by mean average precision, with a temperature and a
 threshold per class, and every command answers with label sets (predict, evaluate, ONNX export,
-the MLflow model served by ``mlflow models serve``)."""
+the MLflow model served by ``mlflow models serve``); a fine-tune trains with binary cross-entropy."""
 from __future__ import annotations
 
 import csv
@@ -17,6 +17,7 @@ from conftest import FAST, class_color, mlflow_serve_answer, one_line, tlpipe
 from tlpipe.bundle.calibration import DEFAULT_THRESHOLD, decision_thresholds
 from tlpipe.bundle.metrics import multilabel_metrics
 from tlpipe.data import prepare_dataset
+from tlpipe.data.table import LabelTable
 from tlpipe.training.multilabel import MultilabelProbe
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -111,6 +112,38 @@ def test_a_multilabel_fit_predicts_evaluates_exports_and_serves_label_sets(tmp_p
     assert [set(row["labels"]) for row in served] == sets
 
 
-def test_fine_tuning_a_multilabel_table_is_refused_in_one_line(tmp_path):
-    one_line(tlpipe("fit", _table(tmp_path, (("train", 8), ("val", 4))), "-o", tmp_path / "out", "--strategy", "full"),
-             "fine-tuning a multi-label set is not supported yet", "--strategy linear")
+def test_a_partial_fine_tune_of_a_multilabel_table_trains_with_binary_cross_entropy(tmp_path):
+    out = tmp_path / "out"
+    result = tlpipe("fit", _table(tmp_path), "-o", out, "--strategy", "partial", "--unfreeze-stages", "1", "--epochs", "2",
+                    "--image-size", "64", "--trials", "0", "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    head = summary["head"]
+    assert summary["task"] == "multilabel" and summary["strategy"] == "partial" and head["epochs_run"] >= 2, head
+    assert summary["val_map"] > 0.8 and len(head["calibration"]["thresholds"]) == 4
+    bundle_head = json.loads((out / "model" / "bundle.json").read_text())["head"]
+    assert (bundle_head["kind"], bundle_head["task"]) == ("finetune", "multilabel")
+
+
+def test_task_option_makes_one_label_rows_multilabel_and_multiclass_keeps_a_cell_whole(tmp_path):
+    table = _table(tmp_path, (("train", 16), ("val", 8)))
+    rows = list(csv.DictReader(table.open()))
+    single = tmp_path / "single.csv"
+    with single.open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "labels", "split"], *([r["path"], r["labels"].split(";")[0], r["split"]] for r in rows)])
+    assert not prepare_dataset(single).multilabel and prepare_dataset(LabelTable(single, task="multilabel")).multilabel
+    whole = prepare_dataset(LabelTable(table, task="multiclass"), hold_out=False, evaluation=True)
+    assert not whole.multilabel and any(";" in name for name in whole.classes)
+    one_line(tlpipe("inspect", tmp_path / "no-such-folder", "--task", "multilabel"), "--task is for a table")
+
+
+def test_inspect_and_extract_of_a_multilabel_table(tmp_path):
+    table = _table(tmp_path, (("train", 12), ("val", 4)))
+    inspected = tlpipe("inspect", table, "--workers", "0")
+    assert inspected.exit_code == 0 and "Multi-label set: one-vs-rest" in inspected.stdout, inspected.output
+    assert tlpipe("extract", table, "-o", tmp_path / "codes.npz", "--workers", "0").exit_code == 0
+    codes = np.load(tmp_path / "codes.npz")
+    rows = {r["path"]: set(r["labels"].split(";")) for r in csv.DictReader(table.open())}
+    assert codes["labels"].shape == (16, 4)
+    for path, row in zip(codes["paths"], codes["labels"]):
+        assert {c for c, on in zip(codes["classes"], row) if on} == rows[path]

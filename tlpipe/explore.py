@@ -2,12 +2,14 @@
 ``extract`` (the CNN codes of every image, for a downstream classifier), in this file format:
 
 ``.npz`` (read with ``np.load(path)``, no pickle needed):
-  ``features`` float32 (N, D); ``labels`` int64 (N,), index into ``classes``; ``classes`` str (C,);
+  ``features`` float32 (N, D); ``labels`` int64 (N,), index into ``classes`` (a multi-label
+  table: (N, C), 1 where the image has the class); ``classes`` str (C,);
   ``paths`` str (N,), relative to the dataset folder, POSIX separators; ``splits`` str (N,):
   train / val / test as found in the folder; ``meta`` str (): JSON with backbone, weights source
   and sha256, layer, data config, tlpipe version, and the files left out with the reason.
 ``.parquet``: columns ``path``, ``split``, ``label``, ``class``, ``features`` (fixed-size list of
-  float32); the same ``meta`` JSON in the schema metadata under ``b"tlpipe"``.
+  float32); the same ``meta`` JSON in the schema metadata under ``b"tlpipe"``. A multi-label
+  table's ``label`` is the list of its class indices, ``class`` their names joined by ``;``.
 Rows are sorted by split, class, then path, so the same data gives the same file.
 """
 from __future__ import annotations
@@ -21,11 +23,12 @@ import numpy as np
 from tlpipe.budget import Budget, parse_duration
 from tlpipe.config import FitConfig, load_config
 from tlpipe.data import DatasetSpec, prepare_dataset
-from tlpipe.data.table import LabelTable
+from tlpipe.data.table import LABEL_DELIMITER, LabelTable
 from tlpipe.models import Backbone, build_backbone, dataset_codes, resolve_layer
 from tlpipe.stages.planning import new_plan
 from tlpipe.stages.prepare import choose_backbone
 from tlpipe.strategy.auto import assess
+from tlpipe.strategy.decision import multilabel_decision
 from tlpipe.strategy.policy import choose_tap
 from tlpipe.strategy.signals import collect_splits
 from tlpipe.utils import atomic_write
@@ -49,8 +52,12 @@ def inspect(data: str | Path | LabelTable, config: FitConfig | None = None, *, r
     profile = profile_dataset(spec)
     backbone, ranking = choose_backbone(config, spec)
     config = config.model_copy(update={"backbone": backbone.name})
-    assessment, _ = choose_tap(assess(collect_splits(backbone, spec, config), spec, config), config)
-    decision, result = assessment.decision, assessment.to_dict()
+    if spec.multilabel:  # no signals to measure: the rule is fixed (strategy.decision.multilabel_decision)
+        decision = multilabel_decision()
+        result = {"decision": decision.to_dict()}
+    else:
+        assessment, _ = choose_tap(assess(collect_splits(backbone, spec, config), spec, config), config)
+        decision, result = assessment.decision, assessment.to_dict()
     if decision.strategy != "linear":
         result["estimate"] = {**assessment.estimate, **estimate_training_memory(backbone, config)}
         result["plan"] = new_plan(spec, backbone, assessment.apply(config), budget.left(), None).to_dict()
@@ -99,9 +106,11 @@ def save_codes(out: Path, spec: DatasetSpec, parts: dict[str, tuple[np.ndarray, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    indices = [list(np.flatnonzero(row)) for row in labels] if spec.multilabel else labels
     table = pa.table({
-        "path": paths, "split": splits, "label": labels,
-        "class": [spec.classes[i] for i in labels],
+        "path": paths, "split": splits, "label": indices,
+        "class": [LABEL_DELIMITER.join(spec.classes[i] for i in row) for row in indices] if spec.multilabel else
+                 [spec.classes[i] for i in labels],
         "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
     }).replace_schema_metadata({b"tlpipe": meta.encode()})
     return atomic_write(out, lambda f: pq.write_table(table, f), mode="wb")

@@ -36,8 +36,9 @@ from tlpipe.utils import atomic_write, read_json, write_json
 from tlpipe.version import __version__
 
 BUNDLE_FORMAT = 2
-MULTILABEL_PROBABILITIES = ("a sigmoid per class of the logistic-regression score over that class's temperature (fitted "
-                            "on val); the class is predicted at or over its threshold (F1-optimal on val)")
+MULTILABEL_PROBABILITIES = ("a sigmoid per class of the head's score (one-vs-rest logistic regression, or the fine-tuned "
+                            "network's logit) over that class's temperature (fitted on val); the class is predicted at or "
+                            "over its threshold (F1-optimal on val)")
 MANIFEST, HEAD_FILE, BACKBONE_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "backbone.safetensors"
 
 

@@ -148,8 +148,8 @@ def _pyplot():
     return plt
 
 
-def save_learning_curves(history: list[dict], path: Path) -> Path:
-    """Train/val loss and val accuracy per epoch."""
+def save_learning_curves(history: list[dict], path: Path, score: str = "accuracy") -> Path:
+    """Train/val loss and the val score (accuracy; mAP for a multi-label set) per epoch."""
     plt = _pyplot()
     epochs = range(1, len(history) + 1)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -158,7 +158,7 @@ def save_learning_curves(history: list[dict], path: Path) -> Path:
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     loss_ax.legend()
     acc_ax.plot(epochs, [h["val_accuracy"] for h in history], marker="o")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+    acc_ax.set(xlabel="epoch", ylabel=score, title=f"Validation {score}")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tlpipe.cli.common import (
-    BatchSize, Bundle, Device, LabelColumn, Overwrite, PathColumn, SplitColumn, TableRoot, UnixUsage, Workers, user_errors,
+    BatchSize, Bundle, Device, LabelColumn, Overwrite, PathColumn, SplitColumn, TableTask, TableRoot, UnixUsage, Workers, user_errors,
 )
 from tlpipe.errors import TlpipeError
 
@@ -56,6 +56,7 @@ def evaluate(
     path_col: PathColumn = None,
     label_col: LabelColumn = None,
     split_col: SplitColumn = None,
+    task: TableTask = None,
     split: Annotated[Optional[str], typer.Option(help="Split to score: test, val or train (default: test/, else val/, else train/; a flat folder is scored whole).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON (for scripts) instead of tables.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json-file", help="Also write the metrics to this JSON file.")] = None,
@@ -75,7 +76,7 @@ def evaluate(
         from tlpipe.run.report import print_evaluation
         from tlpipe.utils import write_json
 
-        data = with_table_options(data, root, path_col, label_col, split_col)
+        data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
         json_file = json_file and output_file(json_file, "--json-file", suffixes=[".json"], overwrite=overwrite, dataset=data)
         plots = plots and output_folder(plots, "--plots", EVALUATION_PLOTS, overwrite=overwrite, dataset=data)
         metrics = evaluate_bundle(load_bundle(bundle, device), data, split, batch_size or 64, workers, plots)

@@ -3,6 +3,7 @@ and the options several commands take, each checked before any work."""
 from __future__ import annotations
 
 import re
+from enum import Enum
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -90,6 +91,13 @@ Device = Annotated[Optional[str], typer.Option(callback=check_device, help=f"Dev
 TableRoot = Annotated[Optional[Path], typer.Option(help="With a table: the folder its image paths are relative to (default: the table's).")]
 PathColumn = Annotated[Optional[str], typer.Option(help="With a table: the column of image paths (default: path, file, filename, image...).")]
 LabelColumn = Annotated[Optional[str], typer.Option(help="With a table: the column of labels (default: label, class, category, target...).")]
+class Task(str, Enum):
+    auto = "auto"
+    multiclass = "multiclass"
+    multilabel = "multilabel"
+
+
+TableTask = Annotated[Optional[Task], typer.Option(help="With a table: multilabel (a cell holds ';'-separated labels), multiclass (one label a row, ';' and all), or auto (default: multi-label when a cell holds a ';').")]
 SplitColumn = Annotated[Optional[str], typer.Option(help="With a table: the column of splits, train/val/test (default: split, subset, set; none: all train).")]
 TimeLimit = Annotated[Optional[str], typer.Option(
     help="Time for the whole fit: 90s, 10m, 1.5h, 2h15m, or none (default: the recipe's budget, 30m for default).")]

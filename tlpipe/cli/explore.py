@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tlpipe.cli.common import (
-    BatchSize, Backbone, Device, ImageSize, LabelColumn, Layer, Overwrite, PathColumn, Recipe, SplitColumn, TableRoot,
+    BatchSize, Backbone, Device, ImageSize, LabelColumn, Layer, Overwrite, PathColumn, Recipe, SplitColumn, TableTask, TableRoot,
     TimeLimit, UnixUsage, Weights, Workers, user_errors,
 )
 
@@ -22,6 +22,7 @@ def inspect(
     path_col: PathColumn = None,
     label_col: LabelColumn = None,
     split_col: SplitColumn = None,
+    task: TableTask = None,
     recipe: Recipe = "default",
     backbone: Backbone = None,
     weights: Weights = None,
@@ -43,7 +44,7 @@ def inspect(
         from tlpipe.run.report import print_inspect_report
         from tlpipe.utils import write_json
 
-        data = with_table_options(data, root, path_col, label_col, split_col)
+        data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
         json_out = json_out and output_file(json_out, "--json", suffixes=[".json"], overwrite=overwrite, dataset=data)
         config = config_from_flags(recipe, backbone=backbone, weights=weights, image_size=image_size,
                                    batch_size=batch_size, workers=workers, device=device, time_limit=time_limit)
@@ -60,6 +61,7 @@ def extract(
     path_col: PathColumn = None,
     label_col: LabelColumn = None,
     split_col: SplitColumn = None,
+    task: TableTask = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .parquet.")] = Path("codes.npz"),
     recipe: Recipe = "default",
     backbone: Backbone = None,
@@ -81,7 +83,7 @@ def extract(
         config = config_from_flags(recipe, backbone=backbone, weights=weights, layer=layer,
                                    layer_relu=False if no_relu else None, image_size=image_size,
                                    batch_size=batch_size, workers=workers, device=device)
-        path = run_extract(with_table_options(data, root, path_col, label_col, split_col), out, config, recipe=recipe,
+        path = run_extract(with_table_options(data, root, path_col, label_col, split_col, task and task.value), out, config, recipe=recipe,
                            overwrite=overwrite)
         typer.echo(f"wrote {path}")
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tlpipe.cli.common import (
-    BatchSize, Backbone, Device, ImageSize, LabelColumn, Layer, PathColumn, Recipe, SplitColumn, TableRoot, TimeLimit,
+    BatchSize, Backbone, Device, ImageSize, LabelColumn, Layer, PathColumn, Recipe, SplitColumn, TableTask, TableRoot, TimeLimit,
     UnixUsage, Weights, Workers, user_errors,
 )
 from tlpipe.config import StrategyName
@@ -29,6 +29,7 @@ def fit(
     path_col: PathColumn = None,
     label_col: LabelColumn = None,
     split_col: SplitColumn = None,
+    task: TableTask = None,
     recipe: Recipe = "default",
     strategy: Annotated[Optional[StrategyName], typer.Option(
         help="auto (chosen from the data's size and distance from ImageNet), linear (CNN codes + linear "
@@ -63,7 +64,7 @@ def fit(
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
 
-        data = with_table_options(data, root, path_col, label_col, split_col)
+        data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
         if worker:
             return _worker(data, example, storage, study_name, output)
         config = config_from_flags(

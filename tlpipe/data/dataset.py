@@ -77,9 +77,12 @@ def label_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
-    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept."""
+    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept (a
+    multi-label 0/1 matrix: a seeded random ``max_images``)."""
     if max_images is None or max_images >= len(labels):
         return np.arange(len(labels))
+    if labels.ndim == 2:
+        return np.sort(np.random.default_rng(seed).permutation(len(labels))[:max_images])
     order, rank = np.random.default_rng(seed).permutation(len(labels)), np.empty(len(labels))
     for c in np.unique(labels):
         members = order[labels[order] == c]

@@ -28,6 +28,7 @@ COMMON_NAMES = {
     "label": ("label", "labels", "class", "class_name", "category", "target", "y"),
     "split": ("split", "subset", "set", "partition"),
 }
+TASKS = ("auto", "multiclass", "multilabel")
 LABEL_DELIMITER = ";"  # several labels in one cell (``beach; people``): a multi-label table
 
 
@@ -42,6 +43,11 @@ class LabelTable:
     path_col: str | None = None
     label_col: str | None = None
     split_col: str | None = None
+    task: str = "auto"  # multilabel, multiclass (a ';' is part of the label), or auto: multi-label when a cell holds a ';'
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise TlpipeError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
 
     @property
     def is_file(self) -> bool:
@@ -64,7 +70,7 @@ class LabelTable:
             import pandas as pd
 
             what = hashlib.sha256(pd.util.hash_pandas_object(self.source, index=True).values.tobytes()).hexdigest()
-        return repr((what, str(self.folder.resolve()), self.path_col, self.label_col, self.split_col))
+        return repr((what, str(self.folder.resolve()), self.path_col, self.label_col, self.split_col, self.task))
 
 
 DataSource = Path | LabelTable
@@ -83,11 +89,11 @@ def as_source(data: Any) -> DataSource:
 
 
 def with_table_options(data: Any, root: Path | None = None, path_col: str | None = None, label_col: str | None = None,
-                       split_col: str | None = None) -> Any:
-    """``data`` read with the command line's table options (``--root``, ``--path-col``...), which a
-    class folder refuses."""
+                       split_col: str | None = None, task: str | None = None) -> Any:
+    """``data`` read with the command line's table options (``--root``, ``--path-col``, ``--task``...),
+    which a class folder refuses."""
     given = {k: v for k, v in (("root", root), ("path_col", path_col), ("label_col", label_col),
-                               ("split_col", split_col)) if v is not None}
+                               ("split_col", split_col), ("task", task)) if v is not None}
     if not given:
         return data
     source = as_source(data) if data is not None else None
@@ -113,7 +119,7 @@ def source_record(source: DataSource) -> dict:
     """What a fit's summary says of its data, enough for ``recorded_source`` to read it again."""
     if not isinstance(source, LabelTable):
         return {"data": str(source.resolve())}
-    columns = {"path_col": source.path_col, "label_col": source.label_col, "split_col": source.split_col}
+    columns = {"path_col": source.path_col, "label_col": source.label_col, "split_col": source.split_col, "task": source.task}
     return {"data": str(source_path(source).resolve()),
             "data_table": {"file": source.is_file, "root": str(source.folder.resolve()), **columns}}
 
@@ -125,7 +131,8 @@ def recorded_source(summary: dict) -> DataSource | None:
         return path if path.is_dir() else None
     if not (table["file"] and path.is_file()):
         return None
-    return LabelTable(path, Path(table["root"]), table["path_col"], table["label_col"], table["split_col"])
+    return LabelTable(path, Path(table["root"]), table["path_col"], table["label_col"], table["split_col"],
+                      table.get("task", "auto"))
 
 
 def source_identity(source: DataSource) -> str:
@@ -149,9 +156,9 @@ def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:
         raise TlpipeError(f"the image root {root} of {where} is not a folder: give the folder the paths are relative "
                           "to with --root")
     numbers = range(2, len(frame) + 2) if table.is_file else frame.index  # a file's lines (the header is 1), a frame's index
-    rows = _rows(frame, columns, numbers, where, evaluation)
+    rows = _rows(frame, columns, numbers, where, evaluation, split_cells=table.task != "multiclass")
     files, rejected, skipped = _files(rows, root.resolve(), root)  # files: every row's, the rejected ones too
-    multilabel = any(len(labels) > 1 for _, _, labels, _ in rows)
+    multilabel = table.task == "multilabel" or (table.task == "auto" and any(len(labels) > 1 for _, _, labels, _ in rows))
     labels = sorted({label for per_label in files.values() for label in per_label})
     if not evaluation:
         train = set(files.get("train", {}))
@@ -207,9 +214,11 @@ def _column(frame, role: str, given: str | None, where: str) -> str | None:
     return found
 
 
-def _rows(frame, columns: dict, numbers, where: str, evaluation: bool) -> list[tuple[Any, str, tuple[str, ...], str]]:
-    """(row as the user counts it, path, its labels, split) for every row, the split checked; a cell
-    ``a; b`` holds the labels a and b (sorted, each once; none when the cell is empty)."""
+def _rows(frame, columns: dict, numbers, where: str, evaluation: bool,
+          split_cells: bool = True) -> list[tuple[Any, str, tuple[str, ...], str]]:
+    """(row as the user counts it, path, its labels, split) for every row, the split checked; with
+    ``split_cells`` a cell ``a; b`` holds the labels a and b (sorted, each once; none when the cell
+    is empty), else the one label ``a; b``."""
     rows = []
     whole = WHOLE_FOLDER if evaluation else "train"  # no split column: scored whole, or all of it trained on
     for number, path, label, split in zip(numbers, frame[columns["path"]], frame[columns["label"]],
@@ -217,7 +226,8 @@ def _rows(frame, columns: dict, numbers, where: str, evaluation: bool) -> list[t
         split = "train" if split is None and not evaluation else split
         if split is not None and (split := str(split).strip().lower() or "train") not in SPLIT_ALIASES:
             raise TlpipeError(f"{where} row {number}: split {split!r} is not train, val or test (nor valid, validation)")
-        labels = tuple(sorted({part.strip() for part in str(label).split(LABEL_DELIMITER)} - {""}))
+        parts = str(label).split(LABEL_DELIMITER) if split_cells else [str(label)]
+        labels = tuple(sorted({part.strip() for part in parts} - {""}))
         rows.append((number, str(path).strip(), labels, SPLIT_ALIASES[split] if split else whole))
     return rows
 

@@ -172,7 +172,7 @@ def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: di
         write_json(out / names.STRATEGY, {**_auto(assessment, model.decision), "backbone_ranking": ranking or []})
         artifacts.append(names.STRATEGY)
     if model.trained.history:
-        save_learning_curves(model.trained.history, out / names.LEARNING_CURVES)
+        save_learning_curves(model.trained.history, out / names.LEARNING_CURVES, "mAP" if spec.multilabel else "accuracy")
         artifacts.append(names.LEARNING_CURVES)
     return artifacts
 

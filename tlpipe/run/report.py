@@ -35,7 +35,7 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     if "candidates" in summary["head"]:
         print_linear_heads(summary["head"])
     else:
-        print_finetune(summary["head"])
+        print_finetune(summary["head"], "mAP" if summary.get("task") == "multilabel" else "accuracy")
 
     multilabel = summary.get("task") == "multilabel"
     print_tuning(summary.get("tuning") or {}, "mAP" if multilabel else "accuracy")
@@ -232,12 +232,12 @@ def print_linear_heads(head: dict) -> None:
     console.print(table)
 
 
-def print_finetune(head: dict) -> None:
+def print_finetune(head: dict, score: str = "accuracy") -> None:
     frozen = f", {head['params_frozen']:,} frozen" if head["params_frozen"] else ""
     resumed = f", resumed after epoch {head['resumed_from_epoch']}" if head["resumed_from_epoch"] else ""
     console.print(f"Fine-tuned {head['params_trainable']:,} parameters{frozen}; {head['epochs_run']} epochs{resumed}, "
                   f"best at epoch {head['best_epoch']}; the linear probe it started from: "
-                  f"val accuracy {head['linear_probe_val_accuracy']:.3f}")
+                  f"val {score} {head['linear_probe_val_accuracy']:.3f}")
     if head.get("start_loss") is not None and head.get("first_epoch_loss") is not None:
         console.print(f"Train loss at {head['image_size']} px: {head['start_loss']:.3f} for the probe it started from, "
                       f"{head['first_epoch_loss']:.3f} over the first epoch")
@@ -291,9 +291,21 @@ def print_predictions(predictions, fmt: str) -> None:
         console.print(table)
 
 
+def print_signals(signals: dict, backbone: str) -> None:
+    """The transfer signals per tap: what auto's decision reads."""
+    table = Table(title=f"Transfer signals ({backbone}, {signals['folds']}-fold CV on train)")
+    for column in ("features", "probe acc.", "± s.e.", "kNN acc.", "LogME", "BN gap"):
+        table.add_column(column, justify="left" if column == "features" else "right")
+    for row in [*signals["stages"], {"name": "penultimate", **signals["penultimate"]}]:
+        best = " (best earlier stage)" if row["name"] == signals["best_stage"] else ""
+        table.add_row(row["name"] + best, f"{row['probe_accuracy']:.3f}", f"{row['probe_sem']:.3f}",
+                      f"{row['knn_accuracy']:.3f}", f"{row['logme']:.3f}", f"{row['bn_gap']:.3f}")
+    console.print(table)
+
+
 def print_inspect_report(result: dict) -> None:
     """``tlpipe inspect``: profile, signals, decision and estimate."""
-    profile, signals, decision = result["profile"], result["signals"], result["decision"]
+    profile, signals, decision = result["profile"], result.get("signals"), result["decision"]
     splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
     console.print(f"[bold]Data[/]  {result['data']}: {len(result['classes'])} classes; {splits}")
     table = Table(title="Images per class")
@@ -319,15 +331,11 @@ def print_inspect_report(result: dict) -> None:
     for row in result.get("backbone_ranking") or []:
         console.print(f"  candidate {row['backbone']}: probe {row['probe_accuracy']:.3f}, LogME {row['logme']:.3f}")
 
-    table = Table(title=f"Transfer signals ({result['backbone']}, {signals['folds']}-fold CV on train)")
-    for column in ("features", "probe acc.", "± s.e.", "kNN acc.", "LogME", "BN gap"):
-        table.add_column(column, justify="left" if column == "features" else "right")
-    for row in [*signals["stages"], {"name": "penultimate", **signals["penultimate"]}]:
-        best = " (best earlier stage)" if row["name"] == signals["best_stage"] else ""
-        table.add_row(row["name"] + best, f"{row['probe_accuracy']:.3f}", f"{row['probe_sem']:.3f}",
-                      f"{row['knn_accuracy']:.3f}", f"{row['logme']:.3f}", f"{row['bn_gap']:.3f}")
-    console.print(table)
+    if signals:  # a multi-label set has none (its rule is fixed)
+        print_signals(signals, result["backbone"])
     console.print(f"[bold]Decision[/]  {decision['headline']}. {decision['explanation']}")
+    if "estimate" not in result:
+        return
     estimate = result["estimate"]
     memory = f"; {estimate['memory_gb']} GB per batch of {estimate['batch_size']}" if "memory_gb" in estimate else ""
     console.print(f"[bold]Estimate[/]  fit at most {estimate['fit_seconds']:.0f} s at "

@@ -10,7 +10,7 @@ from tlpipe.models import PENULTIMATE, dataset_codes
 from tlpipe.progress import announce
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.auto import assess
-from tlpipe.strategy.decision import Decision
+from tlpipe.strategy.decision import Decision, multilabel_decision
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
 
@@ -53,12 +53,9 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
 
 
 def _multilabel_linear(config: FitConfig) -> tuple[FitConfig, Decision]:
-    """Auto on a multi-label set: one-vs-rest logistic regression on the last features (the signals
-    and the fine-tunes are single-label so far), with the reason the summary gives."""
-    reason = ("Multi-label set: one-vs-rest logistic regression on the last features, scored by mean average "
-              "precision (auto does not fine-tune multi-label sets yet).")
-    config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
-    return config, Decision("linear", reasons=(reason,))
+    """Auto on a multi-label set: linear on the last features (``multilabel_decision``)."""
+    decision = multilabel_decision()
+    return config.model_copy(update={"strategy": decision.strategy, "layer": decision.layer}), decision
 
 
 def code_tap(config: FitConfig) -> str | int:

@@ -25,7 +25,7 @@ def prepare(ctx: FitContext, config: FitConfig) -> Prepared:
         ctx.folder.restore()  # a fit killed while it replaced its bundle
     with ctx.timings.stage("check_data"):
         spec = prepare_dataset(ctx.data, config.val_fraction, config.seed, report_dir=out if ranks.is_main else None)
-    config = for_task(config, spec)
+    config = for_task(config, spec, ranks.enabled)
     with ctx.timings.stage("load_backbone"):
         backbone, ranking = choose_backbone(config, spec)
     config = config.model_copy(update={"backbone": backbone.name,  # one cache for the fit, its trials and the guard
@@ -35,14 +35,15 @@ def prepare(ctx: FitContext, config: FitConfig) -> Prepared:
     return Prepared(spec, config, backbone, ranking)
 
 
-def for_task(config: FitConfig, spec: DatasetSpec) -> FitConfig:
+def for_task(config: FitConfig, spec: DatasetSpec, distributed: bool = False) -> FitConfig:
     """The config a multi-label set is fitted with: logistic regression alone (one-vs-rest; an SVM
-    gives no per-class probabilities to threshold). A fine-tune is refused: not supported yet."""
+    gives no per-class probabilities to threshold). Fine-tuning one under torchrun is refused: the
+    epochs' val mAP is scored in one process."""
     if not spec.multilabel:
         return config
-    if config.strategy in ("partial", "full"):
-        raise TlpipeError(f"strategy {config.strategy!r}: fine-tuning a multi-label set is not supported yet; use "
-                          "--strategy linear (or auto, which chooses it)")
+    if distributed and config.strategy != "linear":
+        raise TlpipeError("fine-tuning a multi-label set under torchrun is not supported yet: run tlpipe fit in one "
+                          "process, or use --strategy linear")
     return config.model_copy(update={"linear": config.linear.model_copy(update={"classifiers": ["logreg"]}),
                                      "tuning": config.tuning.model_copy(update={"classifiers": ["logreg"]})})
 

@@ -29,7 +29,7 @@ from tlpipe.training.fits import TrainedHead, fit_linear
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]
 # The arrays a cached linear fit holds, named in its key: an entry of another layout is a miss, not a KeyError
-_DECISION_ARRAYS = ("weight", "bias", "kind", "scale", "val_accuracy", "C", "details")
+_DECISION_ARRAYS = ("weight", "bias", "kind", "scale", "thresholds", "val_accuracy", "C", "details")
 
 
 @dataclass
@@ -88,11 +88,14 @@ def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
     path = Path(config.cache_dir) / "decision" / f"{key}.npz"
     saved = load_cached(path, key)
     if saved is not None:
-        head = LinearHead(saved["weight"], saved["bias"], str(saved["kind"]), float(saved["scale"]))
+        multilabel = saved["thresholds"].size > 0  # a scale per class, and its thresholds
+        head = LinearHead(saved["weight"], saved["bias"], str(saved["kind"]),
+                          saved["scale"] if multilabel else float(saved["scale"]), saved["thresholds"] if multilabel else None)
         return TrainedHead(head, float(saved["val_accuracy"]), json.loads(str(saved["details"])), C=float(saved["C"]))
     trained = fit_linear(config, codes)
     head = trained.head
     save_cached(path, key, {"weight": head.weight, "bias": head.bias, "kind": np.array(head.kind), "scale": np.array(head.scale),
+                            "thresholds": np.array([] if head.thresholds is None else head.thresholds),
                             "val_accuracy": np.array(trained.val_accuracy), "C": np.array(trained.C),
                             "details": np.array(json.dumps(trained.details))})
     return trained

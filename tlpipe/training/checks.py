@@ -16,25 +16,34 @@ class Diverged(Exception):
 @dataclass(frozen=True)
 class LearningCheck:
     """The signs that a fine-tune has not started learning: a non-finite train loss; a train loss
-    above chance (ln K, a uniform guess) at the end of the first epoch (the mean over its second
-    half: the first steps ramp the learning rate up from an LP-FT start far below chance); val
-    accuracy within two standard errors of the largest val class's share after two epochs."""
+    above chance (ln K, a uniform guess; multi-label: the binary entropy of each class's share) at
+    the end of the first epoch (the mean over its second half: the first steps ramp the learning
+    rate up from an LP-FT start far below chance); a val score within two standard errors of
+    chance after two epochs (accuracy: the largest val class's share; mAP: the classes' mean share)."""
 
     n_classes: int
-    val_chance: float  # the largest class's share of the val images scored each epoch
+    val_chance: float  # the val score of a guess, on the val images scored each epoch
     val_images: int
+    label_shares: tuple[float, ...] = ()  # multi-label: each class's share of the train images
+
+    def _chance_loss(self) -> tuple[float, str]:
+        if not self.label_shares:
+            return math.log(self.n_classes), f"ln {self.n_classes} = {math.log(self.n_classes):.3f}"
+        shares = [min(max(p, 1e-6), 1 - 1e-6) for p in self.label_shares]
+        loss = sum(-p * math.log(p) - (1 - p) * math.log(1 - p) for p in shares) / len(shares)
+        return loss, f"each class guessed at its share: {loss:.3f}"
 
     def verdict(self, epoch: int, metrics: dict) -> str | None:
-        loss, chance_loss = metrics.get("train_loss_end", metrics["train_loss"]), math.log(self.n_classes)
+        loss, (chance_loss, chance) = metrics.get("train_loss_end", metrics["train_loss"]), self._chance_loss()
         if not math.isfinite(loss) or not math.isfinite(metrics["train_loss"]):
             return f"the train loss is {metrics['train_loss']} at epoch {epoch}"
         if epoch == 1 and loss > chance_loss:
-            return (f"train loss {loss:.3f} at the end of the first epoch, above chance (ln {self.n_classes} = "
-                    f"{chance_loss:.3f})")
+            return f"train loss {loss:.3f} at the end of the first epoch, above chance ({chance})"
         se = math.sqrt(self.val_chance * (1 - self.val_chance) / max(self.val_images, 1))
+        score, guess = ("mAP", "the classes' mean share") if self.label_shares else ("accuracy", "the largest class's share")
         if epoch == 2 and metrics["val_accuracy"] <= self.val_chance + 2 * se:
-            return (f"val accuracy {metrics['val_accuracy']:.3f} after two epochs, at chance (the largest class's "
-                    f"share, {self.val_chance:.3f}, + 2 standard errors)")
+            return (f"val {score} {metrics['val_accuracy']:.3f} after two epochs, at chance ({guess}, "
+                    f"{self.val_chance:.3f}, + 2 standard errors)")
         return None
 
 

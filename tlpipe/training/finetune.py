@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from timm.models import group_parameters
 from torch import nn
@@ -28,6 +29,7 @@ from tlpipe.training.checkpoint import Checkpoints
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext
 from tlpipe.training.frozen import FrozenPrefix
+from tlpipe.training.linear import mean_average_precision
 
 
 @contextmanager
@@ -152,12 +154,28 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
 
+class MultilabelLoss(nn.BCEWithLogitsLoss):
+    """Binary cross-entropy of each class's logit against its 0/1 target (the loaders give integers)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, target.to(logits.dtype))
+
+
+def training_loss(multilabel: bool, weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """Cross-entropy over the classes (``weights`` per class); multi-label: binary cross-entropy per
+    class, ``weights`` weighing each class's positives (``pos_weight``)."""
+    if multilabel:
+        return MultilabelLoss(pos_weight=weights)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, precision: Precision,
              context: DistContext = DistContext()) -> dict:
-    """Validation loss and accuracy; under DDP each rank scores its share and the sums are shared."""
+    """Validation loss and accuracy (multi-label, ``MultilabelLoss``: mean average precision, one
+    process only); under DDP each rank scores its share and the sums are shared."""
     model.eval()
-    loss, correct, n = 0.0, 0, 0
+    loss, correct, n, scored = 0.0, 0, 0, []
     for images, labels in loader:
         raise_if_stopped()
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -165,9 +183,14 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         with precision.autocast():
             logits = model(images)
         loss += criterion(logits.float(), labels).item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        if isinstance(criterion, MultilabelLoss):
+            scored.append((labels.cpu().numpy(), logits.float().cpu().numpy()))
+        else:
+            correct += (logits.argmax(1) == labels).sum().item()
         n += len(labels)
     loss, correct, n = context.all_sum([loss, correct, n])
+    if scored:
+        return {"val_loss": loss / n, "val_accuracy": mean_average_precision(*(np.concatenate(a) for a in zip(*scored)))}
     return {"val_loss": loss / n, "val_accuracy": correct / n}
 
 
@@ -181,7 +204,7 @@ class Finetuner:
                  on_epoch: Callable[[int, dict], None] | None = None, fingerprint: str = "",
                  micro_batch: int | None = None, context: DistContext = DistContext(), deadline: float | None = None,
                  frozen: FrozenPrefix | None = None, check: LearningCheck | None = None,
-                 allowance: EpochAllowance | None = None):
+                 allowance: EpochAllowance | None = None, multilabel: bool = False):
         self.config, self.device, self.unfreeze_stages = config, device, unfreeze_stages
         self.class_weights, self.on_epoch = class_weights, on_epoch
         # fingerprint: what the run is (config + data): a checkpoint of another run is not resumed
@@ -190,6 +213,7 @@ class Finetuner:
         self.context, self.deadline = context, deadline
         self.frozen = frozen  # a loader of its cached outputs runs the model from there
         self.check, self.allowance = check, allowance
+        self.multilabel = multilabel  # binary cross-entropy per class; its epochs scored by val mAP
         self.oom_events_: list[dict] = []
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
@@ -208,7 +232,7 @@ class Finetuner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = Precision(device)
         weights = self.class_weights.to(device) if self.class_weights is not None else None
-        criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        criterion = training_loss(self.multilabel, weights, cfg.label_smoothing)
         state = {"epoch": 0, "epochs": cfg.epochs, "best_accuracy": -1.0, "best_epoch": 0, "stale": 0, "history": [],
                  "done": False}
         resumed = self.checkpoints.restore(model, optimizer, scheduler, precision.scaler, state)

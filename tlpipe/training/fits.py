@@ -30,10 +30,12 @@ from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.frozen import FrozenOutputs, FrozenPrefix
-from tlpipe.training.finetune import Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms
+from tlpipe.training.finetune import (
+    Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms, training_loss,
+)
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.linear import LinearHead, LinearProbe
-from tlpipe.training.multilabel import MultilabelProbe
+from tlpipe.training.multilabel import DEFAULT_THRESHOLD, MultilabelProbe
 from tlpipe.utils import default_workers, read_json, write_json
 
 
@@ -98,11 +100,19 @@ def fit_linear(config: FitConfig, codes: dict) -> TrainedHead:
     return TrainedHead(probe.head_, probe.val_score_, details, C=probe.C_)
 
 
+MAX_POSITIVE_WEIGHT = 10.0  # multi-label: a rare class's positives weigh at most this many images
+
+
 def class_weights(spec: DatasetSpec, mode: str) -> torch.Tensor | None:
-    """Inverse-frequency weights when asked, or (auto) when the largest class has over 3x the smallest."""
+    """Inverse-frequency weights when asked, or (auto) when the largest class has over 3x the
+    smallest; multi-label: each class's positives weighed by its negatives over its positives (at
+    most ``MAX_POSITIVE_WEIGHT``, at least 1), so a rare class is not learnt as always absent."""
     counts = np.array(list(spec.class_counts("train").values()), dtype=np.float64)
     if mode == "off" or (mode == "auto" and counts.max() <= 3 * counts.min()):
         return None
+    if spec.multilabel:
+        negatives = len(spec.splits["train"]) - counts
+        return torch.tensor(np.clip(negatives / np.maximum(counts, 1), 1.0, MAX_POSITIVE_WEIGHT), dtype=torch.float32)
     return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
 
 
@@ -142,12 +152,13 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
                                                      context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     epoch_val = len(loaders[1].sampler) * context.world_size
-    check = LearningCheck(len(spec.classes), largest_share(spec, "val"), epoch_val)
+    shares = tuple(spec.labels("train").mean(axis=0).tolist()) if spec.multilabel else ()
+    check = LearningCheck(len(spec.classes), chance_score(spec, "val"), epoch_val, shares)
 
     def run(attempt: FinetuneConfig, checkpoints: Path) -> Finetuner:
         return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch, _fingerprint(config, backbone, spec, attempt),
                          context=context, deadline=deadline, frozen=frozen, check=check,
-                         allowance=allowance).fit(model, train_loader, val_loader)
+                         allowance=allowance, multilabel=spec.multilabel).fit(model, train_loader, val_loader)
 
     # Seeded on a fork of the global RNG: the run is reproducible and the caller's RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
@@ -156,15 +167,16 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
             tuner, restarts = train_until_learning(model, ft, out / "checkpoints", run, context.is_main)
             # epochs were scored (and pruned) on a subset of a large val split; the trial's figure is the whole split's
             val_accuracy = tuner.best_accuracy_ if whole_val is None else evaluate(
-                model, whole_val, nn.CrossEntropyLoss(), device, Precision(device), context)["val_accuracy"]
+                model, whole_val, training_loss(spec.multilabel), device, Precision(device), context)["val_accuracy"]
         finally:
             _stop_workers(*loaders[:2])
     classifier = model.get_classifier()
-    head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune")
+    head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune",
+                      *((np.ones(len(spec.classes)), np.full(len(spec.classes), DEFAULT_THRESHOLD)) if spec.multilabel else ()))
     reused = [name for name, used, built in (("train", train_loader, loaders[0]), ("val", val_loader, loaders[1]))
               if used is not built]  # the splits whose frozen-stage outputs were computed once
     details = {
-        "linear_probe_val_accuracy": probe.candidates_["logreg"]["val_accuracy"],
+        "linear_probe_val_accuracy": probe.val_score_,
         "start_loss": start_loss(probe.head_, start_codes["train"], weights, ft.label_smoothing),
         **_run_details(tuner, restarts, ft.epochs), "image_size": data_config["input_size"][-1], "val_accuracy": val_accuracy,
         "epoch_val_images": epoch_val, "frozen_outputs_reused": reused, "unfreeze_stages": unfreeze,
@@ -214,15 +226,19 @@ def starting_probe(backbone: Backbone, spec: DatasetSpec, config: FitConfig, cod
 
 def start_loss(head: LinearHead, train_codes: tuple, weights: torch.Tensor | None, label_smoothing: float) -> float:
     """The training loss of the LP-FT start on the un-augmented train codes: where the first epoch
-    should begin (the ``LearningCheck`` compares the first epoch with chance, ln K)."""
+    should begin (the ``LearningCheck`` compares the first epoch with chance)."""
     X, y = train_codes
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+    criterion = training_loss(head.multilabel, weights, label_smoothing)
     return float(criterion(torch.from_numpy(head.logits(X)), torch.from_numpy(y)))
 
 
-def largest_share(spec: DatasetSpec, split: str) -> float:
-    """The share of ``split``'s largest class: the accuracy of always guessing it."""
-    counts = np.bincount([s.label for s in spec.splits[split]], minlength=len(spec.classes))
+def chance_score(spec: DatasetSpec, split: str) -> float:
+    """The val score of a guess on ``split``: the accuracy of always guessing its largest class; for
+    a multi-label set, the mean average precision of a random ranking (the classes' mean share)."""
+    labels = spec.labels(split)
+    if spec.multilabel:
+        return float(labels.mean()) if labels.size else 0.0
+    counts = np.bincount(labels, minlength=len(spec.classes))
     return float(counts.max() / max(counts.sum(), 1))
 
 
@@ -286,7 +302,7 @@ def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path,
     with context.main_first():  # one rank decodes, the others then open the same files
         arrays = {split: build_decoded_cache(spec.splits[split], size, cache_root(config.cache_dir, out),
                                              config.num_workers, crop=crop) for split in ("train", "val")}
-    labels = {split: [s.label for s in spec.splits[split]] for split in ("train", "val")}
+    labels = {split: [s.target for s in spec.splits[split]] for split in ("train", "val")}
     workers = default_workers(config.num_workers)
     # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
     # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
@@ -298,7 +314,7 @@ def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path,
         CachedImages(arrays["train"], labels["train"], train_transform(data_config, config.augment)),
         sampler=sampler, drop_last=len(sampler) % batch_size == 1, **common)  # no lone-image batch for BatchNorm
     val_images = CachedImages(arrays["val"], labels["val"], eval_array_transform(data_config))
-    rows = stratified_subset(np.array(labels["val"]), EPOCH_VAL_IMAGES, config.seed)
+    rows = stratified_subset(spec.labels("val"), EPOCH_VAL_IMAGES, config.seed)
     val_loader = DataLoader(val_images, sampler=rows[context.rank::context.world_size].tolist(), **common)  # each scored once
     if len(rows) == len(labels["val"]):
         return train_loader, val_loader, None
