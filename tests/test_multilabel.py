@@ -138,12 +138,15 @@ def test_task_option_makes_one_label_rows_multilabel_and_multiclass_keeps_a_cell
 
 
 def test_inspect_and_extract_of_a_multilabel_table(tmp_path):
-    table = _table(tmp_path, (("train", 12), ("val", 4)))
-    inspected = tlpipe("inspect", table, "--workers", "0")
-    assert inspected.exit_code == 0 and "Multi-label set: one-vs-rest" in inspected.stdout, inspected.output
+    table = _table(tmp_path, (("train", 20), ("val", 4)))
+    inspected = tlpipe("inspect", table, "--workers", "0", "--json", tmp_path / "inspect.json")
+    assert inspected.exit_code == 0, inspected.output
+    result = json.loads((tmp_path / "inspect.json").read_text())  # the transfer signals scored by mAP, one-vs-rest
+    assert result["signals"]["score"] == "mAP" and result["signals"]["penultimate"]["probe_accuracy"] > 0.8
+    assert "scores mAP" in result["decision"]["explanation"]
     assert tlpipe("extract", table, "-o", tmp_path / "codes.npz", "--workers", "0").exit_code == 0
     codes = np.load(tmp_path / "codes.npz")
     rows = {r["path"]: set(r["labels"].split(";")) for r in csv.DictReader(table.open())}
-    assert codes["labels"].shape == (16, 4)
+    assert codes["labels"].shape == (24, 4)
     for path, row in zip(codes["paths"], codes["labels"]):
         assert {c for c, on in zip(codes["classes"], row) if on} == rows[path]

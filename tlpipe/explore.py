@@ -28,7 +28,6 @@ from tlpipe.models import Backbone, build_backbone, dataset_codes, resolve_layer
 from tlpipe.stages.planning import new_plan
 from tlpipe.stages.prepare import choose_backbone
 from tlpipe.strategy.auto import assess
-from tlpipe.strategy.decision import multilabel_decision
 from tlpipe.strategy.policy import choose_tap
 from tlpipe.strategy.signals import collect_splits
 from tlpipe.utils import atomic_write
@@ -52,12 +51,8 @@ def inspect(data: str | Path | LabelTable, config: FitConfig | None = None, *, r
     profile = profile_dataset(spec)
     backbone, ranking = choose_backbone(config, spec)
     config = config.model_copy(update={"backbone": backbone.name})
-    if spec.multilabel:  # no signals to measure: the rule is fixed (strategy.decision.multilabel_decision)
-        decision = multilabel_decision()
-        result = {"decision": decision.to_dict()}
-    else:
-        assessment, _ = choose_tap(assess(collect_splits(backbone, spec, config), spec, config), config)
-        decision, result = assessment.decision, assessment.to_dict()
+    assessment, _ = choose_tap(assess(collect_splits(backbone, spec, config), spec, config), config)
+    decision, result = assessment.decision, assessment.to_dict()
     if decision.strategy != "linear":
         result["estimate"] = {**assessment.estimate, **estimate_training_memory(backbone, config)}
         result["plan"] = new_plan(spec, backbone, assessment.apply(config), budget.left(), None).to_dict()

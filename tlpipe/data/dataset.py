@@ -155,7 +155,7 @@ def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str], evaluation: bo
     splits = {split: _samples(per_class, label_of, bad, scanned.multilabel) for split, per_class in scanned.files.items()}
     if evaluation:
         return splits
-    train_counts = label_counts(np.array([s.label for s in splits["train"]]), len(scanned.classes))
+    train_counts = label_counts(np.array([s.label for s in splits["train"]], dtype=np.int64), len(scanned.classes))
     for name in scanned.classes:
         if train_counts[label_of[name]] == 0:
             n_bad = sum(1 for p in scanned.files["train"].get(name, []) if p in bad)

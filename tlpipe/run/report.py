@@ -294,7 +294,8 @@ def print_predictions(predictions, fmt: str) -> None:
 def print_signals(signals: dict, backbone: str) -> None:
     """The transfer signals per tap: what auto's decision reads."""
     table = Table(title=f"Transfer signals ({backbone}, {signals['folds']}-fold CV on train)")
-    for column in ("features", "probe acc.", "± s.e.", "kNN acc.", "LogME", "BN gap"):
+    score = "acc." if signals.get("score", "accuracy") == "accuracy" else signals["score"]
+    for column in ("features", f"probe {score}", "± s.e.", f"kNN {score}", "LogME", "BN gap"):
         table.add_column(column, justify="left" if column == "features" else "right")
     for row in [*signals["stages"], {"name": "penultimate", **signals["penultimate"]}]:
         best = " (best earlier stage)" if row["name"] == signals["best_stage"] else ""
@@ -305,7 +306,7 @@ def print_signals(signals: dict, backbone: str) -> None:
 
 def print_inspect_report(result: dict) -> None:
     """``tlpipe inspect``: profile, signals, decision and estimate."""
-    profile, signals, decision = result["profile"], result.get("signals"), result["decision"]
+    profile, signals, decision = result["profile"], result["signals"], result["decision"]
     splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
     console.print(f"[bold]Data[/]  {result['data']}: {len(result['classes'])} classes; {splits}")
     table = Table(title="Images per class")
@@ -331,11 +332,8 @@ def print_inspect_report(result: dict) -> None:
     for row in result.get("backbone_ranking") or []:
         console.print(f"  candidate {row['backbone']}: probe {row['probe_accuracy']:.3f}, LogME {row['logme']:.3f}")
 
-    if signals:  # a multi-label set has none (its rule is fixed)
-        print_signals(signals, result["backbone"])
+    print_signals(signals, result["backbone"])
     console.print(f"[bold]Decision[/]  {decision['headline']}. {decision['explanation']}")
-    if "estimate" not in result:
-        return
     estimate = result["estimate"]
     memory = f"; {estimate['memory_gb']} GB per batch of {estimate['batch_size']}" if "memory_gb" in estimate else ""
     console.print(f"[bold]Estimate[/]  fit at most {estimate['fit_seconds']:.0f} s at "

@@ -10,7 +10,7 @@ from tlpipe.models import PENULTIMATE, dataset_codes
 from tlpipe.progress import announce
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.auto import assess
-from tlpipe.strategy.decision import Decision, multilabel_decision
+from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
 
@@ -22,15 +22,12 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
     config, spec, backbone = prepared.config, prepared.spec, prepared.backbone
     ranks, timings = ctx.ranks, ctx.timings
     cache = Path(config.cache_dir)
-    decision = None
-    if spec.multilabel and config.strategy == "auto":
-        config, decision = _multilabel_linear(config)
     if config.strategy != "auto":
         with timings.stage("extract_codes"), ranks.main_first():
             codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache)
                      for split in ("train", "val")}
         if config.strategy == "linear" or not ranks.is_main:
-            return Choice(config, codes, decision=decision)
+            return Choice(config, codes)
         with timings.stage("linear_first"):  # the model a fine-tune stopped early leaves
             linear_config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
             linear = LinearFit(PENULTIMATE, cached_fit_linear(linear_config, codes), codes, linear_config)
@@ -50,12 +47,6 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
         with timings.stage("linear_baseline"):
             linear = tuned_baseline(linear, ctx.out, ctx.budget.timeout())
     return Choice(config, codes, assessment, linear)
-
-
-def _multilabel_linear(config: FitConfig) -> tuple[FitConfig, Decision]:
-    """Auto on a multi-label set: linear on the last features (``multilabel_decision``)."""
-    decision = multilabel_decision()
-    return config.model_copy(update={"strategy": decision.strategy, "layer": decision.layer}), decision
 
 
 def code_tap(config: FitConfig) -> str | int:

@@ -16,7 +16,6 @@ from tlpipe.data.table import DataSource
 from tlpipe.models import Backbone
 from tlpipe.run.folder import RunFolder
 from tlpipe.strategy.auto import Assessment
-from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.policy import LinearFit
 from tlpipe.run.tracking import FitRun
 from tlpipe.training.distributed import DistContext
@@ -93,4 +92,3 @@ class Choice:
     codes: Codes  # train/val codes at the strategy's tap (a fine-tune's LP-FT probe: the last features)
     assessment: Assessment | None = None  # auto only
     linear: LinearFit | None = None  # the chosen tap's classifier (trial 0 of a linear study, the guard's baseline)
-    decision: Decision | None = None  # why, when no assessment made the choice (a multi-label set under auto)

@@ -35,17 +35,25 @@ def prepare(ctx: FitContext, config: FitConfig) -> Prepared:
     return Prepared(spec, config, backbone, ranking)
 
 
+MULTILABEL_MIN_CROP = 0.8  # of a multi-label image's area a training crop keeps
+
+
 def for_task(config: FitConfig, spec: DatasetSpec, distributed: bool = False) -> FitConfig:
     """The config a multi-label set is fitted with: logistic regression alone (one-vs-rest; an SVM
-    gives no per-class probabilities to threshold). Fine-tuning one under torchrun is refused: the
-    epochs' val mAP is scored in one process."""
+    gives no per-class probabilities to threshold), and training crops that keep at least
+    ``MULTILABEL_MIN_CROP`` of the image: a smaller crop can cut a labelled object out and teach
+    the network it is absent. Fine-tuning one under torchrun is refused: the epochs' val mAP is
+    scored in one process."""
     if not spec.multilabel:
         return config
     if distributed and config.strategy != "linear":
         raise TlpipeError("fine-tuning a multi-label set under torchrun is not supported yet: run tlpipe fit in one "
                           "process, or use --strategy linear")
+    low, high = config.augment.crop_scale
     return config.model_copy(update={"linear": config.linear.model_copy(update={"classifiers": ["logreg"]}),
-                                     "tuning": config.tuning.model_copy(update={"classifiers": ["logreg"]})})
+                                     "tuning": config.tuning.model_copy(update={"classifiers": ["logreg"]}),
+                                     "augment": config.augment.model_copy(update={"crop_scale": [max(low, MULTILABEL_MIN_CROP),
+                                                                                                 max(high, MULTILABEL_MIN_CROP)]})})
 
 
 def choose_backbone(config: FitConfig, spec: DatasetSpec) -> tuple[Backbone, list[dict]]:

@@ -43,7 +43,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
         objective = strategy_objective(config, backbone, spec, ctx.out, choice.codes, trial0, deadline, kept)
         tuned = _tune(ctx, config, objective, plan)
     config = tuned.config
-    decision = choice.assessment.decision if choice.assessment else choice.decision
+    decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
         return _no_trial_finished(choice, backbone, tuned)
     with ctx.timings.stage("train"):

@@ -61,8 +61,6 @@ class Decision:
     def headline(self) -> str:
         """The choice in a few words: ``linear on blocks.6 (small data, far from ImageNet)``."""
         tap = f" on {self.layer}" if self.strategy == "linear" else ""
-        if not self.size:  # not measured: a multi-label set's rule
-            return f"{self.strategy}{tap}"
         return f"{self.strategy}{tap} ({self.size} data, {'far from' if self.similarity == 'far' else 'near'} ImageNet)"
 
     def with_reason(self, reason: str, **changes) -> "Decision":
@@ -75,15 +73,6 @@ class Decision:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "reasons": list(self.reasons), "explanation": self.explanation, "headline": self.headline}
-
-
-MULTILABEL_REASON = ("Multi-label set: one-vs-rest logistic regression on the last features, scored by mean average "
-                     "precision (auto does not fine-tune multi-label sets yet: --strategy partial or full does).")
-
-
-def multilabel_decision() -> Decision:
-    """Auto on a multi-label set: the signals and the fine-tunes are single-label so far."""
-    return Decision("linear", PENULTIMATE, reasons=(MULTILABEL_REASON,))
 
 
 def _stage_probe(signals: Signals, name: str) -> dict:
@@ -125,7 +114,8 @@ def decide(signals: Signals, images_per_class: int, thresholds: AutoConfig = DEF
         f"The smallest class has {images_per_class} training images ({'at least' if large else 'under'} {cut}"
         f"{' for data far from ImageNet' if far else ''}: {'large' if large else 'small'} for fine-tuning).",
         distance,
-        f"A linear probe on the last features scores {last['probe_accuracy']:.3f} "
+        f"A linear probe on the last features scores {'' if signals.score == 'accuracy' else signals.score + ' '}"
+        f"{last['probe_accuracy']:.3f} "
         f"(± {last['probe_sem']:.3f}) in {signals.folds}-fold cross-validation.",
     ]
     if finetune_minutes is not None:

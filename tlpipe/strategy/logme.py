@@ -47,11 +47,13 @@ def _spectrum(f: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: float = 1e-3) -> float:
-    """Mean over classes of the maximised log evidence per sample (all classes solved at once)."""
+    """Mean over classes of the maximised log evidence per sample (all classes solved at once);
+    ``labels``: class indices, or a multi-label 0/1 matrix (each class's column is its target)."""
     f = np.asarray(features, np.float64)
     n, d = f.shape
     f = f / max(np.sqrt(np.sum(f**2) / min(n, d)), np.finfo(float).tiny)  # mean sigma 1: see _EPS
-    y = (np.asarray(labels)[:, None] == np.arange(int(labels.max()) + 1)).astype(np.float64)  # N x K
+    labels = np.asarray(labels)
+    y = labels.astype(np.float64) if labels.ndim == 2 else (labels[:, None] == np.arange(int(labels.max()) + 1)).astype(np.float64)
     sigma, z = _spectrum(f, y)
     z2, outside = z**2, (y**2).sum(0) - (z**2).sum(0)  # |y|^2 - |z|^2: the part no feature reaches
     alpha, beta = np.ones(y.shape[1]), np.ones(y.shape[1])

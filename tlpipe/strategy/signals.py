@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import entr, softmax
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -273,7 +275,8 @@ class Signals:
     features, mean over stratified folds (``probe_std``, ``probe_sem`` over the folds); ``knn_accuracy``:
     distance-weighted cosine kNN on standardised features, same folds; ``logme`` on the raw features;
     ``bn_gap``: mean of ``BatchNormStats.gap`` over that level's BatchNorm layers (NaN without any);
-    ``dim``."""
+    ``dim``. A multi-label set (``score`` mAP): one-vs-rest probes, each probe's and kNN's figure
+    the mean average precision, folds by iterative stratification, LogME on the 0/1 label matrix."""
 
     stages: list[dict]
     best_stage: str  # highest probe accuracy, ties to kNN accuracy
@@ -282,20 +285,26 @@ class Signals:
     domain_gap: float  # mean bn_gap over the stages and the penultimate level: each depth counts once
     folds: int
     seconds: float  # compute_signals itself (the forward pass is FeatureSet.seconds)
+    score: str = "accuracy"  # what probe_accuracy and knn_accuracy measure: accuracy, or mAP (multi-label)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _scores(X: np.ndarray, y: np.ndarray, cv: list, neighbours: int) -> dict:
-    """Cross-validated linear probe and cosine kNN on standardised features, plus LogME on the raw ones."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=1000))
+    """Cross-validated linear probe and cosine kNN on standardised features, plus LogME on the raw
+    ones; for a 0/1 label matrix, one probe per class and both scored by mean average precision."""
+    multilabel = y.ndim == 2
+    classifier = LogisticRegression(C=PROBE_C, max_iter=1000)
+    probe = make_pipeline(StandardScaler(), OneVsRestClassifier(classifier) if multilabel else classifier)
     knn = make_pipeline(StandardScaler(), KNeighborsClassifier(neighbours, weights="distance", metric="cosine"))
-    probe_acc = cross_val_score(probe, X, y, cv=cv)
+    scoring = "average_precision" if multilabel else None
+    probe_acc = cross_val_score(probe, X, y, cv=cv, scoring=scoring)
     return {
         "probe_accuracy": float(probe_acc.mean()), "probe_std": float(probe_acc.std()),
         "probe_sem": float(probe_acc.std(ddof=1) / np.sqrt(len(probe_acc))),
-        "knn_accuracy": float(cross_val_score(knn, X, y, cv=cv).mean()), "logme": logme(X, y), "dim": int(X.shape[1]),
+        "knn_accuracy": float(cross_val_score(knn, X, y, cv=cv, scoring=scoring).mean()), "logme": logme(X, y),
+        "dim": int(X.shape[1]),
     }
 
 
@@ -313,11 +322,13 @@ def compute_signals(features: FeatureSet, seed: int = 0) -> Signals:
 def _compute_signals(features: FeatureSet, seed: int) -> Signals:
     start = time.perf_counter()
     y = features.labels
-    folds = min(MAX_FOLDS, int(np.bincount(y)[np.unique(y)].min()))
+    multilabel = y.ndim == 2
+    folds = min(MAX_FOLDS, int(y.sum(axis=0).min() if multilabel else np.bincount(y)[np.unique(y)].min()))
     if folds < 2:
         raise TlpipeError("the transfer signals that choose the strategy need at least 2 train images in every class: "
                           "add images, or name the strategy (--strategy linear fits on 1 image a class)")
-    cv = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))  # the same folds for all
+    splitter = MultilabelStratifiedKFold if multilabel else StratifiedKFold
+    cv = list(splitter(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))  # the same folds for all
     neighbours = min(KNN_K, min(len(train) for train, _ in cv))
     gaps = {name: _bn_gap(layers) for name, layers in features.bn_stats.items()}
     stages = [
@@ -341,5 +352,5 @@ def _compute_signals(features: FeatureSet, seed: int) -> Signals:
         best_stage=best,
         penultimate=penultimate, imagenet_confidence=confidence,
         domain_gap=float(np.mean(levels)) if levels else float("nan"),
-        folds=folds, seconds=time.perf_counter() - start,
+        folds=folds, seconds=time.perf_counter() - start, score="mAP" if multilabel else "accuracy",
     )
