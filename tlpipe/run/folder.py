@@ -35,6 +35,7 @@ class RunFolder:
     LOCK = ".tlpipe.lock"  # held while a fit writes here; the OS releases it when the process dies
     CONFIG, PLAN, PROFILE, REPORT = "config.yaml", "plan.json", "profile.json", "report.html"
     QUARANTINE, VAL_PREDICTIONS = "quarantine.csv", "val_predictions.csv"
+    VAL_PROBABILITY = "probability: "  # multi-label val_predictions.csv: a class's column is this + its name
     CLASSIFICATION_REPORT, STRATEGY = "classification_report.json", "strategy.json"
     CONFUSION_MATRIX, RELIABILITY, LEARNING_CURVES = "confusion_matrix.png", "reliability.png", "learning_curves.png"
     PR_CURVES = "pr_curves.png"  # multi-label

@@ -144,7 +144,7 @@ def _as_mistake(header: list[str], row: list[str]) -> dict:
         return dict(zip(header, row))
     given = dict(zip(header[:3], row[:3]))
     truth = set(given.get("true", "").split(LABEL_DELIMITER))
-    errors = [abs(float(p) - (c in truth)) for c, p in zip(header[3:], row[3:])]
+    errors = [abs(float(p) - (c.removeprefix(RunFolder.VAL_PROBABILITY) in truth)) for c, p in zip(header[3:], row[3:])]
     return {**given, "probability": max(errors, default=0.0)}
 
 

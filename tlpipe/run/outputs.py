@@ -188,8 +188,9 @@ def _write_val_predictions(path: Path, spec: DatasetSpec, probabilities: np.ndar
 
 def _write_val_label_sets(path: Path, spec: DatasetSpec, probabilities: np.ndarray, thresholds: np.ndarray) -> None:
     """A multi-label model's val images: the true and the predicted classes (joined by ``;``) and
-    every class's probability, in the classes' order."""
-    rows = [["path", "true", "predicted", *spec.classes]]
+    every class's probability, in the classes' order (columns ``RunFolder.VAL_PROBABILITY`` + the
+    class, so no class name can stand for another column)."""
+    rows = [["path", "true", "predicted", *(f"{RunFolder.VAL_PROBABILITY}{c}" for c in spec.classes)]]
     for sample, p in zip(spec.splits["val"], probabilities):
         named = lambda on: LABEL_DELIMITER.join(c for c, yes in zip(spec.classes, on) if yes)  # noqa: E731
         rows.append([spec.relative(sample.path), named(sample.label), named(p >= thresholds), *(f"{v:.6f}" for v in p)])
