@@ -152,8 +152,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
                                                      context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     epoch_val = len(loaders[1].sampler) * context.world_size
-    shares = tuple(spec.labels("train").mean(axis=0).tolist()) if spec.multilabel else ()
-    check = LearningCheck(len(spec.classes), chance_score(spec, "val"), epoch_val, shares)
+    check = learning_check(spec, epoch_val)
 
     def run(attempt: FinetuneConfig, checkpoints: Path) -> Finetuner:
         return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch, _fingerprint(config, backbone, spec, attempt),
@@ -170,9 +169,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
                 model, whole_val, training_loss(spec.multilabel), device, Precision(device), context)["val_accuracy"]
         finally:
             _stop_workers(*loaders[:2])
-    classifier = model.get_classifier()
-    head = LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(), "finetune",
-                      *((np.ones(len(spec.classes)), np.full(len(spec.classes), DEFAULT_THRESHOLD)) if spec.multilabel else ()))
+    head = _network_head(model, spec)
     reused = [name for name, used, built in (("train", train_loader, loaders[0]), ("val", val_loader, loaders[1]))
               if used is not built]  # the splits whose frozen-stage outputs were computed once
     details = {
@@ -185,6 +182,14 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     }
     return TrainedHead(head, val_accuracy, details, tuner.history_, backbone, epochs_fitted=tuner.epochs_,
                        cut_by_deadline=tuner.cut_)
+
+
+def _network_head(model: nn.Module, spec: DatasetSpec) -> LinearHead:
+    """The fine-tuned network's classifier as a ``LinearHead`` (multi-label: a scale and a threshold
+    per class, until calibration sets them)."""
+    classifier, n = model.get_classifier(), len(spec.classes)
+    return LinearHead(classifier.weight.detach().cpu().numpy().copy(), classifier.bias.detach().cpu().numpy().copy(),
+                      "finetune", *((np.ones(n), np.full(n, DEFAULT_THRESHOLD)) if spec.multilabel else ()))
 
 
 def _fingerprint(config: FitConfig, backbone: Backbone, spec: DatasetSpec, attempt: FinetuneConfig) -> str:
@@ -230,6 +235,13 @@ def start_loss(head: LinearHead, train_codes: tuple, weights: torch.Tensor | Non
     X, y = train_codes
     criterion = training_loss(head.multilabel, weights, label_smoothing)
     return float(criterion(torch.from_numpy(head.logits(X)), torch.from_numpy(y)))
+
+
+def learning_check(spec: DatasetSpec, epoch_val: int) -> LearningCheck:
+    """What a fine-tune of ``spec`` is checked against: chance on the ``epoch_val`` images each epoch
+    scores, and for a multi-label set each class's share of the train images."""
+    shares = tuple(spec.labels("train").mean(axis=0).tolist()) if spec.multilabel else ()
+    return LearningCheck(len(spec.classes), chance_score(spec, "val"), epoch_val, shares)
 
 
 def chance_score(spec: DatasetSpec, split: str) -> float:
