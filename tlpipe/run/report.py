@@ -223,8 +223,9 @@ def print_calibration(report: dict | None) -> None:
 
 def print_linear_heads(head: dict) -> None:
     table = Table(title="Linear heads (C by cross-validation on train)")
-    score = "map" if any("val_map" in row for row in head["candidates"].values()) else "accuracy"
-    for column in ("head", "C", f"CV {score.replace('map', 'mAP')}", f"val {score.replace('map', 'mAP')}", ""):
+    multilabel = any("val_map" in row for row in head["candidates"].values())
+    score, shown = ("map", "mAP") if multilabel else ("accuracy", "accuracy")
+    for column in ("head", "C", f"CV {shown}", f"val {shown}", ""):
         table.add_column(column)
     for kind, row in head["candidates"].items():
         chosen = "kept" if kind == head["chosen"] else ""
