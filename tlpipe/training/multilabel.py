@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from tlpipe.bundle.calibration import DEFAULT_THRESHOLD  # until calibration chooses each class's threshold on val
-from tlpipe.training.linear import PATH_PATIENCE, LinearHead, ShrunkScaler, head_score, mean_average_precision
+from tlpipe.training.linear import LinearHead, ShrunkScaler, c_path, head_score, mean_average_precision
 
 
 class _OneVsRest:
@@ -65,8 +65,7 @@ class MultilabelProbe:
     candidates_: dict = field(default_factory=dict, init=False)
 
     def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray, Y_val: np.ndarray) -> "MultilabelProbe":
-        """C by cross-validated mean average precision, from the smallest C up until ``PATH_PATIENCE``
-        values in a row score below the best; folds adapt to the rarest class (at most ``cv_folds``,
+        """C by cross-validated mean average precision along ``c_path`` (from the smallest C up); folds adapt to the rarest class (at most ``cv_folds``,
         at least 2), else C is chosen on validation (``cv_note_`` says so)."""
         rarest = int(Y.sum(axis=0).min())
         folds = min(self.cv_folds, rarest)
@@ -92,17 +91,15 @@ class MultilabelProbe:
             held_X, held_Y = (X[test], Y[test]) if test is not None else (X_val, Y_val)
             fitted.append((_OneVsRest(Y.shape[1], self.seed), scaler.transform(X[train]), Y[train],
                            scaler.transform(held_X), held_Y))
-        by_c, stale = {}, 0
-        for C in sorted(set(self.c_grid)):
+
+        def score(C: float) -> float:
             fold_scores = []
             for model, train_X, train_Y, held_X, held_Y in fitted:
                 coef, intercept = model.fit(train_X, train_Y, C)
                 fold_scores.append(mean_average_precision(held_Y, held_X @ coef.T + intercept))
-            by_c[C] = float(np.mean(fold_scores))
-            stale = stale + 1 if by_c[C] < max(by_c.values()) else 0
-            if stale >= PATH_PATIENCE:
-                break
-        return np.array([by_c.get(C, -np.inf) for C in self.c_grid])
+            return float(np.mean(fold_scores))
+
+        return c_path(self.c_grid, score)
 
     def summary(self) -> dict:
         return self.candidates_
