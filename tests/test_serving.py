@@ -121,20 +121,29 @@ def _group_members(group: int) -> list[int]:
     return members
 
 
+def _listening(port: int) -> bool:
+    """Whether any socket on this machine listens on TCP ``port`` (IPv4 or IPv6)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "0A":  # 0A: TCP_LISTEN
+                return True
+    return False
+
+
 def _sigkill_leaves_no_server(process: subprocess.Popen, port: int) -> None:
     """SIGKILL ``process`` (tlpipe): within 15 s every process of its server's group (the server, its
-    workers, MLflow's job consumers) is gone and nothing holds ``port``."""
-    from tlpipe.run.servers import check_port_free
-
+    workers, MLflow's job consumers) is gone and nothing listens on ``port``. (A bind probe is no
+    check: the killed server's closing connections may hold the port a while without serving it.)"""
     groups = {os.getpgid(pid) for pid in servers_on(port)}
-    assert groups and os.getpgid(0) not in groups
+    assert groups and os.getpgid(0) not in groups and _listening(port)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(map(_group_members, groups)):
+    while time.monotonic() < deadline and (any(map(_group_members, groups)) or _listening(port)):
         time.sleep(0.5)
     assert [pid for group in groups for pid in _group_members(group)] == []
-    check_port_free("0.0.0.0", port)  # any address: nothing listens on the port
+    assert not _listening(port)
 
 
 def _stop(process: subprocess.Popen, port: int) -> None:
