@@ -1,8 +1,9 @@
 """``fit``: the stages of a fit, in order, each a module of ``tlpipe.stages`` that reads one frozen
 ``FitContext`` and returns a typed record for the next: prepare (data, backbone) -> choose (codes,
-strategy; a fine-tune's linear classifier saved first, anytime) -> planning (what fits the budget)
--> train (the study, the final model) -> check (the prediction path; the guard) -> record (bundle,
-reports, MLflow, summary.json; a registry version with ``register``). SIGTERM or Ctrl+C raise
+strategy) -> diagnose (label suspects, learning curve; then a fine-tune's linear classifier is
+saved first, anytime) -> planning (what fits the budget) -> train (the study, the final model) ->
+check (the prediction path; the guard) -> record (bundle, reports, MLflow, summary.json; a registry
+version with ``register``). SIGTERM or Ctrl+C raise
 ``FitCut`` once the summary says what was cut. Under ``torchrun`` every rank trains; rank 0 alone
 writes and logs, the others return None.
 """
@@ -23,6 +24,7 @@ from tlpipe.run.outputs import FitResult
 from tlpipe.run.store import check_store
 from tlpipe.stages.check import check
 from tlpipe.stages.choose import choose
+from tlpipe.stages.diagnose import diagnose
 from tlpipe.stages.context import FitContext, TuningOverrides
 from tlpipe.stages.planning import plan_training
 from tlpipe.stages.prepare import open_run, prepare
@@ -71,9 +73,9 @@ def _stages(ctx: FitContext, config: FitConfig, experiment: str | None, tracking
             ctx.folder.keep_run(run.run_id, run.tracking_uri)
         saved = Saved(ctx, prepared)
         try:
-            choice = choose(ctx, prepared)
+            prepared, choice = diagnose(ctx, prepared, choose(ctx, prepared))
             ctx.ranks.main_alone(when=choice.config.strategy == "linear")
-            saved.first(choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
+            saved.first(prepared, choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
             choice, plan = plan_training(ctx, prepared, choice)
             model = train(ctx, prepared, choice, plan)
             ctx.ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone

@@ -53,6 +53,9 @@ def fit(
     study_name: Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")] = None,
     worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")] = False,
     time_limit: TimeLimit = None,
+    exclude_label_issues: Annotated[bool, typer.Option(
+        "--exclude-label-issues", help="Leave the train images whose label the codes contradict (label_issues.csv) "
+        "out of training; the dataset is not touched.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the fit of other data or another config in --output.")] = False,
     register: Annotated[Optional[str], typer.Option(help="Register the fit's MLflow model under this name (a new version).")] = None,
     alias: Annotated[str, typer.Option(help="With --register: the alias pointed at the new version (models:/NAME@ALIAS).")] = "champion",
@@ -70,7 +73,8 @@ def fit(
         config = config_from_flags(
             recipe, strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
             batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed, device=device,
-            unfreeze_stages=unfreeze_stages, epochs=epochs, time_limit=time_limit)
+            unfreeze_stages=unfreeze_stages, epochs=epochs, time_limit=time_limit,
+            exclude_label_issues=exclude_label_issues or None)
         try:
             result = run_fit(data, config, example=example, output=output, experiment=experiment,
                              tracking_uri=tracking_uri, recipe=recipe,

@@ -39,6 +39,7 @@ class RunFolder:
     CLASSIFICATION_REPORT, STRATEGY = "classification_report.json", "strategy.json"
     CONFUSION_MATRIX, RELIABILITY, LEARNING_CURVES = "confusion_matrix.png", "reliability.png", "learning_curves.png"
     PR_CURVES = "pr_curves.png"  # multi-label
+    LABEL_ISSUES = "label_issues.csv"  # train images whose label the codes contradict
     CHECKPOINTS, TRIALS, TUNING, STUDY_DB = "checkpoints", "trials", "tuning", "optuna.db"
     CACHE, EXPORT = "cache", "export"  # kept by --overwrite (keyed by content) / the default export's folder
 
@@ -59,7 +60,7 @@ class RunFolder:
         """What a fit writes here, and only that: what ``--overwrite`` removes."""
         return (self.BUNDLE, self.SUMMARY, self.STAGED_SUMMARY, self.OWNER, self.PLAN, self.CONFIG, self.CHECKPOINTS,
                 self.TRIALS, self.TUNING, self.STUDY_DB, self.CLASSIFICATION_REPORT, self.CONFUSION_MATRIX,
-                self.RELIABILITY, self.PR_CURVES, self.LEARNING_CURVES, self.STRATEGY, self.QUARANTINE, self.VAL_PREDICTIONS,
+                self.RELIABILITY, self.PR_CURVES, self.LABEL_ISSUES, self.LEARNING_CURVES, self.STRATEGY, self.QUARANTINE, self.VAL_PREDICTIONS,
                 self.REPORT, self.PROFILE, f".{self.BUNDLE}.old", self.STAGED_REPORTS)
 
     # -- reading ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
         images={name: _png_uri(folder / file) for name, file in (("history", f"{folder.TUNING}/optuna_history.png"),
                 ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY),
                                                                  ("pr_curves", folder.PR_CURVES))},
-        mistakes=_mistakes(out, spec),
+        mistakes=_mistakes(out, spec), suspects=_suspects(out, spec),
     )
     return atomic_write(folder / folder.REPORT, lambda f: f.write(page), encoding="utf-8")
 
@@ -135,6 +135,17 @@ def _mistakes(out: Path, spec: DatasetSpec | None) -> list[dict]:
         raise TlpipeError(f"{out / RunFolder.VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
     return [{**row, "probability": float(row["probability"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
             for row in wrong[:MISTAKES_SHOWN]]
+
+
+def _suspects(out: Path, spec: DatasetSpec | None) -> list[dict]:
+    """The train images most likely filed under the wrong class (label_issues.csv), as thumbnails."""
+    header, *rows = _csv_rows(out / RunFolder.LABEL_ISSUES) or [[]]
+    rows = [dict(zip(header, row)) for row in rows[:MISTAKES_SHOWN]]
+    try:
+        return [{**row, "quality": float(row["quality"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
+                for row in rows]
+    except (KeyError, ValueError):
+        raise TlpipeError(f"{out / RunFolder.LABEL_ISSUES} is damaged: rerun the fit that wrote it") from None
 
 
 def _as_mistake(header: list[str], row: list[str]) -> dict:

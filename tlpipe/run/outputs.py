@@ -26,6 +26,7 @@ from tlpipe.bundle.folder import save_bundle
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.data.table import LABEL_DELIMITER, DataSource, source_record
+from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.run.html_report import write_html_report
 from tlpipe.bundle.metrics import (
     evaluation_metrics, headline, multilabel_metrics, save_confusion_matrix, save_pr_curves, save_learning_curves, save_reliability_diagram,
@@ -68,13 +69,14 @@ class FittedModel:
 
 def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
            assessment: Assessment | None = None, ranking: list[dict] | None = None, *, status: str = "complete",
-           cut: str | None = None, plan: dict | None = None, budget: dict | None = None) -> FitResult:
+           cut: str | None = None, plan: dict | None = None, budget: dict | None = None,
+           diagnosis: Diagnosis | None = None) -> FitResult:
     """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``.
     ``status``: complete, provisional (a fine-tune still to come: the status and summary are
     logged, no params or metrics), or cut (``cut``: why; the run is tagged, its params left as
     they were). SIGTERM and Ctrl+C wait until the record is whole."""
     with signals_held():
-        result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget)
+        result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis)
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
         warn(result, run, _log_mlflow_model(run, result))
         if page_failed := _write_report_page(out, spec, run):
@@ -101,7 +103,7 @@ def _write_report_page(out: Path, spec: DatasetSpec, run: FitRun) -> str | None:
     return None
 
 
-def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget) -> FitResult:
+def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis) -> FitResult:
     X_val, y_val = model.val_codes
     head = model.trained.head
     probabilities = head.predict_proba(X_val)
@@ -116,12 +118,13 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
         trained=model.trained.backbone_trained, hflip=model.trained.hflip))
     reports = folder / folder.STAGED_REPORTS
     shutil.rmtree(reports, ignore_errors=True)
-    artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking)
+    artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking, diagnosis)
     summary = {"status": status, **({"cut": cut} if cut else {}),
                **_summary(data, spec, model, layer, run, metrics, timings, bundle, assessment, ranking),
                "bundle_sha256": bundle_identity(staging or bundle),
                **({"mlflow_model": f"runs:/{run.run_id}/model"} if status == "complete" else {}),  # logged after (record)
-               **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {})}
+               **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {}),
+               **(diagnosis.to_dict() if diagnosis else {})}
     # Two-phase: the new bundle, reports and the summary naming the bundle are all staged first; a
     # SIGKILL while they are moved in is finished by RunFolder.restore on the next start, never left half.
     write_json(folder / folder.STAGED_SUMMARY, summary)
@@ -153,7 +156,7 @@ def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> Pat
 
 
 def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: dict, probabilities: np.ndarray,
-                   assessment: Assessment | None, ranking: list[dict] | None) -> list[str]:
+                   assessment: Assessment | None, ranking: list[dict] | None, diagnosis: Diagnosis | None) -> list[str]:
     """The report files of a record, into ``out`` (the staging folder); returns the names the MLflow
     run gets (quarantine.csv and config.yaml, written by the data stage, with them)."""
     names = RunFolder
@@ -171,6 +174,9 @@ def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: di
     if assessment:
         write_json(out / names.STRATEGY, {**_auto(assessment, model.decision), "backbone_ranking": ranking or []})
         artifacts.append(names.STRATEGY)
+    if diagnosis and diagnosis.label_issues is not None:
+        _write_label_issues(out / names.LABEL_ISSUES, spec, diagnosis)
+        artifacts.append(names.LABEL_ISSUES)
     if model.trained.history:
         save_learning_curves(model.trained.history, out / names.LEARNING_CURVES, "mAP" if spec.multilabel else "accuracy")
         artifacts.append(names.LEARNING_CURVES)
@@ -183,6 +189,16 @@ def _write_val_predictions(path: Path, spec: DatasetSpec, probabilities: np.ndar
     rows = [["path", "true", "predicted", "probability"]]
     for sample, p in zip(spec.splits["val"], probabilities):
         rows.append([spec.relative(sample.path), spec.classes[sample.label], spec.classes[int(p.argmax())], f"{p.max():.6f}"])
+    atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
+
+
+def _write_label_issues(path: Path, spec: DatasetSpec, diagnosis: Diagnosis) -> None:
+    """The train images whose label the codes contradict, most suspect first: the path (relative to
+    the dataset), the label given, the class the codes suggest, and the label quality in [0, 1]."""
+    issues = diagnosis.label_issues
+    rows = [["path", "given", "suggested", "quality"]]
+    for sample, suggested, quality in zip(diagnosis.suspects, issues.suggested, issues.quality):
+        rows.append([spec.relative(sample.path), spec.classes[sample.label], spec.classes[suggested], f"{quality:.6f}"])
     atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tlpipe.run.folder import RunFolder
+
 console = Console()
 
 
@@ -42,6 +44,7 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     (print_label_metrics if multilabel else print_class_metrics)(metrics, "Validation")
     print_test_time(summary["head"].get("test_time"))
     print_calibration(summary["head"].get("calibration"))
+    print_diagnosis(summary)
     if not multilabel:
         print_confusion_matrix(metrics["confusion_matrix"], summary["classes"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
@@ -56,6 +59,21 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
         alias = f", models:/{registered['name']}@{registered['alias']}" if registered["alias"] else ""
         console.print(f"[bold green]Registered[/] models:/{escape(registered['name'])}/{registered['version']}{escape(alias)}")
     print_next_steps(summary)
+
+
+def print_diagnosis(summary: dict) -> None:
+    """What the data says, a line each: the train images that look mislabelled, what more would buy."""
+    issues, curve = summary.get("label_issues") or {}, summary.get("learning_curve") or {}
+    if "flagged" in issues:
+        line = f"{issues['flagged']} of {issues['checked']} train images look mislabelled ({RunFolder.LABEL_ISSUES}, most suspect first)"
+        if excluded := issues.get("excluded"):
+            line += (f"; left out of training: val accuracy {excluded['val_accuracy_with']:.3f} with them, "
+                     f"{excluded['val_accuracy_without']:.3f} without (softmax regression on the codes)")
+        elif issues["flagged"]:
+            line += "; --exclude-label-issues trains without them"
+        console.print(f"[bold]Label issues[/]  {escape(line)}")
+    if "sentence" in curve:
+        console.print(f"[bold]More data[/]  {escape(curve['sentence'][0].upper() + curve['sentence'][1:])}")
 
 
 def print_budget(summary: dict) -> None:

@@ -13,6 +13,7 @@ from tlpipe.budget import Budget, FitCut, raise_if_stopped
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.data.table import DataSource
+from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.models import Backbone
 from tlpipe.run.folder import RunFolder
 from tlpipe.strategy.auto import Assessment
@@ -92,3 +93,4 @@ class Choice:
     codes: Codes  # train/val codes at the strategy's tap (a fine-tune's LP-FT probe: the last features)
     assessment: Assessment | None = None  # auto only
     linear: LinearFit | None = None  # the chosen tap's classifier (trial 0 of a linear study, the guard's baseline)
+    diagnosis: Diagnosis | None = None  # set by the diagnose stage

@@ -1,4 +1,4 @@
-"""Stage 6 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
+"""Stage 7 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
 linear classifier before a fine-tune (anytime), the final model with how the budget was spent,
 and after SIGTERM or Ctrl+C the summary that says so beside the best model saved by then; with
 ``--register``, the MLflow model as a registry version."""
@@ -35,12 +35,14 @@ class Saved:
     def _record(self, model: FittedModel, **status) -> FitResult:
         ctx, p, choice = self.ctx, self.prepared, self.choice
         status.setdefault("budget", ctx.budget.to_dict())
-        return record(ctx.out, ctx.data, p.spec, model, ctx.run, ctx.timings.seconds, choice.assessment, p.ranking, **status)
+        return record(ctx.out, ctx.data, p.spec, model, ctx.run, ctx.timings.seconds, choice.assessment, p.ranking,
+                      diagnosis=choice.diagnosis, **status)
 
-    def first(self, choice: Choice) -> None:
+    def first(self, prepared: Prepared, choice: Choice) -> None:
         """Before a fine-tune, its linear classifier as a complete bundle, unless an earlier run of
-        this fit left a complete one (a re-run to add trials: that model stays until a better one)."""
-        self.choice = choice
+        this fit left a complete one (a re-run to add trials: that model stays until a better one).
+        ``prepared``: the data as diagnose left it (without the label suspects when excluded)."""
+        self.prepared, self.choice = prepared, choice
         if not self.enabled or choice.config.strategy == "linear" or choice.linear is None:
             return
         if self.ctx.folder.previous_status() == "complete":
