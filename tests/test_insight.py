@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
+from PIL import Image
 
-from conftest import FAST, class_color, dataset, make_image, tlpipe
+from conftest import FAST, class_color, dataset, make_image, one_line, tlpipe
 from tlpipe.insight.learning_curve import FRACTIONS, learning_curve, nested_subsets
 
 CLASSES = ["rouge", "vert ü", "bleu"]
@@ -61,3 +63,48 @@ def test_the_learning_curve_is_nested_and_says_what_twice_the_images_would_give(
     assert curve.accuracy[-1] <= double["accuracy"] <= quadruple["accuracy"] <= 1
     assert "(240 -> 480)" in curve.sentence()
     assert learning_curve(X[:20], y[:20], X_val, y_val, "logreg", 1.0) is None  # too few for a curve
+
+
+def _checkerboards(folder, n: int = 4):
+    """High-contrast patterns: nothing like the flat colour classes a bundle_dir model knows."""
+    folder.mkdir(parents=True)
+    for k in range(n):
+        cells = (np.indices((40, 32)).sum(axis=0) // (2 + k)) % 2
+        Image.fromarray((cells[..., None] * [255, 40 * k, 255 - 60 * k]).astype(np.uint8)).save(folder / f"board{k}.png")
+    return folder
+
+
+def test_an_image_of_no_known_class_is_answered_unknown_by_predict_and_the_onnx_export(bundle_dir, tmp_path):
+    root, bundle = bundle_dir
+    boards = _checkerboards(tmp_path / "boards")
+    result = tlpipe("predict", bundle, boards, root / "cats", "--format", "json", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    answered = json.loads(result.stdout)
+    assert all(r["unknown"] for r in answered if "/boards/" in r["path"])
+    assert not any(r["unknown"] for r in answered if "/cats/" in r["path"]) and len(answered) == 4 + 6
+    assert all(r["predictions"] for r in answered)  # what it would have said stays
+
+    kept = tlpipe("predict", bundle, boards, "--format", "json", "--no-reject", "--workers", "0")
+    assert not any(r["unknown"] for r in json.loads(kept.stdout))
+
+    exported = tlpipe("export", bundle, "--format", "onnx", "--out", tmp_path / "m.onnx", "--check", boards)
+    assert exported.exit_code == 0, exported.output
+    import onnxruntime as ort
+    from tlpipe.bundle.export import pixels
+    from tlpipe.bundle.folder import load_bundle
+
+    loaded = load_bundle(bundle, "cpu")
+    threshold = json.loads((tmp_path / "m.onnx.json").read_text())["preprocessing"]["unknown"]["threshold"]
+    images = sorted(boards.iterdir()) + sorted((root / "cats").iterdir())
+    _, scores = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": pixels(loaded, images)})
+    assert list(scores > threshold) == [True] * 4 + [False] * (len(images) - 4)
+    assert np.allclose(scores, loaded.unknown_scores(loaded.codes(images))[0], rtol=1e-4)
+
+
+def test_a_bundle_whose_unknown_detector_was_altered_is_refused_in_one_line(bundle_dir, tmp_path):
+    root, bundle = bundle_dir
+    copy = shutil.copytree(bundle, tmp_path / "model")
+    data = bytearray((copy / "unknown.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "unknown.safetensors").write_bytes(bytes(data))
+    one_line(tlpipe("predict", copy, root / "cats" / "0.jpg"), "unknown.safetensors does not match the checksum")

@@ -146,6 +146,7 @@ class FitConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     auto: AutoConfig = Field(default_factory=AutoConfig)
     cache_dir: str | None = None  # decoded-image cache; None: <output>/cache
+    unknown_false_rejection: float = Field(default=0.05, gt=0, lt=1)  # val share the unknown threshold rejects
     exclude_label_issues: bool = False  # leave the train images confident learning flags out of training
     test_time: bool = True  # try flip averaging and a larger test resolution on val (about 3 extra val passes)
     # The whole fit's time limit: 90s, 10m, 1.5h, 2h15m, or none (tlpipe.budget)

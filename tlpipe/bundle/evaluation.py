@@ -41,14 +41,17 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         raise TlpipeError(f"no image to score in {where}: every image file there failed the check (unreadable, "
                           "or not an image); add images that open")
     y_true = _truth(bundle, spec, samples, f"{'label' if table else 'class folder'}(s)", shown)
-    probabilities = bundle.head.predict_proba(bundle.codes([s.path for s in samples], batch_size, workers))
+    codes = bundle.codes([s.path for s in samples], batch_size, workers)
+    probabilities = bundle.head.predict_proba(codes)
+    scored = {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined),
+              **_unknowns(bundle, codes)}
     if bundle.head.multilabel:
         from tlpipe.bundle.metrics import multilabel_metrics, save_pr_curves
 
         metrics = multilabel_metrics(y_true, probabilities, bundle.head.thresholds, bundle.classes)
         if plots is not None:
             save_pr_curves(y_true, probabilities, bundle.classes, Path(plots) / RunFolder.PR_CURVES)
-        return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
+        return {**scored, **metrics}
     metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
     if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
         from tlpipe.bundle.metrics import save_confusion_matrix, save_reliability_diagram
@@ -56,7 +59,15 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         save_reliability_diagram(probabilities, y_true, Path(plots) / EVALUATION_PLOTS[0], title=f"Reliability ({split})")
         save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / EVALUATION_PLOTS[1],
                               normalize=True, title=f"Confusion matrix ({split}, rows sum to 1)")
-    return {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined), **metrics}
+    return {**scored, **metrics}
+
+
+def _unknowns(bundle: Bundle, codes: np.ndarray) -> dict:
+    """The share of these labelled images the bundle would answer ``unknown`` (its false rejections:
+    every one is of a class it knows); the metrics score every image regardless."""
+    scored = bundle.unknown_scores(codes)
+    return {} if scored is None else {"unknown_rejected": float(scored[1].mean()),
+                                      "unknown_false_rejection_target": bundle.unknowns.false_rejection}
 
 
 def _truth(bundle: Bundle, spec, samples, kind: str, shown) -> np.ndarray:

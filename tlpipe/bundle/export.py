@@ -33,6 +33,7 @@ from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
 from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
+from tlpipe.insight.unknowns import DESCRIPTION as UNKNOWN_DESCRIPTION
 from tlpipe.models.runtime import OPSET, onnx_graph
 from tlpipe.paths import inside, output_file, sweep_temporaries
 from tlpipe.run.folder import RunFolder
@@ -41,7 +42,7 @@ from tlpipe.utils import atomic_write, temporary_beside
 Format = Literal["onnx", "torchscript"]
 InputType = Literal["uint8", "float32"]
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}  # the first: the default file's
-INPUT, OUTPUT = "images", "probabilities"
+INPUT, OUTPUT, UNKNOWN_OUTPUT = "images", "probabilities", "unknown_score"
 PARITY_BATCHES = (1, 2, 7)
 MAX_DIFFERENCE = 1e-4
 MAX_CHECK_IMAGES = 256
@@ -63,14 +64,23 @@ class ExportedClassifier(nn.Module):
         self.register_buffer("bias", head["bias"].float())
         self.register_buffer("scale", head["scale"].float())
         self.multilabel = bundle.head.multilabel  # a sigmoid per class: the thresholds travel in the metadata
+        self.rejects = bundle.unknowns is not None  # a second output, the unknown score: its threshold in the metadata
+        if self.rejects:
+            unknowns = bundle.unknowns.tensors()
+            self.register_buffer("projection", unknowns["projection"].float())
+            self.register_buffer("centres", unknowns["centres"].float())
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = images.float()
         if self.from_uint8:
             x = x / 255.0
         codes = self.extractor((x - self.mean) / self.std)
         scores = (codes @ self.weight.T + self.bias) * self.scale
-        return torch.sigmoid(scores) if self.multilabel else torch.softmax(scores, dim=1)
+        probabilities = torch.sigmoid(scores) if self.multilabel else torch.softmax(scores, dim=1)
+        if not self.rejects:
+            return probabilities
+        distances = ((codes @ self.projection).unsqueeze(1) - self.centres.unsqueeze(0)).square().sum(dim=2)
+        return probabilities, distances.min(dim=1).values
 
 
 def preprocessing(bundle: Bundle, input_type: InputType) -> dict:
@@ -86,6 +96,9 @@ def preprocessing(bundle: Bundle, input_type: InputType) -> dict:
             "per-class probabilities (a sigmoid each), calibrated: a class is predicted at or over its value in "
             "'thresholds'" if bundle.head.multilabel else "class probabilities, calibrated")},
         "test_time_hflip": bool(bundle.manifest["codes"].get("hflip", False)),
+        **({"unknown": {"output": UNKNOWN_OUTPUT, "shape": ["batch"], "threshold": bundle.unknowns.threshold,
+                        "meaning": f"{UNKNOWN_DESCRIPTION} ({bundle.unknowns.false_rejection:.0%} of val over it)"}}
+           if bundle.unknowns else {}),
     }
 
 
@@ -126,6 +139,7 @@ class CheckSet:
     pixels: np.ndarray
     reference: np.ndarray
     thresholds: np.ndarray | None = None  # a multi-label bundle's: what it decides are label sets, not top-1s
+    unknown: np.ndarray | None = None  # the bundle's unknown flags, where it has a detector
 
 
 def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None = None, *, input_type: InputType = "uint8",
@@ -147,7 +161,8 @@ def export_bundle(bundle: Bundle, fmt: Format = "onnx", out: str | Path | None =
     checks = check_set(bundle, check, input_type)
     meta = {"classes": bundle.classes, "preprocessing": preprocessing(bundle, input_type),
             "tlpipe_version": __version__, "bundle_sha256": bundle.manifest["head"]["sha256"],
-            **({"task": "multilabel", "thresholds": [float(t) for t in bundle.head.thresholds]} if bundle.head.multilabel else {})}
+            **({"task": "multilabel", "thresholds": [float(t) for t in bundle.head.thresholds]} if bundle.head.multilabel else {}),
+            **({"unknown_threshold": bundle.unknowns.threshold} if bundle.unknowns else {})}
     module = ExportedClassifier(bundle, input_type).eval()
     path, exporter, parity = _export_checked(fmt, module, torch.from_numpy(checks.pixels[:2]), meta, checks, out)
     sidecar = out.with_name(out.name + ".json")
@@ -179,7 +194,7 @@ def _export_checked(fmt: Format, module: nn.Module, example: torch.Tensor, meta:
         path = temporary_beside(out)
         try:
             write_onnx(module, example, path, meta, dynamo) if fmt == "onnx" else write_torchscript(module, example, path, meta)
-            parity = check_parity(load_exported(path, fmt), checks)
+            parity = check_parity(load_exported(path, fmt), checks, meta.get("unknown_threshold"))
         except Exception as exc:  # noqa: BLE001 - an exporter that fails, or writes what cannot run: the next one
             path.unlink(missing_ok=True)
             notes.append(f"the {name} exporter failed: {type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0][:200]}")
@@ -230,7 +245,7 @@ def write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict,
     exporter, its fallback)."""
     import onnx
 
-    onnx_graph(module, example, path, dynamo=dynamo, names=(INPUT, OUTPUT))
+    onnx_graph(module, example, path, dynamo=dynamo, names=(INPUT, OUTPUT, *([UNKNOWN_OUTPUT] if module.rejects else [])))
     model = onnx.load(str(path))
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value, ensure_ascii=False))
@@ -245,21 +260,22 @@ def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta
         torch.jit.save(traced, str(path), _extra_files={"tlpipe.json": json.dumps(meta, ensure_ascii=False)})
 
 
-def load_exported(path: Path, fmt: Format) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running the exported file as a deployment would: ONNX Runtime on CPU, or the
-    TorchScript module loaded back on its own."""
+def load_exported(path: Path, fmt: Format) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]:
+    """A function running the exported file as a deployment would (ONNX Runtime on CPU, or the
+    TorchScript module loaded back on its own): pixels in, (probabilities, unknown scores or None) out."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda batch: session.run([OUTPUT], {INPUT: batch})[0]
+        return lambda batch: (*session.run(None, {INPUT: batch}), None)[:2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
-            return module(torch.from_numpy(batch)).numpy()
+            out = module(torch.from_numpy(batch))
+        return (out[0].numpy(), out[1].numpy()) if isinstance(out, tuple) else (out.numpy(), None)
     return run
 
 
@@ -281,9 +297,10 @@ def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = 
     images = [p for p, _ in named]
     multilabel = bundle.head.multilabel  # no accuracy of label sets here: parity is what is checked
     labels = [None if multilabel or c not in bundle.classes else bundle.classes.index(c) for _, c in named]
-    return CheckSet(images, labels, source, pixels(bundle, images, input_type),
-                    bundle.predict_proba(images, onnx_runtime=False),  # the reference is PyTorch's
-                    bundle.head.thresholds if multilabel else None)
+    codes = bundle.codes(images, onnx_runtime=False)  # the reference is PyTorch's
+    scored = bundle.unknown_scores(codes)
+    return CheckSet(images, labels, source, pixels(bundle, images, input_type), bundle.head.predict_proba(codes),
+                    bundle.head.thresholds if multilabel else None, None if scored is None else scored[1])
 
 
 def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
@@ -306,10 +323,12 @@ def _spread(items: list) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, MAX_CHECK_IMAGES).round().astype(int)]
 
 
-def check_parity(run: Callable[[np.ndarray], np.ndarray], checks: CheckSet) -> dict:
-    """The exported model (``run``: pixels in, probabilities out) against the bundle on ``checks`` at
-    each of ``PARITY_BATCHES``: top-1 agreement (``top1_agreement``; multi-label: identical label sets), the largest probability difference, and each one's
-    accuracy where the class is known."""
+def check_parity(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]], checks: CheckSet,
+                 threshold: float | None = None) -> dict:
+    """The exported model (``run``: pixels in, probabilities and unknown scores out) against the bundle
+    on ``checks`` at each of ``PARITY_BATCHES``: top-1 agreement (``top1_agreement``; multi-label:
+    identical label sets; with an unknown ``threshold``, identical unknown flags too), the largest
+    probability difference, and each one's accuracy where the class is known."""
     reference, known = checks.reference, np.array([label is not None for label in checks.labels])
     truth = np.array([-1 if label is None else label for label in checks.labels])
     accuracy = (lambda p: float((p.argmax(1) == truth)[known].mean())) if known.any() else (lambda p: None)
@@ -319,9 +338,13 @@ def check_parity(run: Callable[[np.ndarray], np.ndarray], checks: CheckSet) -> d
         same = lambda p: ((p >= checks.thresholds) == (reference >= checks.thresholds)).all(axis=1)  # noqa: E731
     rows = {}
     for size in PARITY_BATCHES:
-        probabilities = np.concatenate([run(checks.pixels[i:i + size]) for i in range(0, len(checks.pixels), size)])
+        outputs = [run(checks.pixels[i:i + size]) for i in range(0, len(checks.pixels), size)]
+        probabilities = np.concatenate([p for p, _ in outputs])
+        agree = same(probabilities)
+        if checks.unknown is not None:
+            agree &= (np.concatenate([u for _, u in outputs]) > threshold) == checks.unknown
         rows[str(size)] = {
-            "top1_agreement": float(same(probabilities).mean()),
+            "top1_agreement": float(agree.mean()),
             "max_abs_difference": float(np.abs(probabilities - reference).max()),
             "accuracy": accuracy(probabilities),
         }

@@ -59,19 +59,24 @@ class BundleModel(PythonModel):
             raise _bad_input(f"{len(model_input)} rows in one request, more than the {limit} this server takes: "
                              f"send at most {limit} per request (or serve with a larger tlpipe serve --max-rows)")
         if len(model_input) == 0:
-            return pd.DataFrame(columns=["label", "probability", "top_k_labels", "top_k_probabilities", "probabilities"])
+            return pd.DataFrame(columns=["label", "probability", "top_k_labels", "top_k_probabilities", "probabilities",
+                                         *(["unknown", "unknown_score"] if self.bundle.unknowns else [])])
         from tlpipe.data.loader import decode_size
 
         size = decode_size(self.bundle.backbone.data_config)  # JPEGs decode as `tlpipe predict` decodes files
         pictures = [_decode(value, row, size) for row, value in enumerate(model_input[IMAGE_COLUMN])]
-        codes, classes = self.bundle.image_codes(pictures), self.bundle.classes
+        codes = self.bundle.image_codes(pictures)
+        return pd.concat([self._answers(codes, params or {}), self._unknowns(codes, params or {})], axis=1)
+
+    def _answers(self, codes, params: dict) -> pd.DataFrame:
+        classes = self.bundle.classes
         if self.bundle.head.multilabel:  # each row's set of classes (possibly none), most probable first
             probabilities = self.bundle.head.predict_proba(codes)
             sets = self.bundle.label_sets(probabilities)
             return pd.DataFrame({"labels": [[classes[j] for j in row] for row in sets],
                                  "label_probabilities": [[float(p[j]) for j in row] for p, row in zip(probabilities, sets)],
                                  "probabilities": [[float(v) for v in p] for p in probabilities]})
-        top_k = max(1, min(int((params or {}).get("top_k", DEFAULT_TOP_K)), len(classes)))
+        top_k = max(1, min(int(params.get("top_k", DEFAULT_TOP_K)), len(classes)))
         probabilities, order = self.bundle.ranked(codes, top_k)
         return pd.DataFrame({
             "label": [classes[row[0]] for row in order],
@@ -80,6 +85,14 @@ class BundleModel(PythonModel):
             "top_k_probabilities": [[float(p[j]) for j in row] for p, row in zip(probabilities, order)],
             "probabilities": [[float(v) for v in p] for p in probabilities],
         })
+
+    def _unknowns(self, codes, params: dict) -> pd.DataFrame:
+        """``unknown`` (the image is of no class the model knows) and its score, where the bundle
+        can tell; ``params={"reject": false}`` turns the flag off, the score stays."""
+        scored = self.bundle.unknown_scores(codes, str(params.get("reject", True)).lower() not in ("false", "0"))
+        if scored is None:
+            return pd.DataFrame(index=range(len(codes)))
+        return pd.DataFrame({"unknown": [bool(v) for v in scored[1]], "unknown_score": [float(v) for v in scored[0]]})
 
 
 def row_cap() -> int:
@@ -137,7 +150,7 @@ def log_model(run, bundle: Path) -> str:
         model = BundleModel()
         model.bundle = load_bundle(artifacts)
         example = pd.DataFrame({IMAGE_COLUMN: [_example_image()]})
-        signature = infer_signature(example, model.predict(None, example), params={"top_k": DEFAULT_TOP_K})
+        signature = infer_signature(example, model.predict(None, example), params={"top_k": DEFAULT_TOP_K, "reject": True})
         # Made here, in the run's experiment: Model.log would make it in the fluent API's current one.
         logged = run.client.create_logged_model(run.experiment_id, name=MODEL_NAME, source_run_id=run.run_id)
         Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run.run_id, model_id=logged.model_id,

@@ -31,8 +31,11 @@ def predict(
     batch_size: BatchSize = 64,
     workers: Workers = None,
     device: Device = "auto",
+    no_reject: Annotated[bool, typer.Option("--no-reject", help="Answer a class for every image, even one far from "
+                                                                  "every class the model knows (default: flagged unknown).")] = False,
 ) -> None:
-    """Predict the class of images with a saved bundle: top-k labels with probabilities."""
+    """Predict the class of images with a saved bundle: top-k labels with probabilities; an image of no
+    class the model knows is flagged unknown."""
     with user_errors():
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.data.scan import expand_image_paths
@@ -45,7 +48,7 @@ def predict(
         if not images:
             raise TlpipeError("no readable image among the paths given")
         top_k = min(top_k, len(model.classes))
-        print_predictions(model.predict(images, top_k, batch_size or 64, workers), format.value)
+        print_predictions(model.predict(images, top_k, batch_size or 64, workers, reject=not no_reject), format.value)
 
 
 @app.command(cls=UnixUsage)

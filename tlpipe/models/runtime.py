@@ -73,21 +73,21 @@ def _runner(session) -> Runner:
 
 
 def onnx_graph(module: nn.Module, example: torch.Tensor, target: Path | io.BytesIO, *, dynamo: bool = False,
-               names: tuple[str, str] = ("images", "out")) -> None:
+               names: tuple[str, ...] = ("images", "out")) -> None:
     """``module`` traced on ``example`` as ONNX at ``OPSET`` with a dynamic batch axis, written to
     ``target`` (a file, or a buffer when not ``dynamo``): the one exporter call, for the passes here
     and for ``tlpipe export``. ``dynamo``: torch.export's exporter, else the TorchScript-based one."""
     if dynamo and not isinstance(target, Path):
         raise ValueError("torch.export's exporter writes files only: give a path")
-    inputs, outputs = names
+    inputs, *outputs = names
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation, the tracer's notes on fixed shapes
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=4096)
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET, input_names=[inputs],
-                                        output_names=[outputs], dynamic_shapes=({0: batch},), verbose=False)
+                                        output_names=outputs, dynamic_shapes=({0: batch},), verbose=False)
             program.save(str(target), external_data=False)
         else:
             torch.onnx.export(module, (example,), target if isinstance(target, io.BytesIO) else str(target), dynamo=False,
-                              opset_version=OPSET, input_names=[inputs], output_names=[outputs],
-                              dynamic_axes={inputs: {0: "batch"}, outputs: {0: "batch"}})
+                              opset_version=OPSET, input_names=[inputs], output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in (inputs, *outputs)})

@@ -27,6 +27,7 @@ from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.data.table import LABEL_DELIMITER, DataSource, source_record
 from tlpipe.insight.diagnosis import Diagnosis
+from tlpipe.insight.unknowns import UnknownDetector
 from tlpipe.run.html_report import write_html_report
 from tlpipe.bundle.metrics import (
     evaluation_metrics, headline, multilabel_metrics, save_confusion_matrix, save_pr_curves, save_learning_curves, save_reliability_diagram,
@@ -65,6 +66,7 @@ class FittedModel:
     val_codes: tuple  # the val split's codes through the prediction path, and labels
     tuning: dict  # the study's summary
     decision: Decision | None = None  # auto: every reason, the guard's last
+    unknowns: UnknownDetector | None = None  # the check stage's: when an image is of no class it knows
 
 
 def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
@@ -115,7 +117,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     staging = None if status == "cut" else folder.stage_bundle(lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics=dict([headline(metrics)]),
-        trained=model.trained.backbone_trained, hflip=model.trained.hflip))
+        trained=model.trained.backbone_trained, hflip=model.trained.hflip, unknowns=model.unknowns))
     reports = folder / folder.STAGED_REPORTS
     shutil.rmtree(reports, ignore_errors=True)
     artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking, diagnosis)
@@ -236,6 +238,7 @@ def _summary(data: DataSource, spec: DatasetSpec, model: FittedModel, layer: str
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         **dict([headline(metrics)]),
         "tuning": model.tuning, "timings": timings, "bundle": str(bundle.resolve()),
+        "unknowns": model.unknowns.to_dict() if model.unknowns else {"note": "no unknown rejection in this model"},
     }
 
 

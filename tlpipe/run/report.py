@@ -192,6 +192,9 @@ def print_evaluation(metrics: dict) -> None:
     whole = split == WHOLE_FOLDER
     scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if whole else f"the {split} split of {data} ({n} images)"
     console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
+    if "unknown_rejected" in metrics:
+        console.print(f"Flagged unknown: {metrics['unknown_rejected']:.1%} of these labelled images (set for "
+                      f"{metrics['unknown_false_rejection_target']:.0%} of val; all are scored below)")
     if metrics.get("task") == "multilabel":
         print_label_metrics(metrics, "All images" if whole else f"{split}/")
         return
@@ -283,30 +286,38 @@ def print_confusion_matrix(matrix: list[list[int]], classes: Sequence[str]) -> N
 
 
 def print_predictions(predictions, fmt: str) -> None:
-    """``table`` for people, ``csv`` / ``json`` for scripts (one row per image, ranks 1..k)."""
+    """``table`` for people, ``csv`` / ``json`` for scripts (one row per image, ranks 1..k). An image of
+    no class the model knows says ``unknown`` with its score; its classes are what the model would
+    have said."""
     import csv
     import json
     import sys
 
+    scored = any(p.unknown_score is not None for p in predictions)
+    unknown = lambda p: {"unknown": p.unknown, "unknown_score": round(p.unknown_score, 3)} if scored else {}  # noqa: E731
     if fmt == "json":
-        rows = [{"path": p.path, "predictions": [{"label": l, "probability": round(pr, 6)}
+        rows = [{"path": p.path, **unknown(p), "predictions": [{"label": l, "probability": round(pr, 6)}
                  for l, pr in zip(p.labels, p.probabilities)]} for p in predictions]
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "rank", "label", "probability"])
+        writer.writerow(["path", "rank", "label", "probability", *(["unknown", "unknown_score"] if scored else [])])
         for p in predictions:
+            flags = [str(p.unknown).lower(), f"{p.unknown_score:.3f}"] if scored else []
             for rank, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1):
-                writer.writerow([p.path, rank, label, f"{prob:.6f}"])
+                writer.writerow([p.path, rank, label, f"{prob:.6f}", *flags])
             if not p.labels:  # a multi-label image with no class over its threshold is still listed
-                writer.writerow([p.path, "", "", ""])
+                writer.writerow([p.path, "", "", "", *flags])
     else:
         table = Table()
         table.add_column("image")
         for rank in range(1, max((len(p.labels) for p in predictions), default=1) + 1):
             table.add_column(f"#{rank}")
         for p in predictions:
-            table.add_row(escape(p.path), *(f"{escape(l)} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)))
+            classes = [f"{escape(l)} ({pr:.3f})" for l, pr in zip(p.labels, p.probabilities)]
+            if p.unknown:
+                classes = [f"[yellow]unknown[/] (score {p.unknown_score:.0f}; else {classes[0] if classes else 'none'})", *classes[1:]]
+            table.add_row(escape(p.path), *classes)
         console.print(table)
 
 

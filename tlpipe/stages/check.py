@@ -1,7 +1,8 @@
 """Stage 6 of ``fit``, check: the model to save, scored through the prediction path. A fine-tune at
 its training resolution and the native one (the better kept) and, under auto, against the tuned
 linear classifier (the guard); then the test-time choices made on val (flip averaging, a larger
-test resolution) and the temperature fitted on the val logits."""
+test resolution), the temperature fitted on the val logits, and the threshold past which an image
+is of no class the model knows (``tlpipe.insight.unknowns``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.bundle.calibration import calibrate
+from tlpipe.insight.unknowns import fit_unknowns
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
 from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
@@ -25,7 +27,8 @@ def check(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMode
     model = _kept(ctx, prepared, choice, model)
     with ctx.timings.stage("test_time"):
         model = _test_time(ctx, prepared, model)
-    return _calibrated(model)
+    with ctx.timings.stage("unknowns"):
+        return _with_unknowns(ctx, prepared, _calibrated(model))
 
 
 def _test_time(ctx: FitContext, prepared: Prepared, model: FittedModel) -> FittedModel:
@@ -87,6 +90,21 @@ def _calibrated(model: FittedModel) -> FittedModel:
     head, report = calibrate(model.trained.head, *model.val_codes)
     model = _with_details(model, calibration=report)
     return dataclasses.replace(model, trained=dataclasses.replace(model.trained, head=head))
+
+
+def _with_unknowns(ctx: FitContext, prepared: Prepared, model: FittedModel) -> FittedModel:
+    """The model with its unknown-image detector: class means and covariance of the train codes through
+    the prediction path (read from the cache for a frozen backbone; a fine-tuned one passes over train
+    once, skipped with a note when the time left cannot hold that pass)."""
+    config, spec = model.config, prepared.spec
+    frozen = not model.trained.backbone_trained
+    seconds_per_image = ctx.timings.seconds.get("extract_codes", 0.0) / max(1, sum(spec.counts().values()))
+    if not frozen and ctx.budget.left() < 2 * seconds_per_image * len(spec.splits["train"]) * (1 + model.trained.hflip):
+        return _with_details(model, unknowns={"note": "no time left for the train pass its class means need"})
+    train = dataset_codes(model.backbone, spec, "train", config, code_tap(config), hflip=model.trained.hflip,
+                          cache=Path(config.cache_dir) if frozen else None)
+    unknowns = fit_unknowns(train[0], train[1], model.val_codes[0], config.unknown_false_rejection)
+    return dataclasses.replace(model, unknowns=unknowns)
 
 
 def _kept(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:
