@@ -121,8 +121,10 @@ def test_torchscript_round_trip_loads_alone_with_its_metadata(fitted, tmp_path):
     bundle = load_bundle(out / "model", "cpu")
     images = sorted(root.rglob("*.png"))[:4]
     with torch.inference_mode():
-        probabilities = module(torch.from_numpy(pixels(bundle, images))).numpy()
-    np.testing.assert_allclose(probabilities, bundle.predict_proba(images, workers=0), atol=1e-5)
+        probabilities, unknown_scores = module(torch.from_numpy(pixels(bundle, images)))
+    np.testing.assert_allclose(probabilities.numpy(), bundle.predict_proba(images, workers=0), atol=1e-5)
+    codes = bundle.codes(images, workers=0)
+    np.testing.assert_allclose(unknown_scores.numpy(), bundle.unknown_scores(codes)[0], rtol=1e-4)
     assert json.loads(target.with_name("colours.pt.json").read_text())["parity"]["passed"]
 
 

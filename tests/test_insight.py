@@ -108,3 +108,30 @@ def test_a_bundle_whose_unknown_detector_was_altered_is_refused_in_one_line(bund
     data[-1] ^= 1
     (copy / "unknown.safetensors").write_bytes(bytes(data))
     one_line(tlpipe("predict", copy, root / "cats" / "0.jpg"), "unknown.safetensors does not match the checksum")
+
+
+def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writes_three_files(bundle_dir, tmp_path):
+    root, bundle = bundle_dir
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for k in range(2):  # copies of the fit's images: their labels are known
+        shutil.copy(root / "cats" / f"{k}.jpg", unlabelled / f"copy{k}.jpg")
+    for k in range(6):
+        make_image(unlabelled / "new" / f"{k}.png", class_color(k % 3), size=(40, 32), noise=40, seed=[7, k])
+
+    result = tlpipe("suggest", bundle, unlabelled, "--n", "3", "-o", tmp_path / "picks", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "suggested 3 of 8 images; 2 skipped as near-copies of the fit's labelled images" in result.stdout
+    with (tmp_path / "picks" / "suggestions.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"] and all("/new/" in r["path"] for r in rows)
+    assert len({r["path"] for r in rows}) == 3 and {r["model_guess"] for r in rows} <= {"cats", "dogs"}
+    tasks = json.loads((tmp_path / "picks" / "label_studio.json").read_text(encoding="utf-8"))
+    assert [t["data"]["image"].rsplit("/", 1)[1] for t in tasks] == [r["path"].rsplit("/", 1)[1] for r in rows]
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"][0] == rows[0]["model_guess"]
+    assert Image.open(tmp_path / "picks" / "contact_sheet.png").size == (3 * 128, 142)
+
+    one_line(tlpipe("suggest", bundle, unlabelled, "-o", tmp_path / "picks"), "already holds suggestions.csv", "--overwrite")
+    one_line(tlpipe("suggest", bundle, unlabelled, "-o", unlabelled / "out"), "--out")
+    (tmp_path / "empty").mkdir()
+    one_line(tlpipe("suggest", bundle, tmp_path / "empty"), "holds no image files")

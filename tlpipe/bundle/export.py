@@ -33,7 +33,7 @@ from tlpipe.data import check_image, eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
 from tlpipe.data.scan import image_files
 from tlpipe.errors import TlpipeError
-from tlpipe.insight.unknowns import DESCRIPTION as UNKNOWN_DESCRIPTION
+from tlpipe.insight.unknowns import DESCRIPTION as UNKNOWN_DESCRIPTION, unit_rows
 from tlpipe.models.runtime import OPSET, onnx_graph
 from tlpipe.paths import inside, output_file, sweep_temporaries
 from tlpipe.run.folder import RunFolder
@@ -79,7 +79,7 @@ class ExportedClassifier(nn.Module):
         probabilities = torch.sigmoid(scores) if self.multilabel else torch.softmax(scores, dim=1)
         if not self.rejects:
             return probabilities
-        distances = ((codes @ self.projection).unsqueeze(1) - self.centres.unsqueeze(0)).square().sum(dim=2)
+        distances = ((unit_rows(codes) @ self.projection).unsqueeze(1) - self.centres.unsqueeze(0)).square().sum(dim=2)
         return probabilities, distances.min(dim=1).values
 
 

@@ -184,11 +184,11 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     backbone = _load_backbone(path, manifest["backbone"])
     backbone.data_config = manifest["data_config"]
     head = LinearHead.from_tensors(read_head(path, manifest["head"], len(manifest["classes"])), manifest["head"]["kind"])
-    entry = manifest.get("unknown")
-    unknowns = entry and unknowns_from_tensors(read_unknowns(path, entry, head.weight.shape[1]), entry["threshold"],
-                                               entry["false_rejection"])
-    bundle = Bundle(path, manifest, backbone, head, resolve_device(device), unknowns)
+    bundle = Bundle(path, manifest, backbone, head, resolve_device(device))
     _check_code_width(bundle)
+    if entry := manifest.get("unknown"):  # checked against the codes' width, known good by now
+        tensors = read_unknowns(path, entry, head.weight.shape[1])
+        bundle.unknowns = unknowns_from_tensors(tensors, entry["threshold"], entry["false_rejection"])
     return bundle
 
 

@@ -1,4 +1,4 @@
-"""What is done with a saved bundle: ``tlpipe predict``, ``tlpipe evaluate`` and ``tlpipe export``."""
+"""What is done with a saved bundle: ``tlpipe predict``, ``evaluate``, ``export`` and ``suggest`` (what to label next)."""
 from __future__ import annotations
 
 import json
@@ -122,3 +122,35 @@ def export(
                                    check=check, force=force, overwrite=overwrite))
 
 
+
+
+@app.command(cls=UnixUsage)
+def suggest(
+    bundle: Bundle,
+    unlabelled: Annotated[Path, typer.Argument(help="Folder of images without labels (searched recursively).")],
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="How many images to suggest.")] = 100,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for suggestions.csv, label_studio.json and contact_sheet.png.")] = Path("suggestions"),
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """The unlabelled images to label next: typical images of regions no labelled image covers, the
+    uncertain first; near-copies of the fit's labelled images skipped."""
+    with user_errors():
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.data.scan import image_files
+        from tlpipe.insight.labelling import OUTPUTS, suggest_to_label
+        from tlpipe.paths import output_folder
+
+        if not unlabelled.is_dir():
+            raise TlpipeError(f"{unlabelled} is not a folder: give the folder of unlabelled images")
+        images = image_files(unlabelled)
+        if not images:
+            raise TlpipeError(f"{unlabelled} holds no image files: give the folder of unlabelled images")
+        out = output_folder(out, "--out", OUTPUTS, overwrite=overwrite, dataset=unlabelled)
+        done = suggest_to_label(load_bundle(bundle, device), images, n, out, batch_size or 64, workers)
+        skipped = f"; {done.duplicates} skipped as near-copies of the fit's labelled images" if done.duplicates else ""
+        unknown = "" if done.labelled_known else " (the fit's images were not found: near-copies of them not checked)"
+        typer.echo(f"suggested {done.picked} of {done.considered} images{skipped}{unknown}: {out}/suggestions.csv, "
+                   "label_studio.json, contact_sheet.png")

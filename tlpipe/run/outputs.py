@@ -238,7 +238,8 @@ def _summary(data: DataSource, spec: DatasetSpec, model: FittedModel, layer: str
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         **dict([headline(metrics)]),
         "tuning": model.tuning, "timings": timings, "bundle": str(bundle.resolve()),
-        "unknowns": model.unknowns.to_dict() if model.unknowns else {"note": "no unknown rejection in this model"},
+        "unknowns": model.unknowns.to_dict() if model.unknowns else
+        {"note": model.trained.details.get("unknowns", {}).get("note", "no unknown rejection in this model")},
     }
 
 

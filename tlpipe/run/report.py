@@ -62,7 +62,8 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
 
 
 def print_diagnosis(summary: dict) -> None:
-    """What the data says, a line each: the train images that look mislabelled, what more would buy."""
+    """What the data says, a line each: the train images that look mislabelled, what more would buy,
+    when an image counts as unknown."""
     issues, curve = summary.get("label_issues") or {}, summary.get("learning_curve") or {}
     if "flagged" in issues:
         line = f"{issues['flagged']} of {issues['checked']} train images look mislabelled ({RunFolder.LABEL_ISSUES}, most suspect first)"
@@ -74,6 +75,9 @@ def print_diagnosis(summary: dict) -> None:
         console.print(f"[bold]Label issues[/]  {escape(line)}")
     if "sentence" in curve:
         console.print(f"[bold]More data[/]  {escape(curve['sentence'][0].upper() + curve['sentence'][1:])}")
+    if "threshold" in (unknowns := summary.get("unknowns") or {}):
+        console.print(f"[bold]Unknown images[/]  an image farther from every class than all but {unknowns['false_rejection']:.0%} "
+                      "of val is answered unknown (predict --no-reject answers a class anyway)")
 
 
 def print_budget(summary: dict) -> None:

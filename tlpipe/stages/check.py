@@ -104,6 +104,8 @@ def _with_unknowns(ctx: FitContext, prepared: Prepared, model: FittedModel) -> F
     train = dataset_codes(model.backbone, spec, "train", config, code_tap(config), hflip=model.trained.hflip,
                           cache=Path(config.cache_dir) if frozen else None)
     unknowns = fit_unknowns(train[0], train[1], model.val_codes[0], config.unknown_false_rejection)
+    if unknowns is None:
+        return _with_details(model, unknowns={"note": "one train image a class: no spread to measure distance by"})
     return dataclasses.replace(model, unknowns=unknowns)
 
 

@@ -1,0 +1,113 @@
+"""``tlpipe suggest``: the unlabelled images to label next (``tlpipe.insight.suggest`` picks them),
+written for a person and for a labelling tool: ``suggestions.csv`` (rank, path, the model's guess),
+``label_studio.json`` (Label Studio tasks with the guess as a pre-annotation) and ``contact_sheet.png``
+(the picks as thumbnails, in order)."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tlpipe.bundle.folder import Bundle
+from tlpipe.data import load_rgb
+from tlpipe.insight.suggest import suggest
+from tlpipe.run.folder import RunFolder
+from tlpipe.utils import atomic_write
+
+SUGGESTIONS, LABEL_STUDIO, CONTACT_SHEET = "suggestions.csv", "label_studio.json", "contact_sheet.png"
+OUTPUTS = (SUGGESTIONS, LABEL_STUDIO, CONTACT_SHEET)
+THUMB, COLUMNS = 128, 10
+
+
+@dataclass(frozen=True)
+class Suggested:
+    folder: Path  # where the three files are
+    picked: int
+    considered: int
+    duplicates: int  # skipped: near-copies of a labelled image
+    labelled_known: bool  # False: the fit's images were not found, so no near-copy was skipped
+
+
+def suggest_to_label(bundle: Bundle, images: list[Path], n: int, out: Path, batch_size: int = 64,
+                     workers: int | None = None) -> Suggested:
+    """Pick ``n`` of ``images`` to label next with ``bundle`` and write the three files into ``out``."""
+    codes = bundle.codes(images, batch_size, workers)
+    labelled = _labelled_codes(bundle, batch_size, workers)
+    probabilities = bundle.head.predict_proba(codes)
+    picks = suggest(probabilities, codes, n, labelled, bundle.head.multilabel)
+    rows = [(rank, images[i], probabilities[i], float(u)) for rank, (i, u) in enumerate(zip(picks.rows, picks.uncertainty), 1)]
+    _write_csv(out / SUGGESTIONS, rows, bundle.classes)
+    _write_label_studio(out / LABEL_STUDIO, rows, bundle.classes)
+    _write_contact_sheet(out / CONTACT_SHEET, rows, bundle.classes)
+    return Suggested(out, len(rows), len(images), picks.duplicates, labelled is not None)
+
+
+def _labelled_codes(bundle: Bundle, batch_size: int, workers: int | None) -> np.ndarray | None:
+    """The codes of every labelled image of the fit that made ``bundle`` (all its splits), when its
+    folder and data are still there (near-copies of them are not worth labelling); else None."""
+    from tlpipe.config import load_config
+    from tlpipe.data import prepare_dataset
+    from tlpipe.data.table import recorded_source
+    from tlpipe.errors import TlpipeError
+
+    fit = RunFolder(bundle.path.parent)
+    try:
+        summary = fit.read_summary()
+        source = recorded_source(summary)
+        if source is None:
+            return None
+        config = load_config(str(fit / fit.CONFIG))
+        spec = prepare_dataset(source, config.val_fraction, config.seed)
+    except TlpipeError:
+        return None
+    return bundle.codes([s.path for split in spec.splits.values() for s in split], batch_size, workers)
+
+
+def _guess(probabilities: np.ndarray, classes: list[str]) -> tuple[str, float]:
+    best = int(np.argmax(probabilities))
+    return classes[best], float(probabilities[best])
+
+
+def _write_csv(path: Path, rows, classes: list[str]) -> None:
+    table = [["rank", "path", "model_guess", "probability", "uncertainty"]]
+    for rank, image, p, u in rows:
+        guess, confidence = _guess(p, classes)
+        table.append([rank, str(image), guess, f"{confidence:.4f}", f"{u:.4f}"])
+    atomic_write(path, lambda f: csv.writer(f).writerows(table), newline="", encoding="utf-8")
+
+
+def _write_label_studio(path: Path, rows, classes: list[str]) -> None:
+    """Label Studio's task import format: one task per image (a local-files URL; serve the folder with
+    Label Studio's local storage), the model's guess as a pre-annotation of an image classification
+    config (``<Choices name="choice" toName="image">``)."""
+    tasks = [{"data": {"image": f"/data/local-files/?d={image.resolve().as_posix().lstrip('/')}"},
+              "meta": {"rank": rank, "uncertainty": round(u, 4)},
+              "predictions": [{"model_version": "tlpipe", "score": round(_guess(p, classes)[1], 4),
+                               "result": [{"from_name": "choice", "to_name": "image", "type": "choices",
+                                           "value": {"choices": [_guess(p, classes)[0]]}}]}]}
+             for rank, image, p, u in rows]
+    atomic_write(path, lambda f: f.write(json.dumps(tasks, ensure_ascii=False, indent=1)), encoding="utf-8")
+
+
+def _write_contact_sheet(path: Path, rows, classes: list[str]) -> None:
+    """The picks as a grid of thumbnails, rank and the model's guess under each."""
+    columns = max(1, min(COLUMNS, len(rows)))
+    sheet = Image.new("RGB", (columns * THUMB, max(1, -(-len(rows) // columns)) * (THUMB + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (rank, image, p, _) in enumerate(rows):
+        x, y = (k % columns) * THUMB, (k // columns) * (THUMB + 14)
+        try:
+            thumb = load_rgb(image)
+            thumb.thumbnail((THUMB, THUMB))
+            sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
+        except (OSError, ValueError):
+            pass
+        try:
+            draw.text((x + 2, y + THUMB), f"{rank}: {_guess(p, classes)[0]}"[:22], fill="black")
+        except UnicodeEncodeError:  # Pillow's bitmap font (no FreeType) writes Latin-1 alone: the rank, then
+            draw.text((x + 2, y + THUMB), f"{rank}", fill="black")
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"), mode="wb")
