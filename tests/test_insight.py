@@ -135,3 +135,20 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
     one_line(tlpipe("suggest", bundle, unlabelled, "-o", unlabelled / "out"), "--out")
     (tmp_path / "empty").mkdir()
     one_line(tlpipe("suggest", bundle, tmp_path / "empty"), "holds no image files")
+
+
+def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_folder(bundle_dir, tmp_path):
+    root, bundle = bundle_dir
+    result = tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "why").iterdir())
+    assert [p.name.split("-", 1)[1] for p in written] == [f"{k}.png" for k in range(6)]
+    side = json.loads((bundle / "bundle.json").read_text())["data_config"]["input_size"][1:]
+    shown = Image.open(written[0])
+    assert list(shown.size) == side[::-1] and shown.mode == "RGB"
+    plain = np.asarray(Image.open(root / "cats" / "0.jpg").convert("RGB").resize(shown.size), dtype=float)
+    assert np.abs(np.asarray(shown, dtype=float) - plain).mean() > 10  # the heat is laid over the picture
+
+    one_line(tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why"), "already holds", "--overwrite")
+    one_line(tlpipe("predict", bundle, root / "cats", "--explain", root / "cats" / "why"), "inside the dataset folder")
+    assert not (root / "cats" / "why").exists()

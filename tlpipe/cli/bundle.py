@@ -31,6 +31,9 @@ def predict(
     batch_size: BatchSize = 64,
     workers: Workers = None,
     device: Device = "auto",
+    explain: Annotated[Optional[Path], typer.Option("--explain", help="Also write each image with a heatmap of what "
+                                                     "made the model predict its class (LayerCAM) into this folder.")] = None,
+    overwrite: Overwrite = False,
     no_reject: Annotated[bool, typer.Option("--no-reject", help="Answer a class for every image, even one far from "
                                                                   "every class the model knows (default: flagged unknown).")] = False,
 ) -> None:
@@ -39,6 +42,7 @@ def predict(
     with user_errors():
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.data.scan import expand_image_paths
+        from tlpipe.paths import output_folder
         from tlpipe.run.report import print_predictions
 
         model = load_bundle(bundle, device)
@@ -48,7 +52,17 @@ def predict(
         if not images:
             raise TlpipeError("no readable image among the paths given")
         top_k = min(top_k, len(model.classes))
+        if explain:  # checked before any work: never inside the images given, nothing replaced unasked
+            from tlpipe.insight.heatmaps import overlay_names
+
+            for source in [p for p in paths if p.is_dir()] or [None]:
+                output_folder(explain, "--explain", overlay_names(images), overwrite=overwrite, dataset=source)
         print_predictions(model.predict(images, top_k, batch_size or 64, workers, reject=not no_reject), format.value)
+        if explain:
+            from tlpipe.insight.heatmaps import write_overlays
+
+            written = write_overlays(model, images, explain)
+            typer.echo(f"wrote {len(written)} heatmap(s) to {explain}", err=True)
 
 
 @app.command(cls=UnixUsage)
