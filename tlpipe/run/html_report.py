@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from PIL import Image
 
 from tlpipe.cache import cache_key
 from tlpipe.data import DatasetSpec, prepare_dataset
@@ -44,7 +45,7 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
         images={name: _png_uri(folder / file) for name, file in (("history", f"{folder.TUNING}/optuna_history.png"),
                 ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY),
                                                                  ("pr_curves", folder.PR_CURVES))},
-        mistakes=_mistakes(out, spec), suspects=_suspects(out, spec),
+        **_with_pictures(out, spec, mistakes=_mistakes(out), suspects=_suspects(out)),
     )
     return atomic_write(folder / folder.REPORT, lambda f: f.write(page), encoding="utf-8")
 
@@ -124,26 +125,41 @@ def _png_uri(path: Path) -> str | None:
     return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.exists() else None
 
 
-def _mistakes(out: Path, spec: DatasetSpec | None) -> list[dict]:
-    """The val images the model got wrong with the highest probability, as inline thumbnails
-    (images only from inside the dataset; without it, the rows alone)."""
+def _with_pictures(out: Path, spec: DatasetSpec | None, **grids: list[dict]) -> dict[str, list[dict]]:
+    """Each grid's rows with their picture (``image``): the thumbnail with the bundle's heatmap over it
+    (what made it predict what it did), the plain thumbnail where the bundle cannot draw one, none
+    without the dataset (images only from inside it)."""
+    paths = {row["path"]: spec and inside(spec.root, row["path"]) for rows in grids.values() for row in rows}
+    pictures = {name: _thumbnail(path) for name, path in paths.items()}
+    shown = [name for name, picture in pictures.items() if picture]
+    try:
+        from tlpipe.bundle.folder import load_bundle
+        from tlpipe.insight.heatmaps import heatmaps, overlay
+
+        drawn = heatmaps(load_bundle(RunFolder(out).bundle, "cpu"), [paths[name] for name in shown]) if shown else []
+        pictures.update({name: _thumbnail(overlay(picture, heat)) for name, (picture, heat, _) in zip(shown, drawn)})
+    except Exception:  # noqa: BLE001 - a bundle that cannot be loaded or explained leaves the plain pictures
+        pass
+    return {grid: [{**row, "image": pictures[row["path"]]} for row in rows] for grid, rows in grids.items()}
+
+
+def _mistakes(out: Path) -> list[dict]:
+    """The val images the model got wrong with the highest probability."""
     header, *rows = _csv_rows(out / RunFolder.VAL_PREDICTIONS) or [[]]
     rows = [_as_mistake(header, r) for r in rows]
     try:
         wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
     except (KeyError, ValueError):
         raise TlpipeError(f"{out / RunFolder.VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
-    return [{**row, "probability": float(row["probability"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
-            for row in wrong[:MISTAKES_SHOWN]]
+    return [{**row, "probability": float(row["probability"])} for row in wrong[:MISTAKES_SHOWN]]
 
 
-def _suspects(out: Path, spec: DatasetSpec | None) -> list[dict]:
-    """The train images most likely filed under the wrong class (label_issues.csv), as thumbnails."""
+def _suspects(out: Path) -> list[dict]:
+    """The train images most likely filed under the wrong class (label_issues.csv)."""
     header, *rows = _csv_rows(out / RunFolder.LABEL_ISSUES) or [[]]
     rows = [dict(zip(header, row)) for row in rows[:MISTAKES_SHOWN]]
     try:
-        return [{**row, "quality": float(row["quality"]), "image": spec and _thumbnail(inside(spec.root, row["path"]))}
-                for row in rows]
+        return [{**row, "quality": float(row["quality"])} for row in rows]
     except (KeyError, ValueError):
         raise TlpipeError(f"{out / RunFolder.LABEL_ISSUES} is damaged: rerun the fit that wrote it") from None
 
@@ -159,12 +175,13 @@ def _as_mistake(header: list[str], row: list[str]) -> dict:
     return {**given, "probability": max(errors, default=0.0)}
 
 
-def _thumbnail(path: Path | None) -> str | None:
-    """``path`` as an inline PNG thumbnail; None when it is gone since the fit or not a readable image."""
-    if path is None:
+def _thumbnail(source: Path | Image.Image | None) -> str | None:
+    """An image file (or picture) as an inline PNG thumbnail; None when the file is gone since the fit or
+    not a readable image."""
+    if source is None:
         return None
     try:
-        image = load_rgb(path)
+        image = source.copy() if isinstance(source, Image.Image) else load_rgb(source)
     except (OSError, ValueError):
         return None
     image.thumbnail((THUMBNAIL, THUMBNAIL))
