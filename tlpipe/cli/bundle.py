@@ -32,7 +32,7 @@ def predict(
     workers: Workers = None,
     device: Device = "auto",
     explain: Annotated[Optional[Path], typer.Option("--explain", help="Also write each image with a heatmap of what "
-                                                     "made the model predict its class (LayerCAM) into this folder.")] = None,
+                                                     "made the model predict its class (Grad-CAM) into this folder.")] = None,
     overwrite: Overwrite = False,
     no_reject: Annotated[bool, typer.Option("--no-reject", help="Answer a class for every image, even one far from "
                                                                   "every class the model knows (default: flagged unknown).")] = False,
