@@ -50,7 +50,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.bundle.export import ExportedClassifier, export_bundle, load_exported
+    from tlpipe.bundle.export import export_bundle, load_exported
+    from tlpipe.bundle.graph import ExportedClassifier
 
     if args.threads:
         torch.set_num_threads(args.threads)

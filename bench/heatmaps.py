@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     from torchcam import methods
 
-    from tlpipe.bundle.export import pixels
+    from tlpipe.bundle.graph import pixels
     from tlpipe.bundle.folder import load_bundle
     from tlpipe.data.scan import image_files
     from tlpipe.insight.heatmaps import BundleLogits, target_layer

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
+from shared_codes import train_val_codes
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def main() -> None:
@@ -20,20 +19,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from tlpipe.explore import extract
     from tlpipe.insight.label_issues import out_of_fold_probabilities
     from tlpipe.insight.learning_curve import learning_curve, nested_subsets
     from tlpipe.training.linear import accuracy, fit_head
 
     inside = 0
     for name in ("hymenoptera", "bloodcells", "dtd10", "rsscn7"):
-        codes = args.out / f"{name}.npz"
-        if not codes.is_file():
-            extract(SHARED / name, codes)
-        z = np.load(codes)
-        split = z["splits"]
-        X, y, X_val, y_val = z["features"][split == "train"], z["labels"][split == "train"], \
-            z["features"][split == "val"], z["labels"][split == "val"]
+        X, y, X_val, y_val = train_val_codes(name, args.out)
         _, C = out_of_fold_probabilities(X, y, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
         actual = accuracy(fit_head("logreg", C, X, y), X_val, y_val)
         for seed in range(3):

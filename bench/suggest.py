@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from shared_codes import train_val_codes
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
@@ -27,20 +27,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from tlpipe.explore import extract
     from tlpipe.insight.label_issues import out_of_fold_probabilities
     from tlpipe.insight.learning_curve import nested_subsets
     from tlpipe.insight.suggest import suggest
     from tlpipe.training.linear import accuracy, fit_head
 
     for name in args.datasets:
-        codes = args.out / f"{name}.npz"
-        if not codes.is_file():
-            extract(SHARED / name, codes)
-        z = np.load(codes)
-        split = z["splits"]
-        X, y, X_val, y_val = z["features"][split == "train"], z["labels"][split == "train"], \
-            z["features"][split == "val"], z["labels"][split == "val"]
+        X, y, X_val, y_val = train_val_codes(name, args.out)
         figures = {"start": [], "suggested": [], "random": []}
         for seed in range(5):
             labelled = nested_subsets(y, (0.2,), seed)[0]

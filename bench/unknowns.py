@@ -63,7 +63,8 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
     import onnxruntime as ort
 
-    from tlpipe.bundle.export import export_bundle, pixels
+    from tlpipe.bundle.export import export_bundle
+    from tlpipe.bundle.graph import pixels
     from tlpipe.bundle.folder import load_bundle
     from tlpipe.data.scan import image_files
 

@@ -59,7 +59,7 @@ def test_onnx_export_agrees_with_the_bundle_and_carries_the_preprocessing(fitted
     import onnxruntime as ort
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.bundle.export import pixels
+    from tlpipe.bundle.graph import pixels
 
     root, out, summary = fitted
     result = tlpipe("export", out / "model")
@@ -90,7 +90,8 @@ def test_onnx_export_agrees_with_the_bundle_and_carries_the_preprocessing(fitted
 def test_the_graph_holds_the_flip_the_taps_and_the_resolution_in_both_formats(odd_bundle, tmp_path):
     import onnxruntime as ort
 
-    from tlpipe.bundle.export import export_bundle, pixels
+    from tlpipe.bundle.export import export_bundle
+    from tlpipe.bundle.graph import pixels
 
     bundle, images = odd_bundle
     exported = export_bundle(bundle, "onnx", tmp_path / "odd.onnx", input_type="float32", check=images)
@@ -109,7 +110,7 @@ def test_torchscript_round_trip_loads_alone_with_its_metadata(fitted, tmp_path):
     import torch
 
     from tlpipe.bundle import load_bundle
-    from tlpipe.bundle.export import pixels
+    from tlpipe.bundle.graph import pixels
 
     root, out, summary = fitted
     target = tmp_path / "deploy" / "colours.pt"

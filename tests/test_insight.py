@@ -90,7 +90,7 @@ def test_an_image_of_no_known_class_is_answered_unknown_by_predict_and_the_onnx_
     exported = tlpipe("export", bundle, "--format", "onnx", "--out", tmp_path / "m.onnx", "--check", boards)
     assert exported.exit_code == 0, exported.output
     import onnxruntime as ort
-    from tlpipe.bundle.export import pixels
+    from tlpipe.bundle.graph import pixels
     from tlpipe.bundle.folder import load_bundle
 
     loaded = load_bundle(bundle, "cpu")

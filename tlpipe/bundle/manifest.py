@@ -130,20 +130,24 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]:
-    """The head's tensors, its file checked against the checksum bundle.json records, their shapes
-    against the classes."""
-    file = path / HEAD_FILE
+def _checked_tensors(file: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The tensors of a bundle's safetensors ``file``, once its bytes match the checksum bundle.json records."""
     if not file.is_file():
         raise TlpipeError(f"{file} is missing: copy the whole bundle folder again or refit")
     data = file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+    if hashlib.sha256(data).hexdigest() != sha256:
         raise TlpipeError(f"{file} does not match the checksum {MANIFEST} records: the bundle was altered or "
                           "damaged; copy it again or refit")
     try:
-        tensors = safetensors_load(data)
+        return safetensors_load(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same damaged file
         raise TlpipeError(f"{file} is not a readable safetensors file ({exc}): copy the bundle again or refit") from None
+
+
+def read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]:
+    """The head's tensors, its file checked against the checksum bundle.json records, their shapes
+    against the classes."""
+    tensors = _checked_tensors(path / HEAD_FILE, spec["sha256"])
     multilabel = spec.get("task") == "multilabel"  # a scale and a threshold per class
     expected = {"weight": (n_classes, None), "bias": (n_classes,), "scale": (n_classes if multilabel else 1,),
                 **({"thresholds": (n_classes,)} if multilabel else {})}
@@ -166,17 +170,7 @@ def read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]
 def read_unknowns(path: Path, spec: dict, width: int) -> dict[str, torch.Tensor]:
     """The unknown detector's tensors, checked against the checksum bundle.json records and against
     the codes' ``width``: a (width, width) projection and (classes, width) centres, all finite."""
-    file = path / UNKNOWN_FILE
-    if not file.is_file():
-        raise TlpipeError(f"{file} is missing: copy the whole bundle folder again or refit")
-    data = file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != spec["sha256"]:
-        raise TlpipeError(f"{file} does not match the checksum {MANIFEST} records: the bundle was altered or "
-                          "damaged; copy it again or refit")
-    try:
-        tensors = safetensors_load(data)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the same damaged file
-        raise TlpipeError(f"{file} is not a readable safetensors file ({exc}): copy the bundle again or refit") from None
+    tensors = _checked_tensors(path / UNKNOWN_FILE, spec["sha256"])
     projection, centres = tensors.get("projection"), tensors.get("centres")
     if projection is None or centres is None or tuple(projection.shape) != (width, width) or centres.ndim != 2 \
             or centres.shape[1] != width or not (torch.isfinite(projection).all() and torch.isfinite(centres).all()):

@@ -141,8 +141,8 @@ def log_model(run, bundle: Path) -> str:
     from tlpipe.version import __version__
     from tlpipe.bundle.folder import load_bundle, portable_bundle
 
-    replaced = _logged_models(run.client, run.run_id)
-    with tempfile.TemporaryDirectory() as folder, _tracking(run.tracking_uri):
+    replaced = logged_models(run.client, run.run_id)
+    with tempfile.TemporaryDirectory() as folder, tracking(run.tracking_uri):
         artifacts = portable_bundle(Path(bundle), Path(folder) / "bundle")
         code = Path(folder) / "code" / _PACKAGE.name  # no compiled files: the checksum covers all the copy holds
         shutil.copytree(_PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__"))
@@ -164,50 +164,10 @@ def log_model(run, bundle: Path) -> str:
     return checksum
 
 
-def _logged_models(client, run_id: str) -> list:
+def logged_models(client, run_id: str) -> list:
     """The MLflow models named ``MODEL_NAME`` that ``run_id`` logged."""
     experiment = client.get_run(run_id).info.experiment_id
-    return client.search_logged_models([experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'")
-
-
-def check_registry_names(name: str, alias: str | None) -> None:
-    """A model name and alias MLflow's registry will take, checked before a fit spends its time."""
-    from mlflow.exceptions import MlflowException
-
-    try:  # MLflow's own rules ("latest" and "v<N>" are not aliases, for instance)
-        from mlflow.utils.validation import (
-            _validate_model_alias_name, _validate_model_alias_name_reserved, _validate_model_name,
-        )
-    except ImportError:  # moved in another MLflow version: registering says what is wrong
-        return
-    try:
-        _validate_model_name(name)
-        if alias:
-            _validate_model_alias_name(alias)
-            _validate_model_alias_name_reserved(alias)
-    except MlflowException as exc:
-        raise TlpipeError(f"--register {name}{f' --alias {alias}' if alias else ''}: {exc.message.splitlines()[0]}") from None
-
-
-def register_model(run_id: str, tracking_uri: str, name: str, alias: str | None = "champion") -> str:
-    """Register the fit's MLflow model as a new version of ``name`` and point ``alias`` at it
-    (``models:/<name>@<alias>``; aliases replace the deprecated registry stages). Returns the version."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    with _tracking(tracking_uri):
-        try:
-            logged = _logged_models(client, run_id)
-            if not logged:
-                raise TlpipeError(f"run {run_id} has no MLflow model to register: refit with this tlpipe")
-            version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
-            if alias:
-                client.set_registered_model_alias(name, alias, version)
-        except MlflowException as exc:
-            raise TlpipeError(f"could not register the model as '{name}': {exc.message.splitlines()[0]}") from None
-    return str(version)
+    return client.searchlogged_models([experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'")
 
 
 @dataclass(frozen=True)
@@ -251,7 +211,7 @@ def check_served_model(served: ServedModel) -> None:
     if (db := sqlite_file(store)) and not db.is_file():
         raise TlpipeError(f"cannot serve {model_uri}: the MLflow store {store} does not exist; give the fit's store "
                           "with --tracking-uri (or MLFLOW_TRACKING_URI)")
-    with tempfile.TemporaryDirectory() as folder, _tracking(store):
+    with tempfile.TemporaryDirectory() as folder, tracking(store):
         try:
             _check_run_active(model_uri, store)
             stored = {part: _download(model_uri, part, Path(folder)) for part in ("MLmodel", "mlflow_model.py", "code")}
@@ -354,7 +314,7 @@ def pip_requirements() -> list[str]:
 
 
 @contextmanager
-def _tracking(uri: str) -> Iterator[None]:
+def tracking(uri: str) -> Iterator[None]:
     """MLflow's fluent API on ``uri`` for the duration (it reads a process-wide setting), quietly."""
     import mlflow
 

@@ -43,7 +43,7 @@ def predict(
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.data.scan import expand_image_paths
         from tlpipe.paths import output_folder
-        from tlpipe.run.report import print_predictions
+        from tlpipe.run.bundle_report import print_predictions
 
         model = load_bundle(bundle, device)
         images, problems = expand_image_paths(paths)
@@ -90,7 +90,7 @@ def evaluate(
         from tlpipe.bundle.evaluation import EVALUATION_PLOTS, evaluate_bundle
         from tlpipe.data.table import with_table_options
         from tlpipe.paths import output_file, output_folder
-        from tlpipe.run.report import print_evaluation
+        from tlpipe.run.bundle_report import print_evaluation
         from tlpipe.utils import write_json
 
         data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
@@ -130,7 +130,7 @@ def export(
     with user_errors():
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.bundle.export import export_bundle
-        from tlpipe.run.report import print_export
+        from tlpipe.run.bundle_report import print_export
 
         print_export(export_bundle(load_bundle(bundle, "cpu"), format.value, out, input_type=input_type.value,
                                    check=check, force=force, overwrite=overwrite))

@@ -56,7 +56,7 @@ def heatmaps(bundle: Bundle, images: Sequence[Path]) -> list[tuple[Image.Image, 
     the class it was drawn for (the top class)."""
     from torchcam.methods import GradCAM
 
-    from tlpipe.bundle.export import pixels
+    from tlpipe.bundle.graph import pixels
 
     logging.getLogger("torchcam").setLevel(logging.ERROR)  # its note on the layer it picked is ours to give
     network = BundleLogits(bundle)

@@ -80,7 +80,7 @@ class Saved:
 def check_registry_names(name: str | None, alias: str | None) -> None:
     """With ``--register NAME``: a name and alias the registry takes, checked before any work."""
     if name:
-        from tlpipe.bundle.serving import check_registry_names as check
+        from tlpipe.bundle.registry import check_registry_names as check
 
         check(name, alias)
 
@@ -90,7 +90,7 @@ def registered(result: FitResult, name: str | None, alias: str | None) -> FitRes
     moved to it; the result's ``summary.json`` says which, or why the registry refused."""
     if not name:
         return result
-    from tlpipe.bundle.serving import register_model
+    from tlpipe.bundle.registry import register_model
 
     try:
         version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
