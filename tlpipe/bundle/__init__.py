@@ -1,7 +1,9 @@
 """The fitted model a fit hands over, and everything done with it afterwards: the bundle folder
-(``folder``: save, validated load, predict), its temperature (``calibration``), scores on labelled
-images (``evaluation``, ``metrics``), ONNX and TorchScript graphs proven against it (``export``),
-and the MLflow pyfunc model and registry that ``tlpipe serve`` answers from (``serving``).
+(``folder``: save, load, predict; ``manifest``: its files checked before use), its temperature
+(``calibration``), its unknown-image detector (``unknowns``), scores on labelled images
+(``evaluation``, ``metrics``), ONNX and TorchScript graphs proven against it (``graph``,
+``export``), the MLflow pyfunc model that ``tlpipe serve`` answers from (``serving``) and the
+registry (``registry``).
 
 ``Bundle``, ``load_bundle`` and ``save_bundle`` are here too, loaded on first use: importing a light
 module of this package (``metrics``, ``serving``) does not load torch."""

@@ -30,7 +30,7 @@ from tlpipe.bundle.manifest import (
 from tlpipe.data import Sample, eval_loader, eval_transform
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
-from tlpipe.insight.unknowns import UnknownDetector, unknowns_from_tensors
+from tlpipe.bundle.unknowns import UnknownDetector, unknowns_from_tensors
 from tlpipe.paths import inside
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
 from tlpipe.training import PROBABILITY_NOTES, LinearHead

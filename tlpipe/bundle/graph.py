@@ -15,7 +15,7 @@ from torch import nn
 from tlpipe.bundle.folder import Bundle
 from tlpipe.data import eval_transform, load_rgb
 from tlpipe.data.loader import decode_size
-from tlpipe.insight.unknowns import DESCRIPTION as UNKNOWN_DESCRIPTION, unit_rows
+from tlpipe.bundle.unknowns import DESCRIPTION as UNKNOWN_DESCRIPTION, unit_rows
 
 InputType = Literal["uint8", "float32"]
 INPUT, OUTPUT, UNKNOWN_OUTPUT = "images", "probabilities", "unknown_score"

@@ -27,7 +27,7 @@ from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.data.table import LABEL_DELIMITER, DataSource, source_record
 from tlpipe.insight.diagnosis import Diagnosis
-from tlpipe.insight.unknowns import UnknownDetector
+from tlpipe.bundle.unknowns import UnknownDetector
 from tlpipe.run.html_report import write_html_report
 from tlpipe.bundle.metrics import (
     evaluation_metrics, headline, multilabel_metrics, save_confusion_matrix, save_pr_curves, save_learning_curves, save_reliability_diagram,

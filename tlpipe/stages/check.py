@@ -2,7 +2,7 @@
 its training resolution and the native one (the better kept) and, under auto, against the tuned
 linear classifier (the guard); then the test-time choices made on val (flip averaging, a larger
 test resolution), the temperature fitted on the val logits, and the threshold past which an image
-is of no class the model knows (``tlpipe.insight.unknowns``)."""
+is of no class the model knows (``tlpipe.bundle.unknowns``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.bundle.calibration import calibrate
-from tlpipe.insight.unknowns import fit_unknowns
+from tlpipe.bundle.unknowns import fit_unknowns
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
 from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
