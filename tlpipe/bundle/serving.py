@@ -167,7 +167,7 @@ def log_model(run, bundle: Path) -> str:
 def logged_models(client, run_id: str) -> list:
     """The MLflow models named ``MODEL_NAME`` that ``run_id`` logged."""
     experiment = client.get_run(run_id).info.experiment_id
-    return client.searchlogged_models([experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'")
+    return client.search_logged_models([experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'")
 
 
 @dataclass(frozen=True)
