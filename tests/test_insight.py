@@ -152,3 +152,24 @@ def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_fo
     one_line(tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why"), "already holds", "--overwrite")
     one_line(tlpipe("predict", bundle, root / "cats", "--explain", root / "cats" / "why"), "inside the dataset folder")
     assert not (root / "cats" / "why").exists()
+
+
+def test_a_tuning_worker_leaves_out_the_same_suspects_as_its_lead_and_changes_nothing_it_was_given(tmp_path):
+    from tlpipe.config import load_config
+    from tlpipe.data import DatasetSpec, Sample
+    from tlpipe.stages.diagnose import without_label_issues
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 30)
+    X = np.eye(3)[y] * 4 + rng.normal(size=(90, 3)) * 0.3
+    y_given = y.copy()
+    y_given[[5, 40]] = [2, 0]  # two images filed under the wrong class
+    samples = [Sample(tmp_path / f"{k}.jpg", int(label)) for k, label in enumerate(y_given)]
+    spec = DatasetSpec(tmp_path, ["a", "b", "c"], {"train": samples, "val": samples[:3]}, "folder")
+    codes = {"train": (X, y_given), "val": (X[:3], y_given[:3])}
+
+    kept_spec, kept_codes = without_label_issues(spec, codes, load_config("default", exclude_label_issues=True))
+    assert {s.path.name for s in samples} - {s.path.name for s in kept_spec.splits["train"]} == {"5.jpg", "40.jpg"}
+    assert len(kept_codes["train"][0]) == 88 and kept_codes["val"] is codes["val"]
+    assert len(spec.splits["train"]) == 90 and len(codes["train"][0]) == 90  # what it was given is unchanged
+    assert without_label_issues(spec, codes, load_config("default")) == (spec, codes)  # off: as given

@@ -10,10 +10,11 @@ import dataclasses
 import numpy as np
 
 from tlpipe.config import FitConfig
+from tlpipe.data import DatasetSpec
 from tlpipe.insight.label_issues import find_label_issues
 from tlpipe.insight.learning_curve import learning_curve
 from tlpipe.insight.diagnosis import Diagnosis
-from tlpipe.stages.context import Choice, FitContext, Prepared
+from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear
 from tlpipe.training.linear import accuracy, fit_head
 
@@ -21,15 +22,16 @@ MULTILABEL_NOTE = "not computed for multi-label sets yet"
 
 
 def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepared, Choice]:
-    """The label suspects and the learning curve on the linear classifier's codes, in a new Choice;
-    with ``exclude_label_issues``, a Prepared and Choice whose train split leaves the suspects out."""
+    """The label suspects (on the strategy's codes, which a tuning worker has too) and the learning
+    curve (on the linear classifier's), in a new Choice; with ``exclude_label_issues``, a Prepared
+    and Choice whose train split leaves the suspects out."""
     if prepared.spec.multilabel:
         return prepared, dataclasses.replace(choice, diagnosis=Diagnosis(note=MULTILABEL_NOTE))
-    config, codes = choice.config, _linear_codes(choice)
-    (X, y), (X_val, y_val) = codes["train"], codes["val"]
+    config, linear_codes = choice.config, _linear_codes(choice)
     with ctx.timings.stage("diagnose"):
-        issues = find_label_issues(X, y, tuple(config.linear.c_grid), config.seed)
-        curve = None if issues is None else learning_curve(X, y, X_val, y_val, "logreg", issues.C, config.seed)
+        issues = find_label_issues(*choice.codes["train"], tuple(config.linear.c_grid), config.seed)
+        curve = None if issues is None else learning_curve(*linear_codes["train"], *linear_codes["val"], "logreg",
+                                                           issues.C, config.seed)
     train = prepared.spec.splits["train"]
     diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve)
     if not (config.exclude_label_issues and issues is not None and len(issues)):
@@ -37,7 +39,24 @@ def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepa
     return _without_suspects(prepared, choice, diagnosis)
 
 
-def _linear_codes(choice: Choice) -> dict:
+def without_label_issues(spec: DatasetSpec, codes: Codes, config: FitConfig) -> tuple[DatasetSpec, Codes]:
+    """A tuning worker's train as its lead's diagnose left it: without the suspects, found the same
+    way on the same codes (with ``exclude_label_issues``; else as given)."""
+    if not config.exclude_label_issues or spec.multilabel:
+        return spec, codes
+    issues = find_label_issues(*codes["train"], tuple(config.linear.c_grid), config.seed)
+    return (spec, codes) if issues is None else without_rows(spec, codes, issues.rows)
+
+
+def without_rows(spec: DatasetSpec, codes: Codes, rows: np.ndarray) -> tuple[DatasetSpec, Codes]:
+    """``spec`` and ``codes`` with the train rows ``rows`` left out (new objects: neither is changed)."""
+    keep = np.setdiff1d(np.arange(len(spec.splits["train"])), rows)
+    train = spec.splits["train"]
+    return (dataclasses.replace(spec, splits={**spec.splits, "train": [train[i] for i in keep]}),
+            {**codes, "train": tuple(part[keep] for part in codes["train"])})
+
+
+def _linear_codes(choice: Choice) -> Codes:
     """The codes the linear classifier stands on: the tap auto chose, else the strategy's codes."""
     return choice.linear.codes if choice.linear is not None else choice.codes
 
@@ -46,22 +65,18 @@ def _without_suspects(prepared: Prepared, choice: Choice, diagnosis: Diagnosis) 
     """Train without the flagged images, everywhere a later stage reads it (the split, the codes, the
     linear classifier saved first and the guard's baseline), and the softmax regression's val
     accuracy with and without them."""
-    issues = diagnosis.label_issues
-    keep = np.setdiff1d(np.arange(issues.checked), issues.rows)
-    drop = lambda codes: {**codes, "train": tuple(part[keep] for part in codes["train"])}  # noqa: E731
-    (X, y), (X_val, y_val) = _linear_codes(choice)["train"], _linear_codes(choice)["val"]
-    before, after = (accuracy(fit_head("logreg", issues.C, X[rows], y[rows], choice.config.seed), X_val, y_val)
-                     for rows in (np.arange(len(y)), keep))
+    issues, seed = diagnosis.label_issues, choice.config.seed
+    spec, codes = without_rows(prepared.spec, choice.codes, issues.rows)
+    (X, y), (X_val, y_val), (X_kept, y_kept) = choice.codes["train"], choice.codes["val"], codes["train"]
+    before = accuracy(fit_head("logreg", issues.C, X, y, seed), X_val, y_val)
+    after = accuracy(fit_head("logreg", issues.C, X_kept, y_kept, seed), X_val, y_val)
     excluded = {"images": len(issues), "val_accuracy_with": round(before, 4), "val_accuracy_without": round(after, 4)}
-    train = prepared.spec.splits["train"]
-    spec = dataclasses.replace(prepared.spec, splits={**prepared.spec.splits, "train": [train[i] for i in keep]})
-    linear = choice.linear and _refitted(choice.linear, drop(choice.linear.codes))
-    choice = dataclasses.replace(choice, codes=drop(choice.codes), linear=linear,
-                                 diagnosis=dataclasses.replace(diagnosis, excluded=excluded))
+    linear = choice.linear and _refitted(choice.linear, without_rows(prepared.spec, choice.linear.codes, issues.rows)[1])
+    choice = dataclasses.replace(choice, codes=codes, linear=linear, diagnosis=dataclasses.replace(diagnosis, excluded=excluded))
     return dataclasses.replace(prepared, spec=spec), choice
 
 
-def _refitted(linear: LinearFit, codes: dict) -> LinearFit:
+def _refitted(linear: LinearFit, codes: Codes) -> LinearFit:
     """The same classifier settings fitted again on ``codes``."""
     config: FitConfig = linear.config
     return LinearFit(linear.tap, cached_fit_linear(config, codes), codes, config)

@@ -17,6 +17,7 @@ from tlpipe.run.outputs import ASKED_FOR, FittedModel
 from tlpipe.progress import quiet_libraries
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
+from tlpipe.stages.diagnose import without_label_issues
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import MIN_EPOCHS, Plan
@@ -155,6 +156,7 @@ def run_worker(data: str | Path | LabelTable, storage: str, study_name: str, out
     backbone = build_backbone(config)
     codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=Path(config.cache_dir))
              for split in ("train", "val")}
+    spec, codes = without_label_issues(spec, codes, config)  # as the lead's diagnose left its train
     with quiet_libraries():
         run_study(study, strategy_objective(config, backbone, spec, out, codes), config, worker=True)
     return study_summary(study)
