@@ -25,9 +25,9 @@ class LabelIssues:
     probability of the given label; low is suspect)."""
 
     rows: np.ndarray  # indices into the train split
-    suggested: np.ndarray  # class index per flagged row
+    suggested: np.ndarray  # per flagged row: a class index, or (multi-label) its 0/1 row of classes
     quality: np.ndarray  # per flagged row, in [0, 1]
-    C: float  # the softmax regression's C, by cross-validation
+    C: float  # the logistic regression's C, by cross-validation
     checked: int  # train images scored
 
     def __len__(self) -> int:
@@ -35,8 +35,8 @@ class LabelIssues:
 
     def to_dict(self) -> dict:
         return {"flagged": len(self), "checked": self.checked, "C": self.C,
-                "method": "confident learning (cleanlab, prune by noise rate and self-confidence) on out-of-fold "
-                          "softmax-regression probabilities of the codes"}
+                "method": "confident learning (cleanlab: prune by noise rate and by class, ranked by self-confidence) on "
+                          "out-of-fold logistic-regression probabilities of the codes (one-vs-rest for multi-label sets)"}
 
 
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, c_grid: tuple[float, ...], seed: int = 0
@@ -58,17 +58,41 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, c_grid: tuple[float,
     return probabilities, C
 
 
+def out_of_fold_label_probabilities(X: np.ndarray, Y: np.ndarray, c_grid: tuple[float, ...], seed: int = 0
+                                    ) -> tuple[np.ndarray, float] | None:
+    """``out_of_fold_probabilities`` for a 0/1 label matrix ``Y``: a sigmoid per class from the one-vs-rest
+    logistic regression fitted on the other folds (iteratively stratified; C by cross-validated mAP);
+    None when the rarest class has a single image."""
+    from tlpipe.training.multilabel import MultilabelProbe, fit_multilabel_head, multilabel_folds
+
+    folds = min(MAX_FOLDS, int(Y.sum(axis=0).min(initial=len(Y))))
+    if folds < 2:
+        return None
+    C = MultilabelProbe(tuple(c_grid), folds, seed).fit(X, Y, X[:1], Y[:1]).C_
+    probabilities = np.zeros(Y.shape)
+    for train, test in multilabel_folds(Y, folds, seed):
+        head = fit_multilabel_head(C, X[train], Y[train], seed)
+        probabilities[test] = 1 / (1 + np.exp(-head.logits(X[test])))
+    return probabilities, C
+
+
 def find_label_issues(X: np.ndarray, y: np.ndarray, c_grid: tuple[float, ...], seed: int = 0) -> LabelIssues | None:
-    """The train images (codes ``X``, labels ``y``) whose label the codes contradict, most suspect
-    first; None when the classes are too small to hold any image out."""
+    """The train images (codes ``X``, labels ``y``: class indices, or a multi-label 0/1 matrix) whose
+    label the codes contradict, most suspect first; None when the classes are too small to hold any
+    image out."""
     from cleanlab.filter import find_label_issues as confident_learning
 
-    scored = out_of_fold_probabilities(X, y, c_grid, seed)
+    multilabel = y.ndim == 2
+    scored = (out_of_fold_label_probabilities if multilabel else out_of_fold_probabilities)(X, y, c_grid, seed)
     if scored is None:
         return None
     probabilities, C = scored
-    rows = confident_learning(y, probabilities, filter_by="both", return_indices_ranked_by="self_confidence",
-                              n_jobs=1)  # its default forks a pool: a forked torch process can hang in it
+    labels = [list(np.flatnonzero(row)) for row in y] if multilabel else y
+    rows = confident_learning(labels, probabilities, filter_by="both", return_indices_ranked_by="self_confidence",
+                              multi_label=multilabel, n_jobs=1)  # its default forks a pool: a forked torch process can hang in it
     rows = np.asarray(rows, dtype=np.int64)
+    if multilabel:  # quality: how well the given set agrees with the codes, class by class (the worst class)
+        agreement = np.where(y[rows] == 1, probabilities[rows], 1 - probabilities[rows])
+        return LabelIssues(rows, (probabilities[rows] >= 0.5).astype(np.int64), agreement.min(axis=1, initial=1.0), C, len(y))
     quality = probabilities[rows, y[rows]] if len(rows) else np.zeros(0)
     return LabelIssues(rows, probabilities[rows].argmax(axis=1) if len(rows) else rows, quality, C, len(y))

@@ -196,11 +196,14 @@ def _write_val_predictions(path: Path, spec: DatasetSpec, probabilities: np.ndar
 
 def _write_label_issues(path: Path, spec: DatasetSpec, diagnosis: Diagnosis) -> None:
     """The train images whose label the codes contradict, most suspect first: the path (relative to
-    the dataset), the label given, the class the codes suggest, and the label quality in [0, 1]."""
+    the dataset), the label given, the class the codes suggest (multi-label: the sets, joined by
+    ``;``), and the label quality in [0, 1]."""
     issues = diagnosis.label_issues
     rows = [["path", "given", "suggested", "quality"]]
+    named = (lambda on: LABEL_DELIMITER.join(c for c, yes in zip(spec.classes, on) if yes)) if spec.multilabel else \
+        (lambda index: spec.classes[index])  # noqa: E731
     for sample, suggested, quality in zip(diagnosis.suspects, issues.suggested, issues.quality):
-        rows.append([spec.relative(sample.path), spec.classes[sample.label], spec.classes[suggested], f"{quality:.6f}"])
+        rows.append([spec.relative(sample.path), named(sample.label), named(suggested), f"{quality:.6f}"])
     atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 

@@ -62,14 +62,15 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
 
 
 def print_diagnosis(summary: dict) -> None:
-    """What the data says, a line each: the train images that look mislabelled, what more would buy,
+    """What the data says, a line each: the train images whose label the codes contradict, what more would buy,
     when an image counts as unknown."""
     issues, curve = summary.get("label_issues") or {}, summary.get("learning_curve") or {}
     if "flagged" in issues:
-        line = f"{issues['flagged']} of {issues['checked']} train images look mislabelled ({RunFolder.LABEL_ISSUES}, most suspect first)"
+        line = (f"{issues['flagged']} of {issues['checked']} train images have a label their codes contradict "
+                f"({RunFolder.LABEL_ISSUES}, most suspect first)")
         if excluded := issues.get("excluded"):
-            line += (f"; left out of training: val accuracy {excluded['val_accuracy_with']:.3f} with them, "
-                     f"{excluded['val_accuracy_without']:.3f} without (softmax regression on the codes)")
+            line += (f"; left out of training: val {excluded['score']} {excluded['val_with']:.3f} with them, "
+                     f"{excluded['val_without']:.3f} without (logistic regression on the codes)")
         elif issues["flagged"]:
             line += "; --exclude-label-issues trains without them"
         console.print(f"[bold]Label issues[/]  {escape(line)}")

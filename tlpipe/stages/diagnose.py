@@ -16,24 +16,24 @@ from tlpipe.insight.learning_curve import learning_curve
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear
-from tlpipe.training.linear import accuracy, fit_head
+from tlpipe.training.linear import fit_head, head_score
+from tlpipe.training.multilabel import fit_multilabel_head
 
-MULTILABEL_NOTE = "not computed for multi-label sets yet"
+CURVE_NOTE = "not drawn for multi-label sets yet"
 
 
 def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepared, Choice]:
     """The label suspects (on the strategy's codes, which a tuning worker has too) and the learning
     curve (on the linear classifier's), in a new Choice; with ``exclude_label_issues``, a Prepared
     and Choice whose train split leaves the suspects out."""
-    if prepared.spec.multilabel:
-        return prepared, dataclasses.replace(choice, diagnosis=Diagnosis(note=MULTILABEL_NOTE))
     config, linear_codes = choice.config, _linear_codes(choice)
     with ctx.timings.stage("diagnose"):
         issues = find_label_issues(*choice.codes["train"], tuple(config.linear.c_grid), config.seed)
-        curve = None if issues is None else learning_curve(*linear_codes["train"], *linear_codes["val"], "logreg",
-                                                           issues.C, config.seed)
+        curve = None if issues is None or prepared.spec.multilabel else learning_curve(
+            *linear_codes["train"], *linear_codes["val"], "logreg", issues.C, config.seed)
     train = prepared.spec.splits["train"]
-    diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve)
+    diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve,
+                          note=CURVE_NOTE if prepared.spec.multilabel else None)
     if not (config.exclude_label_issues and issues is not None and len(issues)):
         return prepared, dataclasses.replace(choice, diagnosis=diagnosis)
     return _without_suspects(prepared, choice, diagnosis)
@@ -42,7 +42,7 @@ def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepa
 def without_label_issues(spec: DatasetSpec, codes: Codes, config: FitConfig) -> tuple[DatasetSpec, Codes]:
     """A tuning worker's train as its lead's diagnose left it: without the suspects, found the same
     way on the same codes (with ``exclude_label_issues``; else as given)."""
-    if not config.exclude_label_issues or spec.multilabel:
+    if not config.exclude_label_issues:
         return spec, codes
     issues = find_label_issues(*codes["train"], tuple(config.linear.c_grid), config.seed)
     return (spec, codes) if issues is None else without_rows(spec, codes, issues.rows)
@@ -63,14 +63,16 @@ def _linear_codes(choice: Choice) -> Codes:
 
 def _without_suspects(prepared: Prepared, choice: Choice, diagnosis: Diagnosis) -> tuple[Prepared, Choice]:
     """Train without the flagged images, everywhere a later stage reads it (the split, the codes, the
-    linear classifier saved first and the guard's baseline), and the softmax regression's val
-    accuracy with and without them."""
+    linear classifier saved first and the guard's baseline), and the logistic regression's val
+    score (accuracy; multi-label: mAP) with and without them."""
     issues, seed = diagnosis.label_issues, choice.config.seed
     spec, codes = without_rows(prepared.spec, choice.codes, issues.rows)
-    (X, y), (X_val, y_val), (X_kept, y_kept) = choice.codes["train"], choice.codes["val"], codes["train"]
-    before = accuracy(fit_head("logreg", issues.C, X, y, seed), X_val, y_val)
-    after = accuracy(fit_head("logreg", issues.C, X_kept, y_kept, seed), X_val, y_val)
-    excluded = {"images": len(issues), "val_accuracy_with": round(before, 4), "val_accuracy_without": round(after, 4)}
+    multilabel = prepared.spec.multilabel
+    fit = (lambda X, y: fit_multilabel_head(issues.C, X, y, seed)) if multilabel else \
+        (lambda X, y: fit_head("logreg", issues.C, X, y, seed))  # noqa: E731
+    before, after = (head_score(fit(*train), *choice.codes["val"]) for train in (choice.codes["train"], codes["train"]))
+    excluded = {"images": len(issues), "score": "mAP" if multilabel else "accuracy",
+                "val_with": round(before, 4), "val_without": round(after, 4)}
     linear = choice.linear and _refitted(choice.linear, without_rows(prepared.spec, choice.linear.codes, issues.rows)[1])
     choice = dataclasses.replace(choice, codes=codes, linear=linear, diagnosis=dataclasses.replace(diagnosis, excluded=excluded))
     return dataclasses.replace(prepared, spec=spec), choice

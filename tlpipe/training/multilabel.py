@@ -47,7 +47,7 @@ def fit_multilabel_head(C: float, X: np.ndarray, Y: np.ndarray, seed: int = 0) -
                       "logreg", np.ones(Y.shape[1]), np.full(Y.shape[1], DEFAULT_THRESHOLD))
 
 
-def _folds(Y: np.ndarray, folds: int, seed: int):
+def multilabel_folds(Y: np.ndarray, folds: int, seed: int):
     """Iterative stratification (``iterative-stratification``): every class in every fold, where its images allow."""
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
@@ -71,7 +71,7 @@ class MultilabelProbe:
         folds = min(self.cv_folds, rarest)
         self.cv_note_ = None if folds >= 2 else (
             f"a class has {rarest} train image: no cross-validation, C chosen on validation ({len(Y_val)} images)")
-        splits = list(_folds(Y, folds, self.seed)) if folds >= 2 else [(np.arange(len(Y)), None)]
+        splits = list(multilabel_folds(Y, folds, self.seed)) if folds >= 2 else [(np.arange(len(Y)), None)]
         with threadpool_limits(1):
             scores = self._path(X, Y, X_val, Y_val, splits)
         best = int(np.argmax(scores))
