@@ -1,8 +1,9 @@
 """Wrong labels: which train images are likely filed under the wrong class.
 
 Confident learning (Northcutt et al., 2021) by ``cleanlab``, a well-kept library, fed with
-out-of-fold probabilities of a softmax regression on the fit's cached codes: each train image is
-scored by a classifier that never saw its label, so a label the codes contradict stands out. On
+out-of-fold probabilities of a logistic regression on the fit's cached codes (softmax; one-vs-rest
+for a multi-label set): each train image is scored by a classifier that never saw its label, so a
+label the codes contradict stands out. On
 codes this costs seconds (dtd10, 300 x 1,280: 1 s), so every fit can afford it.
 """
 from __future__ import annotations

@@ -68,7 +68,7 @@ def _extrapolation(sizes: np.ndarray, correct: np.ndarray, seed: int) -> tuple[f
     return (*fit(slice(None)), np.array([fit(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)]))
 
 
-def spread_of_fit(sizes: np.ndarray, correct: np.ndarray, log_a: float, b: float) -> float:
+def _spread_of_fit(sizes: np.ndarray, correct: np.ndarray, log_a: float, b: float) -> float:
     """The variance of the points about the fitted law (accuracy units, two parameters spent): the
     part of the uncertainty a val bootstrap cannot see, from which train images were drawn."""
     residuals = correct.mean(axis=1) - (1 - np.exp(log_a) * sizes ** -b)
@@ -80,29 +80,23 @@ def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.nd
     """The linear classifier ``kind`` at ``C`` on nested fractions of train (codes ``X``, labels
     ``y``), scored on val, and its power law extrapolated to 2x and 4x; None when train is too small
     for a curve (under ``MIN_IMAGES`` in the smallest fraction)."""
-    counts = np.bincount(y)
     if len(y) * FRACTIONS[0] < MIN_IMAGES or len(np.unique(y)) < 2 or len(y_val) < 2:
         return None
-    draws = [nested_subsets(y, FRACTIONS, seed + draw) for draw in range(DRAWS)]
+    draws = [nested_subsets(y, FRACTIONS, seed + draw) for draw in range(DRAWS)]  # every class in every subset
     correct = []  # per fraction: (val images,) mean correctness over the draws
     with threadpool_limits(1):
         for i, fraction in enumerate(FRACTIONS):
             subsets = [draws[0][i]] if fraction == 1.0 else [d[i] for d in draws]
-            hits = [fit_head(kind, C, X[rows], y[rows], seed).predict(X_val) == y_val for rows in subsets
-                    if len(np.unique(y[rows])) == len(counts[counts > 0])]
-            correct.append(np.mean(hits, axis=0) if hits else np.full(len(y_val), np.nan))
+            correct.append(np.mean([fit_head(kind, C, X[rows], y[rows], seed).predict(X_val) == y_val for rows in subsets],
+                                   axis=0))
     sizes = np.array([len(draws[0][i]) for i in range(len(FRACTIONS))], dtype=float)
     correct = np.array(correct)
-    keep = ~np.isnan(correct).any(axis=1)
-    if keep.sum() < 3:
-        return None
-    sizes, correct = sizes[keep], correct[keep]
     log_a, b, spread = _extrapolation(sizes, correct, seed)
     predicted = {}
     for factor in (2, 4):
         n = sizes[-1] * factor
         estimate = 1 - np.exp(log_a) * n ** -b
-        half_width = 1.96 * np.sqrt(np.var(1 - np.exp(spread[:, 0]) * n ** -spread[:, 1]) + spread_of_fit(sizes, correct, log_a, b))
+        half_width = 1.96 * np.sqrt(np.var(1 - np.exp(spread[:, 0]) * n ** -spread[:, 1]) + _spread_of_fit(sizes, correct, log_a, b))
         predicted[f"{factor}x"] = {"images": int(n), "accuracy": round(float(estimate), 4),
                                    "low": round(float(max(0.0, estimate - half_width)), 4),
                                    "high": round(float(min(1.0, estimate + half_width)), 4)}
