@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,12 @@ def test_every_package_of_tlpipe_is_in_the_wheel():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "tlpipe").rglob("__init__.py")}
     assert listed == found
+
+
+def test_a_mistyped_dataset_folder_is_told_before_torch_is_imported(tmp_path):
+    """The first answer comes at once: no torch, albumentations or MLflow is loaded to say a path is wrong."""
+    code = ("import sys\nfrom tlpipe.cli import app\ntry:\n    app(['fit', sys.argv[1]])\nexcept SystemExit as exc:\n"
+            "    print(exc.code, sorted(m for m in ('torch', 'albumentations', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: dataset folder not found: {tmp_path / 'missing'}") and done.stderr.count("\n") == 1

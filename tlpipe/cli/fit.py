@@ -63,13 +63,17 @@ def fit(
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
         from tlpipe.config import config_from_flags
-        from tlpipe.data.table import with_table_options
+        from tlpipe.data.scan import check_root
+        from tlpipe.data.table import as_source, with_table_options
+
+        data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
+        if data is not None and isinstance(source := as_source(data), Path):
+            check_root(source)  # a mistyped folder is told before the heavy imports below
+        if worker:
+            return _worker(data, example, storage, study_name, output)
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
 
-        data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
-        if worker:
-            return _worker(data, example, storage, study_name, output)
         config = config_from_flags(
             recipe, strategy=strategy, backbone=backbone, weights=weights, layer=layer, image_size=image_size,
             batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed, device=device,

@@ -1,15 +1,22 @@
-"""Data stage: scan a folder, check every image, split, cache decoded images, and load batches."""
-from tlpipe.data.augment import CachedImages, EpochSampler, eval_array_transform, train_transform
-from tlpipe.data.decoded import build_decoded_cache
-from tlpipe.data.dataset import (
-    QUARANTINE_REPORT, DatasetSpec, Sample, prepare_dataset, stratified_subset, write_quarantine_report,
-)
-from tlpipe.data.images import IMAGE_EXTENSIONS, check_image, load_rgb, shorter_side
-from tlpipe.data.loader import eval_loader, eval_transform
-from tlpipe.data.scan import scan_folder
+"""Data stage: scan a folder, check every image, split, cache decoded images, and load batches.
 
-__all__ = [
-    "IMAGE_EXTENSIONS", "QUARANTINE_REPORT", "CachedImages", "DatasetSpec", "EpochSampler", "Sample",
-    "build_decoded_cache", "check_image", "eval_array_transform", "eval_loader", "eval_transform", "load_rgb",
-    "prepare_dataset", "scan_folder", "shorter_side", "stratified_subset", "train_transform", "write_quarantine_report",
-]
+The names below load on first use (PEP 562): ``tlpipe.data.scan`` or ``tlpipe.data.table`` alone
+import no torch or albumentations, so a command can check its paths before the heavy imports."""
+from importlib import import_module
+
+_HOMES = {
+    "CachedImages": "augment", "EpochSampler": "augment", "eval_array_transform": "augment", "train_transform": "augment",
+    "build_decoded_cache": "decoded",
+    "QUARANTINE_REPORT": "dataset", "DatasetSpec": "dataset", "Sample": "dataset", "prepare_dataset": "dataset",
+    "stratified_subset": "dataset", "write_quarantine_report": "dataset",
+    "IMAGE_EXTENSIONS": "images", "check_image": "images", "load_rgb": "images", "shorter_side": "images",
+    "eval_loader": "loader", "eval_transform": "loader",
+    "scan_folder": "scan",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f"tlpipe.data.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'tlpipe.data' has no attribute {name!r}")

@@ -84,16 +84,23 @@ def check_class_name(name: str, where: str, what: str) -> None:
                           "digits, spaces, punctuation and emoji all work)")
 
 
-def scan_folder(root: str | Path, evaluation: bool = False) -> ScannedFiles:
-    """List the images of ``root`` per split and class; raises ``TlpipeError`` on a bad layout.
-    ``evaluation``: the folder scores a model rather than trains one, so any split folders will do
-    (test/ alone), and any number of classes; class folders without images are left out, and a
-    flat folder is the split ``WHOLE_FOLDER`` (none of it was necessarily trained on)."""
+def check_root(root: str | Path) -> Path:
+    """``root`` as a dataset folder that is there; one line when it is missing or a file. Light (no
+    image library): the CLI calls it before the heavy imports, so a mistyped path is told at once."""
     root = Path(root).expanduser()
     if not root.exists():
         raise TlpipeError(f"dataset folder not found: {root} ({LAYOUT_HINT})")
     if not root.is_dir():
         raise TlpipeError(f"dataset path is not a folder: {root} ({LAYOUT_HINT})")
+    return root
+
+
+def scan_folder(root: str | Path, evaluation: bool = False) -> ScannedFiles:
+    """List the images of ``root`` per split and class; raises ``TlpipeError`` on a bad layout.
+    ``evaluation``: the folder scores a model rather than trains one, so any split folders will do
+    (test/ alone), and any number of classes; class folders without images are left out, and a
+    flat folder is the split ``WHOLE_FOLDER`` (none of it was necessarily trained on)."""
+    root = check_root(root)
     top = _visible_dirs(root)
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in top if d.name.lower() in SPLIT_ALIASES}
     skipped: Counter = Counter()
