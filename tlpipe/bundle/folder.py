@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tlpipe.bundle.manifest import (
-    BUNDLE_FORMAT, HEAD_FILE, MANIFEST, UNKNOWN_FILE, invalid, read_head, read_manifest, read_unknowns,
+    BUNDLE_FORMAT, HEAD_FILE, MANIFEST, UNKNOWN_FILE, bundle_manifest, invalid, read_head, read_unknowns,
 )
 from tlpipe.data import Sample, eval_loader, eval_transform
 from tlpipe.device import resolve_device
@@ -177,10 +177,7 @@ class Bundle:
 def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     """Load a bundle folder written by ``tlpipe fit`` (``<output>/model``). A bundle whose files
     differ from what its bundle.json records is refused: it would predict, but not as validated."""
-    path = Path(path).expanduser()
-    if (path / "model" / MANIFEST).is_file():
-        path = path / "model"  # the fit's output dir was given
-    manifest = read_manifest(path)
+    path, manifest = bundle_manifest(path)
     backbone = _load_backbone(path, manifest["backbone"])
     backbone.data_config = manifest["data_config"]
     head = LinearHead.from_tensors(read_head(path, manifest["head"], len(manifest["classes"])), manifest["head"]["kind"])

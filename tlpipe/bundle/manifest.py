@@ -1,21 +1,23 @@
 """What a bundle folder must hold before anything is built from it: ``bundle.json`` checked field by
 field (``Manifest``), ``head.safetensors`` and ``unknown.safetensors`` checked against the checksums
-and shapes it records. A bundle that fails is refused in one line that names the file."""
+and shapes it records. A bundle that fails is refused in one line that names the file.
+``bundle_manifest`` needs no torch: a command checks the bundle it was given before the heavy imports."""
 from __future__ import annotations
 
 import hashlib
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
-from safetensors.torch import load as safetensors_load
 
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import BUNDLE_HEAD, BUNDLE_MANIFEST
 from tlpipe.utils import read_json
 from tlpipe.version import __version__
+
+if TYPE_CHECKING:  # torch loads with the tensors: checking bundle.json alone is instant
+    import torch
 
 BUNDLE_FORMAT = 2
 MANIFEST, HEAD_FILE, UNKNOWN_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "unknown.safetensors"
@@ -107,6 +109,15 @@ def invalid(path: Path, what: str) -> TlpipeError:
     return TlpipeError(f"{path} is not a valid tlpipe bundle: {what}; refit or restore it")
 
 
+def bundle_manifest(path: str | Path) -> tuple[Path, dict]:
+    """The bundle folder ``path`` names (a fit's output folder stands for its ``model/``) and its
+    checked ``bundle.json``."""
+    path = Path(path).expanduser()
+    if (path / "model" / MANIFEST).is_file():
+        path = path / "model"  # the fit's output dir was given
+    return path, read_manifest(path)
+
+
 def read_manifest(path: Path) -> dict:
     if not (path / MANIFEST).is_file():
         raise TlpipeError(f"{path} is not a tlpipe model bundle (no {MANIFEST}): give the model/ folder a fit wrote")
@@ -132,6 +143,8 @@ def read_manifest(path: Path) -> dict:
 
 def _checked_tensors(file: Path, sha256: str) -> dict[str, torch.Tensor]:
     """The tensors of a bundle's safetensors ``file``, once its bytes match the checksum bundle.json records."""
+    from safetensors.torch import load as safetensors_load
+
     if not file.is_file():
         raise TlpipeError(f"{file} is missing: copy the whole bundle folder again or refit")
     data = file.read_bytes()
@@ -147,6 +160,8 @@ def _checked_tensors(file: Path, sha256: str) -> dict[str, torch.Tensor]:
 def read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]:
     """The head's tensors, its file checked against the checksum bundle.json records, their shapes
     against the classes."""
+    import torch
+
     tensors = _checked_tensors(path / HEAD_FILE, spec["sha256"])
     multilabel = spec.get("task") == "multilabel"  # a scale and a threshold per class
     expected = {"weight": (n_classes, None), "bias": (n_classes,), "scale": (n_classes if multilabel else 1,),
@@ -170,6 +185,8 @@ def read_head(path: Path, spec: dict, n_classes: int) -> dict[str, torch.Tensor]
 def read_unknowns(path: Path, spec: dict, width: int) -> dict[str, torch.Tensor]:
     """The unknown detector's tensors, checked against the checksum bundle.json records and against
     the codes' ``width``: a (width, width) projection and (classes, width) centres, all finite."""
+    import torch
+
     tensors = _checked_tensors(path / UNKNOWN_FILE, spec["sha256"])
     projection, centres = tensors.get("projection"), tensors.get("centres")
     if projection is None or centres is None or tuple(projection.shape) != (width, width) or centres.ndim != 2 \

@@ -16,6 +16,13 @@ from tlpipe.errors import TlpipeError
 app = typer.Typer()
 
 
+def checked_bundle(path: Path) -> None:
+    """``path`` names a bundle with a valid bundle.json, checked without torch; else one line."""
+    from tlpipe.bundle.manifest import bundle_manifest
+
+    bundle_manifest(path)
+
+
 class OutputFormat(str, Enum):
     table = "table"
     csv = "csv"
@@ -40,6 +47,7 @@ def predict(
     """Predict the class of images with a saved bundle: top-k labels with probabilities; an image of no
     class the model knows is flagged unknown."""
     with user_errors():
+        checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.data.scan import expand_image_paths
         from tlpipe.paths import output_folder
@@ -86,6 +94,7 @@ def evaluate(
     """Score a saved bundle on labelled images: accuracy with its interval, balanced accuracy, macro-F1,
     top-k, NLL, Brier, calibration error, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
+        checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.bundle.evaluation import EVALUATION_PLOTS, evaluate_bundle
         from tlpipe.data.table import with_table_options
@@ -128,6 +137,7 @@ def export(
     """Export a bundle as one graph from pixels to calibrated probabilities, written only once it
     agrees with the bundle (top-1 on every image, probabilities within 1e-4 at batch 1, 2 and 7)."""
     with user_errors():
+        checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.bundle.export import export_bundle
         from tlpipe.run.bundle_report import print_export
@@ -152,6 +162,7 @@ def suggest(
     """The unlabelled images to label next: typical images of regions no labelled image covers, the
     uncertain first; near-copies of the fit's labelled images skipped."""
     with user_errors():
+        checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.data.scan import image_files
         from tlpipe.insight.labelling import OUTPUTS, suggest_to_label

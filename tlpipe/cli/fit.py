@@ -63,14 +63,12 @@ def fit(
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
         from tlpipe.config import config_from_flags
-        from tlpipe.data.scan import check_root
-        from tlpipe.data.table import as_source, with_table_options
+        from tlpipe.data.table import check_source, with_table_options
 
         data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
-        if data is not None and isinstance(source := as_source(data), Path):
-            check_root(source)  # a mistyped folder is told before the heavy imports below
         if worker:
             return _worker(data, example, storage, study_name, output)
+        check_source(data)  # a mistyped folder is told before the heavy imports below
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe.data.images import is_image_name
-from tlpipe.data.scan import SPLIT_ALIASES, WHOLE_FOLDER, ScannedFiles, check_class_name
+from tlpipe.data.scan import SPLIT_ALIASES, WHOLE_FOLDER, ScannedFiles, check_class_name, check_root
 from tlpipe.errors import TlpipeError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
@@ -86,6 +86,13 @@ def as_source(data: Any) -> DataSource:
         return replace(given, root=given.folder)
     path = Path(data).expanduser()
     return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
+
+
+def check_source(data: Any) -> None:
+    """A class folder that is missing or a file, told in one line (``check_root``) before any heavy
+    import; a table is checked when it is read."""
+    if data is not None and isinstance(source := as_source(data), Path):
+        check_root(source)
 
 
 def with_table_options(data: Any, root: Path | None = None, path_col: str | None = None, label_col: str | None = None,
