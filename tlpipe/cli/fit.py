@@ -68,6 +68,10 @@ def fit(
         data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
         if worker:
             return _worker(data, example, storage, study_name, output)
+        if register:  # the registry's refusal comes first, as the API says it (its check loads MLflow)
+            from tlpipe.stages.record import check_registry_names
+
+            check_registry_names(register, alias)
         check_source(data)  # a mistyped folder is told before the heavy imports below
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
