@@ -15,6 +15,7 @@ squared distance: ``min_c |z L - m_c|^2``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +73,7 @@ def fit_unknowns(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, false_rejectio
     variances = np.maximum(variances, variances.max() * 1e-6)  # a direction of no spread: not infinitely far
     projection = (axes / np.sqrt(variances)).astype(np.float32)  # precision = projection @ projection.T
     detector = UnknownDetector(projection, (means @ projection).astype(np.float32), np.inf, false_rejection)
-    return UnknownDetector(projection, detector.centres, _threshold(detector.score(X_val), false_rejection), false_rejection)
+    return dataclasses.replace(detector, threshold=_threshold(detector.score(X_val), false_rejection))
 
 
 def _threshold(scores: np.ndarray, false_rejection: float) -> float:

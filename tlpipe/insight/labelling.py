@@ -49,20 +49,14 @@ def suggest_to_label(bundle: Bundle, images: list[Path], n: int, out: Path, batc
 def _labelled_codes(bundle: Bundle, batch_size: int, workers: int | None) -> np.ndarray | None:
     """The codes of every labelled image of the fit that made ``bundle`` (all its splits), when its
     folder and data are still there (near-copies of them are not worth labelling); else None."""
-    from tlpipe.config import load_config
-    from tlpipe.data import prepare_dataset
-    from tlpipe.data.table import recorded_source
     from tlpipe.errors import TlpipeError
 
     fit = RunFolder(bundle.path.parent)
     try:
-        summary = fit.read_summary()
-        source = recorded_source(summary)
-        if source is None:
-            return None
-        config = load_config(str(fit / fit.CONFIG))
-        spec = prepare_dataset(source, config.val_fraction, config.seed)
-    except TlpipeError:
+        spec = fit.recorded_dataset(fit.read_summary())
+    except TlpipeError:  # no fit folder beside the bundle
+        return None
+    if spec is None:
         return None
     return bundle.codes([s.path for split in spec.splits.values() for s in split], batch_size, workers)
 

@@ -38,11 +38,6 @@ def uncertainty(probabilities: np.ndarray, multilabel: bool = False) -> np.ndarr
     return -(p * np.log(p)).sum(axis=1) / np.log(probabilities.shape[1])
 
 
-def _unit(codes: np.ndarray) -> np.ndarray:
-    codes = np.asarray(codes, np.float32)
-    return codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-
-
 def _standard(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / (values.std() + 1e-9)
 
@@ -52,9 +47,10 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
     """The ``n`` unlabelled images (their ``probabilities`` and ``codes``) to label next, given the
     ``labelled`` images' codes (None: none known)."""
     from sklearn.cluster import KMeans
+    from sklearn.preprocessing import normalize
 
-    unit = _unit(codes)
-    known = _unit(labelled) if labelled is not None and len(labelled) else np.zeros((0, unit.shape[1]), np.float32)
+    unit = normalize(np.asarray(codes, np.float32))
+    known = normalize(np.asarray(labelled, np.float32)) if labelled is not None and len(labelled) else np.zeros((0, unit.shape[1]), np.float32)
     nearest_known = (unit @ known.T).max(axis=1) if len(known) else np.full(len(unit), -1.0)
     usable = np.flatnonzero(nearest_known < DUPLICATE_SIMILARITY)
     scores = uncertainty(probabilities, multilabel)

@@ -21,6 +21,7 @@ from tlpipe.paths import BUNDLE_MANIFEST, output_folder, sweep_temporaries
 from tlpipe.utils import read_json, write_json
 
 if TYPE_CHECKING:  # tlpipe.data imports this module for its file names
+    from tlpipe.data import DatasetSpec
     from tlpipe.data.table import DataSource
 
 
@@ -64,6 +65,21 @@ class RunFolder:
                 self.REPORT, self.PROFILE, f".{self.BUNDLE}.old", self.STAGED_REPORTS)
 
     # -- reading ---------------------------------------------------------------------------------
+
+    def recorded_dataset(self, summary: dict) -> DatasetSpec | None:
+        """The fit's data, checked and split as the fit split it (its config's val fraction and seed);
+        None when the dataset is no longer there (moved, renamed, or a DataFrame): readers then work
+        from the folder alone."""
+        from tlpipe.config import load_config
+        from tlpipe.data import prepare_dataset
+        from tlpipe.data.table import recorded_source
+
+        source = recorded_source(summary)
+        if source is None:
+            return None
+        config = load_config(str(self / self.CONFIG)) if (self / self.CONFIG).exists() else load_config("default")
+        return prepare_dataset(source, config.val_fraction, config.seed)
+
 
     def read_summary(self) -> dict:
         """The fit's ``summary.json``; one line when there is none, it is damaged or another tool's."""

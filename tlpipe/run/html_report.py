@@ -16,7 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from tlpipe.cache import cache_key
-from tlpipe.data import DatasetSpec, prepare_dataset
+from tlpipe.data import DatasetSpec
 from tlpipe.data.images import load_rgb
 from tlpipe.data.table import LABEL_DELIMITER
 from tlpipe.errors import TlpipeError
@@ -35,7 +35,7 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
     out, summary = folder.path, folder.read_summary()
     if "metrics" not in summary:
         raise TlpipeError(f"{out} holds no finished fit to report on (its summary has no metrics): run tlpipe fit first")
-    spec = spec or _spec(out, summary)
+    spec = spec or folder.recorded_dataset(summary)
     page = _environment().get_template("report.html.j2").render(
         summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(folder / folder.QUARANTINE)[1:],
         data_missing=None if spec else _missing(summary),
@@ -68,20 +68,6 @@ def _missing(summary: dict) -> str:
     if summary.get("data_table", {}).get("file", True):
         return f"The dataset is no longer at {summary['data']}"
     return "The fit's data was a DataFrame, of which tlpipe keeps no copy"
-
-
-def _spec(out: Path, summary: dict) -> DatasetSpec | None:
-    """The fit's data, split as the fit split it (its recipe's val fraction and seed); None when
-    the dataset is no longer there (moved, renamed): the page is then built from the folder alone."""
-    from tlpipe.config import load_config
-    from tlpipe.data.table import recorded_source
-
-    source = recorded_source(summary)
-    if source is None:
-        return None
-    config_file = out / RunFolder.CONFIG
-    config = load_config(str(config_file)) if config_file.exists() else load_config("default")
-    return prepare_dataset(source, config.val_fraction, config.seed)
 
 
 def _profile(out: Path, spec: DatasetSpec | None) -> dict | None:

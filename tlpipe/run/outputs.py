@@ -194,16 +194,21 @@ def _write_val_predictions(path: Path, spec: DatasetSpec, probabilities: np.ndar
     atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 
+def _named(spec: DatasetSpec, label) -> str:
+    """A label as the files write it: the class's name, or a multi-label 0/1 row's names joined by ``;``."""
+    if spec.multilabel:
+        return LABEL_DELIMITER.join(c for c, yes in zip(spec.classes, label) if yes)
+    return spec.classes[int(label)]
+
+
 def _write_label_issues(path: Path, spec: DatasetSpec, diagnosis: Diagnosis) -> None:
     """The train images whose label the codes contradict, most suspect first: the path (relative to
     the dataset), the label given, the class the codes suggest (multi-label: the sets, joined by
     ``;``), and the label quality in [0, 1]."""
     issues = diagnosis.label_issues
     rows = [["path", "given", "suggested", "quality"]]
-    named = (lambda on: LABEL_DELIMITER.join(c for c, yes in zip(spec.classes, on) if yes)) if spec.multilabel else \
-        (lambda index: spec.classes[index])  # noqa: E731
     for sample, suggested, quality in zip(diagnosis.suspects, issues.suggested, issues.quality):
-        rows.append([spec.relative(sample.path), named(sample.label), named(suggested), f"{quality:.6f}"])
+        rows.append([spec.relative(sample.path), _named(spec, sample.label), _named(spec, suggested), f"{quality:.6f}"])
     atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 
@@ -213,8 +218,8 @@ def _write_val_label_sets(path: Path, spec: DatasetSpec, probabilities: np.ndarr
     class, so no class name can stand for another column)."""
     rows = [["path", "true", "predicted", *(f"{RunFolder.VAL_PROBABILITY}{c}" for c in spec.classes)]]
     for sample, p in zip(spec.splits["val"], probabilities):
-        named = lambda on: LABEL_DELIMITER.join(c for c, yes in zip(spec.classes, on) if yes)  # noqa: E731
-        rows.append([spec.relative(sample.path), named(sample.label), named(p >= thresholds), *(f"{v:.6f}" for v in p)])
+        rows.append([spec.relative(sample.path), _named(spec, sample.label), _named(spec, p >= thresholds),
+                     *(f"{v:.6f}" for v in p)])
     atomic_write(path, lambda f: csv.writer(f).writerows(rows), newline="", encoding="utf-8")
 
 
