@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from tlpipe.bundle.folder import Bundle
+from tlpipe.data.dataset import DatasetSpec, Sample
+from tlpipe.data.images import content_hashes
 from tlpipe.data.scan import WHOLE_FOLDER
 from tlpipe.data.table import LabelTable, as_source, source_path
 from tlpipe.errors import TlpipeError
@@ -24,7 +26,6 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
     by name, so the split may hold any subset of the bundle's classes, even one; an unknown class
     is an error, since the bundle could never predict it."""
     from tlpipe.data import prepare_dataset
-    from tlpipe.bundle.metrics import evaluation_metrics
 
     spec = prepare_dataset(data, evaluation=True)
     source = as_source(data)
@@ -40,11 +41,20 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         where = f"{split}/ of {shown}" if split not in (None, WHOLE_FOLDER) else str(shown)
         raise TlpipeError(f"no image to score in {where}: every image file there failed the check (unreadable, "
                           "or not an image); add images that open")
-    y_true = _truth(bundle, spec, samples, f"{'label' if table else 'class folder'}(s)", shown)
+    kind = f"{'label' if table else 'class folder'}(s)"
+    return score_split(bundle, spec, split, batch_size=batch_size, workers=workers, plots=plots, kind=kind, shown=shown)
+
+
+def score_split(bundle: Bundle, spec: DatasetSpec, split: str, *, batch_size: int = 64, workers: int | None = None,
+                plots: Path | None = None, kind: str = "class folder(s)", shown: str | Path | None = None) -> dict:
+    """Metrics of ``bundle`` on the checked ``spec``'s ``split`` (a fit scores its test/ this way,
+    once, at the end), with how many of its images the fit trained on or selected with."""
+    samples = spec.splits[split]
+    y_true = _truth(bundle, spec, samples, kind, shown or spec.root)
     codes = bundle.codes([s.path for s in samples], batch_size, workers)
     probabilities = bundle.head.predict_proba(codes)
     scored = {"split": split, "data": str(spec.root), "n_images": len(samples), "quarantined": len(spec.quarantined),
-              **_unknowns(bundle, codes)}
+              **_seen_by_fit(bundle, samples, split), **_unknowns(bundle, codes)}
     if bundle.head.multilabel:
         from tlpipe.bundle.metrics import multilabel_metrics, save_pr_curves
 
@@ -52,6 +62,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         if plots is not None:
             save_pr_curves(y_true, probabilities, bundle.classes, Path(plots) / RunFolder.PR_CURVES)
         return {**scored, **metrics}
+    from tlpipe.bundle.metrics import evaluation_metrics
+
     metrics = evaluation_metrics(y_true, probabilities, bundle.classes)
     if plots is not None:  # the reliability diagram and the row-normalized confusion matrix of this split
         from tlpipe.bundle.metrics import save_confusion_matrix, save_reliability_diagram
@@ -60,6 +72,24 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
         save_confusion_matrix(metrics["confusion_matrix"], bundle.classes, Path(plots) / EVALUATION_PLOTS[1],
                               normalize=True, title=f"Confusion matrix ({split}, rows sum to 1)")
     return {**scored, **metrics}
+
+
+def _seen_by_fit(bundle: Bundle, samples: Sequence[Sample], split: str) -> dict:
+    """How many of the scored images (by content, whatever their names) the fit trained on or chose its
+    settings with, and the warning when any: such scores flatter the model."""
+    seen = bundle.fit_images()
+    if seen is None:
+        return {"seen_by_fit": None, "warnings": ["the bundle records no fit images (an earlier tlpipe wrote it): "
+                                                  "whether the fit saw these images is not known"]}
+    hashes = [bytes.fromhex(h) for h in content_hashes([s.path for s in samples])]
+    counts = {name: sum(h in seen[name] for h in hashes) for name in seen}
+    used = [f"{n} were {'trained on' if name == 'train' else 'the val split that chose its settings'}"
+            for name, n in counts.items() if n]
+    if not used:
+        return {"seen_by_fit": counts, "warnings": []}
+    return {"seen_by_fit": counts, "warnings": [
+        f"of the {len(samples)} images scored ({split}), {' and '.join(used)}: these scores flatter the model; "
+        "score labelled images the fit never saw (a test/ split)"]}
 
 
 def _unknowns(bundle: Bundle, codes: np.ndarray) -> dict:

@@ -2,7 +2,8 @@
 
 ``<output>/model/`` holds ``bundle.json`` (backbone name, weight source and checksum, code tap,
 preprocessing, classes, head kind, resolved config, metrics, tlpipe version) and
-``head.safetensors`` (and ``unknown.safetensors``, the unknown-image detector). Backbone weights are referenced by source and checksum when they are the
+``head.safetensors`` (and ``unknown.safetensors``, the unknown-image detector; ``fit_images.safetensors``,
+the content hashes of the train and val images, so ``evaluate`` can tell images the fit saw). Backbone weights are referenced by source and checksum when they are the
 pretrained ones, and embedded as ``backbone.safetensors`` otherwise (a ``--weights`` file too: a
 bundle never points outside itself). Loading rebuilds the backbone and refuses weights whose
 checksum differs from the one the head was trained on, and a head file whose sha256 differs from
@@ -25,7 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tlpipe.bundle.manifest import (
-    BUNDLE_FORMAT, HEAD_FILE, MANIFEST, UNKNOWN_FILE, bundle_manifest, invalid, read_head, read_unknowns,
+    BUNDLE_FORMAT, FIT_IMAGES_FILE, HEAD_FILE, MANIFEST, UNKNOWN_FILE, bundle_manifest, invalid, read_fit_images,
+    read_head, read_unknowns,
 )
 from tlpipe.data import Sample, eval_loader, eval_transform
 from tlpipe.device import resolve_device
@@ -46,10 +48,12 @@ BACKBONE_FILE = "backbone.safetensors"
 def save_bundle(
     path: Path, backbone: Backbone, head: LinearHead, classes: Sequence[str], *, layer: str, layer_relu: bool,
     config: dict, metrics: dict, trained: bool = False, hflip: bool = False, unknowns: UnknownDetector | None = None,
+    fit_images: dict[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write the bundle to ``path`` (a folder); each file lands atomically. The backbone's weights
     are embedded when no source can give them back: ``trained`` (fine-tuned) or random init, and
-    when they came from the user's file (which may move, or be edited), converted to safetensors."""
+    when they came from the user's file (which may move, or be edited), converted to safetensors.
+    ``fit_images``: the hex content hashes (``content_hashes``) of the train and val images."""
     path.mkdir(parents=True, exist_ok=True)
     weights = backbone.weights.to_dict()
     embed = trained or weights["kind"] in ("none", "file")
@@ -66,6 +70,7 @@ def save_bundle(
         unknown_entry = {"sha256": hashlib.sha256(unknown_bytes).hexdigest(), **unknowns.to_dict()}
     else:
         (path / UNKNOWN_FILE).unlink(missing_ok=True)
+    images_entry = fit_images and _write_fit_images(path, fit_images)
     write_json(path / MANIFEST, {
         "format": BUNDLE_FORMAT,
         "tlpipe_version": __version__,
@@ -78,8 +83,18 @@ def save_bundle(
         "config": config,
         "metrics": metrics,
         **({"unknown": unknown_entry} if unknown_entry else {}),
+        **({"fit_images": images_entry} if images_entry else {}),
     })
     return path
+
+
+def _write_fit_images(path: Path, fit_images: dict[str, Sequence[str]]) -> dict:
+    """``fit_images.safetensors``: a 16-byte row per image and split; its bundle.json entry."""
+    rows = {split: torch.from_numpy(np.frombuffer(b"".join(map(bytes.fromhex, hashes)), np.uint8).reshape(-1, 16).copy())
+            for split, hashes in fit_images.items()}
+    data = safetensors_bytes(rows)
+    atomic_write(path / FIT_IMAGES_FILE, lambda f: f.write(data), mode="wb")
+    return {"sha256": hashlib.sha256(data).hexdigest(), "digest": "blake2b-128"}
 
 
 def _head_notes(head: LinearHead, classes: Sequence[str]) -> dict:
@@ -147,6 +162,12 @@ class Bundle:
         order = np.argsort(-probabilities, axis=1, kind="stable")
         return [[int(j) for j in row if p[j] >= self.head.thresholds[j]] for p, row in zip(probabilities, order)]
 
+    def fit_images(self) -> dict[str, set[bytes]] | None:
+        """The digests of the images the fit trained on and selected with, by split (``content_hashes``,
+        as bytes); None for a bundle that records none."""
+        entry = self.manifest.get("fit_images")
+        return entry and read_fit_images(self.path, entry)
+
     def unknown_scores(self, codes: np.ndarray, reject: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         """Each row's unknown score and whether it is over the threshold; None without a detector.
         ``reject=False``: the scores, nothing flagged."""
@@ -193,7 +214,7 @@ def portable_bundle(source: Path, target: Path) -> Path:
     """A copy of the bundle at ``source`` that needs nothing outside it but pip packages: the
     backbone's weights are embedded unless a pinned pip package gives them back."""
     target.mkdir(parents=True)
-    for name in (MANIFEST, HEAD_FILE, UNKNOWN_FILE, BACKBONE_FILE):
+    for name in (MANIFEST, HEAD_FILE, UNKNOWN_FILE, FIT_IMAGES_FILE, BACKBONE_FILE):
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
     manifest = read_json(target / MANIFEST)

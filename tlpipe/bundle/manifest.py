@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # torch loads with the tensors: checking bundle.json alone is
 
 BUNDLE_FORMAT = 2
 MANIFEST, HEAD_FILE, UNKNOWN_FILE = BUNDLE_MANIFEST, BUNDLE_HEAD, "unknown.safetensors"
+FIT_IMAGES_FILE = "fit_images.safetensors"  # the content hashes of the images the fit trained and selected on
+FIT_IMAGE_SPLITS = ("train", "val")
 
 
 class _Part(BaseModel):
@@ -83,6 +85,11 @@ class _UnknownEntry(_Part):
     false_rejection: float = Field(gt=0, lt=1)
 
 
+class _FitImagesEntry(_Part):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    digest: Literal["blake2b-128"]
+
+
 class Manifest(_Part):
     """``bundle.json``, checked field by field before anything is built from it."""
 
@@ -96,6 +103,7 @@ class Manifest(_Part):
     config: dict
     metrics: dict
     unknown: _UnknownEntry | None = None  # bundles without unknown rejection have none
+    fit_images: _FitImagesEntry | None = None  # earlier bundles record no fit images: evaluate cannot check overlap
 
     @field_validator("classes")
     @classmethod
@@ -194,3 +202,16 @@ def read_unknowns(path: Path, spec: dict, width: int) -> dict[str, torch.Tensor]
         raise invalid(path, f"{UNKNOWN_FILE} needs finite 'projection' ({width}, {width}) and 'centres' (classes, {width}) "
                             "tensors for codes of this width")
     return tensors
+
+
+def read_fit_images(path: Path, spec: dict) -> dict[str, set[bytes]]:
+    """The digests of the images the fit trained on (train) and selected with (val), checked against
+    the checksum bundle.json records: one 16-byte row per image."""
+    import torch
+
+    tensors = _checked_tensors(path / FIT_IMAGES_FILE, spec["sha256"])
+    for split in FIT_IMAGE_SPLITS:
+        rows = tensors.get(split)
+        if rows is None or rows.dtype != torch.uint8 or rows.ndim != 2 or rows.shape[1] != 16:
+            raise invalid(path, f"{FIT_IMAGES_FILE} needs a uint8 '{split}' tensor of 16-byte rows")
+    return {split: {bytes(row) for row in tensors[split].numpy()} for split in FIT_IMAGE_SPLITS}

@@ -110,6 +110,8 @@ def evaluate(
             write_json(json_file, metrics)
         if as_json:
             typer.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+            for warning in metrics["warnings"]:  # the JSON holds them too; a script's log shows them
+                typer.echo(f"warning: {warning}", err=True)
         else:
             print_evaluation(metrics)
 

@@ -5,7 +5,10 @@ rotation, grey / palette / CMYK / 16-bit / alpha modes, truncated files and deco
 """
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +22,20 @@ _WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 def is_image_name(path: Path) -> bool:
     """True for file names with an image extension, in any letter case."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def content_hashes(paths: Sequence[str | Path]) -> list[str]:
+    """Each file's bytes as a 128-bit BLAKE2b digest: an image is recognised under any name or folder
+    (a copy of a train image in a "new" test folder), read by a few threads since the disk waits."""
+    def digest(path: str | Path) -> str:
+        hashed = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as file:
+            while block := file.read(1 << 20):
+                hashed.update(block)
+        return hashed.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(digest, paths))
 
 
 def shorter_side(paths: list[Path]) -> int:

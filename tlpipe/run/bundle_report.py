@@ -52,6 +52,8 @@ def print_evaluation(metrics: dict) -> None:
     whole = split == WHOLE_FOLDER
     scored = f"all {n} images of {data} (no train/ val/ test/ folders)" if whole else f"the {split} split of {data} ({n} images)"
     console.print(f"Scored {scored}", markup=False, highlight=False, soft_wrap=True)
+    for warning in metrics.get("warnings", []):
+        console.print(f"[yellow]Warning[/] {escape(warning)}", soft_wrap=True)
     if "unknown_rejected" in metrics:
         console.print(f"Flagged unknown: {metrics['unknown_rejected']:.1%} of these labelled images (set for "
                       f"{metrics['unknown_false_rejection_target']:.0%} of val; all are scored below)")

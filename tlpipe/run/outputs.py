@@ -23,8 +23,10 @@ import numpy as np
 from tlpipe.version import __version__
 from tlpipe.budget import signals_held
 from tlpipe.bundle.folder import save_bundle
+from tlpipe.bundle.manifest import FIT_IMAGE_SPLITS
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
+from tlpipe.data.images import content_hashes
 from tlpipe.data.table import LABEL_DELIMITER, DataSource, source_record
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.bundle.unknowns import UnknownDetector
@@ -80,6 +82,7 @@ def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, r
     with signals_held():
         result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis)
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
+        _score_test(result, run, model.config.device)
         warn(result, run, _log_mlflow_model(run, result))
         if page_failed := _write_report_page(out, spec, run):
             warn(result, run, page_failed)
@@ -94,6 +97,36 @@ def warn(result: FitResult, run: FitRun, warning: str | None) -> None:
         run.log_batch(tags={WARNINGS_TAG: " | ".join(result.summary["warnings"])})
     write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
     run.log_artifact(result.output_dir / RunFolder.SUMMARY)
+
+
+def _score_test(result: FitResult, run: FitRun, device: str) -> None:
+    """The test/ split scored once, at the end, through the saved bundle: the one figure no choice
+    of the fit saw, which the summary, the printed report and the page lead with."""
+    if "test" not in result.spec.splits:
+        return
+    from tlpipe.bundle.evaluation import score_split
+    from tlpipe.bundle.folder import load_bundle
+
+    metrics = score_split(load_bundle(result.bundle_path, device), result.spec, "test")
+    result.summary["test"] = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+    result.summary["score"] = score_line(result.summary)
+    name, value = headline(metrics)
+    run.log_metrics({name.replace("val_", "test_"): value})
+    write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
+
+
+def score_line(summary: dict) -> dict:
+    """The figure a fit is summed up by, and what it is worth: test/ when the data has one (scored
+    once, after every choice), else val, which chose the model's settings and so flatters it."""
+    multilabel = summary.get("task") == "multilabel"
+    name, key = ("mAP", "mean_average_precision") if multilabel else ("accuracy", "accuracy")
+    if "test" in summary:
+        test = summary["test"]
+        return {"split": "test", "metric": name, "value": test[key], "interval": test.get(f"{key}_ci"),
+                "note": f"on {test['n_images']} test images, scored once after every choice was made"}
+    return {"split": "val", "metric": name, "value": summary["metrics"][key], "interval": summary["metrics"].get(f"{key}_ci"),
+            "note": "on val, which chose the model's settings (strategy, layer, hyperparameters, calibration): "
+                    "it flatters the model; a test/ split beside train/ is scored once, at the end"}
 
 
 def _write_report_page(out: Path, spec: DatasetSpec, run: FitRun) -> str | None:
@@ -117,7 +150,8 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
     staging = None if status == "cut" else folder.stage_bundle(lambda path: save_bundle(  # a cut keeps the bundle saved
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics=dict([headline(metrics)]),
-        trained=model.trained.backbone_trained, hflip=model.trained.hflip, unknowns=model.unknowns))
+        trained=model.trained.backbone_trained, hflip=model.trained.hflip, unknowns=model.unknowns,
+        fit_images={split: content_hashes([s.path for s in spec.splits[split]]) for split in FIT_IMAGE_SPLITS}))
     reports = folder / folder.STAGED_REPORTS
     shutil.rmtree(reports, ignore_errors=True)
     artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking, diagnosis)
@@ -127,6 +161,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
                **({"mlflow_model": f"runs:/{run.run_id}/model"} if status == "complete" else {}),  # logged after (record)
                **({"plan": plan} if plan else {}), **({"budget": budget} if budget else {}),
                **(diagnosis.to_dict() if diagnosis else {})}
+    summary["score"] = score_line(summary)
     # Two-phase: the new bundle, reports and the summary naming the bundle are all staged first; a
     # SIGKILL while they are moved in is finished by RunFolder.restore on the next start, never left half.
     write_json(folder / folder.STAGED_SUMMARY, summary)

@@ -50,6 +50,7 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items())
     console.print(f"Timings: {times}")
     print_budget(summary)
+    print_score(summary)
     for warning in summary.get("warnings", []):  # the fit is whole; a part of its record is not
         console.print(f"[yellow]Warning[/] {escape(warning)}")
     console.print(f"[bold green]Bundle[/] {escape(summary['bundle'])}   MLflow run {summary['run_id']} "
@@ -59,6 +60,15 @@ def print_fit_report(summary: dict, metrics: dict, quarantined: Sequence[tuple[s
         alias = f", models:/{registered['name']}@{registered['alias']}" if registered["alias"] else ""
         console.print(f"[bold green]Registered[/] models:/{escape(registered['name'])}/{registered['version']}{escape(alias)}")
     print_next_steps(summary)
+
+
+def print_score(summary: dict) -> None:
+    """The figure the fit is summed up by, and what it is worth (``outputs.score_line``)."""
+    if score := summary.get("score"):
+        interval = f" ({score['interval'][0]:.3f}-{score['interval'][1]:.3f})" if score.get("interval") else ""
+        colour = "bold green" if score["split"] == "test" else "bold yellow"
+        console.print(f"[{colour}]Score[/]  {score['split']} {score['metric']} {score['value']:.3f}{interval} "
+                      f"{escape(score['note'])}", soft_wrap=True)
 
 
 def print_diagnosis(summary: dict) -> None:
@@ -119,7 +129,8 @@ def print_next_steps(summary: dict) -> None:
     ui = "tlpipe ui" + ("" if store == resolve_tracking_uri() else f" --tracking-uri {shlex.quote(store)}")
     console.print("[bold]Next[/]")
     for command, what in [(f"tlpipe predict {bundle} IMAGES...", "labels for new images (files or folders)"),
-                          (f"tlpipe evaluate {bundle} {labelled}", "scores on labelled images the fit never saw"),
+                          (f"tlpipe evaluate {bundle} {labelled}", "scores on labelled images the fit never saw" +
+                           ("" if labelled == data else " (or a test/ split beside train/: the fit scores it itself)")),
                           (f"tlpipe export {bundle} --format onnx", "one ONNX file, checked against the bundle"),
                           (f"tlpipe serve {output}", "the fit's MLflow model over HTTP on 127.0.0.1:5001"),
                           (ui, "this run and its trials in the MLflow UI")]:
