@@ -157,11 +157,14 @@ def _stop(process: subprocess.Popen, port: int) -> None:
 
 
 def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(bundle_dir, tmp_path):
+    """Launched as pipx or an absolute path does: the environment's ``tlpipe`` script, not activated
+    (its bin/ not on a minimal PATH), so MLflow's own server scripts must be found without it."""
     root, bundle = bundle_dir
     port, log = free_port(), tmp_path / "serve.log"
+    script, env = Path(sys.executable).parent / "tlpipe", {**os.environ, "PATH": "/usr/bin:/bin"}
     with log.open("w") as sink:
-        serve = subprocess.Popen([sys.executable, "-m", "tlpipe", "serve", str(bundle.parent), "--port", str(port), "--max-rows", "1"],
-                                 stdout=sink, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen([str(script), "serve", str(bundle.parent), "--port", str(port), "--max-rows", "1"],
+                                 stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         assert health_status(port, timeout=120) == 200, log.read_text()[-2000:]
         image = (root / "cats" / "0.jpg").read_bytes()

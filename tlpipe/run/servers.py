@@ -74,7 +74,7 @@ def run_server(command: list[str], what: str, env: dict[str, str] | None = None)
     alive, tlpipe_alive = os.pipe()  # tlpipe holds the write end: the kernel closes it however tlpipe ends
     try:
         server = subprocess.Popen([sys.executable, "-c", "from tlpipe.run.servers import guard_server; guard_server()",
-                                   str(alive), *command], env={**os.environ, **(env or {})},
+                                   str(alive), *command], env={**os.environ, **(env or {}), "PATH": _scripts_first()},
                                   start_new_session=True, pass_fds=(alive,))
     except OSError as exc:
         os.close(tlpipe_alive)
@@ -92,6 +92,15 @@ def run_server(command: list[str], what: str, env: dict[str, str] | None = None)
             signal.signal(sig, handler)
         _stop_group(server)
         os.close(tlpipe_alive)
+
+
+def _scripts_first() -> str:
+    """``PATH`` with this environment's scripts folder first: MLflow starts ``uvicorn`` and ``gunicorn``
+    by name, which an environment that was never activated (pipx, a venv's tlpipe called by its
+    absolute path) does not put on ``PATH``."""
+    import sysconfig
+
+    return os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", os.defpath)])
 
 
 def guard_server(grace: float = 10.0) -> None:
