@@ -189,3 +189,40 @@ def test_tlpipe_ui_on_all_interfaces_warns_and_a_sigkill_takes_its_server_along(
         _sigkill_leaves_no_server(ui, port)
     finally:
         _stop(ui, port)
+
+
+def test_tlpipe_ui_opens_on_the_runs_with_their_scores_in_a_real_browser(bundle_dir, tmp_path):
+    """After a fit, the page tlpipe ui prints, rendered by headless Chromium: the model-training view
+    (no GenAI navigation) with the val accuracy and strategy columns; MLflow's log lines stay out of
+    the terminal."""
+    import shutil
+    import re
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    port, printed = free_port(), tmp_path / "ui.out"
+    with printed.open("w") as sink:
+        ui = subprocess.Popen([sys.executable, "-m", "tlpipe", "ui", str(bundle_dir[1].parent), "--port", str(port)],
+                              stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        assert health_status(port) == 200, printed.read_text()[-2000:]
+        [page] = re.findall(r"MLflow UI on (\S+) for ", printed.read_text())
+        render = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900", "--virtual-time-budget=20000"]
+        dom = subprocess.run([*render, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+        subprocess.run([*render, f"--screenshot={tmp_path / 'ui.png'}", page], capture_output=True, timeout=120)
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+        assert "val_accuracy" in text and "strategy" in text and "linear" in text, text[-3000:]
+        assert "Judges" not in text and "Prompts" not in text  # the GenAI navigation
+        assert (tmp_path / "ui.png").stat().st_size > 10_000
+        assert len(printed.read_text().splitlines()) == 1, printed.read_text()  # the one line, no server noise
+    finally:
+        _stop(ui, port)
+
+
+def test_tlpipe_ui_where_no_fit_ran_says_where_the_store_is_instead_of_making_an_empty_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, "-m", "tlpipe", "ui"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"no MLflow store at {tmp_path / 'mlflow.db'}" in result.stderr and "tlpipe ui FIT_OUTPUT" in result.stderr
+    assert list(tmp_path.iterdir()) == []

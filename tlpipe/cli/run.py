@@ -25,22 +25,26 @@ def report(
 
 @app.command(cls=UnixUsage)
 def ui(
+    ctx: typer.Context,
+    output: Annotated[Optional[Path], typer.Argument(help="A fit's output folder: the UI opens on the store it logged to.")] = None,
     port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the one tlpipe fit uses).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the fit's, else the one tlpipe fit uses).")] = None,
 ) -> None:
-    """Serve the MLflow UI on the run history, bound to 127.0.0.1 unless told otherwise."""
+    """Serve the MLflow UI on the run history (model-training view, the runs with their scores),
+    bound to 127.0.0.1 unless told otherwise. MLflow's own log lines go to a file unless -v."""
     with user_errors():
-        from tlpipe.run.servers import check_port_free, exposure_warning, runs_page, serve_ui
-        from tlpipe.run.store import check_store
+        from tlpipe.run.servers import check_port_free, exposure_warning, runs_page, serve_ui, ui_store
 
-        tracking_uri = check_store(tracking_uri)
+        tracking_uri, runs = ui_store(output, tracking_uri)
         check_port_free(host, port)
         if warning := exposure_warning(host, "the MLflow UI", "read, change and delete every run in the store"):
             typer.echo(warning, err=True)
-        typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {tracking_uri} "
-                   "(Ctrl+C stops it)")
-        raise typer.Exit(serve_ui(tracking_uri, host, port))
+        if not runs:
+            typer.echo(f"warning: the store {tracking_uri} holds no runs yet: fit first, or point at the store a fit "
+                       "logged to (tlpipe ui FIT_OUTPUT, or --tracking-uri)", err=True)
+        typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {tracking_uri} (Ctrl+C stops it)")
+        raise typer.Exit(serve_ui(tracking_uri, host, port, quiet=not (ctx.obj or {}).get("verbose")))
 
 
 @app.command(cls=UnixUsage)

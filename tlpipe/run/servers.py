@@ -7,11 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from tlpipe.errors import TlpipeError
 from tlpipe.run.store import resolve_tracking_uri
-from tlpipe.run.tracking import store_lock
+from tlpipe.run.tracking import UI_VIEW, store_lock
 
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
@@ -30,7 +32,10 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     base, uri = f"http://{host}:{port}", resolve_tracking_uri(tracking_uri)
     with store_lock(uri):
         found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
-    return f"{base}/#/experiments/{found[0].experiment_id}/runs" if found else base
+    if not found:
+        return base
+    page = f"{base}/#/experiments/{found[0].experiment_id}/runs?workflowType=machine_learning"
+    return page + (f"&viewStateShareKey={UI_VIEW}" if f"mlflow.sharedViewState.{UI_VIEW}" in found[0].tags else "")
 
 
 def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
@@ -59,32 +64,65 @@ def check_port_free(host: str, port: int) -> None:
                               "another server holds it; stop it or give --port") from None
 
 
-def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> int:
+def ui_store(output: Path | None, tracking_uri: str | None) -> tuple[str, bool]:
+    """The store the UI shows (``--tracking-uri``, else the fit ``output`` logged to, else the one a
+    fit here would use) and whether it holds any run. MLflow's default store (no URI given) that is
+    not there is one line: MLflow would make an empty one, and the UI would open on nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from tlpipe.run.folder import RunFolder
+    from tlpipe.run.store import check_store, sqlite_file
+
+    if output is not None and not tracking_uri:
+        tracking_uri = RunFolder(output.expanduser()).read_summary()["tracking_uri"]
+    uri = resolve_tracking_uri(tracking_uri)
+    implicit = not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if implicit and (db := sqlite_file(uri)) and not db.is_file():
+        raise TlpipeError(f"no MLflow store at {db}: tlpipe fit logs to mlflow.db in the folder it ran in (or to "
+                          "MLFLOW_TRACKING_URI); run tlpipe ui there, or tlpipe ui FIT_OUTPUT, or give --tracking-uri")
+    uri = check_store(uri)
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return uri, bool(experiments and client.search_runs(experiments, max_results=1))
+
+
+def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000, quiet: bool = False) -> int:
     """Run the MLflow UI until interrupted; return its exit code (``run_server``). Check the port
-    first (``check_port_free``)."""
-    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI")
+    first (``check_port_free``). ``quiet``: the server's lines (start-up notices, one per request)
+    go to a log file, whose end is shown if the server fails."""
+    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI",
+                      log=Path(tempfile.gettempdir()) / f"tlpipe-ui-{port}.log" if quiet else None)
 
 
-def run_server(command: list[str], what: str, env: dict[str, str] | None = None) -> int:
+def run_server(command: list[str], what: str, env: dict[str, str] | None = None, log: Path | None = None) -> int:
     """Run a server until interrupted; return its exit code. The server and its workers run in a
     process group of their own, stopped with tlpipe: on Ctrl+C, SIGTERM, SIGHUP (a closed terminal)
-    or any exit; on a SIGKILL of tlpipe too, by the group's ``guard_server``."""
+    or any exit; on a SIGKILL of tlpipe too, by the group's ``guard_server``. ``log``: a file for
+    the server's output instead of the terminal."""
     import signal
 
     alive, tlpipe_alive = os.pipe()  # tlpipe holds the write end: the kernel closes it however tlpipe ends
+    sink = log.open("w") if log else None
     try:
         server = subprocess.Popen([sys.executable, "-c", "from tlpipe.run.servers import guard_server; guard_server()",
                                    str(alive), *command], env={**os.environ, **(env or {}), "PATH": _scripts_first()},
-                                  start_new_session=True, pass_fds=(alive,))
+                                  start_new_session=True, pass_fds=(alive,), stdout=sink, stderr=sink and subprocess.STDOUT)
     except OSError as exc:
         os.close(tlpipe_alive)
         raise TlpipeError(f"cannot start {what} ({exc}): is mlflow installed in this environment?") from None
     finally:
         os.close(alive)
+        if sink:
+            sink.close()
     stops = (signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda *_: sys.exit(0)) for sig in stops}
     try:
-        return server.wait()
+        code = server.wait()
+        if code and log:  # the server failed: what it said, which the terminal did not see
+            sys.stderr.write(f"{what} stopped (exit {code}); the end of its log {log}:\n"
+                             + "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:]))
+        return code
     except KeyboardInterrupt:
         return 0
     finally:

@@ -24,6 +24,15 @@ from tlpipe.utils import process_alive
 
 from tlpipe.run.store import resolve_tracking_uri, sqlite_file
 
+UI_VIEW = "tlpipe"  # the runs view ``tlpipe ui`` opens (MLflow's ``?viewStateShareKey=``)
+_VIEW_COLUMNS = [*(f"metrics.`{split}_{score}`" for split in ("test", "val") for score in ("accuracy", "map")),
+                 "params.`strategy`", "params.`backbone`", "attributes.`Duration`"]
+UI_TAGS = {  # on each experiment a fit logs to: MLflow's UI opens it as model training, not GenAI,
+    "mlflow.experimentKind": "custom_model_development",  # the experiment's kind, as the UI reads it
+    f"mlflow.sharedViewState.{UI_VIEW}": json.dumps(  # a view in the UI's "share" format: the columns runs are compared by
+        {"selectedColumns": _VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False}),
+}
+
 
 def _artifact_root(uri: str) -> str | None:
     db = sqlite_file(uri)
@@ -115,10 +124,14 @@ class FitRun:
         found = self.client.get_experiment_by_name(self.experiment)  # also creates or migrates the store's tables
         if db := sqlite_file(self.tracking_uri):
             _write_ahead_log(db)
-        if found is not None:
-            return found.experiment_id
-        root = _artifact_root(self.tracking_uri)
-        return self.client.create_experiment(self.experiment, artifact_location=f"{root}/{self.experiment}" if root else None)
+        if found is None:
+            root = _artifact_root(self.tracking_uri)
+            found = self.client.get_experiment(self.client.create_experiment(
+                self.experiment, artifact_location=f"{root}/{self.experiment}" if root else None))
+        for key, value in UI_TAGS.items():
+            if found.tags.get(key) != value:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def _continue(self, run_id: str) -> bool:
         """Go on logging to ``run_id`` (an earlier, killed run of the same fit), RUNNING again; its
