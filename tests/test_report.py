@@ -45,7 +45,8 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "greys"
     for c, (name, level) in enumerate([("dark <b>", 118), ("light & co", 138)]):
         for k in range(14):
-            make_image(root / name / f"{k}.jpg", (level, level, level), size=(48, 48), noise=60, seed=[c, k])
+            name_as_cameras_write_it = f"IMG_20240517_1435{k:02d}_frontcamera-left_exposure-auto.jpg"  # long, no spaces
+            make_image(root / name / name_as_cameras_write_it, (level, level, level), size=(48, 48), noise=60, seed=[c, k])
     out = tmp_path_factory.mktemp("fit") / "out"
     result = runner.invoke(app, ["fit", str(root), "-o", str(out), "--strategy", "linear", "--trials", "3", "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -76,20 +77,54 @@ def test_tlpipe_report_rebuilds_it_from_the_output_folder(fitted, tmp_path):
     assert result.exit_code == 0, result.output
     rebuilt = (out / "report.html").read_text(encoding="utf-8")
     summary = __import__("json").loads((out / "summary.json").read_text())
-    assert f"validation accuracy <b>{summary['val_accuracy']:.3f}</b>" in rebuilt
+    assert f"val accuracy <b>{summary['val_accuracy']:.3f}</b>" in rebuilt  # the page leads with the fit's score
     assert rebuilt == written  # the page the fit wrote, from the folder alone
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "has no summary.json" in result.stderr
 
 
-def test_the_report_renders_in_headless_chromium(fitted, tmp_path):
+CAPTION_CHECK = """<script>
+const figures = [...document.querySelectorAll("figure")], captions = figures.map(f => f.querySelector("figcaption"));
+let bad = 0;
+captions.forEach((c, i) => {  // text wider than its caption box, or a box beyond its figure
+  const box = c.getBoundingClientRect(), figure = figures[i].getBoundingClientRect();
+  if (c.scrollWidth > c.clientWidth + 1 || box.left < figure.left - 1 || box.right > figure.right + 1) bad++;
+});
+const boxes = captions.map(c => c.getBoundingClientRect());
+boxes.forEach((a, i) => boxes.slice(i + 1).forEach(b => {
+  if (a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom) bad++;
+}));
+document.body.dataset.captions = captions.length; document.body.dataset.unreadable = bad;
+</script>"""
+
+
+def test_the_report_renders_in_headless_chromium_with_readable_captions(fitted, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
     _, out = fitted
-    shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2400",
-                    f"--screenshot={shot}", (out / "report.html").resolve().as_uri()],
+    shot, checked = tmp_path / "report.png", tmp_path / "checked.html"
+    render = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2400"]
+    subprocess.run([*render, f"--screenshot={shot}", (out / "report.html").resolve().as_uri()],
                    capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text, tables and figures drawn, not a blank page
+    checked.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", CAPTION_CHECK + "</body>"),
+                       encoding="utf-8")
+    dom = subprocess.run([*render, "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    captions = int(dom.split('data-captions="')[1].split('"')[0])
+    assert captions > 0 and 'data-unreadable="0"' in dom, dom[dom.find("<body"):][:200]  # at the page's width
+
+
+def test_the_trials_table_shows_short_parameters_and_says_how_many_trials_it_left_out(fitted, tmp_path, monkeypatch):
+    import re
+
+    from tlpipe.run import html_report
+
+    _, out = fitted
+    copy = shutil.copytree(out, tmp_path / "out")
+    monkeypatch.setattr(html_report, "TRIALS_SHOWN", 2)
+    trials = html_report.write_html_report(copy).read_text(encoding="utf-8").split("<h2>Trials</h2>")[1].split("<h2>")[0]
+    values = re.findall(r"C=([0-9.e+-]+)", trials)
+    assert len(values) == 2 and all(float(v) == float(f"{float(v):.3g}") for v in values)  # 3 significant digits
+    assert "The best 2 of 3 trials; all are in <code>tuning/trials.csv</code>" in trials

@@ -153,6 +153,8 @@ def test_fit_auto_logs_the_decision_to_mlflow(image_folder, tmp_path, mlflow_sto
     assert "Linear classifiers on validation" in summary["strategy_reason"]  # the taps compared, and the scores
     manifest = json.loads((out / "model" / "bundle.json").read_text())
     assert manifest["codes"]["layer"] == summary["auto"]["decision"]["layer"] == summary["layer"]  # the tap that won
+    page = (out / "report.html").read_text(encoding="utf-8").split("<h2>Strategy</h2>")[1].split("<h2>")[0]
+    assert summary["layer"] == "penultimate" and "<td><b>penultimate</b> (the codes used)</td>" in page  # its row too
     inspected = CliRunner().invoke(app, ["inspect", str(root), "--recipe", "quick", "--workers", "0", "--json", str(tmp_path / "i.json")])
     report = json.loads((tmp_path / "i.json").read_text())
     assert (report["strategy"], report["layer"]) == (summary["strategy"], summary["layer"]), inspected.output

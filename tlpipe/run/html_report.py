@@ -22,9 +22,11 @@ from tlpipe.data.table import LABEL_DELIMITER
 from tlpipe.errors import TlpipeError
 from tlpipe.paths import inside
 from tlpipe.run.folder import RunFolder
+from tlpipe.models import PENULTIMATE
 from tlpipe.utils import atomic_write, read_json, write_json
 
 MISTAKES_SHOWN = 12
+TRIALS_SHOWN = 15  # the best ones; tuning/trials.csv holds them all
 THUMBNAIL = 128
 
 
@@ -39,8 +41,9 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
     page = _environment().get_template("report.html.j2").render(
         summary=summary, profile=_profile(out, spec), quarantine=_csv_rows(folder / folder.QUARANTINE)[1:],
         data_missing=None if spec else _missing(summary),
-        signals=(_read(folder / folder.STRATEGY, {}).get("signals") or {}).get("stages", []),
-        trials=_trials(folder / folder.TUNING / "trials.csv"), metrics=_read(folder / folder.CLASSIFICATION_REPORT),
+        signals=_taps(_read(folder / folder.STRATEGY, {}).get("signals") or {}),
+        trials=_trials(folder / folder.TUNING / "trials.csv"), trials_shown=TRIALS_SHOWN,
+        metrics=_read(folder / folder.CLASSIFICATION_REPORT),
         calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
         images={name: _png_uri(folder / file) for name, file in (("history", f"{folder.TUNING}/optuna_history.png"),
                 ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY),
@@ -94,8 +97,15 @@ def _csv_rows(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+def _taps(signals: dict) -> list[dict]:
+    """The transfer signals of every tap the strategy looked at: each stage, then the penultimate codes."""
+    if not signals:
+        return []
+    return [*signals.get("stages", []), {"name": PENULTIMATE, **signals["penultimate"]}]
+
+
 def _trials(path: Path) -> list[dict]:
-    """The study's trials, best first: number, value, state and the params drawn."""
+    """The study's trials, best first: number, value, state and the params drawn (3 significant digits)."""
     rows = _csv_rows(path)
     if not rows:
         return []
@@ -103,8 +113,16 @@ def _trials(path: Path) -> list[dict]:
     params = [name for name in header if name.startswith("params_")]
     ranked = sorted(body, key=lambda r: -float(r["value"]) if r.get("value") else float("inf"))
     return [{"number": r["number"], "value": f"{float(r['value']):.4f}" if r.get("value") else "",
-             "state": r.get("state", ""), "params": ", ".join(f"{p.removeprefix('params_')}={r[p]}" for p in params if r[p])}
-            for r in ranked[:15]]
+             "state": r.get("state", ""), "params": ", ".join(f"{p.removeprefix('params_')}={_short(r[p])}" for p in params if r[p])}
+            for r in ranked]
+
+
+def _short(value: str) -> str:
+    """A number of the trials table (C=0.10000000000000002) to 3 significant digits; other values as they are."""
+    try:
+        return f"{float(value):.3g}" if any(c in value for c in ".eE") else value
+    except ValueError:
+        return value
 
 
 def _png_uri(path: Path) -> str | None:

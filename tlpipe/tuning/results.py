@@ -32,8 +32,15 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     return summary
 
 
-def _plots(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str]]:
-    """Optimization history and parameter importances as PNGs; what could not be drawn, and why."""
+def score_name(codes: dict | None) -> str:
+    """What a trial's value measures (its objective's val ``codes`` tell), as the plots name it."""
+    return "val mAP" if codes and codes["val"][1].ndim == 2 else "val accuracy"
+
+
+def _plots(study: optuna.Study, folder: Path, score: str) -> tuple[list[Path], dict[str, str]]:
+    """Optimization history (``score`` on its axis) and parameter importances as PNGs; what could not
+    be drawn, and why. Optuna sets its own plot style: kept to these plots (``rc_context``), not the
+    confusion matrix and curves drawn after them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +50,7 @@ def _plots(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varying = {name for name in {n for t in complete for n in t.params}
                if len({repr(t.params.get(name)) for t in complete}) > 1}
-    plots = {"optuna_history.png": plot_optimization_history}
+    plots = {"optuna_history.png": lambda s: plot_optimization_history(s, target_name=score)}
     skipped = {}
     if len(complete) >= 2 and varying:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # the same study, the same plot
@@ -53,17 +60,18 @@ def _plots(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str
     written = []
     for name, plot in plots.items():
         try:
-            ax = plot(study)
-            figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            figure.savefig(folder / name, dpi=110, bbox_inches="tight")
-            plt.close(figure)
+            with matplotlib.rc_context():
+                ax = plot(study)
+                figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                figure.savefig(folder / name, dpi=110, bbox_inches="tight")
+                plt.close(figure)
             written.append(folder / name)
         except Exception as exc:  # noqa: BLE001 - a plot is a nicety: say why it is missing
             skipped[name] = f"{type(exc).__name__}: {exc}"
     return written, skipped
 
 
-def log_study(study: optuna.Study, parent: FitRun | None, output_dir: Path) -> dict[str, Any]:
+def log_study(study: optuna.Study, parent: FitRun | None, output_dir: Path, score: str = "val accuracy") -> dict[str, Any]:
     """Write ``<output>/tuning/`` (tuning.json, trials.csv, plots) and log it on the fit's run:
     best params (``tuning_best_*``), trial counts and values, the files as artifacts."""
     folder = Path(output_dir) / "tuning"
@@ -71,7 +79,7 @@ def log_study(study: optuna.Study, parent: FitRun | None, output_dir: Path) -> d
     summary = study_summary(study)
     study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
     with _quiet():
-        plots, skipped = _plots(study, folder)
+        plots, skipped = _plots(study, folder, score)
     if skipped:
         summary["plots_skipped"] = skipped
     write_json(folder / "tuning.json", summary)

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from tlpipe.config import FitConfig
 from tlpipe.progress import progress_bar
 from tlpipe.run.tracking import FitRun
-from tlpipe.tuning.results import log_study
+from tlpipe.tuning.results import log_study, score_name
 from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
 from tlpipe.tuning.storage import (
     _CONFIG, _LEAD_RUN, _SLOT, WORKER_ATTR, PRUNED_REASON, QueueEmpty, _quiet, open_study, storage_url, trial_dir,
@@ -265,7 +265,7 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
     run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent, trial_seconds=trial_seconds,
               least_epochs=least_epochs,
               requeue_running=url.startswith("sqlite:"))  # SQLite is one process's (pitfall: "database is locked")
-    summary = {**log_study(study, parent, output_dir), "finished_before": before}
+    summary = {**log_study(study, parent, output_dir, score_name(getattr(objective, "codes", None))), "finished_before": before}
     best = best_config(study, config)
     fit_dir = None
     if config.strategy != "linear" and "best_trial" in summary:
