@@ -216,3 +216,9 @@ def test_a_fits_files_have_the_modes_the_users_umask_gives(bundle_dir):
     files = [p for p in bundle_dir[1].parent.rglob("*") if p.is_file()]
     assert len(files) > 10
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_a_fit_that_failed_before_any_result_leaves_no_output_folder(tmp_path):
+    root, out = dataset(tmp_path / "data", ["cats", "dogs"], per_class=1), tmp_path / "out"
+    one_line(tlpipe("fit", root, "-o", out, *FAST), "class 'cats' has only 1 valid image")
+    assert not out.exists()  # not a lock and an empty quarantine list

@@ -156,8 +156,17 @@ class RunFolder:
             raise
         finally:
             lock.release()
-            if created and [p.name for p in self.path.iterdir()] == [self.LOCK]:  # a fit that wrote nothing leaves nothing
+            if created and self._nothing_kept():  # a fit that wrote nothing of use leaves nothing
                 shutil.rmtree(self.path)
+
+    def _nothing_kept(self) -> bool:
+        """The folder holds nothing a user needs: the lock, and at most a quarantine list without rows."""
+        names = {p.name for p in self.path.iterdir()} - {self.LOCK}
+        quarantine = self.path / self.QUARANTINE
+        if names == {self.QUARANTINE} and quarantine.is_file():
+            with quarantine.open(encoding="utf-8") as rows:
+                return sum(1 for _ in rows) <= 1  # the header alone
+        return not names
 
     def _clear(self, data: DataSource) -> None:
         """The files a fit writes here, and only those (the caches, keyed by content, stay; so does
