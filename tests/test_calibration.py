@@ -7,7 +7,7 @@ from scipy.special import softmax
 
 from tlpipe.bundle.calibration import calibrate, expected_calibration_error, fit_scale, nll
 from tlpipe.bundle.metrics import evaluation_metrics
-from tlpipe.training.linear import LinearHead
+from tlpipe.training.head import LinearHead
 
 
 def overconfident(n: int = 4000, classes: int = 4, seed: int = 0):

@@ -95,3 +95,14 @@ def test_a_mistyped_dataset_folder_is_told_before_torch_is_imported(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr
     assert done.stderr.startswith(f"error: dataset folder not found: {tmp_path / 'missing'}") and done.stderr.count("\n") == 1
+
+
+def test_predicting_with_a_bundle_loads_no_training_library(bundle_dir):
+    """``tlpipe predict`` waits only for what a prediction runs on (torch, timm): scikit-learn,
+    albumentations, MLflow and Optuna are the fit's, and cost seconds to import."""
+    root, bundle = bundle_dir
+    code = ("import sys\nfrom tlpipe.bundle.folder import load_bundle\n"
+            f"print(load_bundle({str(bundle)!r}, 'cpu').predict([{str(root / 'cats' / '0.jpg')!r}], workers=0)[0].labels)\n"
+            "print(sorted(m for m in ('sklearn', 'albumentations', 'mlflow', 'optuna') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["['cats']", "[]"], done.stdout + done.stderr

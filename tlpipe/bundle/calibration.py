@@ -15,7 +15,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 if TYPE_CHECKING:  # the linear heads fit their SVM's scale with fit_scale: no import back at run time
-    from tlpipe.training.linear import LinearHead
+    from tlpipe.training.head import LinearHead
 
 ECE_BINS = 15
 

@@ -35,7 +35,7 @@ from tlpipe.errors import TlpipeError
 from tlpipe.bundle.unknowns import UnknownDetector, unknowns_from_tensors
 from tlpipe.paths import inside
 from tlpipe.models import Backbone, CodeExtractor, create_backbone, extract_codes, feature_state_dict, state_dict_sha256
-from tlpipe.training import PROBABILITY_NOTES, LinearHead
+from tlpipe.training.head import PROBABILITY_NOTES, LinearHead
 from tlpipe.utils import atomic_write, read_json, write_json
 from tlpipe.version import __version__
 

@@ -73,6 +73,10 @@ def fit(
 
             check_registry_names(register, alias)
         check_source(data)  # a mistyped folder is told before the heavy imports below
+        from tlpipe.progress import announce
+
+        announce(f"tlpipe fit {f'--example {example}' if example else data}: loading PyTorch, timm and the "
+                 "backbone, then checking every image")
         from tlpipe.budget import FitCut
         from tlpipe.pipeline import TuningOverrides, fit as run_fit
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from tlpipe.data.images import check_image
 from tlpipe.data.scan import ScannedFiles, scan_folder
@@ -180,6 +179,8 @@ def _samples(per_class: dict[str, list[Path]], label_of: dict[str, int], bad: di
 
 def _stratified_split(samples: list[Sample], classes: list[str], val_fraction: float,
                       seed: int) -> tuple[list[Sample], list[Sample]]:
+    from sklearn.model_selection import train_test_split  # here, not at the top: predicting splits nothing
+
     counts = Counter(s.label for s in samples)
     for label, n in sorted(counts.items()):
         if n < 2:

@@ -24,7 +24,7 @@ from tlpipe.config import FitConfig
 from tlpipe.models import PENULTIMATE
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
-from tlpipe.training.linear import LinearHead
+from tlpipe.training.head import LinearHead
 from tlpipe.training.fits import TrainedHead, fit_linear
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]

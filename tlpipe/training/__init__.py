@@ -1,6 +1,15 @@
-"""Training stage: strategy 1 (a linear head on frozen codes, ``linear``) and strategies 2-3
-(partial and full fine-tuning, ``finetune``), each as one function in ``strategies``; ``memory``
-sizes the batch, ``distributed`` runs it under torchrun."""
-from tlpipe.training.linear import CLASSIFIERS, PROBABILITY_NOTES, LinearHead, LinearProbe, fit_head, linear_estimator
+"""Training stage: strategy 1 (a linear head on frozen codes, ``linear``; the head itself in ``head``,
+which predicting needs without scikit-learn) and strategies 2-3 (partial and full fine-tuning,
+``finetune``), each as one function in ``fits``; ``memory`` sizes the batch, ``distributed`` runs it
+under torchrun. The names below load on first use (PEP 562): a bundle loads without scikit-learn."""
+from importlib import import_module
 
-__all__ = ["CLASSIFIERS", "PROBABILITY_NOTES", "LinearHead", "LinearProbe", "fit_head", "linear_estimator"]
+_HOMES = {"CLASSIFIERS": "head", "PROBABILITY_NOTES": "head", "LinearHead": "head",
+          "LinearProbe": "linear", "fit_head": "linear", "linear_estimator": "linear"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f"tlpipe.training.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'tlpipe.training' has no attribute {name!r}")

@@ -34,7 +34,8 @@ from tlpipe.training.finetune import (
     Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms, training_loss,
 )
 from tlpipe.training.memory import available_memory, estimate_memory
-from tlpipe.training.linear import LinearHead, LinearProbe
+from tlpipe.training.head import LinearHead
+from tlpipe.training.linear import LinearProbe
 from tlpipe.training.multilabel import DEFAULT_THRESHOLD, MultilabelProbe
 from tlpipe.utils import default_workers, read_json, write_json
 

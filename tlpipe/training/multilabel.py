@@ -14,7 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from tlpipe.bundle.calibration import DEFAULT_THRESHOLD  # until calibration chooses each class's threshold on val
-from tlpipe.training.linear import LinearHead, ShrunkScaler, c_path, head_score, mean_average_precision
+from tlpipe.training.head import LinearHead
+from tlpipe.training.linear import ShrunkScaler, c_path, head_score, mean_average_precision
 
 
 class _OneVsRest:
