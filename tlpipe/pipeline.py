@@ -1,11 +1,11 @@
 """``fit``: the stages of a fit, in order, each a module of ``tlpipe.stages`` that reads one frozen
-``FitContext`` and returns a typed record for the next: prepare (data, backbone) -> choose (codes,
-strategy) -> diagnose (label suspects, learning curve; then a fine-tune's linear classifier is
-saved first, anytime) -> planning (what fits the budget) -> train (the study, the final model) ->
-check (the prediction path; the guard) -> record (bundle, reports, MLflow, summary.json; a registry
-version with ``register``). SIGTERM or Ctrl+C raise
-``FitCut`` once the summary says what was cut. Under ``torchrun`` every rank trains; rank 0 alone
-writes and logs, the others return None.
+``FitContext`` and returns a typed record for the next: prepare (data, backbone) -> sample (the
+images the time limit holds) -> choose (codes, strategy) -> diagnose (label suspects, learning
+curve; then a fine-tune's linear classifier is saved first, anytime) -> planning (what fits the
+budget) -> train (the study, the final model) -> check (the prediction path; the guard) -> record
+(bundle, reports, MLflow, summary.json, a test/ split scored; a registry version with ``register``).
+SIGTERM or Ctrl+C raise ``FitCut`` once the summary says what was cut. Under ``torchrun`` every rank
+trains; rank 0 alone writes and logs, the others return None.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tlpipe.stages.context import FitContext, TuningOverrides
 from tlpipe.stages.planning import plan_training
 from tlpipe.stages.prepare import open_run, prepare
 from tlpipe.stages.record import Saved, check_registry_names, registered
+from tlpipe.stages.sample import sample
 from tlpipe.stages.train import run_worker, train  # noqa: F401 - run_worker: the API's tuning worker
 from tlpipe.strategy.plan import trained_pace
 from tlpipe.training.distributed import RankDone, distributed
@@ -66,7 +67,7 @@ def fit(data: str | Path | None = None, config: FitConfig | None = None, *, exam
 
 
 def _stages(ctx: FitContext, config: FitConfig, experiment: str | None, tracking_uri: str) -> FitResult:
-    prepared = prepare(ctx, config)
+    prepared = sample(ctx, prepare(ctx, config))
     with open_run(ctx, experiment, tracking_uri) as run:
         ctx = dataclasses.replace(ctx, run=run)
         if ctx.ranks.is_main:

@@ -76,8 +76,8 @@ def label_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
-    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept (a
-    multi-label 0/1 matrix: a seeded random ``max_images``)."""
+    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept, every
+    class in it when ``max_images`` allows (a multi-label 0/1 matrix: a seeded random ``max_images``)."""
     if max_images is None or max_images >= len(labels):
         return np.arange(len(labels))
     if labels.ndim == 2:
@@ -86,6 +86,7 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> 
     for c in np.unique(labels):
         members = order[labels[order] == c]
         rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
+        rank[members[0]] = 0.0  # one of each class before any second one: no class left out
     return np.sort(np.argsort(rank, kind="stable")[:max_images])
 
 

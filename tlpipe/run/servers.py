@@ -75,12 +75,11 @@ def ui_store(output: Path | None, tracking_uri: str | None) -> tuple[str, bool]:
 
     if output is not None and not tracking_uri:
         tracking_uri = RunFolder(output.expanduser()).read_summary()["tracking_uri"]
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = check_store(tracking_uri)  # a malformed URI, a store that cannot be written: one line
     implicit = not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if implicit and (db := sqlite_file(uri)) and not db.is_file():
         raise TlpipeError(f"no MLflow store at {db}: tlpipe fit logs to mlflow.db in the folder it ran in (or to "
                           "MLFLOW_TRACKING_URI); run tlpipe ui there, or tlpipe ui FIT_OUTPUT, or give --tracking-uri")
-    uri = check_store(uri)
     with store_lock(uri):
         client = MlflowClient(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]

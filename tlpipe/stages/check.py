@@ -1,4 +1,4 @@
-"""Stage 6 of ``fit``, check: the model to save, scored through the prediction path. A fine-tune at
+"""Stage 7 of ``fit``, check: the model to save, scored through the prediction path. A fine-tune at
 its training resolution and the native one (the better kept) and, under auto, against the tuned
 linear classifier (the guard); then the test-time choices made on val (flip averaging, a larger
 test resolution), the temperature fitted on the val logits, and the threshold past which an image

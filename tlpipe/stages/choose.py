@@ -1,4 +1,4 @@
-"""Stage 2 of ``fit``, choose: the codes of the strategy asked for, or under ``strategy: auto`` the
+"""Stage 3 of ``fit``, choose: the codes of the strategy asked for, or under ``strategy: auto`` the
 policy's strategy and tap (``tlpipe.strategy.policy``) from one hooked pass that yields both the
 codes and the signals; before a fine-tune, its linear classifier (saved first: anytime)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 3 of ``fit``, diagnose: what the data itself says, from the codes choose extracted (seconds,
+"""Stage 4 of ``fit``, diagnose: what the data itself says, from the codes choose extracted (seconds,
 no image read again): the train images whose labels the codes contradict (``tlpipe.insight.
 label_issues``) and what more images would buy (``tlpipe.insight.learning_curve``). With
 ``exclude_label_issues`` the suspects leave train for every later stage, the linear classifier's val

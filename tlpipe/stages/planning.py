@@ -1,4 +1,4 @@
-"""Stage 4 of ``fit``, plan: a fine-tune's resolution, epochs, trials and pruner within the time the
+"""Stage 5 of ``fit``, plan: a fine-tune's resolution, epochs, trials and pruner within the time the
 budget leaves (``tlpipe.strategy.plan``), from speeds measured on this device now, saved to
 ``plan.json`` so that a re-run of the same fit continues it."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 7 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
+"""Stage 8 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
 linear classifier before a fine-tune (anytime), the final model with how the budget was spent,
 and after SIGTERM or Ctrl+C the summary that says so beside the best model saved by then; with
 ``--register``, the MLflow model as a registry version."""

@@ -1,4 +1,4 @@
-"""Stage 5 of ``fit``, train: the Optuna study over the strategy's hyperparameters as planned, then
+"""Stage 6 of ``fit``, train: the Optuna study over the strategy's hyperparameters as planned, then
 the final model from its best trial (a fine-tune resumes that trial's finished checkpoint); no
 trial or epoch starts that the budget cannot hold. A fine-tune that never learned, or found no
 time, leaves the linear classifier saved before it, saying why. Also the tuning worker's loop."""

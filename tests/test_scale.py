@@ -1,0 +1,37 @@
+"""A time limit that holds at any size: when the frozen pass over every image would not fit the
+time left, the fit goes on with a stratified sample (every class in it) and says so."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import dataset
+from tlpipe import pipeline
+from tlpipe.config import load_config
+from tlpipe.data import DatasetSpec, Sample
+from tlpipe.stages import sample as sample_stage
+
+
+def test_a_stratified_sample_keeps_every_class_and_the_proportions():
+    counts = {"big": 900, "mid": 90, "rare": 3}
+    samples = [Sample(f"{name}/{k}.jpg", c) for c, (name, n) in enumerate(counts.items()) for k in range(n)]
+    spec = DatasetSpec("root", list(counts), {"train": samples, "val": samples[::10]}, "folder")
+    sampled = sample_stage.stratified_sample(spec, 0.05, seed=0)
+    train = np.bincount([s.label for s in sampled.splits["train"]], minlength=3)
+    assert train.tolist() == [45, 8, 3]  # 5% of each class, at least 8 (or all a class has)
+    assert sampled.splits["train"] == sample_stage.stratified_sample(spec, 0.05, seed=0).splits["train"]  # the same images
+    assert set(s.label for s in sampled.splits["val"]) == {0, 1, 2}
+
+
+def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_and_says_so(tmp_path, monkeypatch):
+    root = dataset(tmp_path / "data", ["cats", "dogs", "owls"], split={"train": 40, "val": 10})
+    monkeypatch.setattr(sample_stage, "PROBE_FROM", 0)  # this small set stands in for one of 70,000 images:
+    monkeypatch.setattr(sample_stage, "SLOWEST_SECONDS_PER_IMAGE", 1e9)  # its pass is timed,
+    monkeypatch.setattr(sample_stage, "FROZEN_SHARE", 1e-4)  # and the limit holds a few images of it
+    config = load_config("quick", strategy="linear", device="cpu", num_workers=0, budget="2m")
+    result = pipeline.fit(root, config, output=tmp_path / "out", tuning=pipeline.TuningOverrides(trials=0))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["splits"] == {"train": 24, "val": 6}  # 8 and 2 a class, the floor
+    assert any("stratified sample of 30 (train 24 of 120, val 6 of 30)" in note for note in summary["data_notes"])
+    assert "probe_speed" in summary["timings"] and result.spec.class_counts("train") == {"cats": 8, "dogs": 8, "owls": 8}

@@ -1,0 +1,92 @@
+"""Stage 2 of ``fit``, sample: the images the time limit holds. Every later stage starts from the
+frozen pass (each image decoded and run through the backbone once), whose cost grows with the
+image count whatever the strategy. On a dataset of more than ``PROBE_FROM`` images that a
+pessimistic bound cannot clear, the pass's seconds per image are measured on real train images
+through the prediction path; when the whole pass (train, val and test) would take more than
+``FROZEN_SHARE`` of the time left, the fit goes on with a stratified sample: the same images for the
+same seed, every class in it, class proportions kept, val and test cut in the same proportion. The
+data notes (summary, report) say how many images were used and what the full pass would take.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from tlpipe.budget import format_duration
+from tlpipe.data import DatasetSpec, eval_loader, stratified_subset
+from tlpipe.device import resolve_device
+from tlpipe.models import CodeExtractor, extract_codes
+from tlpipe.stages.context import FitContext, Prepared
+
+PROBE_FROM = 2000  # images: below this the pass is cheap next to any time limit tlpipe plans for
+SLOWEST_SECONDS_PER_IMAGE = 0.25  # a 2-core CPU, a large backbone: a limit that holds this needs no probe
+PROBE_IMAGES = (128, 384)  # two timed passes: their difference is the per-image cost, without start-up costs
+FROZEN_SHARE = 0.4  # of the time left, what the frozen pass may take: the rest trains, tunes and records
+MIN_TRAIN_PER_CLASS, MIN_EVAL_PER_CLASS = 8, 2  # a sample keeps at least this many images a class
+
+
+def sample(ctx: FitContext, prepared: Prepared) -> Prepared:
+    """``prepared`` with a stratified sample of its images when the frozen pass over all of them would
+    not fit ``FROZEN_SHARE`` of the time left; as it was otherwise. Under torchrun every rank keeps
+    all (a timing per rank would give each another sample)."""
+    spec, left = prepared.spec, ctx.budget.left()
+    total = sum(spec.counts().values())
+    if total <= PROBE_FROM or ctx.ranks.enabled or FROZEN_SHARE * left >= total * SLOWEST_SECONDS_PER_IMAGE:
+        return prepared
+    with ctx.timings.stage("probe_speed"):
+        per_image = frozen_seconds_per_image(prepared)
+    affordable = int(FROZEN_SHARE * ctx.budget.left() / per_image)
+    if total <= affordable:
+        return prepared
+    sampled = stratified_sample(spec, affordable / total, prepared.config.seed)
+    kept = sum(sampled.counts().values())
+    note = (f"the frozen pass over all {total:,} images would take about {format_duration(total * per_image)} "
+            f"({per_image * 1000:.1f} ms an image measured), more than {FROZEN_SHARE:.0%} of the "
+            f"{format_duration(left)} left: this fit used a stratified sample of {kept:,} ("
+            + ", ".join(f"{split} {n:,} of {len(spec.splits[split]):,}" for split, n in sampled.counts().items())
+            + "); give more time (--time-limit) to use more")
+    sampled = dataclasses.replace(sampled, notes=[*spec.notes, note])
+    return dataclasses.replace(prepared, spec=sampled)
+
+
+def stratified_sample(spec: DatasetSpec, share: float, seed: int) -> DatasetSpec:
+    """``spec`` with ``share`` of each class's images in each split, at least ``MIN_TRAIN_PER_CLASS``
+    a class in train and ``MIN_EVAL_PER_CLASS`` in val and test (or all a class has): each class's
+    first images in one seeded order, so a larger share holds a smaller one's images. A multi-label
+    split: a seeded ``share`` of its images (``stratified_subset``)."""
+    splits = {}
+    for split, samples in spec.splits.items():
+        least = MIN_TRAIN_PER_CLASS if split == "train" else MIN_EVAL_PER_CLASS
+        labels = spec.labels(split)
+        if labels.ndim == 2:
+            rows = stratified_subset(labels, max(math.ceil(share * len(samples)), least * len(spec.classes)), seed)
+        else:
+            order = np.random.default_rng(seed).permutation(len(samples))
+            rows = np.sort(np.concatenate([members[:max(math.ceil(share * len(members)), least)]
+                                           for members in (order[labels[order] == c] for c in np.unique(labels))]))
+        splits[split] = [samples[i] for i in rows]
+    return dataclasses.replace(spec, splits=splits)
+
+
+def frozen_seconds_per_image(prepared: Prepared) -> float:
+    """The frozen pass's seconds per image on this machine: two passes over real train images
+    (decode, eval transform, the backbone to the codes), the first's fixed costs (loader workers, the
+    ONNX Runtime export) taken out by their difference."""
+    spec, config, backbone = prepared.spec, prepared.config, prepared.backbone
+    device = resolve_device(config.device)
+    rows = stratified_subset(spec.labels("train"), PROBE_IMAGES[-1], config.seed)
+    small, large = (min(n, len(rows)) for n in PROBE_IMAGES)
+    seconds = []
+    for n in (small, large):
+        start = time.perf_counter()
+        with CodeExtractor(backbone.model, "penultimate", config.layer_relu) as extractor:
+            loader = eval_loader([spec.splits["train"][i] for i in rows[:n]], backbone.data_config, config.batch_size,
+                                 config.num_workers)
+            extract_codes(extractor, loader, device, "Timing the frozen pass")
+        seconds.append(time.perf_counter() - start)
+    if large <= small:
+        return seconds[1] / large
+    return max((seconds[1] - seconds[0]) / (large - small), seconds[1] / large / 4)  # a floor against timing noise
