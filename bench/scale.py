@@ -1,19 +1,21 @@
 """How a fit's cost grows with the image count: the same fit on nested stratified subsets of a large
-set, each stage's seconds and the fit's peak RSS, and the fitted exponent per stage (log-log slope).
+set, each stage's seconds and the fit's peak memory (PSS), and the fitted exponent per stage (log-log slope).
 
 The large set is built here from real pixels, outside the repo (``--data``, made once): seeded
 random crops (30-100% of the side), scales and flips of the ``../shared/data`` photos (dtd10,
 rsscn7 and bloodcells: 21 classes), each labelled by its source photo's class, saved as ``--side``
 px JPEGs; train images come from the sources' train/ photos, val from their val/ photos, so no source
 photo is in both. The same seed gives the same files; no two files are equal (a repeat is drawn again).
-The subsets are nested (each holds the smaller ones) and stratified, written as symlink trees.
+The subsets are nested (each holds the smaller ones) and stratified, written as hard links (tlpipe
+skips symbolic links that leave the dataset's folder).
 
 Run from the repo root (one at a time: on 2 cores a second job doubles every timing):
     python bench/scale.py --sizes 1000 5000 20000 70000 --time-limit 15m [--data /tmp/tlpipe-scale]
-Prints one row per size (images, seconds per stage, wall seconds, peak RSS MB, val accuracy, images
+Prints one row per size (images, seconds per stage, wall seconds, peak memory MB, val accuracy, images
 the fit used), the exponent of each stage between the smallest and largest size, and writes
-``scale.png`` (log-log) in --data. Peak RSS is the largest resident set of the fit process and its
-children (``/proc``, sampled every 0.2 s).
+``scale.png`` (log-log) beside --data. Peak memory is the largest proportional set size (PSS) of the
+fit process and its children together (``/proc``, sampled every 0.2 s): the memory they hold, pages
+the forked loader workers share counted once.
 """
 from __future__ import annotations
 
@@ -70,8 +72,8 @@ def build(root: Path, n_train: int, n_val: int, side: int, seed: int) -> None:
 
 
 def subset(root: Path, size: int, seed: int) -> Path:
-    """A symlink tree of a stratified ``size`` images of ``root`` (train and val in proportion), nested:
-    a smaller subset's images are all in a larger one."""
+    """A tree of hard links to a stratified ``size`` images of ``root`` (train and val in proportion),
+    nested: a smaller subset's images are all in a larger one."""
     target = root.parent / f"{root.name}-{size}"
     if target.exists():
         return target
@@ -83,32 +85,34 @@ def subset(root: Path, size: int, seed: int) -> Path:
             keep = max(2, round(len(files) * size / total))
             (target / split / folder.name).mkdir(parents=True)
             for i in order[:keep]:
-                (target / split / folder.name / files[i].name).symlink_to(files[i])
+                os.link(files[i], target / split / folder.name / files[i].name)
     return target
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The resident set of ``pid`` and its descendants, in MB (``/proc``)."""
+def memory_mb(pid: int) -> float:
+    """The proportional set size (PSS) of ``pid`` and its descendants, in MB (``/proc/*/smaps_rollup``):
+    pages shared by the loader workers forked from the fit count once, not once a process as RSS would."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+            total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024
             stack.extend(int(c) for t in Path(f"/proc/{p}/task").iterdir()
                          for c in (t / "children").read_text().split())
-        except (OSError, ValueError):
+        except (OSError, ValueError, StopIteration):
             continue
     return total / 2**20
 
 
 def timed_fit(data: Path, out: Path, time_limit: str) -> dict:
-    """One ``tlpipe fit`` (default recipe, this time limit): its summary's timings, wall seconds, peak RSS."""
+    """One ``tlpipe fit`` (default recipe, this time limit): its summary's timings, wall seconds, peak PSS."""
     start, peak = time.monotonic(), 0.0
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
     process = subprocess.Popen([sys.executable, "-m", "tlpipe", "fit", str(data), "-o", str(out), "--time-limit", time_limit,
                                 "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     while process.poll() is None:
-        peak = max(peak, peak_rss_mb(process.pid))
+        peak = max(peak, memory_mb(process.pid))
         time.sleep(0.2)
     wall = time.monotonic() - start
     if process.returncode != 0:
@@ -133,7 +137,7 @@ def main() -> None:
         data = subset(args.data, size, args.seed) if size < largest else args.data
         rows[size] = timed_fit(data, args.data.parent / f"fit-{size}", args.time_limit)
         r = rows[size]
-        print(f"{size:>7} images: wall {r['wall']:.0f} s, peak RSS {r['peak_mb']:.0f} MB, val {r['val']:.3f} ({r['strategy']}, "
+        print(f"{size:>7} images: wall {r['wall']:.0f} s, peak PSS {r['peak_mb']:.0f} MB, val {r['val']:.3f} ({r['strategy']}, "
               f"{r['used']} images used); " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()), flush=True)
     small, large = min(rows), max(rows)
     if small == large:

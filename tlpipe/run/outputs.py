@@ -82,7 +82,7 @@ def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, r
     with signals_held():
         result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis)
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
-        _score_test(result, run, model.config.device)
+        warn(result, run, _score_test(result, run, model.config.device))
         warn(result, run, _log_mlflow_model(run, result))
         if page_failed := _write_report_page(out, spec, run):
             warn(result, run, page_failed)
@@ -99,20 +99,24 @@ def warn(result: FitResult, run: FitRun, warning: str | None) -> None:
     run.log_artifact(result.output_dir / RunFolder.SUMMARY)
 
 
-def _score_test(result: FitResult, run: FitRun, device: str) -> None:
+def _score_test(result: FitResult, run: FitRun, device: str) -> str | None:
     """The test/ split scored once, at the end, through the saved bundle: the one figure no choice
-    of the fit saw, which the summary, the printed report and the page lead with."""
+    of the fit saw, which the summary, the printed report and the page lead with. What went wrong
+    when it could not be (the fit itself is whole)."""
     if "test" not in result.spec.splits:
-        return
+        return None
     from tlpipe.bundle.evaluation import score_split
     from tlpipe.bundle.folder import load_bundle
 
-    metrics = score_split(load_bundle(result.bundle_path, device), result.spec, "test")
+    try:
+        metrics = score_split(load_bundle(result.bundle_path, device), result.spec, "test")
+    except Exception as exc:  # noqa: BLE001 - the model and its val figures are saved
+        return f"the test split was not scored ({type(exc).__name__}: {str(exc)[:200]}); `tlpipe evaluate` scores it"
     result.summary["test"] = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
     result.summary["score"] = score_line(result.summary)
     name, value = headline(metrics)
     run.log_metrics({name.replace("val_", "test_"): value})
-    write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
+    return None
 
 
 def score_line(summary: dict) -> dict:
