@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -107,10 +108,11 @@ def memory_mb(pid: int) -> float:
 
 def timed_fit(data: Path, out: Path, time_limit: str) -> dict:
     """One ``tlpipe fit`` (default recipe, this time limit): its summary's timings, wall seconds, peak PSS."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh folder: no codes or decoded images cached by an earlier run
     start, peak = time.monotonic(), 0.0
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
-    process = subprocess.Popen([sys.executable, "-m", "tlpipe", "fit", str(data), "-o", str(out), "--time-limit", time_limit,
-                                "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "tlpipe", "fit", str(data), "-o", str(out), "--time-limit", time_limit],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     while process.poll() is None:
         peak = max(peak, memory_mb(process.pid))
         time.sleep(0.2)
