@@ -190,3 +190,30 @@ def test_label_issues_of_a_multi_label_set_name_the_images_whose_set_the_codes_c
     assert hits >= 16 and hits / len(issues) >= 0.7  # most planted sets found, few clean ones
     assert issues.suggested.shape == (len(issues), 4) and ((issues.quality >= 0) & (issues.quality <= 1)).all()
     assert (issues.suggested[:5] == Y[issues.rows[:5]]).mean() > 0.9  # what it suggests is the true set
+
+
+def test_on_a_large_train_label_issues_fit_each_fold_on_a_part_and_still_score_every_image(monkeypatch):
+    from sklearn.datasets import make_classification
+    import tlpipe.insight.label_issues as label_issues
+    import tlpipe.training.linear as linear
+
+    X, y = make_classification(300, 30, n_informative=10, n_classes=3, n_clusters_per_class=1, class_sep=3.0, random_state=0)
+    flipped = np.arange(0, 300, 50)
+    given = y.copy()
+    given[flipped] = (y[flipped] + 1) % 3
+    monkeypatch.setattr(linear, "CV_MAX_IMAGES", 90)  # 300 train images stand in for tens of thousands
+    fitted_on = []
+    estimator = label_issues.linear_estimator
+
+    def recording(*args):
+        pipeline = estimator(*args)
+        fit = pipeline.fit
+        pipeline.fit = lambda X, y: (fitted_on.append(len(y)), fit(X, y))[1]
+        return pipeline
+
+    monkeypatch.setattr(label_issues, "linear_estimator", recording)
+    probabilities, _ = label_issues.out_of_fold_probabilities(X, given, (0.01, 0.1, 1.0))
+    assert probabilities.shape == (300, 3) and np.allclose(probabilities.sum(axis=1), 1)  # every image scored
+    assert fitted_on and max(fitted_on) == 90
+    issues = label_issues.find_label_issues(X, given, (0.01, 0.1, 1.0))
+    assert len(set(issues.rows) & set(flipped)) >= 5 and issues.checked == 300

@@ -134,3 +134,17 @@ def test_the_svm_solves_liblinears_problem_at_least_as_well(n_classes):
         assert ours.decision_function(X_val).shape == theirs.decision_function(X_val).shape
         warm.set_params(C=C).fit(X, y)
         assert objective(warm, C) == pytest.approx(objective(ours, C), rel=1e-4)
+
+
+def test_on_a_large_train_c_is_chosen_on_a_stratified_part_and_the_classifier_fitted_on_all(monkeypatch):
+    import tlpipe.training.linear as linear
+
+    X, y, X_val, y_val = codes(4)
+    monkeypatch.setattr(linear, "CV_MAX_IMAGES", 60)  # 160 train images stand in for tens of thousands
+    probe = LinearProbe(("logreg",), c_grid=(0.001, 0.01, 0.1, 1.0), cv_folds=3).fit(X, y, X_val, y_val)
+    rows = linear.cv_rows(y, 0, least=3)
+    assert len(rows) == 60 and set(y[rows]) == set(y)
+    on_part = LinearProbe(("logreg",), c_grid=(0.001, 0.01, 0.1, 1.0), cv_folds=3).fit(X[rows], y[rows], X_val, y_val)
+    assert probe.C_ == on_part.C_ and probe.candidates_["logreg"]["cv_accuracy"] == on_part.candidates_["logreg"]["cv_accuracy"]
+    np.testing.assert_allclose(probe.head_.weight, linear.fit_head("logreg", probe.C_, X, y).weight)  # all 160
+    assert "stratified 60 of the 160 train images" in probe.cv_note_ and on_part.cv_note_ is None

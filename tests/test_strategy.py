@@ -155,6 +155,7 @@ def test_fit_auto_logs_the_decision_to_mlflow(image_folder, tmp_path, mlflow_sto
     assert manifest["codes"]["layer"] == summary["auto"]["decision"]["layer"] == summary["layer"]  # the tap that won
     page = (out / "report.html").read_text(encoding="utf-8").split("<h2>Strategy</h2>")[1].split("<h2>")[0]
     assert summary["layer"] == "penultimate" and "<td><b>penultimate</b> (the codes used)</td>" in page  # its row too
+    assert not list((out / "cache" / "codes").glob("train-*"))  # the unknowns' class means: the choice's codes, no second pass
     inspected = CliRunner().invoke(app, ["inspect", str(root), "--recipe", "quick", "--workers", "0", "--json", str(tmp_path / "i.json")])
     report = json.loads((tmp_path / "i.json").read_text())
     assert (report["strategy"], report["layer"]) == (summary["strategy"], summary["layer"]), inspected.output

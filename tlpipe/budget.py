@@ -76,9 +76,10 @@ class Budget:
         """Seconds left; infinite without a limit."""
         return math.inf if self.limit is None else self.limit - self.elapsed()
 
-    def timeout(self, reserve: float = 0.0) -> float | None:
-        """Seconds for work that must leave ``reserve`` seconds; None: no limit."""
-        return None if self.limit is None else max(self.left() - reserve, 0.0)
+    def timeout(self, reserve: float = 0.0, share: float = 1.0) -> float | None:
+        """Seconds for work that may take ``share`` of the time left and must leave ``reserve``
+        seconds; None: no limit."""
+        return None if self.limit is None else max(share * self.left() - reserve, 0.0)
 
     def deadline(self, reserve: float = 0.0) -> float | None:
         """The ``time.monotonic()`` by which work must end to leave ``reserve`` seconds; None: no limit."""

@@ -75,9 +75,11 @@ def label_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return labels.sum(axis=0) if labels.ndim == 2 else np.bincount(labels, minlength=n_classes)
 
 
-def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
-    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept, every
-    class in it when ``max_images`` allows (a multi-label 0/1 matrix: a seeded random ``max_images``)."""
+def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int, least: int = 1) -> np.ndarray:
+    """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept, each
+    class's first ``least`` images (or all it has) in before any other when ``max_images`` allows
+    (a multi-label 0/1 matrix: a seeded random ``max_images``). One seeded order: a larger subset
+    holds a smaller one's rows."""
     if max_images is None or max_images >= len(labels):
         return np.arange(len(labels))
     if labels.ndim == 2:
@@ -86,7 +88,7 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> 
     for c in np.unique(labels):
         members = order[labels[order] == c]
         rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
-        rank[members[0]] = 0.0  # one of each class before any second one: no class left out
+        rank[members[:least]] = 0.0  # the floor of every class before any image past it: no class left out
     return np.sort(np.argsort(rank, kind="stable")[:max_images])
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from tlpipe.training.linear import cv_path, linear_estimator
+from tlpipe.training.linear import cv_path, cv_rows, linear_estimator
 
 MAX_FOLDS = 5
 
@@ -43,19 +43,24 @@ class LabelIssues:
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, c_grid: tuple[float, ...], seed: int = 0
                               ) -> tuple[np.ndarray, float] | None:
     """Each train image's class probabilities from a softmax regression fitted on the other folds (C by
-    cross-validated accuracy on the same folds), and that C; None when a class has a single image (no fold
-    could hold it out)."""
+    cross-validated accuracy, on ``cv_rows``; each fold's fit on at most ``CV_MAX_IMAGES`` of its
+    rows, so the cost stops growing with train), and that C; None when a class has a single image
+    (no fold could hold it out)."""
     classes, counts = np.unique(y, return_counts=True)
     folds = min(MAX_FOLDS, int(counts.min(initial=len(y))))
     if folds < 2 or len(classes) < 2:
         return None
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    rows = cv_rows(y, seed, least=folds)
+    probabilities = np.zeros((len(y), len(classes)))
     with threadpool_limits(1):  # as LinearProbe: BLAS threads only slow these small fits on a busy machine
-        scores, _ = cv_path("logreg", X, y, cv, c_grid, seed)
+        scores, _ = cv_path("logreg", X[rows], y[rows], cv, c_grid, seed)
         # the largest of equally accurate C values: the least shrunk probabilities, which confident
         # learning reads (on separable codes every C ties, and the smallest leaves them near uniform)
         C = float(c_grid[len(scores) - 1 - int(np.argmax(scores[::-1]))])
-        probabilities = cross_val_predict(linear_estimator("logreg", C, seed), X, y, cv=cv, method="predict_proba")
+        for train, test in cv.split(X, y):
+            kept = train[cv_rows(y[train], seed)]
+            probabilities[test] = linear_estimator("logreg", C, seed).fit(X[kept], y[kept]).predict_proba(X[test])
     return probabilities, C
 
 
@@ -72,7 +77,8 @@ def out_of_fold_label_probabilities(X: np.ndarray, Y: np.ndarray, c_grid: tuple[
     C = MultilabelProbe(tuple(c_grid), folds, seed).fit(X, Y, X[:1], Y[:1]).C_
     probabilities = np.zeros(Y.shape)
     for train, test in multilabel_folds(Y, folds, seed):
-        head = fit_multilabel_head(C, X[train], Y[train], seed)
+        kept = train[cv_rows(Y[train], seed)]
+        head = fit_multilabel_head(C, X[kept], Y[kept], seed)
         probabilities[test] = 1 / (1 + np.exp(-head.logits(X[test])))
     return probabilities, C
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from tlpipe.training.linear import fit_head
+from tlpipe.training.linear import CV_MAX_IMAGES, fit_head
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 DRAWS = 3  # subsets per fraction below 1: their val correctness averaged
@@ -86,7 +86,9 @@ def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.nd
     correct = []  # per fraction: (val images,) mean correctness over the draws
     with threadpool_limits(1):
         for i, fraction in enumerate(FRACTIONS):
-            subsets = [draws[0][i]] if fraction == 1.0 else [d[i] for d in draws]
+            # draws average out which images a small subset holds; past CV_MAX_IMAGES that matters
+            # little, and each fit costs in proportion to its images
+            subsets = [draws[0][i]] if fraction == 1.0 or len(draws[0][i]) > CV_MAX_IMAGES else [d[i] for d in draws]
             correct.append(np.mean([fit_head(kind, C, X[rows], y[rows], seed).predict(X_val) == y_val for rows in subsets],
                                    axis=0))
     sizes = np.array([len(draws[0][i]) for i in range(len(FRACTIONS))], dtype=float)

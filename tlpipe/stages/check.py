@@ -28,7 +28,7 @@ def check(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMode
     with ctx.timings.stage("test_time"):
         model = _test_time(ctx, prepared, model)
     with ctx.timings.stage("unknowns"):
-        return _with_unknowns(ctx, prepared, _calibrated(model))
+        return _with_unknowns(ctx, prepared, choice, _calibrated(model))
 
 
 def _test_time(ctx: FitContext, prepared: Prepared, model: FittedModel) -> FittedModel:
@@ -92,21 +92,31 @@ def _calibrated(model: FittedModel) -> FittedModel:
     return dataclasses.replace(model, trained=dataclasses.replace(model.trained, head=head))
 
 
-def _with_unknowns(ctx: FitContext, prepared: Prepared, model: FittedModel) -> FittedModel:
+def _with_unknowns(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:
     """The model with its unknown-image detector: class means and covariance of the train codes through
-    the prediction path (read from the cache for a frozen backbone; a fine-tuned one passes over train
-    once, skipped with a note when the time left cannot hold that pass)."""
+    the prediction path (the choice's own when the model stands on them; a fine-tuned one passes over
+    train once, skipped with a note when the time left cannot hold that pass)."""
     config, spec = model.config, prepared.spec
     frozen = not model.trained.backbone_trained
     seconds_per_image = ctx.timings.seconds.get("extract_codes", 0.0) / max(1, sum(spec.counts().values()))
     if not frozen and ctx.budget.left() < 2 * seconds_per_image * len(spec.splits["train"]) * (1 + model.trained.hflip):
         return _with_details(model, unknowns={"note": "no time left for the train pass its class means need"})
-    train = dataset_codes(model.backbone, spec, "train", config, code_tap(config), hflip=model.trained.hflip,
-                          cache=Path(config.cache_dir) if frozen else None)
+    train = _train_codes(choice, model) or dataset_codes(
+        model.backbone, spec, "train", config, code_tap(config), hflip=model.trained.hflip,
+        cache=Path(config.cache_dir) if frozen else None)
     unknowns = fit_unknowns(train[0], train[1], model.val_codes[0], config.unknown_false_rejection)
     if unknowns is None:
         return _with_details(model, unknowns={"note": "one train image a class: no spread to measure distance by"})
     return dataclasses.replace(model, unknowns=unknowns)
+
+
+def _train_codes(choice: Choice, model: FittedModel) -> tuple | None:
+    """The train codes of the choice whose val codes the model still scores on (the very arrays: no
+    fine-tune, no test-time option changed its backbone or pass), so the same pass need not run again."""
+    for codes in (choice.codes, choice.linear and choice.linear.codes):
+        if codes and codes["val"][0] is model.val_codes[0]:
+            return codes["train"]
+    return None
 
 
 def _kept(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from tlpipe.errors import TlpipeError
 from tlpipe.progress import announce
 from tlpipe.run.folder import RunFolder
-from tlpipe.run.outputs import STAGE_TAG, FitResult, FittedModel, record, write_cut_summary
+from tlpipe.run.outputs import STAGE_TAG, FitResult, FittedModel, fit_image_hashes, record, write_cut_summary
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.stages.train import stand_in
 from tlpipe.strategy.plan import Plan, budget_use, overrun
@@ -27,6 +27,7 @@ class Saved:
     choice: Choice | None = None
     model: FittedModel | None = None  # the model in the bundle, once this run saved one
     result: FitResult | None = None  # the final record, once written
+    fit_images: dict[str, list[str]] | None = None  # the content hashes of train and val, read once
 
     @property
     def enabled(self) -> bool:
@@ -35,14 +36,16 @@ class Saved:
     def _record(self, model: FittedModel, **status) -> FitResult:
         ctx, p, choice = self.ctx, self.prepared, self.choice
         status.setdefault("budget", ctx.budget.to_dict())
+        if self.fit_images is None:  # every file read once, however many records the fit writes
+            self.fit_images = fit_image_hashes(p.spec)
         return record(ctx.out, ctx.data, p.spec, model, ctx.run, ctx.timings.seconds, choice.assessment, p.ranking,
-                      diagnosis=choice.diagnosis, **status)
+                      diagnosis=choice.diagnosis, fit_images=self.fit_images, **status)
 
     def first(self, prepared: Prepared, choice: Choice) -> None:
         """Before a fine-tune, its linear classifier as a complete bundle, unless an earlier run of
         this fit left a complete one (a re-run to add trials: that model stays until a better one).
         ``prepared``: the data as diagnose left it (without the label suspects when excluded)."""
-        self.prepared, self.choice = prepared, choice
+        self.prepared, self.choice, self.fit_images = prepared, choice, None
         if not self.enabled or choice.config.strategy == "linear" or choice.linear is None:
             return
         if self.ctx.folder.previous_status() == "complete":

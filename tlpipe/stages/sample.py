@@ -53,20 +53,19 @@ def sample(ctx: FitContext, prepared: Prepared) -> Prepared:
 
 
 def stratified_sample(spec: DatasetSpec, share: float, seed: int) -> DatasetSpec:
-    """``spec`` with ``share`` of each class's images in each split, at least ``MIN_TRAIN_PER_CLASS``
-    a class in train and ``MIN_EVAL_PER_CLASS`` in val and test (or all a class has): each class's
-    first images in one seeded order, so a larger share holds a smaller one's images. A multi-label
-    split: a seeded ``share`` of its images (``stratified_subset``)."""
+    """``spec`` with about ``share`` of each class's images in each split, at least
+    ``MIN_TRAIN_PER_CLASS`` a class in train and ``MIN_EVAL_PER_CLASS`` in val and test (or all a
+    class has): the same images for the same seed, a larger share holding a smaller one's
+    (``stratified_subset``; a multi-label split: a seeded ``share`` of its images)."""
     splits = {}
     for split, samples in spec.splits.items():
         least = MIN_TRAIN_PER_CLASS if split == "train" else MIN_EVAL_PER_CLASS
         labels = spec.labels(split)
         if labels.ndim == 2:
-            rows = stratified_subset(labels, max(math.ceil(share * len(samples)), least * len(spec.classes)), seed)
+            wanted = max(math.ceil(share * len(samples)), least * len(spec.classes))
         else:
-            order = np.random.default_rng(seed).permutation(len(samples))
-            rows = np.sort(np.concatenate([members[:max(math.ceil(share * len(members)), least)]
-                                           for members in (order[labels[order] == c] for c in np.unique(labels))]))
+            wanted = sum(min(max(math.ceil(share * n), least), n) for n in np.bincount(labels))
+        rows = stratified_subset(labels, wanted, seed, least)
         splits[split] = [samples[i] for i in rows]
     return dataclasses.replace(spec, splits=splits)
 

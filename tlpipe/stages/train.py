@@ -20,7 +20,7 @@ from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
 from tlpipe.stages.diagnose import without_label_issues
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
-from tlpipe.strategy.plan import MIN_EPOCHS, Plan
+from tlpipe.strategy.plan import LINEAR_STUDY_SHARE, MIN_EPOCHS, Plan
 from tlpipe.training.frozen import FrozenOutputs
 from tlpipe.training.fits import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
 from tlpipe.tuning import (
@@ -106,7 +106,8 @@ def _tune(ctx: FitContext, config: FitConfig, objective, plan: Plan) -> Tuned:
     overrides = ctx.tuning if plan.strategy == "linear" else dataclasses.replace(ctx.tuning, trials=plan.trials)
     if ctx.ranks.enabled:
         return Tuned(config, summary={"trials": 0, "skipped": "under torchrun: tune in a single process or with workers"})
-    limits = [ctx.budget.timeout(plan.reserve), overrides.timeout, config.tuning.timeout]
+    limits = [ctx.budget.timeout(plan.reserve), overrides.timeout, config.tuning.timeout,
+              ctx.budget.timeout(share=LINEAR_STUDY_SHARE) if plan.strategy == "linear" else None]
     timeout = min((t for t in limits if t is not None), default=None)  # the budget's, the run's and the recipe's
     settings = {**dataclasses.asdict(overrides), "timeout": timeout}
     if plan.strategy == "linear":

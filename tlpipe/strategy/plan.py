@@ -24,6 +24,9 @@ from tlpipe.strategy.decision import Decision
 SIZES = (224, 192, 160, 128)  # training resolutions tried below the native one, largest first
 MIN_EPOCHS = 3  # fewer than this is not worth a fine-tune: the linear model stands
 SAFETY = 0.85  # plan with this share of what is left: speeds measured in seconds drift over minutes
+# A study of linear classifiers takes at most this share of the time left: each trial, and the final
+# fit, scoring and recording after the study, cost time in proportion to the images.
+LINEAR_STUDY_SHARE = 0.5
 RECORD_SECONDS = 20.0  # the final fit's set-up, the bundle, the reports and the MLflow run, on a CPU
 UPSCALE = 1.15  # a source side this much below a resolution gains nothing from it
 GREY_SHARE = 0.9  # data this grey gets no colour distortion (source_augmentation)

@@ -25,7 +25,13 @@ from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
 
 from tlpipe.bundle.calibration import fit_scale
+from tlpipe.data.dataset import stratified_subset
 from tlpipe.training.head import CLASSIFIERS, LinearHead
+
+# C is chosen by cross-validation on at most this many train images (stratified), the classifier
+# then fitted on all: every fold fit costs time in proportion to the images, and the chosen C moves
+# little past a few thousand (measured in bench/SCALE.md).
+CV_MAX_IMAGES = 4000
 
 class ShrunkScaler(StandardScaler):
     """Standardisation whose per-feature variances are shrunk toward their mean, by ``prior``
@@ -160,6 +166,20 @@ def head_score(head: LinearHead, X: np.ndarray, y: np.ndarray) -> float:
     return mean_average_precision(y, head.logits(X)) if head.multilabel else accuracy(head, X, y)
 
 
+def cv_rows(y: np.ndarray, seed: int, least: int = 1) -> np.ndarray:
+    """The rows cross-validation runs on: all of ``y``'s, or a stratified ``CV_MAX_IMAGES`` of them
+    with each class's first ``least`` (enough for every fold to hold one out)."""
+    return stratified_subset(y, CV_MAX_IMAGES, seed, least)
+
+
+def cv_note(rows: np.ndarray, y: np.ndarray, folds: int) -> str | None:
+    """What the report says when C was chosen on a part of train."""
+    if len(rows) == len(y):
+        return None
+    return (f"C chosen by {folds}-fold cross-validation on a stratified {len(rows):,} of the {len(y):,} train images "
+            "(the cost of every fold grows with the images); the classifier fitted on all of them")
+
+
 PATH_PATIENCE = 2  # C values in a row below the best mean accuracy before the path stops
 
 
@@ -230,28 +250,29 @@ class LinearProbe:
     candidates_: dict = field(default_factory=dict, init=False)
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "LinearProbe":
-        """C by ``cv_path`` per classifier, then each fitted on all of train at its C. The folds
-        adapt to the smallest class (at most ``cv_folds``, at least 2); a class with a single train
+        """C by ``cv_path`` per classifier (on ``cv_rows``), then each fitted on all of train at its
+        C. The folds adapt to the smallest class (at most ``cv_folds``, at least 2); a class with a single train
         image leaves no cross-validation: C is then chosen on validation (``cv_note_`` says so).
         BLAS on one thread: on these small matrices two threads on a busy 2-core machine made each
         L-BFGS fit up to 50x slower (digits codes, 1437 x 1280: 14 s against 0.26 s)."""
-        smallest = int(np.bincount(y)[np.unique(y)].min())
+        rows = cv_rows(y, self.seed, least=self.cv_folds)
+        smallest = int(np.bincount(y[rows])[np.unique(y)].min())
         folds = min(self.cv_folds, smallest)
-        self.cv_note_ = None if folds >= 2 else (
+        self.cv_note_ = cv_note(rows, y, folds) if folds >= 2 else (
             f"a class has {smallest} train image: no cross-validation, C chosen on validation ({len(y_val)} images)")
         self.candidates_ = {}
         with threadpool_limits(1):
             for kind in self.classifiers:
                 if folds >= 2:
                     cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
-                    (scores, decisions), heads = cv_path(kind, X, y, cv, self.c_grid, self.seed, self.n_jobs), {}
+                    (scores, decisions), heads = cv_path(kind, X[rows], y[rows], cv, self.c_grid, self.seed, self.n_jobs), {}
                 else:
                     scores, decisions, heads = self._val_path(kind, X, y, X_val, y_val)
                 best = int(np.argmax(scores))  # the first of equal scores, as GridSearchCV ranks them
                 C = float(self.c_grid[best])
                 head = heads.get(C) or fit_head(kind, C, X, y, self.seed)
                 if kind == "svm":
-                    head.scale = fit_scale(decisions[C], y if folds >= 2 else y_val)
+                    head.scale = fit_scale(decisions[C], y[rows] if folds >= 2 else y_val)
                 self.candidates_[kind] = {"C": C, "cv_accuracy": float(scores[best]),
                                           "val_accuracy": accuracy(head, X_val, y_val), "head": head}
         # Better on validation wins; on a tie the one with native probabilities (logreg, listed first).

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from tlpipe.bundle.calibration import DEFAULT_THRESHOLD  # until calibration chooses each class's threshold on val
 from tlpipe.training.head import LinearHead
-from tlpipe.training.linear import ShrunkScaler, c_path, head_score, mean_average_precision
+from tlpipe.training.linear import ShrunkScaler, c_path, cv_note, cv_rows, head_score, mean_average_precision
 
 
 class _OneVsRest:
@@ -66,13 +66,16 @@ class MultilabelProbe:
     candidates_: dict = field(default_factory=dict, init=False)
 
     def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray, Y_val: np.ndarray) -> "MultilabelProbe":
-        """C by cross-validated mean average precision along ``c_path`` (from the smallest C up); folds adapt to the rarest class (at most ``cv_folds``,
-        at least 2), else C is chosen on validation (``cv_note_`` says so)."""
-        rarest = int(Y.sum(axis=0).min())
+        """C by cross-validated mean average precision along ``c_path`` (from the smallest C up, on
+        ``cv_rows``); folds adapt to the rarest class (at most ``cv_folds``, at least 2), else C is
+        chosen on validation (``cv_note_`` says so)."""
+        rows = cv_rows(Y, self.seed)
+        rarest = int(Y[rows].sum(axis=0).min())
         folds = min(self.cv_folds, rarest)
-        self.cv_note_ = None if folds >= 2 else (
+        self.cv_note_ = cv_note(rows, Y, folds) if folds >= 2 else (
             f"a class has {rarest} train image: no cross-validation, C chosen on validation ({len(Y_val)} images)")
-        splits = list(multilabel_folds(Y, folds, self.seed)) if folds >= 2 else [(np.arange(len(Y)), None)]
+        splits = [(rows[train], rows[test]) for train, test in multilabel_folds(Y[rows], folds, self.seed)] \
+            if folds >= 2 else [(np.arange(len(Y)), None)]
         with threadpool_limits(1):
             scores = self._path(X, Y, X_val, Y_val, splits)
         best = int(np.argmax(scores))
