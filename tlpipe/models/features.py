@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from tlpipe.models.backbones import Backbone
 from tlpipe.models.hooks import Hooks
 from tlpipe.models.runtime import ORT_MIN_IMAGES, onnx_pass
 from tlpipe.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tlpipe.training.distributed import DistContext
 
 PENULTIMATE = "penultimate"
 
@@ -145,12 +149,15 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
 
 
 def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,
-                  cache: Path | None = None, hflip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  cache: Path | None = None, hflip: bool = False, ranks: "DistContext | None" = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """CNN codes of one split through the same decode + eval transform that prediction uses.
 
     With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key
     holding the files and the model's current weights (``tlpipe.cache``), so a second fit on the
-    same data does not extract again and a fine-tuned backbone never reads the pretrained one's codes."""
+    same data does not extract again and a fine-tuned backbone never reads the pretrained one's codes.
+    Under torchrun (``ranks``) each rank extracts its shard, every rank gets all the codes, and rank
+    0 keeps them in the cache."""
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     samples = spec.splits[split]
@@ -161,11 +168,17 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
                         **({"hflip": True} if hflip else {}))
         path = Path(cache) / "codes" / f"{split}-{key}.npz"
         cached = load_cached(path, key)
-        if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples):
+        whole = cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples)
+        if whole and (ranks is None or ranks.all_min(1) == 1):  # under torchrun, read when every rank can
             return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
+        if not whole and ranks is not None:
+            ranks.all_min(0)
+    shard = ranks.shard(len(samples), config.batch_size) if ranks else np.arange(len(samples))
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
-        loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
+        loader = eval_loader([samples[i] for i in shard], backbone.data_config, config.batch_size, config.num_workers)
         features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
-    if path is not None:
+    if ranks:
+        features, labels = (ranks.gathered(part, len(samples), config.batch_size) for part in (features, labels))
+    if path is not None and (ranks is None or ranks.is_main):
         save_cached(path, key, {"features": features, "labels": labels})
     return features, labels

@@ -24,8 +24,8 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
     ranks, timings = ctx.ranks, ctx.timings
     cache = Path(config.cache_dir)
     if config.strategy != "auto":
-        with timings.stage("extract_codes"), ranks.main_first():
-            codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache)
+        with timings.stage("extract_codes"):  # under torchrun each rank a shard
+            codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache, ranks=ranks)
                      for split in ("train", "val")}
         if config.strategy == "linear" or not ranks.is_main:
             return Choice(config, codes)

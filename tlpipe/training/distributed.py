@@ -4,7 +4,8 @@
 fit. Each reads ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the environment torchrun sets, trains
 on its share of every epoch (``EpochSampler`` with ``num_replicas``) and averages gradients
 through DDP. Validation is split across ranks too and summed, so every rank sees the same metric
-and takes the same early-stopping decision. Rank 0 alone logs, checkpoints and saves: the output
+and takes the same early-stopping decision. The frozen pass is sharded too (each rank
+extracts every ``world_size``-th batch, the codes gathered on all). Rank 0 alone logs, checkpoints and saves: the output
 folder must be on a file system all nodes share (other ranks read the checkpoint to resume).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -53,6 +55,29 @@ class DistContext:
     def all_min(self, value: int) -> int:
         """The smallest ``value`` of all ranks (e.g. the batch size that fits every GPU)."""
         return int(self._all_reduce([value], dist.ReduceOp.MIN)[0]) if self.enabled else value
+
+    def shard(self, n: int, block: int = 1) -> np.ndarray:
+        """This rank's rows of ``n``: every ``world_size``-th block of ``block`` rows from its rank
+        (all in one process). A block of a batch keeps each image in the batch it has in one process,
+        so its results are those of one process to the bit."""
+        rows = np.arange(n)
+        return rows if not self.enabled else np.concatenate(
+            [rows[start:start + block] for start in range(self.rank * block, n, self.world_size * block)] or [rows[:0]])
+
+    def gathered(self, part: np.ndarray, n: int, block: int = 1) -> np.ndarray:
+        """The whole ``n`` rows on every rank, from each rank's ``part`` (its ``shard``), in order."""
+        if not self.enabled:
+            return part
+        shards = [DistContext(self.world_size, rank).shard(n, block) for rank in range(self.world_size)]
+        longest = max(map(len, shards))  # the shards differ by a block at most: padded to the longest
+        padded = torch.zeros((longest, *part.shape[1:]), dtype=torch.from_numpy(part).dtype, device=_collective_device())
+        padded[:len(part)] = torch.from_numpy(part)
+        pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(pieces, padded)
+        whole = np.empty((n, *part.shape[1:]), dtype=part.dtype)
+        for rows, piece in zip(shards, pieces):
+            whole[rows] = piece[:len(rows)].cpu().numpy()
+        return whole
 
     @staticmethod
     def _all_reduce(values: list[float], op) -> list[float]:
