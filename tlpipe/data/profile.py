@@ -43,7 +43,6 @@ SMALL_SIDE = 224  # the input side most ImageNet backbones were trained at
 GREY_TOLERANCE = 8  # largest channel spread (0-255) still called grey, on the THUMB copy (JPEG chroma noise)
 _SPLIT_ORDER = ["train", "val", "test"]  # leakage pairs name the earlier split first: "train/test"
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-_PAIRS_PER_BLOCK = 1 << 22  # hash pairs compared at once: 16 MB of distances whatever n is
 
 
 @dataclass
@@ -69,7 +68,7 @@ class _ImageFacts:
     sha256: str
     size: tuple[int, int]  # upright width, height from the header
     grey: bool
-    phash: np.ndarray  # 256 bits as +-1 float32
+    phash: np.ndarray  # 256 bits, packed into 32 bytes
     thumb: np.ndarray  # THUMB x THUMB grey, float32
 
 
@@ -84,9 +83,9 @@ def _image_facts(path: Path) -> _ImageFacts:
     rgb = load_rgb(path, min_size=128)  # JPEG draft: pHash looks at 64x64 anyway
     small = rgb.resize((THUMB, THUMB), Image.Resampling.BOX)
     grey_mode = _looks_grey(mode, small)
-    signs = np.where(imagehash.phash(rgb, hash_size=16).hash.ravel(), 1.0, -1.0).astype(np.float32)
+    packed = np.packbits(imagehash.phash(rgb, hash_size=16).hash.ravel())
     thumb = np.asarray(small.convert("L"), dtype=np.float32)
-    return _ImageFacts(digest, (width, height), grey_mode, signs, thumb)
+    return _ImageFacts(digest, (width, height), grey_mode, packed, thumb)
 
 
 def _looks_grey(mode: str, small: Image.Image) -> bool:
@@ -113,19 +112,21 @@ def _same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
     return rms <= RELATIVE_RMS * max(float(a.std()), float(b.std()), FLAT_SPREAD)
 
 
-def _close_pairs(signs: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
-    """``(i, j, distance)`` for i < j with Hamming distance <= threshold. ``signs`` holds the hash
-    bits as +-1 (n, bits) float32, so distances come from a matrix product: (bits - a.b) / 2,
-    exact in float32, in BLAS row blocks of bounded memory (20,000 images: ~8 s on 2 cores)."""
-    n, bits = signs.shape
-    rows_per_block = max(1, _PAIRS_PER_BLOCK // max(1, n))
-    pairs = []
-    for start in range(0, n, rows_per_block):
-        distances = (bits - signs[start:start + rows_per_block] @ signs[start:].T) / 2
-        rows, cols = np.nonzero(distances <= threshold)
-        rows, cols = rows[cols > rows], cols[cols > rows]
-        pairs += zip((rows + start).tolist(), (cols + start).tolist(), distances[rows, cols].astype(int).tolist())
-    return pairs
+def _close_pairs(hashes: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
+    """``(i, j, distance)`` for i < j with Hamming distance <= threshold, in that order, by faiss's
+    exact binary range search (``hashes``: packed bits, a row an image): popcounts in C, every
+    pair still compared, but 70,000 images of 256 bits take 6 s on 2 cores; the BLAS product of
+    the bits as +-1 it replaced took 8 s at 20,000 (about 100 s at 70,000, by its n^2)."""
+    import faiss
+
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint8)
+    index = faiss.IndexBinaryFlat(hashes.shape[1] * 8)
+    index.add(hashes)
+    limits, distances, neighbours = index.range_search(hashes, threshold + 1)  # its radius is strict
+    rows = np.repeat(np.arange(len(hashes)), np.diff(limits).astype(np.int64))
+    keep = neighbours > rows
+    order = np.lexsort((neighbours[keep], rows[keep]))
+    return list(zip(rows[keep][order].tolist(), neighbours[keep][order].tolist(), distances[keep][order].tolist()))
 
 
 def _components(n: int, edges: list[tuple[int, int, int]]) -> list[list[int]]:
