@@ -150,3 +150,19 @@ def test_inspect_and_extract_of_a_multilabel_table(tmp_path):
     assert codes["labels"].shape == (24, 4)
     for path, row in zip(codes["paths"], codes["labels"]):
         assert {c for c, on in zip(codes["classes"], row) if on} == rows[path]
+
+
+def test_a_test_time_option_on_a_multilabel_set_is_judged_by_its_map_gain_against_a_paired_standard_error():
+    from tlpipe.stages.check import paired_gain
+    from tlpipe.training.multilabel import fit_multilabel_head
+
+    rng = np.random.default_rng(0)
+    Y = rng.integers(0, 2, (80, 4))
+    clean = Y * 2.0 - 1 + rng.normal(0, 0.5, Y.shape)  # codes that say the labels
+    noisy = clean + rng.normal(0, 1.5, Y.shape)  # the plain pass, worse than the option
+    head = fit_multilabel_head(1.0, clean, Y)
+    score, gain, se = paired_gain(head, noisy, clean, Y)
+    assert score == pytest.approx(average_precision_score(Y, head.logits(clean), average="macro"))
+    assert gain == pytest.approx(score - average_precision_score(Y, head.logits(noisy), average="macro"))
+    assert gain > se > 0  # kept: the gain is beyond its standard error
+    assert paired_gain(head, clean, clean, Y)[1:] == (0.0, 0.0)  # the same codes: nothing gained, no doubt

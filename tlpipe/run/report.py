@@ -185,10 +185,10 @@ def print_test_time(report: dict | None) -> None:
     if "options" not in report:
         console.print(f"Test-time options not tried: {report['reason']}")
         return
-    tried = "; ".join(f"{name} {row['val_accuracy']:.3f} (gain {row['gain']:+.3f}, SE {row['standard_error']:.3f}, "
+    tried = "; ".join(f"{name} {row['val']:.3f} (gain {row['gain']:+.3f}, SE {row['standard_error']:.3f}, "
                       f"{row['forward_passes']:.2g}x the forward cost)" for name, row in report["options"].items())
     kept = f"{report['choice']} kept" if report["choice"] != "none" else "none kept"
-    console.print(f"Test-time options on val (plain {report['val_accuracy_plain']:.3f}): {escape(tried)}; {kept}")
+    console.print(f"Test-time options on val {report['score']} (plain {report['val_plain']:.3f}): {escape(tried)}; {kept}")
 
 
 def print_calibration(report: dict | None) -> None:

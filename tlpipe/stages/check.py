@@ -18,7 +18,7 @@ from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.policy import guard
-from tlpipe.training.linear import head_score
+from tlpipe.training.linear import head_score, mean_average_precision
 
 
 def check(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedModel) -> FittedModel:
@@ -35,39 +35,54 @@ def _test_time(ctx: FitContext, prepared: Prepared, model: FittedModel) -> Fitte
     """Test-time choices made on val: flip averaging (a second forward pass per image) and a larger
     test resolution (for a head on globally pooled codes, the seed notes' FC layers run as
     convolutions over a larger image, their scores averaged). One is kept only when it beats the
-    plain pass by more than the standard error of the paired difference, the larger gain first;
-    none is tried when the time left cannot hold the extra val passes."""
+    plain pass (accuracy; multi-label: mAP) by more than the standard error of the paired
+    difference, the larger gain first; none is tried when the time left cannot hold the extra val passes."""
     if not model.config.test_time:
         return _with_details(model, test_time={"choice": "none", "reason": "off in the recipe (test_time: false)"})
-    if model.trained.head.multilabel:
-        return _with_details(model, test_time={"choice": "none", "reason": "not tried on multi-label sets yet"})
     X, y = model.val_codes
     options = _test_time_options(model)
     seconds_per_image = ctx.timings.seconds.get("extract_codes", 0.0) / max(1, sum(prepared.spec.counts().values()))
     if ctx.budget.left() < 2 * sum(cost for *_, cost in options) * seconds_per_image * len(y):
         return _with_details(model, test_time={"choice": "none", "reason": "no time left for the extra val passes"})
-    plain_right = model.trained.head.predict(X) == y
+    head, seed = model.trained.head, model.config.seed
     scored, tried = {}, {}
     for name, backbone, hflip, cost in options:
         start = time.perf_counter()
         codes = dataset_codes(backbone, prepared.spec, "val", model.config, code_tap(model.config),
                               cache=Path(model.config.cache_dir), hflip=hflip)
-        difference = (model.trained.head.predict(codes[0]) == y).astype(float) - plain_right
-        se = float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
-        scored[name] = {"val_accuracy": float(plain_right.mean() + difference.mean()), "gain": float(difference.mean()),
-                        "standard_error": se, "forward_passes": cost,
+        score, gain, se = paired_gain(head, X, codes[0], y, seed)
+        scored[name] = {"val": score, "gain": gain, "standard_error": se, "forward_passes": cost,
                         "images_per_second": round(len(y) / max(time.perf_counter() - start, 1e-9), 1)}
         tried[name] = (backbone, hflip, codes)
     paying = [name for name, row in scored.items() if row["gain"] > max(row["standard_error"], 0)]
     choice = max(paying, key=lambda name: scored[name]["gain"]) if paying else "none"
-    report = {"choice": choice, "val_accuracy_plain": float(plain_right.mean()), "options": scored,
-              "hflip": choice != "none" and tried[choice][1]}
+    report = {"choice": choice, "score": "mAP" if head.multilabel else "accuracy", "val_plain": head_score(head, X, y),
+              "options": scored, "hflip": choice != "none" and tried[choice][1]}
     model = _with_details(model, test_time=report)
     if choice == "none":
         return model
     backbone, hflip, codes = tried[choice]
     trained = dataclasses.replace(model.trained, hflip=hflip)
     return dataclasses.replace(model, backbone=backbone, val_codes=codes, trained=trained)
+
+
+BOOTSTRAP = 500  # resamples of val behind a multi-label gain's standard error
+
+
+def paired_gain(head, X_plain: np.ndarray, X_option: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """The val score (``head_score``) on an option's codes, its gain over the plain codes, and the
+    gain's standard error on the same images: accuracy's from the per-image difference; mAP's, which
+    is no mean over images, from ``BOOTSTRAP`` paired resamples of them."""
+    if not head.multilabel:
+        difference = (head.predict(X_option) == y).astype(float) - (head.predict(X_plain) == y)
+        se = float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
+        return float((head.predict(X_option) == y).mean()), float(difference.mean()), se
+    plain, option = head.logits(X_plain), head.logits(X_option)
+    rng = np.random.default_rng(seed)
+    resamples = (rng.integers(0, len(y), len(y)) for _ in range(BOOTSTRAP))
+    gains = [mean_average_precision(y[rows], option[rows]) - mean_average_precision(y[rows], plain[rows]) for rows in resamples]
+    score = mean_average_precision(y, option)
+    return score, score - mean_average_precision(y, plain), float(np.std(gains, ddof=1))
 
 
 def _test_time_options(model: FittedModel) -> list[tuple[str, Backbone, bool, float]]:

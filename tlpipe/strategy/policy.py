@@ -26,6 +26,7 @@ from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision, keep_finetune, standard_error
 from tlpipe.training.head import LinearHead
 from tlpipe.training.fits import TrainedHead, fit_linear
+from tlpipe.training.linear import cv_rows
 
 Codes = dict[str, tuple[np.ndarray, np.ndarray]]
 # The arrays a cached linear fit holds, named in its key: an entry of another layout is a miss, not a KeyError
@@ -54,20 +55,33 @@ def choose_tap(assessment: Assessment, config: FitConfig) -> tuple[Assessment, L
     """Fit a linear classifier on each of ``assessment.linear_taps()`` (their codes all come from
     the assessment's one pass) and return the assessment whose decision holds the best tap on
     validation, with that classifier. The taps are compared with the recipe's first classifier
-    alone (C by cross-validation): the study that follows tunes classifier and C on the tap kept,
-    so fitting every classifier on every tap would only double the decision's cost."""
+    alone (C by cross-validation), fitted on at most ``CV_MAX_IMAGES`` train images (``cv_rows``;
+    the one kept is then fitted on all): the study that follows tunes classifier and C on the tap
+    kept, so fitting every classifier on every tap, on every image, would only multiply the
+    decision's cost."""
     fits = {}
     compare = config.linear.model_copy(update={"classifiers": config.linear.classifiers[:1]})
     for tap in assessment.linear_taps():
         codes = {split: assessment.codes(split, tap) for split in ("train", "val")}
         tap_config = config.model_copy(update={"strategy": "linear", "layer": tap})
-        trained = cached_fit_linear(tap_config.model_copy(update={"linear": compare}), codes)
+        trained = cached_fit_linear(tap_config.model_copy(update={"linear": compare}), _compared_part(codes, config))
         fits[tap] = LinearFit(tap, trained, codes, tap_config)
     best = max(fits.values(), key=lambda fit: fit.val_accuracy)  # the first (last features) wins a tie
-    reason = ("Linear classifiers on validation: "
+    train, part = best.codes["train"][1], len(_compared_part(best.codes, config)["train"][1])
+    reason = ("Linear classifiers on validation" + (f" (fitted on a stratified {part:,} of the {len(train):,} train images)"
+                                                    if part < len(train) else "") + ": "
               + ", ".join(f"{_tap_name(t)} {f.val_accuracy:.3f}" for t, f in fits.items())
               + f"; {_tap_name(best.tap)} kept.")
+    if part < len(train):  # the one kept, on every image
+        best = replace(best, trained=cached_fit_linear(best.config.model_copy(update={"linear": compare}), best.codes))
     return replace(assessment, decision=assessment.decision.with_reason(reason, layer=best.tap)), best
+
+
+def _compared_part(codes: Codes, config: FitConfig) -> Codes:
+    """``codes`` with train cut to ``cv_rows`` (all of it, up to ``CV_MAX_IMAGES``)."""
+    X, y = codes["train"]
+    rows = cv_rows(y, config.seed, least=config.linear.cv_folds)
+    return codes if len(rows) == len(y) else {**codes, "train": (X[rows], y[rows])}
 
 
 def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
