@@ -34,7 +34,7 @@ def main() -> None:
             hit = forecast["low"] <= actual <= forecast["high"]
             inside += hit
             print(f"{name:12s} seed {seed}: from {len(half)} images, forecast for {forecast['images']}: "
-                  f"{forecast['accuracy']:.3f} ({forecast['low']:.3f}-{forecast['high']:.3f}); actual {actual:.3f} "
+                  f"{forecast['score']:.3f} ({forecast['low']:.3f}-{forecast['high']:.3f}); actual {actual:.3f} "
                   f"({len(y)} images) {'inside' if hit else 'OUTSIDE'}")
     print(f"{inside} of 12 forecasts hold the actual figure in their interval")
 

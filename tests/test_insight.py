@@ -57,12 +57,41 @@ def test_the_learning_curve_is_nested_and_says_what_twice_the_images_would_give(
 
     curve = learning_curve(X, y, X_val, y_val, "logreg", 1.0)
     assert curve.sizes == sorted(curve.sizes) and curve.sizes[-1] == 240
-    assert curve.accuracy[-1] > curve.accuracy[0]  # this data rewards more images
+    assert curve.scores[-1] > curve.scores[0] and curve.metric == "accuracy"  # this data rewards more images
     double, quadruple = curve.predicted["2x"], curve.predicted["4x"]
-    assert double["images"] == 480 and double["low"] <= double["accuracy"] <= double["high"]
-    assert curve.accuracy[-1] <= double["accuracy"] <= quadruple["accuracy"] <= 1
+    assert double["images"] == 480 and double["low"] <= double["score"] <= double["high"]
+    assert curve.scores[-1] <= double["score"] <= quadruple["score"] <= 1
     assert "(240 -> 480)" in curve.sentence()
     assert learning_curve(X[:20], y[:20], X_val, y_val, "logreg", 1.0) is None  # too few for a curve
+
+
+def test_on_a_large_train_the_curve_is_drawn_on_a_part_and_extrapolated_to_all_of_it(monkeypatch):
+    import tlpipe.insight.learning_curve as curves
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 32))
+    draw = lambda n: (lambda y: (centres[y] * 0.35 + rng.normal(size=(n, 32)), y))(rng.integers(0, 4, n))  # noqa: E731
+    (X, y), (X_val, y_val) = draw(240), draw(400)
+    monkeypatch.setattr(curves, "CURVE_MAX_IMAGES", 120)  # 240 train images stand in for tens of thousands
+    curve = curves.learning_curve(X, y, X_val, y_val, "logreg", 1.0)
+    assert curve.sizes[-1] == 120 and curve.images == 240 and curve.predicted["2x"]["images"] == 480
+    assert curve.scores[-1] <= curve.now <= curve.predicted["2x"]["score"]  # the law's figure at 240, between
+    assert "(240 -> 480)" in curve.sentence() and "drawn on up to 120 of them" in curve.sentence()
+
+
+def test_the_learning_curve_of_a_multi_label_set_is_in_map_and_nested():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 32))
+    draw = lambda n: (lambda Y: (Y @ centres * 0.3 + rng.normal(size=(n, 32)), Y))(rng.integers(0, 2, (n, 4)))  # noqa: E731
+    (X, Y), (X_val, Y_val) = draw(240), draw(300)
+
+    subsets = nested_subsets(Y, FRACTIONS, seed=0)
+    assert all(set(small) <= set(large) for small, large in zip(subsets, subsets[1:])) and len(subsets[-1]) == 240
+    curve = learning_curve(X, Y, X_val, Y_val, "logreg", 1.0)
+    assert curve.metric == "mAP" and curve.scores[-1] > curve.scores[0]  # this data rewards more images
+    double = curve.predicted["2x"]
+    assert double["images"] == 480 and double["low"] <= double["score"] <= double["high"] <= 1
+    assert "points of val mAP" in curve.sentence()
 
 
 def _checkerboards(folder, n: int = 4):

@@ -16,10 +16,9 @@ class Diagnosis:
     suspects: tuple = ()  # the flagged train Samples, in the order of label_issues.rows
     learning_curve: LearningCurve | None = None
     excluded: dict | None = None  # images, score (accuracy or mAP), val_with, val_without
-    note: str | None = None  # why the learning curve (or everything) was not computed
 
     def to_dict(self) -> dict:
         return {"label_issues": {**self.label_issues.to_dict(), **({"excluded": self.excluded} if self.excluded else {})}
                 if self.label_issues is not None else {"note": "too few images per class to hold any out"},
                 "learning_curve": self.learning_curve.to_dict() if self.learning_curve is not None else
-                {"note": self.note or "train too small for a curve"}}
+                {"note": "train too small for a curve"}}

@@ -11,7 +11,7 @@ from tlpipe.progress import announce
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.auto import assess
 from tlpipe.strategy.decision import Decision
-from tlpipe.strategy.plan import LINEAR_STUDY_SHARE
+from tlpipe.strategy.plan import BASELINE_STUDY_SHARE
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear, choose_tap, tuned_baseline
 from tlpipe.strategy.signals import collect_splits
 
@@ -46,7 +46,7 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
     codes = {split: assessment.codes(split, config.layer) for split in ("train", "val")}
     if linear is not None and config.strategy != "linear":
         with timings.stage("linear_baseline"):
-            linear = tuned_baseline(linear, ctx.out, ctx.budget.timeout(share=LINEAR_STUDY_SHARE))
+            linear = tuned_baseline(linear, ctx.out, ctx.budget.timeout(share=BASELINE_STUDY_SHARE))
     return Choice(config, codes, assessment, linear)
 
 

@@ -19,8 +19,6 @@ from tlpipe.strategy.policy import LinearFit, cached_fit_linear
 from tlpipe.training.linear import fit_head, head_score
 from tlpipe.training.multilabel import fit_multilabel_head
 
-CURVE_NOTE = "not drawn for multi-label sets yet"
-
 
 def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepared, Choice]:
     """The label suspects (on the strategy's codes, which a tuning worker has too) and the learning
@@ -29,11 +27,10 @@ def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepa
     config, linear_codes = choice.config, _linear_codes(choice)
     with ctx.timings.stage("diagnose"):
         issues = find_label_issues(*choice.codes["train"], tuple(config.linear.c_grid), config.seed)
-        curve = None if issues is None or prepared.spec.multilabel else learning_curve(
+        curve = None if issues is None else learning_curve(
             *linear_codes["train"], *linear_codes["val"], "logreg", issues.C, config.seed)
     train = prepared.spec.splits["train"]
-    diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve,
-                          note=CURVE_NOTE if prepared.spec.multilabel else None)
+    diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve)
     if not (config.exclude_label_issues and issues is not None and len(issues)):
         return prepared, dataclasses.replace(choice, diagnosis=diagnosis)
     return _without_suspects(prepared, choice, diagnosis)

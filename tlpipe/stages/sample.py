@@ -19,7 +19,9 @@ from tlpipe.budget import format_duration
 from tlpipe.data import DatasetSpec, eval_loader, stratified_subset
 from tlpipe.device import resolve_device
 from tlpipe.models import CodeExtractor, extract_codes
+from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import FitContext, Prepared
+from tlpipe.strategy.signals import collect_features
 
 PROBE_FROM = 2000  # images: below this the pass is cheap next to any time limit tlpipe plans for
 SLOWEST_SECONDS_PER_IMAGE = 0.25  # a 2-core CPU, a large backbone: a limit that holds this needs no probe
@@ -71,21 +73,29 @@ def stratified_sample(spec: DatasetSpec, share: float, seed: int) -> DatasetSpec
 
 
 def frozen_seconds_per_image(prepared: Prepared) -> float:
-    """The frozen pass's seconds per image on this machine: two passes over real train images
-    (decode, eval transform, the backbone to the codes), the first's fixed costs (loader workers, the
-    ONNX Runtime export) taken out by their difference."""
-    spec, config, backbone = prepared.spec, prepared.config, prepared.backbone
-    device = resolve_device(config.device)
+    """The frozen pass's seconds per image on this machine: two passes over real train images, the
+    one the fit will make (decode, eval transform, the backbone to the codes; under auto, the
+    hooked pass that also pools every stage), the first's fixed costs (loader workers, the ONNX
+    Runtime export) taken out by their difference."""
+    spec, config = prepared.spec, prepared.config
     rows = stratified_subset(spec.labels("train"), PROBE_IMAGES[-1], config.seed)
     small, large = (min(n, len(rows)) for n in PROBE_IMAGES)
     seconds = []
     for n in (small, large):
         start = time.perf_counter()
-        with CodeExtractor(backbone.model, "penultimate", config.layer_relu) as extractor:
-            loader = eval_loader([spec.splits["train"][i] for i in rows[:n]], backbone.data_config, config.batch_size,
-                                 config.num_workers)
-            extract_codes(extractor, loader, device, "Timing the frozen pass")
+        _frozen_pass(prepared, [spec.splits["train"][i] for i in rows[:n]])
         seconds.append(time.perf_counter() - start)
     if large <= small:
         return seconds[1] / large
     return max((seconds[1] - seconds[0]) / (large - small), seconds[1] / large / 4)  # a floor against timing noise
+
+
+def _frozen_pass(prepared: Prepared, samples: list) -> None:
+    """The frozen pass the choose stage will make, over ``samples``, uncached."""
+    config, backbone = prepared.config, prepared.backbone
+    if config.strategy == "auto":
+        collect_features(backbone, samples, config, batchnorm=False)
+        return
+    with CodeExtractor(backbone.model, code_tap(config), config.layer_relu) as extractor:
+        loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
+        extract_codes(extractor, loader, resolve_device(config.device), "Timing the frozen pass")

@@ -27,6 +27,9 @@ SAFETY = 0.85  # plan with this share of what is left: speeds measured in second
 # A study of linear classifiers takes at most this share of the time left: each trial, and the final
 # fit, scoring and recording after the study, cost time in proportion to the images.
 LINEAR_STUDY_SHARE = 0.5
+# The guard's baseline (a linear study before a fine-tune) takes at most this share: the fine-tune
+# it guards needs the rest.
+BASELINE_STUDY_SHARE = 0.15
 RECORD_SECONDS = 20.0  # the final fit's set-up, the bundle, the reports and the MLflow run, on a CPU
 UPSCALE = 1.15  # a source side this much below a resolution gains nothing from it
 GREY_SHARE = 0.9  # data this grey gets no colour distortion (source_augmentation)
