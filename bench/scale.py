@@ -129,10 +129,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000, 70000])
     parser.add_argument("--time-limit", default="15m")
     parser.add_argument("--data", type=Path, default=Path("/tmp/tlpipe-scale/large"))
+    parser.add_argument("--set-size", type=int, default=70000, help="images in the large set built once (train 6/7, val 1/7)")
     parser.add_argument("--side", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    largest = max(args.sizes)
+    largest = args.set_size
     build(args.data, int(largest * 6 / 7), largest - int(largest * 6 / 7), args.side, args.seed)
     rows = {}
     for size in sorted(args.sizes):
