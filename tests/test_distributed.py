@@ -67,8 +67,10 @@ features.eval_loader = lambda samples, *args: (loaded.append(len(samples)), load
 config = load_config("quick", device="cpu", num_workers=0, batch_size=4)
 spec = prepare_dataset(sys.argv[1], config.val_fraction, config.seed)
 with distributed(torch.device("cpu")) as ranks:
-    codes, labels = dataset_codes(build_backbone(config), spec, "train", config, ranks=ranks)
-    np.savez(f"{sys.argv[2]}-rank{ranks.rank}.npz", codes=codes, labels=labels, loaded=loaded)
+    backbone = build_backbone(config)
+    codes, labels = dataset_codes(backbone, spec, "train", config, ranks=ranks)
+    val_codes, _ = dataset_codes(backbone, spec, "val", config, ranks=ranks)  # one batch: fewer than the ranks
+    np.savez(f"{sys.argv[2]}-rank{ranks.rank}.npz", codes=codes, labels=labels, val=val_codes, loaded=loaded)
 """
 
 
@@ -93,5 +95,6 @@ def test_a_frozen_pass_over_two_hosts_gives_every_rank_the_codes_of_one_process(
     for rank in (0, 1):
         two = np.load(tmp_path / f"two-rank{rank}.npz")
         assert np.array_equal(two["labels"], one["labels"]) and np.array_equal(two["codes"], one["codes"])
-        assert two["loaded"].tolist() == [[8], [5]][rank]  # batches 1 and 3 of 4, 2 and 4: each rank its share
-    assert len(one["labels"]) == 13 and one["loaded"].tolist() == [13]
+        assert np.array_equal(two["val"], one["val"])
+        assert two["loaded"].tolist() == [[8, 4], [5, 4]][rank]  # train: batches 1 and 3 of 4, 2 and 4; val: all
+    assert len(one["labels"]) == 13 and one["loaded"].tolist() == [13, 4]

@@ -156,8 +156,8 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
     With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key
     holding the files and the model's current weights (``tlpipe.cache``), so a second fit on the
     same data does not extract again and a fine-tuned backbone never reads the pretrained one's codes.
-    Under torchrun (``ranks``) each rank extracts its shard, every rank gets all the codes, and rank
-    0 keeps them in the cache."""
+    Under torchrun (``ranks``) each rank extracts its shard of batches (all of them when there are
+    fewer batches than ranks), every rank gets all the codes, and rank 0 keeps them in the cache."""
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     samples = spec.splits[split]
@@ -173,11 +173,13 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
             return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
         if not whole and ranks is not None:
             ranks.all_min(0)
-    shard = ranks.shard(len(samples), config.batch_size) if ranks else np.arange(len(samples))
+    # sharded when every rank has a batch (a rank with none could not say the codes' width)
+    sharded = ranks is not None and ranks.enabled and -(-len(samples) // config.batch_size) >= ranks.world_size
+    shard = ranks.shard(len(samples), config.batch_size) if sharded else np.arange(len(samples))
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
         loader = eval_loader([samples[i] for i in shard], backbone.data_config, config.batch_size, config.num_workers)
         features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
-    if ranks:
+    if sharded:
         features, labels = (ranks.gathered(part, len(samples), config.batch_size) for part in (features, labels))
     if path is not None and (ranks is None or ranks.is_main):
         save_cached(path, key, {"features": features, "labels": labels})
