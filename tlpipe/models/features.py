@@ -169,10 +169,8 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
         path = Path(cache) / "codes" / f"{split}-{key}.npz"
         cached = load_cached(path, key)
         whole = cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples)
-        if whole and (ranks is None or ranks.all_min(1) == 1):  # under torchrun, read when every rank can
+        if (whole if ranks is None else ranks.all_min(int(whole)) == 1):  # under torchrun, read when every rank can
             return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
-        if not whole and ranks is not None:
-            ranks.all_min(0)
     # sharded when every rank has a batch (a rank with none could not say the codes' width)
     sharded = ranks is not None and ranks.enabled and -(-len(samples) // config.batch_size) >= ranks.world_size
     shard = ranks.shard(len(samples), config.batch_size) if sharded else np.arange(len(samples))

@@ -74,9 +74,10 @@ def paired_gain(head, X_plain: np.ndarray, X_option: np.ndarray, y: np.ndarray, 
     gain's standard error on the same images: accuracy's from the per-image difference; mAP's, which
     is no mean over images, from ``BOOTSTRAP`` paired resamples of them."""
     if not head.multilabel:
-        difference = (head.predict(X_option) == y).astype(float) - (head.predict(X_plain) == y)
+        option_right = head.predict(X_option) == y
+        difference = option_right.astype(float) - (head.predict(X_plain) == y)
         se = float(difference.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
-        return float((head.predict(X_option) == y).mean()), float(difference.mean()), se
+        return float(option_right.mean()), float(difference.mean()), se
     plain, option = head.logits(X_plain), head.logits(X_option)
     rng = np.random.default_rng(seed)
     resamples = (rng.integers(0, len(y), len(y)) for _ in range(BOOTSTRAP))
