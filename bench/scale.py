@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,8 +91,8 @@ def subset(root: Path, size: int, seed: int) -> Path:
     return target
 
 
-def memory_mb(pid: int) -> float:
-    """The proportional set size (PSS) of ``pid`` and its descendants, in MB (``/proc/*/smaps_rollup``):
+def memory_mb(pid: int, children: bool = True) -> float:
+    """The proportional set size (PSS) of ``pid`` and (``children``) its descendants, in MB (``/proc/*/smaps_rollup``):
     pages shared by the loader workers forked from the fit count once, not once a process as RSS would."""
     total, stack = 0, [pid]
     while stack:
@@ -99,26 +100,36 @@ def memory_mb(pid: int) -> float:
         try:
             rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
             total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024
-            stack.extend(int(c) for t in Path(f"/proc/{p}/task").iterdir()
-                         for c in (t / "children").read_text().split())
+            if children:
+                stack.extend(int(c) for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split())
         except (OSError, ValueError, StopIteration):
             continue
     return total / 2**20
 
 
 def timed_fit(data: Path, out: Path, time_limit: str) -> dict:
-    """One ``tlpipe fit`` (default recipe, this time limit): its summary's timings, wall seconds, peak PSS."""
+    """One ``tlpipe fit`` (default recipe, this time limit): its summary's timings, wall seconds, peak PSS.
+    Writes ``memory-<folder>.tsv`` beside ``out``: seconds, PSS of the fit process alone and with its
+    workers (MB), and the fit's last line on stderr then (where the memory went, stage by stage)."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh folder: no codes or decoded images cached by an earlier run
-    start, peak = time.monotonic(), 0.0
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
+    start, peak, timeline, said = time.monotonic(), 0.0, [], [""]
+    # The fit's announcements as a terminal gets them (rich: TTY_COMPATIBLE), without animation or colour
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}",
+           "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0", "NO_COLOR": "1"}
     process = subprocess.Popen([sys.executable, "-m", "tlpipe", "fit", str(data), "-o", str(out), "--time-limit", time_limit],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True, errors="replace")
+    reader = threading.Thread(target=lambda: said.extend(line.strip() for line in process.stderr), daemon=True)
+    reader.start()
     while process.poll() is None:
-        peak = max(peak, memory_mb(process.pid))
+        total = memory_mb(process.pid)
+        peak = max(peak, total)
+        timeline.append(f"{time.monotonic() - start:.1f}\t{memory_mb(process.pid, children=False):.0f}\t{total:.0f}\t{said[-1][:120]}")
         time.sleep(0.2)
     wall = time.monotonic() - start
+    reader.join(timeout=5)
+    (out.parent / f"memory-{out.name}.tsv").write_text("seconds\tfit_mb\ttotal_mb\tlast_line\n" + "\n".join(timeline) + "\n")
     if process.returncode != 0:
-        raise SystemExit(f"fit of {data} failed: {process.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"fit of {data} failed: " + "\n".join(said[-20:]))
     summary = json.loads((out / "summary.json").read_text())
     return {"wall": wall, "peak_mb": peak, "timings": summary["timings"], "val": summary["metrics"]["accuracy"],
             "used": sum(summary["splits"].values()), "strategy": summary["strategy"]}

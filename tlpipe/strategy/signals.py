@@ -213,8 +213,7 @@ def collect_features(
         moments.attach(hooks)
         loader = eval_loader([samples[indices[i]] for i in order], backbone.data_config, config.batch_size, config.num_workers)
         out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals",
-                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch)
-    out[order], labels[order] = out.copy(), labels.copy()
+                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch, rows=order)
     parts = np.split(out, np.cumsum(taps.widths)[:-1], axis=1)
     bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}
     for name, layer in moments.stats().items():

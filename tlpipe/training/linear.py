@@ -68,7 +68,7 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
         self.C, self.tol, self.max_iter, self.warm_start = C, tol, max_iter, warm_start
 
     def fit(self, X, y) -> "SquaredHingeSVC":
-        given, (X, y) = X, check_X_y(X, y, dtype=np.float64)
+        given, (X, y) = X, check_X_y(X, y, dtype=[np.float64, np.float32])  # float32 kept: the basis is float32
         self.classes_, self.n_features_in_ = np.unique(y), X.shape[1]
         signs = np.where(y[:, None] == self.classes_[None], 1.0, -1.0)
         signs = (signs[:, 1:] if len(self.classes_) == 2 else signs).astype(np.float32)  # two classes: one score
@@ -108,7 +108,7 @@ def _gram_basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (orthonormal columns spanning Xa's rows: the solution lies there), from the eigendecomposition
     of the smaller Gram matrix (features or samples), in float32; directions whose eigenvalue is
     float32's rounding of the largest are left out."""
-    Xa = np.hstack([X, np.ones((len(X), 1))]).astype(np.float32)
+    Xa = np.hstack([X, np.ones((len(X), 1), X.dtype)]).astype(np.float32, copy=False)
     if len(Xa) >= Xa.shape[1]:
         eigenvalues, V = eigh(Xa.T @ Xa, driver="evd")
         return Xa @ V, np.maximum(eigenvalues, 0).astype(np.float64), V
