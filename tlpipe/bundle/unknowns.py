@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tlpipe.data.dataset import stratified_subset
+
 DEFAULT_FALSE_REJECTION = 0.05
+# The shared covariance is estimated from at most this many train images (stratified by class): a
+# D x D estimate from more moves little, and on every image of 60,000 its float64 work arrays took 3.5 GB.
+COVARIANCE_MAX_IMAGES = 10_000
 DESCRIPTION = ("squared Mahalanobis distance of the unit-length codes to the nearest train class mean (shared Ledoit-Wolf "
                "covariance); over the threshold, the image is unknown")
 
@@ -58,15 +63,16 @@ class UnknownDetector:
 
 def fit_unknowns(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, false_rejection: float = DEFAULT_FALSE_REJECTION
                  ) -> UnknownDetector | None:
-    """Class means and the shared covariance from the train codes ``X`` (labels ``y``; a multi-label
-    0/1 matrix: one mean for all), the threshold from the val codes ``X_val``; None when no image
-    differs from its class mean (one image a class): there is no spread to measure distance by."""
+    """Class means from the train codes ``X`` (labels ``y``; a multi-label 0/1 matrix: one mean for all),
+    the shared covariance from a stratified ``COVARIANCE_MAX_IMAGES`` of them, the threshold from the val
+    codes ``X_val``; None when no image differs from its class mean (one image a class): there is no
+    spread to measure distance by."""
     from sklearn.covariance import LedoitWolf
 
-    X = unit_rows(torch.from_numpy(np.asarray(X, np.float64))).numpy()
     groups = np.zeros(len(X), int) if y.ndim == 2 else np.unique(y, return_inverse=True)[1]
-    means = np.stack([X[groups == g].mean(axis=0) for g in range(groups.max() + 1)])
-    residuals = X - means[groups]
+    means = _unit_means(X, groups)
+    rows = stratified_subset(groups, COVARIANCE_MAX_IMAGES, seed=0)
+    residuals = _unit(X[rows]) - means[groups[rows]]
     if not np.abs(residuals).max(initial=0.0) > 0 or len(X_val) == 0:
         return None
     variances, axes = np.linalg.eigh(LedoitWolf().fit(residuals).covariance_)
@@ -74,6 +80,21 @@ def fit_unknowns(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, false_rejectio
     projection = (axes / np.sqrt(variances)).astype(np.float32)  # precision = projection @ projection.T
     detector = UnknownDetector(projection, (means @ projection).astype(np.float32), np.inf, false_rejection)
     return dataclasses.replace(detector, threshold=_threshold(detector.score(X_val), false_rejection))
+
+
+def _unit(codes: np.ndarray) -> np.ndarray:
+    return unit_rows(torch.from_numpy(np.asarray(codes, np.float64))).numpy()
+
+
+def _unit_means(X: np.ndarray, groups: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The mean unit-length row of each group, summed a chunk of rows at a time in float64 (no
+    float64 copy of every code)."""
+    n_groups = groups.max() + 1
+    sums = np.zeros((n_groups, X.shape[1]))
+    for start in range(0, len(X), chunk):
+        part = slice(start, start + chunk)
+        sums += np.eye(n_groups)[groups[part]].T @ _unit(X[part])
+    return sums / np.bincount(groups, minlength=n_groups)[:, None]
 
 
 def _threshold(scores: np.ndarray, false_rejection: float) -> float:
