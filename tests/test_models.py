@@ -100,6 +100,19 @@ def test_penultimate_codes_are_non_negative_and_deterministic(backbone, few_imag
     np.testing.assert_array_equal(labels, [s.label for s in few_images])
 
 
+def test_a_pass_placed_by_rows_and_stopped_at_its_deadline_returns_the_rows_it_reached_in_order(backbone, few_images):
+    loader = eval_loader(few_images, backbone.data_config, batch_size=4, workers=0)
+    whole, labels = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"))
+    rows = np.array([5, 0, 3, 1, 4, 2])  # where each image of the loader goes
+    placed, placed_labels = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"), rows=rows)
+    np.testing.assert_allclose(placed[rows], whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(placed_labels[rows], labels)
+    cut, cut_labels = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"), rows=rows, deadline=0.0)
+    assert cut.shape == (4, 1280)  # the first batch, then the deadline: rows 5, 0, 3, 1, in ascending order
+    np.testing.assert_allclose(cut, placed[[0, 1, 3, 5]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cut_labels, placed_labels[[0, 1, 3, 5]])
+
+
 @pytest.mark.parametrize("layer, expected", [(-2, ("blocks.4", 112)), ("blocks.2", ("blocks.2", 40)), ("1", ("blocks.1", 24))])
 def test_earlier_layer_codes_are_pooled_and_relud(backbone, few_images, layer, expected):
     extractor = CodeExtractor(backbone.model, layer)

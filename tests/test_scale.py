@@ -35,3 +35,16 @@ def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_and_says_
     assert summary["splits"] == {"train": 24, "val": 6}  # 8 and 2 a class, the floor
     assert any("stratified sample of 30 (train 24 of 120, val 6 of 30)" in note for note in summary["data_notes"])
     assert "probe_speed" in summary["timings"] and result.spec.class_counts("train") == {"cats": 8, "dogs": 8, "owls": 8}
+
+
+def test_an_auto_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its_share_and_says_so(tmp_path, monkeypatch):
+    from tlpipe.stages import choose as choose_stage
+
+    root = dataset(tmp_path / "data", ["cats", "dogs", "owls"], split={"train": 40, "val": 10})
+    monkeypatch.setattr(choose_stage, "FROZEN_SHARE", 1e-9)  # the pass's share of the limit is over at its first batch
+    config = load_config("quick", device="cpu", num_workers=0, budget="5m", batch_size=16)
+    result = pipeline.fit(root, config, output=tmp_path / "out", tuning=pipeline.TuningOverrides(trials=0))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["splits"] == {"train": 16, "val": 16}  # one batch of each split
+    assert result.spec.class_counts("train") == {"cats": 6, "dogs": 5, "owls": 5}  # a stratified sample
+    assert any("stopped at" in note and "train 16 of 120, val 16 of 30" in note for note in summary["data_notes"])

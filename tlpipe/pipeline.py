@@ -74,7 +74,7 @@ def _stages(ctx: FitContext, config: FitConfig, experiment: str | None, tracking
             ctx.folder.keep_run(run.run_id, run.tracking_uri)
         saved = Saved(ctx, prepared)
         try:
-            prepared, choice = diagnose(ctx, prepared, choose(ctx, prepared))
+            prepared, choice = diagnose(ctx, *choose(ctx, prepared))
             ctx.ranks.main_alone(when=choice.config.strategy == "linear")
             saved.first(prepared, choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
             choice, plan = plan_training(ctx, prepared, choice)

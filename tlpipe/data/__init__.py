@@ -8,7 +8,7 @@ _HOMES = {
     "CachedImages": "augment", "EpochSampler": "augment", "eval_array_transform": "augment", "train_transform": "augment",
     "build_decoded_cache": "decoded",
     "QUARANTINE_REPORT": "dataset", "DatasetSpec": "dataset", "Sample": "dataset", "prepare_dataset": "dataset",
-    "stratified_subset": "dataset", "write_quarantine_report": "dataset",
+    "stratified_order": "dataset", "stratified_subset": "dataset", "write_quarantine_report": "dataset",
     "IMAGE_EXTENSIONS": "images", "check_image": "images", "load_rgb": "images", "shorter_side": "images",
     "eval_loader": "loader", "eval_transform": "loader",
     "scan_folder": "scan",

@@ -78,18 +78,26 @@ def label_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int, least: int = 1) -> np.ndarray:
     """Sorted rows to use: all, or a seeded ``max_images`` with the class proportions kept, each
     class's first ``least`` images (or all it has) in before any other when ``max_images`` allows
-    (a multi-label 0/1 matrix: a seeded random ``max_images``). One seeded order: a larger subset
-    holds a smaller one's rows."""
+    (a multi-label 0/1 matrix: a seeded random ``max_images``): the first rows of ``stratified_order``,
+    so a larger subset holds a smaller one's rows."""
     if max_images is None or max_images >= len(labels):
         return np.arange(len(labels))
+    return np.sort(stratified_order(labels, seed, least)[:max_images])
+
+
+def stratified_order(labels: np.ndarray, seed: int, least: int = 1) -> np.ndarray:
+    """Every row in a seeded order whose every prefix keeps the class proportions (after each class's
+    first ``least`` images, which come before all others): a pass over the images in this order can
+    stop anywhere and leave a stratified sample. A multi-label 0/1 matrix: a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(len(labels))
     if labels.ndim == 2:
-        return np.sort(np.random.default_rng(seed).permutation(len(labels))[:max_images])
-    order, rank = np.random.default_rng(seed).permutation(len(labels)), np.empty(len(labels))
+        return order
+    rank = np.empty(len(labels))
     for c in np.unique(labels):
         members = order[labels[order] == c]
         rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # taking low ranks first keeps proportions
         rank[members[:least]] = 0.0  # the floor of every class before any image past it: no class left out
-    return np.sort(np.argsort(rank, kind="stable")[:max_images])
+    return np.argsort(rank, kind="stable")
 
 
 def check_files(paths: list[Path], workers: int | None = None) -> dict[Path, str]:

@@ -115,13 +115,15 @@ class CodeExtractor(nn.Module):
 
 def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device, description: str = "Extracting",
                   torch_first: int = 0, pytorch_time: dict | None = None, onnx_runtime: bool = True,
-                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  rows: np.ndarray | None = None, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run ``extractor`` over ``loader`` in order; return float32 codes and int64 labels. On a CPU,
     a pass of at least ``ORT_MIN_IMAGES`` goes through ONNX Runtime (after ``torch_first`` images:
     hooks that keep Python state, such as BatchNorm moments, need PyTorch itself; ``onnx_runtime=False``:
     PyTorch throughout). ``pytorch_time`` gets the ``seconds`` and ``images`` of the batches PyTorch ran (loading included).
     ``rows``: the row of the result each image (in the loader's order) goes to, a permutation. Each batch is
-    written into one array as it comes: a pass holds the codes once, not a list of batches and their join."""
+    written into one array as it comes: a pass holds the codes once, not a list of batches and their join.
+    ``deadline`` (``time.monotonic()``): the pass stops at the first batch past it and returns the rows it
+    reached, the first ``len(result)`` of ``rows``, in ascending order (rows never reached take no memory)."""
     # channels_last is faster on CUDA and, with oneDNN, on CPU too (about 1.8x for EfficientNet-Lite0).
     # Moved outside inference mode: parameters converted inside it could never train again.
     extractor.eval().to(device, memory_format=torch.channels_last)
@@ -152,10 +154,15 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
             labels.append(targets)
             done += len(targets)
             advance(len(targets))
+            if deadline is not None and time.monotonic() >= deadline and done < n:
+                break
     ordered = torch.cat(labels).numpy().astype(np.int64) if labels else np.zeros(0, np.int64)
-    result = np.empty_like(ordered)
-    result[rows[:len(ordered)]] = ordered
-    return codes, result
+    result = np.zeros((n, *ordered.shape[1:]), np.int64)
+    result[rows[:done]] = ordered
+    if done == n:
+        return codes, result
+    reached = np.sort(rows[:done])
+    return codes[reached], result[reached]
 
 
 def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,

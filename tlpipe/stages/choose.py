@@ -14,15 +14,16 @@ from tlpipe.progress import announce
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.strategy.auto import Assessment, assess
 from tlpipe.strategy.decision import Decision
-from tlpipe.strategy.plan import BASELINE_STUDY_SHARE
+from tlpipe.strategy.plan import BASELINE_STUDY_SHARE, FROZEN_SHARE
 from tlpipe.strategy.policy import Codes, LinearFit, cached_fit_linear, choose_tap, tuned_baseline
-from tlpipe.strategy.signals import collect_splits
+from tlpipe.strategy.signals import FeatureSet, collect_splits
 
 
-def choose(ctx: FitContext, prepared: Prepared) -> Choice:
+def choose(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Choice]:
     """The codes of the strategy asked for; under auto, the policy's strategy and tap, from one
-    hooked pass that yields both the codes and the signals. Before a fine-tune (rank 0): the linear
-    classifier saved first, tuned under auto as the guard's baseline."""
+    hooked pass that yields both the codes and the signals (a pass the time limit stopped leaves a
+    stratified sample: the Prepared returned holds the images it reached). Before a fine-tune (rank
+    0): the linear classifier saved first, tuned under auto as the guard's baseline."""
     config, spec, backbone = prepared.config, prepared.spec, prepared.backbone
     ranks, timings = ctx.ranks, ctx.timings
     cache = Path(config.cache_dir)
@@ -31,28 +32,31 @@ def choose(ctx: FitContext, prepared: Prepared) -> Choice:
             codes = {split: dataset_codes(backbone, spec, split, config, code_tap(config), cache=cache, ranks=ranks)
                      for split in ("train", "val")}
         if config.strategy == "linear" or not ranks.is_main:
-            return Choice(config, codes)
+            return prepared, Choice(config, codes)
         with timings.stage("linear_first"):  # the model a fine-tune stopped early leaves
             linear_config = config.model_copy(update={"strategy": "linear", "layer": PENULTIMATE})
             linear = LinearFit(PENULTIMATE, cached_fit_linear(linear_config, codes), codes, linear_config)
-        return Choice(config, codes, linear=linear)
-    assessment, codes, linear = _assessed(ctx, prepared)
+        return prepared, Choice(config, codes, linear=linear)
+    prepared, assessment, codes, linear = _assessed(ctx, prepared)
     config = assessment.apply(config)
     if ranks.is_main:
         announce(_decision_line(assessment.decision, config))
     if linear is not None and config.strategy != "linear":
         with timings.stage("linear_baseline"):
             linear = tuned_baseline(linear, ctx.out, ctx.budget.timeout(share=BASELINE_STUDY_SHARE))
-    return Choice(config, codes, assessment, linear)
+    return prepared, Choice(config, codes, assessment, linear)
 
 
-def _assessed(ctx: FitContext, prepared: Prepared) -> tuple[Assessment, Codes, LinearFit | None]:
-    """Under auto: the hooked pass, the decision and (rank 0) the tap's linear classifier. The chosen
-    tap's codes come back as arrays of their own and the assessment without the pass's features, so
-    every other tap and the ImageNet logits are let go when this returns."""
+def _assessed(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Assessment, Codes, LinearFit | None]:
+    """Under auto: the hooked pass (within ``FROZEN_SHARE`` of the time left), the decision and (rank 0)
+    the tap's linear classifier. The chosen tap's codes come back as arrays of their own and the
+    assessment without the pass's features, so every other tap and the ImageNet logits are let go
+    when this returns."""
     config, linear = prepared.config, None
     with ctx.timings.stage("extract_codes"), ctx.ranks.main_first():
-        features = collect_splits(prepared.backbone, prepared.spec, config, cache=Path(config.cache_dir))
+        features = collect_splits(prepared.backbone, prepared.spec, config, cache=Path(config.cache_dir),
+                                  seconds=None if ctx.ranks.enabled else ctx.budget.timeout(share=FROZEN_SHARE))
+    prepared = _reached(prepared, features)
     with ctx.timings.stage("decide"):
         assessment = assess(features, prepared.spec, config, ctx.tuning.trials)
         if ctx.ranks.is_main:  # the tap is rank 0's business: the others only fine-tune
@@ -60,7 +64,22 @@ def _assessed(ctx: FitContext, prepared: Prepared) -> tuple[Assessment, Codes, L
     layer = assessment.apply(config).layer
     codes = {split: (np.ascontiguousarray(X), y) for split, (X, y) in
              (linear.codes if linear else {s: assessment.codes(s, layer) for s in ("train", "val")}).items()}
-    return assessment.settled(), codes, linear and dataclasses.replace(linear, codes=codes)
+    return prepared, assessment.settled(), codes, linear and dataclasses.replace(linear, codes=codes)
+
+
+def _reached(prepared: Prepared, features: dict[str, FeatureSet]) -> Prepared:
+    """``prepared`` with each split cut to the images the pass reached before its deadline (a
+    stratified sample, said in the data notes); as it was when the pass went through."""
+    spec = prepared.spec
+    cut = {split: f.indices for split, f in features.items() if len(f.indices) < len(spec.splits[split])}
+    if not cut:
+        return prepared
+    splits = {**spec.splits, **{split: [spec.splits[split][i] for i in rows] for split, rows in cut.items()}}
+    note = (f"the frozen pass ran slower than measured and stopped at {FROZEN_SHARE:.0%} of the time left: this fit "
+            "used the stratified sample it had reached ("
+            + ", ".join(f"{split} {len(rows):,} of {len(spec.splits[split]):,}" for split, rows in cut.items())
+            + "); give more time (--time-limit) to use more")
+    return dataclasses.replace(prepared, spec=dataclasses.replace(spec, splits=splits, notes=[*spec.notes, note]))
 
 
 def code_tap(config: FitConfig) -> str | int:

@@ -21,6 +21,7 @@ from tlpipe.device import resolve_device
 from tlpipe.models import CodeExtractor, extract_codes
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import FitContext, Prepared
+from tlpipe.strategy.plan import FROZEN_SHARE
 from tlpipe.strategy.signals import collect_features
 
 PROBE_FROM = 2000  # images: below this the pass is cheap next to any time limit tlpipe plans for
@@ -33,7 +34,6 @@ PROBE_IMAGES = (512, 1024)
 # JPEGs: 6.7 ms an image probed, 8.3 ms from 1,000 to 3,000 images, 10.0 over 70,000): the margin
 # the plan takes on the measured figure.
 PROBE_MARGIN = 1.5
-FROZEN_SHARE = 0.4  # of the time left, what the frozen pass may take: the rest trains, tunes and records
 MIN_TRAIN_PER_CLASS, MIN_EVAL_PER_CLASS = 8, 2  # a sample keeps at least this many images a class
 
 

@@ -27,6 +27,9 @@ SAFETY = 0.85  # plan with this share of what is left: speeds measured in second
 # A study of linear classifiers takes at most this share of the time left: each trial, and the final
 # fit, scoring and recording after the study, cost time in proportion to the images.
 LINEAR_STUDY_SHARE = 0.5
+# The frozen pass (every image decoded and run through the backbone once) takes at most this share of
+# the time left: the sample stage sizes it so, and the pass stops there if it runs slower than measured.
+FROZEN_SHARE = 0.4
 # The guard's baseline (a linear study before a fine-tune) takes at most this share: the fine-tune
 # it guards needs the rest.
 BASELINE_STUDY_SHARE = 0.15

@@ -29,7 +29,7 @@ from torch import nn
 
 from tlpipe.cache import cache_key, load_cached, save_cached
 from tlpipe.config import FitConfig
-from tlpipe.data import DatasetSpec, Sample, eval_loader, stratified_subset
+from tlpipe.data import DatasetSpec, Sample, eval_loader, stratified_order
 from tlpipe.device import resolve_device
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, Hooks, extract_codes, feature_layers, pool_tap
@@ -174,25 +174,35 @@ def has_imagenet_head(backbone: Backbone) -> bool:
     return backbone.weights.kind != "none" and classes == model.pretrained_cfg.get("num_classes") == 1000
 
 
-def collect_splits(backbone: Backbone, spec: DatasetSpec, config: FitConfig, cache: Path | None = None) -> dict[str, FeatureSet]:
+def collect_splits(backbone: Backbone, spec: DatasetSpec, config: FitConfig, cache: Path | None = None,
+                   seconds: float | None = None) -> dict[str, FeatureSet]:
     """The one hooked pass ``--strategy auto`` makes over train and val (``collect_features``;
-    BatchNorm moments on train only: no signal is computed on val)."""
-    return {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train", cache=cache)
+    BatchNorm moments on train only: no signal is computed on val), within ``seconds`` (None: no
+    limit) shared by the splits in proportion to their images."""
+    start, counts = time.monotonic(), spec.counts()
+    share = counts["train"] / max(counts["train"] + counts.get("val", 0), 1)
+    deadlines = {"train": None if seconds is None else start + share * seconds,
+                 "val": None if seconds is None else start + seconds}
+    return {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train", cache=cache,
+                                    deadline=deadlines[split])
             for split in ("train", "val")}
 
 
 def collect_features(
     backbone: Backbone, samples: list[Sample], config: FitConfig, max_images: int | None = None,
-    batchnorm: bool = True, cache: Path | None = None,
+    batchnorm: bool = True, cache: Path | None = None, deadline: float | None = None,
 ) -> FeatureSet:
     """One pass of the frozen backbone over ``samples`` (the pipeline's eval preprocessing, device
     and batch size) that keeps everything the signals need. ``batchnorm=False`` skips the BatchNorm
     statistics (most of the hooks' cost) where no signal is computed, e.g. on the val split.
-    ``cache``: a folder where the result is kept (``<cache>/signals/<key>.npz``, the key as the codes
-    cache's), so a second fit on the same data does not run the pass again."""
+    ``cache``: a folder where a whole pass is kept (``<cache>/signals/<key>.npz``, the key as the codes
+    cache's), so a second fit on the same data does not run the pass again. The images go through in
+    ``stratified_order``: a pass stopped at ``deadline`` (``time.monotonic()``) holds a stratified
+    sample, whose rows ``indices`` name."""
     start = time.perf_counter()
     model, stages = backbone.model, feature_layers(backbone.model)
-    indices = stratified_subset(np.array([s.label for s in samples]), max_images, config.seed)
+    passed = stratified_order(np.array([s.label for s in samples]), config.seed)[:max_images]  # rows, in pass order
+    indices = np.sort(passed)
     path = key = None
     if cache is not None:
         key = cache_key([samples[i] for i in indices], **backbone.cache_identity(), device=resolve_device(config.device).type,
@@ -203,17 +213,18 @@ def collect_features(
             return _from_arrays(saved, stages)
     taps = _Taps(model, stages, config.layer_relu, has_imagenet_head(backbone))
     bn_stage = batchnorm_stages(model, stages)
-    moments = _BatchNormMoments(model, list(bn_stage) if batchnorm else [], BATCHNORM_IMAGES)
-    # A stratified sample of BATCHNORM_IMAGES goes first, for the moments; the rows are put back after.
-    first = stratified_subset(np.array([samples[i].label for i in indices]), BATCHNORM_IMAGES, config.seed)
-    order = np.concatenate([first, np.setdiff1d(np.arange(len(indices)), first)])
+    moments = _BatchNormMoments(model, list(bn_stage) if batchnorm else [], BATCHNORM_IMAGES)  # the first images passed
     pytorch: dict = {}
     with Hooks() as hooks:
         taps.attach(hooks)
         moments.attach(hooks)
-        loader = eval_loader([samples[indices[i]] for i in order], backbone.data_config, config.batch_size, config.num_workers)
+        loader = eval_loader([samples[i] for i in passed], backbone.data_config, config.batch_size, config.num_workers)
         out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals",
-                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch, rows=order)
+                                    torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch,
+                                    rows=np.searchsorted(indices, passed), deadline=deadline)
+    whole = len(labels) == len(indices)
+    if not whole:  # stopped at the deadline: the rows it reached
+        indices = np.sort(passed[:len(labels)])
     parts = np.split(out, np.cumsum(taps.widths)[:-1], axis=1)
     bn_stats: dict[str, list[BatchNormStats]] = {name: [] for name in [*stages, PENULTIMATE]}
     for name, layer in moments.stats().items():
@@ -227,7 +238,7 @@ def collect_features(
         features.pytorch_seconds_per_image = features.seconds / max(len(labels), 1)
     elif pytorch["images"] > 2:  # more than onnx_pass's check
         features.pytorch_seconds_per_image = pytorch["seconds"] / pytorch["images"]
-    if path is not None:
+    if path is not None and whole:
         save_cached(path, key, _to_arrays(features))
     return features
 
