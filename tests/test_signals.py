@@ -53,7 +53,9 @@ def test_one_pass_gives_every_stage_the_head_and_the_batchnorm_moments(backbone,
     assert fs.codes.shape == (15, model.num_features) and fs.codes.dtype == np.float32
     assert list(fs.stages) == stages
     assert [x.shape for x in fs.stages.values()] == [(15, info["num_chs"]) for info in model.feature_info]
-    assert fs.imagenet_logits.shape == (15, 1000)
+    assert fs.imagenet_confidence.shape == (15, 2)  # the ImageNet head's top probability and entropy
+    top, entropy = fs.imagenet_confidence.T
+    assert ((top > 1e-3) & (top <= 1)).all() and ((entropy >= 0) & (entropy <= np.log(1000))).all()
     assert fs.labels.tolist() == [c for c in range(3) for _ in range(5)] and fs.indices.tolist() == list(range(15))
     assert list(fs.bn_stats) == [*stages, PENULTIMATE]
     layers = [layer for layers in fs.bn_stats.values() for layer in layers]
@@ -109,7 +111,7 @@ def test_a_pass_in_onnx_runtime_keeps_pytorch_for_the_batchnorm_sample_and_gives
     monkeypatch.setattr(features, "ORT_MIN_IMAGES", 10**9)
     in_pytorch = collect_features(small, colour_samples, CONFIG)
     np.testing.assert_allclose(with_onnx.codes, in_pytorch.codes, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(with_onnx.imagenet_logits, in_pytorch.imagenet_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(with_onnx.imagenet_confidence, in_pytorch.imagenet_confidence, rtol=1e-4, atol=1e-4)
     for stage in in_pytorch.stages:
         np.testing.assert_allclose(with_onnx.stages[stage], in_pytorch.stages[stage], rtol=1e-4, atol=1e-5)
     for level, layers in in_pytorch.bn_stats.items():  # the moments' hooks ran in PyTorch, on the same images
@@ -233,7 +235,7 @@ def test_a_second_pass_reads_the_cache_and_a_touched_file_misses_it(small, colou
         calls.clear()
         again = collect_features(small, colour_samples, CONFIG, cache=tmp_path)
         assert not calls  # no forward pass at all
-        for field in ("codes", "labels", "indices", "imagenet_logits"):
+        for field in ("codes", "labels", "indices", "imagenet_confidence"):
             np.testing.assert_array_equal(getattr(again, field), getattr(first, field))
         assert again.stages.keys() == first.stages.keys()
         assert all(np.array_equal(again.stages[k], first.stages[k]) for k in first.stages)

@@ -69,7 +69,7 @@ def test_the_study_estimate_is_every_trial_and_epoch_at_the_measured_speed(image
     from tlpipe.strategy.auto import finetune_study_seconds
 
     spec = prepare_dataset(image_folder("data", {"a": 6, "b": 6}, split={"train": 6, "val": 3}), 0.2, 0, report_dir=None)
-    features = {split: FeatureSet(codes=np.zeros((n, 4)), stages={}, imagenet_logits=None, bn_stats={},
+    features = {split: FeatureSet(codes=np.zeros((n, 4)), stages={}, imagenet_confidence=None, bn_stats={},
                                   labels=np.zeros(n, int), indices=np.arange(n), seconds=0.5 * n)
                 for split, n in (("train", 12), ("val", 6))}  # 0.5 s an image over both splits
     epoch = (12 * 3 + 6) * 0.5  # a training step costs 3 forward passes; then val
@@ -87,7 +87,7 @@ def test_small_data_gets_a_linear_classifier_on_the_tap_that_does_better_on_vali
     noise = rng.normal(size=(90, 16))  # does not
 
     def assessment(last: np.ndarray, stage: np.ndarray) -> Assessment:
-        features = {split: FeatureSet(codes=last[rows], stages={"blocks.4": stage[rows]}, imagenet_logits=None,
+        features = {split: FeatureSet(codes=last[rows], stages={"blocks.4": stage[rows]}, imagenet_confidence=None,
                                       bn_stats={}, labels=y[rows], indices=rows, seconds=0.0)
                     for split, rows in (("train", np.arange(0, 90, 2)), ("val", np.arange(1, 90, 2)))}
         sig = signals(0.9, last=0.4, stage=0.9)

@@ -85,7 +85,7 @@ def _subset(features: FeatureSet, max_images: int, seed: int) -> FeatureSet:
     rows = stratified_subset(features.labels, max_images, seed)
     return FeatureSet(
         codes=features.codes[rows], stages={k: v[rows] for k, v in features.stages.items()},
-        imagenet_logits=None if features.imagenet_logits is None else features.imagenet_logits[rows],
+        imagenet_confidence=None if features.imagenet_confidence is None else features.imagenet_confidence[rows],
         bn_stats=features.bn_stats, labels=features.labels[rows], indices=features.indices[rows], seconds=features.seconds,
         pytorch_seconds_per_image=features.pytorch_seconds_per_image,
     )
