@@ -45,11 +45,13 @@ def write_tables(name: str, out: Path, flip: float, seed: int) -> set[str]:
     return {rows[i][0] for i in flipped}
 
 
-def fit(out: Path, table: str, *extra: str) -> dict:
-    """One ``tlpipe fit`` of ``out/<table>.csv``; its summary."""
+def fit(out: Path, table: str, *extra: str, auto: bool = False) -> dict:
+    """One ``tlpipe fit`` of ``out/<table>.csv`` (``--strategy linear``, or with ``auto`` the default
+    policy's tap choice without a fine-tune); its summary."""
     folder = out / f"fit-{table}{'-excluded' if extra else ''}"
     command = [sys.executable, "-m", "tlpipe", "fit", str(out / f"{table}.csv"), "--root", str(SHARED / out.name),
-               "--strategy", "linear", "-o", str(folder), "--overwrite", "--recipe", str(out.parent / "recipe.yaml"), *extra]
+               *([] if auto else ["--strategy", "linear"]), "-o", str(folder), "--overwrite",
+               "--recipe", str(out.parent / "recipe.yaml"), *extra]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads((folder / "summary.json").read_text())
 
@@ -65,14 +67,17 @@ def main() -> None:
     parser.add_argument("datasets", nargs="*", default=["dtd10", "bloodcells"])
     parser.add_argument("--flip", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--auto", action="store_true", help="the default auto policy (its tap), never fine-tuning: "
+                        "the suspects a default fit flags before it trains")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "recipe.yaml").write_text(f"cache_dir: {args.out / 'cache'}\n")
+    (args.out / "recipe.yaml").write_text(f"cache_dir: {args.out / 'cache'}\n" + ("auto:\n  finetune_minutes: 0\n" if args.auto else ""))
     for name in args.datasets:
         out = args.out / name
         out.mkdir(exist_ok=True)
         truth = write_tables(name, out, args.flip, args.seed)
-        clean, noisy, excluded = fit(out, "clean"), fit(out, "noisy"), fit(out, "noisy", "--exclude-label-issues")
+        clean, noisy = fit(out, "clean", auto=args.auto), fit(out, "noisy", auto=args.auto)
+        excluded = fit(out, "noisy", "--exclude-label-issues", auto=args.auto)
         found = flagged(noisy)
         hits = len(found & truth)
         cost = clean["val_accuracy"] - noisy["val_accuracy"]

@@ -61,10 +61,16 @@ def _assessed(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Assessment
         assessment = assess(features, prepared.spec, config, ctx.tuning.trials)
         if ctx.ranks.is_main:  # the tap is rank 0's business: the others only fine-tune
             assessment, linear = choose_tap(assessment, config)
-    layer = assessment.apply(config).layer
-    codes = {split: (np.ascontiguousarray(X), y) for split, (X, y) in
-             (linear.codes if linear else {s: assessment.codes(s, layer) for s in ("train", "val")}).items()}
-    return prepared, assessment.settled(), codes, linear and dataclasses.replace(linear, codes=codes)
+    layer = assessment.apply(config).layer  # the decision's tap: a fine-tune's LP-FT probe is on the last features
+    codes = _own({split: assessment.codes(split, layer) for split in ("train", "val")})
+    if linear is not None:
+        linear = dataclasses.replace(linear, codes=codes if linear.tap == layer else _own(linear.codes))
+    return prepared, assessment.settled(), codes, linear
+
+
+def _own(codes: Codes) -> Codes:
+    """``codes`` as arrays of their own, not views of the pass's array of every tap."""
+    return {split: (np.ascontiguousarray(X), y) for split, (X, y) in codes.items()}
 
 
 def _reached(prepared: Prepared, features: dict[str, FeatureSet]) -> Prepared:
