@@ -111,6 +111,8 @@ def test_a_pass_placed_by_rows_and_stopped_at_its_deadline_returns_the_rows_it_r
     assert cut.shape == (4, 1280)  # the first batch, then the deadline: rows 5, 0, 3, 1, in ascending order
     np.testing.assert_allclose(cut, placed[[0, 1, 3, 5]], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(cut_labels, placed_labels[[0, 1, 3, 5]])
+    floor, _ = extract_codes(CodeExtractor(backbone.model), loader, torch.device("cpu"), rows=rows, deadline=0.0, at_least=5)
+    assert floor.shape == (6, 1280)  # the deadline waits for at_least images: the second batch, the last
 
 
 @pytest.mark.parametrize("layer, expected", [(-2, ("blocks.4", 112)), ("blocks.2", ("blocks.2", 40)), ("1", ("blocks.1", 24))])

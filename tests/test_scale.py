@@ -47,4 +47,4 @@ def test_an_auto_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["splits"] == {"train": 16, "val": 16}  # one batch of each split
     assert result.spec.class_counts("train") == {"cats": 6, "dogs": 5, "owls": 5}  # a stratified sample
-    assert any("stopped at" in note and "train 16 of 120, val 16 of 30" in note for note in summary["data_notes"])
+    assert any("stopped there" in note and "train 16 of 120, val 16 of 30" in note for note in summary["data_notes"])

@@ -93,7 +93,7 @@ def _unit_means(X: np.ndarray, groups: np.ndarray, chunk: int = 4096) -> np.ndar
     sums = np.zeros((n_groups, X.shape[1]))
     for start in range(0, len(X), chunk):
         part = slice(start, start + chunk)
-        sums += np.eye(n_groups)[groups[part]].T @ _unit(X[part])
+        np.add.at(sums, groups[part], _unit(X[part]))
     return sums / np.bincount(groups, minlength=n_groups)[:, None]
 
 

@@ -115,15 +115,17 @@ class CodeExtractor(nn.Module):
 
 def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device, description: str = "Extracting",
                   torch_first: int = 0, pytorch_time: dict | None = None, onnx_runtime: bool = True,
-                  rows: np.ndarray | None = None, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``extractor`` over ``loader`` in order; return float32 codes and int64 labels. On a CPU,
+                  rows: np.ndarray | None = None, deadline: float | None = None, at_least: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``extractor`` over ``loader``; return float32 codes and int64 labels (in the loader's order unless ``rows``). On a CPU,
     a pass of at least ``ORT_MIN_IMAGES`` goes through ONNX Runtime (after ``torch_first`` images:
     hooks that keep Python state, such as BatchNorm moments, need PyTorch itself; ``onnx_runtime=False``:
     PyTorch throughout). ``pytorch_time`` gets the ``seconds`` and ``images`` of the batches PyTorch ran (loading included).
     ``rows``: the row of the result each image (in the loader's order) goes to, a permutation. Each batch is
     written into one array as it comes: a pass holds the codes once, not a list of batches and their join.
-    ``deadline`` (``time.monotonic()``): the pass stops at the first batch past it and returns the rows it
-    reached, the first ``len(result)`` of ``rows``, in ascending order (rows never reached take no memory)."""
+    ``deadline`` (``time.monotonic()``): the pass stops at the first batch past it, once ``at_least`` images are
+    done, and returns the rows it reached, the first ``len(result)`` of ``rows``, in ascending order (rows never
+    reached are never written: Linux commits no memory to them)."""
     # channels_last is faster on CUDA and, with oneDNN, on CPU too (about 1.8x for EfficientNet-Lite0).
     # Moved outside inference mode: parameters converted inside it could never train again.
     extractor.eval().to(device, memory_format=torch.channels_last)
@@ -154,7 +156,7 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
             labels.append(targets)
             done += len(targets)
             advance(len(targets))
-            if deadline is not None and time.monotonic() >= deadline and done < n:
+            if deadline is not None and time.monotonic() >= deadline and at_least <= done < n:
                 break
     ordered = torch.cat(labels).numpy().astype(np.int64) if labels else np.zeros(0, np.int64)
     result = np.zeros((n, *ordered.shape[1:]), np.int64)

@@ -50,7 +50,7 @@ def choose(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Choice]:
 def _assessed(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Assessment, Codes, LinearFit | None]:
     """Under auto: the hooked pass (within ``FROZEN_SHARE`` of the time left), the decision and (rank 0)
     the tap's linear classifier. The chosen tap's codes come back as arrays of their own and the
-    assessment without the pass's features, so every other tap and the ImageNet logits are let go
+    assessment without the pass's features, so every other tap and the ImageNet confidences are let go
     when this returns."""
     config, linear = prepared.config, None
     with ctx.timings.stage("extract_codes"), ctx.ranks.main_first():
@@ -81,8 +81,8 @@ def _reached(prepared: Prepared, features: dict[str, FeatureSet]) -> Prepared:
     if not cut:
         return prepared
     splits = {**spec.splits, **{split: [spec.splits[split][i] for i in rows] for split, rows in cut.items()}}
-    note = (f"the frozen pass ran slower than measured and stopped at {FROZEN_SHARE:.0%} of the time left: this fit "
-            "used the stratified sample it had reached ("
+    note = (f"the frozen pass reached {FROZEN_SHARE:.0%} of the time left before its last image and stopped there: "
+            "this fit used the stratified sample it had passed ("
             + ", ".join(f"{split} {len(rows):,} of {len(spec.splits[split]):,}" for split, rows in cut.items())
             + "); give more time (--time-limit) to use more")
     return dataclasses.replace(prepared, spec=dataclasses.replace(spec, splits=splits, notes=[*spec.notes, note]))

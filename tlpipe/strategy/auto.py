@@ -56,7 +56,7 @@ class Assessment:
 
     def settled(self) -> "Assessment":
         """The decision's record alone (signals, decision, estimate), without the pass's features: every
-        stage's codes and the ImageNet logits of every image (at 45,000 images about 0.5 GB), let go once
+        stage's codes and the ImageNet confidences of every image, let go once
         the tap is chosen."""
         return replace(self, features={})
 
