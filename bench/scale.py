@@ -91,20 +91,19 @@ def subset(root: Path, size: int, seed: int) -> Path:
     return target
 
 
-def memory_mb(pid: int, children: bool = True) -> float:
-    """The proportional set size (PSS) of ``pid`` and (``children``) its descendants, in MB (``/proc/*/smaps_rollup``):
+def memory_mb(pid: int) -> tuple[float, float]:
+    """The proportional set size (PSS) of ``pid`` alone and with its descendants, in MB (``/proc/*/smaps_rollup``):
     pages shared by the loader workers forked from the fit count once, not once a process as RSS would."""
-    total, stack = 0, [pid]
+    sizes, stack = [], [pid]
     while stack:
         p = stack.pop()
         try:
             rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024
-            if children:
-                stack.extend(int(c) for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split())
+            sizes.append(next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024 / 2**20)
+            stack.extend(int(c) for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split())
         except (OSError, ValueError, StopIteration):
             continue
-    return total / 2**20
+    return (sizes[0] if sizes else 0.0), sum(sizes)
 
 
 def timed_fit(data: Path, out: Path, time_limit: str) -> dict:
@@ -121,9 +120,9 @@ def timed_fit(data: Path, out: Path, time_limit: str) -> dict:
     reader = threading.Thread(target=lambda: said.extend(line.strip() for line in process.stderr), daemon=True)
     reader.start()
     while process.poll() is None:
-        total = memory_mb(process.pid)
+        alone, total = memory_mb(process.pid)
         peak = max(peak, total)
-        timeline.append(f"{time.monotonic() - start:.1f}\t{memory_mb(process.pid, children=False):.0f}\t{total:.0f}\t{said[-1][:120]}")
+        timeline.append(f"{time.monotonic() - start:.1f}\t{alone:.0f}\t{total:.0f}\t{said[-1][:120]}")
         time.sleep(0.2)
     wall = time.monotonic() - start
     reader.join(timeout=5)

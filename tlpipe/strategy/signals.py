@@ -204,8 +204,8 @@ def collect_features(
     sample, whose rows ``indices`` name."""
     start = time.perf_counter()
     model, stages = backbone.model, feature_layers(backbone.model)
-    labels = np.array([s.label for s in samples])
-    passed = stratified_order(labels, config.seed)[:max_images]  # rows, in pass order: one image a class first
+    given = np.array([s.label for s in samples])
+    passed = stratified_order(given, config.seed)[:max_images]  # rows, in pass order: one image a class first
     indices = np.sort(passed)
     path = key = None
     if cache is not None:
@@ -227,7 +227,7 @@ def collect_features(
         out, labels = extract_codes(taps, loader, resolve_device(config.device), "Transfer signals",
                                     torch_first=BATCHNORM_IMAGES if batchnorm else 0, pytorch_time=pytorch,
                                     rows=np.searchsorted(indices, passed), deadline=deadline,
-                                    at_least=0 if labels.ndim == 2 else len(np.unique(labels[passed])))  # every class
+                                    at_least=0 if given.ndim == 2 else len(np.unique(given[passed])))  # every class
     whole = len(labels) == len(indices)
     if not whole:  # stopped at the deadline: the rows it reached
         indices = np.sort(passed[:len(labels)])
