@@ -193,8 +193,8 @@ def test_tlpipe_ui_on_all_interfaces_warns_and_a_sigkill_takes_its_server_along(
 
 def test_tlpipe_ui_opens_on_the_runs_with_their_scores_in_a_real_browser(bundle_dir, tmp_path):
     """After a fit, the page tlpipe ui prints, rendered by headless Chromium: the model-training view
-    (no GenAI navigation) with the val accuracy and strategy columns; MLflow's log lines stay out of
-    the terminal."""
+    (no GenAI navigation, no Assistant panel) with the val accuracy and strategy columns; MLflow's log
+    lines stay out of the terminal."""
     import shutil
     import re
 
@@ -214,6 +214,7 @@ def test_tlpipe_ui_opens_on_the_runs_with_their_scores_in_a_real_browser(bundle_
         text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
         assert "val_accuracy" in text and "strategy" in text and "linear" in text, text[-3000:]
         assert "Judges" not in text and "Prompts" not in text  # the GenAI navigation
+        assert "data-assistant-ui" not in dom and "Assistant" not in text  # nor MLflow's Assistant panel, opened unasked on localhost
         assert (tmp_path / "ui.png").stat().st_size > 10_000
         assert len(printed.read_text().splitlines()) == 1, printed.read_text()  # the one line, no server noise
     finally:

@@ -15,13 +15,24 @@ from tlpipe.errors import TlpipeError
 from tlpipe.run.store import resolve_tracking_uri
 from tlpipe.run.tracking import UI_VIEW, store_lock
 
+# The UI's address on this machine. Browsers resolve every *.localhost name to this machine themselves
+# (RFC 6761), so no DNS answer can rebind it; MLflow offers its Assistant, and opens its panel over a
+# quarter of the page unasked, only on a page named localhost, 127.0.0.1 or ::1.
+UI_LOCAL_NAME = "tlpipe.localhost"
+
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The MLflow UI server command line on the same store ``tlpipe fit`` writes to: one worker
-    process (one person browsing; MLflow starts four by default)."""
+    process (one person browsing; MLflow starts four by default). On a loopback ``host`` it also
+    answers pages named ``UI_LOCAL_NAME`` (MLflow's host and origin checks let only its own names in)."""
     uri = resolve_tracking_uri(tracking_uri)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", "1"]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port), "--workers", "1"]
+    if _loopback(host):
+        names = ("localhost", "127.0.0.1", "[::1]", UI_LOCAL_NAME)
+        command += ["--allowed-hosts", ",".join(f"{name}:{port}" for name in names),
+                    "--cors-allowed-origins", f"http://{UI_LOCAL_NAME}:{port}"]
+    return command
 
 
 def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
@@ -29,7 +40,8 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     runs show); the UI's front page when the store has none."""
     from mlflow.tracking import MlflowClient
 
-    base, uri = f"http://{host}:{port}", resolve_tracking_uri(tracking_uri)
+    base = f"http://{UI_LOCAL_NAME if _loopback(host) else host}:{port}"
+    uri = resolve_tracking_uri(tracking_uri)
     with store_lock(uri):
         found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
     if not found:
@@ -38,16 +50,19 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     return page + (f"&viewStateShareKey={UI_VIEW}" if f"mlflow.sharedViewState.{UI_VIEW}" in found[0].tags else "")
 
 
-def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
-    """The one warning of ``tlpipe serve`` and ``tlpipe ui`` bound beyond this machine (None on a
-    loopback address): neither MLflow server asks who is calling."""
+def _loopback(host: str) -> bool:
     import ipaddress
 
     try:
-        private = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve to any interface
-        private = False
-    if private:
+        return False
+
+
+def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
+    """The one warning of ``tlpipe serve`` and ``tlpipe ui`` bound beyond this machine (None on a
+    loopback address): neither MLflow server asks who is calling."""
+    if _loopback(host):
         return None
     return (f"warning: {what} on {host} has no authentication: anyone who reaches this machine can {anyone_can}; "
             "leave out --host (127.0.0.1) to keep it private")
