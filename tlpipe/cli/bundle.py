@@ -76,7 +76,7 @@ def predict(
 @app.command(cls=UnixUsage)
 def evaluate(
     bundle: Bundle,
-    data: Annotated[Path, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them), or a table of image paths and labels.")],
+    data: Annotated[str, typer.Argument(help="Dataset folder with class subfolders (or train/ val/ test/ above them), a table of image paths and labels, or a URL of either (s3://, gs://...).")],
     root: TableRoot = None,
     path_col: PathColumn = None,
     label_col: LabelColumn = None,

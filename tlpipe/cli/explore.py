@@ -17,7 +17,7 @@ app = typer.Typer()
 
 @app.command(cls=UnixUsage)
 def inspect(
-    data: Annotated[Path, typer.Argument(help="Dataset folder or table (as for fit).")],
+    data: Annotated[str, typer.Argument(help="Dataset folder, table or URL (as for fit).")],
     root: TableRoot = None,
     path_col: PathColumn = None,
     label_col: LabelColumn = None,
@@ -56,7 +56,7 @@ def inspect(
 
 @app.command(cls=UnixUsage)
 def extract(
-    data: Annotated[Path, typer.Argument(help="Dataset folder or table (as for fit).")],
+    data: Annotated[str, typer.Argument(help="Dataset folder, table or URL (as for fit).")],
     root: TableRoot = None,
     path_col: PathColumn = None,
     label_col: LabelColumn = None,

@@ -22,7 +22,7 @@ app = typer.Typer()
 @app.command(cls=UnixUsage)
 def fit(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/), or a table of image paths and labels (.csv, .tsv, .parquet).")] = None,
+    data: Annotated[Optional[str], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/), a table of image paths and labels (.csv, .tsv, .parquet), or a URL of either (s3://, gs://... through fsspec).")] = None,
     example: Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
     root: TableRoot = None,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe.data.images import is_image_name
+from tlpipe.data.remote import is_url, local_copy
 from tlpipe.data.scan import SPLIT_ALIASES, WHOLE_FOLDER, ScannedFiles, check_class_name, check_root
 from tlpipe.errors import TlpipeError
 
@@ -84,6 +85,8 @@ def as_source(data: Any) -> DataSource:
     if isinstance(data, LabelTable):  # the root fixed now, as the user spelt it: a DataFrame's is today's working folder
         given = replace(data, source=Path(data.source).expanduser()) if data.is_file else data
         return replace(given, root=given.folder)
+    if is_url(data):  # a store's URL: its local copy (tlpipe.data.remote)
+        data = local_copy(data)
     path = Path(data).expanduser()
     return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
 
@@ -91,7 +94,7 @@ def as_source(data: Any) -> DataSource:
 def check_source(data: Any) -> None:
     """A class folder that is missing or a file, told in one line (``check_root``) before any heavy
     import; a table is checked when it is read."""
-    if data is not None and isinstance(source := as_source(data), Path):
+    if data is not None and not is_url(data) and isinstance(source := as_source(data), Path):
         check_root(source)
 
 

@@ -1,0 +1,67 @@
+"""Datasets given as a URL (fsspec): a real in-memory store and local ``file://`` URLs."""
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pytest
+
+from conftest import FAST, dataset, one_line, tlpipe
+from tlpipe.data.remote import local_copy
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """fsspec's in-memory store holding ``/shop/pets/{train,val}/{cats,dogs}/*.jpg``; copies go to a
+    cache under tmp_path."""
+    monkeypatch.setenv("TLPIPE_DATA_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    source = dataset(tmp_path / "pets", ["cats", "dogs"], split={"train": 6, "val": 4})
+    fs.put(str(source), "/shop/pets", recursive=True)
+    yield fs
+    fs.rm("/shop", recursive=True)
+
+
+def test_a_fit_reads_a_dataset_from_a_store_through_its_local_copy(store, tmp_path):
+    result = tlpipe("fit", "memory://shop/pets", "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data"].startswith(str(tmp_path / "cache")) and summary["val_accuracy"] == 1.0
+    assert sorted(store.find("/shop/pets")) == sorted(f"/shop/pets/{s}/{c}/{k}.jpg" for s, n in (("train", 6), ("val", 4))
+                                                      for c in ("cats", "dogs") for k in range(n))  # the store untouched
+
+
+def test_a_second_copy_fetches_only_what_changed_and_drops_what_is_gone(store):
+    copy = local_copy("memory://shop/pets")
+    kept, changed, gone = (copy / "train" / "cats" / f"{k}.jpg" for k in range(3))
+    kept_mtime = kept.stat().st_mtime_ns
+    store.pipe("/shop/pets/train/cats/1.jpg", b"other bytes")
+    store.rm("/shop/pets/train/cats/2.jpg")
+    assert local_copy("memory://shop/pets") == copy
+    assert changed.read_bytes() == b"other bytes" and not gone.exists()
+    assert kept.stat().st_mtime_ns == kept_mtime  # not fetched again
+
+
+def test_a_killed_copy_resumes_with_the_files_it_lacks(store):
+    copy = local_copy("memory://shop/pets")
+    whole = (copy / "val" / "dogs" / "0.jpg").read_bytes()
+    copy.with_name(copy.name + ".listing.json").unlink()  # killed before the listing was recorded...
+    (copy / "val" / "dogs" / "0.jpg").write_bytes(whole[:10])  # ...while a file was half written
+    kept_mtime = (copy / "val" / "dogs" / "1.jpg").stat().st_mtime_ns
+    local_copy("memory://shop/pets")
+    assert (copy / "val" / "dogs" / "0.jpg").read_bytes() == whole
+    assert (copy / "val" / "dogs" / "1.jpg").stat().st_mtime_ns == kept_mtime
+
+
+def test_a_file_url_is_the_local_folder_itself(bundle_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLPIPE_DATA_CACHE", str(tmp_path / "cache"))
+    data, bundle = bundle_dir
+    result = tlpipe("evaluate", bundle, data.resolve().as_uri(), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_images"] == 12 and not (tmp_path / "cache").exists()
+
+
+def test_a_url_that_cannot_be_read_is_one_line(store, tmp_path):
+    one_line(tlpipe("fit", "nosuchstore://bucket/data", "-o", tmp_path / "a"), "cannot read nosuchstore://bucket/data")
+    one_line(tlpipe("fit", "memory://shop/nothing", "-o", tmp_path / "b"), "nothing at memory://shop/nothing")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
