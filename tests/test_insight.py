@@ -61,7 +61,11 @@ def test_the_learning_curve_is_nested_and_says_what_twice_the_images_would_give(
     double, quadruple = curve.predicted["2x"], curve.predicted["4x"]
     assert double["images"] == 480 and double["low"] <= double["score"] <= double["high"]
     assert curve.scores[-1] <= double["score"] <= quadruple["score"] <= 1
-    assert "(240 -> 480)" in curve.sentence()
+    assert "(240 -> 480)" in curve.sentence() and "all" not in curve.predicted
+    sampled = learning_curve(X, y, X_val, y_val, "logreg", 1.0, whole=720)  # train a sample the time limit allowed
+    assert sampled.predicted["all"]["images"] == 720
+    assert double["score"] <= sampled.predicted["all"]["score"] <= quadruple["score"]  # 3x: between 2x and 4x
+    assert "all 720 train images, not only the sample the time limit allowed" in sampled.sentence()
     assert learning_curve(X[:20], y[:20], X_val, y_val, "logreg", 1.0) is None  # too few for a curve
 
 

@@ -33,7 +33,8 @@ def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_and_says_
     result = pipeline.fit(root, config, output=tmp_path / "out", tuning=pipeline.TuningOverrides(trials=0))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["splits"] == {"train": 24, "val": 6}  # 8 and 2 a class, the floor
-    assert any("stratified sample of 30 (train 24 of 120, val 6 of 30)" in note for note in summary["data_notes"])
+    assert any("stratified sample of 30 (train 24 of 120, val 6 of 30): --time-limit 10m or more would use every image" in note
+               for note in summary["data_notes"])
     assert "probe_speed" in summary["timings"] and result.spec.class_counts("train") == {"cats": 8, "dogs": 8, "owls": 8}
 
 
@@ -47,4 +48,6 @@ def test_an_auto_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["splits"] == {"train": 16, "val": 16}  # one batch of each split
     assert result.spec.class_counts("train") == {"cats": 6, "dogs": 5, "owls": 5}  # a stratified sample
-    assert any("stopped there" in note and "train 16 of 120, val 16 of 30" in note for note in summary["data_notes"])
+    [note] = [note for note in summary["data_notes"] if "stopped there" in note]
+    assert "train 16 of 120, val 16 of 30" in note and "the whole pass would take about" in note
+    assert note.endswith("--time-limit 25m or more would use every image")  # 5 min x 150 / 32 images, to 5 min up

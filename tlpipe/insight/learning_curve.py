@@ -31,7 +31,7 @@ class LearningCurve:
     sizes: list[int]
     scores: list[float]
     exponent: float  # b in error = a * n^-b: how fast the error falls with more images
-    predicted: dict[str, dict[str, float]]  # "2x"/"4x": images, score, low, high (95%)
+    predicted: dict[str, dict[str, float]]  # "2x"/"4x" (and "all", see ``learning_curve``): images, score, low, high (95%)
     metric: str = "accuracy"  # or "mAP" (multi-label)
     images: int = 0  # the train images the fit has: the last size, unless the curve was drawn on part of them
     now: float = 0.0  # the val score at ``images``: measured, or (a part) the law's
@@ -41,9 +41,14 @@ class LearningCurve:
         double = self.predicted["2x"]
         gain, low, high = (100 * (double[k] - self.now) for k in ("score", "low", "high"))
         part = f", drawn on up to {self.sizes[-1]:,} of them" if self.sizes[-1] < self.images else ""
-        return (f"doubling the train images ({self.images} -> {double['images']}) would likely give "
-                f"{gain:+.1f} points of val {self.metric} ({low:+.1f} to {high:+.1f}), by the linear classifier's "
-                f"learning curve{part}")
+        sentence = (f"doubling the train images ({self.images} -> {double['images']}) would likely give "
+                    f"{gain:+.1f} points of val {self.metric} ({low:+.1f} to {high:+.1f}), by the linear classifier's "
+                    f"learning curve{part}")
+        if every := self.predicted.get("all"):
+            gain, low, high = (100 * (every[k] - self.now) for k in ("score", "low", "high"))
+            sentence += (f"; all {every['images']:,} train images, not only the sample the time limit allowed, "
+                         f"{gain:+.1f} ({low:+.1f} to {high:+.1f})")
+        return sentence
 
     def to_dict(self) -> dict:
         return {"sizes": self.sizes, "metric": self.metric, "val_score": self.scores, "exponent": self.exponent,
@@ -105,11 +110,12 @@ def _val_outputs(X, y, X_val, y_val, kind: str, C: float, seed: int) -> tuple[np
 
 
 def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, kind: str, C: float,
-                   seed: int = 0) -> LearningCurve | None:
+                   seed: int = 0, whole: int | None = None) -> LearningCurve | None:
     """The linear classifier ``kind`` at ``C`` (multi-label ``y``: one-vs-rest logistic regression)
     on nested fractions of train (codes ``X``, labels ``y``; at most ``CURVE_MAX_IMAGES`` of them),
-    scored on val, and its power law extrapolated to 2x and 4x the train images; None when train is
-    too small for a curve (under ``MIN_IMAGES`` in the smallest fraction)."""
+    scored on val, and its power law extrapolated to 2x and 4x the train images, and to ``whole``
+    ("all") when train is a sample of that many; None when train is too small for a curve (under
+    ``MIN_IMAGES`` in the smallest fraction)."""
     classes = y.shape[1] if y.ndim == 2 else len(np.unique(y))
     if len(y) * FRACTIONS[0] < MIN_IMAGES or classes < 2 or len(y_val) < 2:
         return None
@@ -126,11 +132,11 @@ def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.nd
     scores = scores_on(slice(None))
     log_a, b, spread = _extrapolation(sizes, scores_on, len(y_val), seed)
     predicted = {}
-    for factor in (2, 4):
-        n = images * factor
+    targets = {"2x": 2 * images, "4x": 4 * images, **({"all": whole} if whole and whole > images else {})}
+    for name, n in targets.items():
         estimate = 1 - np.exp(log_a) * n ** -b
         half_width = 1.96 * np.sqrt(np.var(1 - np.exp(spread[:, 0]) * n ** -spread[:, 1]) + _spread_of_fit(sizes, scores, log_a, b))
-        predicted[f"{factor}x"] = {"images": int(n), "score": round(float(estimate), 4),
+        predicted[name] = {"images": int(n), "score": round(float(estimate), 4),
                                    "low": round(float(max(0.0, estimate - half_width)), 4),
                                    "high": round(float(min(1.0, estimate + half_width)), 4)}
     now = scores[-1] if sizes[-1] == images else 1 - np.exp(log_a) * images ** -b

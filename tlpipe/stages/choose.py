@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.budget import every_image_line, format_duration
 from tlpipe.config import FitConfig
 from tlpipe.models import PENULTIMATE, dataset_codes
 from tlpipe.progress import announce
@@ -56,7 +57,7 @@ def _assessed(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Assessment
     with ctx.timings.stage("extract_codes"), ctx.ranks.main_first():
         features = collect_splits(prepared.backbone, prepared.spec, config, cache=Path(config.cache_dir),
                                   seconds=None if ctx.ranks.enabled else ctx.budget.timeout(share=FROZEN_SHARE))
-    prepared = _reached(prepared, features)
+    prepared = _reached(prepared, features, ctx.budget.limit)
     with ctx.timings.stage("decide"):
         assessment = assess(features, prepared.spec, config, ctx.tuning.trials)
         if ctx.ranks.is_main:  # the tap is rank 0's business: the others only fine-tune
@@ -73,19 +74,24 @@ def _own(codes: Codes) -> Codes:
     return {split: (np.ascontiguousarray(X), y) for split, (X, y) in codes.items()}
 
 
-def _reached(prepared: Prepared, features: dict[str, FeatureSet]) -> Prepared:
+def _reached(prepared: Prepared, features: dict[str, FeatureSet], limit: float | None) -> Prepared:
     """``prepared`` with each split cut to the images the pass reached before its deadline (a
-    stratified sample, said in the data notes); as it was when the pass went through."""
+    stratified sample, said in the data notes with what the whole pass would take; ``limit``: the
+    fit's time limit); as it was when the pass went through."""
     spec = prepared.spec
     cut = {split: f.indices for split, f in features.items() if len(f.indices) < len(spec.splits[split])}
     if not cut:
         return prepared
     splits = {**spec.splits, **{split: [spec.splits[split][i] for i in rows] for split, rows in cut.items()}}
+    reached, total = (sum(len(f.indices) for f in features.values()), sum(len(spec.splits[s]) for s in features))
+    more = sum(f.seconds for f in features.values()) * (total / reached - 1)  # every stage after grows with the images too
     note = (f"the frozen pass reached {FROZEN_SHARE:.0%} of the time left before its last image and stopped there: "
             "this fit used the stratified sample it had passed ("
             + ", ".join(f"{split} {len(rows):,} of {len(spec.splits[split]):,}" for split, rows in cut.items())
-            + "); give more time (--time-limit) to use more")
-    return dataclasses.replace(prepared, spec=dataclasses.replace(spec, splits=splits, notes=[*spec.notes, note]))
+            + f"); the whole pass would take about {format_duration(more)} more" + every_image_line(limit, reached, total))
+    sampled_from = {**{split: len(spec.splits[split]) for split in cut}, **(prepared.sampled_from or {})}  # the first cut's
+    return dataclasses.replace(prepared, spec=dataclasses.replace(spec, splits=splits, notes=[*spec.notes, note]),
+                               sampled_from=sampled_from)
 
 
 def code_tap(config: FitConfig) -> str | int:

@@ -28,7 +28,8 @@ def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepa
     with ctx.timings.stage("diagnose"):
         issues = find_label_issues(*choice.codes["train"], tuple(config.linear.c_grid), config.seed)
         curve = None if issues is None else learning_curve(
-            *linear_codes["train"], *linear_codes["val"], "logreg", issues.C, config.seed)
+            *linear_codes["train"], *linear_codes["val"], "logreg", issues.C, config.seed,
+            whole=(prepared.sampled_from or {}).get("train"))
     train = prepared.spec.splits["train"]
     diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve)
     if not (config.exclude_label_issues and issues is not None and len(issues)):

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from tlpipe.budget import format_duration
+from tlpipe.budget import every_image_line, format_duration
 from tlpipe.data import DatasetSpec, eval_loader, stratified_subset
 from tlpipe.device import resolve_device
 from tlpipe.models import CodeExtractor, extract_codes
@@ -56,9 +56,9 @@ def sample(ctx: FitContext, prepared: Prepared) -> Prepared:
             f"({per_image * 1000:.1f} ms an image, as measured with a margin), more than {FROZEN_SHARE:.0%} of the "
             f"{format_duration(left)} left: this fit used a stratified sample of {kept:,} ("
             + ", ".join(f"{split} {n:,} of {len(spec.splits[split]):,}" for split, n in sampled.counts().items())
-            + "); give more time (--time-limit) to use more")
+            + ")" + every_image_line(ctx.budget.limit, kept, total))
     sampled = dataclasses.replace(sampled, notes=[*spec.notes, note])
-    return dataclasses.replace(prepared, spec=sampled)
+    return dataclasses.replace(prepared, spec=sampled, sampled_from=spec.counts())
 
 
 def stratified_sample(spec: DatasetSpec, share: float, seed: int) -> DatasetSpec:
