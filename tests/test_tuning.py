@@ -321,6 +321,32 @@ def test_codes_cache_hit_skips_extraction_and_new_weights_miss(tmp_path, image_f
     assert len(calls) == 4 and not list((cache / "codes").glob("val-*"))
 
 
+def test_a_pass_is_cached_chunk_by_chunk_and_a_killed_one_resumes_at_its_last_whole_chunk(tmp_path, image_folder, backbone,
+                                                                                           monkeypatch):
+    from tlpipe.data import prepare_dataset
+    from tlpipe.models import features
+
+    calls = []
+    real = features.extract_codes
+    monkeypatch.setattr(features, "extract_codes", lambda *a, **k: calls.append(len(a[1].dataset)) or real(*a, **k))
+    monkeypatch.setattr(features, "CODES_CHUNK", 4)  # 10 images stand in for a pass of 100,000
+    spec = prepare_dataset(image_folder("data", {"cats": 5, "dogs": 5}, split=["train", "val"]), seed=0, report_dir=None)
+    config = load_config("quick", batch_size=4, num_workers=0, image_size=32)
+    cache = tmp_path / "cache"
+    whole = dataset_codes(backbone, spec, "train", config)
+    chunked = dataset_codes(backbone, spec, "train", config, cache=cache)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    entries = sorted((cache / "codes").glob("train-*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    assert calls == [10, 4, 4, 2] and len(entries) == 3  # each chunk written as the pass reached it
+
+    entries[-1].unlink()  # killed before the last chunk was written
+    calls.clear()
+    resumed = dataset_codes(backbone, spec, "train", config, cache=cache)
+    assert calls == [2]  # only the chunk it lacked
+    np.testing.assert_array_equal(resumed[0], chunked[0])
+
+
 def test_a_terminal_sees_the_study_progress_trial_by_trial(tmp_path, monkeypatch):
     import io
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from tlpipe.training.distributed import DistContext
 
 PENULTIMATE = "penultimate"
+# Images a cache entry of a split's codes holds: a pass is written to the cache chunk by chunk as it
+# goes, so a pass killed at image 60,000 resumes at the last whole chunk instead of image 0.
+CODES_CHUNK = 16_384
 
 
 def feature_layers(model: nn.Module) -> list[str]:
@@ -172,32 +175,75 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
                   ) -> tuple[np.ndarray, np.ndarray]:
     """CNN codes of one split through the same decode + eval transform that prediction uses.
 
-    With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, the key
-    holding the files and the model's current weights (``tlpipe.cache``), so a second fit on the
-    same data does not extract again and a fine-tuned backbone never reads the pretrained one's codes.
-    Under torchrun (``ranks``) each rank extracts its shard of batches (all of them when there are
-    fewer batches than ranks), every rank gets all the codes, and rank 0 keeps them in the cache."""
+    With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, one entry a
+    chunk of ``CODES_CHUNK`` images written as the pass goes, each keyed by its files and the model's
+    current weights (``tlpipe.cache``): a second fit on the same data does not extract again, a
+    killed pass resumes from its last whole chunk, and a fine-tuned backbone never reads the
+    pretrained one's codes. Under torchrun (``ranks``) each rank extracts its shard of batches (all of
+    them when there are fewer batches than ranks), every rank gets all the codes, and rank 0 keeps
+    them in the cache."""
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     samples = spec.splits[split]
-    path = key = None
-    if cache is not None:
-        key = cache_key(samples, **backbone.cache_identity(), device=device.type,
-                        layer=resolve_layer(backbone.model, layer), layer_relu=config.layer_relu,
-                        **({"hflip": True} if hflip else {}))
-        path = Path(cache) / "codes" / f"{split}-{key}.npz"
-        cached = load_cached(path, key)
-        whole = cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(samples)
-        if (whole if ranks is None else ranks.all_min(int(whole)) == 1):  # under torchrun, read when every rank can
-            return cached["features"].astype(np.float32, copy=False), cached["labels"].astype(np.int64, copy=False)
-    # sharded when every rank has a batch (a rank with none could not say the codes' width)
-    sharded = ranks is not None and ranks.enabled and -(-len(samples) // config.batch_size) >= ranks.world_size
-    shard = ranks.shard(len(samples), config.batch_size) if sharded else np.arange(len(samples))
+    identity = {**backbone.cache_identity(), "device": device.type, "layer": resolve_layer(backbone.model, layer),
+                "layer_relu": config.layer_relu, **({"hflip": True} if hflip else {})}
+    size = CODES_CHUNK if cache is not None else max(len(samples), 1)  # chunks are for the cache: one pass without
+    starts = range(0, max(len(samples), 1), size)
+    entries = [_entry(Path(cache) / "codes", split, samples[start:start + size], identity) if cache is not None
+               else None for start in starts]
+    keeps = cache is not None and (ranks is None or ranks.is_main)
+    kept = cache is not None and all(path.is_file() for path, _ in entries)
+    if ranks is not None:  # under torchrun, the cache is read when every rank can read it
+        kept = ranks.all_min(int(kept)) == 1
+    # else sharded when every rank has a batch (a rank with none could not say the codes' width)
+    sharded = not kept and ranks is not None and ranks.enabled and -(-len(samples) // config.batch_size) >= ranks.world_size
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
+        if not sharded:
+            chunks = ((samples[start:start + size], entry) for start, entry in zip(starts, entries))
+            return _by_chunk(len(samples), (_chunk_codes(extractor, chunk, entry, keeps, backbone, config, device, split)
+                                            for chunk, entry in chunks))
+        shard = ranks.shard(len(samples), config.batch_size)
         loader = eval_loader([samples[i] for i in shard], backbone.data_config, config.batch_size, config.num_workers)
         features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
-    if sharded:
-        features, labels = (ranks.gathered(part, len(samples), config.batch_size) for part in (features, labels))
-    if path is not None and (ranks is None or ranks.is_main):
-        save_cached(path, key, {"features": features, "labels": labels})
+    features, labels = (ranks.gathered(part, len(samples), config.batch_size) for part in (features, labels))
+    if keeps:
+        for start, (path, key) in zip(starts, entries):
+            save_cached(path, key, {"features": features[start:start + size], "labels": labels[start:start + size]})
+    return features, labels
+
+
+def _entry(folder: Path, split: str, chunk: list, identity: dict) -> tuple[Path, str]:
+    """A chunk's cache file and key."""
+    key = cache_key(chunk, **identity)
+    return folder / f"{split}-{key}.npz", key
+
+
+def _chunk_codes(extractor: nn.Module, chunk: list, entry: tuple[Path, str] | None, keep: bool, backbone: Backbone,
+                 config: FitConfig, device: torch.device, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's codes and labels: from its cache ``entry`` (path, key) when whole there, else
+    extracted (and, with ``keep``, kept there at once)."""
+    if entry is not None:
+        cached = load_cached(*entry)
+        if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(chunk):
+            return cached["features"], cached["labels"]
+    loader = eval_loader(chunk, backbone.data_config, config.batch_size, config.num_workers)
+    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
+    if entry is not None and keep:
+        save_cached(*entry, {"features": features, "labels": labels})
+    return features, labels
+
+
+def _by_chunk(n: int, parts) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks' codes and labels (``parts``, an iterator) end to end in one float32 and one int64
+    array, filled as each chunk comes: one chunk held beside the whole, never all of them."""
+    features = labels = None
+    done = 0
+    for part_features, part_labels in parts:
+        if features is None:
+            if len(part_features) == n:  # one chunk: the split itself
+                return part_features.astype(np.float32, copy=False), part_labels.astype(np.int64, copy=False)
+            features = np.empty((n, part_features.shape[1]), np.float32)
+            labels = np.empty((n, *part_labels.shape[1:]), np.int64)
+        features[done:done + len(part_features)], labels[done:done + len(part_labels)] = part_features, part_labels
+        done += len(part_features)
     return features, labels
