@@ -45,12 +45,35 @@ def test_a_second_copy_fetches_only_what_changed_and_drops_what_is_gone(store):
 def test_a_killed_copy_resumes_with_the_files_it_lacks(store):
     copy = local_copy("memory://shop/pets")
     whole = (copy / "val" / "dogs" / "0.jpg").read_bytes()
-    copy.with_name(copy.name + ".listing.json").unlink()  # killed before the listing was recorded...
+    (copy.parent / "listing.json").unlink()  # killed before any record was written...
     (copy / "val" / "dogs" / "0.jpg").write_bytes(whole[:10])  # ...while a file was half written
     kept_mtime = (copy / "val" / "dogs" / "1.jpg").stat().st_mtime_ns
     local_copy("memory://shop/pets")
     assert (copy / "val" / "dogs" / "0.jpg").read_bytes() == whole
     assert (copy / "val" / "dogs" / "1.jpg").stat().st_mtime_ns == kept_mtime
+
+
+def test_a_copy_cut_short_after_a_change_in_the_store_fetches_the_change_when_run_again(store, monkeypatch):
+    import shutil
+
+    from tlpipe.data import remote
+    from tlpipe.errors import TlpipeError
+
+    copy = local_copy("memory://shop/pets")
+    old = (copy / "train" / "cats" / "0.jpg").read_bytes()
+    store.pipe("/shop/pets/train/cats/0.jpg", old[::-1])  # the same size, other bytes
+    store.rm("/shop/pets/val/dogs/3.jpg")
+    real_get = type(store).get
+    monkeypatch.setattr(type(store), "get", lambda *a, **k: (_ for _ in ()).throw(OSError("connection reset")))
+    with pytest.raises(TlpipeError, match="run again to resume"):
+        local_copy("memory://shop/pets")  # the network fails before the changed file came
+    monkeypatch.setattr(type(store), "get", real_get)
+    local_copy("memory://shop/pets")
+    assert (copy / "train" / "cats" / "0.jpg").read_bytes() == old[::-1] and not (copy / "val" / "dogs" / "3.jpg").exists()
+
+    shutil.rmtree(copy)  # the copy removed by hand, its record left
+    assert local_copy("memory://shop/pets") == copy and (copy / "train" / "cats" / "1.jpg").is_file()
+    assert remote.data_cache() in copy.parents and copy.name == "pets"
 
 
 def test_a_file_url_is_the_local_folder_itself(bundle_dir, tmp_path, monkeypatch):

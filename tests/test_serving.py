@@ -195,8 +195,9 @@ def test_tlpipe_ui_opens_on_the_runs_with_their_scores_in_a_real_browser(bundle_
     """After a fit, the page tlpipe ui prints, rendered by headless Chromium: the model-training view
     (no GenAI navigation, no Assistant panel) with the val accuracy and strategy columns; MLflow's log
     lines stay out of the terminal."""
-    import shutil
     import re
+    import shutil
+    import urllib.request
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -215,10 +216,23 @@ def test_tlpipe_ui_opens_on_the_runs_with_their_scores_in_a_real_browser(bundle_
         assert "val_accuracy" in text and "strategy" in text and "linear" in text, text[-3000:]
         assert "Judges" not in text and "Prompts" not in text  # the GenAI navigation
         assert "data-assistant-ui" not in dom and "Assistant" not in text  # nor MLflow's Assistant panel, opened unasked on localhost
+        tunnel = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Host": "localhost:8080"})
+        assert urllib.request.urlopen(tunnel, timeout=30).status == 200  # a tunnel's port is let in, as MLflow does
         assert (tmp_path / "ui.png").stat().st_size > 10_000
         assert len(printed.read_text().splitlines()) == 1, printed.read_text()  # the one line, no server noise
     finally:
         _stop(ui, port)
+
+
+def test_the_ui_page_is_named_tlpipe_localhost_only_on_a_local_host_and_what_the_user_allowed_stays(monkeypatch):
+    from tlpipe.run.servers import address, ui_environment
+
+    monkeypatch.setenv("MLFLOW_SERVER_ALLOWED_HOSTS", "mlflow.example.com")
+    hosts = ui_environment("127.0.0.1")["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert hosts[0] == "mlflow.example.com" and {"localhost:*", "tlpipe.localhost:*"} <= set(hosts)
+    assert ui_environment("0.0.0.0") == {} and ui_environment("127.0.0.2") == {}  # no page name to let in there
+    assert address("::1", 5000) == "http://[::1]:5000" and address("::1", 5000, page=True) == "http://tlpipe.localhost:5000"
+    assert address("127.0.0.2", 5000, page=True) == "http://127.0.0.2:5000"
 
 
 def test_tlpipe_ui_where_no_fit_ran_says_where_the_store_is_instead_of_making_an_empty_one(tmp_path):

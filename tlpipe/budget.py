@@ -64,7 +64,7 @@ def format_duration(seconds: float) -> str:
 
 def every_image_line(limit: float | None, used: int, total: int) -> str:
     """The ``--time-limit`` that would let a fit that used ``used`` of ``total`` images use them all
-    (its stages' costs grow with the images), up to 5 minutes; "" without a limit."""
+    (its stages' costs grow with the images), rounded up to 5 minutes; "" without a limit."""
     if not limit:
         return ""
     return f": --time-limit {format_duration(math.ceil(limit * total / used / 300) * 300)} or more would use every image"

@@ -34,7 +34,7 @@ def ui(
     """Serve the MLflow UI on the run history (model-training view, the runs with their scores),
     bound to 127.0.0.1 unless told otherwise. MLflow's own log lines go to a file unless -v."""
     with user_errors():
-        from tlpipe.run.servers import UI_LOCAL_NAME, check_port_free, exposure_warning, runs_page, serve_ui, ui_store
+        from tlpipe.run.servers import address, check_port_free, exposure_warning, runs_page, serve_ui, ui_store
 
         tracking_uri, runs = ui_store(output, tracking_uri)
         check_port_free(host, port)
@@ -43,10 +43,9 @@ def ui(
         if not runs:
             typer.echo(f"warning: the store {tracking_uri} holds no runs yet: fit first, or point at the store a fit "
                        "logged to (tlpipe ui FIT_OUTPUT, or --tracking-uri)", err=True)
-        page = runs_page(tracking_uri, host, port)
-        address = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        also = f"; also at http://{address}:{port}" if UI_LOCAL_NAME in page else ""  # for a browser that resolves no *.localhost
-        typer.echo(f"MLflow UI on {page} for {tracking_uri} (Ctrl+C stops it{also})")
+        bound = address(host, port)
+        also = f"; also at {bound}" if address(host, port, page=True) != bound else ""  # a browser may resolve no *.localhost
+        typer.echo(f"MLflow UI on {runs_page(tracking_uri, host, port)} for {tracking_uri} (Ctrl+C stops it{also})")
         raise typer.Exit(serve_ui(tracking_uri, host, port, quiet=not (ctx.obj or {}).get("verbose")))
 
 

@@ -3,10 +3,10 @@
 local folder that every stage reads like any other.
 
 Why a copy: each stage reads the images again (the data check, the frozen pass, every epoch), so they
-come over the network once, into ``data_cache()/<url hash>-<name>``. A later fit of the same URL
+come over the network once, into ``data_cache()/<url hash>/<name>``. A later fit of the same URL
 fetches only the files whose size or version (ETag, mtime) changed and drops the ones gone; a killed
-copy resumes, since the listing is recorded (beside the copy) only once every file is in. Nothing is written to the
-user's store. A ``file://`` URL is the local folder itself, not copied.
+copy resumes, since the record of what the copy holds (beside it) is written as each batch lands.
+Nothing is written to the user's store. A ``file://`` URL is the local folder itself, not copied.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tlpipe.errors import TlpipeError
 from tlpipe.progress import announce
 from tlpipe.utils import atomic_write
 
+FETCH_BATCH = 1024  # files fetched at once (concurrently, on stores whose fsspec package is async) between records
 VERSION_FIELDS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
@@ -37,6 +38,7 @@ def local_copy(url: str) -> Path:
     """The local folder ``url`` names, copied from its store when it is remote; for a URL naming a
     file (a table of paths and labels), that file in the copy of its folder."""
     import fsspec
+    from filelock import FileLock
     from fsspec.implementations.local import LocalFileSystem
 
     try:
@@ -48,13 +50,11 @@ def local_copy(url: str) -> Path:
     is_file = _stat(fs, path, url)["type"] != "directory"
     folder = path.rstrip("/").rsplit("/", 1)[0] if is_file else path.rstrip("/")
     listing = _listing(fs, folder, url)
-    digest = hashlib.sha256(f"{fs.protocol}:{folder}".encode()).hexdigest()[:16]
-    copy = data_cache() / f"{digest}-{folder.rsplit('/', 1)[-1] or 'root'}"
-    from filelock import FileLock
-
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(copy.with_name(copy.name + ".lock")):  # two fits of one URL: the second waits, then finds it whole
-        _sync(fs, folder, listing, copy, url)
+    home = data_cache() / hashlib.sha256(f"{fs.protocol}:{folder}".encode()).hexdigest()[:16]
+    copy = home / (folder.rsplit("/", 1)[-1] or "root")  # named as the store names it: runs and reports say so
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / "copy.lock"):  # two fits of one URL: the second waits, then finds it whole
+        _sync(fs, folder, listing, copy, home / "listing.json", url)
     return copy / path.rstrip("/").rsplit("/", 1)[-1] if is_file else copy
 
 
@@ -69,16 +69,16 @@ def _stat(fs, path: str, url: str) -> dict:
 
 
 def _listing(fs, folder: str, url: str) -> dict[str, list]:
-    """Each file under ``folder`` (relative path -> [size, version]); a key that would leave the copy
-    (``..``, an absolute path) is refused."""
+    """Each file under ``folder`` (relative path -> [size, version]); a path that is not under it or
+    would leave the copy (``..``, an absolute key) is refused."""
     try:
         found = fs.find(folder, detail=True)
     except Exception as exc:
         raise TlpipeError(f"cannot list {url} ({type(exc).__name__}: {exc}): check the URL and the store's credentials") from None
     listing = {}
     for path, info in found.items():
-        relative = path[len(folder):].lstrip("/")
-        if not relative or relative.startswith("/") or ".." in relative.split("/"):
+        relative = path[len(folder) + 1:]
+        if not path.startswith(folder + "/") or not relative or relative.startswith("/") or ".." in relative.split("/"):
             raise TlpipeError(f"{url}: the object {path!r} would land outside the dataset's copy; rename it in the store")
         version = next((str(info[k]) for k in VERSION_FIELDS if info.get(k) is not None), "")
         listing[relative] = [int(info.get("size") or 0), version]
@@ -87,26 +87,33 @@ def _listing(fs, folder: str, url: str) -> dict[str, list]:
     return listing
 
 
-def _sync(fs, folder: str, listing: dict[str, list], copy: Path, url: str) -> None:
-    """Make ``copy`` hold exactly ``listing``: fetch what is missing, short or changed since the last
-    complete copy; remove what the store no longer has."""
-    marker = copy.with_name(copy.name + ".listing.json")  # beside the copy, written last: the copy is complete
-    previous = json.loads(marker.read_text()) if marker.is_file() else {}
-    if previous == listing:
+def _sync(fs, folder: str, listing: dict[str, list], copy: Path, record: Path, url: str) -> None:
+    """Make ``copy`` hold exactly ``listing``: fetch what is missing, short or changed since the
+    ``record`` of what the copy holds (written as each batch of files lands), remove what the store
+    no longer has."""
+    held = json.loads(record.read_text()) if record.is_file() else {}
+    if held == listing and copy.is_dir():
         return
-    fetch = [name for name, (size, version) in listing.items() if previous.get(name, [size, version]) != [size, version]
-             or not (copy / name).is_file() or (copy / name).stat().st_size != size]
-    for old in previous.keys() - listing.keys():
-        (copy / old).unlink(missing_ok=True)
-    marker.unlink(missing_ok=True)  # from here until the end, the copy is incomplete
+    # a file the record does not name: kept when its size matches (the first copy, killed, resumes)
+    fetch = [name for name, entry in listing.items() if held.get(name, entry) != entry
+             or not (copy / name).is_file() or (copy / name).stat().st_size != entry[0]]
+    gone = [path for path in copy.rglob("*") if path.is_file() and path.relative_to(copy).as_posix() not in listing]
+    for path in gone:
+        path.unlink()
+    held = {name: entry if name not in fetch else [-1, ""] for name, entry in listing.items()}  # -1: fetch it
     if fetch:
         megabytes = sum(listing[name][0] for name in fetch) / 1e6
         announce(f"copying {len(fetch)} files ({megabytes:,.0f} MB) of {url} to {copy}")
-        for name in fetch:
+    for start in range(0, len(fetch), FETCH_BATCH):
+        batch = fetch[start:start + FETCH_BATCH]
+        atomic_write(record, lambda f: json.dump(held, f))
+        for name in batch:
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
         try:
-            fs.get([f"{folder}/{name}" for name in fetch], [str(copy / name) for name in fetch])
+            fs.get([f"{folder}/{name}" for name in batch], [str(copy / name) for name in batch])
         except Exception as exc:
             raise TlpipeError(f"copying {url} to {copy} failed ({type(exc).__name__}: {exc}); run again to "
                               "resume: the files already copied are kept") from None
-    atomic_write(marker, lambda f: json.dump(listing, f))
+        held.update({name: listing[name] for name in batch})
+    copy.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda f: json.dump(listing, f))

@@ -101,9 +101,11 @@ def check_source(data: Any) -> None:
 def with_table_options(data: Any, root: Path | None = None, path_col: str | None = None, label_col: str | None = None,
                        split_col: str | None = None, task: str | None = None) -> Any:
     """``data`` read with the command line's table options (``--root``, ``--path-col``, ``--task``...),
-    which a class folder refuses."""
+    which a class folder refuses; a URL as its local copy (``tlpipe.data.remote``)."""
     given = {k: v for k, v in (("root", root), ("path_col", path_col), ("label_col", label_col),
                                ("split_col", split_col), ("task", task)) if v is not None}
+    if is_url(data):  # its local copy, made once for the whole command
+        data = local_copy(data)
     if not given:
         return data
     source = as_source(data) if data is not None else None

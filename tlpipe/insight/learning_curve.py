@@ -137,8 +137,8 @@ def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.nd
         estimate = 1 - np.exp(log_a) * n ** -b
         half_width = 1.96 * np.sqrt(np.var(1 - np.exp(spread[:, 0]) * n ** -spread[:, 1]) + _spread_of_fit(sizes, scores, log_a, b))
         predicted[name] = {"images": int(n), "score": round(float(estimate), 4),
-                                   "low": round(float(max(0.0, estimate - half_width)), 4),
-                                   "high": round(float(min(1.0, estimate + half_width)), 4)}
+                           "low": round(float(max(0.0, estimate - half_width)), 4),
+                           "high": round(float(min(1.0, estimate + half_width)), 4)}
     now = scores[-1] if sizes[-1] == images else 1 - np.exp(log_a) * images ** -b
     return LearningCurve([int(s) for s in sizes], [round(float(v), 4) for v in scores], round(b, 4), predicted,
                          "mAP" if y.ndim == 2 else "accuracy", images, round(float(now), 4))

@@ -176,40 +176,33 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
     """CNN codes of one split through the same decode + eval transform that prediction uses.
 
     With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, one entry a
-    chunk of ``CODES_CHUNK`` images written as the pass goes, each keyed by its files and the model's
-    current weights (``tlpipe.cache``): a second fit on the same data does not extract again, a
-    killed pass resumes from its last whole chunk, and a fine-tuned backbone never reads the
-    pretrained one's codes. Under torchrun (``ranks``) each rank extracts its shard of batches (all of
-    them when there are fewer batches than ranks), every rank gets all the codes, and rank 0 keeps
-    them in the cache."""
+    chunk of about ``CODES_CHUNK`` images written as the pass goes, each keyed by its files and the
+    model's current weights (``tlpipe.cache``): a second fit on the same data does not extract again,
+    a killed pass resumes from its last whole chunk, and a fine-tuned backbone never reads the
+    pretrained one's codes. Under torchrun (``ranks``) each rank extracts its shard of a chunk's
+    batches (all of them when there are fewer batches than ranks), every rank gets all the codes,
+    and rank 0 keeps them in the cache."""
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     samples = spec.splits[split]
     identity = {**backbone.cache_identity(), "device": device.type, "layer": resolve_layer(backbone.model, layer),
                 "layer_relu": config.layer_relu, **({"hflip": True} if hflip else {})}
-    size = CODES_CHUNK if cache is not None else max(len(samples), 1)  # chunks are for the cache: one pass without
-    starts = range(0, max(len(samples), 1), size)
-    entries = [_entry(Path(cache) / "codes", split, samples[start:start + size], identity) if cache is not None
-               else None for start in starts]
-    keeps = cache is not None and (ranks is None or ranks.is_main)
-    kept = cache is not None and all(path.is_file() for path, _ in entries)
-    if ranks is not None:  # under torchrun, the cache is read when every rank can read it
-        kept = ranks.all_min(int(kept)) == 1
-    # else sharded when every rank has a batch (a rank with none could not say the codes' width)
-    sharded = not kept and ranks is not None and ranks.enabled and -(-len(samples) // config.batch_size) >= ranks.world_size
+    bounds = _chunk_bounds(len(samples)) if cache is not None else [(0, len(samples))]  # chunks are for the cache
+    folder = Path(cache) / "codes" if cache is not None else None
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
-        if not sharded:
-            chunks = ((samples[start:start + size], entry) for start, entry in zip(starts, entries))
-            return _by_chunk(len(samples), (_chunk_codes(extractor, chunk, entry, keeps, backbone, config, device, split)
-                                            for chunk, entry in chunks))
-        shard = ranks.shard(len(samples), config.batch_size)
-        loader = eval_loader([samples[i] for i in shard], backbone.data_config, config.batch_size, config.num_workers)
-        features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
-    features, labels = (ranks.gathered(part, len(samples), config.batch_size) for part in (features, labels))
-    if keeps:
-        for start, (path, key) in zip(starts, entries):
-            save_cached(path, key, {"features": features[start:start + size], "labels": labels[start:start + size]})
-    return features, labels
+        chunks = (samples[start:end] for start, end in bounds)
+        return _by_chunk(len(samples), (_chunk_codes(extractor, chunk, folder and _entry(folder, split, chunk, identity),
+                                                     backbone, config, device, split, ranks) for chunk in chunks))
+
+
+def _chunk_bounds(n: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of ``n`` images: ``CODES_CHUNK`` each, a short tail joined to the
+    chunk before it (each chunk runs in one runtime: ``extract_codes`` uses ONNX Runtime from
+    ``ORT_MIN_IMAGES``)."""
+    starts = list(range(0, max(n, 1), CODES_CHUNK))
+    if len(starts) > 1 and n - starts[-1] < ORT_MIN_IMAGES:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n]))
 
 
 def _entry(folder: Path, split: str, chunk: list, identity: dict) -> tuple[Path, str]:
@@ -218,17 +211,23 @@ def _entry(folder: Path, split: str, chunk: list, identity: dict) -> tuple[Path,
     return folder / f"{split}-{key}.npz", key
 
 
-def _chunk_codes(extractor: nn.Module, chunk: list, entry: tuple[Path, str] | None, keep: bool, backbone: Backbone,
-                 config: FitConfig, device: torch.device, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk's codes and labels: from its cache ``entry`` (path, key) when whole there, else
-    extracted (and, with ``keep``, kept there at once)."""
-    if entry is not None:
-        cached = load_cached(*entry)
-        if cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(chunk):
-            return cached["features"], cached["labels"]
-    loader = eval_loader(chunk, backbone.data_config, config.batch_size, config.num_workers)
+def _chunk_codes(extractor: nn.Module, chunk: list, entry: tuple[Path, str] | None, backbone: Backbone,
+                 config: FitConfig, device: torch.device, split: str, ranks: "DistContext | None"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's codes and labels: from its cache ``entry`` (path, key) when whole there (under
+    torchrun: for every rank), else extracted (sharded when every rank has a batch: a rank with
+    none could not say the codes' width) and kept there at once (by rank 0)."""
+    cached = load_cached(*entry) if entry else None
+    kept = cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(chunk)
+    if (kept if ranks is None else ranks.all_min(int(kept)) == 1):
+        return cached["features"], cached["labels"]
+    sharded = ranks is not None and ranks.enabled and -(-len(chunk) // config.batch_size) >= ranks.world_size
+    rows = ranks.shard(len(chunk), config.batch_size) if sharded else range(len(chunk))
+    loader = eval_loader([chunk[i] for i in rows], backbone.data_config, config.batch_size, config.num_workers)
     features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
-    if entry is not None and keep:
+    if sharded:
+        features, labels = (ranks.gathered(part, len(chunk), config.batch_size) for part in (features, labels))
+    if entry and (ranks is None or ranks.is_main):
         save_cached(*entry, {"features": features, "labels": labels})
     return features, labels
 

@@ -15,24 +15,41 @@ from tlpipe.errors import TlpipeError
 from tlpipe.run.store import resolve_tracking_uri
 from tlpipe.run.tracking import UI_VIEW, store_lock
 
-# The UI's address on this machine. Browsers resolve every *.localhost name to this machine themselves
+# The UI's page on this machine. Browsers resolve every *.localhost name to this machine themselves
 # (RFC 6761), so no DNS answer can rebind it; MLflow offers its Assistant, and opens its panel over a
 # quarter of the page unasked, only on a page named localhost, 127.0.0.1 or ::1.
 UI_LOCAL_NAME = "tlpipe.localhost"
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")  # the server at these answers UI_LOCAL_NAME too
 
 
 def ui_command(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The MLflow UI server command line on the same store ``tlpipe fit`` writes to: one worker
-    process (one person browsing; MLflow starts four by default). On a loopback ``host`` it also
-    answers pages named ``UI_LOCAL_NAME`` (MLflow's host and origin checks let only its own names in)."""
+    process (one person browsing; MLflow starts four by default)."""
     uri = resolve_tracking_uri(tracking_uri)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--workers", "1"]
-    if _loopback(host):
-        names = ("localhost", "127.0.0.1", "[::1]", UI_LOCAL_NAME)
-        command += ["--allowed-hosts", ",".join(f"{name}:{port}" for name in names),
-                    "--cors-allowed-origins", f"http://{UI_LOCAL_NAME}:{port}"]
-    return command
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
+
+
+def ui_environment(host: str) -> dict[str, str]:
+    """The UI server's environment: on a local ``host``, MLflow's host and origin checks (its
+    defaults, any port, as a tunnel needs) let pages named ``UI_LOCAL_NAME`` in as well. Environment
+    variables, not flags: MLflow before 3.5 has no such flags and ignores them. A value the user set stays."""
+    if host not in LOCAL_NAMES:
+        return {}
+    hosts = ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[[]::1]", "[[]::1]:*", UI_LOCAL_NAME, f"{UI_LOCAL_NAME}:*"]
+    given = {name: os.environ[name] for name in ("MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS")
+             if os.environ.get(name)}
+    return {"MLFLOW_SERVER_ALLOWED_HOSTS": ",".join([given.get("MLFLOW_SERVER_ALLOWED_HOSTS", ""), *hosts]).lstrip(","),
+            "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": ",".join(
+                [given.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", ""), f"http://{UI_LOCAL_NAME}", f"http://{UI_LOCAL_NAME}:*"]).lstrip(",")}
+
+
+def address(host: str, port: int, page: bool = False) -> str:
+    """``http://HOST:PORT`` of a server bound to ``host`` (an IPv6 address in brackets); ``page``:
+    as the UI's page is named (``UI_LOCAL_NAME`` on a local host)."""
+    if page and host in LOCAL_NAMES:
+        host = UI_LOCAL_NAME
+    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
 
 
 def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
@@ -40,8 +57,7 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     runs show); the UI's front page when the store has none."""
     from mlflow.tracking import MlflowClient
 
-    base = f"http://{UI_LOCAL_NAME if _loopback(host) else host}:{port}"
-    uri = resolve_tracking_uri(tracking_uri)
+    base, uri = address(host, port, page=True), resolve_tracking_uri(tracking_uri)
     with store_lock(uri):
         found = MlflowClient(uri).search_experiments(order_by=["last_update_time DESC"], max_results=1)
     if not found:
@@ -105,7 +121,7 @@ def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000
     """Run the MLflow UI until interrupted; return its exit code (``run_server``). Check the port
     first (``check_port_free``). ``quiet``: the server's lines (start-up notices, one per request)
     go to a log file, whose end is shown if the server fails."""
-    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI",
+    return run_server(ui_command(tracking_uri, host, port), "the MLflow UI", env=ui_environment(host),
                       log=Path(tempfile.gettempdir()) / f"tlpipe-ui-{port}.log" if quiet else None)
 
 

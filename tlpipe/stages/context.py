@@ -83,7 +83,7 @@ class Prepared:
     config: FitConfig  # backbone: the one built (the ranked winner); cache_dir: resolved
     backbone: Backbone
     ranking: list[dict]
-    sampled_from: dict[str, int] | None = None  # split -> its images, where the frozen pass's deadline left a sample
+    sampled_from: dict[str, int] | None = None  # split -> its images, where the time limit left a sample (sample, choose)
 
 
 @dataclass(frozen=True)
