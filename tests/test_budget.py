@@ -77,6 +77,7 @@ def test_the_plan_trains_smaller_when_the_native_resolution_does_not_fit():
     assert roomy.pruner == "median" and roomy.eval_sizes == (224,)
     tight = make_plan(config, spec, SPEEDS, train_sizes(224, 400), 224, left=600, trials=8, reserve=30)
     assert tight.train_size < 224 and tight.trials >= 1 and tight.eval_sizes == (tight.train_size, 224)
+    assert (tight.train_size, tight.trials) == (160, 1)  # one trial at 160 px fits; two would need 128 px: resolution first
     assert tight.seconds["study"] <= (600 - 30)  # planned within what is left
     assert not tight.deserved["fits"] and "--time-limit" in tight.notes[0]
     assert parse_duration(tight.deserved["time_limit"]) >= roomy.seconds["study"]
