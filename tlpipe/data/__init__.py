@@ -1,4 +1,5 @@
-"""Data stage: scan a folder (a table, a URL's local copy), check every image, split, cache decoded images, and load batches.
+"""Data stage: scan a folder (a table, a URL's local copy), check every image, split, cache decoded
+images, and load batches.
 
 The names below load on first use (PEP 562): ``tlpipe.data.scan`` or ``tlpipe.data.table`` alone
 import no torch or albumentations, so a command can check its paths before the heavy imports."""

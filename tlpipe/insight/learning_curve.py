@@ -39,16 +39,20 @@ class LearningCurve:
     def sentence(self) -> str:
         """What doubling the images would likely give, in points of the val score."""
         double = self.predicted["2x"]
-        gain, low, high = (100 * (double[k] - self.now) for k in ("score", "low", "high"))
+        gain, low, high = self._points(double)
         part = f", drawn on up to {self.sizes[-1]:,} of them" if self.sizes[-1] < self.images else ""
         sentence = (f"doubling the train images ({self.images} -> {double['images']}) would likely give "
                     f"{gain:+.1f} points of val {self.metric} ({low:+.1f} to {high:+.1f}), by the linear classifier's "
                     f"learning curve{part}")
         if every := self.predicted.get("all"):
-            gain, low, high = (100 * (every[k] - self.now) for k in ("score", "low", "high"))
+            gain, low, high = self._points(every)
             sentence += (f"; all {every['images']:,} train images, not only the sample the time limit allowed, "
                          f"{gain:+.1f} ({low:+.1f} to {high:+.1f})")
         return sentence
+
+    def _points(self, forecast: dict[str, float]) -> tuple[float, float, float]:
+        """A forecast's score and interval, in points over the score now."""
+        return tuple(100 * (forecast[k] - self.now) for k in ("score", "low", "high"))
 
     def to_dict(self) -> dict:
         return {"sizes": self.sizes, "metric": self.metric, "val_score": self.scores, "exponent": self.exponent,

@@ -37,11 +37,9 @@ def ui_environment(host: str) -> dict[str, str]:
     if host not in LOCAL_NAMES:
         return {}
     hosts = ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[[]::1]", "[[]::1]:*", UI_LOCAL_NAME, f"{UI_LOCAL_NAME}:*"]
-    given = {name: os.environ[name] for name in ("MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS")
-             if os.environ.get(name)}
-    return {"MLFLOW_SERVER_ALLOWED_HOSTS": ",".join([given.get("MLFLOW_SERVER_ALLOWED_HOSTS", ""), *hosts]).lstrip(","),
-            "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": ",".join(
-                [given.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", ""), f"http://{UI_LOCAL_NAME}", f"http://{UI_LOCAL_NAME}:*"]).lstrip(",")}
+    origins = [f"http://{UI_LOCAL_NAME}", f"http://{UI_LOCAL_NAME}:*"]
+    return {name: ",".join(filter(None, [os.environ.get(name), *ours]))
+            for name, ours in (("MLFLOW_SERVER_ALLOWED_HOSTS", hosts), ("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", origins))}
 
 
 def address(host: str, port: int, page: bool = False) -> str:
@@ -66,19 +64,16 @@ def runs_page(tracking_uri: str | None, host: str, port: int) -> str:
     return page + (f"&viewStateShareKey={UI_VIEW}" if f"mlflow.sharedViewState.{UI_VIEW}" in found[0].tags else "")
 
 
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        return False
-
-
 def exposure_warning(host: str, what: str, anyone_can: str) -> str | None:
     """The one warning of ``tlpipe serve`` and ``tlpipe ui`` bound beyond this machine (None on a
     loopback address): neither MLflow server asks who is calling."""
-    if _loopback(host):
+    import ipaddress
+
+    try:
+        private = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        private = False
+    if private:
         return None
     return (f"warning: {what} on {host} has no authentication: anyone who reaches this machine can {anyone_can}; "
             "leave out --host (127.0.0.1) to keep it private")
