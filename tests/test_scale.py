@@ -24,7 +24,8 @@ def test_a_stratified_sample_keeps_every_class_and_the_proportions():
     assert set(s.label for s in sampled.splits["val"]) == {0, 1, 2}
 
 
-def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_and_says_so(tmp_path, monkeypatch):
+def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_says_so_and_extends_it_with_the_time_left(
+        tmp_path, monkeypatch):
     root = dataset(tmp_path / "data", ["cats", "dogs", "owls"], split={"train": 40, "val": 10})
     monkeypatch.setattr(sample_stage, "PROBE_FROM", 0)  # this small set stands in for one of 70,000 images:
     monkeypatch.setattr(sample_stage, "SLOWEST_SECONDS_PER_IMAGE", 1e9)  # its pass is timed,
@@ -32,10 +33,13 @@ def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_and_says_
     config = load_config("quick", strategy="linear", device="cpu", num_workers=0, budget="2m")
     result = pipeline.fit(root, config, output=tmp_path / "out", tuning=pipeline.TuningOverrides(trials=0))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["splits"] == {"train": 24, "val": 6}  # 8 and 2 a class, the floor
     assert any("stratified sample of 30 (train 24 of 120, val 6 of 30): --time-limit 10m or more would use every image" in note
-               for note in summary["data_notes"])
-    assert "probe_speed" in summary["timings"] and result.spec.class_counts("train") == {"cats": 8, "dogs": 8, "owls": 8}
+               for note in summary["data_notes"])  # 8 and 2 a class, the floor
+    # the time left after training goes on over the rest of train: all of it here; val stays the sample's
+    assert summary["splits"] == {"train": 120, "val": 6} and "probe_speed" in summary["timings"]
+    assert any("the frozen pass went on over 96 more train images (train 120 of 120)" in note for note in summary["data_notes"])
+    assert result.spec.class_counts("train") == {"cats": 40, "dogs": 40, "owls": 40}
+    assert summary["val_accuracy"] == 1.0  # the added codes line up with their labels
 
 
 def test_an_auto_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its_share_and_says_so(tmp_path, monkeypatch):

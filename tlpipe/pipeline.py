@@ -2,7 +2,8 @@
 ``FitContext`` and returns a typed record for the next: prepare (data, backbone) -> sample (the
 images the time limit holds) -> choose (codes, strategy) -> diagnose (label suspects, learning
 curve; then a fine-tune's linear classifier is saved first, anytime) -> planning (what fits the
-budget) -> train (the study, the final model) -> check (the prediction path; the guard) -> record
+budget) -> train (the study, the final model) -> extend (a sample's linear classifier refitted on the
+train images the time left reaches) -> check (the prediction path; the guard) -> record
 (bundle, reports, MLflow, summary.json, a test/ split scored; a registry version with ``register``).
 SIGTERM or Ctrl+C raise ``FitCut`` once the summary says what was cut. Under ``torchrun`` every rank
 trains; rank 0 alone writes and logs, the others return None.
@@ -25,6 +26,7 @@ from tlpipe.run.store import check_store
 from tlpipe.stages.check import check
 from tlpipe.stages.choose import choose
 from tlpipe.stages.diagnose import diagnose
+from tlpipe.stages.extend import extend
 from tlpipe.stages.context import FitContext, TuningOverrides
 from tlpipe.stages.planning import plan_training
 from tlpipe.stages.prepare import open_run, prepare
@@ -81,7 +83,8 @@ def _stages(ctx: FitContext, config: FitConfig, experiment: str | None, tracking
             model = train(ctx, prepared, choice, plan)
             ctx.ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone
             pace = trained_pace(model.trained)  # before the guard may put the linear classifier in its place
-            return saved.final(check(ctx, prepared, choice, model), plan, pace)
+            prepared, choice, model = extend(ctx, prepared, choice, model)  # a sample's linear classifier: more images
+            return saved.final(prepared, choice, check(ctx, prepared, choice, model), plan, pace)
         except FitCut as cut:
             recording_cut()
             raise cut.recorded(result=saved.cut(cut.reason)) from cut

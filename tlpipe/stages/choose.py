@@ -83,16 +83,16 @@ def _reached(prepared: Prepared, features: dict[str, FeatureSet], limit: float |
     if not cut:
         return prepared
     splits = {**spec.splits, **{split: [spec.splits[split][i] for i in rows] for split, rows in cut.items()}}
-    sampled_from = {**{split: len(spec.splits[split]) for split in cut}, **(prepared.sampled_from or {})}  # the first cut's
+    whole = prepared.whole or spec  # before any cut
     reached = sum(len(f.indices) for f in features.values())
-    total = sum(sampled_from.get(split, len(spec.splits[split])) for split in features)  # before any cut
+    total = sum(len(whole.splits[split]) for split in features)
     more = sum(f.seconds for f in features.values()) * (total / reached - 1)
     note = (f"the frozen pass reached {FROZEN_SHARE:.0%} of the time left before its last image and stopped there: "
             "this fit used the stratified sample it had passed ("
             + ", ".join(f"{split} {len(rows):,} of {len(spec.splits[split]):,}" for split, rows in cut.items())
             + f"); the whole pass would take about {format_duration(more)} more" + every_image_line(limit, reached, total))
     return dataclasses.replace(prepared, spec=dataclasses.replace(spec, splits=splits, notes=[*spec.notes, note]),
-                               sampled_from=sampled_from)
+                               whole=whole)
 
 
 def code_tap(config: FitConfig) -> str | int:

@@ -45,6 +45,13 @@ class Timings:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
+    def pass_seconds_per_image(self, spec: DatasetSpec) -> float:
+        """The frozen pass's seconds an image so far, over the images of ``spec`` (its fixed costs in;
+        the extend stage's refit too: an upper bound)."""
+        seconds = self.seconds.get("extract_codes", 0.0) + self.seconds.get("extend", 0.0)
+        return seconds / max(1, sum(spec.counts().values()))
+
+
 @dataclass
 class TuningOverrides:
     """This run's Optuna settings over the recipe's: None keeps the recipe's value."""
@@ -83,7 +90,12 @@ class Prepared:
     config: FitConfig  # backbone: the one built (the ranked winner); cache_dir: resolved
     backbone: Backbone
     ranking: list[dict]
-    sampled_from: dict[str, int] | None = None  # split -> its images, where the time limit left a sample (sample, choose)
+    whole: DatasetSpec | None = None  # the data before the time limit cut it to a sample (sample, choose)
+
+    @property
+    def sampled_from(self) -> dict[str, int] | None:
+        """Each split's images before the time limit's cut; None when the fit has them all."""
+        return self.whole and self.whole.counts()
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,13 @@ class Saved:
         announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
                  f"{self.ctx.folder.bundle}")
 
-    def final(self, model: FittedModel, plan: Plan, pace: dict) -> FitResult | None:
-        """The final record; the plan's epoch time beside the one measured, and why a fit that used
-        less than ``USED_SHARE`` of its limit stopped there."""
+    def final(self, prepared: Prepared, choice: Choice, model: FittedModel, plan: Plan, pace: dict) -> FitResult | None:
+        """The final record of ``model`` on the data of ``prepared`` (train grown by the extend stage);
+        the plan's epoch time beside the one measured, and why a fit that used less than ``USED_SHARE``
+        of its limit stopped there."""
+        if prepared.spec is not self.prepared.spec:
+            self.fit_images = None
+        self.prepared, self.choice = prepared, choice
         if self.enabled:
             budget, seconds = self.ctx.budget, self.ctx.timings.seconds
             budget = {**budget.to_dict(), **budget_use(budget, plan, pace, model.tuning or {}), **overrun(budget, seconds)}

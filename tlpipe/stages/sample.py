@@ -58,7 +58,7 @@ def sample(ctx: FitContext, prepared: Prepared) -> Prepared:
             + ", ".join(f"{split} {n:,} of {len(spec.splits[split]):,}" for split, n in sampled.counts().items())
             + ")" + every_image_line(ctx.budget.limit, kept, total))
     sampled = dataclasses.replace(sampled, notes=[*spec.notes, note])
-    return dataclasses.replace(prepared, spec=sampled, sampled_from=spec.counts())
+    return dataclasses.replace(prepared, spec=sampled, whole=spec)
 
 
 def stratified_sample(spec: DatasetSpec, share: float, seed: int) -> DatasetSpec:
