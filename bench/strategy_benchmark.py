@@ -34,7 +34,8 @@ from tlpipe.config import load_config
 from tlpipe.data import prepare_dataset
 from tlpipe.models import build_backbone
 from tlpipe.strategy.decision import standard_error
-from tlpipe.strategy.signals import collect_features, compute_signals
+from tlpipe.strategy.frozen_pass import collect_features
+from tlpipe.strategy.signals import compute_signals
 from tlpipe.training.fits import fit_finetune, linear_probe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

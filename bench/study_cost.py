@@ -23,7 +23,7 @@ from tlpipe.data import prepare_dataset
 from tlpipe.device import resolve_device
 from tlpipe.models import build_backbone
 from tlpipe.strategy.auto import finetune_study_seconds
-from tlpipe.strategy.signals import collect_splits
+from tlpipe.strategy.frozen_pass import collect_splits
 
 STUDY_COST = RESULTS.with_name("study_cost.jsonl")
 

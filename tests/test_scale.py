@@ -44,9 +44,11 @@ def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_says_so_a
 
 def test_an_auto_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its_share_and_says_so(tmp_path, monkeypatch):
     from tlpipe.stages import choose as choose_stage
+    from tlpipe.stages import extend as extend_stage
 
     root = dataset(tmp_path / "data", ["cats", "dogs", "owls"], split={"train": 40, "val": 10})
     monkeypatch.setattr(choose_stage, "FROZEN_SHARE", 1e-9)  # the pass's share of the limit is over at its first batch
+    monkeypatch.setattr(extend_stage, "MIN_GROWTH", float("inf"))  # the sample as the pass left it (extended: above)
     config = load_config("quick", device="cpu", num_workers=0, budget="5m", batch_size=16)
     result = pipeline.fit(root, config, output=tmp_path / "out", tuning=pipeline.TuningOverrides(trials=0))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

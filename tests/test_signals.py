@@ -19,9 +19,9 @@ from tlpipe.data import Sample, eval_loader
 from tlpipe.errors import TlpipeError
 from tlpipe.models import PENULTIMATE, Backbone, CodeExtractor, extract_codes, feature_layers
 from tlpipe.strategy import FeatureSet, collect_features, compute_signals, logme
-from tlpipe.strategy import signals as signals_module
+from tlpipe.strategy import frozen_pass as signals_module
 from tlpipe.data import stratified_subset
-from tlpipe.strategy.signals import batchnorm_stages
+from tlpipe.strategy.frozen_pass import batchnorm_stages
 
 CONFIG = load_config("default", batch_size=8, num_workers=0, device="cpu")
 
@@ -223,6 +223,38 @@ def test_a_class_with_one_image_is_refused():
     fs = FeatureSet(np.ones((3, 4), np.float32), {}, None, {}, np.array([0, 0, 1]), np.arange(3), 0.0)
     with pytest.raises(TlpipeError, match="at least 2 train images in every class.*--strategy linear"):
         compute_signals(fs)
+
+
+def test_a_cached_pass_is_kept_chunk_by_chunk_and_a_killed_one_resumes_at_its_last_whole_chunk(small, colour_samples, tmp_path,
+                                                                                                monkeypatch):
+    from tlpipe.models import features
+
+    monkeypatch.setattr(features, "CODES_CHUNK", 4)  # 15 images stand in for a pass of 100,000
+    monkeypatch.setattr(signals_module, "BATCHNORM_IMAGES", 4)  # the moments within the first chunk, as at full size
+    whole = collect_features(small, colour_samples, CONFIG)  # no cache: one pass
+    calls = []
+    real = signals_module.extract_codes
+    monkeypatch.setattr(signals_module, "extract_codes", lambda *a, **k: calls.append(len(a[1].dataset)) or real(*a, **k))
+    chunked = collect_features(small, colour_samples, CONFIG, cache=tmp_path)
+    assert calls == [4, 4, 7]  # in the pass's order, each chunk written as the pass reached it (a short tail joins the last)
+    np.testing.assert_array_equal(chunked.labels, whole.labels)
+    np.testing.assert_array_equal(chunked.indices, whole.indices)
+    np.testing.assert_allclose(chunked.codes, whole.codes, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chunked.imagenet_confidence, whole.imagenet_confidence, rtol=1e-4, atol=1e-5)
+    assert all(np.allclose(chunked.stages[k], whole.stages[k], rtol=1e-5, atol=1e-5) for k in whole.stages)
+    moments = [[(b.layer, b.mean) for v in fs.bn_stats.values() for b in v] for fs in (chunked, whole)]
+    assert [layer for layer, _ in moments[0]] == [layer for layer, _ in moments[1]]
+    assert all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for (_, a), (_, b) in zip(*moments))
+    entries = sorted((tmp_path / "signals").glob("*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(entries) == 3
+
+    entries[-1].unlink()  # killed before the last chunk was written
+    calls.clear()
+    resumed = collect_features(small, colour_samples, CONFIG, cache=tmp_path)
+    assert calls == [7]  # only the chunk it lacked
+    np.testing.assert_array_equal(resumed.codes, chunked.codes)
+    assert resumed.seconds > 0 and [b.layer for v in resumed.bn_stats.values() for b in v] == \
+        [b.layer for v in chunked.bn_stats.values() for b in v]
 
 
 def test_a_second_pass_reads_the_cache_and_a_touched_file_misses_it(small, colour_samples, colour_features, tmp_path):

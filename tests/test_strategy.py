@@ -18,7 +18,8 @@ from tlpipe.strategy.auto import Assessment
 from tlpipe.config import AutoConfig
 from tlpipe.strategy.decision import decide, keep_finetune, standard_error
 from tlpipe.strategy.policy import choose_tap, guard
-from tlpipe.strategy.signals import FeatureSet, Signals
+from tlpipe.strategy.frozen_pass import FeatureSet
+from tlpipe.strategy.signals import Signals
 
 THRESHOLDS = AutoConfig(large_per_class=100, far_gap=0.5)
 

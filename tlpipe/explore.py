@@ -29,7 +29,7 @@ from tlpipe.stages.planning import new_plan
 from tlpipe.stages.prepare import choose_backbone
 from tlpipe.strategy.auto import assess
 from tlpipe.strategy.policy import choose_tap
-from tlpipe.strategy.signals import collect_splits
+from tlpipe.strategy.frozen_pass import collect_splits
 from tlpipe.utils import atomic_write
 from tlpipe.version import __version__
 

@@ -13,11 +13,11 @@ from tlpipe.models.backbones import (
     state_dict_sha256,
 )
 from tlpipe.models.features import (
-    PENULTIMATE, CodeExtractor, dataset_codes, extract_codes, feature_layers, pool_tap, resolve_layer,
+    PENULTIMATE, CodeExtractor, chunk_bounds, dataset_codes, extract_codes, feature_layers, pool_tap, resolve_layer,
 )
 from tlpipe.models.hooks import Hooks
 
 __all__ = [
     "DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "PENULTIMATE", "Backbone", "CodeExtractor", "Hooks", "WeightSource",
-    "build_backbone", "create_backbone", "dataset_codes", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "pool_tap", "resolve_layer", "state_dict_sha256",
+    "build_backbone", "chunk_bounds", "create_backbone", "dataset_codes", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "pool_tap", "resolve_layer", "state_dict_sha256",
 ]

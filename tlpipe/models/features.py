@@ -187,7 +187,7 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
     samples = spec.splits[split]
     identity = {**backbone.cache_identity(), "device": device.type, "layer": resolve_layer(backbone.model, layer),
                 "layer_relu": config.layer_relu, **({"hflip": True} if hflip else {})}
-    bounds = _chunk_bounds(len(samples)) if cache is not None else [(0, len(samples))]  # chunks are for the cache
+    bounds = chunk_bounds(len(samples)) if cache is not None else [(0, len(samples))]  # chunks are for the cache
     folder = Path(cache) / "codes" if cache is not None else None
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
         chunks = (samples[start:end] for start, end in bounds)
@@ -195,7 +195,7 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
                                                      backbone, config, device, split, ranks) for chunk in chunks))
 
 
-def _chunk_bounds(n: int) -> list[tuple[int, int]]:
+def chunk_bounds(n: int) -> list[tuple[int, int]]:
     """(start, end) of each chunk of ``n`` images: ``CODES_CHUNK`` each, a short tail joined to the
     chunk before it (each chunk runs in one runtime: ``extract_codes`` uses ONNX Runtime from
     ``ORT_MIN_IMAGES``)."""

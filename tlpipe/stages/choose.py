@@ -17,7 +17,7 @@ from tlpipe.strategy.auto import Assessment, assess
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import BASELINE_STUDY_SHARE, FROZEN_SHARE
 from tlpipe.strategy.policy import Codes, LinearFit, cached_fit_linear, choose_tap, tuned_baseline
-from tlpipe.strategy.signals import FeatureSet, collect_splits
+from tlpipe.strategy.frozen_pass import FeatureSet, collect_splits
 
 
 def choose(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Choice]:

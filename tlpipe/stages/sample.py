@@ -22,7 +22,7 @@ from tlpipe.models import CodeExtractor, extract_codes
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import FitContext, Prepared
 from tlpipe.strategy.plan import FROZEN_SHARE
-from tlpipe.strategy.signals import collect_features
+from tlpipe.strategy.frozen_pass import collect_features
 
 PROBE_FROM = 2000  # images: below this the pass is cheap next to any time limit tlpipe plans for
 SLOWEST_SECONDS_PER_IMAGE = 0.25  # a 2-core CPU, a large backbone: a limit that holds this needs no probe

@@ -1,15 +1,16 @@
 """Strategy stage: which transfer strategy suits the data, measured rather than guessed.
 
-``signals`` (one hooked forward pass: every stage's codes, BatchNorm moments, ImageNet logits; the
-probes, kNN, LogME and domain gap computed from it) -> ``auto.assess`` (signals, study cost) ->
-``decision.decide`` (the 2x2 rule on measured size, distance and cost) -> ``policy.choose_tap``
+``frozen_pass`` (one hooked forward pass: every stage's codes, BatchNorm moments, ImageNet
+confidence) -> ``signals`` (the probes, kNN, LogME and domain gap computed from it) ->
+``auto.assess`` (signals, study cost) -> ``decision.decide`` (the 2x2 rule on measured size, distance and cost) -> ``policy.choose_tap``
 (the linear tap on validation) -> ``policy.guard`` (after a fine-tune: keep it only if it beats
 the tuned linear classifier). Each step returns a new ``Decision``; ``fit`` and ``inspect`` call
 the same functions.
 """
 from tlpipe.strategy.decision import Decision, decide
+from tlpipe.strategy.frozen_pass import BatchNormStats, FeatureSet, collect_features, collect_splits
 from tlpipe.strategy.logme import logme
-from tlpipe.strategy.signals import BatchNormStats, FeatureSet, Signals, collect_features, collect_splits, compute_signals
+from tlpipe.strategy.signals import Signals, compute_signals
 
 __all__ = ["BatchNormStats", "Decision", "FeatureSet", "Signals", "collect_features", "collect_splits", "compute_signals",
            "decide", "logme"]

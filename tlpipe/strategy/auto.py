@@ -18,7 +18,8 @@ from tlpipe.data import DatasetSpec, stratified_subset
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone
 from tlpipe.strategy.decision import Decision, decide
-from tlpipe.strategy.signals import FeatureSet, Signals, collect_features, compute_signals
+from tlpipe.strategy.frozen_pass import FeatureSet, collect_features
+from tlpipe.strategy.signals import Signals, compute_signals
 from tlpipe.tuning.space import requested_trials
 
 MAX_SIGNAL_IMAGES = 2000  # the probes' cost grows with the images; their verdict stops changing well before this
