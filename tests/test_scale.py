@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from conftest import dataset
 from tlpipe import pipeline
@@ -42,14 +43,15 @@ def test_a_fit_whose_frozen_pass_would_overrun_the_limit_uses_a_sample_says_so_a
     assert summary["val_accuracy"] == 1.0  # the added codes line up with their labels
 
 
-def test_an_auto_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its_share_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["auto", "linear"])  # the hooked pass; a named strategy's codes
+def test_a_fit_whose_frozen_pass_runs_slower_than_measured_stops_it_at_its_share_and_says_so(tmp_path, monkeypatch, strategy):
     from tlpipe.stages import choose as choose_stage
     from tlpipe.stages import extend as extend_stage
 
     root = dataset(tmp_path / "data", ["cats", "dogs", "owls"], split={"train": 40, "val": 10})
     monkeypatch.setattr(choose_stage, "FROZEN_SHARE", 1e-9)  # the pass's share of the limit is over at its first batch
     monkeypatch.setattr(extend_stage, "MIN_GROWTH", float("inf"))  # the sample as the pass left it (extended: above)
-    config = load_config("quick", device="cpu", num_workers=0, budget="5m", batch_size=16)
+    config = load_config("quick", strategy=strategy, device="cpu", num_workers=0, budget="5m", batch_size=16)
     result = pipeline.fit(root, config, output=tmp_path / "out", tuning=pipeline.TuningOverrides(trials=0))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["splits"] == {"train": 16, "val": 16}  # one batch of each split

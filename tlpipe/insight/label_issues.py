@@ -41,9 +41,11 @@ class LabelIssues:
         return len(self.rows)
 
     def to_dict(self) -> dict:
+        kept = ("pruned by noise rate and by class" if self.suggested.ndim == 2 else  # the filters find_label_issues uses
+                "as many images as its confident joint counts as mislabelled, those of lowest self-confidence")
         return {"flagged": len(self), "checked": self.checked, "C": self.C,
-                "method": "confident learning (cleanlab: prune by noise rate and by class, ranked by self-confidence) on "
-                          "out-of-fold logistic-regression probabilities of the codes (one-vs-rest for multi-label sets)"}
+                "method": f"confident learning (cleanlab: {kept}, ranked by self-confidence) on out-of-fold "
+                          "logistic-regression probabilities of the codes (one-vs-rest for multi-label sets)"}
 
 
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, c_grid: tuple[float, ...], seed: int = 0

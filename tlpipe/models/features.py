@@ -171,8 +171,8 @@ def extract_codes(extractor: nn.Module, loader: DataLoader, device: torch.device
 
 
 def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: FitConfig, layer=None,
-                  cache: Path | None = None, hflip: bool = False, ranks: "DistContext | None" = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  cache: Path | None = None, hflip: bool = False, ranks: "DistContext | None" = None,
+                  deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CNN codes of one split through the same decode + eval transform that prediction uses.
 
     With a ``cache`` folder the codes are kept in ``<cache>/codes/<split>-<key>.npz``, one entry a
@@ -181,7 +181,9 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
     a killed pass resumes from its last whole chunk, and a fine-tuned backbone never reads the
     pretrained one's codes. Under torchrun (``ranks``) each rank extracts its shard of a chunk's
     batches (all of them when there are fewer batches than ranks), every rank gets all the codes,
-    and rank 0 keeps them in the cache."""
+    and rank 0 keeps them in the cache. ``deadline`` (``time.monotonic()``, one process): the pass
+    stops at the first batch past it, once one image of each class is in (the first of the split
+    when it is in ``stratified_order``), and returns the codes of the first images it reached."""
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     samples = spec.splits[split]
@@ -189,10 +191,19 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
                 "layer_relu": config.layer_relu, **({"hflip": True} if hflip else {})}
     bounds = chunk_bounds(len(samples)) if cache is not None else [(0, len(samples))]  # chunks are for the cache
     folder = Path(cache) / "codes" if cache is not None else None
+    floor = 0 if spec.multilabel else len(set(s.label for s in samples))
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
-        chunks = (samples[start:end] for start, end in bounds)
-        return _by_chunk(len(samples), (_chunk_codes(extractor, chunk, folder and _entry(folder, split, chunk, identity),
-                                                     backbone, config, device, split, ranks) for chunk in chunks))
+        def parts():
+            for start, end in bounds:
+                if deadline is not None and start and time.monotonic() >= deadline:
+                    return
+                chunk = samples[start:end]
+                part = _chunk_codes(extractor, chunk, folder and _entry(folder, split, chunk, identity), backbone, config,
+                                    device, split, ranks, deadline, max(0, floor - start))
+                yield part
+                if len(part[1]) < len(chunk):  # stopped at the deadline
+                    return
+        return _by_chunk(len(samples), parts())
 
 
 def chunk_bounds(n: int) -> list[tuple[int, int]]:
@@ -212,11 +223,12 @@ def _entry(folder: Path, split: str, chunk: list, identity: dict) -> tuple[Path,
 
 
 def _chunk_codes(extractor: nn.Module, chunk: list, entry: tuple[Path, str] | None, backbone: Backbone,
-                 config: FitConfig, device: torch.device, split: str, ranks: "DistContext | None"
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 config: FitConfig, device: torch.device, split: str, ranks: "DistContext | None",
+                 deadline: float | None = None, at_least: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One chunk's codes and labels: from its cache ``entry`` (path, key) when whole there (under
     torchrun: for every rank), else extracted (sharded when every rank has a batch: a rank with
-    none could not say the codes' width) and kept there at once (by rank 0)."""
+    none could not say the codes' width; as far as ``deadline`` allows, ``at_least`` images) and,
+    when whole, kept there at once (by rank 0)."""
     cached = load_cached(*entry) if entry else None
     kept = cached is not None and len(cached.get("features", ())) == len(cached.get("labels", ())) == len(chunk)
     if (kept if ranks is None else ranks.all_min(int(kept)) == 1):
@@ -224,10 +236,10 @@ def _chunk_codes(extractor: nn.Module, chunk: list, entry: tuple[Path, str] | No
     sharded = ranks is not None and ranks.enabled and -(-len(chunk) // config.batch_size) >= ranks.world_size
     rows = ranks.shard(len(chunk), config.batch_size) if sharded else range(len(chunk))
     loader = eval_loader([chunk[i] for i in rows], backbone.data_config, config.batch_size, config.num_workers)
-    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})")
+    features, labels = extract_codes(extractor, loader, device, f"Codes ({split})", deadline=deadline, at_least=at_least)
     if sharded:
         features, labels = (ranks.gathered(part, len(chunk), config.batch_size) for part in (features, labels))
-    if entry and (ranks is None or ranks.is_main):
+    if entry and (ranks is None or ranks.is_main) and len(labels) == len(chunk):
         save_cached(*entry, {"features": features, "labels": labels})
     return features, labels
 
@@ -237,7 +249,7 @@ def _by_chunk(n: int, parts) -> tuple[np.ndarray, np.ndarray]:
     array, filled as each chunk comes: one chunk held beside the whole, never all of them."""
     features = labels = None
     done = 0
-    for part_features, part_labels in parts:
+    for part_features, part_labels in parts:  # fewer than n rows in all when the pass stopped at its deadline
         if features is None:
             if len(part_features) == n:  # one chunk: the split itself
                 return part_features.astype(np.float32, copy=False), part_labels.astype(np.int64, copy=False)
@@ -245,4 +257,4 @@ def _by_chunk(n: int, parts) -> tuple[np.ndarray, np.ndarray]:
             labels = np.empty((n, *part_labels.shape[1:]), np.int64)
         features[done:done + len(part_features)], labels[done:done + len(part_labels)] = part_features, part_labels
         done += len(part_features)
-    return features, labels
+    return (features, labels) if done == n else (features[:done].copy(), labels[:done].copy())

@@ -32,21 +32,22 @@ def extend(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMod
     """With time left after training, a linear classifier on a sample refitted on more of train: the
     Prepared, Choice and model with the train images the pass went on to reach; as they were when the
     fit has every image, the model is no linear classifier on frozen codes, or too little time is left."""
-    rest = _not_reached(prepared, choice)
-    if not rest or model.config.strategy != "linear" or model.trained.backbone_trained:
+    if model.config.strategy != "linear" or model.trained.backbone_trained:
         return prepared, choice, model
+    rest = _not_reached(prepared, choice)
     n, fitted = len(prepared.spec.splits["train"]), ctx.timings.seconds.get("train", 0.0)
     spare = max(ctx.budget.left() - AFTER_SECONDS - fitted, 0.0)  # past the refit on the images train has now
     # an image more costs its pass (at the pace measured so far; 0 when the pass came from the cache)
     # and its share of the refit: the pass stops in time for the refit of every image it may reach
     reach = min(len(rest), spare / max(ctx.timings.pass_seconds_per_image(prepared.spec) + fitted / n, 1e-9))
-    if reach < MIN_GROWTH * n:
+    if not rest or reach < MIN_GROWTH * n:
         return prepared, choice, model
     with ctx.timings.stage("extend"):
-        X, y = _more_codes(prepared, model, rest, time.monotonic() + spare - fitted * reach / n)
+        X, y = _more_codes(model, rest, time.monotonic() + spare - fitted * reach / n)
         train = tuple(np.concatenate(parts) for parts in zip(choice.codes["train"], (X, y)))
         codes = {**choice.codes, "train": train}
         trained = fit_linear(model.config, codes)
+    ctx.run.log_params({"n_train_extended": len(train[1])})  # n_train: the sample the study saw
     return _extended(prepared, choice, model, rest[:len(y)], codes, trained)
 
 
@@ -60,7 +61,7 @@ def _not_reached(prepared: Prepared, choice: Choice) -> list:
     return [whole[i] for i in order if whole[i] not in taken]
 
 
-def _more_codes(prepared: Prepared, model: FittedModel, samples: list, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+def _more_codes(model: FittedModel, samples: list, deadline: float) -> tuple[np.ndarray, np.ndarray]:
     """The codes of ``samples`` at the model's tap, in their order, as far as the pass gets by ``deadline``."""
     config, backbone = model.config, model.backbone
     with CodeExtractor(backbone.model, code_tap(config), config.layer_relu) as extractor:

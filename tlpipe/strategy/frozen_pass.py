@@ -167,13 +167,19 @@ def collect_splits(backbone: Backbone, spec: DatasetSpec, config: FitConfig, cac
     """The one hooked pass ``--strategy auto`` makes over train and val (``collect_features``;
     BatchNorm moments on train only: no signal is computed on val), within ``seconds`` (None: no
     limit) shared by the splits in proportion to their images."""
-    start, counts = time.monotonic(), spec.counts()
-    share = counts["train"] / max(counts["train"] + counts.get("val", 0), 1)
-    deadlines = {"train": None if seconds is None else start + share * seconds,
-                 "val": None if seconds is None else start + seconds}
+    deadlines = split_deadlines(spec.counts(), seconds)
     return {split: collect_features(backbone, spec.splits[split], config, batchnorm=split == "train", cache=cache,
                                     deadline=deadlines[split])
             for split in ("train", "val")}
+
+
+def split_deadlines(counts: dict[str, int], seconds: float | None) -> dict[str, float | None]:
+    """The ``time.monotonic()`` by which a pass over train then val that may take ``seconds`` (None: no
+    limit) ends each split: the time shared by their images."""
+    if seconds is None:
+        return {"train": None, "val": None}
+    start, share = time.monotonic(), counts["train"] / max(counts["train"] + counts.get("val", 0), 1)
+    return {"train": start + share * seconds, "val": start + seconds}
 
 
 def collect_features(
