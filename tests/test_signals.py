@@ -257,6 +257,15 @@ def test_a_cached_pass_is_kept_chunk_by_chunk_and_a_killed_one_resumes_at_its_la
         [b.layer for v in chunked.bn_stats.values() for b in v]
 
 
+def test_a_pass_whose_deadline_is_past_before_it_starts_still_passes_one_batch(small, colour_samples, tmp_path):
+    tagged = [Sample(s.path, tuple(int(c == s.label) for c in range(3))) for s in colour_samples]  # multi-label: no floor
+    for samples in (colour_samples, tagged):
+        fs = collect_features(small, samples, CONFIG, cache=tmp_path, deadline=0.0)
+        assert len(fs.labels) == len(fs.indices) == fs.codes.shape[0] == CONFIG.batch_size
+        assert fs.labels.tolist() == [samples[i].label if fs.labels.ndim == 1 else list(samples[i].label) for i in fs.indices]
+    assert not list((tmp_path / "signals").glob("*.npz"))  # a part of a chunk is never kept
+
+
 def test_a_second_pass_reads_the_cache_and_a_touched_file_misses_it(small, colour_samples, colour_features, tmp_path):
     calls = []
     first_stage = small.model.get_submodule(feature_layers(small.model)[0])

@@ -184,6 +184,8 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
     and rank 0 keeps them in the cache. ``deadline`` (``time.monotonic()``, one process): the pass
     stops at the first batch past it, once one image of each class is in (the first of the split
     when it is in ``stratified_order``), and returns the codes of the first images it reached."""
+    if deadline is not None and ranks is not None and ranks.enabled:
+        raise ValueError("a deadline would stop the ranks at different batches: it is for one process")
     layer = config.layer if layer is None else layer
     device = resolve_device(config.device)
     samples = spec.splits[split]
@@ -257,4 +259,4 @@ def _by_chunk(n: int, parts) -> tuple[np.ndarray, np.ndarray]:
             labels = np.empty((n, *part_labels.shape[1:]), np.int64)
         features[done:done + len(part_features)], labels[done:done + len(part_labels)] = part_features, part_labels
         done += len(part_features)
-    return (features, labels) if done == n else (features[:done].copy(), labels[:done].copy())
+    return features[:done], labels[:done]  # the rows never written were never committed to memory

@@ -44,12 +44,11 @@ class Timings:
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
-
     def pass_seconds_per_image(self, spec: DatasetSpec) -> float:
-        """The frozen pass's seconds an image so far, over the images of ``spec`` (its fixed costs in;
-        the extend stage's refit too: an upper bound)."""
+        """The frozen pass's seconds an image so far, over the train and val images of ``spec`` (its
+        fixed costs in; the extend stage's refit too)."""
         seconds = self.seconds.get("extract_codes", 0.0) + self.seconds.get("extend", 0.0)
-        return seconds / max(1, sum(spec.counts().values()))
+        return seconds / max(1, len(spec.splits["train"]) + len(spec.splits.get("val", ())))
 
 
 @dataclass

@@ -1,19 +1,19 @@
 """Stage 6b of ``fit``, extend: a linear classifier the time limit fitted on a sample gets the time
-the fit has left. The frozen pass goes on over the train images it had not reached, in the same
-stratified order (every prefix keeps the class proportions), until what is left holds only the
-refit, the check and the record; the classifier is refitted with the study's settings on every
-train code reached. Val stays as it was: the scores before and after compare on the same images.
+the fit has left. The frozen pass goes on over the train images it had not reached, in a stratified
+order (every prefix keeps the class proportions), until what is left holds only the refit, the
+check and the record; the classifier is refitted with the study's settings on every train code
+reached. Val stays as it was: the scores before and after compare on the same images.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 
-from tlpipe.data import eval_loader, stratified_order
-from tlpipe.device import resolve_device
-from tlpipe.models import CodeExtractor, extract_codes
+from tlpipe.data import stratified_order
+from tlpipe.models import dataset_codes
 from tlpipe.run.outputs import FittedModel
 from tlpipe.stages.choose import code_tap
 from tlpipe.stages.context import Choice, FitContext, Prepared
@@ -32,18 +32,23 @@ def extend(ctx: FitContext, prepared: Prepared, choice: Choice, model: FittedMod
     """With time left after training, a linear classifier on a sample refitted on more of train: the
     Prepared, Choice and model with the train images the pass went on to reach; as they were when the
     fit has every image, the model is no linear classifier on frozen codes, or too little time is left."""
-    if model.config.strategy != "linear" or model.trained.backbone_trained:
+    if choice.config.strategy != "linear" or "train" not in ctx.timings.seconds:  # a linear study's model, on choice.codes
         return prepared, choice, model
-    rest = _not_reached(prepared, choice)
-    n, fitted = len(prepared.spec.splits["train"]), ctx.timings.seconds.get("train", 0.0)
-    spare = max(ctx.budget.left() - AFTER_SECONDS - fitted, 0.0)  # past the refit on the images train has now
+    rest, spec = _not_reached(prepared, choice), prepared.spec
+    n, fitted, pace = len(spec.splits["train"]), ctx.timings.seconds["train"], ctx.timings.pass_seconds_per_image(spec)
+    # past the refit on the images train has now, the record's pass over the test sample and the rest
+    spare = max(ctx.budget.left() - fitted - pace * len(spec.splits.get("test", ())) - AFTER_SECONDS, 0.0)
     # an image more costs its pass (at the pace measured so far; 0 when the pass came from the cache)
-    # and its share of the refit: the pass stops in time for the refit of every image it may reach
-    reach = min(len(rest), spare / max(ctx.timings.pass_seconds_per_image(prepared.spec) + fitted / n, 1e-9))
-    if not rest or reach < MIN_GROWTH * n:
+    # and its share of the refit: the pass covers no more images than leave time for their refit
+    reach = int(min(len(rest), spare / max(pace + fitted / n, 1e-9)))
+    if reach < MIN_GROWTH * n:
         return prepared, choice, model
     with ctx.timings.stage("extend"):
-        X, y = _more_codes(model, rest, time.monotonic() + spare - fitted * reach / n)
+        more = dataclasses.replace(spec, splits={"train": rest[:reach]})  # cached chunk by chunk, as every pass
+        X, y = dataset_codes(model.backbone, more, "train", model.config, code_tap(model.config),
+                             cache=Path(model.config.cache_dir), deadline=time.monotonic() + spare - fitted * reach / n)
+        if len(y) < MIN_GROWTH * n:  # the pass ran slower than the pace it was planned at
+            return prepared, choice, model
         train = tuple(np.concatenate(parts) for parts in zip(choice.codes["train"], (X, y)))
         codes = {**choice.codes, "train": train}
         trained = fit_linear(model.config, codes)
@@ -59,15 +64,6 @@ def _not_reached(prepared: Prepared, choice: Choice) -> list:
     taken = {*prepared.spec.splits["train"], *(choice.diagnosis.suspects if choice.diagnosis else ())}
     order = stratified_order(prepared.whole.labels("train"), prepared.config.seed)
     return [whole[i] for i in order if whole[i] not in taken]
-
-
-def _more_codes(model: FittedModel, samples: list, deadline: float) -> tuple[np.ndarray, np.ndarray]:
-    """The codes of ``samples`` at the model's tap, in their order, as far as the pass gets by ``deadline``."""
-    config, backbone = model.config, model.backbone
-    with CodeExtractor(backbone.model, code_tap(config), config.layer_relu) as extractor:
-        loader = eval_loader(samples, backbone.data_config, config.batch_size, config.num_workers)
-        return extract_codes(extractor, loader, resolve_device(config.device), "Codes (more train)", deadline=deadline,
-                             at_least=1)
 
 
 def _extended(prepared: Prepared, choice: Choice, model: FittedModel, added: list, codes: dict, trained

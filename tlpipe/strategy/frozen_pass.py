@@ -58,7 +58,7 @@ class FeatureSet:
     imagenet_confidence: np.ndarray | None
     bn_stats: dict[str, list[BatchNormStats]]  # stage (or "penultimate": layers after the last stage) -> its BN layers
     labels: np.ndarray  # (N,) int64
-    indices: np.ndarray  # rows of the given samples these are, in order (all unless max_images)
+    indices: np.ndarray  # rows of the given samples these are, in order (all unless max_images or a deadline)
     seconds: float  # the forward pass
     pytorch_seconds_per_image: float | None = None  # of its batches PyTorch ran (ONNX Runtime is faster; training is not)
 
@@ -200,8 +200,8 @@ def collect_features(
     floor = 0 if given.ndim == 2 else len(np.unique(given[passed]))
     indices, first_part, out, labels, done, seconds = np.sort(passed), None, None, None, 0, 0.0
     for start, end in chunk_bounds(len(passed)) if cache is not None else [(0, len(passed))]:
-        if deadline is not None and time.monotonic() >= deadline and done >= floor:
-            break
+        if deadline is not None and start and time.monotonic() >= deadline and done >= floor:
+            break  # the first chunk always runs: it holds one image a class first
         rows = passed[start:end]
         part = _chunk_pass(backbone, [samples[i] for i in rows], config, stages, batchnorm and start == 0, cache,
                            deadline, max(0, floor - start))
