@@ -19,5 +19,6 @@ from tlpipe.models.hooks import Hooks
 
 __all__ = [
     "DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "PENULTIMATE", "Backbone", "CodeExtractor", "Hooks", "WeightSource",
-    "build_backbone", "chunk_bounds", "create_backbone", "dataset_codes", "extract_codes", "feature_state_dict", "feature_layers", "offline_backbones", "pool_tap", "resolve_layer", "state_dict_sha256",
+    "build_backbone", "chunk_bounds", "create_backbone", "dataset_codes", "extract_codes", "feature_state_dict",
+    "feature_layers", "offline_backbones", "pool_tap", "resolve_layer", "state_dict_sha256",
 ]

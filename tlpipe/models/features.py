@@ -193,7 +193,7 @@ def dataset_codes(backbone: Backbone, spec: DatasetSpec, split: str, config: Fit
                 "layer_relu": config.layer_relu, **({"hflip": True} if hflip else {})}
     bounds = chunk_bounds(len(samples)) if cache is not None else [(0, len(samples))]  # chunks are for the cache
     folder = Path(cache) / "codes" if cache is not None else None
-    floor = 0 if spec.multilabel else len(set(s.label for s in samples))
+    floor = 0 if deadline is None or spec.multilabel else len(set(s.label for s in samples))
     with CodeExtractor(backbone.model, layer, config.layer_relu, hflip) as extractor:
         def parts():
             for start, end in bounds:

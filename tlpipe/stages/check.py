@@ -41,7 +41,8 @@ def _test_time(ctx: FitContext, prepared: Prepared, model: FittedModel) -> Fitte
         return _with_details(model, test_time={"choice": "none", "reason": "off in the recipe (test_time: false)"})
     X, y = model.val_codes
     options = _test_time_options(model)
-    if ctx.budget.left() < 2 * sum(cost for *_, cost in options) * ctx.timings.pass_seconds_per_image(prepared.spec) * len(y):
+    extra_passes = sum(cost for *_, cost in options) * ctx.timings.pass_seconds_per_image(prepared.spec) * len(y)
+    if ctx.budget.left() < 2 * extra_passes:
         return _with_details(model, test_time={"choice": "none", "reason": "no time left for the extra val passes"})
     head, seed = model.trained.head, model.config.seed
     scored, tried = {}, {}
@@ -113,7 +114,8 @@ def _with_unknowns(ctx: FitContext, prepared: Prepared, choice: Choice, model: F
     train once, skipped with a note when the time left cannot hold that pass)."""
     config, spec = model.config, prepared.spec
     frozen = not model.trained.backbone_trained
-    if not frozen and ctx.budget.left() < 2 * ctx.timings.pass_seconds_per_image(prepared.spec) * len(spec.splits["train"]) * (1 + model.trained.hflip):
+    train_pass = ctx.timings.pass_seconds_per_image(spec) * len(spec.splits["train"]) * (1 + model.trained.hflip)
+    if not frozen and ctx.budget.left() < 2 * train_pass:
         return _with_details(model, unknowns={"note": "no time left for the train pass its class means need"})
     train = _train_codes(choice, model) or dataset_codes(
         model.backbone, spec, "train", config, code_tap(config), hflip=model.trained.hflip,

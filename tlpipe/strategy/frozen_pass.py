@@ -200,7 +200,7 @@ def collect_features(
     floor = 0 if given.ndim == 2 else len(np.unique(given[passed]))
     indices, first_part, out, labels, done, seconds = np.sort(passed), None, None, None, 0, 0.0
     for start, end in chunk_bounds(len(passed)) if cache is not None else [(0, len(passed))]:
-        if deadline is not None and start and time.monotonic() >= deadline and done >= floor:
+        if deadline is not None and start and time.monotonic() >= deadline:
             break  # the first chunk always runs: it holds one image a class first
         rows = passed[start:end]
         part = _chunk_pass(backbone, [samples[i] for i in rows], config, stages, batchnorm and start == 0, cache,
