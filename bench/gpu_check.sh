@@ -26,6 +26,8 @@ fi
 if [[ $phases == *speed* ]]; then
   step "extraction: tlpipe against the model alone"
   timeout 120 python3 bench/extract_throughput.py --data "$DATA/bloodcells" --max-images 512
+  step "extraction with a worker a core (tlpipe's default is at most 4)"
+  timeout 120 python3 bench/extract_throughput.py --data "$DATA/bloodcells" --max-images 1024 --workers "$(nproc)"
   step "training: tlpipe against a bare PyTorch loop"
   timeout 120 python3 bench/train_throughput.py --data "$DATA/bloodcells" --max-images 512 --epochs 3
 fi

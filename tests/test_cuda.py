@@ -12,7 +12,7 @@ from tlpipe.models import CodeExtractor, create_backbone, extract_codes
 from tlpipe.training.finetune import Finetuner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda", 0)
 
 
 def learnable(n: int, size: int, seed: int = 0) -> TensorDataset:
