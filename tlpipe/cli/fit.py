@@ -19,46 +19,52 @@ from tlpipe.examples import ExampleName
 app = typer.Typer()
 
 
+# fit's own options, named here so that the command reads as its parameters' names
+Data = Annotated[Optional[str], typer.Argument(help=(
+    "Folder with one subfolder per class (optionally under train/ val/ test/), a table of image paths and labels "
+    "(.csv, .tsv, .parquet), or a URL of either (s3://, gs://... through fsspec)."))]
+Example = Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")]
+Strategy = Annotated[Optional[StrategyName], typer.Option(
+    help="auto (chosen from the data's size and distance from ImageNet), linear (CNN codes + linear "
+    "classifier), partial or full fine-tune (default: the recipe's).")]
+UnfreezeStages = Annotated[Optional[int], typer.Option(help="Partial fine-tune: how many last stages train.")]
+Epochs = Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (at most; early stopping may end sooner).")]
+ValFraction = Annotated[Optional[float], typer.Option(help="Share of train held out when there is no val/ folder.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for the split and the classifiers.")]
+Experiment = Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the dataset folder's name).")]
+TrackingUri = Annotated[Optional[str], typer.Option(
+    help="MLflow store (default: MLFLOW_TRACKING_URI, else MLflow's default).")]
+Trials = Annotated[Optional[int], typer.Option(min=0, help="Optuna trials (default from the recipe; 0: no tuning).")]
+StudyTimeout = Annotated[Optional[float], typer.Option(
+    help="Seconds for the whole study (trials not started wait for a re-run).")]
+Storage = Annotated[Optional[str], typer.Option(
+    help="Optuna storage URL shared by workers, e.g. postgresql://... (default: SQLite in the output folder).")]
+StudyName = Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")]
+WorkerOnly = Annotated[bool, typer.Option(
+    "--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")]
+ExcludeLabelIssues = Annotated[bool, typer.Option(
+    "--exclude-label-issues", help="Leave the train images whose label the codes contradict (label_issues.csv) "
+    "out of training; the dataset is not touched.")]
+OverwriteFit = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace the fit of other data or another config in --output.")]
+Register = Annotated[Optional[str], typer.Option(
+    help="Register the fit's MLflow model under this name (a new version).")]
+Alias = Annotated[str, typer.Option(help="With --register: the alias pointed at the new version (models:/NAME@ALIAS).")]
+
+
 @app.command(cls=UnixUsage)
 def fit(
-    ctx: typer.Context,
-    data: Annotated[Optional[str], typer.Argument(help="Folder with one subfolder per class (optionally under train/ val/ test/), a table of image paths and labels (.csv, .tsv, .parquet), or a URL of either (s3://, gs://... through fsspec).")] = None,
-    example: Annotated[Optional[ExampleName], typer.Option(help="Fit an embedded example dataset instead of DATA.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default runs/<data>-<time>).")] = None,
-    root: TableRoot = None,
-    path_col: PathColumn = None,
-    label_col: LabelColumn = None,
-    split_col: SplitColumn = None,
-    task: TableTask = None,
-    recipe: Recipe = "default",
-    strategy: Annotated[Optional[StrategyName], typer.Option(
-        help="auto (chosen from the data's size and distance from ImageNet), linear (CNN codes + linear "
-        "classifier), partial or full fine-tune (default: the recipe's).")] = None,
-    unfreeze_stages: Annotated[Optional[int], typer.Option(help="Partial fine-tune: how many last stages train.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (at most; early stopping may end sooner).")] = None,
-    backbone: Backbone = None,
-    weights: Weights = None,
-    layer: Layer = None,
-    image_size: ImageSize = None,
-    batch_size: BatchSize = None,
-    workers: Workers = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Share of train held out when there is no val/ folder.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the split and the classifiers.")] = None,
-    device: Device = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the dataset folder's name).")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, else MLflow's default).")] = None,
-    trials: Annotated[Optional[int], typer.Option(min=0, help="Optuna trials (default from the recipe; 0: no tuning).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds for the whole study (trials not started wait for a re-run).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers, e.g. postgresql://... (default: SQLite in the output folder).")] = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study name on --storage (default: derived from the config).")] = None,
-    worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")] = False,
-    time_limit: TimeLimit = None,
-    exclude_label_issues: Annotated[bool, typer.Option(
-        "--exclude-label-issues", help="Leave the train images whose label the codes contradict (label_issues.csv) "
-        "out of training; the dataset is not touched.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the fit of other data or another config in --output.")] = False,
-    register: Annotated[Optional[str], typer.Option(help="Register the fit's MLflow model under this name (a new version).")] = None,
-    alias: Annotated[str, typer.Option(help="With --register: the alias pointed at the new version (models:/NAME@ALIAS).")] = "champion",
+    ctx: typer.Context, data: Data = None, example: Example = None, output: Output = None,
+    root: TableRoot = None, path_col: PathColumn = None, label_col: LabelColumn = None, split_col: SplitColumn = None,
+    task: TableTask = None, recipe: Recipe = "default", strategy: Strategy = None,
+    unfreeze_stages: UnfreezeStages = None, epochs: Epochs = None, backbone: Backbone = None, weights: Weights = None,
+    layer: Layer = None, image_size: ImageSize = None, batch_size: BatchSize = None, workers: Workers = None,
+    val_fraction: ValFraction = None, seed: Seed = None, device: Device = None, experiment: Experiment = None,
+    tracking_uri: TrackingUri = None, trials: Trials = None, timeout: StudyTimeout = None, storage: Storage = None,
+    study_name: StudyName = None, worker: WorkerOnly = False, time_limit: TimeLimit = None,
+    exclude_label_issues: ExcludeLabelIssues = False, overwrite: OverwriteFit = False, register: Register = None,
+    alias: Alias = "champion",
 ) -> None:
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
