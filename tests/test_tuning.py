@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,16 @@ def test_trial0_is_the_recipe_and_tuning_never_ends_worse(tmp_path):
     assert float(rows[best.number]["value"]) == pytest.approx(best.value) and float(rows[0]["params_lr"]) == 1e-4
     stored = optuna.load_study(study_name=tuned.study.study_name, storage=tuning.storage_url(tmp_path))  # optuna.db
     assert [t.value for t in stored.trials] == [t.value for t in trials]
+
+
+def test_when_tuning_ends_optuna_db_alone_holds_the_study(tmp_path):
+    """Its write-ahead log folded in and deleted: a user who copies optuna.db copies every trial."""
+    tuned = tuning.tune(partial_config(trials=3), tmp_path / "run", curve_objective)
+    assert sorted(p.name for p in (tmp_path / "run").glob("optuna.db*")) == ["optuna.db"]
+    (tmp_path / "copy").mkdir()
+    shutil.copyfile(tmp_path / "run" / tuning.STUDY_DB, tmp_path / "copy" / tuning.STUDY_DB)
+    copied = optuna.load_study(study_name=tuned.study.study_name, storage=tuning.storage_url(tmp_path / "copy"))
+    assert [t.value for t in copied.trials] == [t.value for t in tuned.study.trials] and len(copied.trials) == 3
 
 
 def test_search_space_holds_the_recipe_value_and_fits_the_strategy(tmp_path):

@@ -60,7 +60,8 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _open_storage(url: str, config: FitConfig) -> _QueueStorage:
+def open_storage(url: str, config: FitConfig) -> _QueueStorage:
+    """The study database at ``url``, its tables made if new; ``close_storage`` when done."""
     from sqlalchemy.exc import SQLAlchemyError
 
     tuning = config.tuning
@@ -83,6 +84,14 @@ def _open_storage(url: str, config: FitConfig) -> _QueueStorage:
             if attempt == 4:
                 raise TlpipeError(f"cannot open the Optuna storage {_safe_url(url)}: {str(exc).splitlines()[0]}") from None
             time.sleep(0.5 * (attempt + 1))
+
+
+def close_storage(storage: optuna.storages.RDBStorage) -> None:
+    """Close the storage's connections. On SQLite the last one to close folds the write-ahead log into
+    optuna.db and deletes optuna.db-wal and -shm: left open until the process ended, they stayed, and
+    optuna.db alone held none of the trials (4 KB beside a 968 KB log). Reading the study again reconnects."""
+    storage.remove_session()
+    storage.engine.dispose()
 
 
 def _sqlite_connector(path: Path) -> Callable[[], Any]:
@@ -127,20 +136,22 @@ def make_pruner(config: FitConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(config: FitConfig, output_dir: Path | None = None, *, storage: str | None = None,
-               study_name: str | None = None, worker: bool = False) -> optuna.Study:
+def open_study(config: FitConfig, output_dir: Path | None = None, *,
+               storage: str | optuna.storages.RDBStorage | None = None, study_name: str | None = None,
+               worker: bool = False) -> optuna.Study:
     """Create the study, or load it when it exists (a re-run, or another process created it first).
 
-    ``storage`` / ``study_name`` override ``config.tuning``'s; the default storage is
-    ``<output_dir>/optuna.db``. The sampler is TPE seeded with ``config.seed``; a worker's is
-    unseeded, or it would draw the lead's very trials."""
+    ``storage`` (a URL, or one ``open_storage`` opened) / ``study_name`` override ``config.tuning``'s;
+    the default storage is ``<output_dir>/optuna.db``. The sampler is TPE seeded with ``config.seed``;
+    a worker's is unseeded, or it would draw the lead's very trials."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    url = storage_url(output_dir, storage or config.tuning.storage)
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        storage = open_storage(storage_url(output_dir, storage or config.tuning.storage), config)
     name = study_name or config.tuning.study_name or default_study_name(config)
     sampler = optuna.samplers.TPESampler(seed=None if worker else config.seed,
                                          n_startup_trials=config.tuning.sampler_startup_trials)
-    kwargs = dict(study_name=name, storage=_open_storage(url, config), sampler=sampler,
+    kwargs = dict(study_name=name, storage=storage, sampler=sampler,
                   pruner=make_pruner(config), direction="maximize")
     for attempt in range(5):
         try:

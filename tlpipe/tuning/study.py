@@ -20,7 +20,8 @@ from tlpipe.run.tracking import FitRun
 from tlpipe.tuning.results import log_study, score_name
 from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
 from tlpipe.tuning.storage import (
-    _CONFIG, _LEAD_RUN, _SLOT, WORKER_ATTR, PRUNED_REASON, QueueEmpty, _quiet, open_study, storage_url, trial_dir,
+    _CONFIG, _LEAD_RUN, _SLOT, WORKER_ATTR, PRUNED_REASON, QueueEmpty, _quiet, close_storage, open_storage, open_study,
+    storage_url, trial_dir,
 )
 
 STATE_TAG = "optuna_state"  # tag on each trial's MLflow run: COMPLETE, PRUNED or FAILED
@@ -260,14 +261,18 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
     if requested_trials(config, trials) == 0:
         return Tuned(config, summary={"trials": 0})
     url = storage_url(output_dir, storage or config.tuning.storage)
-    study = open_study(config, output_dir, storage=url, study_name=study_name)
-    before = _count(study, *_FINISHED)  # trials an earlier run of this study finished: it continues
-    run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent, trial_seconds=trial_seconds,
-              least_epochs=least_epochs,
-              requeue_running=url.startswith("sqlite:"))  # SQLite is one process's (pitfall: "database is locked")
-    summary = {**log_study(study, parent, output_dir, score_name(getattr(objective, "codes", None))), "finished_before": before}
-    best = best_config(study, config)
-    fit_dir = None
-    if config.strategy != "linear" and "best_trial" in summary:
-        fit_dir = trial_dir(output_dir, study.best_trial)
+    connection = open_storage(url, config)
+    try:
+        study = open_study(config, output_dir, storage=connection, study_name=study_name)
+        before = _count(study, *_FINISHED)  # trials an earlier run of this study finished: it continues
+        run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent, trial_seconds=trial_seconds,
+                  least_epochs=least_epochs,
+                  requeue_running=url.startswith("sqlite:"))  # SQLite is one process's (pitfall: "database is locked")
+        summary = {**log_study(study, parent, output_dir, score_name(getattr(objective, "codes", None))),
+                   "finished_before": before}
+        best = best_config(study, config)
+        fine_tuned = config.strategy != "linear" and "best_trial" in summary
+        fit_dir = trial_dir(output_dir, study.best_trial) if fine_tuned else None
+    finally:
+        close_storage(connection)
     return Tuned(best, study, summary, fit_dir)
