@@ -321,6 +321,37 @@ def test_dataloader_workers_live_through_a_sigterm_sent_to_the_whole_process_gro
     assert sum(len(labels) for _, labels in batches) == len(samples) - 8
 
 
+def _note_mask_then_ignore(folder: Path, worker_id: int) -> None:
+    from tlpipe.budget import ignore_stop_signals
+
+    stops = {signal.SIGTERM, signal.SIGINT}
+    at_start = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    ignore_stop_signals(worker_id)
+    (folder / f"{worker_id}.json").write_text(json.dumps({
+        "blocked_at_start": stops <= at_start, "blocked_after": bool(stops & signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "ignored": signal.getsignal(signal.SIGTERM) == signal.SIG_IGN}))
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks on this platform")
+def test_loader_workers_start_with_stop_signals_blocked_until_they_ignore_them(tmp_path):
+    """Between a worker's start and its worker_init_fn, PyTorch's SIGTERM handler would kill it (a fit
+    stopped at that moment ended with exit 1): the signals wait, blocked, and are then ignored."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from tlpipe.budget import worker_options
+
+    options = worker_options(2)
+    if options["multiprocessing_context"] is None:
+        pytest.skip("workers are not forked here: the shield applies to fork")
+    options["worker_init_fn"] = partial(_note_mask_then_ignore, tmp_path)
+    assert list(DataLoader(range(8), batch_size=2, **options)) != []
+    notes = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*.json"))]
+    assert notes == [{"blocked_at_start": True, "blocked_after": False, "ignored": True}] * 2
+    assert not {signal.SIGTERM, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the fit's own mask is back
+
+
 def test_a_fit_that_ends_well_before_its_limit_says_why():
     from tlpipe.budget import Budget
     from tlpipe.strategy.plan import Plan, budget_use

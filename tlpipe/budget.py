@@ -12,6 +12,7 @@ signal that lands where Python swallows exceptions (a garbage collector's weakre
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -141,9 +142,40 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     terminal's Ctrl+C, systemd, ``kill -- -PGID``) leave the workers running, so the fit that owns
     them cuts cleanly and shuts them down; PyTorch's own handler would kill them, and the fit with
     them ("DataLoader worker is killed by signal", exit 1). A worker whose fit dies outright
-    notices and exits (PyTorch's watchdog)."""
+    notices and exits (PyTorch's watchdog). A worker started by ``worker_options`` had the signals
+    blocked until now: one that came meanwhile is dropped here, ignored."""
     for signum in _SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, list(_SIGNALS))
+
+
+if hasattr(multiprocessing.context, "ForkProcess"):  # POSIX
+    class _ShieldedFork(multiprocessing.context.ForkProcess):
+        """A forked process that starts with SIGTERM and SIGINT blocked. Between a DataLoader worker's
+        start and its ``worker_init_fn``, PyTorch's SIGTERM handler would kill it: a stop signal sent to
+        the process group at that moment ended a fit with exit 1 instead of its cut (seen in CI)."""
+
+        def start(self) -> None:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, list(_SIGNALS))
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    class _ShieldedForkContext(multiprocessing.context.ForkContext):
+        Process = _ShieldedFork
+
+
+def worker_options(workers: int) -> dict[str, Any]:
+    """DataLoader keywords for ``workers`` processes that live through a stop signal sent to the whole
+    process group: they ignore it (``ignore_stop_signals``), and where the start method is fork (Linux
+    before Python 3.14) they start with it blocked, so none lands before they do."""
+    if workers == 0:
+        return {"num_workers": 0}
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    context = _ShieldedForkContext() if method == "fork" and hasattr(signal, "pthread_sigmask") else None
+    return {"num_workers": workers, "worker_init_fn": ignore_stop_signals, "multiprocessing_context": context}
 
 
 def raise_if_stopped() -> None:

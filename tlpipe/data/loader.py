@@ -8,7 +8,7 @@ import timm.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tlpipe.budget import ignore_stop_signals
+from tlpipe.budget import worker_options
 from tlpipe.data.dataset import Sample
 from tlpipe.data.images import load_rgb
 from tlpipe.utils import default_workers
@@ -49,7 +49,6 @@ def eval_loader(samples: Sequence[Sample], data_config: dict, batch_size: int, w
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=workers if len(dataset) > batch_size else 0,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_stop_signals,
+        **worker_options(workers if len(dataset) > batch_size else 0),
     )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tlpipe.budget import ignore_stop_signals
+from tlpipe.budget import worker_options
 from tlpipe.cache import cache_root
 from tlpipe.config import FinetuneConfig, FitConfig, fit_identity
 from tlpipe.data import (
@@ -319,9 +319,8 @@ def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path,
     workers = default_workers(config.num_workers)
     # The loaders get their own generator: drawing worker seeds from the global RNG would shift the
     # dropout stream when a resumed run starts its workers at another epoch than an unbroken run.
-    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
-                  worker_init_fn=ignore_stop_signals)
+    common = dict(batch_size=batch_size, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                  generator=torch.Generator().manual_seed(config.seed), **worker_options(workers))
     sampler = EpochSampler(len(labels["train"]), config.seed, num_replicas=context.world_size, rank=context.rank)
     train_loader = DataLoader(
         CachedImages(arrays["train"], labels["train"], train_transform(data_config, config.augment)),

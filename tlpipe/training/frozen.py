@@ -129,7 +129,7 @@ class FrozenPrefix:
     @torch.no_grad()
     def _outputs(self, loader: DataLoader, rows: list[int], device: torch.device, precision, share: float) -> torch.Tensor | None:
         plain = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=rows, num_workers=loader.num_workers,
-                           worker_init_fn=loader.worker_init_fn)
+                           worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context)
         outputs = None
         self.model.eval()
         for start, (images, _) in zip(range(0, len(rows), loader.batch_size), plain):
