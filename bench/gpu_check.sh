@@ -3,7 +3,7 @@
 # output into the note. From the repo root:  bash bench/gpu_check.sh [tests] [speed] [fit]
 # (no argument: all three). The datasets come from $TLPIPE_DATA (default ../shared/data; speed and fit
 # read its bloodcells). Packages the machine lacks travel as wheels in .whl/ and are installed into
-# $SITE, which stays while the machine does: the wheels (~62 MB) and bloodcells (~11 MB) pass the
+# $SITE, which stays while the machine does: the wheels (~65 MB) and bloodcells (~11 MB) pass the
 # device tool's 64 MiB a call only apart, so a first call carries .whl and runs `tests`, the next
 # carries the data and runs `speed fit` (see the device tool's README).
 set -uo pipefail

@@ -104,7 +104,6 @@ def main() -> None:
 
     # Finetuner.fit's setup, then its own _train_epoch; each loader gets its own optimizer and schedule.
     tuner = Finetuner(ft, device)
-    tuner._record_first = False  # set by fit, which this bench steps around
     freeze_stages(model, None)
     model.to(device, memory_format=torch.channels_last)
     precision, criterion = Precision(device), nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)

@@ -215,6 +215,7 @@ class Finetuner:
         self.check, self.allowance = check, allowance
         self.multilabel = multilabel  # binary cross-entropy per class; its epochs scored by val mAP
         self.oom_events_: list[dict] = []
+        self._record_first = False  # fit turns it on for a run that starts at epoch 0
 
     def fit(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> "Finetuner":
         with deterministic_algorithms(self.config.deterministic):
