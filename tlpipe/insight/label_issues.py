@@ -102,17 +102,21 @@ def find_label_issues(X: np.ndarray, y: np.ndarray, c_grid: tuple[float, ...], s
     """The train images (codes ``X``, labels ``y``: class indices, or a multi-label 0/1 matrix) whose
     label the codes contradict, most suspect first; None when the classes are too small to hold any
     image out."""
-    from cleanlab.filter import find_label_issues as confident_learning
+    from cleanlab.filter import find_label_issues as single_label_issues
+    from cleanlab.multilabel_classification.filter import find_label_issues as multilabel_issues
 
     multilabel = y.ndim == 2
     scored = (out_of_fold_label_probabilities if multilabel else out_of_fold_probabilities)(X, y, c_grid, seed)
     if scored is None:
         return None
     probabilities, C = scored
-    labels = [list(np.flatnonzero(row)) for row in y] if multilabel else y
-    rows = confident_learning(labels, probabilities, filter_by="both" if multilabel else SINGLE_LABEL_FILTER,
-                              return_indices_ranked_by="self_confidence", multi_label=multilabel,
-                              n_jobs=1)  # its default forks a pool: a forked torch process can hang in it
+    # n_jobs=1: cleanlab's default forks a pool, and a forked torch process can hang in it
+    if multilabel:
+        rows = multilabel_issues([list(np.flatnonzero(row)) for row in y], probabilities, filter_by="both",
+                                 return_indices_ranked_by="self_confidence", n_jobs=1)
+    else:
+        rows = single_label_issues(y, probabilities, filter_by=SINGLE_LABEL_FILTER,
+                                   return_indices_ranked_by="self_confidence", n_jobs=1)
     rows = np.asarray(rows, dtype=np.int64)
     if multilabel:  # quality: how well the given set agrees with the codes, class by class (the worst class)
         agreement = np.where(y[rows] == 1, probabilities[rows], 1 - probabilities[rows])
