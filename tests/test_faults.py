@@ -122,15 +122,37 @@ def test_a_finished_folder_of_other_data_is_refused_unless_overwrite(tmp_path):
     assert (out / "my notes.txt").read_text() == "mine"  # --overwrite removes the fit's own files, nothing else
 
 
-@pytest.mark.parametrize("where", ["inside_dataset", "a_file", "unwritable"])
+def test_a_folder_holding_a_users_files_of_a_fits_names_is_refused_unless_overwrite(tmp_path):
+    root, out = dataset(tmp_path / "d", ["cats", "dogs"]), tmp_path / "project"
+    out.mkdir()
+    (out / "config.yaml").write_text("mine: true\n")
+    (out / "model").mkdir()
+    (out / "model" / "weights.bin").write_bytes(b"mine")
+    one_line(tlpipe("fit", root, "-o", out, *FAST), "holds model, config.yaml, not written by a tlpipe fit", "--overwrite")
+    assert (out / "config.yaml").read_text() == "mine: true\n" and (out / "model" / "weights.bin").read_bytes() == b"mine"
+    assert tlpipe("fit", root, "-o", out, *FAST, "--overwrite").exit_code == 0
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["cats", "dogs"]
+
+
+def test_a_fit_that_failed_is_rerun_on_corrected_data_without_overwrite(tmp_path):
+    root, out = dataset(tmp_path / "d", ["cats", "dogs"]), tmp_path / "out"
+    (root / "dogs").rename(tmp_path / "dogs")
+    one_line(tlpipe("fit", root, "-o", out, *FAST), "class")
+    (tmp_path / "dogs").rename(root / "dogs")
+    assert tlpipe("fit", root, "-o", out, *FAST).exit_code == 0
+
+
+@pytest.mark.parametrize("where", ["inside_dataset", "a_file", "unwritable", "example_into_a_file"])
 def test_output_paths_that_cannot_be_used_are_one_line(tmp_path, where):
     root = dataset(tmp_path / "d", ["cats", "dogs"])
-    out = {"inside_dataset": root / "out", "a_file": tmp_path / "file.txt", "unwritable": Path("/proc/tlpipe-out")}[where]
-    if where == "a_file":
+    out = {"inside_dataset": root / "out", "a_file": tmp_path / "file.txt", "unwritable": Path("/proc/tlpipe-out"),
+           "example_into_a_file": tmp_path / "file.txt"}[where]
+    if where in ("a_file", "example_into_a_file"):
         out.write_text("mine")
     message = {"inside_dataset": "is inside the dataset folder", "a_file": "is a file, not a folder",
-               "unwritable": "cannot write --output"}[where]
-    one_line(tlpipe("fit", root, "-o", out, *FAST), message)
+               "unwritable": "cannot write --output", "example_into_a_file": "is a file, not a folder"}[where]
+    given = ["--example", "digits"] if where == "example_into_a_file" else [root]
+    one_line(tlpipe("fit", *given, "-o", out, *FAST), message)
     assert not (root / "out").exists()
 
 

@@ -45,8 +45,10 @@ def fit_data(data: Any, example: str | None, output: str | Path | None) -> tuple
     if (data is None) == (example is None):
         raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
     if example is not None:
-        out = Path(output) if output else default_output(f"example-{example}")
-        return write_example(example, out), out
+        from tlpipe.paths import output_folder
+
+        out = output_folder(output or default_output(f"example-{example}"), "--output")  # usable before the example goes in
+        return as_source(write_example(example, out)), out
     source = as_source(data)
     return source, Path(output) if output else default_output(source_name(source))
 

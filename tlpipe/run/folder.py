@@ -140,10 +140,9 @@ class RunFolder:
                               f"{other.get('started', '?')}): wait for it to end, or give another --output") from None
         try:
             owner = self.owner()
-            if owner.get("key", key) != key:
+            if owner.get("key", key) != key or not owner and self._foreign_files():
                 if not overwrite:
-                    raise TlpipeError(f"{self.path} holds a fit of {owner.get('data')} with another config or other "
-                                      "data: add --overwrite to replace it, or give another --output")
+                    raise TlpipeError(self._refusal(owner))
                 self._clear(data)
                 owner = {}
             self.sweep()
@@ -151,17 +150,29 @@ class RunFolder:
                                                 "started": datetime.now().isoformat(timespec="seconds")})
             yield
         except Exception:  # not a cut (a BaseException): that fit resumes
-            if not (self.path / self.BUNDLE).exists():  # a re-run of corrected data or settings needs no --overwrite
-                (self.path / self.OWNER).unlink(missing_ok=True)
+            if not (self.path / self.BUNDLE).exists():  # a re-run of corrected data or settings needs no --overwrite:
+                owner = {k: v for k, v in self.owner().items() if k != "key"}  # any fit may claim the folder, still tlpipe's
+                write_json(self.path / self.OWNER, owner)
             raise
         finally:
+            if created and self._nothing_kept():  # a fit that wrote nothing of use leaves nothing (lock held:
+                shutil.rmtree(self.path)  # no other fit can start here meanwhile)
             lock.release()
-            if created and self._nothing_kept():  # a fit that wrote nothing of use leaves nothing
-                shutil.rmtree(self.path)
+
+    def _foreign_files(self) -> list[str]:
+        """The files of a fit's names that are here with no owner record: not a tlpipe fit's, a user's."""
+        return [name for name in self.fit_files() if (self.path / name).exists()]
+
+    def _refusal(self, owner: dict) -> str:
+        if owner:
+            return (f"{self.path} holds a fit of {owner.get('data')} with another config or other data: add "
+                    "--overwrite to replace it, or give another --output")
+        return (f"{self.path} holds {', '.join(self._foreign_files())}, not written by a tlpipe fit: a fit writes "
+                "files of these names; give another --output, or add --overwrite to replace them")
 
     def _nothing_kept(self) -> bool:
         """The folder holds nothing a user needs: the lock, and at most a quarantine list without rows."""
-        names = {p.name for p in self.path.iterdir()} - {self.LOCK}
+        names = {p.name for p in self.path.iterdir()} - {self.LOCK, self.OWNER}
         quarantine = self.path / self.QUARANTINE
         if names == {self.QUARANTINE} and quarantine.is_file():
             with quarantine.open(encoding="utf-8") as rows:
