@@ -208,6 +208,27 @@ def test_a_tuning_worker_leaves_out_the_same_suspects_as_its_lead_and_changes_no
     assert without_label_issues(spec, codes, load_config("default")) == (spec, codes)  # off: as given
 
 
+def test_leaving_out_suspects_never_takes_more_than_half_a_class(tmp_path):
+    from tlpipe.config import load_config
+    from tlpipe.data import DatasetSpec, Sample
+    from tlpipe.insight.label_issues import find_label_issues
+    from tlpipe.stages.diagnose import without_label_issues
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [30, 30, 4])  # class 2: four images whose codes sit among class 0's
+    X = np.eye(3)[np.where(y == 2, 0, y)] * 4 + rng.normal(size=(64, 3)) * 0.3
+    samples = [Sample(tmp_path / f"{k}.jpg", int(label)) for k, label in enumerate(y)]
+    spec = DatasetSpec(tmp_path, ["a", "b", "c"], {"train": samples, "val": samples[:3]}, "folder")
+    codes = {"train": (X, y), "val": (X[:3], y[:3])}
+    flagged = find_label_issues(X, y, (0.1, 1.0))
+    in_c = int(np.isin(np.flatnonzero(y == 2), flagged.rows).sum())
+    assert in_c >= 3  # confident learning flags (nearly) the whole class
+
+    kept_spec, kept_codes = without_label_issues(spec, codes, load_config("default", exclude_label_issues=True))
+    assert np.bincount(kept_codes["train"][1]).tolist()[2] == 2  # half of it stays: the class is not lost
+    assert len(kept_spec.splits["train"]) == len(kept_codes["train"][1]) == 64 - len(flagged) + in_c - 2
+
+
 def test_label_issues_of_a_multi_label_set_name_the_images_whose_set_the_codes_contradict():
     from tlpipe.insight.label_issues import find_label_issues
 

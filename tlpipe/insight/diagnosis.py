@@ -15,7 +15,7 @@ class Diagnosis:
     label_issues: LabelIssues | None = None
     suspects: tuple = ()  # the flagged train Samples, in the order of label_issues.rows
     learning_curve: LearningCurve | None = None
-    excluded: dict | None = None  # images, score (accuracy or mAP), val_with, val_without
+    excluded: dict | None = None  # images, kept_for_their_class, score (accuracy or mAP), val_with, val_without
 
     def to_dict(self) -> dict:
         return {"label_issues": {**self.label_issues.to_dict(), **({"excluded": self.excluded} if self.excluded else {})}

@@ -46,6 +46,19 @@ class LabelIssues:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def excludable(self, y: np.ndarray) -> np.ndarray:
+        """The flagged rows to leave out of train (labels ``y``), most suspect first, while every class
+        keeps at least half of its images: a class the codes contradict as a whole is a question
+        about the class, not about some labels, and a class left empty would leave the model."""
+        per_class = y if y.ndim == 2 else np.eye(int(y.max()) + 1, dtype=np.int64)[y]
+        left = per_class.sum(axis=0)
+        floor, rows = np.ceil(left / 2), []
+        for row in self.rows:
+            if np.all(left - per_class[row] >= floor):
+                left = left - per_class[row]
+                rows.append(row)
+        return np.asarray(rows, dtype=np.int64)
+
     def to_dict(self) -> dict:
         kept = ("pruned by noise rate and by class" if self.suggested.ndim == 2 else  # the filters find_label_issues uses
                 "as many images as its confident joint counts as mislabelled, those of lowest self-confidence")

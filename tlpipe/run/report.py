@@ -79,8 +79,10 @@ def print_diagnosis(summary: dict) -> None:
         line = (f"{issues['flagged']} of {issues['checked']} train images have a label their codes contradict "
                 f"({RunFolder.LABEL_ISSUES}, most suspect first)")
         if excluded := issues.get("excluded"):
-            line += (f"; left out of training: val {excluded['score']} {excluded['val_with']:.3f} with them, "
-                     f"{excluded['val_without']:.3f} without (logistic regression on the codes)")
+            line += (f"; {excluded['images']} left out of training: val {excluded['score']} {excluded['val_with']:.3f} "
+                     f"with them, {excluded['val_without']:.3f} without (logistic regression on the codes)")
+            if kept := excluded.get("kept_for_their_class"):
+                line += f"; {kept} kept so that every class keeps half of its images"
         elif issues["flagged"]:
             line += "; --exclude-label-issues trains without them"
         console.print(f"[bold]Label issues[/]  {escape(line)}")

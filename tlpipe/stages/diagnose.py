@@ -43,7 +43,7 @@ def without_label_issues(spec: DatasetSpec, codes: Codes, config: FitConfig) -> 
     if not config.exclude_label_issues:
         return spec, codes
     issues = find_label_issues(*codes["train"], tuple(config.linear.c_grid), config.seed)
-    return (spec, codes) if issues is None else without_rows(spec, codes, issues.rows)
+    return (spec, codes) if issues is None else without_rows(spec, codes, issues.excludable(codes["train"][1]))
 
 
 def without_rows(spec: DatasetSpec, codes: Codes, rows: np.ndarray) -> tuple[DatasetSpec, Codes]:
@@ -64,14 +64,15 @@ def _without_suspects(prepared: Prepared, choice: Choice, diagnosis: Diagnosis) 
     linear classifier saved first and the guard's baseline), and the logistic regression's val
     score (accuracy; multi-label: mAP) with and without them."""
     issues, seed = diagnosis.label_issues, choice.config.seed
-    spec, codes = without_rows(prepared.spec, choice.codes, issues.rows)
+    rows = issues.excludable(choice.codes["train"][1])
+    spec, codes = without_rows(prepared.spec, choice.codes, rows)
     multilabel = prepared.spec.multilabel
     fit = (lambda X, y: fit_multilabel_head(issues.C, X, y, seed)) if multilabel else \
         (lambda X, y: fit_head("logreg", issues.C, X, y, seed))  # noqa: E731
     before, after = (head_score(fit(*train), *choice.codes["val"]) for train in (choice.codes["train"], codes["train"]))
-    excluded = {"images": len(issues), "score": "mAP" if multilabel else "accuracy",
+    excluded = {"images": len(rows), "kept_for_their_class": len(issues) - len(rows), "score": "mAP" if multilabel else "accuracy",
                 "val_with": round(before, 4), "val_without": round(after, 4)}
-    linear = choice.linear and _refitted(choice.linear, without_rows(prepared.spec, choice.linear.codes, issues.rows)[1])
+    linear = choice.linear and _refitted(choice.linear, without_rows(prepared.spec, choice.linear.codes, rows)[1])
     choice = dataclasses.replace(choice, codes=codes, linear=linear, diagnosis=dataclasses.replace(diagnosis, excluded=excluded))
     return dataclasses.replace(prepared, spec=spec), choice
 
