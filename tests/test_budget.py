@@ -174,7 +174,7 @@ def _group_ends(group: int, seconds: float = 15) -> bool:
 def test_a_fit_keeps_its_time_limit_and_says_what_the_budget_cut(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
-    out, limit = tmp_path / "out", 60
+    out, limit = tmp_path / "out", 40
     start = time.monotonic()
     subprocess.run(_fit(_data(tmp_path / "data"), out, recipe, "--time-limit", f"{limit}s"), check=True,
                    capture_output=True, timeout=600)
