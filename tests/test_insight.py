@@ -187,6 +187,23 @@ def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_fo
     assert not (root / "cats" / "why").exists()
 
 
+def test_the_heatmap_of_a_flip_averaging_bundle_mirrors_with_its_image(bundle_dir, tmp_path):
+    """Its prediction is the same for an image and its mirror, so its explanation must mirror too."""
+    from tlpipe.bundle.folder import load_bundle
+    from tlpipe.insight.heatmaps import heatmaps
+
+    bundle = load_bundle(bundle_dir[1], "cpu")
+    bundle.extractor.hflip = True  # as when the fit chose test-time flip averaging on val
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:, :24] = class_color(0)
+    pixels[10:50, 40:60] = class_color(1)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    Image.fromarray(pixels[:, ::-1]).save(tmp_path / "mirror.png")
+    (_, heat, top), (_, mirrored, mirrored_top) = heatmaps(bundle, [tmp_path / "image.png", tmp_path / "mirror.png"])
+    assert top == mirrored_top and heat.std() > 0.01
+    assert np.abs(mirrored - heat[:, ::-1]).max() < 1e-3
+
+
 def test_a_tuning_worker_leaves_out_the_same_suspects_as_its_lead_and_changes_nothing_it_was_given(tmp_path):
     from tlpipe.config import load_config
     from tlpipe.data import DatasetSpec, Sample

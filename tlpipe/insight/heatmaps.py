@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from tlpipe.models import PENULTIMATE
 from tlpipe.utils import atomic_write
 
 OVERLAY_ALPHA = 0.5
+CHUNK = 32  # images decoded at a time: --explain over a large folder holds one chunk, not the folder
 
 
 class BundleLogits(nn.Module):
@@ -33,6 +34,7 @@ class BundleLogits(nn.Module):
         super().__init__()
         config, head = bundle.backbone.data_config, bundle.head.tensors()
         self.extractor = copy.deepcopy(bundle.extractor).cpu().eval()
+        self.hflip, self.extractor.hflip = self.extractor.hflip, False  # one view a pass: the CAM sees the view it explains
         self.register_buffer("mean", torch.tensor(config["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(config["std"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("weight", head["weight"].float())
@@ -51,26 +53,32 @@ def target_layer(bundle: Bundle) -> str | None:
     return None if layer == PENULTIMATE or "+" in layer else f"extractor.model.{layer}"
 
 
-def heatmaps(bundle: Bundle, images: Sequence[Path]) -> list[tuple[Image.Image, np.ndarray, int]]:
-    """For each image: the picture as the model sees it, the heatmap (H, W) in [0, 1] at its size, and
-    the class it was drawn for (the top class)."""
+def heatmaps(bundle: Bundle, images: Sequence[Path]) -> Iterator[tuple[Image.Image, np.ndarray, int]]:
+    """For each image, in order: the picture as the model sees it, the heatmap (H, W) in [0, 1] at its
+    size, and the class it was drawn for (the top class). ``CHUNK`` images in memory at a time."""
     from torchcam.methods import GradCAM
 
     from tlpipe.bundle.graph import pixels
 
     logging.getLogger("torchcam").setLevel(logging.ERROR)  # its note on the layer it picked is ours to give
     network = BundleLogits(bundle)
-    batch = torch.from_numpy(pixels(bundle, list(images), "float32"))
-    results = []
-    with GradCAM(network, target_layer=target_layer(bundle), input_shape=tuple(batch.shape[1:])) as extractor:
-        for picture in batch:
-            scores = network(picture.unsqueeze(0))
-            top = int(scores.argmax(dim=1))
-            cam = extractor(top, scores)[0][0].detach()
-            cam = torch.nn.functional.interpolate(cam[None, None], size=picture.shape[1:], mode="bilinear")[0, 0]
-            shown = Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-            results.append((shown, cam.clamp(0, 1).numpy(), top))
-    return results
+    shape = tuple(bundle.backbone.data_config["input_size"])
+    with GradCAM(network, target_layer=target_layer(bundle), input_shape=shape) as extractor:
+        for start in range(0, len(images), CHUNK):
+            for picture in torch.from_numpy(pixels(bundle, list(images[start:start + CHUNK]), "float32")):
+                heat, top = _heatmap(network, extractor, picture)
+                yield Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), heat, top
+
+
+def _heatmap(network: BundleLogits, extractor, picture: torch.Tensor) -> tuple[np.ndarray, int]:
+    """The heatmap of the class the bundle predicts for ``picture``; with flip averaging, the mean of
+    each view's map (the mirror's mirrored back): torchcam reads the last pass, so one view a pass."""
+    views = (picture, picture.flip(-1)) if network.hflip else (picture,)
+    top = int(sum(network(view.unsqueeze(0)) for view in views).argmax(dim=1))
+    cams = [extractor(top, network(view.unsqueeze(0)))[0][0].detach() for view in views]
+    cam = (cams[0] + cams[1].flip(-1)) / 2 if network.hflip else cams[0]
+    cam = torch.nn.functional.interpolate(cam[None, None], size=picture.shape[1:], mode="bilinear")[0, 0]
+    return cam.clamp(0, 1).numpy(), top
 
 
 def overlay(picture: Image.Image, heat: np.ndarray) -> Image.Image:
