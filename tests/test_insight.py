@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -149,18 +150,21 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
     unlabelled.mkdir()
     for k in range(2):  # copies of the fit's images: their labels are known
         shutil.copy(root / "cats" / f"{k}.jpg", unlabelled / f"copy{k}.jpg")
-    for k in range(6):
-        make_image(unlabelled / "new" / f"{k}.png", class_color(k % 3), size=(40, 32), noise=40, seed=[7, k])
+    for k in range(6):  # names a URL must encode
+        make_image(unlabelled / "new" / f"{k} #&+é.png", class_color(k % 3), size=(40, 32), noise=40, seed=[7, k])
+    (unlabelled / "broken.jpg").write_bytes(b"not an image")
 
     result = tlpipe("suggest", bundle, unlabelled, "--n", "3", "-o", tmp_path / "picks", "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "suggested 3 of 8 images; 2 skipped as near-copies of the fit's labelled images" in result.stdout
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr and "Traceback" not in result.output
     with (tmp_path / "picks" / "suggestions.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["rank"] for r in rows] == ["1", "2", "3"] and all("/new/" in r["path"] for r in rows)
     assert len({r["path"] for r in rows}) == 3 and {r["model_guess"] for r in rows} <= {"cats", "dogs"}
     tasks = json.loads((tmp_path / "picks" / "label_studio.json").read_text(encoding="utf-8"))
-    assert [t["data"]["image"].rsplit("/", 1)[1] for t in tasks] == [r["path"].rsplit("/", 1)[1] for r in rows]
+    urls = [urlsplit(t["data"]["image"]) for t in tasks]  # a local-files URL as Label Studio's server parses it
+    assert [parse_qs(url.query)["d"][0] for url in urls] == [r["path"].lstrip("/") for r in rows] and not any(u.fragment for u in urls)
     assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"][0] == rows[0]["model_guess"]
     assert Image.open(tmp_path / "picks" / "contact_sheet.png").size == (3 * 128, 142)
 
@@ -184,6 +188,7 @@ def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_fo
 
     one_line(tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why"), "already holds", "--overwrite")
     one_line(tlpipe("predict", bundle, root / "cats", "--explain", root / "cats" / "why"), "inside the dataset folder")
+    one_line(tlpipe("predict", bundle, root / "cats" / "0.jpg", "--explain", root / "cats"), "inside the dataset folder")
     assert not (root / "cats" / "why").exists()
 
 

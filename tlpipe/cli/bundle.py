@@ -63,7 +63,7 @@ def predict(
         if explain:  # checked before any work: never inside the images given, nothing replaced unasked
             from tlpipe.insight.heatmaps import overlay_names
 
-            for source in [p for p in paths if p.is_dir()] or [None]:
+            for source in {p if p.is_dir() else p.parent for p in paths} or {None}:  # a file's folder too
                 output_folder(explain, "--explain", overlay_names(images), overwrite=overwrite, dataset=source)
         print_predictions(model.predict(images, top_k, batch_size or 64, workers, reject=not no_reject), format.value)
         if explain:
@@ -166,16 +166,19 @@ def suggest(
     with user_errors():
         checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle
-        from tlpipe.data.scan import image_files
+        from tlpipe.data.scan import expand_image_paths
         from tlpipe.insight.labelling import OUTPUTS, suggest_to_label
         from tlpipe.paths import output_folder
 
         if not unlabelled.is_dir():
             raise TlpipeError(f"{unlabelled} is not a folder: give the folder of unlabelled images")
-        images = image_files(unlabelled)
+        images, problems = expand_image_paths([unlabelled])
         if not images:
-            raise TlpipeError(f"{unlabelled} holds no image files: give the folder of unlabelled images")
+            found = f"{len(problems)} image files, none of which opens" if problems[0][0] != unlabelled else "no image files"
+            raise TlpipeError(f"{unlabelled} holds {found}: give the folder of unlabelled images")
         out = output_folder(out, "--out", OUTPUTS, overwrite=overwrite, dataset=unlabelled)
+        for path, why in problems:
+            typer.echo(f"skipped {path}: {why}", err=True)
         done = suggest_to_label(load_bundle(bundle, device), images, n, out, batch_size or 64, workers)
         skipped = f"; {done.duplicates} skipped as near-copies of the fit's labelled images" if done.duplicates else ""
         unknown = "" if done.labelled_known else " (the fit's images were not found: near-copies of them not checked)"

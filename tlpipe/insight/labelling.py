@@ -8,6 +8,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,7 +79,7 @@ def _write_label_studio(path: Path, rows, classes: list[str]) -> None:
     """Label Studio's task import format: one task per image (a local-files URL of its absolute path:
     Label Studio's local storage with ``LOCAL_FILES_DOCUMENT_ROOT=/``), the model's guess as a
     pre-annotation of an image classification config (``<Choices name="choice" toName="image">``)."""
-    tasks = [{"data": {"image": f"/data/local-files/?d={image.resolve().as_posix().lstrip('/')}"},
+    tasks = [{"data": {"image": f"/data/local-files/?d={quote(image.resolve().as_posix().lstrip('/'))}"},
               "meta": {"rank": rank, "uncertainty": round(u, 4)},
               "predictions": [{"model_version": "tlpipe", "score": round(_guess(p, classes)[1], 4),
                                "result": [{"from_name": "choice", "to_name": "image", "type": "choices",
