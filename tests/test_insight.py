@@ -174,6 +174,18 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
     one_line(tlpipe("suggest", bundle, tmp_path / "empty"), "holds no image files")
 
 
+def test_suggestions_stay_spread_over_the_data_when_labelled_images_outnumber_the_clusters():
+    from tlpipe.insight.suggest import MAX_CLUSTERS, suggest
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 64))
+    y_known, y_pool = rng.integers(0, 20, 10 * MAX_CLUSTERS), rng.integers(0, 20, 2000)
+    known, pool = (centres[y] + rng.normal(size=(len(y), 64)) * 0.8 for y in (y_known, y_pool))
+    probabilities = np.where((y_pool == 0)[:, None], 0.5, np.array([0.98, 0.02]))  # region 0 the most uncertain
+    picks = suggest(probabilities, pool, 100, known).rows
+    assert len(set(picks.tolist())) == 100 and len(np.unique(y_pool[picks])) >= 15  # not 100 picks of region 0
+
+
 def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_folder(bundle_dir, tmp_path):
     root, bundle = bundle_dir
     result = tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why", "--workers", "0")

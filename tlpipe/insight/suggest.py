@@ -4,7 +4,9 @@ covers (Hacohen et al., 2022, TypiClust); uncertainty alone picks near-copies of
 So the codes of the labelled and unlabelled images together are clustered (k-means, as many
 clusters as labelled images plus picks, at most ``MAX_CLUSTERS``), and from each cluster without
 a labelled image, largest first, one image is picked: the one most typical (nearest its centre) and
-uncertain, the two standardised within the cluster and weighed ``1 : UNCERTAINTY_WEIGHT``.
+uncertain, the two standardised within the cluster and weighed ``1 : UNCERTAINTY_WEIGHT``. With more
+labelled images than clusters, every cluster holds some: the least covered (smallest labelled share)
+come first, so the picks stay spread over the data rather than fall back on uncertainty alone.
 Near-copies of a labelled image (cosine similarity of the codes over ``DUPLICATE_SIMILARITY``) are
 skipped: their label is known. Measured in bench/suggest.py.
 """
@@ -62,17 +64,25 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
     kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(together)
     member = kmeans.labels_[len(known):]
     typical = -np.linalg.norm(unit[usable] - kmeans.cluster_centers_[member], axis=1)
-    covered = set(kmeans.labels_[:len(known)].tolist())
     sizes = np.bincount(member, minlength=clusters)
+    labelled_share = np.bincount(kmeans.labels_[:len(known)], minlength=clusters) / np.bincount(kmeans.labels_, minlength=clusters).clip(1)
     picked = []
-    for cluster in np.argsort(-sizes, kind="stable"):
-        if len(picked) == n or sizes[cluster] == 0:
-            break
-        if cluster in covered:
+    for cluster in np.lexsort((-sizes, labelled_share))[:n]:  # uncovered first, largest first; at scale, the least covered
+        if sizes[cluster] == 0:
             continue
         rows = np.flatnonzero(member == cluster)
         merit = _standard(typical[rows]) + UNCERTAINTY_WEIGHT * _standard(scores[usable][rows])
         picked.append(rows[int(np.argmax(merit))])
-    rest = [row for row in np.argsort(-scores[usable], kind="stable") if row not in set(picked)]
-    rows = usable[np.array(picked + rest[:n - len(picked)], dtype=np.int64)]  # more picks than open clusters: the most uncertain
+    rows = usable[np.array(_most_uncertain_rest(picked, scores[usable], unit[usable], n), dtype=np.int64)]
     return Suggestions(rows, scores[rows], len(unit) - len(usable))
+
+
+def _most_uncertain_rest(picked: list[int], scores: np.ndarray, unit: np.ndarray, n: int) -> list[int]:
+    """``picked``, then (more picks than clusters) the most uncertain others, no near-copy of a pick."""
+    picked = list(picked)
+    for row in np.argsort(-scores, kind="stable"):
+        if len(picked) >= n:
+            break
+        if row not in picked and (not picked or (unit[picked] @ unit[row]).max() < DUPLICATE_SIMILARITY):
+            picked.append(int(row))
+    return picked
