@@ -46,6 +46,16 @@ def test_a_fit_names_the_train_images_filed_under_the_wrong_class_and_can_train_
     assert _listing(root) == before  # the dataset is never touched
 
 
+def test_a_class_of_one_train_image_still_gets_a_learning_curve(tmp_path):
+    root = dataset(tmp_path / "colours", CLASSES, split={"train": 24, "val": 4})
+    for path in sorted((root / "train" / CLASSES[2]).iterdir())[1:]:
+        path.unlink()  # one image: too few to hold any out for the label check
+    result = tlpipe("fit", root, "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "note" in summary["label_issues"] and "sentence" in summary["learning_curve"], summary["learning_curve"]
+
+
 def test_the_learning_curve_is_nested_and_says_what_twice_the_images_would_give():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 32))

@@ -11,7 +11,7 @@ import numpy as np
 
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
-from tlpipe.insight.label_issues import find_label_issues
+from tlpipe.insight.label_issues import LabelIssues, find_label_issues
 from tlpipe.insight.learning_curve import learning_curve
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
@@ -27,9 +27,8 @@ def diagnose(ctx: FitContext, prepared: Prepared, choice: Choice) -> tuple[Prepa
     config, linear_codes = choice.config, _linear_codes(choice)
     with ctx.timings.stage("diagnose"):
         issues = find_label_issues(*choice.codes["train"], tuple(config.linear.c_grid), config.seed)
-        curve = None if issues is None else learning_curve(
-            *linear_codes["train"], *linear_codes["val"], "logreg", issues.C, config.seed,
-            whole=(prepared.sampled_from or {}).get("train"))
+        curve = learning_curve(*linear_codes["train"], *linear_codes["val"], *_curve_classifier(issues, linear_codes, config),
+                               config.seed, whole=(prepared.sampled_from or {}).get("train"))
     train = prepared.spec.splits["train"]
     diagnosis = Diagnosis(issues, tuple(train[i] for i in issues.rows) if issues is not None else (), curve)
     if not (config.exclude_label_issues and issues is not None and len(issues)):
@@ -54,6 +53,19 @@ def without_rows(spec: DatasetSpec, codes: Codes, rows: np.ndarray) -> tuple[Dat
             {**codes, "train": tuple(part[keep] for part in codes["train"])})
 
 
+def _curve_classifier(issues: LabelIssues | None, codes: Codes, config: FitConfig) -> tuple[str, float]:
+    """The logistic regression the learning curve refits: the label check's C (by cross-validation),
+    else (a class too small to hold an image out) the grid's C that scores best on val."""
+    if issues is not None:
+        return "logreg", issues.C
+    return "logreg", max(config.linear.c_grid, key=lambda C: head_score(_fitted(C, *codes["train"], config.seed), *codes["val"]))
+
+
+def _fitted(C: float, X: np.ndarray, y: np.ndarray, seed: int):
+    """The logistic regression on the codes (one-vs-rest for a multi-label ``y``)."""
+    return fit_multilabel_head(C, X, y, seed) if y.ndim == 2 else fit_head("logreg", C, X, y, seed)
+
+
 def _linear_codes(choice: Choice) -> Codes:
     """The codes the linear classifier stands on: the tap auto chose, else the strategy's codes."""
     return choice.linear.codes if choice.linear is not None else choice.codes
@@ -66,11 +78,8 @@ def _without_suspects(prepared: Prepared, choice: Choice, diagnosis: Diagnosis) 
     issues, seed = diagnosis.label_issues, choice.config.seed
     rows = issues.excludable(choice.codes["train"][1])
     spec, codes = without_rows(prepared.spec, choice.codes, rows)
-    multilabel = prepared.spec.multilabel
-    fit = (lambda X, y: fit_multilabel_head(issues.C, X, y, seed)) if multilabel else \
-        (lambda X, y: fit_head("logreg", issues.C, X, y, seed))  # noqa: E731
-    before, after = (head_score(fit(*train), *choice.codes["val"]) for train in (choice.codes["train"], codes["train"]))
-    excluded = {"images": len(rows), "kept_for_their_class": len(issues) - len(rows), "score": "mAP" if multilabel else "accuracy",
+    before, after = (head_score(_fitted(issues.C, *train, seed), *choice.codes["val"]) for train in (choice.codes["train"], codes["train"]))
+    excluded = {"images": len(rows), "kept_for_their_class": len(issues) - len(rows), "score": "mAP" if prepared.spec.multilabel else "accuracy",
                 "val_with": round(before, 4), "val_without": round(after, 4)}
     linear = choice.linear and _refitted(choice.linear, without_rows(prepared.spec, choice.linear.codes, rows)[1])
     choice = dataclasses.replace(choice, codes=codes, linear=linear, diagnosis=dataclasses.replace(diagnosis, excluded=excluded))
