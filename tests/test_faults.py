@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -326,7 +327,11 @@ def test_tlpipe_ui_owns_its_server_and_a_busy_port_is_one_line(mlflow_store):
     try:
         assert "/#/experiments/" in ui.stdout.readline()  # the runs page, not MLflow 3's front page
         assert health_status(port) == 200 and servers_on(port)
+        private = Path(tempfile.gettempdir()) / f"tlpipe-{os.getuid()}"  # the server's log: in a folder of this user's alone
+        assert (private / f"ui-{port}.log").is_file() and private.stat().st_mode & 0o777 == 0o700
         one_line(tlpipe("ui", "--port", port), f"cannot serve on 127.0.0.1:{port}", "give --port")
+        one_line(tlpipe("ui", "--host", "no-such-host.invalid"), "cannot serve on no-such-host.invalid", "give --host")
+        assert tlpipe("ui", "--port", 70000).exit_code == 2 and tlpipe("serve", ".", "--port", 0).exit_code == 2  # Typer's usage
         ui.send_signal(signal.SIGTERM)  # to tlpipe alone, as a service manager sends it
         assert ui.wait(timeout=30) == 0
         deadline = time.monotonic() + 15

@@ -27,7 +27,7 @@ def report(
 def ui(
     ctx: typer.Context,
     output: Annotated[Optional[Path], typer.Argument(help="A fit's output folder: the UI opens on the store it logged to.")] = None,
-    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the fit's, else the one tlpipe fit uses).")] = None,
 ) -> None:
@@ -52,7 +52,7 @@ def ui(
 @app.command(cls=UnixUsage)
 def serve(
     target: Annotated[str, typer.Argument(help="A fit's output folder, or an MLflow model URI (runs:/<id>/model, models:/NAME@champion).")],
-    port: Annotated[int, typer.Option(help="Port for the REST endpoint.")] = 5001,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the REST endpoint.")] = 5001,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the fit's, else the one tlpipe fit uses).")] = None,
     max_rows: Annotated[Optional[int], typer.Option(min=1, help="Most images in one request; more is answered 400 (default: TLPIPE_SERVE_MAX_ROWS, else 256).")] = None,

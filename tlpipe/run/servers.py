@@ -84,7 +84,10 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is not busy
         try:
-            probe.bind((host, port))
+            probe.bind((host.strip("[]"), port))  # [::1], as a URL writes it, is the address ::1
+        except socket.gaierror as exc:
+            raise TlpipeError(f"cannot serve on {host} ({exc.strerror}): give --host an address or name of this "
+                              "machine (127.0.0.1 keeps it private)") from None
         except OSError as exc:
             raise TlpipeError(f"cannot serve on {host}:{port} ({exc.strerror or exc}): "
                               "another server holds it; stop it or give --port") from None
@@ -117,7 +120,21 @@ def serve_ui(tracking_uri: str | None, host: str = "127.0.0.1", port: int = 5000
     first (``check_port_free``). ``quiet``: the server's lines (start-up notices, one per request)
     go to a log file, whose end is shown if the server fails."""
     return run_server(ui_command(tracking_uri, host, port), "the MLflow UI", env=ui_environment(host),
-                      log=Path(tempfile.gettempdir()) / f"tlpipe-ui-{port}.log" if quiet else None)
+                      log=_private_folder() / f"ui-{port}.log" if quiet else None)
+
+
+def _private_folder() -> Path:
+    """``$TMPDIR/tlpipe-<uid>``, this user's alone: no other user's file, or a link planted in a
+    shared /tmp, is ever opened for writing."""
+    folder = Path(tempfile.gettempdir()) / f"tlpipe-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        mine = not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+    except OSError as exc:
+        raise TlpipeError(f"cannot make {folder} for the server's log ({exc.strerror or exc}): set TMPDIR to a folder of yours") from None
+    if not mine:
+        raise TlpipeError(f"{folder} is not yours (another user's, or a link): remove it, or set TMPDIR to a folder of yours")
+    return folder
 
 
 def run_server(command: list[str], what: str, env: dict[str, str] | None = None, log: Path | None = None) -> int:
