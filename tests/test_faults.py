@@ -135,6 +135,20 @@ def test_a_folder_holding_a_users_files_of_a_fits_names_is_refused_unless_overwr
     assert json.loads((out / "summary.json").read_text())["classes"] == ["cats", "dogs"]
 
 
+def test_a_rerun_cut_before_it_saved_a_model_leaves_the_finished_fit_whole(tmp_path):
+    from tlpipe.run.outputs import write_cut_summary
+    from tlpipe.run.tracking import FitRun
+
+    root, out = dataset(tmp_path / "d", ["cats", "dogs"]), tmp_path / "out"
+    assert tlpipe("fit", root, "-o", out, *FAST).exit_code == 0
+    finished = json.loads((out / "summary.json").read_text())
+    with FitRun("rerun", f"sqlite:///{tmp_path / 'mlflow.db'}") as run:  # a re-run for more trials, stopped while tuning
+        assert write_cut_summary(out, "stopped by SIGTERM", {"tune": 3.0}, run) == out / "model"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {**summary, "last_cut": None} == {**finished, "last_cut": None} and summary["last_cut"]["cut"] == "stopped by SIGTERM"
+    assert tlpipe("report", out).exit_code == 0  # the record readers still read a finished fit
+
+
 def test_a_fit_that_failed_is_rerun_on_corrected_data_without_overwrite(tmp_path):
     root, out = dataset(tmp_path / "d", ["cats", "dogs"]), tmp_path / "out"
     (root / "dogs").rename(tmp_path / "dogs")

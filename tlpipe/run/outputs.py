@@ -191,15 +191,18 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
 
 def write_cut_summary(out: Path, reason: str, timings: dict, run: FitRun) -> Path | None:
     """The summary of a fit cut before this run saved a model: the bundle an earlier run of the
-    same fit left, if any. Returns that bundle."""
+    same fit left, if any. Returns that bundle. An earlier run's complete record of that bundle
+    stays whole (a re-run for more trials, cut, leaves the finished fit as it was), the cut beside it."""
     folder = RunFolder(out)
     bundle = folder.bundle if folder.bundle.is_dir() else None
+    cut = {"cut": reason, "run_id": run.run_id, "tracking_uri": run.tracking_uri, "timings": timings}
+    summary = folder.read_summary() if folder.previous_status() == "complete" else {}
+    finished = bundle is not None and summary.get("bundle_sha256") == bundle_identity(bundle)
     with signals_held():
         run.log_batch(tags={STATUS_TAG: "cut", CUT_TAG: reason})
-        write_json(folder / folder.SUMMARY, {"status": "cut", "cut": reason, "bundle": bundle and str(bundle.resolve()),
-                                   "bundle_sha256": bundle and bundle_identity(bundle),
-                                   "run_id": run.run_id, "tracking_uri": run.tracking_uri, "timings": timings,
-                                   "tlpipe_version": __version__})
+        write_json(folder / folder.SUMMARY, {**summary, "last_cut": cut} if finished else
+                   {"status": "cut", **cut, "bundle": bundle and str(bundle.resolve()),
+                    "bundle_sha256": bundle and bundle_identity(bundle), "tlpipe_version": __version__})
         run.log_artifact(folder / folder.SUMMARY)
     return bundle
 
