@@ -58,3 +58,11 @@ def test_ui_and_serve_check_their_store_first_too(tmp_path):
     one_line(tlpipe("serve", f"runs:/{'0' * 32}/model", "--tracking-uri", f"http://127.0.0.1:{port}"),
              f"nothing answers at http://127.0.0.1:{port}")
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("name", ["databricks", "databricks-uc"])
+def test_a_store_named_by_its_scheme_alone_is_not_taken_for_a_local_folder(tmp_path, monkeypatch, name):
+    from tlpipe.run.store import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(name) == name  # MLflow's Databricks store, not file://.../databricks

@@ -27,11 +27,12 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    elif "://" not in uri:
+    elif "://" not in uri and uri.lower() not in _BARE_STORES:
         uri = Path(uri).resolve().as_uri()
     return uri
 
 
+_BARE_STORES = {"databricks", "databricks-uc", "uc"}  # stores MLflow names by scheme alone: no local folder
 _STORE_SCHEMES = {"file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
 _DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _OTHER_STORE = "give another --tracking-uri (or MLFLOW_TRACKING_URI)"
