@@ -90,9 +90,11 @@ HOLD_CODE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from tlpipe.config import load_config
+    from tlpipe.data.source import as_source
     from tlpipe.run.folder import RunFolder, fit_key
     config = load_config("default", strategy="linear", num_workers=0, device="cpu")  # what FAST asks for
-    with RunFolder(Path(sys.argv[1])).claim(Path(sys.argv[2]), fit_key(Path(sys.argv[2]), config)):
+    data = as_source(sys.argv[2])
+    with RunFolder(Path(sys.argv[1])).claim(data, fit_key(data, config)):
         print("held", flush=True)
         time.sleep(120)
 """)

@@ -110,7 +110,8 @@ def test_a_fit_that_failed_on_its_data_leaves_its_quarantine_and_no_claim_on_the
     broken = [dict(r, file=f"gone/{k}.jpg") if r["label"] == "dog" else r for k, r in enumerate(rows)]
     one_line(tlpipe("fit", str(_csv(tmp_path / "data" / "broken.csv", broken)), "-o", str(out), *FAST),
              "class 'dog' has no valid training image")
-    assert sorted(p.name for p in out.iterdir()) == [".tlpipe.lock", "quarantine.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".tlpipe-fit.json", ".tlpipe.lock", "quarantine.csv"]
+    assert "key" not in json.loads((out / ".tlpipe-fit.json").read_text())  # tlpipe's folder, claimed by no fit
     result = tlpipe("fit", str(_csv(tmp_path / "data" / "fixed.csv", rows)), "-o", str(out), *FAST)
     assert result.exit_code == 0, result.output  # other data, yet no --overwrite needed: the failed fit owned nothing
 

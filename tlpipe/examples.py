@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from tlpipe.errors import TlpipeError
 
 if TYPE_CHECKING:
-    from tlpipe.data.table import DataSource
+    from tlpipe.data.source import DataSource
 
 ExampleName = Literal["digits"]  # the CLI's --example choices
 EXAMPLES = get_args(ExampleName)
@@ -37,10 +37,10 @@ def write_example(name: str, folder: Path) -> Path:
 
 
 def fit_data(data: Any, example: str | None, output: str | Path | None) -> tuple[DataSource, Path]:
-    """The dataset a fit reads (a class folder, or a table: ``tlpipe.data.table.as_source``) and its
+    """The dataset a fit reads (a class folder, or a table: ``tlpipe.data.source.as_source``) and its
     output folder (default ``runs/<data>-<time>``): ``data``, or the embedded ``example`` written
     into the output folder."""
-    from tlpipe.data.table import as_source, source_name  # not at the top: the CLI imports this module for --help
+    from tlpipe.data.source import as_source  # not at the top: the CLI imports this module for --help
 
     if (data is None) == (example is None):
         raise TlpipeError("give a dataset folder (tlpipe fit ./data) or --example digits, not both or neither")
@@ -50,7 +50,7 @@ def fit_data(data: Any, example: str | None, output: str | Path | None) -> tuple
         out = output_folder(output or default_output(f"example-{example}"), "--output")  # usable before the example goes in
         return as_source(write_example(example, out)), out
     source = as_source(data)
-    return source, Path(output) if output else default_output(source_name(source))
+    return source, Path(output) if output else default_output(source.name)
 
 
 def default_output(name: str) -> Path:

@@ -129,14 +129,15 @@ def _check_outside(where: Path, path: Path, flag: str, dataset: Any) -> None:
     """Nothing is written inside a class folder dataset (the next fit would take a new folder for a
     class). A table reads only the files it lists: its image root and the folders above it are
     refused (a fit replacing its files there could remove a user's), a folder beside its images not."""
-    from tlpipe.data.table import LabelTable, as_source, source_folder  # here: paths is imported for --help
+    from tlpipe.data.source import as_source  # here: paths is imported for --help
+    from tlpipe.data.table import LabelTable
 
     source = as_source(dataset)
-    root = source_folder(source).resolve()
+    root = source.folder.resolve()
     if isinstance(source, LabelTable):
         if root.is_relative_to(where):
             raise TlpipeError(f"{flag} {path} holds the image folder {root} of the table: give a folder beside it, "
                               "not the folder itself or one above it")
     elif where.is_relative_to(root):
-        raise TlpipeError(f"{flag} {path} is inside the dataset folder {source_folder(source)}: tlpipe never writes "
+        raise TlpipeError(f"{flag} {path} is inside the dataset folder {source.folder}: tlpipe never writes "
                           "there (the next fit would take it for a class); give a path outside it")

@@ -11,7 +11,8 @@ from tlpipe.bundle.folder import Bundle
 from tlpipe.data.dataset import DatasetSpec, Sample
 from tlpipe.data.images import content_hashes
 from tlpipe.data.scan import WHOLE_FOLDER
-from tlpipe.data.table import LabelTable, as_source, source_path
+from tlpipe.data.source import as_source
+from tlpipe.data.table import LabelTable
 from tlpipe.errors import TlpipeError
 from tlpipe.run.folder import RunFolder
 
@@ -29,7 +30,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path | LabelTable, split: str | 
 
     spec = prepare_dataset(data, evaluation=True)
     source = as_source(data)
-    table, shown = isinstance(source, LabelTable), source_path(source)
+    table, shown = isinstance(source, LabelTable), source.path
     if WHOLE_FOLDER in spec.splits and split is not None:
         raise TlpipeError(f"{shown} has no train/ val/ test/ {'split column' if table else 'folders'}: drop --split to "
                           "score all of its images")

@@ -97,7 +97,7 @@ def evaluate(
         checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.bundle.evaluation import EVALUATION_PLOTS, evaluate_bundle
-        from tlpipe.data.table import with_table_options
+        from tlpipe.data.source import with_table_options
         from tlpipe.paths import output_file, output_folder
         from tlpipe.run.bundle_report import print_evaluation
         from tlpipe.utils import write_json

@@ -38,7 +38,7 @@ def inspect(
     --time-limit, without training."""
     with user_errors():
         from tlpipe.config import config_from_flags
-        from tlpipe.data.table import with_table_options
+        from tlpipe.data.source import with_table_options
         from tlpipe.paths import output_file
         from tlpipe.pipeline import inspect as run_inspect
         from tlpipe.run.report import print_inspect_report
@@ -77,7 +77,7 @@ def extract(
     """Write CNN codes (pooled, ReLU'd pretrained features) of every image for a downstream classifier."""
     with user_errors():
         from tlpipe.config import config_from_flags
-        from tlpipe.data.table import with_table_options
+        from tlpipe.data.source import with_table_options
         from tlpipe.pipeline import extract as run_extract
 
         config = config_from_flags(recipe, backbone=backbone, weights=weights, layer=layer,

@@ -69,7 +69,7 @@ def fit(
     """Check the data, pick a strategy, tune, fit, save the bundle and log the run, within --time-limit."""
     with user_errors():
         from tlpipe.config import config_from_flags
-        from tlpipe.data.table import check_source, with_table_options
+        from tlpipe.data.source import check_source, with_table_options
 
         data = with_table_options(data, root, path_col, label_col, split_col, task and task.value)
         if worker:

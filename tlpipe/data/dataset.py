@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from tlpipe.data.images import check_image
-from tlpipe.data.scan import ScannedFiles, scan_folder
-from tlpipe.data.table import LabelTable, as_source, scan_table
+from tlpipe.data.scan import ScannedFiles
+from tlpipe.data.source import DataSource, as_source
 from tlpipe.errors import TlpipeError
 from tlpipe.progress import progress_bar
 from tlpipe.run.folder import RunFolder
@@ -128,7 +128,7 @@ def write_quarantine_report(spec: DatasetSpec, out_dir: Path) -> Path:
 
 
 def prepare_dataset(
-    root: str | Path, val_fraction: float = 0.2, seed: int = 0, report_dir: Path | None = None,
+    root: str | Path | DataSource, val_fraction: float = 0.2, seed: int = 0, report_dir: Path | None = None,
     hold_out: bool = True, evaluation: bool = False,
 ) -> DatasetSpec:
     """Scan, check and split ``root``. Without a val/ folder, a stratified seeded ``val_fraction``
@@ -136,8 +136,7 @@ def prepare_dataset(
     ``report_dir`` when given, before raising for a class left without images, so the user can
     see which files failed. ``evaluation``: labelled images to score a model on, with none of the
     training rules (see ``scan_folder``) and nothing held out."""
-    source = as_source(root)
-    scanned = scan_table(source, evaluation) if isinstance(source, LabelTable) else scan_folder(source, evaluation)
+    scanned = as_source(root).scan(evaluation)
     paths = [p for per_class in scanned.files.values() for ps in per_class.values() for p in ps if p not in scanned.rejected]
     bad = {**check_files(paths), **scanned.rejected}  # a rejected row's file is never read (it may lie outside the root)
     checked = DatasetSpec(root=scanned.root, classes=scanned.classes, splits={},

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tlpipe.data.images import is_image_name
-from tlpipe.data.remote import is_url, local_copy
-from tlpipe.data.scan import SPLIT_ALIASES, WHOLE_FOLDER, ScannedFiles, check_class_name, check_root
+from tlpipe.data.scan import SPLIT_ALIASES, WHOLE_FOLDER, ScannedFiles, check_class_name
 from tlpipe.errors import TlpipeError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
@@ -63,6 +62,19 @@ class LabelTable:
     def name(self) -> str:
         return self.source.stem if self.is_file else "table"
 
+    @property
+    def path(self) -> Path:
+        """What names it: its table file, or a DataFrame's image root."""
+        return self.source if self.is_file else self.folder
+
+    def record(self) -> dict:
+        """What a fit's summary says of it, enough for ``recorded_source`` to read it again."""
+        columns = {"path_col": self.path_col, "label_col": self.label_col, "split_col": self.split_col, "task": self.task}
+        return {"data": str(self.path.resolve()), "data_table": {"file": self.is_file, "root": str(self.folder.resolve()), **columns}}
+
+    def scan(self, evaluation: bool = False) -> ScannedFiles:
+        return scan_table(self, evaluation)
+
     def identity(self) -> str:
         """What names this table: its file (or, for a DataFrame, its content), root and columns."""
         if self.is_file:
@@ -72,89 +84,6 @@ class LabelTable:
 
             what = hashlib.sha256(pd.util.hash_pandas_object(self.source, index=True).values.tobytes()).hexdigest()
         return repr((what, str(self.folder.resolve()), self.path_col, self.label_col, self.split_col, self.task))
-
-
-DataSource = Path | LabelTable
-
-
-def as_source(data: Any) -> DataSource:
-    """The dataset a user gave: a class folder (``Path``), or a ``LabelTable`` for a table file
-    (by its suffix), a DataFrame or a ``LabelTable`` itself."""
-    if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame, without importing pandas
-        data = LabelTable(data)
-    if isinstance(data, LabelTable):  # the root fixed now, as the user spelt it: a DataFrame's is today's working folder
-        given = replace(data, source=Path(data.source).expanduser()) if data.is_file else data
-        return replace(given, root=given.folder)
-    if is_url(data):  # a store's URL: its local copy (tlpipe.data.remote)
-        data = local_copy(data)
-    path = Path(data).expanduser()
-    return LabelTable(path) if path.suffix.lower() in TABLE_SUFFIXES and not path.is_dir() else path
-
-
-def check_source(data: Any) -> None:
-    """A class folder that is missing or a file, told in one line (``check_root``) before any heavy
-    import; a table is checked when it is read."""
-    if data is not None and not is_url(data) and isinstance(source := as_source(data), Path):
-        check_root(source)
-
-
-def with_table_options(data: Any, root: Path | None = None, path_col: str | None = None, label_col: str | None = None,
-                       split_col: str | None = None, task: str | None = None) -> Any:
-    """``data`` read with the command line's table options (``--root``, ``--path-col``, ``--task``...),
-    which a class folder refuses; a URL as its local copy (``tlpipe.data.remote``)."""
-    given = {k: v for k, v in (("root", root), ("path_col", path_col), ("label_col", label_col),
-                               ("split_col", split_col), ("task", task)) if v is not None}
-    if is_url(data):  # its local copy, made once for the whole command
-        data = local_copy(data)
-    if not given:
-        return data
-    source = as_source(data) if data is not None else None
-    if not isinstance(source, LabelTable):
-        flag = "--" + next(iter(given)).replace("_", "-")
-        raise TlpipeError(f"{flag} is for a table of image paths and labels (.csv, .tsv, .parquet), not {data or '--example'}")
-    return replace(source, **given)
-
-
-def source_folder(source: DataSource) -> Path:
-    """The folder a dataset's images are under (the dataset folder itself, or a table's root)."""
-    return source.folder if isinstance(source, LabelTable) else source
-
-
-def source_path(source: DataSource) -> Path:
-    """The path that names a dataset: its folder, its table file, or a DataFrame's image root."""
-    if isinstance(source, LabelTable):
-        return source.source if source.is_file else source.folder
-    return source
-
-
-def source_record(source: DataSource) -> dict:
-    """What a fit's summary says of its data, enough for ``recorded_source`` to read it again."""
-    if not isinstance(source, LabelTable):
-        return {"data": str(source.resolve())}
-    columns = {"path_col": source.path_col, "label_col": source.label_col, "split_col": source.split_col, "task": source.task}
-    return {"data": str(source_path(source).resolve()),
-            "data_table": {"file": source.is_file, "root": str(source.folder.resolve()), **columns}}
-
-
-def recorded_source(summary: dict) -> DataSource | None:
-    """The dataset a fit's summary names, when it is still there (a DataFrame's rows are not kept)."""
-    path, table = Path(summary["data"]), summary.get("data_table")
-    if table is None:
-        return path if path.is_dir() else None
-    if not (table["file"] and path.is_file()):
-        return None
-    return LabelTable(path, Path(table["root"]), table["path_col"], table["label_col"], table["split_col"],
-                      table.get("task", "auto"))
-
-
-def source_identity(source: DataSource) -> str:
-    """What names a dataset for a fit's identity: its folder, or its table (``LabelTable.identity``)."""
-    return source.identity() if isinstance(source, LabelTable) else str(source.resolve())
-
-
-def source_name(source: DataSource) -> str:
-    """A short name for runs and experiments: the folder's or the table file's."""
-    return source.name if isinstance(source, LabelTable) else source.resolve().name
 
 
 def scan_table(table: LabelTable, evaluation: bool = False) -> ScannedFiles:

@@ -22,7 +22,7 @@ from tlpipe.utils import read_json, write_json
 
 if TYPE_CHECKING:  # tlpipe.data imports this module for its file names
     from tlpipe.data import DatasetSpec
-    from tlpipe.data.table import DataSource
+    from tlpipe.data.source import DataSource
 
 
 class RunFolder:
@@ -72,7 +72,7 @@ class RunFolder:
         from the folder alone."""
         from tlpipe.config import load_config
         from tlpipe.data import prepare_dataset
-        from tlpipe.data.table import recorded_source
+        from tlpipe.data.source import recorded_source
 
         source = recorded_source(summary)
         if source is None:
@@ -127,8 +127,6 @@ class RunFolder:
         data or another config (``key``: ``fit_key``) refuses a folder another fit finished or left,
         unless ``overwrite`` (its files are then removed, the content-keyed caches kept); the same fit
         again resumes. What a killed fit left half-written is swept or made whole."""
-        from tlpipe.data.table import source_path
-
         created = not self.path.exists()
         output_folder(self.path, "--output", dataset=data)
         lock = FileLock(self.path / self.LOCK)
@@ -146,7 +144,7 @@ class RunFolder:
                 self._clear(data)
                 owner = {}
             self.sweep()
-            write_json(self.path / self.OWNER, {**owner, "key": key, "data": str(source_path(data).resolve()), "pid": os.getpid(),
+            write_json(self.path / self.OWNER, {**owner, "key": key, "data": str(data.path.resolve()), "pid": os.getpid(),
                                                 "started": datetime.now().isoformat(timespec="seconds")})
             yield
         except Exception:  # not a cut (a BaseException): that fit resumes
@@ -182,9 +180,7 @@ class RunFolder:
     def _clear(self, data: DataSource) -> None:
         """The files a fit writes here, and only those (the caches, keyed by content, stay; so does
         anything else, the dataset above all, wherever it sits)."""
-        from tlpipe.data.table import source_folder
-
-        keep = source_folder(data).resolve()
+        keep = data.folder.resolve()
         for name in self.fit_files():
             path = self.path / name
             if keep.is_relative_to(path.resolve()):
@@ -258,6 +254,4 @@ def fit_key(data: DataSource, config: Any) -> str:
     """What makes two fits the same fit: the data folder (or table) and the config (a ``FitConfig``),
     less what does not change the model (the time budget: a re-run with more time continues the
     fit; the device, the loader workers)."""
-    from tlpipe.data.table import source_identity
-
-    return fit_identity(config, "fit", data=source_identity(data))
+    return fit_identity(config, "fit", data=data.identity())

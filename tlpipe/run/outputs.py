@@ -27,7 +27,8 @@ from tlpipe.bundle.manifest import FIT_IMAGE_SPLITS
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.data.images import content_hashes
-from tlpipe.data.table import LABEL_DELIMITER, DataSource, source_record
+from tlpipe.data.source import DataSource
+from tlpipe.data.table import LABEL_DELIMITER
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.bundle.unknowns import UnknownDetector
 from tlpipe.run.html_report import write_html_report
@@ -283,7 +284,7 @@ def _summary(data: DataSource, spec: DatasetSpec, model: FittedModel, layer: str
     backbone, decision = model.backbone, model.decision
     return {
         "run_id": run.run_id, "tracking_uri": run.tracking_uri, "experiment": run.experiment,
-        "tlpipe_version": __version__, **source_record(data), "data_root": str(spec.root.resolve()),
+        "tlpipe_version": __version__, **data.record(), "data_root": str(spec.root.resolve()),
         "strategy": model.config.strategy, "layer": layer,
         "strategy_reason": decision.explanation if decision else ASKED_FOR,
         **({"auto": _auto(assessment, decision)} if assessment else {}),

@@ -12,7 +12,7 @@ from typing import Iterator
 from tlpipe.budget import Budget, FitCut, raise_if_stopped
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
-from tlpipe.data.table import DataSource
+from tlpipe.data.source import DataSource
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.models import Backbone
 from tlpipe.run.folder import RunFolder
@@ -67,7 +67,7 @@ class FitContext:
     it holds, this process's ranks under torchrun, the time budget and the stages' clock, the
     recipe's name, this run's tuning overrides, and, once it is open, the fit's MLflow run."""
 
-    data: DataSource  # a class folder or a LabelTable
+    data: DataSource  # a ClassFolder or a LabelTable
     out: Path
     ranks: DistContext
     budget: Budget

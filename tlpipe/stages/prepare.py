@@ -8,7 +8,6 @@ import re
 from tlpipe.cache import cache_root
 from tlpipe.config import FitConfig, config_to_yaml
 from tlpipe.data import DatasetSpec, prepare_dataset
-from tlpipe.data.table import source_name
 from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, build_backbone
 from tlpipe.run.folder import RunFolder
@@ -72,5 +71,5 @@ def open_run(ctx: FitContext, experiment: str | None, tracking_uri: str) -> FitR
     owner record names it)."""
     if not ctx.ranks.is_main:
         return NoRun()
-    experiment = experiment or re.sub(r"[^\w.-]+", "_", source_name(ctx.data)) or "tlpipe"
+    experiment = experiment or re.sub(r"[^\w.-]+", "_", ctx.data.name) or "tlpipe"
     return FitRun(experiment, tracking_uri, run_name=ctx.out.name, resume_id=ctx.folder.recorded_run(tracking_uri))
