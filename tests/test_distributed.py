@@ -50,6 +50,21 @@ def test_two_process_ddp_fit_completes_and_rank_0_alone_writes(tmp_path, image_f
     assert sorted(m.step for m in history) == [1, 2]  # logged once per epoch, by one rank
 
 
+def test_a_ddp_fine_tune_that_does_not_learn_ends_with_rank_0_saving_the_linear_classifier(tmp_path, image_folder):
+    data = image_folder("data", {"red": 8, "green": 8, "blue": 8}, size=(64, 48), noise=40)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("epochs: 2, patience: 5", "epochs: 2, patience: 5, lr: 50.0"))  # AdamW at 50 cannot learn
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "tlpipe", "fit", str(data), "--recipe", str(recipe), "--output", str(out),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["strategy"] == "linear"
+    assert summary["head"]["finetune_fallback"].startswith("The fine-tune did not learn")
+
+
 SHARDED_PASS = """
 import sys
 

@@ -46,6 +46,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
+        ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)  # the linear classifier is rank 0's alone
         return _no_trial_finished(choice, backbone, tuned)
     with ctx.timings.stage("train"):
         if config.strategy == "linear":
@@ -56,6 +57,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
                                        on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ctx.ranks, deadline=deadline,
                                        allowance=trial_allowance(None, deadline, config.finetune.epochs), kept=kept)
             except DidNotLearn as failed:
+                ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)  # the linear classifier is rank 0's alone
                 return _linear_stands(choice, backbone, tuned, _sentence(str(failed)))
     return FittedModel(config, trained.backbone or backbone, trained, choice.codes["val"], tuned.summary, decision)
 

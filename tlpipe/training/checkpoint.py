@@ -42,7 +42,8 @@ class Checkpoints:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when written on a CPU or under bf16: an fp16 GPU's scaler starts afresh
+            scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])
         state.update(saved["state"])
         return state["epoch"]

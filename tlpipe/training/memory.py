@@ -75,4 +75,18 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    return _host_available()
+
+
+def _host_available() -> int:
+    """The host's available RAM: Linux's MemAvailable (free pages and the page cache it can drop; the
+    free pages alone, SC_AVPHYS_PAGES, fall to little once the decoded-image cache was read), else
+    the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
