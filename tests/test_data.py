@@ -376,6 +376,14 @@ def test_split_is_stratified_and_respects_val_fraction(three_classes, val_fracti
         assert spec.class_counts("train")[name] >= 1
 
 
+@pytest.mark.parametrize("val_fraction", [0.2, 0.6])
+def test_a_held_out_split_keeps_every_class_on_both_sides_even_a_class_of_two(image_folder, val_fraction):
+    root = image_folder("data", {**{f"rare{k}": 2 for k in range(10)}, "common": 100}, size=(8, 8))
+    spec = prepare_dataset(root, val_fraction=val_fraction, seed=0)
+    assert min(spec.class_counts("val").values()) >= 1 and min(spec.class_counts("train").values()) >= 1
+    assert len(spec.splits["train"]) + len(spec.splits["val"]) == 120
+
+
 def test_split_is_seeded_and_ordered(three_classes):
     def split(seed):
         spec = prepare_dataset(three_classes, seed=seed)

@@ -208,6 +208,11 @@ def _stratified_split(samples: list[Sample], classes: list[str], val_fraction: f
     train, val = train_test_split(
         samples, test_size=n_val, stratify=[s.label for s in samples], random_state=seed
     )
+    for source, target in ((train, val), (val, train)):  # its rounding can leave a class of 2-3 images out of val
+        for label in sorted({s.label for s in source} - {s.label for s in target}):  # (or, at a large fraction, train)
+            moved = next(s for s in source if s.label == label)  # the first in the split's shuffled order
+            source.remove(moved)
+            target.append(moved)
     key = lambda s: (s.label, str(s.path))  # noqa: E731 - deterministic order for the same seed
     return sorted(train, key=key), sorted(val, key=key)
 
