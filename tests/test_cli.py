@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, health_status, tlpipe, tree_snapshot
+from conftest import dataset, free_port, health_status, tlpipe, tree_snapshot
 
 QUICK = ["--recipe", "quick", "--workers", "0"]
 
@@ -141,6 +141,17 @@ def test_extract_npz_and_parquet(fitted, tmp_path):
     table = pq.read_table(tmp_path / "codes.parquet")
     assert table.num_rows == 30 and table.schema.field("features").type.list_size == 112
     assert json.loads(table.schema.metadata[b"tlpipe"])["layer"] == "blocks.4"
+
+
+def test_extract_leaves_out_a_split_whose_images_all_fail_the_check(tmp_path):
+    root = dataset(tmp_path / "d", ["cats", "dogs"], split={"train": 3, "val": 2})
+    (root / "test" / "cats").mkdir(parents=True)
+    (root / "test" / "cats" / "broken.jpg").write_bytes(b"not an image")
+    result = tlpipe("extract", root, "--out", tmp_path / "codes.npz", *QUICK)
+    assert result.exit_code == 0, result.output
+    codes = np.load(tmp_path / "codes.npz")
+    assert sorted(set(codes["splits"])) == ["train", "val"] and codes["features"].shape[0] == 10
+    assert json.loads(str(codes["meta"]))["quarantined"][0][0] == "test/cats/broken.jpg"
 
 
 def test_extract_no_relu_leaves_earlier_layer_codes_signed_and_penultimate_unchanged(fitted, tmp_path):

@@ -76,7 +76,8 @@ def extract(data: str | Path | LabelTable, out: str | Path, config: FitConfig | 
     config = config or load_config(recipe)
     spec = prepare_dataset(data, seed=config.seed, hold_out=False, report_dir=None)
     backbone = build_backbone(config)
-    parts = {split: dataset_codes(backbone, spec, split, config) for split in spec.splits}
+    parts = {split: dataset_codes(backbone, spec, split, config) for split, samples in spec.splits.items()
+             if samples}  # an empty test/ (or one whose images all failed the check) has no codes to write
     return save_codes(out, spec, parts, backbone, config)
 
 
