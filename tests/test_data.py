@@ -4,6 +4,7 @@ folder is only ever read. Fast: real small images, no model."""
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -88,8 +89,12 @@ def test_hidden_non_image_and_loose_files_are_skipped_and_counted(image_folder):
     (root / "dogs" / "Thumbs.db").write_bytes(b"\0" * 16)
     make_image(root / "loose.jpg")                                # files in the root: not samples
     (root / "README.md").write_text("# my data")
+    latin1 = os.path.join(os.fsencode(root / "dogs"), b"caf\xe9.jpg")  # a name from a Latin-1 zip: no CSV could hold it
+    with open(latin1, "wb") as f:
+        f.write((root / "cats" / "cats_000.jpg").read_bytes())
 
-    expected = Counter({"hidden file": 4, "not an image file": 2, "file outside a class folder": 2})
+    expected = Counter({"hidden file": 4, "not an image file": 2, "file outside a class folder": 2,
+                        "file name not in UTF-8 (rename it)": 1})
     scanned = scan_folder(root)
     assert scanned.classes == ["cats", "dogs"]
     assert scanned.skipped == expected

@@ -54,6 +54,8 @@ def image_files(folder: Path, skipped: Counter | None = None, root: Path | None 
         for path in (here / name for name in filenames):
             if any(part.startswith(".") for part in path.relative_to(folder).parts):
                 skipped["hidden file"] += 1
+            elif not _is_text(str(path)):
+                skipped["file name not in UTF-8 (rename it)"] += 1  # no CSV, report or Parquet file could name it
             elif not path.exists():
                 skipped["broken symbolic link"] += 1
             elif not path.resolve().is_relative_to(root):
@@ -63,6 +65,15 @@ def image_files(folder: Path, skipped: Counter | None = None, root: Path | None 
             else:
                 skipped["not an image file"] += 1
     return sorted(images)
+
+
+def _is_text(name: str) -> bool:
+    """Whether ``name`` is text: bytes that are not UTF-8 come from the file system as lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _link_problem(real: Path, root: Path, walked: set[Path]) -> str | None:
