@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, dataset, health_status, make_image, one_line, servers_on, tlpipe
+from tlpipe.errors import TlpipeError
 
 ODD = ["bees (apis)", "fourmis été 🐜", "[bold]red"]
 
@@ -214,6 +215,13 @@ def test_symlinks_inside_are_followed_and_links_out_or_looping_are_counted(tmp_p
     spec = prepare_dataset(root, hold_out=False)
     assert spec.class_counts() == {"cats": 6, "dogs": 7}
     assert spec.skipped == {"symbolic link leaving the dataset": 2, "symbolic link loop": 2}
+    for image in (root / "cats").glob("*.jpg"):  # every image a link out (git-annex, DVC): the error says why
+        if not image.is_symlink():
+            image.rename(tmp_path / "elsewhere" / image.name)
+            image.symlink_to(tmp_path / "elsewhere" / image.name)
+    with pytest.raises(TlpipeError, match=r"class 'cats' has no valid training image: it has no image files "
+                                          r"\(skipped in the dataset: 8 symbolic link leaving the dataset, 2 symbolic link loop\)"):
+        prepare_dataset(root, hold_out=False)
 
 
 def test_sigkill_then_the_same_command_leaves_no_running_run(tmp_path, mlflow_store):

@@ -169,6 +169,8 @@ def _checked_samples(scanned: ScannedFiles, bad: dict[Path, str], evaluation: bo
         if train_counts[label_of[name]] == 0:
             n_bad = sum(1 for p in scanned.files["train"].get(name, []) if p in bad)
             detail = f"its {n_bad} file(s) failed the check (see {QUARANTINE_REPORT})" if n_bad else "it has no image files"
+            if not n_bad and scanned.skipped:  # e.g. every image a link out of the dataset (git-annex, DVC): say so
+                detail += f" (skipped in the dataset: {', '.join(f'{n} {why}' for why, n in sorted(scanned.skipped.items()))})"
             raise TlpipeError(f"class '{name}' has no valid training image: {detail}; add images or remove the folder")
     return splits
 
