@@ -52,6 +52,12 @@ def test_a_csv_tsv_parquet_and_dataframe_give_the_same_spec_as_the_rows_say(tmp_
             (r["file"], r["label"]) for r in rows if r["split"] == "val"}
 
 
+def test_a_table_written_on_windows_finds_its_images(tmp_path):
+    rows = [dict(r, file=r["file"].replace("/", "\\")) for r in _images(tmp_path)]  # images\\cat_train_0.jpg
+    spec = prepare_dataset(_csv(tmp_path / "labels.csv", rows))
+    assert spec.counts() == {"train": 12, "val": 6} and not spec.quarantined
+
+
 def test_without_a_split_column_val_is_held_out_and_unicode_labels_are_classes(tmp_path):
     rows = [dict(r, label={"cat": "猫 🐱", "dog": "chien"}[r["label"]]) for r in _images(tmp_path)]
     spec = prepare_dataset(_csv(tmp_path / "labels.csv", rows, ("file", "label")), val_fraction=0.25)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from tlpipe.data.images import is_image_name
@@ -205,6 +205,8 @@ def _files(rows, real_root: Path, root: Path) -> tuple[dict, dict[Path, str], Co
 def _located(root: Path, real_root: Path, name: str) -> tuple[Path, str | None]:
     """The file a row names, spelt as one path under ``root`` (so ``a/../b.jpg``, an absolute path or a
     link to a file in the root are that file), and why it cannot be used, if it cannot."""
+    if "\\" in name and not (root / name).exists():  # a table written on Windows: img\cat.jpg
+        name = PureWindowsPath(name).as_posix()
     written = root / name  # an absolute name replaces root
     try:
         real = written.resolve()
