@@ -53,7 +53,7 @@ def test_a_csv_tsv_parquet_and_dataframe_give_the_same_spec_as_the_rows_say(tmp_
 
 
 def test_a_table_written_on_windows_finds_its_images(tmp_path):
-    rows = [dict(r, file=r["file"].replace("/", "\\")) for r in _images(tmp_path)]  # images\\cat_train_0.jpg
+    rows = [dict(r, file=r["file"].replace("/", "\\")) for r in _images(tmp_path)]  # images\cat_train_0.jpg
     spec = prepare_dataset(_csv(tmp_path / "labels.csv", rows))
     assert spec.counts() == {"train": 12, "val": 6} and not spec.quarantined
 
