@@ -40,15 +40,27 @@ def line_drawings(root: Path, per_class: int = 16, size: int = 40) -> Path:
 
 
 def test_the_signs_of_a_run_that_has_not_started_learning():
-    check = LearningCheck(n_classes=4, val_chance=0.25, val_images=400)  # 2 SE above chance: 0.293
+    check = LearningCheck(n_classes=4, val_chance=0.25, val_images=400, val_counts=(100,) * 4)  # 2 SE above chance: 0.293
     assert check.verdict(1, {"train_loss": float("nan"), "val_accuracy": 0.9}).startswith("the train loss is nan")
     late = check.verdict(1, {"train_loss": 1.3, "train_loss_end": 1.5, "val_accuracy": 0.9})
     assert "train loss 1.500 at the end of the first epoch, above chance (ln 4 = 1.386)" in late
     assert check.verdict(1, {"train_loss": 1.9, "train_loss_end": 1.2, "val_accuracy": 0.9}) is None  # warmup's start
     assert check.verdict(1, {"train_loss": 1.2, "val_accuracy": 0.25}) is None  # one epoch: val may still be low
-    assert "at chance" in check.verdict(2, {"train_loss": 1.2, "val_accuracy": 0.29})
-    assert check.verdict(2, {"train_loss": 1.2, "val_accuracy": 0.30}) is None
+    assert "at chance" in check.verdict(2, {"train_loss": 1.2, "val_accuracy": 0.29, "val_balanced_accuracy": 0.29})
+    assert check.verdict(2, {"train_loss": 1.2, "val_accuracy": 0.30, "val_balanced_accuracy": 0.30}) is None
     assert check.verdict(3, {"train_loss": 1.5, "val_accuracy": 0.25}) is None  # later epochs: the best one is kept
+
+
+def test_a_class_weighted_run_on_imbalanced_data_that_learns_is_not_taken_for_chance():
+    # 90 / 10 val: a class-weighted model trades plain accuracy (0.894, under the largest class's 0.9) for the rare class
+    check = LearningCheck(n_classes=2, val_chance=0.5, val_images=400, val_counts=(360, 40))
+    assert check.verdict(2, {"train_loss": 0.4, "val_accuracy": 0.894, "val_balanced_accuracy": 0.88}) is None
+    assert "at chance" in check.verdict(2, {"train_loss": 0.4, "val_accuracy": 0.9, "val_balanced_accuracy": 0.5})
+    # multi-label, rare classes' positives weighed 10x: chance is the weighted loss of the best constant guess
+    plain = LearningCheck(n_classes=4, val_chance=0.05, val_images=400, label_shares=(0.05,) * 4)
+    weighted = LearningCheck(n_classes=4, val_chance=0.05, val_images=400, label_shares=(0.05,) * 4, positive_weights=(10.0,) * 4)
+    assert plain.verdict(1, {"train_loss": 0.35, "val_accuracy": 0.5}) is not None  # above the unweighted 0.199
+    assert weighted.verdict(1, {"train_loss": 0.35, "val_accuracy": 0.5}) is None  # below the weighted chance, 0.94
 
 
 def test_the_first_epoch_fits_the_epochs_to_the_time_left():

@@ -16,22 +16,37 @@ class Diverged(Exception):
 @dataclass(frozen=True)
 class LearningCheck:
     """The signs that a fine-tune has not started learning: a non-finite train loss; a train loss
-    above chance (ln K, a uniform guess; multi-label: the binary entropy of each class's share) at
-    the end of the first epoch (the mean over its second half: the first steps ramp the learning
-    rate up from an LP-FT start far below chance); a val score within two standard errors of
-    chance after two epochs (accuracy: the largest val class's share; mAP: the classes' mean share)."""
+    above chance (ln K, a uniform guess; multi-label: each class guessed at its share, its positives
+    weighed as the loss weighs them) at the end of the first epoch (the mean over its second half:
+    the first steps ramp the learning rate up from an LP-FT start far below chance); a val score
+    within two standard errors of chance after two epochs. The score is the balanced accuracy (chance:
+    one in K), which class weights do not move off chance the way they move plain accuracy below the
+    largest class's share; multi-label: mAP (chance: the classes' mean share)."""
 
     n_classes: int
     val_chance: float  # the val score of a guess, on the val images scored each epoch
     val_images: int
     label_shares: tuple[float, ...] = ()  # multi-label: each class's share of the train images
+    positive_weights: tuple[float, ...] = ()  # multi-label: the loss's weight of each class's positives
+    val_counts: tuple[int, ...] = ()  # single-label: the val images scored each epoch, per class
 
     def _chance_loss(self) -> tuple[float, str]:
         if not self.label_shares:
             return math.log(self.n_classes), f"ln {self.n_classes} = {math.log(self.n_classes):.3f}"
-        shares = [min(max(p, 1e-6), 1 - 1e-6) for p in self.label_shares]
-        loss = sum(-p * math.log(p) - (1 - p) * math.log(1 - p) for p in shares) / len(shares)
+        losses = []
+        for p, w in zip(self.label_shares, self.positive_weights or (1.0,) * len(self.label_shares)):
+            p = min(max(p, 1e-6), 1 - 1e-6)
+            q = w * p / (w * p + 1 - p)  # the best constant guess under the weighted loss
+            losses.append(-w * p * math.log(q) - (1 - p) * math.log(1 - q))
+        loss = sum(losses) / len(losses)
         return loss, f"each class guessed at its share: {loss:.3f}"
+
+    def _standard_error(self) -> float:
+        present = [n for n in self.val_counts if n]
+        if not present:
+            return math.sqrt(self.val_chance * (1 - self.val_chance) / max(self.val_images, 1))
+        k = len(present)  # each class's recall at chance, 1/k, over its own images
+        return math.sqrt(sum((1 / k) * (1 - 1 / k) / n for n in present)) / k
 
     def verdict(self, epoch: int, metrics: dict) -> str | None:
         loss, (chance_loss, chance) = metrics.get("train_loss_end", metrics["train_loss"]), self._chance_loss()
@@ -39,10 +54,11 @@ class LearningCheck:
             return f"the train loss is {metrics['train_loss']} at epoch {epoch}"
         if epoch == 1 and loss > chance_loss:
             return f"train loss {loss:.3f} at the end of the first epoch, above chance ({chance})"
-        se = math.sqrt(self.val_chance * (1 - self.val_chance) / max(self.val_images, 1))
-        score, guess = ("mAP", "the classes' mean share") if self.label_shares else ("accuracy", "the largest class's share")
-        if epoch == 2 and metrics["val_accuracy"] <= self.val_chance + 2 * se:
-            return (f"val {score} {metrics['val_accuracy']:.3f} after two epochs, at chance ({guess}, "
+        multilabel = bool(self.label_shares)
+        score, guess = ("mAP", "the classes' mean share") if multilabel else ("balanced accuracy", "one in each class's guesses")
+        value = metrics["val_accuracy"] if multilabel else metrics.get("val_balanced_accuracy", metrics["val_accuracy"])
+        if epoch == 2 and value <= self.val_chance + 2 * self._standard_error():
+            return (f"val {score} {value:.3f} after two epochs, at chance ({guess}, "
                     f"{self.val_chance:.3f}, + 2 standard errors)")
         return None
 

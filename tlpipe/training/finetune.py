@@ -175,7 +175,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     """Validation loss and accuracy (multi-label, ``MultilabelLoss``: mean average precision, one
     process only); under DDP each rank scores its share and the sums are shared."""
     model.eval()
-    loss, correct, n, scored = 0.0, 0, 0, []
+    loss, correct, n, scored, per_class = 0.0, 0, 0, [], None  # per_class: each class's images and right guesses
     for images, labels in loader:
         raise_if_stopped()
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -186,12 +186,18 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         if isinstance(criterion, MultilabelLoss):
             scored.append((labels.cpu().numpy(), logits.float().cpu().numpy()))
         else:
-            correct += (logits.argmax(1) == labels).sum().item()
+            right = logits.argmax(1) == labels
+            correct += right.sum().item()
+            counts = torch.stack([torch.bincount(labels, minlength=logits.shape[1]),
+                                  torch.bincount(labels[right], minlength=logits.shape[1])]).cpu().numpy()
+            per_class = counts if per_class is None else per_class + counts
         n += len(labels)
     loss, correct, n = context.all_sum([loss, correct, n])
     if scored:
         return {"val_loss": loss / n, "val_accuracy": mean_average_precision(*(np.concatenate(a) for a in zip(*scored)))}
-    return {"val_loss": loss / n, "val_accuracy": correct / n}
+    images, right = np.array(context.all_sum(per_class.reshape(-1).tolist())).reshape(2, -1)
+    recalls = right[images > 0] / images[images > 0]
+    return {"val_loss": loss / n, "val_accuracy": correct / n, "val_balanced_accuracy": float(recalls.mean())}
 
 
 class Finetuner:

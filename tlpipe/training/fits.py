@@ -153,7 +153,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
                                                      context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     epoch_val = len(loaders[1].sampler) * context.world_size
-    check = learning_check(spec, epoch_val)
+    check = learning_check(spec, epoch_val, weights)
 
     def run(attempt: FinetuneConfig, checkpoints: Path) -> Finetuner:
         return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch, _fingerprint(config, backbone, spec, attempt),
@@ -238,11 +238,17 @@ def start_loss(head: LinearHead, train_codes: tuple, weights: torch.Tensor | Non
     return float(criterion(torch.from_numpy(head.logits(X)), torch.from_numpy(y)))
 
 
-def learning_check(spec: DatasetSpec, epoch_val: int) -> LearningCheck:
+def learning_check(spec: DatasetSpec, epoch_val: int, weights: torch.Tensor | None = None) -> LearningCheck:
     """What a fine-tune of ``spec`` is checked against: chance on the ``epoch_val`` images each epoch
-    scores, and for a multi-label set each class's share of the train images."""
-    shares = tuple(spec.labels("train").mean(axis=0).tolist()) if spec.multilabel else ()
-    return LearningCheck(len(spec.classes), chance_score(spec, "val"), epoch_val, shares)
+    scores (their classes in val's proportions); for a multi-label set each class's share of the
+    train images and the loss's ``weights`` of its positives."""
+    if spec.multilabel:
+        shares = tuple(spec.labels("train").mean(axis=0).tolist())
+        return LearningCheck(len(spec.classes), chance_score(spec, "val"), epoch_val, shares,
+                             tuple(weights.tolist()) if weights is not None else ())
+    counts = np.bincount(spec.labels("val"), minlength=len(spec.classes))
+    scored = np.round(counts * epoch_val / max(counts.sum(), 1)).astype(int)
+    return LearningCheck(len(spec.classes), 1 / max(int((counts > 0).sum()), 1), epoch_val, val_counts=tuple(scored.tolist()))
 
 
 def chance_score(spec: DatasetSpec, split: str) -> float:
