@@ -77,6 +77,17 @@ def test_macro_f1_of_many_resamples_at_once_is_scikit_learns_for_each():
     assert macro_f1(y_true.T, y_pred.T, present, axis=0) == pytest.approx(np.array(expected).T)
 
 
+def test_a_perfect_model_with_a_rare_class_gets_intervals_at_one():
+    from tlpipe.bundle.metrics import multilabel_metrics
+
+    y = np.array([0] * 50 + [1] * 50 + [2] * 2)  # most resamples draw no image of class 2: not a zero to average
+    m = evaluation_metrics(y, np.eye(3)[y] * 0.9 + 0.05, ["a", "b", "c"])
+    assert m["macro_f1"] == 1.0 and m["macro_f1_ci"] == [1.0, 1.0]
+    Y = np.zeros((100, 3), int)
+    Y[:40, 0], Y[30:80, 1], Y[:2, 2] = 1, 1, 1
+    assert multilabel_metrics(Y, Y * 0.8 + 0.1, np.full(3, 0.5), ["a", "b", "c"])["mean_average_precision_ci"] == [1.0, 1.0]
+
+
 def test_a_single_image_gets_figures_not_a_crash():
     m = evaluation_metrics(np.array([1]), np.array([[0.2, 0.8]]), ["a", "b"])
     assert m["accuracy"] == 1.0 and m["macro_f1_ci"] == [0.0, 1.0] and m["accuracy_ci"][1] == 1.0
