@@ -177,8 +177,9 @@ IDENTITY_LEAVES_OUT = {
     "study": ("budget", "device", "num_workers", "cache_dir", *(f"tuning.{key}" for key in _STUDY_BOOKKEEPING)),
     # the plan: device and loader workers change the speeds it is made from
     "plan": ("budget",),
-    # a fine-tune's checkpoint: a re-run with more time resumes it
-    "checkpoint": ("budget",),
+    # a fine-tune's checkpoint: a re-run with more time, on another device, with other loader workers
+    # or another cache folder resumes it (none of them changes the weights an epoch leaves)
+    "checkpoint": ("budget", "device", "num_workers", "cache_dir"),
 }
 
 

@@ -5,6 +5,7 @@ time, leaves the linear classifier saved before it, saying why. Also the tuning 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from tlpipe.cache import cache_root
@@ -21,6 +22,7 @@ from tlpipe.stages.diagnose import without_label_issues
 from tlpipe.strategy.auto import Assessment
 from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import LINEAR_STUDY_SHARE, MIN_EPOCHS, Plan
+from tlpipe.training.checkpoint import BEST
 from tlpipe.training.frozen import FrozenOutputs
 from tlpipe.training.fits import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
 from tlpipe.tuning import (
@@ -48,6 +50,10 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
         ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)  # the linear classifier is rank 0's alone
         return _no_trial_finished(choice, backbone, tuned)
+    if _retrain_too_late(tuned, plan, deadline):
+        ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)
+        return _linear_stands(choice, backbone, tuned, "Budget: the best trial's weights are not in this output folder "
+                              "(another process ran it) and the time left holds no retraining; the linear classifier stands.")
     with ctx.timings.stage("train"):
         if config.strategy == "linear":
             trained = fit_linear(config, choice.codes)
@@ -60,6 +66,14 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
                 ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)  # the linear classifier is rank 0's alone
                 return _linear_stands(choice, backbone, tuned, _sentence(str(failed)))
     return FittedModel(config, trained.backbone or backbone, trained, choice.codes["val"], tuned.summary, decision)
+
+
+def _retrain_too_late(tuned: Tuned, plan: Plan, deadline: float | None) -> bool:
+    """The best trial ran in another process (its weights in that process's output folder): the final
+    fit would train it again from the start, which the time left must hold (a planned trial's time)."""
+    if tuned.fit_dir is None or deadline is None or any((tuned.fit_dir / "checkpoints").rglob(BEST)):  # a restart's too
+        return False
+    return deadline - time.monotonic() < plan.seconds.get("trial", 0.0)
 
 
 def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned) -> FittedModel:
