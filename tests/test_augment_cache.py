@@ -16,17 +16,17 @@ from tlpipe.config import AugmentConfig
 from tlpipe.data import Sample, load_rgb
 from tlpipe.data.augment import CachedImages, EpochSampler, eval_array_transform, train_transform
 from tlpipe.data.decoded import build_decoded_cache, cache_path
-from tlpipe.data.loader import decode_size, eval_transform
+from tlpipe.data.loader import cached_resize, decode_size, eval_transform
 
 ALL_OFF = AugmentConfig(
     hflip=0, vflip=0, rotate=0, shear=0, affine_p=0, rgb_shift=0, color_jitter=0, color_p=0, fancy_pca=0
 )
 
 
-def data_config(input_side: int = 224, crop_pct: float = 0.875) -> dict:
+def data_config(input_side: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic", crop_mode: str = "center") -> dict:
     return {
-        "input_size": (3, input_side, input_side), "interpolation": "bicubic", "crop_pct": crop_pct,
-        "crop_mode": "center", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "input_size": (3, input_side, input_side), "interpolation": interpolation, "crop_pct": crop_pct,
+        "crop_mode": crop_mode, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
     }
 
 
@@ -43,12 +43,15 @@ def batches(loader) -> list[torch.Tensor]:
 
 # 224/0.875 is the default backbone's; at 160 (the quick recipe) the two centre crops (cache, then
 # input) only add up to timm's single one because the cache is told the input side.
-@pytest.mark.parametrize("input_side", [224, 160])
-def test_cache_matches_timm_eval_preprocessing(tmp_path, input_side):
-    config = data_config(input_side)
+@pytest.mark.parametrize("input_side, interpolation, crop_mode", [
+    (224, "bicubic", "center"), (160, "bicubic", "center"),
+    (224, "bilinear", "center"), (224, "bicubic", "squash"),  # as many timm weights' pretrained_cfg says
+])
+def test_cache_matches_timm_eval_preprocessing(tmp_path, input_side, interpolation, crop_mode):
+    config = data_config(input_side, interpolation=interpolation, crop_mode=crop_mode)
     size = decode_size(config)
     samples = noisy_samples(tmp_path / "images", [(120, 80), (70, 130), (81, 57)])
-    cache = build_decoded_cache(samples, size, tmp_path / "cache", workers=2, crop=input_side)
+    cache = build_decoded_cache(samples, size, tmp_path / "cache", workers=2, crop=input_side, **cached_resize(config))
     assert cache.shape == (3, size, size, 3) and cache.dtype == np.uint8
     to_tensor, timm_eval = eval_array_transform(config), eval_transform(config)
     for square, sample in zip(cache, samples):

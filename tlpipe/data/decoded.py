@@ -1,7 +1,7 @@
 """A decoded-image cache: every image decoded and resized once, then reused by every epoch and trial.
 
 The cache holds each sample as a ``size x size`` uint8 square cut exactly as timm's eval transform
-cuts it (resize the shorter side to ``size`` with bicubic, centre crop), so centre-cropping a cached
+cuts it (resize the shorter side to ``size`` with the backbone's interpolation, centre crop), so centre-cropping a cached
 square to the backbone's input gives the same pixels as decoding the file again.
 """
 from __future__ import annotations
@@ -28,16 +28,24 @@ def centre_offset(excess: int) -> int:
     return int(round(excess / 2.0))
 
 
-def cache_path(samples: Sequence[Sample], size: int, cache_dir: Path, crop: int | None = None) -> Path:
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+              "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+
+
+def cache_path(samples: Sequence[Sample], size: int, cache_dir: Path, crop: int | None = None,
+               interpolation: str = "bicubic", squash: bool = False) -> Path:
     """The cache file for these samples: keyed by their paths, sizes and modification times, so an
     edited, replaced or reordered file set gets a new file instead of stale pixels."""
-    digest = cache_key(samples, format=CACHE_FORMAT, size=size, crop=crop)[:24]
+    resize = {} if (interpolation, squash) == ("bicubic", False) else {"interpolation": interpolation, "squash": squash}
+    digest = cache_key(samples, format=CACHE_FORMAT, size=size, crop=crop, **resize)[:24]
     return Path(cache_dir) / f"decoded-{size}-{digest}.npy"
 
 
-def decode_square(path: str | Path, size: int, crop: int | None = None) -> np.ndarray:
-    """One image as a ``size x size x 3`` uint8 array: shorter side resized to ``size`` (bicubic,
-    torchvision's rounding of the longer side), then centre-cropped.
+def decode_square(path: str | Path, size: int, crop: int | None = None, interpolation: str = "bicubic",
+                  squash: bool = False) -> np.ndarray:
+    """One image as a ``size x size x 3`` uint8 array: shorter side resized to ``size`` (torchvision's
+    rounding of the longer side; ``squash``: both sides to ``size``, as timm's ``crop_mode="squash"``)
+    with the backbone's ``interpolation``, then centre-cropped.
 
     The eval transform later takes a ``crop`` square from the middle of this one. Two centre crops
     in a row can land one pixel away from timm's single crop (torchvision rounds halves to even), so
@@ -46,10 +54,10 @@ def decode_square(path: str | Path, size: int, crop: int | None = None) -> np.nd
     img = load_rgb(path, min_size=size)
     w, h = img.size
     short, long = min(w, h), max(w, h)
-    new_long = int(size * long / short)
+    new_long = size if squash else int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        img = img.resize((new_w, new_h), RESAMPLING.get(interpolation, Image.Resampling.BICUBIC))
     inner = size if crop is None else crop
     left = centre_offset(new_w - inner) - centre_offset(size - inner)
     top = centre_offset(new_h - inner) - centre_offset(size - inner)
@@ -57,7 +65,8 @@ def decode_square(path: str | Path, size: int, crop: int | None = None) -> np.nd
 
 
 def build_decoded_cache(
-    samples: Sequence[Sample], size: int, cache_dir: Path, workers: int | None = None, crop: int | None = None
+    samples: Sequence[Sample], size: int, cache_dir: Path, workers: int | None = None, crop: int | None = None,
+    interpolation: str = "bicubic", squash: bool = False,
 ) -> np.ndarray:
     """All ``samples`` decoded into one ``(N, size, size, 3)`` uint8 array, memory-mapped from
     ``cache_dir``; built on first use, reused while the files are unchanged.
@@ -69,7 +78,7 @@ def build_decoded_cache(
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_path(samples, size, cache_dir, crop)
+    final = cache_path(samples, size, cache_dir, crop, interpolation, squash)
     if final.exists():
         return np.load(final, mmap_mode="r")
     tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
@@ -80,7 +89,7 @@ def build_decoded_cache(
         pool = ThreadPoolExecutor(workers)
         try:
             with progress_bar("Decoding images", len(paths)) as advance:
-                for i, square in enumerate(pool.map(lambda p: decode_square(p, size, crop), paths)):
+                for i, square in enumerate(pool.map(lambda p: decode_square(p, size, crop, interpolation, squash), paths)):
                     array[i] = square
                     advance()
         finally:  # on an error or Ctrl-C, drop the queued decodes instead of waiting for them

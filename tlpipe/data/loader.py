@@ -19,6 +19,12 @@ def eval_transform(data_config: dict) -> Callable:
     return timm.data.create_transform(**data_config, is_training=False)
 
 
+def cached_resize(data_config: dict) -> dict:
+    """How the decoded-image cache resizes, as timm's eval transform of ``data_config`` does: its
+    interpolation, and whether it squashes (``crop_mode="squash"``) rather than keeps the aspect."""
+    return {"interpolation": data_config.get("interpolation", "bicubic"), "squash": data_config.get("crop_mode") == "squash"}
+
+
 def decode_size(data_config: dict) -> int:
     """Shorter side the eval resize goes to: JPEGs may be decoded down to it, never below."""
     size = max(data_config["input_size"][1:])

@@ -24,7 +24,7 @@ from tlpipe.data import (
     CachedImages, DatasetSpec, EpochSampler, build_decoded_cache, eval_array_transform, eval_loader, stratified_subset,
     train_transform,
 )
-from tlpipe.data.loader import decode_size
+from tlpipe.data.loader import cached_resize, decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
@@ -320,7 +320,8 @@ def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path,
     size, crop = decode_size(data_config), max(data_config["input_size"][1:])
     with context.main_first():  # one rank decodes, the others then open the same files
         arrays = {split: build_decoded_cache(spec.splits[split], size, cache_root(config.cache_dir, out),
-                                             config.num_workers, crop=crop) for split in ("train", "val")}
+                                             config.num_workers, crop=crop, **cached_resize(data_config))
+                  for split in ("train", "val")}
     labels = {split: [s.target for s in spec.splits[split]] for split in ("train", "val")}
     workers = default_workers(config.num_workers)
     # The loaders get their own generator: drawing worker seeds from the global RNG would shift the

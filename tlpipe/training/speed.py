@@ -20,7 +20,7 @@ from torch import nn
 from tlpipe.config import AugmentConfig
 from tlpipe.data import Sample, eval_array_transform, train_transform
 from tlpipe.data.decoded import decode_square
-from tlpipe.data.loader import decode_size
+from tlpipe.data.loader import cached_resize, decode_size
 from tlpipe.training.finetune import Precision, freeze_stages
 from tlpipe.utils import cpu_cores
 
@@ -81,7 +81,7 @@ def loader_seconds(samples: list[Sample], data_config: dict, augment: AugmentCon
     divided by the workers that run them at once (on a CPU, no more than its cores)."""
     picked = samples[:: max(1, len(samples) // images)][:images]
     size, crop = decode_size(data_config), max(data_config["input_size"][1:])
-    arrays = [decode_square(sample.path, size, crop) for sample in picked]
+    arrays = [decode_square(sample.path, size, crop, **cached_resize(data_config)) for sample in picked]
     parallel = max(1, workers if device.type != "cpu" else min(workers, cpu_cores()))
 
     def per_image(transform) -> float:
