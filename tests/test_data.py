@@ -78,6 +78,17 @@ def test_extensions_any_letter_case(tmp_path):
     assert spec.class_counts() == {"cats": len(names), "dogs": len(names)}
 
 
+def test_a_large_photo_is_checked_as_decoded_not_refused_as_a_bomb(tmp_path, monkeypatch):
+    from tlpipe.data.images import check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000_000)  # as a 108-megapixel photo stands to Pillow's 89
+    pixels = np.random.default_rng(0).integers(0, 256, (2400, 3000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=80)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    assert check_image(tmp_path / "photo.jpg") is None  # decoded at half size (1500 x 1200), as training decodes it
+    assert check_image(tmp_path / "scan.png").startswith("refused as a decompression bomb")  # no draft for a PNG
+
+
 def test_hidden_non_image_and_loose_files_are_skipped_and_counted(image_folder):
     root = image_folder("data", {"cats": 3, "dogs": 3})
     make_image(root / "cats" / ".hidden.jpg")                     # hidden file in a class

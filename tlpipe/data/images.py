@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
+CHECK_SIDE = 1024  # the check decodes JPEGs no smaller: above any training size (each decode draws its own)
 # Modes Pillow opens 16- or 32-bit single-channel images in; convert("RGB") would clip them white.
 _WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -56,9 +57,9 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     files and ``Image.DecompressionBombError`` for images over Pillow's pixel limit.
     """
     with Image.open(path) as img:
-        _refuse_bomb(img)
         if min_size is not None and img.format == "JPEG":
             img.draft("RGB", (min_size, min_size))
+        _refuse_bomb(img)  # on the pixels decoded: a 108-megapixel photo drafted to the size used is no bomb
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
@@ -95,11 +96,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def check_image(path: Path) -> str | None:
-    """Decode ``path`` once; return why it cannot be used, or None when it is a good image."""
+    """Decode ``path`` once (a JPEG at ``CHECK_SIDE`` at least, as training decodes it: every byte
+    is still read); return why it cannot be used, or None when it is a good image."""
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        load_rgb(path)
+        load_rgb(path, min_size=CHECK_SIDE)
     except UnidentifiedImageError:
         return "not an image Pillow can read (wrong extension or corrupt header)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -96,7 +96,7 @@ def _write_contact_sheet(path: Path, rows, classes: list[str]) -> None:
     for k, (rank, image, p, _) in enumerate(rows):
         x, y = (k % columns) * THUMB, (k // columns) * (THUMB + 14)
         try:
-            thumb = load_rgb(image)
+            thumb = load_rgb(image, min_size=THUMB)
             thumb.thumbnail((THUMB, THUMB))
             sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
         except (OSError, ValueError):

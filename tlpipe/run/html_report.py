@@ -185,7 +185,7 @@ def _thumbnail(source: Path | Image.Image | None) -> str | None:
     if source is None:
         return None
     try:
-        image = source.copy() if isinstance(source, Image.Image) else load_rgb(source)
+        image = source.copy() if isinstance(source, Image.Image) else load_rgb(source, min_size=THUMBNAIL)
     except (OSError, ValueError):
         return None
     image.thumbnail((THUMBNAIL, THUMBNAIL))
