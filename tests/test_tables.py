@@ -58,6 +58,15 @@ def test_a_table_written_on_windows_finds_its_images(tmp_path):
     assert spec.counts() == {"train": 12, "val": 6} and not spec.quarantined
 
 
+def test_a_label_spelt_composed_and_decomposed_is_one_class(tmp_path):
+    import unicodedata
+
+    rows = [dict(r, label=unicodedata.normalize("NFD" if k % 2 else "NFC", {"cat": "café", "dog": "thé"}[r["label"]]))
+            for k, r in enumerate(_images(tmp_path))]
+    spec = prepare_dataset(_csv(tmp_path / "labels.csv", rows))
+    assert spec.classes == ["café", "thé"] and spec.counts() == {"train": 12, "val": 6}
+
+
 def test_without_a_split_column_val_is_held_out_and_unicode_labels_are_classes(tmp_path):
     rows = [dict(r, label={"cat": "猫 🐱", "dog": "chien"}[r["label"]]) for r in _images(tmp_path)]
     spec = prepare_dataset(_csv(tmp_path / "labels.csv", rows, ("file", "label")), val_fraction=0.25)

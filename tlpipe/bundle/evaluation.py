@@ -2,6 +2,8 @@
 metrics, their intervals and (``--plots``) the reliability diagram and confusion matrix."""
 from __future__ import annotations
 
+import unicodedata
+
 from pathlib import Path
 from typing import Sequence
 
@@ -105,16 +107,17 @@ def _truth(bundle: Bundle, spec, samples, kind: str, shown) -> np.ndarray:
     """The samples' classes as the bundle numbers them: indices, or for a multi-label bundle a 0/1
     matrix (a single-label folder or table is a set of one). Classes the bundle does not know, or
     label sets for a single-label bundle, are one line."""
-    names = [[c for c, on in zip(spec.classes, s.label) if on] if spec.multilabel else [spec.classes[s.label]]
+    named = [[c for c, on in zip(spec.classes, s.label) if on] if spec.multilabel else [spec.classes[s.label]]
              for s in samples]
-    unknown = sorted({n for row in names for n in row} - set(bundle.classes))
+    names = [[unicodedata.normalize("NFC", n) for n in row] for row in named]  # a macOS folder's café is NFD
+    unknown = sorted({n for row in names for n in row} - {unicodedata.normalize("NFC", c) for c in bundle.classes})
     if unknown:
         raise TlpipeError(f"{shown} has {kind} {listed(unknown)} that the bundle does not know; it knows: "
                           f"{listed(bundle.classes)}")
     if spec.multilabel and not bundle.head.multilabel:
         raise TlpipeError(f"{shown} gives images several labels, but the bundle predicts one class an image: score it "
                           "on single-label data, or fit a multi-label model")
-    to_bundle = {name: i for i, name in enumerate(bundle.classes)}
+    to_bundle = {unicodedata.normalize("NFC", name): i for i, name in enumerate(bundle.classes)}
     if not bundle.head.multilabel:
         return np.array([to_bundle[row[0]] for row in names])
     truth = np.zeros((len(samples), len(bundle.classes)), np.int64)

@@ -11,6 +11,7 @@ train/val/test is one ``TlpipeError`` naming the table, the row and the fix.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -159,7 +160,8 @@ def _rows(frame, columns: dict, numbers, where: str, evaluation: bool,
           split_cells: bool = True) -> list[tuple[Any, str, tuple[str, ...], str]]:
     """(row as the user counts it, path, its labels, split) for every row, the split checked; with
     ``split_cells`` a cell ``a; b`` holds the labels a and b (sorted, each once; none when the cell
-    is empty), else the one label ``a; b``."""
+    is empty), else the one label ``a; b``. Labels in Unicode's composed form (NFC): a label typed
+    on a Mac (decomposed) and one typed elsewhere are one class."""
     rows = []
     whole = WHOLE_FOLDER if evaluation else "train"  # no split column: scored whole, or all of it trained on
     for number, path, label, split in zip(numbers, frame[columns["path"]], frame[columns["label"]],
@@ -168,7 +170,7 @@ def _rows(frame, columns: dict, numbers, where: str, evaluation: bool,
         if split is not None and (split := str(split).strip().lower() or "train") not in SPLIT_ALIASES:
             raise TlpipeError(f"{where} row {number}: split {split!r} is not train, val or test (nor valid, validation)")
         parts = str(label).split(LABEL_DELIMITER) if split_cells else [str(label)]
-        labels = tuple(sorted({part.strip() for part in parts} - {""}))
+        labels = tuple(sorted({unicodedata.normalize("NFC", part.strip()) for part in parts} - {""}))  # one café
         rows.append((number, str(path).strip(), labels, SPLIT_ALIASES[split] if split else whole))
     return rows
 
