@@ -67,5 +67,5 @@ def test_each_identity_of_a_fit_leaves_out_only_its_own_fields():
                     if fit_identity(load_config("default", **change), scope) == fit_identity(config, scope)}
             for scope in ("fit", "study", "plan", "checkpoint")}
     assert same == {"fit": {"budget", "device"}, "study": {"budget", "device", "cache_dir", "trials"},
-                    "plan": {"budget"}, "checkpoint": {"budget"}}
+                    "plan": {"budget"}, "checkpoint": {"budget", "device", "cache_dir"}}
     assert fit_identity(config, "fit", data="a") != fit_identity(config, "fit", data="b")
