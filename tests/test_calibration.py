@@ -85,7 +85,8 @@ def test_a_perfect_model_with_a_rare_class_gets_intervals_at_one():
     assert m["macro_f1"] == 1.0 and m["macro_f1_ci"] == [1.0, 1.0]
     Y = np.zeros((100, 3), int)
     Y[:40, 0], Y[30:80, 1], Y[:2, 2] = 1, 1, 1
-    assert multilabel_metrics(Y, Y * 0.8 + 0.1, np.full(3, 0.5), ["a", "b", "c"])["mean_average_precision_ci"] == [1.0, 1.0]
+    figures = multilabel_metrics(Y, Y * 0.8 + 0.1, np.full(3, 0.5), ["a", "b", "c"])
+    assert figures["mean_average_precision_ci"] == [1.0, 1.0] and figures["per_class"]["c"]["average_precision_ci"] == [1.0, 1.0]
 
 
 def test_a_single_image_gets_figures_not_a_crash():

@@ -210,7 +210,12 @@ def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_fo
 
     one_line(tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why"), "already holds", "--overwrite")
     one_line(tlpipe("predict", bundle, root / "cats", "--explain", root / "cats" / "why"), "inside the dataset folder")
-    one_line(tlpipe("predict", bundle, root / "cats" / "0.jpg", "--explain", root / "cats"), "inside the dataset folder")
+    one_line(tlpipe("predict", bundle, root / "cats" / "0.jpg", "--explain", root / "cats"), "holds images given to predict")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(root / "cats" / "0.jpg", photos / "a.jpg")  # loose photos: a folder of overlays among them is the user's to choose
+    beside = tlpipe("predict", bundle, photos / "a.jpg", "--explain", photos / "heat", "--workers", "0")
+    assert beside.exit_code == 0 and len(list((photos / "heat").iterdir())) == 1
     assert not (root / "cats" / "why").exists()
 
 

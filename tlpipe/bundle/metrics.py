@@ -120,7 +120,7 @@ def multilabel_metrics(Y: np.ndarray, probabilities: np.ndarray, thresholds: np.
     micro = np.divide(2 * counts["tp"], 2 * counts["tp"] + counts["fp"] + counts["fn"],
                       out=np.zeros(len(resamples)), where=(2 * counts["tp"] + counts["fp"] + counts["fn"]) > 0)
     interval = lambda values: [float(v) for v in np.quantile(values[1:], [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])]  # noqa: E731
-    per_class = {name: {"average_precision": float(ap[0, j]), "average_precision_ci": interval(ap[:, j]),
+    per_class = {name: {"average_precision": float(ap[0, j]), "average_precision_ci": interval(ap[held[:, j], j]) if present[j] else [0.0, 0.0],
                         "precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
                         "support": int(support[j]), "threshold": float(thresholds[j])}
                  for j, name in enumerate(classes)}

@@ -63,7 +63,9 @@ def predict(
         if explain:  # checked before any work: never inside the images given, nothing replaced unasked
             from tlpipe.insight.heatmaps import overlay_names
 
-            for source in {p if p.is_dir() else p.parent for p in paths} or {None}:  # a file's folder too
+            if any(explain.resolve() == p.resolve().parent for p in paths if p.is_file()):  # not among the images given
+                raise TlpipeError(f"--explain {explain} holds images given to predict: give another folder")
+            for source in [p for p in paths if p.is_dir()] or [None]:
                 output_folder(explain, "--explain", overlay_names(images), overwrite=overwrite, dataset=source)
         print_predictions(model.predict(images, top_k, batch_size or 64, workers, reject=not no_reject), format.value)
         if explain:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -57,7 +58,7 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     files and ``Image.DecompressionBombError`` for images over Pillow's pixel limit.
     """
     with Image.open(path) as img:
-        if min_size is not None and img.format == "JPEG":
+        if min_size is not None and isinstance(img, JpegImageFile):  # a multi-picture phone JPEG (MPO) too
             img.draft("RGB", (min_size, min_size))
         _refuse_bomb(img)  # on the pixels decoded: a 108-megapixel photo drafted to the size used is no bomb
         img.load()

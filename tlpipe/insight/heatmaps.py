@@ -73,10 +73,15 @@ def heatmaps(bundle: Bundle, images: Sequence[Path]) -> Iterator[tuple[Image.Ima
 def _heatmap(network: BundleLogits, extractor, picture: torch.Tensor) -> tuple[np.ndarray, int]:
     """The heatmap of the class the bundle predicts for ``picture``; with flip averaging, the mean of
     each view's map (the mirror's mirrored back): torchcam reads the last pass, so one view a pass."""
-    views = (picture, picture.flip(-1)) if network.hflip else (picture,)
-    top = int(sum(network(view.unsqueeze(0)) for view in views).argmax(dim=1))
-    cams = [extractor(top, network(view.unsqueeze(0)))[0][0].detach() for view in views]
-    cam = (cams[0] + cams[1].flip(-1)) / 2 if network.hflip else cams[0]
+    scores = network(picture.unsqueeze(0))
+    if network.hflip:
+        mirror = network(picture.flip(-1).unsqueeze(0))  # the hooks now hold the mirror's pass
+        top = int((scores + mirror).argmax(dim=1))
+        cam_mirror = extractor(top, mirror)[0][0].detach().flip(-1)
+        cam = (extractor(top, network(picture.unsqueeze(0)))[0][0].detach() + cam_mirror) / 2  # the plain view's own pass
+    else:
+        top = int(scores.argmax(dim=1))
+        cam = extractor(top, scores)[0][0].detach()
     cam = torch.nn.functional.interpolate(cam[None, None], size=picture.shape[1:], mode="bilinear")[0, 0]
     return cam.clamp(0, 1).numpy(), top
 

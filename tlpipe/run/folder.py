@@ -136,6 +136,7 @@ class RunFolder:
             other = self.owner()
             raise TlpipeError(f"{self.path} is in use by another tlpipe fit (pid {other.get('pid', '?')}, started "
                               f"{other.get('started', '?')}): wait for it to end, or give another --output") from None
+        claimed = False  # a refusal below leaves another fit's record (or a user's folder) as it was
         try:
             owner = self.owner()
             if owner.get("key", key) != key or not owner and self._foreign_files():
@@ -146,9 +147,10 @@ class RunFolder:
             self.sweep()
             write_json(self.path / self.OWNER, {**owner, "key": key, "data": str(data.path.resolve()), "pid": os.getpid(),
                                                 "started": datetime.now().isoformat(timespec="seconds")})
+            claimed = True
             yield
         except Exception:  # not a cut (a BaseException): that fit resumes
-            if not (self.path / self.BUNDLE).exists():  # a re-run of corrected data or settings needs no --overwrite:
+            if claimed and not (self.path / self.BUNDLE).exists():  # a re-run of corrected data or settings needs no --overwrite:
                 owner = {k: v for k, v in self.owner().items() if k != "key"}  # any fit may claim the folder, still tlpipe's
                 write_json(self.path / self.OWNER, owner)
             raise

@@ -172,10 +172,12 @@ def training_loss(multilabel: bool, weights: torch.Tensor | None = None, label_s
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, precision: Precision,
              context: DistContext = DistContext()) -> dict:
-    """Validation loss and accuracy (multi-label, ``MultilabelLoss``: mean average precision, one
-    process only); under DDP each rank scores its share and the sums are shared."""
+    """Validation loss, accuracy and balanced accuracy (multi-label, ``MultilabelLoss``: mean average
+    precision, one process only); under DDP each rank scores its share (maybe none) and the sums are shared."""
     model.eval()
-    loss, correct, n, scored, per_class = 0.0, 0, 0, [], None  # per_class: each class's images and right guesses
+    multilabel, classes = isinstance(criterion, MultilabelLoss), model.get_classifier().out_features
+    loss, correct, n, scored = 0.0, 0, 0, []
+    per_class = np.zeros((2, classes), np.int64)  # each class's images and right guesses
     for images, labels in loader:
         raise_if_stopped()
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -183,17 +185,16 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         with precision.autocast():
             logits = model(images)
         loss += criterion(logits.float(), labels).item() * len(labels)
-        if isinstance(criterion, MultilabelLoss):
+        if multilabel:
             scored.append((labels.cpu().numpy(), logits.float().cpu().numpy()))
         else:
             right = logits.argmax(1) == labels
             correct += right.sum().item()
-            counts = torch.stack([torch.bincount(labels, minlength=logits.shape[1]),
-                                  torch.bincount(labels[right], minlength=logits.shape[1])]).cpu().numpy()
-            per_class = counts if per_class is None else per_class + counts
+            per_class += torch.stack([torch.bincount(labels, minlength=classes),
+                                      torch.bincount(labels[right], minlength=classes)]).cpu().numpy()
         n += len(labels)
     loss, correct, n = context.all_sum([loss, correct, n])
-    if scored:
+    if multilabel:
         return {"val_loss": loss / n, "val_accuracy": mean_average_precision(*(np.concatenate(a) for a in zip(*scored)))}
     images, right = np.array(context.all_sum(per_class.reshape(-1).tolist())).reshape(2, -1)
     recalls = right[images > 0] / images[images > 0]

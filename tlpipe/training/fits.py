@@ -153,7 +153,8 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
                                                      context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
     epoch_val = len(loaders[1].sampler) * context.world_size
-    check = learning_check(spec, epoch_val, weights)
+    scored = spec.labels("val")[stratified_subset(spec.labels("val"), EPOCH_VAL_IMAGES, config.seed)]  # as _loaders picks
+    check = learning_check(spec, scored, weights)
 
     def run(attempt: FinetuneConfig, checkpoints: Path) -> Finetuner:
         return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch, _fingerprint(config, backbone, spec, attempt),
@@ -238,27 +239,16 @@ def start_loss(head: LinearHead, train_codes: tuple, weights: torch.Tensor | Non
     return float(criterion(torch.from_numpy(head.logits(X)), torch.from_numpy(y)))
 
 
-def learning_check(spec: DatasetSpec, epoch_val: int, weights: torch.Tensor | None = None) -> LearningCheck:
-    """What a fine-tune of ``spec`` is checked against: chance on the ``epoch_val`` images each epoch
-    scores (their classes in val's proportions); for a multi-label set each class's share of the
-    train images and the loss's ``weights`` of its positives."""
+def learning_check(spec: DatasetSpec, scored: np.ndarray, weights: torch.Tensor | None = None) -> LearningCheck:
+    """What a fine-tune of ``spec`` is checked against: chance on the val images each epoch scores
+    (their labels ``scored``); for a multi-label set each class's share of the train images and the
+    loss's ``weights`` of its positives (chance: mAP of a random ranking, the classes' mean share)."""
     if spec.multilabel:
         shares = tuple(spec.labels("train").mean(axis=0).tolist())
-        return LearningCheck(len(spec.classes), chance_score(spec, "val"), epoch_val, shares,
+        return LearningCheck(len(spec.classes), float(scored.mean()) if scored.size else 0.0, len(scored), shares,
                              tuple(weights.tolist()) if weights is not None else ())
-    counts = np.bincount(spec.labels("val"), minlength=len(spec.classes))
-    scored = np.round(counts * epoch_val / max(counts.sum(), 1)).astype(int)
-    return LearningCheck(len(spec.classes), 1 / max(int((counts > 0).sum()), 1), epoch_val, val_counts=tuple(scored.tolist()))
-
-
-def chance_score(spec: DatasetSpec, split: str) -> float:
-    """The val score of a guess on ``split``: the accuracy of always guessing its largest class; for
-    a multi-label set, the mean average precision of a random ranking (the classes' mean share)."""
-    labels = spec.labels(split)
-    if spec.multilabel:
-        return float(labels.mean()) if labels.size else 0.0
-    counts = np.bincount(labels, minlength=len(spec.classes))
-    return float(counts.max() / max(counts.sum(), 1))
+    counts = np.bincount(scored, minlength=len(spec.classes))
+    return LearningCheck(len(spec.classes), 1 / max(int((counts > 0).sum()), 1), len(scored), val_counts=tuple(counts.tolist()))
 
 
 def train_until_learning(model: nn.Module, ft: FinetuneConfig, checkpoints: Path,
