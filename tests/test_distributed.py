@@ -41,7 +41,7 @@ def test_two_process_ddp_fit_completes_and_rank_0_alone_writes(tmp_path, image_f
     assert summary["head"]["world_size"] == 2
     assert summary["head"]["epochs_run"] == 2
     assert (out / "model" / "backbone.safetensors").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "checkpoint.pt"]  # no stray temp files
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["batch.json", "best.pt", "checkpoint.pt"]  # no stray temp files
     assert done.stdout.count("Bundle ") == 1  # one report, from rank 0
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])

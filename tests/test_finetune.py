@@ -111,6 +111,17 @@ def test_a_checkpoint_of_another_run_is_not_resumed(model, tmp_path):
     assert other.resumed_from_ == 0 and len(other.history_) == 1
 
 
+def test_a_resumed_run_keeps_the_batch_size_it_started_with(tmp_path):
+    from tlpipe.training.checkpoint import Checkpoints
+
+    run = Checkpoints(tmp_path, "run A")
+    assert run.started_batch(32, fits=False) == 32  # the first start: kept for a resume
+    assert run.started_batch(64, fits=False) == 32  # more memory free now: the batch its LR schedule was counted with
+    assert run.started_batch(8, fits=True) == 32  # less on a GPU: micro-batches absorb it
+    assert run.started_batch(8, fits=False) == 8  # less on a CPU: never more than fits now
+    assert Checkpoints(tmp_path, "run B").started_batch(16, fits=False) == 16  # another run: its own
+
+
 def _partial_fit(backbone, root, out, augment):
     import copy
     import dataclasses

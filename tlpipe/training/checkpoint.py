@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tlpipe.utils import atomic_write
+from tlpipe.utils import atomic_write, read_json, write_json
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+BATCH = "batch.json"  # the batch size the run started with: its LR schedule counts that many images a step
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,22 @@ class Checkpoints:
         torch.set_rng_state(saved["torch_rng"])
         state.update(saved["state"])
         return state["epoch"]
+
+    def started_batch(self, batch_size: int, fits: bool) -> int:
+        """The batch size to train with: the one this run started with when it is resumed (its
+        scheduler's steps were counted with it) and it still ``fits`` (a GPU's micro-batches absorb
+        less memory), else ``batch_size``, kept for a resume."""
+        path = self.folder / BATCH if self.folder else None
+        try:
+            saved = read_json(path) if path else {}
+        except (OSError, ValueError):
+            saved = {}
+        if isinstance(saved, dict) and saved.get("fingerprint") == self.fingerprint and isinstance(saved.get("batch_size"), int):
+            return saved["batch_size"] if fits or saved["batch_size"] <= batch_size else batch_size
+        if path is not None and self.writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"fingerprint": self.fingerprint, "batch_size": batch_size})
+        return batch_size
 
     def save_best(self, weights: dict, epoch: int) -> None:
         if self.folder is not None and self.writer:

@@ -27,6 +27,7 @@ from tlpipe.data import (
 from tlpipe.data.loader import cached_resize, decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
+from tlpipe.training.checkpoint import Checkpoints
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.frozen import FrozenOutputs, FrozenPrefix
@@ -147,7 +148,8 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     probe, start_codes = starting_probe(backbone, spec, config, codes, data_config, device)
     _start_from_probe(model, probe.head_)
     memory = estimate_memory(model, data_config["input_size"], device)
-    batch_size = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
+    batch_size = _batch_size(memory, device, config, context,
+                             Checkpoints(out / "checkpoints", _fingerprint(config, backbone, spec, ft), context.is_main))
     train_loader, val_loader, whole_val = loaders = _loaders(data_config, spec, config, out, batch_size, device, context)
     frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader,
                                                      context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
@@ -184,6 +186,13 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     }
     return TrainedHead(head, val_accuracy, details, tuner.history_, backbone, epochs_fitted=tuner.epochs_,
                        cut_by_deadline=tuner.cut_)
+
+
+def _batch_size(memory, device: torch.device, config: FitConfig, context: DistContext, checkpoints: Checkpoints) -> int:
+    """The largest batch the device's free memory holds (at most the recipe's; the same on every
+    rank); a resumed run keeps the one it started with (``Checkpoints.started_batch``)."""
+    fitted = context.all_min(memory.largest_batch(available_memory(device), cap=config.batch_size))
+    return context.broadcast(checkpoints.started_batch(fitted, fits=device.type == "cuda"))
 
 
 def _network_head(model: nn.Module, spec: DatasetSpec) -> LinearHead:
