@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -74,6 +75,27 @@ def test_a_copy_cut_short_after_a_change_in_the_store_fetches_the_change_when_ru
     shutil.rmtree(copy)  # the copy removed by hand, its record left
     assert local_copy("memory://shop/pets") == copy and (copy / "train" / "cats" / "1.jpg").is_file()
     assert remote.data_cache() in copy.parents and copy.name == "pets"
+
+
+def test_a_copy_that_fails_midway_leaves_every_file_whole_under_its_name(store, monkeypatch):
+    from tlpipe.errors import TlpipeError
+
+    copy = local_copy("memory://shop/pets")
+    old = (copy / "train" / "cats" / "0.jpg").read_bytes()
+    store.pipe("/shop/pets/train/cats/0.jpg", old[::-1])
+
+    def half_then_reset(self, sources, targets, **kwargs):  # the network fails with half a file written
+        Path(targets[0]).write_bytes(old[::-1][:10])
+        raise OSError("connection reset")
+
+    real_get = type(store).get
+    monkeypatch.setattr(type(store), "get", half_then_reset)
+    with pytest.raises(TlpipeError, match="run again to resume"):
+        local_copy("memory://shop/pets")
+    assert (copy / "train" / "cats" / "0.jpg").read_bytes() == old  # a fit reading the copy meanwhile sees whole files
+    monkeypatch.setattr(type(store), "get", real_get)
+    local_copy("memory://shop/pets")
+    assert (copy / "train" / "cats" / "0.jpg").read_bytes() == old[::-1] and not list(copy.rglob("*.tlpipe-part"))
 
 
 def test_a_file_url_is_the_local_folder_itself(bundle_dir, tmp_path, monkeypatch):

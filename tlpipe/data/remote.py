@@ -87,10 +87,16 @@ def _listing(fs, folder: str, url: str) -> dict[str, list]:
     return listing
 
 
+def _part(path: Path) -> Path:
+    """Where a file is fetched to before it takes its name (hidden: a scan skips it; not in the
+    listing: the next sync removes what a killed copy left)."""
+    return path.with_name(f".{path.name}.tlpipe-part")
+
+
 def _sync(fs, folder: str, listing: dict[str, list], copy: Path, record: Path, url: str) -> None:
     """Make ``copy`` hold exactly ``listing``: fetch what is missing, short or changed since the
-    ``record`` of what the copy holds (written as each batch of files lands), remove what the store
-    no longer has."""
+    ``record`` of what the copy holds (written as each batch of files lands; each file fetched
+    beside its name, then renamed whole), remove what the store no longer has."""
     held = json.loads(record.read_text()) if record.is_file() else {}
     if held == listing and copy.is_dir():
         return
@@ -107,13 +113,16 @@ def _sync(fs, folder: str, listing: dict[str, list], copy: Path, record: Path, u
     for start in range(0, len(fetch), FETCH_BATCH):
         batch = fetch[start:start + FETCH_BATCH]
         atomic_write(record, lambda f: json.dump(held, f))
-        for name in batch:
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        parts = [_part(copy / name) for name in batch]  # whole files only under their names: a fit may be reading
+        for part in parts:
+            part.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fs.get([f"{folder}/{name}" for name in batch], [str(copy / name) for name in batch])
+            fs.get([f"{folder}/{name}" for name in batch], [str(part) for part in parts])
         except Exception as exc:
             raise TlpipeError(f"copying {url} to {copy} failed ({type(exc).__name__}: {exc}); run again to "
                               "resume: the files already copied are kept") from None
+        for part, name in zip(parts, batch):
+            os.replace(part, copy / name)
         held.update({name: listing[name] for name in batch})
     copy.mkdir(parents=True, exist_ok=True)
     atomic_write(record, lambda f: json.dump(listing, f))
