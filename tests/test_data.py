@@ -51,6 +51,12 @@ def test_scan_flat_class_folders(image_folder):
     assert not scanned.skipped
 
 
+def test_two_folders_naming_one_split_are_one_line(image_folder):
+    root = image_folder("data", {"cats": 4, "dogs": 3}, split={"train": 4, "val": 2, "valid": 2})
+    with pytest.raises(TlpipeError, match=r"has val/, valid/: all name the val split; merge them into one folder"):
+        scan_folder(root)
+
+
 @pytest.mark.parametrize("val_name", ["val", "valid", "validation", "Validation"])
 def test_split_folders_with_val_aliases(image_folder, val_name):
     root = image_folder("data", {"cats": 4, "dogs": 3}, split={"train": 4, val_name: 2, "test": 1})

@@ -114,6 +114,10 @@ def scan_folder(root: str | Path, evaluation: bool = False) -> ScannedFiles:
     root = check_root(root)
     top = _visible_dirs(root)
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in top if d.name.lower() in SPLIT_ALIASES}
+    for split in split_dirs:  # val/ beside valid/: which one is val? never one silently left out
+        if len(same := [d.name for d in top if SPLIT_ALIASES.get(d.name.lower()) == split]) > 1:
+            raise TlpipeError(f"{root} has {', '.join(f'{name}/' for name in same)}: all name the {split} split; "
+                              "merge them into one folder")
     skipped: Counter = Counter()
     if "train" in split_dirs or (evaluation and split_dirs):
         # Beside the split folders, nothing holds images; others (an extra split such as
