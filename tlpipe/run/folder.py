@@ -151,7 +151,8 @@ class RunFolder:
             yield
         except Exception:  # not a cut (a BaseException): that fit resumes
             if claimed and not (self.path / self.BUNDLE).exists():  # a re-run of corrected data or settings needs no --overwrite:
-                owner = {k: v for k, v in self.owner().items() if k != "key"}  # any fit may claim the folder, still tlpipe's
+                owner = {k: v for k, v in self.owner().items()  # any fit may claim the folder (still tlpipe's) and
+                         if k not in ("key", "run_id", "tracking_uri")}  # open its own run: this one ended FAILED
                 write_json(self.path / self.OWNER, owner)
             raise
         finally:
