@@ -10,13 +10,13 @@ import dataclasses
 import numpy as np
 
 from tlpipe.config import FitConfig
-from tlpipe.data import DatasetSpec
+from tlpipe.data import DatasetSpec, stratified_subset
 from tlpipe.insight.label_issues import LabelIssues, find_label_issues
 from tlpipe.insight.learning_curve import learning_curve
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.stages.context import Choice, Codes, FitContext, Prepared
 from tlpipe.strategy.policy import LinearFit, cached_fit_linear
-from tlpipe.training.linear import fit_head, head_score
+from tlpipe.training.linear import CV_MAX_IMAGES, fit_head, head_score
 from tlpipe.training.multilabel import fit_multilabel_head
 
 
@@ -55,10 +55,13 @@ def without_rows(spec: DatasetSpec, codes: Codes, rows: np.ndarray) -> tuple[Dat
 
 def _curve_classifier(issues: LabelIssues | None, codes: Codes, config: FitConfig) -> tuple[str, float]:
     """The logistic regression the learning curve refits: the label check's C (by cross-validation),
-    else (a class too small to hold an image out) the grid's C that scores best on val."""
+    else (a class too small to hold an image out) the grid's C that scores best on val, fitted on at
+    most ``CV_MAX_IMAGES`` of train (as the cross-validation is)."""
     if issues is not None:
         return "logreg", issues.C
-    return "logreg", max(config.linear.c_grid, key=lambda C: head_score(_fitted(C, *codes["train"], config.seed), *codes["val"]))
+    X, y = codes["train"]
+    rows = stratified_subset(y, CV_MAX_IMAGES, config.seed) if len(y) > CV_MAX_IMAGES else slice(None)
+    return "logreg", max(config.linear.c_grid, key=lambda C: head_score(_fitted(C, X[rows], y[rows], config.seed), *codes["val"]))
 
 
 def _fitted(C: float, X: np.ndarray, y: np.ndarray, seed: int):
