@@ -47,7 +47,8 @@ from tlpipe.data.loader import decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import build_backbone
 from tlpipe.utils import default_workers
-from tlpipe.training.finetune import Finetuner, Precision, freeze_stages, param_groups, WarmupCosine
+from tlpipe.training.finetune import Finetuner, Precision, WarmupCosine
+from tlpipe.training.layers import freeze_stages, param_groups
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tlpipe.config import FinetuneConfig
 from tlpipe.models import create_backbone
 from tlpipe.training.checkpoint import CHECKPOINT
-from tlpipe.training.finetune import Finetuner, freeze_stages, stage_groups
+from tlpipe.training.finetune import Finetuner
+from tlpipe.training.layers import freeze_stages, stage_groups
 
 
 def loaders(seed: int = 0):

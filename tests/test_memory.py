@@ -5,7 +5,8 @@ import torch
 
 from tlpipe.config import FinetuneConfig
 from tlpipe.models import create_backbone
-from tlpipe.training.finetune import Finetuner, freeze_stages
+from tlpipe.training.finetune import Finetuner
+from tlpipe.training.layers import freeze_stages
 from tlpipe.training.memory import MemoryEstimate, estimate_memory
 
 

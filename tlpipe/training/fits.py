@@ -31,9 +31,8 @@ from tlpipe.training.checkpoint import Checkpoints
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext, rank_device
 from tlpipe.training.frozen import FrozenOutputs, FrozenPrefix
-from tlpipe.training.finetune import (
-    Finetuner, Precision, adapt_batchnorm, evaluate, freeze_stages, trained_batchnorms, training_loss,
-)
+from tlpipe.training.finetune import Finetuner, Precision, evaluate, training_loss
+from tlpipe.training.layers import adapt_batchnorm, freeze_stages, trained_batchnorms
 from tlpipe.training.memory import available_memory, estimate_memory
 from tlpipe.training.head import LinearHead
 from tlpipe.training.linear import LinearProbe

@@ -21,7 +21,8 @@ from tlpipe.config import AugmentConfig
 from tlpipe.data import Sample, eval_array_transform, train_transform
 from tlpipe.data.decoded import decode_square
 from tlpipe.data.loader import cached_resize, decode_size
-from tlpipe.training.finetune import Precision, freeze_stages
+from tlpipe.training.finetune import Precision
+from tlpipe.training.layers import freeze_stages
 from tlpipe.utils import cpu_cores
 
 
