@@ -65,7 +65,8 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
     member = kmeans.labels_[len(known):]
     typical = -np.linalg.norm(unit[usable] - kmeans.cluster_centers_[member], axis=1)
     sizes = np.bincount(member, minlength=clusters)
-    labelled_share = np.bincount(kmeans.labels_[:len(known)], minlength=clusters) / np.bincount(kmeans.labels_, minlength=clusters).clip(1)
+    covered = np.bincount(kmeans.labels_[:len(known)], minlength=clusters)
+    labelled_share = covered / np.maximum(covered + sizes, 1)
     picked = []
     for cluster in np.lexsort((-sizes, labelled_share))[:n]:  # uncovered first, largest first; at scale, the least covered
         if sizes[cluster] == 0:

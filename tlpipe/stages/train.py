@@ -48,11 +48,9 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
-        ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)  # the linear classifier is rank 0's alone
-        return _no_trial_finished(choice, backbone, tuned)
+        return _no_trial_finished(ctx, choice, backbone, tuned)
     if _retrain_too_late(tuned, plan, deadline):
-        ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)
-        return _linear_stands(choice, backbone, tuned, "Budget: the best trial's weights are not in this output folder "
+        return _linear_stands(ctx, choice, backbone, tuned, "Budget: the best trial's weights are not in this output folder "
                               "(another process ran it) and the time left holds no retraining; the linear classifier stands.")
     with ctx.timings.stage("train"):
         if config.strategy == "linear":
@@ -63,8 +61,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
                                        on_epoch=lambda e, m: run.log_metrics(m, step=e), context=ctx.ranks, deadline=deadline,
                                        allowance=trial_allowance(None, deadline, config.finetune.epochs), kept=kept)
             except DidNotLearn as failed:
-                ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)  # the linear classifier is rank 0's alone
-                return _linear_stands(choice, backbone, tuned, _sentence(str(failed)))
+                return _linear_stands(ctx, choice, backbone, tuned, _sentence(str(failed)))
     return FittedModel(config, trained.backbone or backbone, trained, choice.codes["val"], tuned.summary, decision)
 
 
@@ -76,12 +73,12 @@ def _retrain_too_late(tuned: Tuned, plan: Plan, deadline: float | None) -> bool:
     return deadline - time.monotonic() < plan.seconds.get("trial", 0.0)
 
 
-def _no_trial_finished(choice: Choice, backbone: Backbone, tuned: Tuned) -> FittedModel:
+def _no_trial_finished(ctx: FitContext, choice: Choice, backbone: Backbone, tuned: Tuned) -> FittedModel:
     """No fine-tuning trial finished: every one did not learn, or the budget ran out first."""
     failures = [why for why in (tuned.summary.get("pruned_reasons") or {}).values() if why.startswith(DID_NOT_LEARN)]
     if failures and len(failures) == tuned.summary.get("pruned", 0) and not tuned.summary.get("waiting"):
-        return _linear_stands(choice, backbone, tuned, _sentence(failures[0]))
-    return _linear_stands(choice, backbone, tuned,
+        return _linear_stands(ctx, choice, backbone, tuned, _sentence(failures[0]))
+    return _linear_stands(ctx, choice, backbone, tuned,
                           "Budget: no fine-tuning trial finished in the time limit; the linear classifier stands.")
 
 
@@ -89,9 +86,11 @@ def _sentence(text: str) -> str:
     return f"{text[:1].upper()}{text[1:]}."
 
 
-def _linear_stands(choice: Choice, backbone: Backbone, tuned: Tuned, reason: str) -> FittedModel:
+def _linear_stands(ctx: FitContext, choice: Choice, backbone: Backbone, tuned: Tuned, reason: str) -> FittedModel:
     """The linear classifier saved before the fine-tune is the model, on ``backbone`` as it was built
-    (every fine-tune trains a copy), its decision saying why."""
+    (every fine-tune trains a copy), its decision saying why. It is rank 0's alone: under torchrun the
+    other ranks leave at the barrier the pipeline's rank 0 meets after training."""
+    ctx.ranks.main_alone(when=not ctx.ranks.is_main, wait=True)
     linear = choice.linear
     trained = dataclasses.replace(linear.trained, details={**linear.trained.details, "finetune_fallback": reason})
     return FittedModel(linear.config, backbone, trained, linear.codes["val"], tuned.summary, stand_in(choice, reason))

@@ -149,13 +149,12 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     memory = estimate_memory(model, data_config["input_size"], device)
     batch_size = _batch_size(memory, device, config, context,
                              Checkpoints(out / "checkpoints", _fingerprint(config, backbone, spec, ft), context.is_main))
-    train_loader, val_loader, whole_val = loaders = _loaders(data_config, spec, config, out, batch_size, device, context)
+    epoch_rows = stratified_subset(spec.labels("val"), EPOCH_VAL_IMAGES, config.seed)  # the val images each epoch scores
+    train_loader, val_loader, whole_val = loaders = _loaders(data_config, spec, config, out, batch_size, device, context, epoch_rows)
     frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader,
                                                      context.world_size, kept) if unfreeze is not None else (None, train_loader, val_loader)
     weights = class_weights(spec, ft.class_weights)
-    epoch_val = len(loaders[1].sampler) * context.world_size
-    scored = spec.labels("val")[stratified_subset(spec.labels("val"), EPOCH_VAL_IMAGES, config.seed)]  # as _loaders picks
-    check = learning_check(spec, scored, weights)
+    check = learning_check(spec, spec.labels("val")[epoch_rows], weights)
 
     def run(attempt: FinetuneConfig, checkpoints: Path) -> Finetuner:
         return Finetuner(attempt, device, unfreeze, weights, checkpoints, on_epoch, _fingerprint(config, backbone, spec, attempt),
@@ -179,7 +178,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
         "linear_probe_val_accuracy": probe.val_score_,
         "start_loss": start_loss(probe.head_, start_codes["train"], weights, ft.label_smoothing),
         **_run_details(tuner, restarts, ft.epochs), "image_size": data_config["input_size"][-1], "val_accuracy": val_accuracy,
-        "epoch_val_images": epoch_val, "frozen_outputs_reused": reused, "unfreeze_stages": unfreeze,
+        "epoch_val_images": len(epoch_rows), "frozen_outputs_reused": reused, "unfreeze_stages": unfreeze,
         "class_weights": None if weights is None else weights.tolist(), "batch_size": batch_size,
         "world_size": context.world_size, "memory_gb_estimated": round(memory.for_batch(batch_size) / 2**30, 2),
     }
@@ -311,10 +310,10 @@ def training_data_config(backbone: Backbone, config: FitConfig) -> dict:
 
 
 def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path, batch_size: int,
-             device: torch.device, context: DistContext) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+             device: torch.device, context: DistContext, epoch_rows: np.ndarray) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     """Train (augmented, this rank's share of each epoch) and val loaders over the decoded-image cache:
-    each epoch's val (a fixed stratified ``EPOCH_VAL_IMAGES`` of a larger split: what early stopping
-    and the pruner compare), and the whole val split when that differs (None otherwise)."""
+    each epoch's val (``epoch_rows``: a fixed stratified ``EPOCH_VAL_IMAGES`` of a larger split, what
+    early stopping and the pruner compare), and the whole val split when that differs (None otherwise)."""
     size, crop = decode_size(data_config), max(data_config["input_size"][1:])
     with context.main_first():  # one rank decodes, the others then open the same files
         arrays = {split: build_decoded_cache(spec.splits[split], size, cache_root(config.cache_dir, out),
@@ -331,9 +330,8 @@ def _loaders(data_config: dict, spec: DatasetSpec, config: FitConfig, out: Path,
         CachedImages(arrays["train"], labels["train"], train_transform(data_config, config.augment)),
         sampler=sampler, drop_last=len(sampler) % batch_size == 1, **common)  # no lone-image batch for BatchNorm
     val_images = CachedImages(arrays["val"], labels["val"], eval_array_transform(data_config))
-    rows = stratified_subset(spec.labels("val"), EPOCH_VAL_IMAGES, config.seed)
-    val_loader = DataLoader(val_images, sampler=rows[context.rank::context.world_size].tolist(), **common)  # each scored once
-    if len(rows) == len(labels["val"]):
+    val_loader = DataLoader(val_images, sampler=epoch_rows[context.rank::context.world_size].tolist(), **common)  # each scored once
+    if len(epoch_rows) == len(labels["val"]):
         return train_loader, val_loader, None
     whole = range(context.rank, len(labels["val"]), context.world_size)
     return train_loader, val_loader, DataLoader(val_images, sampler=whole, **{**common, "persistent_workers": False})
