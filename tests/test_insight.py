@@ -78,6 +78,8 @@ def test_the_learning_curve_is_nested_and_says_what_twice_the_images_would_give(
     assert double["score"] <= sampled.predicted["all"]["score"] <= quadruple["score"]  # 3x: between 2x and 4x
     assert "all 720 train images, not only the sample the time limit allowed" in sampled.sentence()
     assert learning_curve(X[:20], y[:20], X_val, y_val, "logreg", 1.0) is None  # too few for a curve
+    one_each = np.arange(40)  # 40 classes of one image: every fraction is the same 40, no slope to fit
+    assert learning_curve(X[:40], one_each, X_val[:40], one_each, "logreg", 1.0) is None
 
 
 def test_on_a_large_train_the_curve_is_drawn_on_a_part_and_extrapolated_to_all_of_it(monkeypatch):

@@ -119,7 +119,8 @@ def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.nd
     on nested fractions of train (codes ``X``, labels ``y``; at most ``CURVE_MAX_IMAGES`` of them),
     scored on val, and its power law extrapolated to 2x and 4x the train images, and to ``whole``
     ("all") when train is a sample of that many; None when train is too small for a curve (under
-    ``MIN_IMAGES`` in the smallest fraction)."""
+    ``MIN_IMAGES`` in the smallest fraction, or classes so small that the fractions hold fewer than
+    three sizes: no slope to fit)."""
     classes = y.shape[1] if y.ndim == 2 else len(np.unique(y))
     if len(y) * FRACTIONS[0] < MIN_IMAGES or classes < 2 or len(y_val) < 2:
         return None
@@ -127,6 +128,8 @@ def learning_curve(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.nd
     if images > CURVE_MAX_IMAGES:
         rows = stratified_subset(y, CURVE_MAX_IMAGES, seed)
         X, y = X[rows], y[rows]
+    if len({len(rows) for rows in nested_subsets(y, FRACTIONS, seed)}) < 3:
+        return None
     sizes, outputs = _val_outputs(X, y, X_val, y_val, kind, C, seed)
     if y.ndim == 2:
         scores_on = lambda rows: np.array([np.mean([mean_average_precision(y_val[rows], s[rows]) for s in draws])  # noqa: E731
