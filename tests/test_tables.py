@@ -230,3 +230,28 @@ def test_a_dataframe_fits_through_the_api_into_the_default_output_beside_its_ima
     assert result.summary["data_table"]["file"] is False and result.summary["val_accuracy"] == 1.0
     assert tlpipe_cli("report", str(result.output_dir)).exit_code == 0  # rebuilt later: the rows are not kept
     assert "DataFrame, of which tlpipe keeps no copy" in (result.output_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_relabelled_table_starts_a_study_of_its_own_and_no_two_datasets_share_one(tmp_path):
+    """A label fixed in the table (one label_issues.csv flagged, say) and the fit run again must not
+    reuse trials scored on the old labels; nor may two datasets meet in one shared storage."""
+    from tlpipe import tuning
+    from tlpipe.config import load_config
+
+    def objective(trial, config, on_epoch):
+        return config.finetune.lr
+
+    rows = _images(tmp_path)
+    table = _csv(tmp_path / "labels.csv", rows)
+    labels = prepare_dataset(table).identity()
+    rows[0] = {**rows[0], "label": "dog"}  # the same files, one label fixed
+    relabelled = prepare_dataset(_csv(table, rows)).identity()
+    other = prepare_dataset(_csv(tmp_path / "other.csv", rows[1:])).identity()
+    assert len({labels, relabelled, other}) == 3 and prepare_dataset(table).identity() == relabelled
+
+    config, storage = load_config("default", strategy="partial", tuning={"trials": 2}), tmp_path / "out"
+    first = tuning.tune(config, storage, objective, data=labels)
+    assert tuning.tune(config, storage, objective, data=labels).summary["finished_before"] == 2  # a re-run continues
+    for data in (relabelled, other):
+        fresh = tuning.tune(config, storage, objective, data=data)
+        assert fresh.summary["finished_before"] == 0 and fresh.study.study_name != first.study.study_name

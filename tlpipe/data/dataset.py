@@ -6,6 +6,8 @@ never touched) and the fit goes on. The dataset folder is only ever read.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tlpipe.cache import fingerprint
 from tlpipe.data.images import check_image
 from tlpipe.data.scan import ScannedFiles
 from tlpipe.data.source import DataSource, as_source
@@ -54,6 +57,13 @@ class DatasetSpec:
 
     def counts(self) -> dict[str, int]:
         return {split: len(samples) for split, samples in self.splits.items()}
+
+    def identity(self) -> str:
+        """sha256 of the train and val files (path, size, modification time, label: ``fingerprint``):
+        what a fit's study, plan and checkpoints are of, so that an edited, relabelled, added or
+        removed image starts them anew, and two datasets never share a study."""
+        files = fingerprint(self.splits["train"] + self.splits.get("val", []))
+        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
     def class_counts(self, split: str = "train") -> dict[str, int]:
         """Images of each class in ``split`` (multi-label: images that have it)."""

@@ -44,7 +44,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
     with ctx.timings.stage("tune"):
         trial0 = choice.linear.trained.linear_params() if choice.linear and config.strategy == "linear" else None
         objective = strategy_objective(config, backbone, spec, ctx.out, choice.codes, trial0, deadline, kept)
-        tuned = _tune(ctx, config, objective, plan)
+        tuned = _tune(ctx, config, objective, plan, spec.identity())
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
@@ -114,8 +114,8 @@ def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec,
     return finetune_objective(backbone, spec, out, codes, deadline, kept)
 
 
-def _tune(ctx: FitContext, config: FitConfig, objective, plan: Plan) -> Tuned:
-    """The study (``tlpipe.tuning``) within the budget, less the plan's reserve for scoring and
+def _tune(ctx: FitContext, config: FitConfig, objective, plan: Plan, data: str) -> Tuned:
+    """The study (``tlpipe.tuning``) of ``data`` (the dataset's identity) within the budget, less the plan's reserve for scoring and
     recording; off under torchrun, where every rank would run its own study: tune first, then
     train the best config with DDP."""
     overrides = ctx.tuning if plan.strategy == "linear" else dataclasses.replace(ctx.tuning, trials=plan.trials)
@@ -124,7 +124,7 @@ def _tune(ctx: FitContext, config: FitConfig, objective, plan: Plan) -> Tuned:
     limits = [ctx.budget.timeout(plan.reserve), overrides.timeout, config.tuning.timeout,
               ctx.budget.timeout(share=LINEAR_STUDY_SHARE) if plan.strategy == "linear" else None]
     timeout = min((t for t in limits if t is not None), default=None)  # the budget's, the run's and the recipe's
-    settings = {**dataclasses.asdict(overrides), "timeout": timeout}
+    settings = {**dataclasses.asdict(overrides), "timeout": timeout, "data": data}
     if plan.strategy == "linear":
         return tune(config, ctx.out, objective, parent=ctx.run, **settings)
     # a fine-tuning trial fits its epochs to its time: the shortest worth starting has MIN_EPOCHS

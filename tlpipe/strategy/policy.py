@@ -115,14 +115,14 @@ def cached_fit_linear(config: FitConfig, codes: Codes) -> TrainedHead:
     return trained
 
 
-def tuned_baseline(fit: LinearFit, out: Path, timeout: float | None = None) -> LinearFit:
-    """``fit``'s classifier and C tuned as a linear fit tunes them (a study of its own in
-    ``<out>/linear_baseline``, trial 0 ``fit``'s own, for at most ``timeout`` seconds), so falling
-    back loses nothing against ``--strategy linear``."""
+def tuned_baseline(fit: LinearFit, out: Path, data: str, timeout: float | None = None) -> LinearFit:
+    """``fit``'s classifier and C tuned as a linear fit tunes them (a study of its own of ``data``,
+    the dataset's identity, in ``<out>/linear_baseline``, trial 0 ``fit``'s own, for at most
+    ``timeout`` seconds), so falling back loses nothing against ``--strategy linear``."""
     from tlpipe.tuning import linear_objective, tune
 
     objective = linear_objective(fit.codes, fit.trained.linear_params())
-    tuned = tune(fit.config, Path(out) / "linear_baseline", objective, timeout=timeout)
+    tuned = tune(fit.config, Path(out) / "linear_baseline", objective, timeout=timeout, data=data)
     return LinearFit(fit.tap, fit_linear(tuned.config, fit.codes), fit.codes, tuned.config)
 
 

@@ -202,10 +202,11 @@ def _network_head(model: nn.Module, spec: DatasetSpec) -> LinearHead:
 
 
 def _fingerprint(config: FitConfig, backbone: Backbone, spec: DatasetSpec, attempt: FinetuneConfig) -> str:
-    """What a checkpoint is of: the fit, the pretrained weights, the train and val files and the
-    attempt's settings (a restart's lower learning rate)."""
-    files = {split: [str(s.path) for s in spec.splits[split]] for split in ("train", "val")}
-    return fit_identity(config, "checkpoint", weights=backbone.weights.sha256, files=files, attempt=attempt.model_dump(mode="json"))
+    """What a checkpoint is of: the fit, the pretrained weights, the train and val files (their
+    labels too: a relabelled image is other data) and the attempt's settings (a restart's lower
+    learning rate)."""
+    return fit_identity(config, "checkpoint", weights=backbone.weights.sha256, data=spec.identity(),
+                        attempt=attempt.model_dump(mode="json"))
 
 
 def _run_details(tuner: Finetuner, restarts: list[dict], epochs_planned: int) -> dict:

@@ -119,10 +119,11 @@ def _safe_url(url: str) -> str:
         return url.split("://")[0] + "://..."
 
 
-def default_study_name(config: FitConfig) -> str:
-    """``tlpipe-<strategy>-<hash>`` of everything that changes what a trial measures, so re-running
-    the same fit continues its study and a changed recipe starts a new one."""
-    return f"tlpipe-{config.strategy}-{fit_identity(config, 'study')[:12]}"
+def default_study_name(config: FitConfig, data: str | None = None) -> str:
+    """``tlpipe-<strategy>-<hash>`` of everything that changes what a trial measures, the recipe and
+    the ``data`` (``DatasetSpec.identity``), so re-running the same fit continues its study, and a
+    changed recipe or dataset starts a new one (two datasets never share a study in one storage)."""
+    return f"tlpipe-{config.strategy}-{fit_identity(config, 'study', data=data)[:12]}"
 
 
 def make_pruner(config: FitConfig) -> optuna.pruners.BasePruner:
@@ -138,17 +139,17 @@ def make_pruner(config: FitConfig) -> optuna.pruners.BasePruner:
 
 def open_study(config: FitConfig, output_dir: Path | None = None, *,
                storage: str | optuna.storages.RDBStorage | None = None, study_name: str | None = None,
-               worker: bool = False) -> optuna.Study:
+               worker: bool = False, data: str | None = None) -> optuna.Study:
     """Create the study, or load it when it exists (a re-run, or another process created it first).
 
-    ``storage`` (a URL, or one ``open_storage`` opened) / ``study_name`` override ``config.tuning``'s;
-    the default storage is ``<output_dir>/optuna.db``. The sampler is TPE seeded with ``config.seed``;
+    ``storage`` (a URL, or one ``open_storage`` opened) / ``study_name`` override ``config.tuning``'s
+    (the default name is of the config and the ``data`` identity); the default storage is ``<output_dir>/optuna.db``. The sampler is TPE seeded with ``config.seed``;
     a worker's is unseeded, or it would draw the lead's very trials."""
     from sqlalchemy.exc import SQLAlchemyError
 
     if not isinstance(storage, optuna.storages.RDBStorage):
         storage = open_storage(storage_url(output_dir, storage or config.tuning.storage), config)
-    name = study_name or config.tuning.study_name or default_study_name(config)
+    name = study_name or config.tuning.study_name or default_study_name(config, data)
     sampler = optuna.samplers.TPESampler(seed=None if worker else config.seed,
                                          n_startup_trials=config.tuning.sampler_startup_trials)
     kwargs = dict(study_name=name, storage=storage, sampler=sampler,

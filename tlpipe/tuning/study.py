@@ -253,9 +253,10 @@ class Tuned:
 
 def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: FitRun | None = None,
          trials: int | None = None, timeout: float | None = None, storage: str | None = None,
-         study_name: str | None = None, trial_seconds: float | None = None, least_epochs: int | None = None) -> Tuned:
-    """Open (or continue) the fit's study, run it, log it, and return the best config.
-    ``trials``/``timeout``/``storage``/``study_name`` override the recipe's ``tuning`` values;
+         study_name: str | None = None, trial_seconds: float | None = None, least_epochs: int | None = None,
+         data: str | None = None) -> Tuned:
+    """Open (or continue) the fit's study of ``data`` (``DatasetSpec.identity``), run it, log it, and
+    return the best config. ``trials``/``timeout``/``storage``/``study_name`` override the recipe's ``tuning`` values;
     ``trial_seconds``: the shortest trial's estimated cost, so none starts that the timeout would cut
     (``least_epochs``: the epochs of a fine-tuning trial's shortest run)."""
     if requested_trials(config, trials) == 0:
@@ -263,7 +264,7 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
     url = storage_url(output_dir, storage or config.tuning.storage)
     connection = open_storage(url, config)
     try:
-        study = open_study(config, output_dir, storage=connection, study_name=study_name)
+        study = open_study(config, output_dir, storage=connection, study_name=study_name, data=data)
         before = _count(study, *_FINISHED)  # trials an earlier run of this study finished: it continues
         run_study(study, objective, config, trials=trials, timeout=timeout, parent=parent, trial_seconds=trial_seconds,
                   least_epochs=least_epochs,
