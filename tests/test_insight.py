@@ -182,6 +182,14 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
 
     one_line(tlpipe("suggest", bundle, unlabelled, "-o", tmp_path / "picks"), "already holds suggestions.csv", "--overwrite")
     one_line(tlpipe("suggest", bundle, unlabelled, "-o", unlabelled / "out"), "--out")
+    for command in (("suggest", bundle, unlabelled, "-o"), ("predict", bundle, unlabelled / "copy0.jpg", "--explain")):
+        one_line(tlpipe(*command, root / "picks"), "inside the dataset folder")  # the fit's own: the next fit's class
+    assert not (root / "picks").exists()
+    cut = shutil.copytree(bundle.parent, tmp_path / "cut")  # a re-run cut before it saved: a summary naming no data
+    summary = json.loads((cut / "summary.json").read_text())
+    (cut / "summary.json").write_text(json.dumps({"status": "cut", "cut": "stopped by SIGTERM", "tlpipe_version": summary["tlpipe_version"]}))
+    result = tlpipe("suggest", cut / "model", unlabelled, "-n", "1", "-o", tmp_path / "after_cut", "--workers", "0")
+    assert result.exit_code == 0 and "the fit's images were not found" in result.stdout, result.output
     (tmp_path / "empty").mkdir()
     one_line(tlpipe("suggest", bundle, tmp_path / "empty"), "holds no image files")
 

@@ -27,7 +27,7 @@ def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), ov
     """``path`` as a file this command may write, its folder made; else one line saying why and
     what to do. ``suffixes``: the names it must end with; an existing file (or one of the
     ``companions`` written beside it, such as ``.json``) is replaced only with ``overwrite``;
-    never inside ``dataset`` or a model bundle."""
+    never inside ``dataset`` (or any of a list of them) or a model bundle."""
     path = Path(path).expanduser()
     suffixes = tuple(suffixes)
     _check_place(path, flag, dataset)
@@ -46,7 +46,7 @@ def output_file(path: str | Path, flag: str, *, suffixes: Iterable[str] = (), ov
 def output_folder(path: str | Path, flag: str, files: Iterable[str] = (), overwrite: bool = False,
                   dataset: Any = None) -> Path:
     """``path`` as a folder this command may write ``files`` into, made if missing; else one line.
-    Never inside ``dataset`` or a model bundle."""
+    Never inside ``dataset`` (or any of a list of them) or a model bundle."""
     path = Path(path).expanduser()
     _check_place(path, flag, dataset, folder=True)
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -106,8 +106,9 @@ def _check_place(path: Path, flag: str, dataset: Any, folder: bool = False) -> N
             raise TlpipeError(f"{flag}: a name in the path is {len(part.encode())} bytes long (at most 255): "
                               f"{part[:40]}…; shorten it")
     where = path.absolute()
-    if dataset is not None:
-        _check_outside(where.resolve(), path, flag, dataset)
+    for source in dataset if isinstance(dataset, list) else [dataset]:
+        if source is not None:
+            _check_outside(where.resolve(), path, flag, source)
     for above in (where, *where.parents) if folder else where.parents:
         if (above / BUNDLE_MANIFEST).is_file() and (above / BUNDLE_HEAD).is_file():
             raise TlpipeError(f"{flag} {path} is inside the model bundle {above}: writing there would break it; "

@@ -23,6 +23,18 @@ def checked_bundle(path: Path) -> None:
     bundle_manifest(path)
 
 
+def _fit_data(bundle: Path):
+    """The dataset the bundle's fit trained on, when the fit folder around it names one still there:
+    a command's output never goes inside it (the next fit would take a new folder for a class)."""
+    from tlpipe.data.source import recorded_source
+    from tlpipe.run.folder import RunFolder
+
+    try:
+        return recorded_source(RunFolder(bundle.absolute().parent).read_summary())
+    except TlpipeError:  # a bundle outside its fit folder
+        return None
+
+
 class OutputFormat(str, Enum):
     table = "table"
     csv = "csv"
@@ -65,8 +77,8 @@ def predict(
 
             if any(explain.resolve() == p.resolve().parent for p in paths if p.is_file()):  # not among the images given
                 raise TlpipeError(f"--explain {explain} holds images given to predict: give another folder")
-            for source in [p for p in paths if p.is_dir()] or [None]:
-                output_folder(explain, "--explain", overlay_names(images), overwrite=overwrite, dataset=source)
+            output_folder(explain, "--explain", overlay_names(images), overwrite=overwrite,
+                          dataset=[p for p in paths if p.is_dir()] + [_fit_data(bundle)])
         print_predictions(model.predict(images, top_k, batch_size or 64, workers, reject=not no_reject), format.value)
         if explain:
             from tlpipe.insight.heatmaps import write_overlays
@@ -178,7 +190,7 @@ def suggest(
         if not images:
             found = f"{len(problems)} image files, none of which opens" if problems[0][0] != unlabelled else "no image files"
             raise TlpipeError(f"{unlabelled} holds {found}: give the folder of unlabelled images")
-        out = output_folder(out, "--out", OUTPUTS, overwrite=overwrite, dataset=unlabelled)
+        out = output_folder(out, "--out", OUTPUTS, overwrite=overwrite, dataset=[unlabelled, _fit_data(bundle)])
         for path, why in problems:
             typer.echo(f"skipped {path}: {why}", err=True)
         done = suggest_to_label(load_bundle(bundle, device), images, n, out, batch_size or 64, workers)

@@ -91,7 +91,10 @@ def with_table_options(data: Any, root: Path | None = None, path_col: str | None
 
 
 def recorded_source(summary: dict) -> DataSource | None:
-    """The dataset a fit's summary names (``record``), when it is still there (a DataFrame's rows are not kept)."""
+    """The dataset a fit's summary names (``record``), when it is still there (a DataFrame's rows are
+    not kept; a summary of a run cut before it saved anything names none)."""
+    if not summary.get("data"):
+        return None
     path, table = Path(summary["data"]), summary.get("data_table")
     if table is None:
         return ClassFolder(path) if path.is_dir() else None
