@@ -163,6 +163,26 @@ def test_report_of_a_fit_whose_dataset_moved_is_built_from_its_folder(fitted, tm
     assert "no longer at" in page and "Confusion matrix" in page
 
 
+@pytest.mark.parametrize("file, lines", [
+    ("label_issues.csv", ["file,given,suggested,quality", "cats/0.jpg,cats,dogs,0.1"]),  # no path column
+    ("val_predictions.csv", ["path,true,predicted,p:cats", "cats/0.jpg,cats,dogs,zz"]),  # a probability not a number
+])
+def test_report_of_a_damaged_csv_says_so_in_one_line(fitted, tmp_path, file, lines):
+    copy = _copy_of(fitted[1], tmp_path)
+    (copy / file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    one_line(tlpipe("report", copy), f"{file} is damaged", "rerun the fit")
+
+
+def test_report_says_why_a_bundle_shows_no_heatmaps(fitted, tmp_path):
+    copy = _copy_of(fitted[1], tmp_path)
+    with (copy / "val_predictions.csv").open("a", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerow(["cats/0.jpg", "cats", "dogs", "0.9"])  # a mistake to show
+    (copy / "model" / "head.safetensors").unlink()
+    assert tlpipe("report", copy).exit_code == 0
+    page = (copy / "report.html").read_text(encoding="utf-8")
+    assert 'alt="cats/0.jpg"' in page and "No heatmaps: the model could not explain its predictions" in page
+
+
 def test_report_and_export_never_read_an_image_outside_the_dataset(fitted, tmp_path):
     from tlpipe.bundle import load_bundle
     from tlpipe.bundle.export import check_set

@@ -129,33 +129,34 @@ def _png_uri(path: Path) -> str | None:
     return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.exists() else None
 
 
-def _with_pictures(out: Path, spec: DatasetSpec | None, **grids: list[dict]) -> dict[str, list[dict]]:
+def _with_pictures(out: Path, spec: DatasetSpec | None, **grids: list[dict]) -> dict:
     """Each grid's rows with their picture (``image``): the thumbnail with the bundle's heatmap over it
-    (what made it predict what it did), the plain thumbnail where the bundle cannot draw one, none
-    without the dataset (images only from inside it)."""
+    (what made it predict what it did), the plain thumbnail where the bundle cannot draw one (and
+    ``heatmaps_missing`` says why), none without the dataset (images only from inside it)."""
     paths = {row["path"]: spec and inside(spec.root, row["path"]) for rows in grids.values() for row in rows}
     pictures = {name: _thumbnail(path) for name, path in paths.items()}
-    shown = [name for name, picture in pictures.items() if picture]
+    shown, missing = [name for name, picture in pictures.items() if picture], None
     try:
         from tlpipe.bundle.folder import load_bundle
         from tlpipe.insight.heatmaps import heatmaps, overlay
 
         drawn = heatmaps(load_bundle(RunFolder(out).bundle, "cpu"), [paths[name] for name in shown]) if shown else []
         pictures.update({name: _thumbnail(overlay(picture, heat)) for name, (picture, heat, _) in zip(shown, drawn)})
-    except Exception:  # noqa: BLE001 - a bundle that cannot be loaded or explained leaves the plain pictures
-        pass
-    return {grid: [{**row, "image": pictures[row["path"]]} for row in rows] for grid, rows in grids.items()}
+    except Exception as exc:  # noqa: BLE001 - a bundle that cannot be loaded or explained leaves the plain pictures
+        missing = f"{type(exc).__name__}: {exc}"
+    return {"heatmaps_missing": missing, **{grid: [{**row, "image": pictures[row["path"]]} for row in rows]
+                                            for grid, rows in grids.items()}}
 
 
 def _mistakes(out: Path) -> list[dict]:
     """The val images the model got wrong with the highest probability."""
     header, *rows = _csv_rows(out / RunFolder.VAL_PREDICTIONS) or [[]]
-    rows = [_as_mistake(header, r) for r in rows]
     try:
+        rows = [_as_mistake(header, r) for r in rows]
         wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
-    except (KeyError, ValueError):
+        return [{**row, "path": row["path"], "probability": float(row["probability"])} for row in wrong[:MISTAKES_SHOWN]]
+    except (KeyError, ValueError, IndexError):
         raise TlpipeError(f"{out / RunFolder.VAL_PREDICTIONS} is damaged: rerun the fit that wrote it") from None
-    return [{**row, "probability": float(row["probability"])} for row in wrong[:MISTAKES_SHOWN]]
 
 
 def _suspects(out: Path) -> list[dict]:
@@ -163,7 +164,7 @@ def _suspects(out: Path) -> list[dict]:
     header, *rows = _csv_rows(out / RunFolder.LABEL_ISSUES) or [[]]
     rows = [dict(zip(header, row)) for row in rows[:MISTAKES_SHOWN]]
     try:
-        return [{**row, "quality": float(row["quality"])} for row in rows]
+        return [{**row, "path": row["path"], "quality": float(row["quality"])} for row in rows]
     except (KeyError, ValueError):
         raise TlpipeError(f"{out / RunFolder.LABEL_ISSUES} is damaged: rerun the fit that wrote it") from None
 
