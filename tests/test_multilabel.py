@@ -111,6 +111,18 @@ def test_a_multilabel_fit_predicts_evaluates_exports_and_serves_label_sets(tmp_p
     served = mlflow_serve_answer(summary, images, tmp_path / "serve.log")
     assert [set(row["labels"]) for row in served] == sets
 
+    pool = [_halves(tmp_path / "pool" / f"{k}.png", k % 4, (k + 1) % 4, seed=[99, k]) for k in range(4)]
+    suggested = tlpipe("suggest", out / "model", tmp_path / "pool", "-n", "4", "-o", tmp_path / "picks", "--workers", "0")
+    assert suggested.exit_code == 0, suggested.output
+    answers = json.loads(tlpipe("predict", out / "model", *pool, "-f", "json", "--workers", "0").stdout)
+    predicted = {Path(row["path"]).name: {p["label"] for p in row["predictions"]} for row in answers}
+    guesses = {Path(r["path"]).name: set(filter(None, r["model_guess"].split(";")))
+               for r in csv.DictReader((tmp_path / "picks" / "suggestions.csv").open(encoding="utf-8"))}
+    assert guesses and all(predicted[name] == guess for name, guess in guesses.items())  # the label sets predict answers
+    assert any(len(guess) == 2 for guess in guesses.values())  # (others near-copies of train, skipped)
+    tasks = json.loads((tmp_path / "picks" / "label_studio.json").read_text(encoding="utf-8"))
+    assert [set(t["predictions"][0]["result"][0]["value"]["choices"]) for t in tasks] == list(guesses.values())
+
 
 def test_a_partial_fine_tune_of_a_multilabel_table_trains_with_binary_cross_entropy(tmp_path):
     out = tmp_path / "out"

@@ -1,7 +1,7 @@
 """``tlpipe suggest``: the unlabelled images to label next (``tlpipe.insight.suggest`` picks them),
 written for a person and for a labelling tool: ``suggestions.csv`` (rank, path, the model's guess),
 ``label_studio.json`` (Label Studio tasks with the guess as a pre-annotation) and ``contact_sheet.png``
-(the picks as thumbnails, in order)."""
+(the first ``SHEET_MAX`` picks as thumbnails, in order)."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from tlpipe.bundle.folder import Bundle
 from tlpipe.data import load_rgb
+from tlpipe.data.table import LABEL_DELIMITER
 from tlpipe.insight.suggest import suggest
 from tlpipe.run.folder import RunFolder
 from tlpipe.utils import atomic_write
@@ -22,6 +23,7 @@ from tlpipe.utils import atomic_write
 SUGGESTIONS, LABEL_STUDIO, CONTACT_SHEET = "suggestions.csv", "label_studio.json", "contact_sheet.png"
 OUTPUTS = (SUGGESTIONS, LABEL_STUDIO, CONTACT_SHEET)
 THUMB, COLUMNS = 128, 10
+SHEET_MAX = 200  # thumbnails on the contact sheet: a sheet of thousands is too large to look at (or to hold)
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,13 @@ def suggest_to_label(bundle: Bundle, images: list[Path], n: int, out: Path, batc
     """Pick ``n`` of ``images`` to label next with ``bundle`` and write the three files into ``out``."""
     codes = bundle.codes(images, batch_size, workers)
     labelled = _labelled_codes(bundle, batch_size, workers)
-    probabilities = bundle.head.predict_proba(codes)
+    probabilities, top = bundle.ranked(codes, 1)
     picks = suggest(probabilities, codes, n, labelled, bundle.head.multilabel)
-    rows = [(rank, images[i], probabilities[i], float(u)) for rank, (i, u) in enumerate(zip(picks.rows, picks.uncertainty), 1)]
-    _write_csv(out / SUGGESTIONS, rows, bundle.classes)
-    _write_label_studio(out / LABEL_STUDIO, rows, bundle.classes)
-    _write_contact_sheet(out / CONTACT_SHEET, rows, bundle.classes)
+    guesses = _guesses(bundle, probabilities[picks.rows], top[picks.rows, 0])
+    rows = [(rank, images[i], *guess, float(u)) for rank, (i, guess, u) in enumerate(zip(picks.rows, guesses, picks.uncertainty), 1)]
+    _write_csv(out / SUGGESTIONS, rows)
+    _write_label_studio(out / LABEL_STUDIO, rows)
+    _write_contact_sheet(out / CONTACT_SHEET, rows[:SHEET_MAX])
     return Suggested(out, len(rows), len(images), picks.duplicates, labelled is not None)
 
 
@@ -62,38 +65,42 @@ def _labelled_codes(bundle: Bundle, batch_size: int, workers: int | None) -> np.
     return bundle.codes([s.path for split in spec.splits.values() for s in split], batch_size, workers)
 
 
-def _guess(probabilities: np.ndarray, classes: list[str]) -> tuple[str, float]:
-    best = int(np.argmax(probabilities))
-    return classes[best], float(probabilities[best])
+def _guesses(bundle: Bundle, probabilities: np.ndarray, best: np.ndarray) -> list[tuple[list[str], float]]:
+    """The model's answer for each row as ``predict`` gives it, with the probability of its first
+    class: the best class (by the logits), or for a multi-label bundle the classes over their
+    thresholds (none, maybe)."""
+    if bundle.head.multilabel:
+        return [([bundle.classes[j] for j in chosen], float(p.max())) for chosen, p in zip(bundle.label_sets(probabilities), probabilities)]
+    return [([bundle.classes[b]], float(p[b])) for b, p in zip(best, probabilities)]
 
 
-def _write_csv(path: Path, rows, classes: list[str]) -> None:
+def _write_csv(path: Path, rows) -> None:
     table = [["rank", "path", "model_guess", "probability", "uncertainty"]]
-    for rank, image, p, u in rows:
-        guess, confidence = _guess(p, classes)
-        table.append([rank, str(image), guess, f"{confidence:.4f}", f"{u:.4f}"])
+    for rank, image, guess, confidence, u in rows:
+        table.append([rank, str(image), LABEL_DELIMITER.join(guess), f"{confidence:.4f}", f"{u:.4f}"])
     atomic_write(path, lambda f: csv.writer(f).writerows(table), newline="", encoding="utf-8")
 
 
-def _write_label_studio(path: Path, rows, classes: list[str]) -> None:
+def _write_label_studio(path: Path, rows) -> None:
     """Label Studio's task import format: one task per image (a local-files URL of its absolute path:
     Label Studio's local storage with ``LOCAL_FILES_DOCUMENT_ROOT=/``), the model's guess as a
-    pre-annotation of an image classification config (``<Choices name="choice" toName="image">``)."""
+    pre-annotation of an image classification config (``<Choices name="choice" toName="image">``,
+    ``choice="multiple"`` for a multi-label model; no pre-annotation where it guesses no class)."""
     tasks = [{"data": {"image": f"/data/local-files/?d={quote(image.resolve().as_posix().lstrip('/'))}"},
               "meta": {"rank": rank, "uncertainty": round(u, 4)},
-              "predictions": [{"model_version": "tlpipe", "score": round(_guess(p, classes)[1], 4),
+              "predictions": [{"model_version": "tlpipe", "score": round(confidence, 4),
                                "result": [{"from_name": "choice", "to_name": "image", "type": "choices",
-                                           "value": {"choices": [_guess(p, classes)[0]]}}]}]}
-             for rank, image, p, u in rows]
+                                           "value": {"choices": guess}}]}] if guess else []}
+             for rank, image, guess, confidence, u in rows]
     atomic_write(path, lambda f: f.write(json.dumps(tasks, ensure_ascii=False, indent=1)), encoding="utf-8")
 
 
-def _write_contact_sheet(path: Path, rows, classes: list[str]) -> None:
+def _write_contact_sheet(path: Path, rows) -> None:
     """The picks as a grid of thumbnails, rank and the model's guess under each."""
     columns = max(1, min(COLUMNS, len(rows)))
     sheet = Image.new("RGB", (columns * THUMB, max(1, -(-len(rows) // columns)) * (THUMB + 14)), "white")
     draw = ImageDraw.Draw(sheet)
-    for k, (rank, image, p, _) in enumerate(rows):
+    for k, (rank, image, guess, _, _) in enumerate(rows):
         x, y = (k % columns) * THUMB, (k // columns) * (THUMB + 14)
         try:
             thumb = load_rgb(image, min_size=THUMB)
@@ -102,7 +109,7 @@ def _write_contact_sheet(path: Path, rows, classes: list[str]) -> None:
         except (OSError, ValueError):
             pass
         try:
-            draw.text((x + 2, y + THUMB), f"{rank}: {_guess(p, classes)[0]}"[:22], fill="black")
+            draw.text((x + 2, y + THUMB), f"{rank}: {LABEL_DELIMITER.join(guess)}"[:22], fill="black")
         except UnicodeEncodeError:  # Pillow's bitmap font (no FreeType) writes Latin-1 alone: the rank, then
             draw.text((x + 2, y + THUMB), f"{rank}", fill="black")
     atomic_write(path, lambda f: sheet.save(f, format="PNG"), mode="wb")

@@ -53,7 +53,7 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
 
     unit = normalize(np.asarray(codes, np.float32))
     known = normalize(np.asarray(labelled, np.float32)) if labelled is not None and len(labelled) else np.zeros((0, unit.shape[1]), np.float32)
-    nearest_known = (unit @ known.T).max(axis=1) if len(known) else np.full(len(unit), -1.0)
+    nearest_known = _nearest_similarity(unit, known)
     usable = np.flatnonzero(nearest_known < DUPLICATE_SIMILARITY)
     scores = uncertainty(probabilities, multilabel)
     n = min(n, len(usable))
@@ -76,6 +76,14 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
         picked.append(rows[int(np.argmax(merit))])
     rows = usable[np.array(_most_uncertain_rest(picked, scores[usable], unit[usable], n), dtype=np.int64)]
     return Suggestions(rows, scores[rows], len(unit) - len(usable))
+
+
+def _nearest_similarity(unit: np.ndarray, known: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Each row's cosine similarity to its nearest ``known`` row (-1 without any), ``chunk`` rows at a
+    time: 100k unlabelled against 60k labelled images would be a 24 GB matrix at once."""
+    if not len(known):
+        return np.full(len(unit), -1.0)
+    return np.concatenate([(unit[start:start + chunk] @ known.T).max(axis=1) for start in range(0, len(unit), chunk)])
 
 
 def _most_uncertain_rest(picked: list[int], scores: np.ndarray, unit: np.ndarray, n: int) -> list[int]:
