@@ -5,6 +5,7 @@ is warned about. The fit, the store and the servers are real."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import free_port, health_status, one_line, servers_on, tlpipe
 
@@ -98,8 +101,9 @@ def test_a_request_over_the_row_cap_is_one_400_line(bundle_dir, monkeypatch):
         model.predict(None, pd.DataFrame({"image": [image] * 3}))
 
 
-def _post(port: int, images: list[bytes]) -> tuple[int, dict]:
-    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]}})
+def _post(port: int, images: list[bytes], params: dict | None = None) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]},
+                       **({"params": params} if params else {})})
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:
@@ -158,13 +162,14 @@ def _stop(process: subprocess.Popen, port: int) -> None:
 
 def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(bundle_dir, tmp_path):
     """Launched as pipx or an absolute path does: the environment's ``tlpipe`` script, not activated
-    (its bin/ not on a minimal PATH), so MLflow's own server scripts must be found without it."""
+    (its bin/ not on a minimal PATH), so MLflow's own server scripts must be found without it.
+    With --no-reject no image is flagged unknown, even one a request asks about."""
     root, bundle = bundle_dir
     port, log = free_port(), tmp_path / "serve.log"
     script, env = Path(sys.executable).parent / "tlpipe", {**os.environ, "PATH": "/usr/bin:/bin"}
     with log.open("w") as sink:
-        serve = subprocess.Popen([str(script), "serve", str(bundle.parent), "--port", str(port), "--max-rows", "1"],
-                                 stdout=sink, stderr=subprocess.STDOUT, env=env)
+        serve = subprocess.Popen([str(script), "serve", str(bundle.parent), "--port", str(port), "--max-rows", "1",
+                                  "--no-reject"], stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         assert health_status(port, timeout=120) == 200, log.read_text()[-2000:]
         image = (root / "cats" / "0.jpg").read_bytes()
@@ -172,6 +177,10 @@ def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(b
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
         assert answer["message"].splitlines()[-1] == ("Error: 2 rows in one request, more than the 1 this server takes: "
                                                       "send at most 1 per request (or serve with a larger tlpipe serve --max-rows)")
+        board = io.BytesIO()
+        Image.fromarray(((np.indices((40, 32)).sum(axis=0) // 2) % 2 * 255).astype(np.uint8)).convert("RGB").save(board, "PNG")
+        answers = [_post(port, [board.getvalue()], params)[1]["predictions"][0] for params in (None, {"reject": True})]
+        assert [a["unknown"] for a in answers] == [False, False] and answers[0]["unknown_score"] > 0
         _sigkill_leaves_no_server(serve, port)
     finally:
         _stop(serve, port)

@@ -39,6 +39,7 @@ IMAGE_COLUMN = "image"
 MODEL_NAME = "model"  # runs:/<run id>/model
 DEFAULT_TOP_K = 3
 MAX_ROWS_ENV, DEFAULT_MAX_ROWS = "TLPIPE_SERVE_MAX_ROWS", 256
+REJECT_ENV = "TLPIPE_SERVE_REJECT"  # "false": no image is flagged unknown, whatever a request asks (tlpipe serve --no-reject)
 _PACKAGE = Path(__file__).parents[1]  # the code a fit's model carries (code_paths) and runs
 _CODE = _PACKAGE / "bundle" / "mlflow_model.py"
 
@@ -88,8 +89,11 @@ class BundleModel(PythonModel):
 
     def _unknowns(self, codes, params: dict) -> pd.DataFrame:
         """``unknown`` (the image is of no class the model knows) and its score, where the bundle
-        can tell; ``params={"reject": false}`` turns the flag off, the score stays."""
-        scored = self.bundle.unknown_scores(codes, str(params.get("reject", True)).lower() not in ("false", "0"))
+        can tell; a request's ``params={"reject": false}``, or the server's ``REJECT_ENV=false``, turns
+        the flag off, the score stays (MLflow fills a request's params from the signature's defaults:
+        the server's choice cannot be a default a request overrides)."""
+        asked = (params.get("reject", True), os.environ.get(REJECT_ENV, "true"))
+        scored = self.bundle.unknown_scores(codes, all(str(value).lower() not in ("false", "0") for value in asked))
         if scored is None:
             return pd.DataFrame(index=range(len(codes)))
         return pd.DataFrame({"unknown": [bool(v) for v in scored[1]], "unknown_score": [float(v) for v in scored[0]]})

@@ -56,11 +56,12 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: the fit's, else the one tlpipe fit uses).")] = None,
     max_rows: Annotated[Optional[int], typer.Option(min=1, help="Most images in one request; more is answered 400 (default: TLPIPE_SERVE_MAX_ROWS, else 256).")] = None,
+    no_reject: Annotated[bool, typer.Option("--no-reject", help="Never flag an image unknown, whatever a request asks; its unknown score stays.")] = False,
 ) -> None:
     """Serve a fit's MLflow model over HTTP (mlflow models serve: POST /invocations with base64 images),
     once the model and the tlpipe code stored with it (which the server runs) are checked."""
     with user_errors():
-        from tlpipe.bundle.serving import MAX_ROWS_ENV, check_served_model, row_cap, serve_command, served_model
+        from tlpipe.bundle.serving import MAX_ROWS_ENV, REJECT_ENV, check_served_model, row_cap, serve_command, served_model
         from tlpipe.run.servers import check_port_free, exposure_warning, run_server
 
         served = served_model(target, tracking_uri)
@@ -69,7 +70,7 @@ def serve(
         if warning := exposure_warning(host, "mlflow models serve", "query the model"):
             typer.echo(warning, err=True)
         typer.echo(f"Serving {served.uri} ({served.store}) on http://{host}:{port}/invocations (Ctrl+C stops it)")
-        env = {"MLFLOW_TRACKING_URI": served.store, MAX_ROWS_ENV: str(max_rows or row_cap())}
+        env = {"MLFLOW_TRACKING_URI": served.store, MAX_ROWS_ENV: str(max_rows or row_cap()), REJECT_ENV: str(not no_reject).lower()}
         raise typer.Exit(run_server(serve_command(served.uri, host, port), "mlflow models serve", env))
 
 
