@@ -1,6 +1,6 @@
 """The ``tlpipe`` command: thin Typer functions over the Python API (``tlpipe.pipeline`` & co),
 one module per group of commands (``fit``; ``explore``: inspect, extract, models; ``bundle``:
-predict, evaluate, export; ``run``: report, ui, serve), joined here; ``common`` holds what they share.
+predict, evaluate, export, suggest; ``run``: report, ui, serve), joined here; ``common`` holds what they share.
 
 Every ``TlpipeError`` becomes one line on stderr and exit code 2; nothing here holds logic that
 the API lacks.

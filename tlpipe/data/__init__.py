@@ -1,5 +1,7 @@
-"""Data stage: scan a folder (a table, a URL's local copy), check every image, split, cache decoded
-images, and load batches.
+"""Data stage: what the user gave, resolved once (``source``: a class folder or a table, ``table``; a
+URL's local copy, ``remote``), its files found (``scan``), every image checked (``images``) and split
+(``dataset``), profiled without a network (``profile``), decoded once into a cache (``decoded``),
+augmented (``augment``) and loaded in batches (``loader``).
 
 The names below load on first use (PEP 562): ``tlpipe.data.scan`` or ``tlpipe.data.table`` alone
 import no torch or albumentations, so a command can check its paths before the heavy imports."""

@@ -1,6 +1,6 @@
 """Models stage: backbones (weights and their preprocessing, ``backbones``) and the CNN codes they
 produce for a dataset split, cached between fits (``features``), through hooks that always come off
-(``hooks``)."""
+(``hooks``), in PyTorch or, for the frozen passes on a CPU, ONNX Runtime (``runtime``)."""
 from tlpipe.models.backbones import (
     DEFAULT_BACKBONE,
     OFFLINE_BACKBONES,
