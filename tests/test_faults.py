@@ -188,6 +188,9 @@ def test_one_train_image_per_class_fits_without_cross_validation(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["splits"] == {"train": 40, "val": 40} and "no cross-validation" in summary["head"]["cv_note"]
+    assert summary["warnings"] == ["no unknown-image detector in this model (one train image a class: no spread to "
+                                   "measure distance by): predict answers a class for every image"]
+    assert "Warning no unknown-image detector" in " ".join(result.output.split())
 
 
 def test_a_class_missing_from_val_is_named_and_the_fit_goes_on(tmp_path):

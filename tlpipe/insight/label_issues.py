@@ -42,6 +42,7 @@ class LabelIssues:
     quality: np.ndarray  # per flagged row, in [0, 1]
     C: float  # the logistic regression's C, by cross-validation
     checked: int  # train images scored
+    network: str = "pretrained"  # whose codes: the pretrained network's, or the "fine-tuned" one's
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,7 +65,8 @@ class LabelIssues:
                 "as many images as its confident joint counts as mislabelled, those of lowest self-confidence")
         return {"flagged": len(self), "checked": self.checked, "C": self.C,
                 "method": f"confident learning (cleanlab: {kept}, ranked by self-confidence) on out-of-fold "
-                          "logistic-regression probabilities of the codes (one-vs-rest for multi-label sets)"}
+                          f"logistic-regression probabilities of the {self.network} network's codes (one-vs-rest "
+                          "for multi-label sets)", "network": self.network}
 
 
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, c_grid: tuple[float, ...], seed: int = 0

@@ -70,6 +70,7 @@ class FittedModel:
     tuning: dict  # the study's summary
     decision: Decision | None = None  # auto: every reason, the guard's last
     unknowns: UnknownDetector | None = None  # the check stage's: when an image is of no class it knows
+    diagnosis: Diagnosis | None = None  # the check stage's label suspects on a fine-tuned network's codes
 
 
 def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
@@ -85,6 +86,7 @@ def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, r
         result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis,
                          fit_images or fit_image_hashes(spec))
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
+        warn(result, run, _without_unknowns(model))
         warn(result, run, _score_test(result, run, model.config.device))
         warn(result, run, _log_mlflow_model(run, result))
         if page_failed := _write_report_page(out, spec, run):
@@ -100,6 +102,13 @@ def warn(result: FitResult, run: FitRun, warning: str | None) -> None:
         run.log_batch(tags={WARNINGS_TAG: " | ".join(result.summary["warnings"])})
     write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
     run.log_artifact(result.output_dir / RunFolder.SUMMARY)
+
+
+def _without_unknowns(model: FittedModel) -> str | None:
+    """Why the model has no unknown-image detector, when the check stage said (the train pass did not
+    fit the time left, or no class has two train images to measure a spread by)."""
+    note = None if model.unknowns else model.trained.details.get("unknowns", {}).get("note")
+    return note and f"no unknown-image detector in this model ({note}): predict answers a class for every image"
 
 
 def _score_test(result: FitResult, run: FitRun, device: str) -> str | None:

@@ -39,7 +39,7 @@ class Saved:
         if self.fit_images is None:  # every file read once, however many records the fit writes
             self.fit_images = fit_image_hashes(p.spec)
         return record(ctx.out, ctx.data, p.spec, model, ctx.run, ctx.timings.seconds, choice.assessment, p.ranking,
-                      diagnosis=choice.diagnosis, fit_images=self.fit_images, **status)
+                      diagnosis=model.diagnosis or choice.diagnosis, fit_images=self.fit_images, **status)
 
     def first(self, prepared: Prepared, choice: Choice) -> None:
         """Before a fine-tune, its linear classifier as a complete bundle, unless an earlier run of
