@@ -264,6 +264,7 @@ def test_fine_tuned_bundle_embeds_its_backbone_and_predict_reproduces_val_accura
     assert summary["head"]["epochs_run"] == 1  # the best trial's checkpoint, not a second training
     assert (out / "model" / "backbone.safetensors").exists() and (out / "learning_curves.png").exists()
     assert summary["label_issues"]["network"] == "fine-tuned"  # the suspects of the network it became
+    assert "label the fine-tuned network's codes contradict" in " ".join(result.output.split())
     assert "regression on the fine-tuned network" in (out / "report.html").read_text(encoding="utf-8")
     from tlpipe.data import prepare_dataset
 

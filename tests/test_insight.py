@@ -182,8 +182,8 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
 
     one_line(tlpipe("suggest", bundle, unlabelled, "-o", tmp_path / "picks"), "already holds suggestions.csv", "--overwrite")
     one_line(tlpipe("suggest", bundle, unlabelled, "-o", unlabelled / "out"), "--out")
-    for command in (("suggest", bundle, unlabelled, "-o"), ("predict", bundle, unlabelled / "copy0.jpg", "--explain")):
-        one_line(tlpipe(*command, root / "picks"), "inside the dataset folder")  # the fit's own: the next fit's class
+    for command in (("suggest", bundle.parent, unlabelled, "-o"), ("predict", bundle, unlabelled / "copy0.jpg", "--explain")):
+        one_line(tlpipe(*command, root / "picks"), "inside the dataset folder")  # the fit's own (its output folder given)
     assert not (root / "picks").exists()
     cut = shutil.copytree(bundle.parent, tmp_path / "cut")  # a re-run cut before it saved: a summary naming no data
     summary = json.loads((cut / "summary.json").read_text())

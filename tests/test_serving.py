@@ -5,7 +5,6 @@ is warned about. The fit, the store and the servers are real."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -177,9 +176,10 @@ def test_a_sigkilled_tlpipe_serve_takes_its_server_along_and_the_row_cap_holds(b
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
         assert answer["message"].splitlines()[-1] == ("Error: 2 rows in one request, more than the 1 this server takes: "
                                                       "send at most 1 per request (or serve with a larger tlpipe serve --max-rows)")
-        board = io.BytesIO()
-        Image.fromarray(((np.indices((40, 32)).sum(axis=0) // 2) % 2 * 255).astype(np.uint8)).convert("RGB").save(board, "PNG")
-        answers = [_post(port, [board.getvalue()], params)[1]["predictions"][0] for params in (None, {"reject": True})]
+        board = tmp_path / "board.png"  # of no class the model knows: predict flags it
+        Image.fromarray(((np.indices((40, 32)).sum(axis=0) // 2) % 2 * 255).astype(np.uint8)).convert("RGB").save(board)
+        assert json.loads(tlpipe("predict", bundle, board, "--format", "json", "--workers", "0").stdout)[0]["unknown"]
+        answers = [_post(port, [board.read_bytes()], params)[1]["predictions"][0] for params in (None, {"reject": True})]
         assert [a["unknown"] for a in answers] == [False, False] and answers[0]["unknown_score"] > 0
         _sigkill_leaves_no_server(serve, port)
     finally:

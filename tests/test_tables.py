@@ -243,11 +243,11 @@ def test_a_relabelled_table_starts_a_study_of_its_own_and_no_two_datasets_share_
 
     rows = _images(tmp_path)
     table = _csv(tmp_path / "labels.csv", rows)
-    labels = prepare_dataset(table).identity()
+    labels = prepare_dataset(table).identity
     rows[0] = {**rows[0], "label": "dog"}  # the same files, one label fixed
-    relabelled = prepare_dataset(_csv(table, rows)).identity()
-    other = prepare_dataset(_csv(tmp_path / "other.csv", rows[1:])).identity()
-    assert len({labels, relabelled, other}) == 3 and prepare_dataset(table).identity() == relabelled
+    relabelled = prepare_dataset(_csv(table, rows)).identity
+    other = prepare_dataset(_csv(tmp_path / "other.csv", rows[1:])).identity
+    assert len({labels, relabelled, other}) == 3 and prepare_dataset(table).identity == relabelled
 
     config, storage = load_config("default", strategy="partial", tuning={"trials": 2}), tmp_path / "out"
     first = tuning.tune(config, storage, objective, data=labels)

@@ -202,10 +202,11 @@ def served_model(target: str, tracking_uri: str | None = None) -> ServedModel:
                           "nor an MLflow model URI (runs:/<run id>/model, models:/NAME@champion)") from None
 
 
-def check_served_model(served: ServedModel) -> None:
+def check_served_model(served: ServedModel, reject: bool = True) -> None:
     """Before ``tlpipe serve`` says it serves: the model is one the store holds (an active run's, a
     registered name and alias), and the tlpipe code stored with it, which the server will run, is
-    the code the fit recorded. One line otherwise, never MLflow's traceback from the starting server."""
+    the code the fit recorded (and, without ``reject``, code that reads ``REJECT_ENV``). One line
+    otherwise, never MLflow's traceback from the starting server."""
     from mlflow.exceptions import MlflowException
 
     from tlpipe.run.store import check_store, sqlite_file
@@ -224,6 +225,10 @@ def check_served_model(served: ServedModel) -> None:
                               "give a model that store holds (runs:/<run id>/model, models:/NAME@ALIAS; a fit's "
                               "summary.json names its own) or the fit's store with --tracking-uri") from None
         _check_stored_code(served, stored)
+        if not reject and REJECT_ENV not in _read(stored["code"] / _PACKAGE.name / "bundle" / "serving.py"):
+            raise TlpipeError(f"cannot serve {model_uri} with --no-reject: the tlpipe code stored with it predates "
+                              "the option; serve it without (a request's params {\"reject\": false} turn the flag "
+                              "off) or refit with this tlpipe")
 
 
 def _check_run_active(model_uri: str, store: str) -> None:

@@ -26,11 +26,12 @@ def checked_bundle(path: Path) -> None:
 def _fit_data(bundle: Path):
     """The dataset the bundle's fit trained on, when the fit folder around it names one still there:
     a command's output never goes inside it (the next fit would take a new folder for a class)."""
+    from tlpipe.bundle.manifest import bundle_manifest
     from tlpipe.data.source import recorded_source
     from tlpipe.run.folder import RunFolder
 
     try:
-        return recorded_source(RunFolder(bundle.absolute().parent).read_summary())
+        return recorded_source(RunFolder(bundle_manifest(bundle)[0].resolve().parent).read_summary())
     except TlpipeError:  # a bundle outside its fit folder
         return None
 

@@ -44,8 +44,8 @@ StudyName = Annotated[Optional[str], typer.Option(help="Study name on --storage 
 WorkerOnly = Annotated[bool, typer.Option(
     "--worker", help="Only run trials of the study a lead fit opened on --storage/--study-name.")]
 ExcludeLabelIssues = Annotated[bool, typer.Option(
-    "--exclude-label-issues", help="Leave the train images whose label the codes contradict (label_issues.csv) "
-    "out of training; the dataset is not touched.")]
+    "--exclude-label-issues", help="Leave the train images whose label the pretrained codes contradict out of "
+    "training (a fine-tune's label_issues.csv lists those of the network it became); the dataset is not touched.")]
 OverwriteFit = Annotated[bool, typer.Option(
     "--overwrite", help="Replace the fit of other data or another config in --output.")]
 Register = Annotated[Optional[str], typer.Option(

@@ -65,7 +65,7 @@ def serve(
         from tlpipe.run.servers import check_port_free, exposure_warning, run_server
 
         served = served_model(target, tracking_uri)
-        check_served_model(served)
+        check_served_model(served, reject=not no_reject)
         check_port_free(host, port)
         if warning := exposure_warning(host, "mlflow models serve", "query the model"):
             typer.echo(warning, err=True)

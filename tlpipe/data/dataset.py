@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,12 @@ class DatasetSpec:
     def counts(self) -> dict[str, int]:
         return {split: len(samples) for split, samples in self.splits.items()}
 
+    @cached_property
     def identity(self) -> str:
         """sha256 of the train and val files (path, size, modification time, label: ``fingerprint``):
         what a fit's study, plan and checkpoints are of, so that an edited, relabelled, added or
-        removed image starts them anew, and two datasets never share a study."""
+        removed image starts them anew, and two datasets never share a study. Read once a spec (a
+        stat of every file): one fit asks it for every trial."""
         files = fingerprint(self.splits["train"] + self.splits.get("val", []))
         return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 

@@ -65,19 +65,20 @@ def _labelled_codes(bundle: Bundle, batch_size: int, workers: int | None) -> np.
     return bundle.codes([s.path for split in spec.splits.values() for s in split], batch_size, workers)
 
 
-def _guesses(bundle: Bundle, probabilities: np.ndarray, best: np.ndarray) -> list[tuple[list[str], float]]:
+def _guesses(bundle: Bundle, probabilities: np.ndarray, best: np.ndarray) -> list[tuple[list[str], float | None]]:
     """The model's answer for each row as ``predict`` gives it, with the probability of its first
     class: the best class (by the logits), or for a multi-label bundle the classes over their
-    thresholds (none, maybe)."""
+    thresholds (none, maybe: no probability then)."""
     if bundle.head.multilabel:
-        return [([bundle.classes[j] for j in chosen], float(p.max())) for chosen, p in zip(bundle.label_sets(probabilities), probabilities)]
+        return [([bundle.classes[j] for j in chosen], float(p[chosen[0]]) if chosen else None)
+                for chosen, p in zip(bundle.label_sets(probabilities), probabilities)]
     return [([bundle.classes[b]], float(p[b])) for b, p in zip(best, probabilities)]
 
 
 def _write_csv(path: Path, rows) -> None:
     table = [["rank", "path", "model_guess", "probability", "uncertainty"]]
     for rank, image, guess, confidence, u in rows:
-        table.append([rank, str(image), LABEL_DELIMITER.join(guess), f"{confidence:.4f}", f"{u:.4f}"])
+        table.append([rank, str(image), LABEL_DELIMITER.join(guess), "" if confidence is None else f"{confidence:.4f}", f"{u:.4f}"])
     atomic_write(path, lambda f: csv.writer(f).writerows(table), newline="", encoding="utf-8")
 
 

@@ -78,20 +78,25 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
     return Suggestions(rows, scores[rows], len(unit) - len(usable))
 
 
-def _nearest_similarity(unit: np.ndarray, known: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Each row's cosine similarity to its nearest ``known`` row (-1 without any), ``chunk`` rows at a
-    time: 100k unlabelled against 60k labelled images would be a 24 GB matrix at once."""
+def _nearest_similarity(unit: np.ndarray, known: np.ndarray, cells: int = 2 ** 25) -> np.ndarray:
+    """Each row's cosine similarity to its nearest ``known`` row (-1 without any), at most ``cells``
+    similarities (128 MB) at a time: 100k unlabelled against 60k labelled images are 24 GB at once."""
     if not len(known):
         return np.full(len(unit), -1.0)
+    chunk = max(1, cells // len(known))
     return np.concatenate([(unit[start:start + chunk] @ known.T).max(axis=1) for start in range(0, len(unit), chunk)])
 
 
 def _most_uncertain_rest(picked: list[int], scores: np.ndarray, unit: np.ndarray, n: int) -> list[int]:
     """``picked``, then (more picks than clusters) the most uncertain others, no near-copy of a pick."""
-    picked = list(picked)
+    order, taken = list(picked), set(picked)
+    codes = np.zeros((n, unit.shape[1]), unit.dtype)  # of the picks so far, in their first rows
+    codes[:len(order)] = unit[order]
     for row in np.argsort(-scores, kind="stable"):
-        if len(picked) >= n:
+        if len(order) >= n:
             break
-        if row not in picked and (not picked or (unit[picked] @ unit[row]).max() < DUPLICATE_SIMILARITY):
-            picked.append(int(row))
-    return picked
+        if row not in taken and (not order or (codes[:len(order)] @ unit[row]).max() < DUPLICATE_SIMILARITY):
+            codes[len(order)] = unit[row]
+            order.append(int(row))
+            taken.add(int(row))
+    return order

@@ -76,7 +76,8 @@ def print_diagnosis(summary: dict) -> None:
     when an image counts as unknown."""
     issues, curve = summary.get("label_issues") or {}, summary.get("learning_curve") or {}
     if "flagged" in issues:
-        line = (f"{issues['flagged']} of {issues['checked']} train images have a label their codes contradict "
+        whose = "the fine-tuned network's codes" if issues.get("network") == "fine-tuned" else "their codes"
+        line = (f"{issues['flagged']} of {issues['checked']} train images have a label {whose} contradict "
                 f"({RunFolder.LABEL_ISSUES}, most suspect first)")
         if excluded := issues.get("excluded"):
             line += (f"; {excluded['images']} left out of training: val {excluded['score']} {excluded['val_with']:.3f} "
@@ -84,7 +85,8 @@ def print_diagnosis(summary: dict) -> None:
             if kept := excluded.get("kept_for_their_class"):
                 line += f"; {kept} kept so that every class keeps half of its images"
         elif issues["flagged"]:
-            line += "; --exclude-label-issues trains without them"
+            line += ("; --exclude-label-issues trains without those of the pretrained codes, found before training"
+                     if issues.get("network") == "fine-tuned" else "; --exclude-label-issues trains without them")
         console.print(f"[bold]Label issues[/]  {escape(line)}")
     if "sentence" in curve:
         console.print(f"[bold]More data[/]  {escape(curve['sentence'][0].upper() + curve['sentence'][1:])}")

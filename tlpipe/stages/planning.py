@@ -51,7 +51,7 @@ def _saved_or_new_plan(ctx: FitContext, prepared: Prepared, config: FitConfig) -
     """The plan ``plan.json`` holds for this very fit (config and data), else a new one from speeds
     measured now (written there)."""
     spec, path, trials = prepared.spec, ctx.out / RunFolder.PLAN, ctx.tuning.trials
-    key = fit_identity(config, "plan", tlpipe=__version__, data=spec.identity(),
+    key = fit_identity(config, "plan", tlpipe=__version__, data=spec.identity,
                        trials=trials)
     saved = read_json(path) if path.exists() else None
     if saved and saved.get("key") == key:

@@ -205,7 +205,7 @@ def _fingerprint(config: FitConfig, backbone: Backbone, spec: DatasetSpec, attem
     """What a checkpoint is of: the fit, the pretrained weights, the train and val files (their
     labels too: a relabelled image is other data) and the attempt's settings (a restart's lower
     learning rate)."""
-    return fit_identity(config, "checkpoint", weights=backbone.weights.sha256, data=spec.identity(),
+    return fit_identity(config, "checkpoint", weights=backbone.weights.sha256, data=spec.identity,
                         attempt=attempt.model_dump(mode="json"))
 
 

@@ -23,7 +23,7 @@ The lead, in a few lines::
 
     objective = (linear_objective(codes) if config.strategy == "linear"
                  else finetune_objective(backbone, spec, out, codes))
-    tuned = tune(config, out, objective, parent=run)
+    tuned = tune(config, out, objective, parent=run, data=spec.identity)  # the study of this data
     config = tuned.config  # the best trial's; fine-tuning: fit_finetune(..., tuned.fit_dir or out, ...)
                            # resumes that trial's finished checkpoint instead of training again
 
