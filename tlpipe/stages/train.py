@@ -24,7 +24,7 @@ from tlpipe.strategy.decision import Decision
 from tlpipe.strategy.plan import LINEAR_STUDY_SHARE, MIN_EPOCHS, Plan
 from tlpipe.training.checkpoint import BEST
 from tlpipe.training.frozen import FrozenOutputs
-from tlpipe.training.fits import DID_NOT_LEARN, DidNotLearn, fit_finetune, fit_linear
+from tlpipe.training.fits import DidNotLearn, fit_finetune, fit_linear
 from tlpipe.tuning import (
     Tuned, finetune_objective, join_study, linear_objective, run_study, study_summary, trial_allowance, tune,
 )
@@ -47,7 +47,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
         tuned = _tune(ctx, config, objective, plan, (prepared.whole or spec).identity)
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
-    if config.strategy != "linear" and tuned.fit_dir is None and tuned.summary.get("trials"):
+    if config.strategy != "linear" and tuned.fit_dir is None and tuned.trials:
         return _no_trial_finished(ctx, choice, backbone, tuned)
     if _retrain_too_late(tuned, plan, deadline):
         return _linear_stands(ctx, choice, backbone, tuned, "Budget: the best trial's weights are not in this output folder "
@@ -75,9 +75,8 @@ def _retrain_too_late(tuned: Tuned, plan: Plan, deadline: float | None) -> bool:
 
 def _no_trial_finished(ctx: FitContext, choice: Choice, backbone: Backbone, tuned: Tuned) -> FittedModel:
     """No fine-tuning trial finished: every one did not learn, or the budget ran out first."""
-    failures = [why for why in (tuned.summary.get("pruned_reasons") or {}).values() if why.startswith(DID_NOT_LEARN)]
-    if failures and len(failures) == tuned.summary.get("pruned", 0) and not tuned.summary.get("waiting"):
-        return _linear_stands(ctx, choice, backbone, tuned, _sentence(failures[0]))
+    if tuned.did_not_learn and len(tuned.did_not_learn) == tuned.pruned and not tuned.waiting:
+        return _linear_stands(ctx, choice, backbone, tuned, _sentence(tuned.did_not_learn[0]))
     return _linear_stands(ctx, choice, backbone, tuned,
                           "Budget: no fine-tuning trial finished in the time limit; the linear classifier stands.")
 

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tlpipe.config import FitConfig
-from tlpipe.tuning.storage import PRUNED_REASON, trial_dir
+from tlpipe.tuning.storage import DID_NOT_LEARN_ATTR, PRUNED_REASON, trial_dir
 from tlpipe.tuning.study import EpochReporter, _free_cuda
 
 
@@ -71,6 +71,7 @@ class FinetuneObjective:
                                 kept=self.kept).val_accuracy
         except DidNotLearn as failed:
             trial.set_user_attr(PRUNED_REASON, str(failed))
+            trial.set_user_attr(DID_NOT_LEARN_ATTR, True)
             raise optuna.TrialPruned(str(failed)) from None
         finally:
             _free_cuda()

@@ -17,6 +17,7 @@ from tlpipe.run.folder import RunFolder
 
 STUDY_DB = RunFolder.STUDY_DB
 PRUNED_REASON = "pruned_reason"  # trial user attr: why it was pruned
+DID_NOT_LEARN_ATTR = "did_not_learn"  # trial user attr: pruned because its run did not learn (not by the pruner)
 _SLOT = "tlpipe_slot"  # user attr of every queued trial (retries inherit it)
 WORKER_ATTR = "tlpipe_worker"  # user attr: host:pid that ran the trial
 _LEAD_RUN = "tlpipe_lead_run"  # study user attrs: the lead's MLflow run, and the config it runs

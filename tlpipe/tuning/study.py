@@ -20,7 +20,7 @@ from tlpipe.run.tracking import FitRun
 from tlpipe.tuning.results import log_study, score_name
 from tlpipe.tuning.space import best_config, default_params, requested_trials, suggest_config
 from tlpipe.tuning.storage import (
-    _CONFIG, _LEAD_RUN, _SLOT, WORKER_ATTR, PRUNED_REASON, QueueEmpty, _quiet, close_storage, open_storage, open_study,
+    _CONFIG, _LEAD_RUN, _SLOT, DID_NOT_LEARN_ATTR, WORKER_ATTR, PRUNED_REASON, QueueEmpty, _quiet, close_storage, open_storage, open_study,
     storage_url, trial_dir,
 )
 
@@ -241,14 +241,19 @@ class _TrialRoom:
             study.stop()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tuned:
-    """What ``tune`` hands the lead: the config to fit the final model with, and the study."""
+    """What ``tune`` hands the lead: the config to fit the final model with, the study, what the
+    report shows of it (``summary``), and the counts the lead decides by."""
 
     config: FitConfig  # the best trial's config; the recipe's own when tuning is off or nothing completed
     study: optuna.Study | None = None
-    summary: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)  # for the report and summary.json alone
     fit_dir: Path | None = None  # fine-tuning: the best trial's folder; fit_finetune there resumes its finished checkpoint
+    trials: int = 0  # in the study
+    pruned: int = 0
+    waiting: int = 0  # queued, not started: the time left could not hold them
+    did_not_learn: tuple[str, ...] = ()  # why, for each trial pruned because its run did not learn
 
 
 def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: FitRun | None = None,
@@ -261,6 +266,7 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
     (``least_epochs``: the epochs of a fine-tuning trial's shortest run)."""
     if requested_trials(config, trials) == 0:
         return Tuned(config, summary={"trials": 0})
+
     url = storage_url(output_dir, storage or config.tuning.storage)
     connection = open_storage(url, config)
     try:
@@ -272,8 +278,11 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
         summary = {**log_study(study, parent, output_dir, score_name(getattr(objective, "codes", None))),
                    "finished_before": before}
         best = best_config(study, config)
-        fine_tuned = config.strategy != "linear" and "best_trial" in summary
+        fine_tuned = config.strategy != "linear" and _count(study, TrialState.COMPLETE) > 0
         fit_dir = trial_dir(output_dir, study.best_trial) if fine_tuned else None
+        held = study.get_trials(deepcopy=False)
+        failed = tuple(t.user_attrs.get(PRUNED_REASON, "") for t in held if t.user_attrs.get(DID_NOT_LEARN_ATTR))
+        counts = (len(held), _count(study, TrialState.PRUNED), _count(study, TrialState.WAITING), failed)
     finally:
-        close_storage(connection)
-    return Tuned(best, study, summary, fit_dir)
+        close_storage(connection)  # before the study is read again: a reader reopens the file's WAL
+    return Tuned(best, study, summary, fit_dir, *counts)
