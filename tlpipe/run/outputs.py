@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ CUT_TAG, STAGE_TAG = "tlpipe_cut", "tlpipe_stage"  # on a cut run: why, and in w
 WARNINGS_TAG = "tlpipe_warnings"  # on a run whose fit is whole but some part of its record is not
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitResult:
     output_dir: Path
     bundle_path: Path
@@ -59,7 +59,7 @@ class FitResult:
     metrics: dict
 
 
-@dataclass
+@dataclass(frozen=True)
 class FittedModel:
     """What the training stages hand the record stage: the model as it will be saved."""
 
@@ -86,22 +86,24 @@ def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, r
         result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis,
                          fit_images or fit_image_hashes(spec))
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
-        warn(result, run, _without_unknowns(model))
-        warn(result, run, _score_test(result, run, model.config.device))
-        warn(result, run, _log_mlflow_model(run, result))
+        result = warned(result, run, result.summary, _without_unknowns(model))
+        result = warned(result, run, *_scored_test(result, run, model.config.device))
+        result = warned(result, run, *_with_mlflow_model(run, result))
         if page_failed := _write_report_page(out, spec, run):
-            warn(result, run, page_failed)
+            result = warned(result, run, result.summary, page_failed)
     return result
 
 
-def warn(result: FitResult, run: FitRun, warning: str | None) -> None:
-    """The one way a degraded result is told (the fit itself is whole): the summary's ``warnings``,
-    which the report prints, and the run's ``tlpipe_warnings`` tag. Writes the summary either way."""
+def warned(result: FitResult, run: FitRun, summary: dict, warning: str | None) -> FitResult:
+    """``result`` with ``summary``, written and logged, and ``warning`` told the one way a degraded
+    result is (the fit itself is whole): the summary's ``warnings``, which the report prints, and the
+    run's ``tlpipe_warnings`` tag."""
     if warning:
-        result.summary["warnings"] = [*result.summary.get("warnings", []), warning]
-        run.log_batch(tags={WARNINGS_TAG: " | ".join(result.summary["warnings"])})
-    write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
+        summary = {**summary, "warnings": [*summary.get("warnings", []), warning]}
+        run.log_batch(tags={WARNINGS_TAG: " | ".join(summary["warnings"])})
+    write_json(result.output_dir / RunFolder.SUMMARY, summary)
     run.log_artifact(result.output_dir / RunFolder.SUMMARY)
+    return replace(result, summary=summary)
 
 
 def _without_unknowns(model: FittedModel) -> str | None:
@@ -111,24 +113,23 @@ def _without_unknowns(model: FittedModel) -> str | None:
     return note and f"no unknown-image detector in this model ({note}): predict answers a class for every image"
 
 
-def _score_test(result: FitResult, run: FitRun, device: str) -> str | None:
-    """The test/ split scored once, at the end, through the saved bundle: the one figure no choice
-    of the fit saw, which the summary, the printed report and the page lead with. What went wrong
-    when it could not be (the fit itself is whole)."""
+def _scored_test(result: FitResult, run: FitRun, device: str) -> tuple[dict, str | None]:
+    """The summary with the test/ split scored once, at the end, through the saved bundle: the one
+    figure no choice of the fit saw, which the summary, the printed report and the page lead with;
+    and what went wrong when it could not be (the fit itself is whole)."""
     if "test" not in result.spec.splits:
-        return None
+        return result.summary, None
     from tlpipe.bundle.evaluation import score_split
     from tlpipe.bundle.folder import load_bundle
 
     try:
         metrics = score_split(load_bundle(result.bundle_path, device), result.spec, "test")
     except Exception as exc:  # noqa: BLE001 - the model and its val figures are saved
-        return f"the test split was not scored ({type(exc).__name__}: {str(exc)[:200]}); `tlpipe evaluate` scores it"
-    result.summary["test"] = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
-    result.summary["score"] = score_line(result.summary)
+        return result.summary, f"the test split was not scored ({type(exc).__name__}: {str(exc)[:200]}); `tlpipe evaluate` scores it"
+    summary = {**result.summary, "test": {k: v for k, v in metrics.items() if k != "confusion_matrix"}}
     name, value = headline(metrics)
     run.log_metrics({name.replace("val_", "test_"): value})
-    return None
+    return {**summary, "score": score_line(summary)}, None
 
 
 def fit_image_hashes(spec: DatasetSpec) -> dict[str, list[str]]:
@@ -329,16 +330,15 @@ def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings:
         run.log_artifact(out / name)
 
 
-def _log_mlflow_model(run: FitRun, result: FitResult) -> str | None:
-    """The bundle as the run's MLflow model (``runs:/<id>/model``), its stored code's checksum in the
-    summary (``tlpipe serve OUTPUT`` trusts this copy, not the store's). A failure leaves the fit
-    whole, takes the model out of the summary and returns what went wrong."""
+def _with_mlflow_model(run: FitRun, result: FitResult) -> tuple[dict, str | None]:
+    """The bundle as the run's MLflow model (``runs:/<id>/model``): the summary with its stored code's
+    checksum (``tlpipe serve OUTPUT`` trusts this copy, not the store's). A failure leaves the fit
+    whole: the summary without the model, and what went wrong."""
     from tlpipe.bundle.serving import log_model
 
     try:
-        result.summary["mlflow_code_sha256"] = log_model(run, result.bundle_path)
+        return {**result.summary, "mlflow_code_sha256": log_model(run, result.bundle_path)}, None
     except Exception as exc:  # noqa: BLE001 - the bundle and summary are saved: the MLflow model is one more copy
-        result.summary.pop("mlflow_model", None)
-        return (f"the MLflow model was not logged ({type(exc).__name__}: {str(exc)[:200]}); "
+        return ({k: v for k, v in result.summary.items() if k != "mlflow_model"},
+                f"the MLflow model was not logged ({type(exc).__name__}: {str(exc)[:200]}); "
                 f"the bundle {result.bundle_path} predicts as it is")
-    return None

@@ -51,7 +51,7 @@ class Timings:
         return seconds / max(1, len(spec.splits["train"]) + len(spec.splits.get("val", ())))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuningOverrides:
     """This run's Optuna settings over the recipe's: None keeps the recipe's value."""
 

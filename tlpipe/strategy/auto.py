@@ -26,7 +26,7 @@ MAX_SIGNAL_IMAGES = 2000  # the probes' cost grows with the images; their verdic
 TRAIN_STEP_COST = 3.0  # a training step costs about 3 forward passes (forward + backward, AdamW)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Assessment:
     features: dict[str, FeatureSet]  # per split assessed
     signals: Signals

@@ -33,7 +33,7 @@ Codes = dict[str, tuple[np.ndarray, np.ndarray]]
 _DECISION_ARRAYS = ("weight", "bias", "kind", "scale", "thresholds", "val_accuracy", "C", "details")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearFit:
     """A linear classifier on one tap, with the codes it was fitted on (train, val)."""
 

@@ -57,7 +57,7 @@ class DidNotLearn(Exception):
             f"at head LR {r['lr']:.2g}, {r['reason']}" for r in restarts))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainedHead:
     """A trained head and what decides what follows from it: its val accuracy (multi-label: mean
     average precision; a trial's score, the guard's baseline), a linear head's C (trial 0 of a study that tunes it; the classifier is the
