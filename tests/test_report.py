@@ -44,7 +44,7 @@ def fitted(tmp_path_factory):
     """Two look-alike classes (noisy greys a shade apart) and a tuned linear fit: some mistakes to show."""
     root = tmp_path_factory.mktemp("data") / "greys"
     for c, (name, level) in enumerate([("dark <b>", 118), ("light & co", 138)]):
-        for k in range(14):
+        for k in range(20):  # 32 train images: enough for a learning curve
             name_as_cameras_write_it = f"IMG_20240517_1435{k:02d}_frontcamera-left_exposure-auto.jpg"  # long, no spaces
             make_image(root / name / name_as_cameras_write_it, (level, level, level), size=(48, 48), noise=60, seed=[c, k])
     out = tmp_path_factory.mktemp("fit") / "out"
@@ -67,6 +67,9 @@ def test_the_report_is_self_contained_with_every_section(fitted):
     wrong = round((1 - summary["val_accuracy"]) * summary["splits"]["val"])
     mistakes = text.split("<h2>Most confident mistakes</h2>")[1].split("<h2>")[0]
     assert wrong > 0 and mistakes.count("<figcaption>") == min(wrong, 12)  # the grid holds the val mistakes, as thumbnails
+    more_data = text.split("<h2>Would more data pay?</h2>")[1].split("<h2>")[0]
+    assert 'alt="the val score against the train images, measured and forecast" src="data:image/png;base64,' in more_data
+    assert (out / "data_curve.png").is_file()
 
 
 def test_tlpipe_report_rebuilds_it_from_the_output_folder(fitted, tmp_path):

@@ -170,6 +170,25 @@ def save_learning_curves(history: list[dict], path: Path, score: str = "accuracy
     return path
 
 
+def save_data_curve(curve: dict, path: Path) -> Path:
+    """Does more data pay, drawn: the val score at each train size measured (``LearningCurve.to_dict``),
+    and the power law's forecasts with their 95% intervals, on a log axis of train images."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(curve["sizes"], curve["val_score"], marker="o", label="measured")
+    forecasts = sorted(curve["predicted"].values(), key=lambda f: f["images"])
+    x, y = [f["images"] for f in forecasts], [f["score"] for f in forecasts]
+    ax.errorbar(x, y, yerr=[[s - f["low"] for s, f in zip(y, forecasts)], [f["high"] - s for s, f in zip(y, forecasts)]],
+                fmt="s", capsize=4, label="forecast (95%)")
+    ax.plot([curve["sizes"][-1], *x], [curve["val_score"][-1], *y], linestyle=":", color="grey")
+    ax.set(xscale="log", xlabel="train images", ylabel=f"val {curve['metric']}", title="Would more data pay?")
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+    return path
+
+
 def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path: Path, normalize: bool = False,
                           title: str = "Validation confusion matrix") -> Path:
     """The matrix as a figure; ``normalize``: each row as shares of its true class (a class absent

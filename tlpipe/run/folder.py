@@ -40,6 +40,7 @@ class RunFolder:
     CLASSIFICATION_REPORT, STRATEGY = "classification_report.json", "strategy.json"
     CONFUSION_MATRIX, RELIABILITY, LEARNING_CURVES = "confusion_matrix.png", "reliability.png", "learning_curves.png"
     PR_CURVES = "pr_curves.png"  # multi-label
+    DATA_CURVE = "data_curve.png"  # the val score against the train images: measured, and forecast
     LABEL_ISSUES = "label_issues.csv"  # train images whose label the codes contradict
     CHECKPOINTS, TRIALS, TUNING, STUDY_DB = "checkpoints", "trials", "tuning", "optuna.db"
     CACHE, EXPORT = "cache", "export"  # kept by --overwrite (keyed by content) / the default export's folder
@@ -61,7 +62,7 @@ class RunFolder:
         """What a fit writes here, and only that: what ``--overwrite`` removes."""
         return (self.BUNDLE, self.SUMMARY, self.STAGED_SUMMARY, self.OWNER, self.PLAN, self.CONFIG, self.CHECKPOINTS,
                 self.TRIALS, self.TUNING, self.STUDY_DB, self.CLASSIFICATION_REPORT, self.CONFUSION_MATRIX,
-                self.RELIABILITY, self.PR_CURVES, self.LABEL_ISSUES, self.LEARNING_CURVES, self.STRATEGY, self.QUARANTINE, self.VAL_PREDICTIONS,
+                self.RELIABILITY, self.PR_CURVES, self.LABEL_ISSUES, self.LEARNING_CURVES, self.DATA_CURVE, self.STRATEGY, self.QUARANTINE, self.VAL_PREDICTIONS,
                 self.REPORT, self.PROFILE, f".{self.BUNDLE}.old", self.STAGED_REPORTS)
 
     # -- reading ---------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def write_html_report(out: Path, spec: DatasetSpec | None = None) -> Path:
         metrics=_read(folder / folder.CLASSIFICATION_REPORT),
         calibration=summary["head"].get("calibration"), test_time=summary["head"].get("test_time"),
         images={name: _png_uri(folder / file) for name, file in (("history", f"{folder.TUNING}/optuna_history.png"),
-                ("curves", folder.LEARNING_CURVES), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY),
+                ("curves", folder.LEARNING_CURVES), ("data_curve", folder.DATA_CURVE), ("confusion", folder.CONFUSION_MATRIX), ("reliability", folder.RELIABILITY),
                                                                  ("pr_curves", folder.PR_CURVES))},
         **_with_pictures(out, spec, mistakes=_mistakes(out), suspects=_suspects(out)),
     )

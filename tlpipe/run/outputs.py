@@ -33,7 +33,7 @@ from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.bundle.unknowns import UnknownDetector
 from tlpipe.run.html_report import write_html_report
 from tlpipe.bundle.metrics import (
-    evaluation_metrics, headline, multilabel_metrics, save_confusion_matrix, save_pr_curves, save_learning_curves, save_reliability_diagram,
+    evaluation_metrics, headline, multilabel_metrics, save_confusion_matrix, save_pr_curves, save_learning_curves, save_data_curve, save_reliability_diagram,
 )
 from tlpipe.models import Backbone, resolve_layer
 from tlpipe.run.folder import RunFolder, bundle_identity
@@ -240,6 +240,9 @@ def _write_reports(out: Path, spec: DatasetSpec, model: FittedModel, metrics: di
     if diagnosis and diagnosis.label_issues is not None:
         _write_label_issues(out / names.LABEL_ISSUES, spec, diagnosis)
         artifacts.append(names.LABEL_ISSUES)
+    if diagnosis and diagnosis.learning_curve is not None:
+        save_data_curve(diagnosis.learning_curve.to_dict(), out / names.DATA_CURVE)
+        artifacts.append(names.DATA_CURVE)
     if model.trained.history:
         save_learning_curves(model.trained.history, out / names.LEARNING_CURVES, "mAP" if spec.multilabel else "accuracy")
         artifacts.append(names.LEARNING_CURVES)
