@@ -43,8 +43,7 @@ def choose(ctx: FitContext, prepared: Prepared) -> tuple[Prepared, Choice]:
         announce(_decision_line(assessment.decision, config))
     if linear is not None and config.strategy != "linear":
         with timings.stage("linear_baseline"):
-            linear = tuned_baseline(linear, ctx.out, (prepared.whole or prepared.spec).identity,
-                                    ctx.budget.timeout(share=BASELINE_STUDY_SHARE))
+            linear = tuned_baseline(linear, ctx.out, prepared.spec.identity, ctx.budget.timeout(share=BASELINE_STUDY_SHARE))
     return prepared, Choice(config, codes, assessment, linear)
 
 

@@ -76,7 +76,8 @@ class Saved:
             return self.result
         ctx = self.ctx
         ctx.run.log_batch(tags={STAGE_TAG: ctx.timings.cut_in or "between stages"})
-        if self.model is None:
+        # a stop held until the final record was whole, or one in the steps after it: the fit is complete
+        if self.model is None or ctx.folder.previous_status() == "complete":
             bundle = write_cut_summary(ctx.out, reason, ctx.timings.seconds, ctx.run)
             return bundle and FitResult(ctx.out, bundle, ctx.run.run_id, {}, self.prepared.spec, {})
         strategy = self.choice.config.strategy

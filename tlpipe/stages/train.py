@@ -44,7 +44,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
     with ctx.timings.stage("tune"):
         trial0 = choice.linear.trained.linear_params() if choice.linear and config.strategy == "linear" else None
         objective = strategy_objective(config, backbone, spec, ctx.out, choice.codes, trial0, deadline, kept)
-        tuned = _tune(ctx, config, objective, plan, (prepared.whole or spec).identity)
+        tuned = _tune(ctx, config, objective, plan, spec.identity)
     config = tuned.config
     decision = choice.assessment.decision if choice.assessment else None
     if config.strategy != "linear" and tuned.fit_dir is None and tuned.trials:
@@ -114,8 +114,9 @@ def strategy_objective(config: FitConfig, backbone: Backbone, spec: DatasetSpec,
 
 
 def _tune(ctx: FitContext, config: FitConfig, objective, plan: Plan, data: str) -> Tuned:
-    """The study (``tlpipe.tuning``) of ``data`` (the identity of the whole dataset, not of the sample
-    a time limit cut, which differs run to run: a re-run continues the study) within the budget, less the plan's reserve for scoring and
+    """The study (``tlpipe.tuning``) of ``data`` (the identity of the images it scores on, as the
+    checkpoints and the plan are: a time-limited sample differs run to run, and a trial's score on
+    one is no score on another) within the budget, less the plan's reserve for scoring and
     recording; off under torchrun, where every rank would run its own study: tune first, then
     train the best config with DDP."""
     overrides = ctx.tuning if plan.strategy == "linear" else dataclasses.replace(ctx.tuning, trials=plan.trials)

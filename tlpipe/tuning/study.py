@@ -280,9 +280,9 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
         best = best_config(study, config)
         fine_tuned = config.strategy != "linear" and _count(study, TrialState.COMPLETE) > 0
         fit_dir = trial_dir(output_dir, study.best_trial) if fine_tuned else None
-        held = study.get_trials(deepcopy=False)
+        held = study.get_trials(deepcopy=False)  # one read: a worker's trial ending meanwhile changes no count
         failed = tuple(t.user_attrs.get(PRUNED_REASON, "") for t in held if t.user_attrs.get(DID_NOT_LEARN_ATTR))
-        counts = (len(held), _count(study, TrialState.PRUNED), _count(study, TrialState.WAITING), failed)
+        counts = (len(held), sum(t.state == TrialState.PRUNED for t in held), sum(t.state == TrialState.WAITING for t in held), failed)
     finally:
         close_storage(connection)  # before the study is read again: a reader reopens the file's WAL
     return Tuned(best, study, summary, fit_dir, *counts)
