@@ -234,6 +234,31 @@ def test_a_fit_stopped_by_sigterm_leaves_a_model_that_predicts_and_a_summary_tha
     assert plan is None or (out / "plan.json").read_text() == plan  # the re-run continued the saved plan
 
 
+def test_a_sigterm_after_the_final_record_leaves_the_fit_complete(tmp_path):
+    """A stop while the MLflow model is logged, after summary.json says complete: the fine-tune stays
+    the fit's model and summary (the provisional linear classifier was recorded over it as cut)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("epochs: 40, patience: 40", "epochs: 1, patience: 1").replace("trials: 3", "trials: 0"))
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    process = subprocess.Popen(_fit(data, out, recipe, "--time-limit", "none"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads((out / "summary.json").read_text()).get("status") == "complete":
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    assert process.poll() is None, "the fit ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)  # the MLflow model and the report page are still to come
+    _, stderr = process.communicate(timeout=120)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["strategy"] == "full", (summary.get("strategy_reason"), stderr)
+    assert summary["last_cut"]["cut"] == "stopped by SIGTERM"
+    assert summary["bundle_sha256"] == json.loads((out / "model" / "bundle.json").read_text())["head"]["sha256"]
+
+
 def test_no_trial_starts_that_the_time_left_cannot_finish(tmp_path):
     """Trials queued, but estimated (then measured) longer than what is left: they wait for a re-run,
     which finishes them, instead of overrunning the limit."""
