@@ -43,6 +43,7 @@ class RunFolder:
     DATA_CURVE = "data_curve.png"  # the val score against the train images: measured, and forecast
     LABEL_ISSUES = "label_issues.csv"  # train images whose label the codes contradict
     CHECKPOINTS, TRIALS, TUNING, STUDY_DB = "checkpoints", "trials", "tuning", "optuna.db"
+    TRIALS_CSV, TUNING_SUMMARY, OPTUNA_HISTORY = "trials.csv", "tuning.json", "optuna_history.png"  # in TUNING
     CACHE, EXPORT = "cache", "export"  # kept by --overwrite (keyed by content) / the default export's folder
 
     def __init__(self, path: str | Path):

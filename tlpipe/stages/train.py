@@ -14,6 +14,7 @@ from tlpipe.data import DatasetSpec, prepare_dataset
 from tlpipe.data.table import LabelTable
 from tlpipe.errors import TlpipeError
 from tlpipe.models import Backbone, build_backbone, dataset_codes
+from tlpipe.run.folder import RunFolder
 from tlpipe.run.outputs import ASKED_FOR, FittedModel
 from tlpipe.progress import quiet_libraries
 from tlpipe.stages.choose import code_tap
@@ -68,7 +69,7 @@ def train(ctx: FitContext, prepared: Prepared, choice: Choice, plan: Plan) -> Fi
 def _retrain_too_late(tuned: Tuned, plan: Plan, deadline: float | None) -> bool:
     """The best trial ran in another process (its weights in that process's output folder): the final
     fit would train it again from the start, which the time left must hold (a planned trial's time)."""
-    if tuned.fit_dir is None or deadline is None or any((tuned.fit_dir / "checkpoints").rglob(BEST)):  # a restart's too
+    if tuned.fit_dir is None or deadline is None or any((tuned.fit_dir / RunFolder.CHECKPOINTS).rglob(BEST)):  # a restart's too
         return False
     return deadline - time.monotonic() < plan.seconds.get("trial", 0.0)
 

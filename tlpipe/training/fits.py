@@ -27,6 +27,7 @@ from tlpipe.data import (
 from tlpipe.data.loader import cached_resize, decode_size
 from tlpipe.device import resolve_device
 from tlpipe.models import PENULTIMATE, Backbone, dataset_codes
+from tlpipe.run.folder import RunFolder
 from tlpipe.training.checkpoint import Checkpoints
 from tlpipe.training.checks import Diverged, EpochAllowance, LearningCheck
 from tlpipe.training.distributed import DistContext, rank_device
@@ -148,7 +149,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     _start_from_probe(model, probe.head_)
     memory = estimate_memory(model, data_config["input_size"], device)
     batch_size = _batch_size(memory, device, config, context,
-                             Checkpoints(out / "checkpoints", _fingerprint(config, backbone, spec, ft), context.is_main))
+                             Checkpoints(out / RunFolder.CHECKPOINTS, _fingerprint(config, backbone, spec, ft), context.is_main))
     epoch_rows = stratified_subset(spec.labels("val"), EPOCH_VAL_IMAGES, config.seed)  # the val images each epoch scores
     train_loader, val_loader, whole_val = loaders = _loaders(data_config, spec, config, out, batch_size, device, context, epoch_rows)
     frozen, train_loader, val_loader = _reuse_frozen(model, data_config, device, config, train_loader, val_loader,
@@ -165,7 +166,7 @@ def fit_finetune(backbone: Backbone, spec: DatasetSpec, config: FitConfig, out: 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
         torch.manual_seed(config.seed)
         try:
-            tuner, restarts = train_until_learning(model, ft, out / "checkpoints", run, context.is_main)
+            tuner, restarts = train_until_learning(model, ft, out / RunFolder.CHECKPOINTS, run, context.is_main)
             # epochs were scored (and pruned) on a subset of a large val split; the trial's figure is the whole split's
             val_accuracy = tuner.best_accuracy_ if whole_val is None else evaluate(
                 model, whole_val, training_loss(spec.multilabel), device, Precision(device), context)["val_accuracy"]

@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from tlpipe.run.folder import RunFolder
 from tlpipe.run.tracking import FitRun
 from tlpipe.tuning.storage import PRUNED_REASON, _quiet
 from tlpipe.utils import write_json
@@ -50,7 +51,7 @@ def _plots(study: optuna.Study, folder: Path, score: str) -> tuple[list[Path], d
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varying = {name for name in {n for t in complete for n in t.params}
                if len({repr(t.params.get(name)) for t in complete}) > 1}
-    plots = {"optuna_history.png": lambda s: plot_optimization_history(s, target_name=score)}
+    plots = {RunFolder.OPTUNA_HISTORY: lambda s: plot_optimization_history(s, target_name=score)}
     skipped = {}
     if len(complete) >= 2 and varying:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # the same study, the same plot
@@ -74,20 +75,20 @@ def _plots(study: optuna.Study, folder: Path, score: str) -> tuple[list[Path], d
 def log_study(study: optuna.Study, parent: FitRun | None, output_dir: Path, score: str = "val accuracy") -> dict[str, Any]:
     """Write ``<output>/tuning/`` (tuning.json, trials.csv, plots) and log it on the fit's run:
     best params (``tuning_best_*``), trial counts and values, the files as artifacts."""
-    folder = Path(output_dir) / "tuning"
+    folder = RunFolder(output_dir) / RunFolder.TUNING
     folder.mkdir(parents=True, exist_ok=True)
     summary = study_summary(study)
-    study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+    study.trials_dataframe().to_csv(folder / RunFolder.TRIALS_CSV, index=False)
     with _quiet():
         plots, skipped = _plots(study, folder, score)
     if skipped:
         summary["plots_skipped"] = skipped
-    write_json(folder / "tuning.json", summary)
+    write_json(folder / RunFolder.TUNING_SUMMARY, summary)
     if parent is not None:
         parent.log_params({"tuning_study": study.study_name,
                            **{f"tuning_best_{k}": v for k, v in summary.get("best_params", {}).items()}})
         parent.log_metrics({f"tuning_{k}": summary[k] for k in
                             ("trials", "complete", "pruned", "fail", "best_value", "default_value") if k in summary})
-        for path in [folder / "tuning.json", folder / "trials.csv", *plots]:
+        for path in [folder / RunFolder.TUNING_SUMMARY, folder / RunFolder.TRIALS_CSV, *plots]:
             parent.log_artifact(path, "tuning")
     return summary
