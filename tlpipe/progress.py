@@ -4,6 +4,7 @@ libraries' own INFO lines (Optuna: one per trial; MLflow's store) kept out of th
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -45,7 +46,9 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[C
 @contextmanager
 def quiet_libraries(quiet: bool = True) -> Iterator[None]:
     """Optuna's and MLflow's loggers at WARNING for the block, SQLAlchemy's at CRITICAL (their levels
-    are restored after): the fit's report says what the study and the store did."""
+    are restored after): the fit's report says what the study and the store did. scikit-learn's
+    guess that many classes of few images "could represent a regression problem" is silenced: the
+    labels are classes, and the report says when a class is too small to cross-validate."""
     if not quiet:
         yield
         return
@@ -60,7 +63,9 @@ def quiet_libraries(quiet: bool = True) -> Iterator[None]:
     # traceback while the cut unwinds; the query's own error, if any, is raised, not logged.
     loggers[-1].setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%", category=UserWarning)
+            yield
     finally:
         optuna.logging.set_verbosity(verbosity)
         for logger, level in zip(loggers, levels):
