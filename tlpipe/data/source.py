@@ -93,12 +93,12 @@ def with_table_options(data: Any, root: Path | None = None, path_col: str | None
 def recorded_source(summary: dict) -> DataSource | None:
     """The dataset a fit's summary names (``record``), when it is still there (a DataFrame's rows are
     not kept; a summary of a run cut before it saved anything names none)."""
-    if not (summary.get("data") and isinstance(summary["data"], str)):
+    if not summary.get("data"):
         return None
-    path, table = Path(summary["data"]), summary.get("data_table")
-    if table is None:
-        return ClassFolder(path) if path.is_dir() else None
     try:
+        path, table = Path(summary["data"]), summary.get("data_table")
+        if table is None:
+            return ClassFolder(path) if path.is_dir() else None
         if not (table["file"] and path.is_file()):
             return None
         return LabelTable(path, Path(table["root"]), table["path_col"], table["label_col"], table["split_col"],

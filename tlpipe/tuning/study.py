@@ -278,9 +278,9 @@ def tune(config: FitConfig, output_dir: Path, objective: Objective, *, parent: F
         summary = {**log_study(study, parent, output_dir, score_name(getattr(objective, "codes", None))),
                    "finished_before": before}
         best = best_config(study, config)
-        fine_tuned = config.strategy != "linear" and _count(study, TrialState.COMPLETE) > 0
-        fit_dir = trial_dir(output_dir, study.best_trial) if fine_tuned else None
         held = study.get_trials(deepcopy=False)  # one read: a worker's trial ending meanwhile changes no count
+        fine_tuned = config.strategy != "linear" and any(t.state == TrialState.COMPLETE for t in held)
+        fit_dir = trial_dir(output_dir, study.best_trial) if fine_tuned else None
         failed = tuple(t.user_attrs.get(PRUNED_REASON, "") for t in held if t.user_attrs.get(DID_NOT_LEARN_ATTR))
         counts = (len(held), sum(t.state == TrialState.PRUNED for t in held), sum(t.state == TrialState.WAITING for t in held), failed)
     finally:
