@@ -166,6 +166,7 @@ def test_report_of_a_fit_whose_dataset_moved_is_built_from_its_folder(fitted, tm
 @pytest.mark.parametrize("file, lines", [
     ("label_issues.csv", ["file,given,suggested,quality", "cats/0.jpg,cats,dogs,0.1"]),  # no path column
     ("val_predictions.csv", ["path,true,predicted,p:cats", "cats/0.jpg,cats,dogs,zz"]),  # a probability not a number
+    ("val_predictions.csv", ["path,true,predicted,probability", "cats/0.jpg,cats"]),  # a row cut short
 ])
 def test_report_of_a_damaged_csv_says_so_in_one_line(fitted, tmp_path, file, lines):
     copy = _copy_of(fitted[1], tmp_path)

@@ -12,7 +12,6 @@ disagrees is never moved into place.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -231,13 +230,11 @@ def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = 
 
 def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
     """(image, class) of the validation split of the fit that made ``bundle``, from its output folder."""
-    fit = RunFolder(bundle.path.parent)
+    fit = RunFolder.saved(bundle.path)
     try:
-        summary = fit.read_summary()
-        data = Path(summary.get("data_root") or summary["data"])  # a table's rows are under its root
-        with (fit / fit.VAL_PREDICTIONS).open(encoding="utf-8", newline="") as f:
-            rows = [(inside(data, row["path"]), row["true"]) for row in csv.DictReader(f)]
-    except (TlpipeError, OSError, KeyError, ValueError, TypeError):
+        data = Path(fit[1].get("data_root") or fit[1]["data"])  # a table's rows are under its root
+        rows = [(inside(data, row["path"]), row["true"]) for row in fit[0].val_predictions()]
+    except (TlpipeError, OSError, KeyError, ValueError, TypeError):  # TypeError: no fit folder (None), or a summary edited by hand
         return []
     return [(path, label) for path, label in rows if path is not None and path.is_file()]
 

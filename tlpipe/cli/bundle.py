@@ -30,10 +30,8 @@ def _fit_data(bundle: Path):
     from tlpipe.data.source import recorded_source
     from tlpipe.run.folder import RunFolder
 
-    try:
-        return recorded_source(RunFolder(bundle_manifest(bundle)[0].resolve().parent).read_summary())
-    except TlpipeError:  # a bundle outside its fit folder
-        return None
+    fit = RunFolder.saved(bundle_manifest(bundle)[0])
+    return fit and recorded_source(fit[1])
 
 
 class OutputFormat(str, Enum):

@@ -6,6 +6,7 @@ Nothing else spells a file name of the folder, so a new file is added here and e
 """
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from contextlib import contextmanager
@@ -67,6 +68,30 @@ class RunFolder:
                 self.REPORT, self.PROFILE, f".{self.BUNDLE}.old", self.STAGED_REPORTS)
 
     # -- reading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def saved(cls, bundle: str | Path) -> tuple[RunFolder, dict] | None:
+        """The fit folder that saved the bundle folder ``bundle`` (its ``model/``) and its summary;
+        None for a bundle moved out of it (no tlpipe summary beside it): a reader of the fit's data or
+        val split then works from the bundle alone."""
+        fit = cls(Path(bundle).resolve().parent)
+        try:
+            return fit, fit.read_summary()
+        except TlpipeError:
+            return None
+
+    def val_predictions(self) -> list[dict[str, str]]:
+        """The rows of ``val_predictions.csv`` by column (path, true, predicted, then probability or,
+        multi-label, one ``VAL_PROBABILITY`` column a class); none when the fit wrote none. One line
+        when a row's cells do not match the header."""
+        path = self.path / self.VAL_PREDICTIONS
+        if not path.exists():
+            return []
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if any(None in row or None in row.values() for row in rows):
+            raise TlpipeError(f"{path} is damaged (a row's cells do not match its header): rerun the fit that wrote it")
+        return rows
 
     def recorded_dataset(self, summary: dict) -> DatasetSpec | None:
         """The fit's data, checked and split as the fit split it (its config's val fraction and seed);

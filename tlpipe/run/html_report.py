@@ -150,9 +150,8 @@ def _with_pictures(out: Path, spec: DatasetSpec | None, **grids: list[dict]) -> 
 
 def _mistakes(out: Path) -> list[dict]:
     """The val images the model got wrong with the highest probability."""
-    header, *rows = _csv_rows(out / RunFolder.VAL_PREDICTIONS) or [[]]
     try:
-        rows = [_as_mistake(header, r) for r in rows]
+        rows = [_as_mistake(row) for row in RunFolder(out).val_predictions()]
         wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
         return [{**row, "path": row["path"], "probability": float(row["probability"])} for row in wrong[:MISTAKES_SHOWN]]
     except (KeyError, ValueError, IndexError):
@@ -169,15 +168,15 @@ def _suspects(out: Path) -> list[dict]:
         raise TlpipeError(f"{out / RunFolder.LABEL_ISSUES} is damaged: rerun the fit that wrote it") from None
 
 
-def _as_mistake(header: list[str], row: list[str]) -> dict:
+def _as_mistake(row: dict[str, str]) -> dict:
     """A val row as (path, true, predicted, probability); a multi-label row's probability: that of its
     most confident wrong answer (the class furthest from its truth)."""
-    if header[3:4] == ["probability"]:
-        return dict(zip(header, row))
-    given = dict(zip(header[:3], row[:3]))
-    truth = set(given.get("true", "").split(LABEL_DELIMITER))
-    errors = [abs(float(p) - (c.removeprefix(RunFolder.VAL_PROBABILITY) in truth)) for c, p in zip(header[3:], row[3:])]
-    return {**given, "probability": max(errors, default=0.0)}
+    if "probability" in row:
+        return row
+    truth = set(row["true"].split(LABEL_DELIMITER))
+    errors = [abs(float(p) - (c.removeprefix(RunFolder.VAL_PROBABILITY) in truth))
+              for c, p in list(row.items())[3:]]  # after path, true, predicted: a class's probability each
+    return {"path": row["path"], "true": row["true"], "predicted": row["predicted"], "probability": max(errors, default=0.0)}
 
 
 def _thumbnail(source: Path | Image.Image | None) -> str | None:
