@@ -78,7 +78,7 @@ def _stages(ctx: FitContext, config: FitConfig, experiment: str | None, tracking
         try:
             prepared, choice = diagnose(ctx, *choose(ctx, prepared))
             ctx.ranks.main_alone(when=choice.config.strategy == "linear")
-            saved.first(prepared, choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
+            saved = saved.first(prepared, choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
             choice, plan = plan_training(ctx, prepared, choice)
             model = train(ctx, prepared, choice, plan)
             ctx.ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone

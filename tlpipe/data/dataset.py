@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tlpipe.cache import fingerprint
-from tlpipe.data.images import check_image
+from tlpipe.data.images import check_image, content_hashes
 from tlpipe.data.scan import ScannedFiles
 from tlpipe.data.source import DataSource, as_source
 from tlpipe.errors import TlpipeError
@@ -67,6 +67,13 @@ class DatasetSpec:
         stat of every file): one fit asks it for every trial."""
         files = fingerprint(self.splits["train"] + self.splits.get("val", []))
         return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+    @cached_property
+    def fit_image_hashes(self) -> dict[str, list[str]]:
+        """The content hashes (``content_hashes``) of the train and val images, by split: what a bundle
+        keeps so that ``evaluate`` can tell a score on the images a fit learned and chose on from an
+        honest one. Read once a spec (every file's bytes): a fine-tune records twice."""
+        return {split: content_hashes([s.path for s in self.splits.get(split, [])]) for split in ("train", "val")}
 
     def class_counts(self, split: str = "train") -> dict[str, int]:
         """Images of each class in ``split`` (multi-label: images that have it)."""

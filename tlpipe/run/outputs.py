@@ -23,10 +23,8 @@ import numpy as np
 from tlpipe.version import __version__
 from tlpipe.budget import signals_held
 from tlpipe.bundle.folder import save_bundle
-from tlpipe.bundle.manifest import FIT_IMAGE_SPLITS
 from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
-from tlpipe.data.images import content_hashes
 from tlpipe.data.source import DataSource
 from tlpipe.data.table import LABEL_DELIMITER
 from tlpipe.insight.diagnosis import Diagnosis
@@ -76,15 +74,13 @@ class FittedModel:
 def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
            assessment: Assessment | None = None, ranking: list[dict] | None = None, *, status: str = "complete",
            cut: str | None = None, plan: dict | None = None, budget: dict | None = None,
-           diagnosis: Diagnosis | None = None, fit_images: dict[str, list[str]] | None = None) -> FitResult:
+           diagnosis: Diagnosis | None = None) -> FitResult:
     """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``.
     ``status``: complete, provisional (a fine-tune still to come: the status and summary are
     logged, no params or metrics), or cut (``cut``: why; the run is tagged, its params left as
-    they were). ``fit_images``: ``fit_image_hashes(spec)``, when the caller has them already.
-    SIGTERM and Ctrl+C wait until the record is whole."""
+    they were). SIGTERM and Ctrl+C wait until the record is whole."""
     with signals_held():
-        result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis,
-                         fit_images or fit_image_hashes(spec))
+        result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis)
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
         result = warned(result, run, result.summary, _without_unknowns(model))
         result = warned(result, run, *_scored_test(result, run, model.config.device))
@@ -132,12 +128,6 @@ def _scored_test(result: FitResult, run: FitRun, device: str) -> tuple[dict, str
     return {**summary, "score": score_line(summary)}, None
 
 
-def fit_image_hashes(spec: DatasetSpec) -> dict[str, list[str]]:
-    """The content hashes of the images the fit trained and selected on, by split: what the bundle
-    keeps so that ``evaluate`` can tell a score on them from an honest one."""
-    return {split: content_hashes([s.path for s in spec.splits[split]]) for split in FIT_IMAGE_SPLITS}
-
-
 def score_line(summary: dict) -> dict:
     """The figure a fit is summed up by, and what it is worth: test/ when the data has one (scored
     once, after every choice), else val, which chose the model's settings and so flatters it."""
@@ -161,7 +151,7 @@ def _write_report_page(out: Path, spec: DatasetSpec, run: FitRun) -> str | None:
     return None
 
 
-def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis, fit_images) -> FitResult:
+def _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis) -> FitResult:
     X_val, y_val = model.val_codes
     head = model.trained.head
     probabilities = head.predict_proba(X_val)
@@ -174,7 +164,7 @@ def _record(out, data, spec, model, run, timings, assessment, ranking, status, c
         path, model.backbone, model.trained.head, spec.classes, layer=layer, layer_relu=model.config.layer_relu,
         config=model.config.model_dump(mode="json"), metrics=dict([headline(metrics)]),
         trained=model.trained.backbone_trained, hflip=model.trained.hflip, unknowns=model.unknowns,
-        fit_images=fit_images))
+        fit_images=spec.fit_image_hashes))
     reports = folder / folder.STAGED_REPORTS
     shutil.rmtree(reports, ignore_errors=True)
     artifacts = _write_reports(reports, spec, model, metrics, probabilities, assessment, ranking, diagnosis)
