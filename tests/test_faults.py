@@ -66,26 +66,34 @@ def test_mlflow_keys_are_collision_free_and_accepted(mlflow_store):
     assert set(client.get_run(run_id).data.metrics) == set(keys)
 
 
-FIT_CODE = textwrap.dedent("""
-    import sys
+RACE_CODE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
     from tlpipe.run.tracking import FitRun
-    with FitRun("race", sys.argv[1]) as run:
-        run.log_metrics({"val_accuracy": 1.0})
+    folder, stores, racers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    for store in range(stores):  # imported once; then every racer opens each new store at the same moment
+        (folder / f"ready-{store}-{sys.argv[4]}").touch()
+        while len(list(folder.glob(f"ready-{store}-*"))) < racers:
+            time.sleep(0.01)
+        with FitRun("race", f"sqlite:///{folder / f'store{store}.db'}") as run:
+            run.log_metrics({"val_accuracy": 1.0})
 """)
 
 
 def test_fits_started_together_on_a_new_sqlite_store_all_succeed(tmp_path):
-    """The store's creation and migration, raced by four processes, five times: every one succeeds."""
-    for attempt in range(5):
-        uri = f"sqlite:///{tmp_path / f'store{attempt}' / 'mlflow.db'}"
-        processes = [subprocess.Popen([sys.executable, "-c", FIT_CODE, uri], stderr=subprocess.PIPE, text=True) for _ in range(4)]
-        errors = [p.communicate(timeout=180)[1] for p in processes]
-        assert [p.returncode for p in processes] == [0] * 4, errors
-        from mlflow.tracking import MlflowClient
+    """The store's creation and migration, raced by four processes at once (a barrier after their
+    imports), on three new stores: every one succeeds."""
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(uri)
+    stores, racers = 3, 4
+    processes = [subprocess.Popen([sys.executable, "-c", RACE_CODE, str(tmp_path), str(stores), str(racers), str(k)],
+                                  stderr=subprocess.PIPE, text=True) for k in range(racers)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * racers, errors
+    for store in range(stores):
+        client = MlflowClient(f"sqlite:///{tmp_path / f'store{store}.db'}")
         runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
-        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+        assert len(runs) == racers and {r.info.status for r in runs} == {"FINISHED"}
 
 
 HOLD_CODE = textwrap.dedent("""

@@ -119,8 +119,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load ``state`` by name; when the names differ but every entry lines up in order with the
     same shape (a port from another codebase), load in order. Any shape mismatch is an error."""
-    target = model.state_dict()
-    features = [k for k in target if k not in classifier_keys(model)]
+    target, classifier = model.state_dict(), classifier_keys(model)  # a state dict of 900 entries: read once
+    features = [k for k in target if k not in classifier]
     if set(state) == set(target):
         pairs = [(k, state[k]) for k in target]
     elif set(features) <= set(state):  # no classifier, or another one (a fine-tuned bundle): keep the model's
