@@ -259,6 +259,23 @@ def test_a_sigterm_after_the_final_record_leaves_the_fit_complete(tmp_path):
     assert summary["bundle_sha256"] == json.loads((out / "model" / "bundle.json").read_text())["head"]["sha256"]
 
 
+def test_a_stop_as_the_linear_classifier_is_saved_first_keeps_it_as_the_cut_fits_model(tmp_path, monkeypatch):
+    """SIGTERM just after the provisional record of a fine-tune's linear classifier: the summary
+    records that model as cut (its metrics and why it stands), not a bare summary that lost them."""
+    import tlpipe.stages.record as record
+    from tlpipe.budget import FitCut
+    from tlpipe.pipeline import fit
+
+    monkeypatch.setattr(record, "announce", lambda line: os.kill(os.getpid(), signal.SIGTERM))
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    config, out = load_config(tmp_path / "recipe.yaml"), tmp_path / "out"
+    with pytest.raises(FitCut):
+        fit(_data(tmp_path / "data"), config, output=out, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "cut" and summary["strategy"] == "linear" and "val_accuracy" in summary, summary
+    assert summary["strategy_reason"].endswith("the linear classifier saved first stands.")
+
+
 def test_no_trial_starts_that_the_time_left_cannot_finish(tmp_path):
     """Trials queued, but estimated (then measured) longer than what is left: they wait for a re-run,
     which finishes them, instead of overrunning the limit."""

@@ -30,7 +30,7 @@ from tlpipe.stages.extend import extend
 from tlpipe.stages.context import FitContext, TuningOverrides
 from tlpipe.stages.planning import plan_training
 from tlpipe.stages.prepare import open_run, prepare
-from tlpipe.stages.record import Saved, check_registry_names, registered
+from tlpipe.stages.record import Saved, check_registry_names
 from tlpipe.stages.sample import sample
 from tlpipe.stages.train import run_worker, train  # noqa: F401 - run_worker: the API's tuning worker
 from tlpipe.strategy.plan import trained_pace
@@ -58,10 +58,9 @@ def fit(data: str | Path | None = None, config: FitConfig | None = None, *, exam
         with quiet_libraries(not verbose), stop_on_signals(), distributed(resolve_device(config.device)) as ranks:
             ranks.main_alone(when=config.strategy == "linear")  # nothing to share out: rank 0 fits the head alone
             ctx = FitContext(data, out, ranks, Budget(parse_duration(config.budget)), recipe=recipe,
-                             tuning=tuning or TuningOverrides())
+                             tuning=tuning or TuningOverrides(), register=register and (register, alias))
             with ctx.folder.claim(data, fit_key(data, config), overwrite) if ranks.is_main else nullcontext():
-                result = _stages(ctx, config, experiment, tracking_uri)
-            return registered(result, register, alias)  # once the stages have released the output folder
+                return _stages(ctx, config, experiment, tracking_uri)
     except RankDone:
         return None
     except FitCut as cut:
@@ -78,7 +77,8 @@ def _stages(ctx: FitContext, config: FitConfig, experiment: str | None, tracking
         try:
             prepared, choice = diagnose(ctx, *choose(ctx, prepared))
             ctx.ranks.main_alone(when=choice.config.strategy == "linear")
-            saved = saved.first(prepared, choice)  # anytime: a fine-tune's linear classifier, predict-ready, first
+            saved = saved.chosen(prepared, choice)  # a cut from here records a fine-tune's linear classifier
+            saved.save_first()  # anytime: that classifier, predict-ready, first
             choice, plan = plan_training(ctx, prepared, choice)
             model = train(ctx, prepared, choice, plan)
             ctx.ranks.main_alone(wait=True)  # training is over: rank 0 goes on alone

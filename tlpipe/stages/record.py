@@ -1,20 +1,17 @@
 """Stage 8 of ``fit``, record (``tlpipe.run.outputs`` writes it): what the fit has saved so far. The
 linear classifier before a fine-tune (anytime), the final model with how the budget was spent,
 and after SIGTERM or Ctrl+C the summary that says so beside the best model saved by then; with
-``--register``, the MLflow model as a registry version."""
+``--register``, the MLflow model as a registry version (``outputs.record``)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from tlpipe.errors import TlpipeError
 from tlpipe.progress import announce
-from tlpipe.run.folder import RunFolder
 from tlpipe.run.outputs import STAGE_TAG, FitResult, FittedModel, record, write_cut_summary
 from tlpipe.stages.context import Choice, FitContext, Prepared
 from tlpipe.stages.train import stand_in
 from tlpipe.strategy.plan import Plan, budget_use, overrun
-from tlpipe.utils import write_json
 
 
 @dataclass(frozen=True)
@@ -38,10 +35,11 @@ class Saved:
         return record(ctx.out, ctx.data, p.spec, model, ctx.run, ctx.timings.seconds, choice.assessment, p.ranking,
                       diagnosis=model.diagnosis or choice.diagnosis, **status)
 
-    def first(self, prepared: Prepared, choice: Choice) -> Saved:
-        """Before a fine-tune, its linear classifier as a complete bundle, unless an earlier run of
-        this fit left a complete one (a re-run to add trials: that model stays until a better one).
-        ``prepared``: the data as diagnose left it (without the label suspects when excluded)."""
+    def chosen(self, prepared: Prepared, choice: Choice) -> Saved:
+        """The next ``Saved``: ``prepared`` (the data as diagnose left it, without the label suspects
+        when excluded) and ``choice``; before a fine-tune, with its linear classifier as the model to
+        save first (``save_first``), unless an earlier run of this fit left a complete one (a re-run
+        to add trials: that model stays until a better one). A cut from here on records that model."""
         saved = Saved(self.ctx, prepared, choice)
         if not self.enabled or choice.config.strategy == "linear" or choice.linear is None:
             return saved
@@ -49,12 +47,16 @@ class Saved:
             return saved
         linear, strategy = choice.linear, choice.config.strategy
         decision = stand_in(choice, f"Saved first, while the {strategy} fine-tune runs: the model until it ends.")
-        saved = dataclasses.replace(saved, model=FittedModel(linear.config, prepared.backbone, linear.trained,
-                                                             linear.codes["val"], {}, decision))
-        saved._record(saved.model, status="provisional")  # a cut waits until it is whole (outputs.record)
-        announce(f"[bold]Saved[/] the linear classifier ({linear.val_accuracy:.3f} on val) while the fine-tune runs: "
-                 f"{self.ctx.folder.bundle}")
-        return saved
+        return dataclasses.replace(saved, model=FittedModel(linear.config, prepared.backbone, linear.trained,
+                                                            linear.codes["val"], {}, decision))
+
+    def save_first(self) -> None:
+        """The linear classifier ``chosen`` picked, as a complete bundle while the fine-tune runs."""
+        if self.model is None:
+            return
+        self._record(self.model, status="provisional")  # a cut waits until it is whole (outputs.record)
+        announce(f"[bold]Saved[/] the linear classifier ({self.choice.linear.val_accuracy:.3f} on val) while the "
+                 f"fine-tune runs: {self.ctx.folder.bundle}")
 
     def final(self, prepared: Prepared, choice: Choice, model: FittedModel, plan: Plan, pace: dict) -> FitResult | None:
         """The final record of ``model`` on the data of ``prepared`` (train grown by the extend stage);
@@ -65,7 +67,7 @@ class Saved:
         budget, seconds = self.ctx.budget, self.ctx.timings.seconds
         budget = {**budget.to_dict(), **budget_use(budget, plan, pace, model.tuning or {}), **overrun(budget, seconds)}
         final = dataclasses.replace(self, prepared=prepared, choice=choice)
-        return final._record(model, plan=plan.to_dict(), budget=budget)
+        return final._record(model, plan=plan.to_dict(), budget=budget, register=self.ctx.register)
 
     def cut(self, reason: str) -> FitResult | None:
         """The summary after SIGTERM or Ctrl+C; a fit whose final record was written stays complete."""
@@ -88,20 +90,3 @@ def check_registry_names(name: str | None, alias: str | None) -> None:
         from tlpipe.bundle.registry import check_registry_names as check
 
         check(name, alias)
-
-
-def registered(result: FitResult, name: str | None, alias: str | None) -> FitResult:
-    """With ``name``: the fit's MLflow model as a new version of ``name`` in the registry, ``alias``
-    moved to it; the result's ``summary.json`` says which, or why the registry refused."""
-    if not name:
-        return result
-    from tlpipe.bundle.registry import register_model
-
-    try:
-        version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
-        outcome = {"name": name, "version": version, "alias": alias}
-    except TlpipeError as exc:  # the fit is whole: its report is still printed, then this
-        outcome = {"name": name, "error": str(exc)}
-    result = dataclasses.replace(result, summary={**result.summary, "registered": outcome})
-    write_json(result.output_dir / RunFolder.SUMMARY, result.summary)
-    return result
