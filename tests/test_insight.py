@@ -190,6 +190,10 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
     (cut / "summary.json").write_text(json.dumps({"status": "cut", "cut": "stopped by SIGTERM", "tlpipe_version": summary["tlpipe_version"]}))
     result = tlpipe("suggest", cut / "model", unlabelled, "-n", "1", "-o", tmp_path / "after_cut", "--workers", "0")
     assert result.exit_code == 0 and "the fit's images were not found" in result.stdout, result.output
+    damaged = shutil.copytree(bundle.parent, tmp_path / "damaged")  # its data there, its config.yaml not a recipe
+    (damaged / "config.yaml").write_text("strategy: [\n")
+    result = tlpipe("suggest", damaged / "model", unlabelled, "-n", "1", "-o", tmp_path / "after_damage", "--workers", "0")
+    assert result.exit_code == 0 and "the fit's images were not found" in result.stdout, result.output
     (tmp_path / "empty").mkdir()
     one_line(tlpipe("suggest", bundle, tmp_path / "empty"), "holds no image files")
 

@@ -231,10 +231,12 @@ def check_set(bundle: Bundle, check: str | Path | None, input_type: InputType = 
 def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
     """(image, class) of the validation split of the fit that made ``bundle``, from its output folder."""
     fit = RunFolder.saved(bundle.path)
+    if fit is None:
+        return []
     try:
         data = Path(fit[1].get("data_root") or fit[1]["data"])  # a table's rows are under its root
         rows = [(inside(data, row["path"]), row["true"]) for row in fit[0].val_predictions()]
-    except (TlpipeError, OSError, KeyError, ValueError, TypeError):  # TypeError: no fit folder (None), or a summary edited by hand
+    except (TlpipeError, OSError, KeyError, ValueError, TypeError):  # a damaged CSV, a summary edited by hand
         return []
     return [(path, label) for path, label in rows if path is not None and path.is_file()]
 

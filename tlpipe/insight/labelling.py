@@ -53,8 +53,13 @@ def suggest_to_label(bundle: Bundle, images: list[Path], n: int, out: Path, batc
 def _labelled_codes(bundle: Bundle, batch_size: int, workers: int | None) -> np.ndarray | None:
     """The codes of every labelled image of the fit that made ``bundle`` (all its splits), when its
     folder and data are still there (near-copies of them are not worth labelling); else None."""
+    from tlpipe.errors import TlpipeError
+
     fit = RunFolder.saved(bundle.path)
-    spec = fit and fit[0].recorded_dataset(fit[1])
+    try:
+        spec = fit and fit[0].recorded_dataset(fit[1])
+    except TlpipeError:  # its data is there but no longer a dataset (one class left, a damaged config.yaml)
+        return None
     if spec is None:
         return None
     return bundle.codes([s.path for split in spec.splits.values() for s in split], batch_size, workers)
