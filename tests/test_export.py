@@ -195,7 +195,7 @@ def test_the_readme_onnx_runtime_example_runs_as_written(fitted, tmp_path):
     assert float(shown[-1]) == pytest.approx(expected.probabilities[0], abs=1e-4)
 
 
-def test_the_fits_mlflow_model_predicts_like_the_bundle_from_bytes_and_base64(fitted):
+def test_the_fits_mlflow_model_predicts_like_the_bundle_from_bytes_and_base64(fitted, tmp_path):
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -219,6 +219,8 @@ def test_the_fits_mlflow_model_predicts_like_the_bundle_from_bytes_and_base64(fi
     champion = mlflow.pyfunc.load_model("models:/colours@champion")  # --register colours
     assert champion.metadata.metadata["classes"] == summary["classes"]
     assert json.loads((out / "summary.json").read_text())["registered"] == {"name": "colours", "version": "1", "alias": "champion"}
+    logged = mlflow.artifacts.download_artifacts(run_id=summary["run_id"], artifact_path="summary.json", dst_path=str(tmp_path))
+    assert json.loads(Path(logged).read_text())["registered"]["version"] == "1"  # the run's copy says so too
 
 
 def test_a_registry_name_or_alias_mlflow_refuses_is_one_line_before_any_training(tmp_path):

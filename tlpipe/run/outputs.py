@@ -27,6 +27,7 @@ from tlpipe.config import FitConfig
 from tlpipe.data import DatasetSpec
 from tlpipe.data.source import DataSource
 from tlpipe.data.table import LABEL_DELIMITER
+from tlpipe.errors import TlpipeError
 from tlpipe.insight.diagnosis import Diagnosis
 from tlpipe.bundle.unknowns import UnknownDetector
 from tlpipe.run.html_report import write_html_report
@@ -74,17 +75,20 @@ class FittedModel:
 def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, run: FitRun, timings: dict,
            assessment: Assessment | None = None, ranking: list[dict] | None = None, *, status: str = "complete",
            cut: str | None = None, plan: dict | None = None, budget: dict | None = None,
-           diagnosis: Diagnosis | None = None) -> FitResult:
+           diagnosis: Diagnosis | None = None, register: tuple[str, str | None] | None = None) -> FitResult:
     """Save the bundle and the reports under ``out``, log them to ``run``, write ``summary.json``.
     ``status``: complete, provisional (a fine-tune still to come: the status and summary are
     logged, no params or metrics), or cut (``cut``: why; the run is tagged, its params left as
-    they were). SIGTERM and Ctrl+C wait until the record is whole."""
+    they were). ``register``: (name, alias) for a complete fit's MLflow model in the registry.
+    SIGTERM and Ctrl+C wait until the record is whole."""
     with signals_held():
         result = _record(out, data, spec, model, run, timings, assessment, ranking, status, cut, plan, budget, diagnosis)
     if status == "complete":  # once the fit is over, outside the held signals: a stop here loses neither
         result = warned(result, run, result.summary, _without_unknowns(model))
         result = warned(result, run, *_scored_test(result, run, model.config.device))
         result = warned(result, run, *_with_mlflow_model(run, result))
+        if register:  # in the summary that the page and the run's copy show
+            result = warned(result, run, _registered(result, *register), None)
         if page_failed := _write_report_page(out, spec, run):
             result = warned(result, run, result.summary, page_failed)
     return result
@@ -321,6 +325,20 @@ def _log_run(run: FitRun, out: Path, model: FittedModel, metrics: dict, timings:
         run.log_params({"result_strategy": model.config.strategy, "result_layer": model.config.layer})
     for name in artifacts:
         run.log_artifact(out / name)
+
+
+def _registered(result: FitResult, name: str, alias: str | None) -> dict:
+    """The summary with the fit's MLflow model as a new version of ``name`` in the registry, ``alias``
+    moved to it; or why the registry refused (the fit is whole: ``tlpipe fit`` prints its report, then that)."""
+    from tlpipe.bundle.registry import register_model
+
+    try:
+        version = register_model(result.run_id, result.summary["tracking_uri"], name, alias)
+        outcome = {"name": name, "version": version, "alias": alias}
+    except Exception as exc:  # noqa: BLE001 - the fit is whole; the registry is one more place for its model
+        outcome = {"name": name, "error": str(exc) if isinstance(exc, TlpipeError) else
+                   f"the registry refused the model ({type(exc).__name__}: {str(exc)[:200]})"}
+    return {**result.summary, "registered": outcome}
 
 
 def _with_mlflow_model(run: FitRun, result: FitResult) -> tuple[dict, str | None]:

@@ -65,7 +65,8 @@ class TuningOverrides:
 class FitContext:
     """What every stage of one fit reads, made once by ``pipeline.fit``: the data, the output folder
     it holds, this process's ranks under torchrun, the time budget and the stages' clock, the
-    recipe's name, this run's tuning overrides, and, once it is open, the fit's MLflow run."""
+    recipe's name, this run's tuning overrides, the registry name and alias its model is to get, and,
+    once it is open, the fit's MLflow run."""
 
     data: DataSource  # a ClassFolder or a LabelTable
     out: Path
@@ -74,6 +75,7 @@ class FitContext:
     timings: Timings = field(default_factory=Timings)
     recipe: str = "default"
     tuning: TuningOverrides = field(default_factory=TuningOverrides)
+    register: tuple[str, str | None] | None = None  # --register NAME, --alias
     run: FitRun | None = None
 
     @property
