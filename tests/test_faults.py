@@ -71,12 +71,17 @@ RACE_CODE = textwrap.dedent("""
     from pathlib import Path
     from tlpipe.run.tracking import FitRun
     folder, stores, racers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    for store in range(stores):  # imported once; then every racer opens each new store at the same moment
-        (folder / f"ready-{store}-{sys.argv[4]}").touch()
-        while len(list(folder.glob(f"ready-{store}-*"))) < racers:
-            time.sleep(0.01)
-        with FitRun("race", f"sqlite:///{folder / f'store{store}.db'}") as run:
-            run.log_metrics({"val_accuracy": 1.0})
+    try:
+        for store in range(stores):  # imported once; then every racer opens each new store at the same moment
+            (folder / f"ready-{store}-{sys.argv[4]}").touch()
+            deadline = time.monotonic() + 60
+            while len(list(folder.glob(f"ready-{store}-*"))) < racers and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with FitRun("race", f"sqlite:///{folder / f'store{store}.db'}") as run:
+                run.log_metrics({"val_accuracy": 1.0})
+    finally:  # a racer that failed lets the others past every barrier
+        for store in range(stores):
+            (folder / f"ready-{store}-{sys.argv[4]}").touch()
 """)
 
 
@@ -88,7 +93,11 @@ def test_fits_started_together_on_a_new_sqlite_store_all_succeed(tmp_path):
     stores, racers = 3, 4
     processes = [subprocess.Popen([sys.executable, "-c", RACE_CODE, str(tmp_path), str(stores), str(racers), str(k)],
                                   stderr=subprocess.PIPE, text=True) for k in range(racers)]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
     assert [p.returncode for p in processes] == [0] * racers, errors
     for store in range(stores):
         client = MlflowClient(f"sqlite:///{tmp_path / f'store{store}.db'}")
