@@ -198,7 +198,7 @@ def test_suggest_picks_unlabelled_images_to_label_skips_copies_of_train_and_writ
     one_line(tlpipe("suggest", bundle, tmp_path / "empty"), "holds no image files")
 
 
-def test_suggestions_stay_spread_over_the_data_when_labelled_images_outnumber_the_clusters():
+def test_suggestions_stay_spread_over_the_data_rather_than_on_its_most_uncertain_region():
     from tlpipe.insight.suggest import MAX_CLUSTERS, suggest
 
     rng = np.random.default_rng(0)
@@ -208,6 +208,7 @@ def test_suggestions_stay_spread_over_the_data_when_labelled_images_outnumber_th
     probabilities = np.where((y_pool == 0)[:, None], 0.5, np.array([0.98, 0.02]))  # region 0 the most uncertain
     picks = suggest(probabilities, pool, 100, known).rows
     assert len(set(picks.tolist())) == 100 and len(np.unique(y_pool[picks])) >= 15  # not 100 picks of region 0
+    assert (y_pool[picks[:10]] == 0).all()  # the most uncertain first
 
 
 def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_folder(bundle_dir, tmp_path):

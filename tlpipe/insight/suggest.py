@@ -1,14 +1,15 @@
 """What to label next: from a folder of unlabelled images, the ones whose labels would teach the model
-most. With few labels, the images that teach most are typical ones of regions nothing labelled
-covers (Hacohen et al., 2022, TypiClust); uncertainty alone picks near-copies of one confusing image.
-So the codes of the labelled and unlabelled images together are clustered (k-means, as many
-clusters as labelled images plus picks, at most ``MAX_CLUSTERS``), and from each cluster without
-a labelled image, largest first, one image is picked: the one most typical (nearest its centre) and
-uncertain, the two standardised within the cluster and weighed ``1 : UNCERTAINTY_WEIGHT``. With more
-labelled images than clusters, every cluster holds some: the least covered (smallest labelled share)
-come first, so the picks stay spread over the data rather than fall back on uncertainty alone.
-Near-copies of a labelled image (cosine similarity of the codes over ``DUPLICATE_SIMILARITY``) are
-skipped: their label is known. Measured in bench/suggest.py.
+most. Uncertainty alone picks near-copies of one confusing image, so the picks are uncertain and
+diverse (Zhdanov, 2019, "Diverse mini-batch active learning"): of the ``PREFILTER`` x n most uncertain
+images, the codes are clustered into n groups by k-means weighted by uncertainty, and the image
+nearest each centre is picked (at most ``MAX_CLUSTERS`` groups; more picks than that are the most
+uncertain others). Near-copies of a labelled image (cosine similarity of the codes over
+``DUPLICATE_SIMILARITY``) are skipped: their label is known.
+
+Measured in bench/suggest.py (val accuracy after adding 100 picks, against 100 random images; 10-15
+seeds; 10, 20 and 40% of train labelled on bloodcells, dtd10 and rsscn7): +0.3 points on average over
+the nine settings, ahead in six of them. A clustering on typicality (TypiClust) and uncertainty, the
+method before, scored -0.5 and was ahead in three.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_CLUSTERS = 1000
-UNCERTAINTY_WEIGHT = 0.5
+PREFILTER = 10  # the beta of Zhdanov (2019): clusters are made of the 10 x n most uncertain images
 DUPLICATE_SIMILARITY = 0.98
 
 
@@ -31,51 +32,39 @@ class Suggestions:
 
 
 def uncertainty(probabilities: np.ndarray, multilabel: bool = False) -> np.ndarray:
-    """Entropy of each row's prediction over its maximum, in [0, 1]; multi-label: the mean binary
-    entropy of its classes."""
+    """Each row's uncertainty in [0, 1]: one minus the margin between its two likeliest classes;
+    multi-label: the mean binary entropy of its classes."""
     p = np.clip(probabilities, 1e-12, 1.0)
     if multilabel:
         q = np.clip(1 - probabilities, 1e-12, 1.0)
         return -(p * np.log2(p) + q * np.log2(q)).mean(axis=1)
-    return -(p * np.log(p)).sum(axis=1) / np.log(probabilities.shape[1])
-
-
-def _standard(values: np.ndarray) -> np.ndarray:
-    return (values - values.mean()) / (values.std() + 1e-9)
+    top = np.sort(probabilities, axis=1)
+    return 1.0 - (top[:, -1] - top[:, -2])
 
 
 def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.ndarray | None = None,
             multilabel: bool = False, seed: int = 0) -> Suggestions:
     """The ``n`` unlabelled images (their ``probabilities`` and ``codes``) to label next, given the
-    ``labelled`` images' codes (None: none known)."""
+    ``labelled`` images' codes (None: none known), most uncertain first."""
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import normalize
 
     unit = normalize(np.asarray(codes, np.float32))
     known = normalize(np.asarray(labelled, np.float32)) if labelled is not None and len(labelled) else np.zeros((0, unit.shape[1]), np.float32)
-    nearest_known = _nearest_similarity(unit, known)
-    usable = np.flatnonzero(nearest_known < DUPLICATE_SIMILARITY)
-    scores = uncertainty(probabilities, multilabel)
+    usable = np.flatnonzero(_nearest_similarity(unit, known) < DUPLICATE_SIMILARITY)
+    scores = uncertainty(probabilities, multilabel)[usable]
     n = min(n, len(usable))
     if n == 0:
         return Suggestions(np.zeros(0, np.int64), np.zeros(0), len(unit) - len(usable))
-    together = np.vstack([known, unit[usable]])
-    clusters = min(len(known) + n, MAX_CLUSTERS, len(together))
-    kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(together)
-    member = kmeans.labels_[len(known):]
-    typical = -np.linalg.norm(unit[usable] - kmeans.cluster_centers_[member], axis=1)
-    sizes = np.bincount(member, minlength=clusters)
-    covered = np.bincount(kmeans.labels_[:len(known)], minlength=clusters)
-    labelled_share = covered / np.maximum(covered + sizes, 1)
-    picked = []
-    for cluster in np.lexsort((-sizes, labelled_share))[:n]:  # uncovered first, largest first; at scale, the least covered
-        if sizes[cluster] == 0:
-            continue
-        rows = np.flatnonzero(member == cluster)
-        merit = _standard(typical[rows]) + UNCERTAINTY_WEIGHT * _standard(scores[usable][rows])
-        picked.append(rows[int(np.argmax(merit))])
-    rows = usable[np.array(_most_uncertain_rest(picked, scores[usable], unit[usable], n), dtype=np.int64)]
-    return Suggestions(rows, scores[rows], len(unit) - len(usable))
+    clusters = min(n, MAX_CLUSTERS)
+    candidates = np.argsort(-scores, kind="stable")[:PREFILTER * clusters]
+    kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(unit[usable[candidates]], sample_weight=scores[candidates] + 1e-6)
+    distance = np.linalg.norm(unit[usable[candidates]] - kmeans.cluster_centers_[kmeans.labels_], axis=1)
+    nearest = [members[np.argmin(distance[members])] for members in
+               (np.flatnonzero(kmeans.labels_ == cluster) for cluster in range(clusters)) if len(members)]
+    picked = sorted((int(candidates[row]) for row in nearest), key=lambda row: -scores[row])
+    rows = usable[np.array(_most_uncertain_rest(picked, scores, unit[usable], n), dtype=np.int64)]
+    return Suggestions(rows, uncertainty(probabilities, multilabel)[rows], len(unit) - len(usable))
 
 
 def _nearest_similarity(unit: np.ndarray, known: np.ndarray, cells: int = 2 ** 25) -> np.ndarray:
