@@ -168,7 +168,7 @@ def test_fit_auto_logs_the_decision_to_mlflow(image_folder, tmp_path, mlflow_sto
 
 def test_candidate_backbones_are_ranked_by_their_signals_and_the_best_is_kept(image_folder):
     from tlpipe.config import load_config
-    from tlpipe.pipeline import inspect
+    from tlpipe.explore import inspect
 
     root = image_folder("data", {"cats": 6, "dogs": 6}, split={"train": 6, "val": 2})
     config = load_config("quick", num_workers=0, candidates=["efficientnet_lite0", "efficientnet_lite1"])

@@ -23,7 +23,7 @@ def __getattr__(name: str):
 
         return fit
     if name == "extract":
-        from tlpipe.pipeline import extract
+        from tlpipe.explore import extract
 
         return extract
     if name == "LabelTable":

@@ -1,12 +1,8 @@
-"""``fit``: the stages of a fit, in order, each a module of ``tlpipe.stages`` that reads one frozen
-``FitContext`` and returns a typed record for the next: prepare (data, backbone) -> sample (the
-images the time limit holds) -> choose (codes, strategy) -> diagnose (label suspects, learning
-curve; then a fine-tune's linear classifier is saved first, anytime) -> planning (what fits the
-budget) -> train (the study, the final model) -> extend (a sample's linear classifier refitted on the
-train images the time left reaches) -> check (the prediction path; the guard) -> record
-(bundle, reports, MLflow, summary.json, a test/ split scored; a registry version with ``register``).
+"""``fit``: the stages of a fit in order, each a module of ``tlpipe.stages`` that reads one frozen
+``FitContext`` and returns a typed record for the next (their docstrings say what each does).
 SIGTERM or Ctrl+C raise ``FitCut`` once the summary says what was cut. Under ``torchrun`` every rank
-trains; rank 0 alone writes and logs, the others return None.
+trains; rank 0 alone writes and logs, the others return None. The API's other entry points:
+``tlpipe.explore`` (inspect, extract) and ``tlpipe.stages.train.run_worker`` (a tuning worker).
 """
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ from tlpipe.budget import Budget, FitCut, parse_duration, recording_cut, stop_on
 from tlpipe.config import FitConfig, load_config
 from tlpipe.device import resolve_device
 from tlpipe.examples import fit_data
-from tlpipe.explore import extract, inspect  # noqa: F401 - the API's other entry points, here as before
 from tlpipe.progress import quiet_libraries
 from tlpipe.run.folder import fit_key
 from tlpipe.run.outputs import FitResult
@@ -32,11 +27,11 @@ from tlpipe.stages.planning import plan_training
 from tlpipe.stages.prepare import open_run, prepare
 from tlpipe.stages.record import Saved, check_registry_names
 from tlpipe.stages.sample import sample
-from tlpipe.stages.train import run_worker, train  # noqa: F401 - run_worker: the API's tuning worker
+from tlpipe.stages.train import train
 from tlpipe.strategy.plan import trained_pace
 from tlpipe.training.distributed import RankDone, distributed
 
-__all__ = ["FitCut", "FitResult", "TuningOverrides", "extract", "fit", "inspect", "run_worker"]
+__all__ = ["FitCut", "FitResult", "TuningOverrides", "fit"]
 
 
 def fit(data: str | Path | None = None, config: FitConfig | None = None, *, example: str | None = None,

@@ -40,7 +40,7 @@ def inspect(
         from tlpipe.config import config_from_flags
         from tlpipe.data.source import with_table_options
         from tlpipe.paths import output_file
-        from tlpipe.pipeline import inspect as run_inspect
+        from tlpipe.explore import inspect as run_inspect
         from tlpipe.run.report import print_inspect_report
         from tlpipe.utils import write_json
 
@@ -78,7 +78,7 @@ def extract(
     with user_errors():
         from tlpipe.config import config_from_flags
         from tlpipe.data.source import with_table_options
-        from tlpipe.pipeline import extract as run_extract
+        from tlpipe.explore import extract as run_extract
 
         config = config_from_flags(recipe, backbone=backbone, weights=weights, layer=layer,
                                    layer_relu=False if no_relu else None, image_size=image_size,

@@ -128,7 +128,7 @@ def _worker(data, example: Optional[str], storage: Optional[str], study_name: Op
                           "<lead output>/example-digits): tlpipe fit DATA --worker --storage ... --study-name ...")
     if not (storage and study_name and output):
         raise TlpipeError("--worker needs --storage, --study-name and --output (where its trials write)")
-    from tlpipe.pipeline import run_worker
+    from tlpipe.stages.train import run_worker
 
     counts = run_worker(data, storage, study_name, output)
     typer.echo(f"worker done: study {study_name} has {counts['trials']} trials "
