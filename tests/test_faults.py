@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import FAST, dataset, health_status, make_image, one_line, servers_on, tlpipe
@@ -43,6 +44,19 @@ def test_any_class_name_trains_logs_and_predicts_under_its_real_name(tmp_path, m
     assert {mapping[k] for k in keys} == {f"val_f1_{name}" for name in ODD}
     predicted = tlpipe("predict", tmp_path / "out" / "model", root / "fourmis été 🐜" / "0.jpg", "--format", "json")
     assert json.loads(predicted.stdout)[0]["predictions"][0]["label"] == "fourmis été 🐜"
+
+
+def test_class_names_the_plot_font_cannot_draw_are_spelled_out_not_drawn_as_boxes(tmp_path):
+    """An emoji or a CJK name in the confusion matrix and the precision-recall legend: written as its
+    Unicode name or code point, with no 'Glyph missing' warning (an empty box in the picture)."""
+    from tlpipe.bundle.metrics import save_confusion_matrix, save_pr_curves
+
+    names = ["fourmis été 🐜", "日本", "bees"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_confusion_matrix(np.eye(3, dtype=int).tolist(), names, tmp_path / "matrix.png")
+        save_pr_curves(np.eye(3, dtype=bool), np.eye(3) * 0.8 + 0.1, names, tmp_path / "pr.png")
+    assert (tmp_path / "matrix.png").stat().st_size > 0 and (tmp_path / "pr.png").stat().st_size > 0
 
 
 def test_a_control_character_in_a_class_folder_is_one_line_naming_it(tmp_path):

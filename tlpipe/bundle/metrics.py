@@ -1,6 +1,7 @@
 """Validation metrics (scikit-learn) and the confusion-matrix figure."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -153,6 +154,31 @@ def _pyplot():
     return plt
 
 
+def _drawable(names: Sequence[str]) -> list[str]:
+    """Class names as the plots' font can draw them: a character it has no glyph for (an emoji or
+    a CJK ideograph in DejaVu Sans) is written in brackets as its Unicode name when short ("[ANT]"),
+    else its code point ("[U+65E5]"), not as an empty box."""
+    import unicodedata
+
+    def shown(c: str) -> str:
+        if ord(c) in glyphs or not c.isprintable():
+            return c
+        name = unicodedata.name(c, "")
+        return f"[{name}]" if 0 < len(name) <= 20 else f"[U+{ord(c):04X}]"
+
+    glyphs = _font_characters()
+    return ["".join(map(shown, name)) for name in names]
+
+
+@functools.lru_cache(maxsize=1)
+def _font_characters() -> frozenset[int]:
+    """The code points the plots' default font has glyphs for."""
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    _pyplot()
+    return frozenset(get_font(findfont(FontProperties())).get_charmap())
+
+
 def save_learning_curves(history: list[dict], path: Path, score: str = "accuracy") -> Path:
     """Train/val loss and the val score (accuracy; mAP for a multi-label set) per epoch."""
     plt = _pyplot()
@@ -202,7 +228,7 @@ def save_confusion_matrix(matrix: list[list[int]], classes: Sequence[str], path:
     many = len(classes) > 30  # counts in every cell and a label per class stop being legible (and cost minutes)
     size = min(20.0, max(4.0, 0.6 * len(classes) + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=None if many else list(classes)).plot(
+    ConfusionMatrixDisplay(matrix, display_labels=None if many else _drawable(classes)).plot(
         ax=ax, cmap="Blues", colorbar=many, xticks_rotation=45, include_values=not many, values_format=".2f" if normalize else None
     )
     ax.set_title(title)
@@ -218,7 +244,7 @@ def save_pr_curves(Y: np.ndarray, probabilities: np.ndarray, classes: Sequence[s
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
-    for j, name in enumerate(classes):
+    for j, name in enumerate(_drawable(classes)):
         if Y[:, j].any():
             PrecisionRecallDisplay.from_predictions(Y[:, j], probabilities[:, j], name=name, ax=ax)
     ax.set(title="Precision-recall per class (validation)", xlim=(0, 1), ylim=(0, 1.02))
