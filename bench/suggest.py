@@ -64,7 +64,7 @@ def main() -> None:
         gain = 100 * (np.array(figures["suggested"]) - figures["random"])
         print(f"{name} mean of {args.seeds} seeds ({args.labelled:.0%} labelled): start {means['start']:.3f}, +{args.n} suggested "
               f"{means['suggested']:.3f}, +{args.n} random {means['random']:.3f} (suggested - random: {gain.mean():+.2f} "
-              f"+- {gain.std(ddof=1) / np.sqrt(len(gain)):.2f} points)")
+              f"+- {gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float('nan'):.2f} points)")
 
 
 if __name__ == "__main__":

@@ -211,6 +211,18 @@ def test_suggestions_stay_spread_over_the_data_rather_than_on_its_most_uncertain
     assert (y_pool[picks[:10]] == 0).all()  # the most uncertain first
 
 
+def test_suggestions_among_copies_of_one_image_pick_it_once_and_print_no_warning():
+    import warnings
+
+    from tlpipe.insight.suggest import suggest
+
+    codes = np.array([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]])  # three copies: fewer distinct codes than groups asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picks = suggest(np.full((4, 2), 0.5), codes, 4).rows
+    assert len(picks) == 2 and 3 in picks
+
+
 def test_predict_explain_writes_a_heatmap_per_image_and_never_into_the_images_folder(bundle_dir, tmp_path):
     root, bundle = bundle_dir
     result = tlpipe("predict", bundle, root / "cats", "--explain", tmp_path / "why", "--workers", "0")

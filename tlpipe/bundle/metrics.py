@@ -166,17 +166,26 @@ def _drawable(names: Sequence[str]) -> list[str]:
         name = unicodedata.name(c, "")
         return f"[{name}]" if 0 < len(name) <= 20 else f"[U+{ord(c):04X}]"
 
-    glyphs = _font_characters()
+    import matplotlib
+
+    glyphs = _font_characters(tuple(matplotlib.rcParams["font.family"]), tuple(matplotlib.rcParams["font.sans-serif"]))
     return ["".join(map(shown, name)) for name in names]
 
 
-@functools.lru_cache(maxsize=1)
-def _font_characters() -> frozenset[int]:
-    """The code points the plots' default font has glyphs for."""
+@functools.lru_cache(maxsize=4)
+def _font_characters(families: tuple[str, ...], sans: tuple[str, ...]) -> frozenset[int]:
+    """The code points some font of the plots' ``families`` has a glyph for (each falls back on the
+    next, as matplotlib draws). ``sans``, the fonts "sans-serif" stands for, is only part of the cache
+    key: a change to either rc setting is seen."""
     from matplotlib.font_manager import FontProperties, findfont, get_font
 
-    _pyplot()
-    return frozenset(get_font(findfont(FontProperties())).get_charmap())
+    characters: set[int] = set()
+    for family in families:
+        try:
+            characters.update(get_font(findfont(FontProperties(family=family), fallback_to_default=False)).get_charmap())
+        except ValueError:  # a family named but not installed
+            continue
+    return frozenset(characters) or frozenset(get_font(findfont(FontProperties())).get_charmap())
 
 
 def save_learning_curves(history: list[dict], path: Path, score: str = "accuracy") -> Path:

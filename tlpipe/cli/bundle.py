@@ -175,8 +175,8 @@ def suggest(
     overwrite: Overwrite = False,
 ) -> None:
     """The unlabelled images to label next: uncertain ones, unlike each other (the most uncertain
-    clustered, the image nearest each centre), most uncertain first; near-copies of the fit's
-    labelled images skipped."""
+    clustered, the image nearest each centre, at most 1,000 groups), most uncertain first; near-copies
+    of the fit's labelled images skipped."""
     with user_errors():
         checked_bundle(bundle)  # a wrong path is told before the heavy imports
         from tlpipe.bundle.folder import load_bundle

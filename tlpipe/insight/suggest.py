@@ -13,6 +13,7 @@ method before, scored -0.5 and was ahead in three.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,10 @@ def uncertainty(probabilities: np.ndarray, multilabel: bool = False) -> np.ndarr
 def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.ndarray | None = None,
             multilabel: bool = False, seed: int = 0) -> Suggestions:
     """The ``n`` unlabelled images (their ``probabilities`` and ``codes``) to label next, given the
-    ``labelled`` images' codes (None: none known), most uncertain first."""
+    ``labelled`` images' codes (None: none known): the cluster picks most uncertain first, then (more
+    than ``MAX_CLUSTERS`` picks) the most uncertain others."""
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.preprocessing import normalize
 
     unit = normalize(np.asarray(codes, np.float32))
@@ -58,7 +61,9 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
         return Suggestions(np.zeros(0, np.int64), np.zeros(0), len(unit) - len(usable))
     clusters = min(n, MAX_CLUSTERS)
     candidates = np.argsort(-scores, kind="stable")[:PREFILTER * clusters]
-    kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(unit[usable[candidates]], sample_weight=scores[candidates] + 1e-6)
+    with warnings.catch_warnings():  # identical codes (copies among the candidates) give fewer groups: fewer picks from them
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(unit[usable[candidates]], sample_weight=scores[candidates] + 1e-6)
     distance = np.linalg.norm(unit[usable[candidates]] - kmeans.cluster_centers_[kmeans.labels_], axis=1)
     nearest = [members[np.argmin(distance[members])] for members in
                (np.flatnonzero(kmeans.labels_ == cluster) for cluster in range(clusters)) if len(members)]
