@@ -61,15 +61,16 @@ def suggest(probabilities: np.ndarray, codes: np.ndarray, n: int, labelled: np.n
         return Suggestions(np.zeros(0, np.int64), np.zeros(0), len(unit) - len(usable))
     clusters = min(n, MAX_CLUSTERS)
     candidates = np.argsort(-scores, kind="stable")[:PREFILTER * clusters]
+    points = unit[usable[candidates]]
     with warnings.catch_warnings():  # identical codes (copies among the candidates) give fewer groups: fewer picks from them
         warnings.simplefilter("ignore", ConvergenceWarning)
-        kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(unit[usable[candidates]], sample_weight=scores[candidates] + 1e-6)
-    distance = np.linalg.norm(unit[usable[candidates]] - kmeans.cluster_centers_[kmeans.labels_], axis=1)
+        kmeans = KMeans(clusters, n_init=1, random_state=seed).fit(points, sample_weight=scores[candidates] + 1e-6)
+    distance = np.linalg.norm(points - kmeans.cluster_centers_[kmeans.labels_], axis=1)
     nearest = [members[np.argmin(distance[members])] for members in
                (np.flatnonzero(kmeans.labels_ == cluster) for cluster in range(clusters)) if len(members)]
     picked = sorted((int(candidates[row]) for row in nearest), key=lambda row: -scores[row])
-    rows = usable[np.array(_most_uncertain_rest(picked, scores, unit[usable], n), dtype=np.int64)]
-    return Suggestions(rows, uncertainty(probabilities, multilabel)[rows], len(unit) - len(usable))
+    order = np.array(_most_uncertain_rest(picked, scores, unit[usable], n), dtype=np.int64)  # rows into usable
+    return Suggestions(usable[order], scores[order], len(unit) - len(usable))
 
 
 def _nearest_similarity(unit: np.ndarray, known: np.ndarray, cells: int = 2 ** 25) -> np.ndarray:
