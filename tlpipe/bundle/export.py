@@ -234,8 +234,8 @@ def _validation_images(bundle: Bundle) -> list[tuple[Path, str]]:
     if fit is None:
         return []
     try:
-        data = Path(fit[1].get("data_root") or fit[1]["data"])  # a table's rows are under its root
-        rows = [(inside(data, row["path"]), row["true"]) for row in fit[0].val_predictions()]
+        data = Path(fit.summary.get("data_root") or fit.summary["data"])  # a table's rows are under its root
+        rows = [(inside(data, row["path"]), row["true"]) for row in fit.folder.val_predictions()]
     except (TlpipeError, OSError, KeyError, ValueError, TypeError):  # a damaged CSV, a summary edited by hand
         return []
     return [(path, label) for path, label in rows if path is not None and path.is_file()]

@@ -160,15 +160,16 @@ def _drawable(names: Sequence[str]) -> list[str]:
     else its code point ("[U+65E5]"), not as an empty box."""
     import unicodedata
 
+    import matplotlib
+
+    glyphs = _font_characters(tuple(matplotlib.rcParams["font.family"]), tuple(matplotlib.rcParams["font.sans-serif"]))
+
     def shown(c: str) -> str:
         if ord(c) in glyphs or not c.isprintable():
             return c
         name = unicodedata.name(c, "")
         return f"[{name}]" if 0 < len(name) <= 20 else f"[U+{ord(c):04X}]"
 
-    import matplotlib
-
-    glyphs = _font_characters(tuple(matplotlib.rcParams["font.family"]), tuple(matplotlib.rcParams["font.sans-serif"]))
     return ["".join(map(shown, name)) for name in names]
 
 

@@ -31,7 +31,7 @@ def _fit_data(bundle: Path):
     from tlpipe.run.folder import RunFolder
 
     fit = RunFolder.saved(bundle_manifest(bundle)[0])
-    return fit and recorded_source(fit[1])
+    return fit and recorded_source(fit.summary)
 
 
 class OutputFormat(str, Enum):

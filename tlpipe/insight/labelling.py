@@ -57,7 +57,7 @@ def _labelled_codes(bundle: Bundle, batch_size: int, workers: int | None) -> np.
 
     fit = RunFolder.saved(bundle.path)
     try:
-        spec = fit and fit[0].recorded_dataset(fit[1])
+        spec = fit and fit.folder.recorded_dataset(fit.summary)
     except TlpipeError:  # its data is there but no longer a dataset (one class left, a damaged config.yaml)
         return None
     if spec is None:

@@ -12,7 +12,7 @@ import shutil
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from filelock import FileLock, Timeout
 
@@ -24,6 +24,13 @@ from tlpipe.utils import read_json, write_json
 if TYPE_CHECKING:  # tlpipe.data imports this module for its file names
     from tlpipe.data import DatasetSpec
     from tlpipe.data.source import DataSource
+
+
+class SavedFit(NamedTuple):
+    """The fit folder that saved a bundle, and its summary (``RunFolder.saved``)."""
+
+    folder: RunFolder
+    summary: dict
 
 
 class RunFolder:
@@ -70,13 +77,13 @@ class RunFolder:
     # -- reading ---------------------------------------------------------------------------------
 
     @classmethod
-    def saved(cls, bundle: str | Path) -> tuple[RunFolder, dict] | None:
+    def saved(cls, bundle: str | Path) -> SavedFit | None:
         """The fit folder that saved the bundle folder ``bundle`` (its ``model/``) and its summary;
         None for a bundle moved out of it (no tlpipe summary beside it): a reader of the fit's data or
         val split then works from the bundle alone."""
         fit = cls(Path(bundle).resolve().parent)
         try:
-            return fit, fit.read_summary()
+            return SavedFit(fit, fit.read_summary())
         except TlpipeError:
             return None
 

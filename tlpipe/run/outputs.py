@@ -91,18 +91,18 @@ def record(out: Path, data: DataSource, spec: DatasetSpec, model: FittedModel, r
             result = warned(result, run, _registered(result, *register), None)
         if page_failed := _write_report_page(out, spec, run):
             result = warned(result, run, result.summary, page_failed)
+        run.log_artifact(out / RunFolder.SUMMARY)  # the run's copy, once every step is in (a cut logs its own)
     return result
 
 
 def warned(result: FitResult, run: FitRun, summary: dict, warning: str | None) -> FitResult:
-    """``result`` with ``summary``, written and logged, and ``warning`` told the one way a degraded
-    result is (the fit itself is whole): the summary's ``warnings``, which the report prints, and the
-    run's ``tlpipe_warnings`` tag."""
+    """``result`` with ``summary``, written (a stop before the next step keeps it), and ``warning`` told
+    the one way a degraded result is (the fit itself is whole): the summary's ``warnings``, which the
+    report prints, and the run's ``tlpipe_warnings`` tag."""
     if warning:
         summary = {**summary, "warnings": [*summary.get("warnings", []), warning]}
         run.log_batch(tags={WARNINGS_TAG: " | ".join(summary["warnings"])})
     write_json(result.output_dir / RunFolder.SUMMARY, summary)
-    run.log_artifact(result.output_dir / RunFolder.SUMMARY)
     return replace(result, summary=summary)
 
 

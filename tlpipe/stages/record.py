@@ -17,7 +17,7 @@ from tlpipe.strategy.plan import Plan, budget_use, overrun
 @dataclass(frozen=True)
 class Saved:
     """What the fit has recorded so far (rank 0): the data and choice of its records, and the linear
-    model saved before a fine-tune; ``first`` returns the next ``Saved``. After a cut, the summary
+    model saved before a fine-tune; ``chosen`` returns the next ``Saved``. After a cut, the summary
     says so, beside the best model saved by then."""
 
     ctx: FitContext  # its run open
